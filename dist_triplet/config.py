@@ -1,0 +1,327 @@
+"""One typed configuration for a run: defaults here, a YAML file over them, then
+``key.sub=value`` command-line overrides, then validation and freeze.
+
+Every key is documented where it is declared, with its units and the source of its
+default. Unknown keys, values that do not parse to the key's type, and values out of
+range fail at start-up with a ``ConfigError`` that names the key (and the file, for
+YAML). The resolved config is written beside the run's outputs (``config.yaml``).
+
+Batch-size and learning-rate semantics (the same for every backend):
+
+* ``train.batch_size`` is **per worker**: triplets one rank (Horovod) or one device
+  (kvstore) processes per step. Global batch = world size x ``batch_size``.
+* Each step's gradient is the mean over the global batch: ``Trainer.step(n)`` divides by
+  the ``n`` triplets it is given, and Horovod's ``DistributedTrainer`` averages across
+  ranks; the kvstore backend sums over devices and steps by the global batch.
+* Hence the learning rate is the learning rate *of the global batch*. Changing the world
+  size changes the global batch; ``optim.scale_lr: true`` then applies the linear
+  scaling rule (Goyal et al. 2017, "Accurate, Large Minibatch SGD"):
+  ``lr = optim.lr * global_batch / optim.base_batch``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is invalid; the message names it."""
+
+
+@dataclass
+class DataConfig:
+    # Data set: 'fashion_mnist' (Debian's dataset-fashion-mnist), 'mnist' (MXNet downloads
+    # it when root is null and the network allows) or 'idx' (any MNIST-format directory in root).
+    dataset: str = "fashion_mnist"
+    # Directory holding the four IDX files (gzip or raw); null = the data set's default place.
+    root: Optional[str] = None
+    # Use only the first N training / test samples (0 = all). For debug runs and tests.
+    limit_train: int = 0
+    limit_test: int = 0
+
+
+@dataclass
+class ModelConfig:
+    # Widths of the Dense layers; the last one is the embedding size D.
+    # Seed article: Dense(256, relu) -> Dense(128, relu).
+    hidden: List[int] = field(default_factory=lambda: [256, 128])
+    # ReLU after the last layer too, as the seed. Set false with normalize: true, so the
+    # embedding can point anywhere on the sphere rather than in the positive orthant.
+    final_relu: bool = True
+    # L2-normalise embeddings (FaceNet, Schroff et al. 2015). Squared distances are then
+    # in [0, 4], and the margin is in those units.
+    normalize: bool = False
+    # Uniform(-init_scale, init_scale) weight init, as the seed's mx.init.Uniform(0.1).
+    init_scale: float = 0.1
+
+
+@dataclass
+class LossConfig:
+    # Triplet margin, in squared-L2 units as gluon.loss.TripletLoss:
+    # loss = max(0, ||a-p||^2 - ||a-n||^2 + margin). Default 1: Gluon's default, used by the seed.
+    margin: float = 1.0
+
+
+@dataclass
+class SamplerConfig:
+    # 'offline': the seed's create_pairs triplets, made per rank each epoch (default).
+    # 'pk': class-balanced batches of p classes x k samples with online mining.
+    kind: str = "offline"
+    p: int = 16              # classes per P x K batch
+    k: int = 8               # samples per class in a P x K batch
+    # Online miner for kind 'pk': 'batch_hard' (Hermans et al. 2017) or 'semi_hard' (FaceNet).
+    miner: str = "semi_hard"
+    # P x K batches per epoch per worker; 0 = as many as cover the training set once.
+    steps_per_epoch: int = 0
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "sgd"   # 'sgd' (seed) or 'adam'
+    # Learning rate of the global batch (see the module docstring). Seed: 0.05.
+    lr: float = 0.05
+    momentum: float = 0.0    # sgd only
+    wd: float = 0.0          # L2 weight decay
+    # 'constant' (seed) or 'cosine' (decays per step to 0 over the run, after warm-up).
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0  # linear warm-up from 0, in epochs
+    # Linear scaling rule: lr * global_batch / base_batch (Goyal et al. 2017).
+    scale_lr: bool = False
+    base_batch: int = 256
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10         # seed: 10
+    # Triplets per worker per step (offline sampler). Global batch = world size x batch_size.
+    batch_size: int = 256
+    # Run seed: triplets are a function of (seed, epoch, rank); parameters init from it.
+    seed: int = 42
+    # Progress bar on rank 0 (tqdm); off in CI logs if you prefer plain lines.
+    progress: bool = True
+    # Every this many steps the host waits for the device once (bounds MXNet's async
+    # queue and refreshes the progress bar's loss). Not a per-step sync.
+    sync_every: int = 50
+
+
+@dataclass
+class DistributedConfig:
+    # 'local': one process, one device (the single-GPU debug mode; no Horovod import).
+    # 'horovod': one process per device under horovodrun. 'kvstore': one process, several
+    # devices, gluon.Trainer(kvstore='device').
+    backend: str = "local"
+    # 'auto': GPU when MXNet sees one, else CPU (logged). 'gpu': GPU or fail. 'cpu': CPU.
+    device: str = "auto"
+    # kvstore only: 'all' (every GPU), a list of GPU ids like '0,1', or 'cpu:N' for N CPU contexts.
+    devices: str = "all"
+
+
+@dataclass
+class EvalConfig:
+    # Seed of the fixed test triplets (made once from the test set; 9,990 on Fashion-MNIST).
+    triplet_seed: int = 0
+    batch_size: int = 2048   # rows per forward pass when embedding the test set
+    every: int = 1           # evaluate every N epochs (and always after the last)
+    # Spread sqrt(mean ||e - mean e||^2) at or below this marks the embedding as collapsed.
+    collapse_eps: float = 1e-4
+    projector: bool = True   # export the TensorBoard projector at the end (rank 0)
+    projector_points: int = 0  # 0 = the whole test set
+
+
+@dataclass
+class CheckpointConfig:
+    keep: int = 3            # keep the last K epoch checkpoints (0 = never write any)
+    # Resume: null (start fresh), 'auto' (latest checkpoint in output.dir if any) or a path
+    # to a checkpoint directory.
+    resume: Optional[str] = None
+
+
+@dataclass
+class OutputConfig:
+    # Run directory. null = runs/<dataset>-<timestamp>, chosen by rank 0 and shared with all ranks.
+    dir: Optional[str] = None
+    root: str = "runs"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "data.dataset": ("fashion_mnist", "mnist", "idx"),
+    "sampler.kind": ("offline", "pk"),
+    "sampler.miner": ("batch_hard", "semi_hard"),
+    "optim.optimizer": ("sgd", "adam"),
+    "optim.schedule": ("constant", "cosine"),
+    "distributed.backend": ("local", "horovod", "kvstore"),
+    "distributed.device": ("auto", "cpu", "gpu"),
+}
+_POSITIVE = ("train.epochs", "train.batch_size", "train.sync_every", "sampler.p", "sampler.k",
+             "eval.batch_size", "eval.every", "optim.base_batch")
+_NON_NEGATIVE = ("data.limit_train", "data.limit_test", "loss.margin", "optim.momentum",
+                 "optim.wd", "optim.warmup_epochs", "sampler.steps_per_epoch",
+                 "eval.collapse_eps", "eval.projector_points", "checkpoint.keep")
+
+
+def _field_types(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _parse(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Coerce ``value`` (from YAML or a command-line string) to the declared type ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union and type(None) in args:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return _parse(value, next(a for a in args if a is not type(None)), key, where)
+    if isinstance(value, str) and tp is not str:
+        try:  # command-line values are strings; YAML gives them the same syntax as in a file
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}: {key}={value!r} is not valid YAML: {exc}") from None
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+        return [_parse(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: {key} has unsupported type {tp}")  # pragma: no cover
+
+
+def _set(cfg: Config, key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"{where}: {key!r} is not a known key; keys look like section.name, "
+                          f"sections: {', '.join(f.name for f in dataclasses.fields(Config))}")
+    section, name = parts
+    sections = {f.name for f in dataclasses.fields(Config)}
+    if section not in sections:
+        raise ConfigError(f"{where}: unknown section {section!r} in key {key!r}; "
+                          f"known sections: {', '.join(sorted(sections))}")
+    sub = getattr(cfg, section)
+    types = _field_types(type(sub))
+    if name not in types:
+        raise ConfigError(f"{where}: unknown key {key!r}; keys of {section}: "
+                          f"{', '.join(sorted(types))}")
+    setattr(sub, name, _parse(value, types[name], key, where))
+
+
+def _validate(cfg: Config) -> None:
+    flat = {f"{s}.{k}": v for s, sub in cfg.to_dict().items() for k, v in sub.items()}
+    for key, choices in _CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"{key}={flat[key]!r} is not one of {', '.join(choices)}")
+    for key in _POSITIVE:
+        if flat[key] <= 0:
+            raise ConfigError(f"{key}={flat[key]!r} must be > 0")
+    for key in _NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"{key}={flat[key]!r} must be >= 0")
+    if not flat["optim.lr"] > 0:
+        raise ConfigError(f"optim.lr={flat['optim.lr']!r} must be > 0")
+    if not flat["model.init_scale"] > 0:
+        raise ConfigError(f"model.init_scale={flat['model.init_scale']!r} must be > 0")
+    if not cfg.model.hidden or any(w <= 0 for w in cfg.model.hidden):
+        raise ConfigError(f"model.hidden={cfg.model.hidden!r} must be a non-empty list of "
+                          "positive widths")
+    if cfg.sampler.kind == "pk" and cfg.sampler.k < 2:
+        raise ConfigError(f"sampler.k={cfg.sampler.k} must be >= 2: a P x K batch needs a "
+                          "positive for every anchor")
+    if cfg.data.dataset == "idx" and not cfg.data.root:
+        raise ConfigError("data.dataset='idx' needs data.root=DIR (a directory of IDX files)")
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Build the run's config: defaults, then the YAML file at ``path``, then overrides.
+
+    Args:
+        path: YAML file with a mapping ``section: {key: value}``; only keys that differ
+            from the defaults need to appear. ``None`` = defaults only.
+        overrides: strings ``section.key=value``; values use YAML syntax
+            (``model.hidden=[512,128]``, ``checkpoint.resume=null``).
+
+    Returns:
+        The validated ``Config``.
+
+    Raises:
+        ConfigError: unknown section or key, a value of the wrong type, a value out of range
+            or not among the choices; the message names the key (and the file).
+        FileNotFoundError: ``path`` does not exist.
+    """
+    cfg = Config()
+    if path is not None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path!r} does not exist")
+        with open(path) as fh:
+            try:
+                doc = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got "
+                              f"{type(doc).__name__}")
+        for section, values in doc.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping of keys")
+            for name, value in values.items():
+                _set(cfg, f"{section}.{name}", value, path)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override {item!r} must look like section.key=value")
+        key, value = item.split("=", 1)
+        _set(cfg, key.strip(), value, "command line")
+    try:
+        _validate(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from None
+    return cfg
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config as YAML (atomically: write a temp file, then rename)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def config_from_dict(doc: dict) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. a checkpoint's copy)."""
+    cfg = Config()
+    for section, values in doc.items():
+        for name, value in values.items():
+            _set(cfg, f"{section}.{name}", value, "saved config")
+    return cfg

@@ -1,0 +1,336 @@
+"""Reading MNIST-format (IDX) data sets into NumPy arrays.
+
+The IDX format is the one of LeCun's MNIST page (http://yann.lecun.com/exdb/mnist/),
+used unchanged by Fashion-MNIST (Xiao et al. 2017):
+
+    bytes 0-1  zero
+    byte  2    element type (0x08 = unsigned byte, the only one accepted here)
+    byte  3    number of dimensions
+    then one big-endian uint32 per dimension, then the payload, row-major.
+
+So images carry magic 2051 (0x00000803: uint8, 3 dims) and labels 2049
+(0x00000801: uint8, 1 dim). Files may be gzip-compressed; compression is
+detected from the content (gzip magic 1f 8b), never from the file name, because
+mirrors and packagers do not agree on names.
+
+This module needs only NumPy. MXNet is imported lazily, inside the one
+function that lets it download MNIST, so that the data path can be tested on a
+machine without MXNet.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "MNIST_CLASSES",
+    "DATASET_NAMES",
+    "FASHION_MNIST_ROOT",
+    "Split",
+    "read_idx",
+    "write_idx",
+    "load_split",
+    "load_dataset",
+    "subset",
+]
+
+# Class names in label order, from the Fashion-MNIST README
+# (https://github.com/zalandoresearch/fashion-mnist#labels).
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+MNIST_CLASSES: tuple[str, ...] = tuple(str(i) for i in range(10))
+
+# Where Debian's package `dataset-fashion-mnist` installs the files.
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+
+DATASET_NAMES: tuple[str, ...] = ("fashion_mnist", "mnist", "idx")
+
+IMAGES_MAGIC = 2051  # 0x00000803: uint8 elements, 3 dimensions (N, rows, cols)
+LABELS_MAGIC = 2049  # 0x00000801: uint8 elements, 1 dimension (N,)
+_UINT8_TYPE = 0x08
+_GZIP_MAGIC = b"\x1f\x8b"
+
+# File stems as published on the MNIST page; each may also carry a ".gz" suffix.
+_FILE_STEMS = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split (train or test) of a labelled image data set.
+
+    Attributes:
+        images: (N, rows*cols) float32 in [0, 1]; raw uint8 pixels divided by
+            255, as the seed article's ``transform``.
+        labels: (N,) int64 class ids in ``[0, len(class_names))``.
+        class_names: name of each class id, in id order.
+        source: the directory the files were read from, or a description.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    source: str
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def _read_bytes(path: str) -> bytes:
+    """Return the file's bytes, gunzipped when the content starts with 1f 8b.
+
+    Raises ValueError naming ``path`` when the gzip stream is corrupt or cut.
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] != _GZIP_MAGIC:
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:
+        # gzip raises BadGzipFile (an OSError), EOFError for a cut stream, or
+        # zlib.error for bad deflate data; callers only need one error type.
+        raise ValueError(
+            f"{path}: expected a valid gzip stream (file starts with gzip magic 1f 8b), "
+            f"found a corrupt or truncated one: {exc}") from exc
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read one MNIST-format IDX file of unsigned bytes.
+
+    Args:
+        path: file path; gzip or raw, detected by content (magic bytes 1f 8b),
+            so a ``.gz`` name holding raw bytes and a raw name holding gzip
+            both load.
+
+    Returns:
+        uint8 array: (N, rows, cols) for an images file (magic 2051) or (N,)
+        for a labels file (magic 2049). Format from
+        http://yann.lecun.com/exdb/mnist/.
+
+    Raises:
+        ValueError: message names ``path`` and what was expected vs found, when
+            the gzip stream is corrupt; the header is shorter than 4 bytes or
+            than its dimension list; the magic is neither 2051 nor 2049 (e.g.
+            an HTML error page saved under the data file's name); the element
+            type is not 0x08 (uint8); or the payload length differs from the
+            product of the dimensions (truncated or trailing bytes).
+    """
+    path = os.fspath(path)
+    data = _read_bytes(path)
+    if len(data) < 4:
+        raise ValueError(
+            f"{path}: expected an IDX header of at least 4 bytes, found {len(data)} bytes")
+    (magic,) = struct.unpack(">I", data[:4])
+    zero, dtype_code, ndim = magic >> 16, (magic >> 8) & 0xFF, magic & 0xFF
+    if zero != 0 or magic not in (IMAGES_MAGIC, LABELS_MAGIC):
+        if zero == 0 and ndim in (1, 3) and dtype_code != _UINT8_TYPE:
+            raise ValueError(
+                f"{path}: expected IDX element type 0x08 (uint8), found 0x{dtype_code:02x} "
+                f"(magic found = {magic})")
+        raise ValueError(
+            f"{path}: not an IDX file: expected magic {IMAGES_MAGIC} (images) or "
+            f"{LABELS_MAGIC} (labels), magic found = {magic} (first bytes {data[:8]!r})")
+    header_len = 4 + 4 * ndim
+    if len(data) < header_len:
+        raise ValueError(
+            f"{path}: expected an IDX header of {header_len} bytes for {ndim} dimensions, "
+            f"found {len(data)} bytes")
+    dims = struct.unpack(f">{ndim}I", data[4:header_len])
+    expected = int(np.prod(dims, dtype=np.int64))
+    found = len(data) - header_len
+    if found != expected:
+        what = "truncated" if found < expected else "trailing bytes"
+        raise ValueError(
+            f"{path}: expected {expected} payload bytes for dims {tuple(dims)}, "
+            f"found {found} ({what})")
+    return np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(dims)
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray, gzip: bool = False) -> None:
+    """Write a uint8 array as an IDX file; used by tests and tools to make data.
+
+    Args:
+        path: destination; its name does not decide compression, ``gzip`` does.
+        array: (N,) labels or (N, rows, cols) images; cast to uint8, so values
+            must lie in [0, 255].
+        gzip: compress the bytes with gzip when True.
+
+    Raises:
+        ValueError: when ``array`` has neither 1 nor 3 dimensions, or has values
+            outside [0, 255].
+    """
+    array = np.asarray(array)
+    if array.ndim not in (1, 3):
+        raise ValueError(f"{path}: expected a 1-D (labels) or 3-D (images) array, "
+                         f"found {array.ndim} dimensions")
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise ValueError(f"{path}: expected values in [0, 255], found "
+                         f"[{array.min()}, {array.max()}]")
+    magic = LABELS_MAGIC if array.ndim == 1 else IMAGES_MAGIC
+    payload = struct.pack(f">I{array.ndim}I", magic, *array.shape)
+    payload += np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    if gzip:
+        payload = _gzip_compress(payload)
+    with open(path, "wb") as f:
+        f.write(payload)
+
+
+def _gzip_compress(payload: bytes) -> bytes:
+    # The parameter `gzip` of write_idx shadows the module inside it.
+    return gzip.compress(payload, mtime=0)
+
+
+def load_split(images_path: str | os.PathLike, labels_path: str | os.PathLike,
+               class_names: tuple[str, ...] | list[str], source: str | None = None) -> Split:
+    """Read an images IDX file and its labels IDX file into a :class:`Split`.
+
+    Args:
+        images_path: IDX images file (magic 2051), gzip or raw.
+        labels_path: IDX labels file (magic 2049), gzip or raw.
+        class_names: name of each class id; every label must be below its length.
+        source: recorded in ``Split.source``; defaults to the images' directory.
+
+    Returns:
+        Split with images (N, rows*cols) float32 in [0, 1] (bytes / 255, as the
+        seed article's transform) and labels (N,) int64.
+
+    Raises:
+        ValueError: a file is not a valid IDX file of the expected kind (see
+            :func:`read_idx`); the two files hold different counts (message
+            names both files and both counts); a label is >= len(class_names)
+            (message names the labels file, the label and the class count).
+    """
+    images_path, labels_path = os.fspath(images_path), os.fspath(labels_path)
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.ndim != 3:
+        raise ValueError(f"{images_path}: expected an images file (magic {IMAGES_MAGIC}, "
+                         f"3 dims), found {images.ndim} dims")
+    if labels.ndim != 1:
+        raise ValueError(f"{labels_path}: expected a labels file (magic {LABELS_MAGIC}, "
+                         f"1 dim), found {labels.ndim} dims")
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"count mismatch: {images_path} holds {images.shape[0]} images but "
+            f"{labels_path} holds {labels.shape[0]} labels")
+    class_names = tuple(class_names)
+    if labels.size and int(labels.max()) >= len(class_names):
+        bad = int(labels.max())
+        raise ValueError(
+            f"{labels_path}: expected labels in [0, {len(class_names)}) for "
+            f"{len(class_names)} classes, found label {bad}")
+    n = images.shape[0]
+    pixels = images.reshape(n, -1).astype(np.float32) / np.float32(255.0)
+    return Split(images=pixels, labels=labels.astype(np.int64), class_names=class_names,
+                 source=source if source is not None else os.path.dirname(images_path))
+
+
+def _find_file(root: str, stem: str) -> str:
+    """Return root/stem or root/stem.gz, whichever exists (the raw one first)."""
+    for name in (stem, stem + ".gz"):
+        candidate = os.path.join(root, name)
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(
+        f"{os.path.join(root, stem)}[.gz]: expected an IDX file in {root}, found neither "
+        f"{stem} nor {stem}.gz")
+
+
+def _load_dir(root: str, train: bool, class_names, how_to_get: str) -> Split:
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data directory {root} does not exist; {how_to_get}")
+    images_stem, labels_stem = _FILE_STEMS[train]
+    return load_split(_find_file(root, images_stem), _find_file(root, labels_stem),
+                      class_names, source=root)
+
+
+_ANY_ROOT_HINT = ("pass data.root=DIR naming a directory with the MNIST-format files "
+                  "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                  "t10k-labels-idx1-ubyte (each may end in .gz)")
+
+
+def _mxnet_mnist_root(train: bool) -> str:
+    """Let MXNet download MNIST (when online) and return the directory it used."""
+    try:
+        from mxnet.gluon.data.vision import MNIST  # lazy: MXNet is heavy and optional here
+        dataset = MNIST(train=train)
+    except Exception as exc:  # noqa: BLE001 - any failure means "no data": say what to do
+        raise FileNotFoundError(
+            f"could not get MNIST through mxnet.gluon.data.vision.MNIST "
+            f"(download to ~/.mxnet/datasets/mnist failed: {exc}); {_ANY_ROOT_HINT}") from exc
+    return dataset._root  # the files MXNet checked; read them again with our validating reader
+
+
+def load_dataset(name: str, root: str | None = None, train: bool = True) -> Split:
+    """Load the train or test split of a named MNIST-format data set.
+
+    Args:
+        name: ``fashion_mnist`` (default root ``/usr/share/datasets/fashion-mnist``,
+            as installed by Debian's ``dataset-fashion-mnist``; classes from the
+            Fashion-MNIST README); ``mnist`` (root any directory with the IDX
+            files; when None, ``mxnet.gluon.data.vision.MNIST`` downloads them to
+            ~/.mxnet/datasets/mnist, as in the seed article); or ``idx`` (root
+            required; class names ``str(i)`` for i up to the largest label).
+        root: directory holding ``train-images-idx3-ubyte``,
+            ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and
+            ``t10k-labels-idx1-ubyte``, each with or without ``.gz``.
+        train: the train split when True, else the test (t10k) split.
+
+    Returns:
+        Split: images (N, rows*cols) float32 in [0, 1], labels (N,) int64.
+
+    Raises:
+        ValueError: unknown ``name`` (message lists the valid names); ``idx``
+            without ``root``; invalid files (see :func:`load_split`).
+        FileNotFoundError: the directory is missing (message says how to get
+            the data) or a file is missing in it (message names the path tried);
+            MXNet could not download MNIST.
+    """
+    if name == "fashion_mnist":
+        root = FASHION_MNIST_ROOT if root is None else root
+        hint = ("install Debian's package with `apt-get install dataset-fashion-mnist` "
+                "(launch/setup.sh does it), or " + _ANY_ROOT_HINT)
+        return _load_dir(root, train, FASHION_MNIST_CLASSES, hint)
+    if name == "mnist":
+        if root is None:
+            root = _mxnet_mnist_root(train)
+        return _load_dir(root, train, MNIST_CLASSES, _ANY_ROOT_HINT)
+    if name == "idx":
+        if root is None:
+            raise ValueError(f"data set 'idx' needs an explicit directory: {_ANY_ROOT_HINT}")
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"data directory {root} does not exist; {_ANY_ROOT_HINT}")
+        images_stem, labels_stem = _FILE_STEMS[train]
+        labels_path = _find_file(root, labels_stem)
+        labels = read_idx(labels_path)
+        n_classes = int(labels.max()) + 1 if labels.size else 0
+        return load_split(_find_file(root, images_stem), labels_path,
+                          tuple(str(i) for i in range(n_classes)), source=root)
+    raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+
+
+def subset(split: Split, n: int) -> Split:
+    """Return the first ``n`` rows of ``split`` (all of it when n is 0 or >= N).
+
+    Used by debug configs (``data.limit``) to train on a small prefix.
+
+    Raises:
+        ValueError: when ``n`` is negative.
+    """
+    if n < 0:
+        raise ValueError(f"subset size must be >= 0 (0 means all), found {n}")
+    if n == 0 or n >= len(split):
+        return split
+    return Split(images=split.images[:n], labels=split.labels[:n],
+                 class_names=split.class_names, source=f"{split.source} (first {n})")

@@ -1,0 +1,247 @@
+"""Distribution backends: the only module that imports Horovod.
+
+Three backends train the same model (tests/test_equivalence.py proves it):
+
+* ``local``   one process, one device. The single-GPU debug mode. Horovod is not imported.
+* ``horovod`` one process per device under ``horovodrun``. Context ``gpu(local_rank)``;
+  parameters broadcast from rank 0; ``hvd.DistributedTrainer`` averages gradients.
+* ``kvstore`` one process, several devices: ``gluon.Trainer(kvstore='device')`` sums the
+  per-device gradients and the step divides by the global batch.
+
+The module-level helpers ``rank()``, ``size()``, ``local_rank()`` and ``is_main()`` answer
+0 / 1 / 0 / True whenever Horovod is absent or not initialised, so the same code runs in
+every mode (the pattern of detectron2's ``utils/comm.py``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence
+
+import mxnet as mx
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_hvd = None  # horovod.mxnet once init_horovod() ran; None in local / kvstore modes
+
+
+def _horovod():
+    """Import horovod.mxnet on demand, with an error that says how to get it."""
+    try:
+        import horovod.mxnet as hvd  # Horovod: imported here and nowhere else
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise RuntimeError(
+            "distributed.backend=horovod needs horovod built with MXNet support; run "
+            "launch/setup.sh (it builds horovod==0.28.1 after mxnet), or use "
+            f"distributed.backend=local. Import failed: {exc}") from exc
+    return hvd
+
+
+def rank() -> int:
+    """Global rank of this process; 0 when Horovod is not initialised."""
+    return _hvd.rank() if _hvd is not None else 0
+
+
+def size() -> int:
+    """World size (number of Horovod processes); 1 when Horovod is not initialised."""
+    return _hvd.size() if _hvd is not None else 1
+
+
+def local_rank() -> int:
+    """Rank of this process on its host; 0 when Horovod is not initialised."""
+    return _hvd.local_rank() if _hvd is not None else 0
+
+
+def local_size() -> int:
+    """Processes on this host; 1 when Horovod is not initialised."""
+    return _hvd.local_size() if _hvd is not None else 1
+
+
+def is_main() -> bool:
+    """True on the process that logs, evaluates and writes files (rank 0)."""
+    return rank() == 0
+
+
+def init_horovod() -> None:
+    """Initialise Horovod (idempotent). Every rank must call it before any collective."""
+    global _hvd
+    if _hvd is None:
+        hvd = _horovod()
+        hvd.init()  # Horovod: once per process, never at import time
+        _hvd = hvd
+
+
+def shutdown() -> None:
+    """Leave Horovod (if initialised). Tests that run several modes in one process use it."""
+    global _hvd
+    if _hvd is not None:
+        _hvd.shutdown()
+        _hvd = None
+
+
+# ----------------------------------------------------------------------------- devices
+
+def num_gpus() -> int:
+    """GPUs MXNet can use here (0 on a CPU build or a machine without GPUs)."""
+    try:
+        return mx.context.num_gpus()
+    except mx.base.MXNetError:  # a CUDA build without a driver raises instead of returning 0
+        return 0
+
+
+def choose_contexts(backend: str, device: str, devices: str, *, local_rank: int = 0,
+                    local_size: int = 1, gpu_count: Optional[int] = None) -> List[mx.Context]:
+    """Pick the MXNet contexts for this process. All device choice lives here.
+
+    Args:
+        backend: 'local', 'horovod' or 'kvstore'.
+        device: 'auto' (GPU if any, else CPU, logged), 'gpu' (GPU or error), 'cpu'.
+        devices: kvstore only: 'all', GPU ids '0,1', or 'cpu:N' for N CPU contexts.
+        local_rank, local_size: this process's place on its host (Horovod).
+        gpu_count: GPUs on this host; ``None`` asks MXNet (tests pass a number).
+
+    Returns:
+        One context for 'local' and 'horovod' (``gpu(local_rank)`` under Horovod), one or
+        more for 'kvstore'.
+
+    Raises:
+        ValueError: GPU asked for but fewer GPUs than local ranks (names both numbers), no
+            GPU when device='gpu', a GPU id that does not exist, or a malformed ``devices``.
+    """
+    gpus = num_gpus() if gpu_count is None else gpu_count
+    if backend == "kvstore" and devices.startswith("cpu:"):
+        try:
+            n = int(devices.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"distributed.devices={devices!r}: 'cpu:N' needs N >= 1")
+        return [mx.cpu(i) for i in range(n)]
+    use_gpu = device == "gpu" or (device == "auto" and gpus > 0)
+    if device == "gpu" and gpus == 0:
+        raise ValueError("distributed.device='gpu' but MXNet sees no GPU on this host "
+                         "(CPU build of mxnet, or no driver); use distributed.device=cpu or auto")
+    if not use_gpu:
+        if device == "auto":
+            log.info("no GPU visible to MXNet: using the CPU (distributed.device=auto)")
+        if backend == "kvstore":
+            raise ValueError(f"distributed.backend=kvstore with distributed.devices={devices!r} "
+                             "needs GPUs; on CPU use distributed.devices=cpu:N")
+        return [mx.cpu()]
+    if backend == "kvstore":
+        if devices == "all":
+            return [mx.gpu(i) for i in range(gpus)]
+        try:
+            ids = [int(x) for x in devices.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"distributed.devices={devices!r}: expected 'all', 'cpu:N' or "
+                             "GPU ids like '0,1'") from None
+        bad = [i for i in ids if not 0 <= i < gpus]
+        if not ids or bad:
+            raise ValueError(f"distributed.devices={devices!r}: GPU ids must be in 0..{gpus - 1} "
+                             f"({gpus} GPUs on this host)")
+        return [mx.gpu(i) for i in ids]
+    if local_size > gpus:
+        raise ValueError(f"{local_size} local ranks on this host but only {gpus} GPUs: each "
+                         "rank needs its own GPU (start fewer processes per host with "
+                         "horovodrun -np/-H, or use distributed.device=cpu)")
+    return [mx.gpu(local_rank)]
+
+
+# ----------------------------------------------------------------------------- backend
+
+@dataclass
+class Backend:
+    """What the training loop needs from distribution, whatever the mode.
+
+    Attributes:
+        name: 'local', 'horovod' or 'kvstore'.
+        contexts: devices this process drives (one, except kvstore).
+        rank, world_size: global rank and number of workers. For kvstore, world_size is
+            the number of devices (each device is a worker for batch semantics) and rank 0.
+    """
+    name: str
+    contexts: List[mx.Context]
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_processes(self) -> int:
+        """Processes that take part in collectives (Horovod ranks; 1 otherwise)."""
+        return self.world_size if self.name == "horovod" else 1
+
+    def broadcast_parameters(self, params) -> None:
+        """Make every rank's parameters equal to rank 0's. Every rank must call it, or
+        it deadlocks. Parameters must be initialised with known shapes first (the model
+        gives ``in_units`` so nothing is deferred)."""
+        if self.name == "horovod":
+            _hvd.broadcast_parameters(params, root_rank=0)  # Horovod: same start everywhere
+
+    def make_trainer(self, params, optimizer: str, optimizer_params: dict) -> mx.gluon.Trainer:
+        """A Trainer whose ``step(n)`` applies the mean gradient of the global batch.
+
+        ``n`` must be the number of samples this *process* summed its loss over (all its
+        devices); Horovod averages across ranks, kvstore sums across devices.
+        """
+        if self.name == "horovod":
+            return _hvd.DistributedTrainer(params, optimizer, optimizer_params)  # Horovod
+        kv = "device" if self.name == "kvstore" else None
+        # update_on_kvstore=False: the update runs on each device after the gradient sum,
+        # so every device applies exactly one identical update per step and the devices'
+        # parameter copies stay bit-identical.
+        return mx.gluon.Trainer(params, optimizer, optimizer_params, kvstore=kv,
+                                update_on_kvstore=False if kv else None)
+
+    def allreduce_mean(self, values: Sequence[float]) -> np.ndarray:
+        """Mean of ``values`` (a small float vector) over ranks. Every rank must call it."""
+        arr = np.asarray(values, dtype=np.float64)
+        if self.name != "horovod" or self.world_size == 1:
+            return arr
+        out = _hvd.allreduce(mx.nd.array(arr, dtype="float64"), average=True,  # Horovod
+                             name="dist_triplet.allreduce_mean")
+        return out.asnumpy()
+
+    def broadcast_object(self, obj: Any, name: str = "obj") -> Any:
+        """Rank 0's ``obj`` on every rank. Every rank must call it."""
+        if self.name != "horovod" or self.world_size == 1:
+            return obj
+        return _hvd.broadcast_object(obj, root_rank=0, name=f"dist_triplet.{name}")  # Horovod
+
+    def allgather_object(self, obj: Any, name: str = "obj") -> list:
+        """Every rank's ``obj``, in rank order. Every rank must call it."""
+        if self.name != "horovod" or self.world_size == 1:
+            return [obj]
+        return _hvd.allgather_object(obj, name=f"dist_triplet.{name}")  # Horovod
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here. Every rank must call it."""
+        if self.name == "horovod" and self.world_size > 1:
+            _hvd.allreduce(mx.nd.zeros(1), name="dist_triplet.barrier").wait_to_read()
+
+
+def make_backend(backend: str, device: str = "auto", devices: str = "all") -> Backend:
+    """Create the backend named in ``distributed.backend`` (initialising Horovod if asked).
+
+    Raises:
+        ValueError: unknown backend, or a device choice ``choose_contexts`` rejects.
+        RuntimeError: backend 'horovod' without a working Horovod installation.
+    """
+    if backend == "local":
+        return Backend("local", choose_contexts("local", device, devices))
+    if backend == "kvstore":
+        ctxs = choose_contexts("kvstore", device, devices)
+        return Backend("kvstore", ctxs, rank=0, world_size=len(ctxs))
+    if backend == "horovod":
+        init_horovod()
+        ctxs = choose_contexts("horovod", device, devices, local_rank=local_rank(),
+                               local_size=local_size())
+        return Backend("horovod", ctxs, rank=rank(), world_size=size(), local_rank=local_rank())
+    raise ValueError(f"distributed.backend={backend!r}: expected local, horovod or kvstore")

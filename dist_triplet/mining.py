@@ -1,0 +1,225 @@
+"""Online triplet mining inside a batch of embeddings, and the mined triplet loss.
+
+The batch comes from a P x K class-balanced sampler (P classes x K samples, class-major),
+so every anchor has K - 1 positives and (P - 1) * K negatives in the batch. Two miners:
+
+* ``"batch_hard"``: Hermans, Beyer, Leibe, "In Defense of the Triplet Loss for Person
+  Re-Identification", 2017 (arXiv:1703.07737): for each anchor the farthest positive and
+  the closest negative.
+* ``"semi_hard"``: Schroff, Kalenichenko, Philbin, "FaceNet", CVPR 2015, Sec. 3.2: for
+  each (anchor, positive) pair the closest negative that is farther than the positive.
+  When no negative is farther, the farthest negative is taken, as TensorFlow Addons'
+  ``tfa.losses.triplet_semihard_loss`` does.
+
+Distances are squared Euclidean, the distance of ``gluon.loss.TripletLoss`` (MXNet 1.9
+docs: ``loss = max(0, ||a - p||^2 - ||a - n||^2 + margin)``). Mining decisions carry no
+gradient (``BlockGrad`` on the distance matrix): the indices select rows, and the loss is
+``gluon.loss.TripletLoss`` on the gathered rows, so gradients flow through the anchor,
+positive and negative embeddings only.
+
+Every function takes ``F`` first and uses only operators that exist in both ``mx.nd`` and
+``mx.sym``, so it runs eagerly and inside a ``HybridBlock.hybrid_forward``. Indices are
+returned as float32, as MXNet's ``argmax``/``argmin`` produce them; ``F.take`` accepts them.
+"""
+from __future__ import annotations
+
+from mxnet import gluon
+
+__all__ = [
+    "MINERS",
+    "pairwise_sq_dist",
+    "batch_hard",
+    "semi_hard",
+    "mined_triplet_loss",
+    "MinedTripletLoss",
+]
+
+MINERS = ("batch_hard", "semi_hard")
+
+
+def _row_index(F, x):
+    """(B,) float32 0..B-1 for the rows of ``x``, without knowing B (works for mx.sym)."""
+    return F.contrib.arange_like(x, axis=0)
+
+
+def _label_masks(F, labels, like):
+    """(same, eye) masks, each (B, B) float32 of 0/1, from (B,) labels."""
+    labels = F.cast(labels, dtype="float32")  # int labels would not broadcast with floats
+    same = F.broadcast_equal(F.expand_dims(labels, axis=1), F.expand_dims(labels, axis=0))
+    idx = _row_index(F, like)
+    eye = F.broadcast_equal(F.expand_dims(idx, axis=1), F.expand_dims(idx, axis=0))
+    return same, eye
+
+
+def pairwise_sq_dist(F, emb):
+    """Squared Euclidean distance between all rows of ``emb``.
+
+    ``d[i, j] = ||e_i||^2 + ||e_j||^2 - 2 e_i.e_j``, clipped at 0 (the expansion can go
+    slightly negative in float32) and with an exactly-zero diagonal (where rounding would
+    otherwise leave noise). Differentiable; the miners wrap it in ``BlockGrad``.
+
+    Args:
+        F: ``mx.nd`` or ``mx.sym``.
+        emb: (B, D) float32 embeddings.
+
+    Returns:
+        (B, B) float32, in squared embedding units, as ``gluon.loss.TripletLoss``.
+    """
+    sq = F.sum(F.square(emb), axis=1)  # (B,)
+    dot = F.dot(emb, emb, transpose_b=True)  # (B, B)
+    d = F.broadcast_add(F.expand_dims(sq, axis=1), F.expand_dims(sq, axis=0)) - 2.0 * dot
+    d = F.relu(d)
+    idx = _row_index(F, emb)
+    eye = F.broadcast_equal(F.expand_dims(idx, axis=1), F.expand_dims(idx, axis=0))
+    return d * (1.0 - eye)
+
+
+def batch_hard(F, emb, labels):
+    """Batch-hard mining (Hermans et al. 2017): one triplet per anchor.
+
+    Args:
+        F: ``mx.nd`` or ``mx.sym``.
+        emb: (B, D) float32 embeddings.
+        labels: (B,) class labels, float32 (ints are cast; exact up to 2**24).
+
+    Returns:
+        ``(a, p, n, weight)``, each (B,) float32: ``a = 0..B-1``; ``p`` the farthest
+        other sample with the anchor's label; ``n`` the closest sample with another
+        label; ``weight`` 1 where the anchor has at least one positive and one negative,
+        else 0 (``p``/``n`` are then arbitrary valid indices). Equal distances resolve to
+        the lower index (MXNet's ``argmax``/``argmin`` return the first). No gradient.
+    """
+    d = F.BlockGrad(pairwise_sq_dist(F, emb))
+    same, eye = _label_masks(F, labels, emb)
+    pos = same - eye  # same label, not the anchor itself
+    neg = 1.0 - same
+    # d >= 0, so pushing non-positives to -1 keeps them below every positive.
+    p = F.argmax(d * pos + (pos - 1.0), axis=1)
+    # Non-negatives get max(d) + 1, above every negative.
+    big = F.max(d) + 1.0
+    n = F.argmin(d + F.broadcast_mul(1.0 - neg, big), axis=1)
+    weight = (F.sum(pos, axis=1) > 0) * (F.sum(neg, axis=1) > 0)
+    a = _row_index(F, emb)
+    return a, p, n, F.BlockGrad(weight)
+
+
+def semi_hard(F, emb, labels, margin):
+    """Semi-hard mining (FaceNet, Schroff et al. 2015): one triplet per positive pair.
+
+    For every ordered pair (a, p), a != p with the same label, the negative is the
+    closest n with ``d(a, n) > d(a, p)`` (squared L2). If no negative is farther than the
+    positive, the farthest negative is taken instead -- the rule of TensorFlow Addons'
+    ``triplet_semihard_loss``. As there, ``margin`` does not change the choice: the
+    closest farther negative is the semi-hard one (``d(a,p) < d(a,n) < d(a,p) + margin``)
+    if any exists, and otherwise its loss would be 0 anyway.
+
+    Memory is O(B^3) (a (B, B, B) mask), fine for B of a few hundred.
+
+    Args:
+        F: ``mx.nd`` or ``mx.sym``.
+        emb: (B, D) float32 embeddings.
+        labels: (B,) class labels, float32 (ints are cast).
+        margin: float >= 0, squared-L2 units as ``gluon.loss.TripletLoss``; accepted for
+            a uniform miner signature and checked, but see above.
+
+    Returns:
+        ``(a, p, n, weight)``, each (B*B,) float32, row ``a * B + p`` for the pair (a, p);
+        ``weight`` is 1 for a != p with the same label and at least one negative in the
+        batch, else 0. Ties resolve to the lower index. No gradient.
+
+    Raises:
+        ValueError: if ``margin < 0``.
+    """
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    d = F.BlockGrad(pairwise_sq_dist(F, emb))  # (B, B)
+    same, eye = _label_masks(F, labels, emb)
+    pos = same - eye
+    neg = 1.0 - same
+    d_ap = F.expand_dims(d, axis=2)  # (B, B, 1): [a, p, .]
+    d_an = F.expand_dims(d, axis=1)  # (B, 1, B): [a, ., n]
+    farther = F.broadcast_mul(F.broadcast_greater(d_an, d_ap),
+                              F.expand_dims(neg, axis=1))  # (B, B, B): [a, p, n]
+    big = F.max(d) + 1.0
+    n_semi = F.argmin(F.broadcast_add(F.broadcast_mul(1.0 - farther, big), d_an), axis=2)
+    has_semi = F.sum(farther, axis=2) > 0  # (B, B)
+    n_far = F.argmax(d * neg + (neg - 1.0), axis=1)  # (B,): farthest negative per anchor
+    n = F.where(has_semi, n_semi, F.broadcast_like(F.expand_dims(n_far, axis=1), d))
+    idx = _row_index(F, emb)
+    a = F.broadcast_like(F.expand_dims(idx, axis=1), d)
+    p = F.broadcast_like(F.expand_dims(idx, axis=0), d)
+    weight = F.broadcast_mul(pos, F.expand_dims(F.sum(neg, axis=1) > 0, axis=1))
+    def flat(x):
+        return F.reshape(x, shape=(-1,))
+
+    return flat(a), flat(p), flat(n), F.BlockGrad(flat(weight))
+
+
+def _mine(F, emb, labels, margin, miner):
+    if miner == "batch_hard":
+        return batch_hard(F, emb, labels)
+    if miner == "semi_hard":
+        return semi_hard(F, emb, labels, margin)
+    raise ValueError(f"miner must be one of {MINERS}, got {miner!r}")
+
+
+def mined_triplet_loss(F, emb, labels, margin, miner, loss_fn=None):
+    """Per-triplet ``gluon.loss.TripletLoss`` over the triplets one miner selects.
+
+    Args:
+        F: ``mx.nd`` or ``mx.sym``.
+        emb: (B, D) float32 embeddings.
+        labels: (B,) class labels, float32.
+        margin: float >= 0, squared-L2 units (``gluon.loss.TripletLoss``).
+        miner: ``"batch_hard"`` or ``"semi_hard"``.
+        loss_fn: a ``gluon.loss.TripletLoss`` to reuse (a block's child); a new one with
+            ``margin`` if None.
+
+    Returns:
+        ``(loss, weight)``: (T,) float32 each, T = B for batch-hard and B*B for
+        semi-hard; ``loss`` is differentiable with respect to ``emb``; ``weight`` is 0/1
+        without gradient.
+
+    Raises:
+        ValueError: on an unknown ``miner`` or ``margin < 0``.
+    """
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    a, p, n, weight = _mine(F, emb, labels, margin, miner)
+    if loss_fn is None:
+        loss_fn = gluon.loss.TripletLoss(margin=margin)
+    loss = loss_fn(F.take(emb, a), F.take(emb, p), F.take(emb, n))
+    return loss, weight
+
+
+class MinedTripletLoss(gluon.HybridBlock):
+    """Mean ``gluon.loss.TripletLoss`` over the triplets mined in a P x K batch.
+
+    ``forward(emb, labels)`` with emb (B, D) float32 and labels (B,) float32 returns a
+    (1,) float32 scalar ``sum(loss * w) / max(sum(w), 1)``: the mean over valid triplets,
+    and 0 (not NaN) when the batch has none. Hybridizable
+    (``hybridize(static_alloc=True, static_shape=True)``).
+
+    Args:
+        margin: float >= 0, squared-L2 units as ``gluon.loss.TripletLoss``.
+        miner: ``"batch_hard"`` (Hermans et al. 2017) or ``"semi_hard"`` (FaceNet).
+
+    Raises:
+        ValueError: on an unknown ``miner`` or ``margin < 0``.
+    """
+
+    def __init__(self, margin: float, miner: str = "batch_hard", **kwargs):
+        super().__init__(**kwargs)
+        if miner not in MINERS:
+            raise ValueError(f"miner must be one of {MINERS}, got {miner!r}")
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        self._margin = float(margin)
+        self._miner = miner
+        with self.name_scope():
+            self.triplet = gluon.loss.TripletLoss(margin=self._margin)
+
+    def hybrid_forward(self, F, emb, labels):
+        loss, weight = mined_triplet_loss(F, emb, labels, self._margin, self._miner,
+                                          loss_fn=self.triplet)
+        return F.sum(loss * weight) / F.maximum(F.sum(weight), 1.0)

@@ -1,0 +1,114 @@
+"""The embedding network and the per-device training computations.
+
+The network is the seed article's MLP (Dense 256 relu -> Dense 128 relu, Uniform(0.1)
+init), with widths, final activation and L2 normalisation taken from the config. The
+training computations gather rows by index from pixels that live on the device once
+(``F.take``), push anchor, positive and negative through the network as **one stacked
+batch of 3B rows** and apply ``gluon.loss.TripletLoss``; everything is a HybridBlock so
+that ``hybridize(static_alloc=True, static_shape=True)`` compiles one graph per shape.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import mxnet as mx
+from mxnet import gluon
+from mxnet.gluon import nn
+
+from .mining import MinedTripletLoss
+
+
+class L2Normalize(nn.HybridBlock):
+    """Scale each row to unit L2 norm: (B, D) -> (B, D). FaceNet (Schroff et al. 2015)."""
+
+    def hybrid_forward(self, F, x):
+        return F.L2Normalization(x, mode="instance", eps=1e-10)
+
+
+def build_embedding_net(in_units: int, hidden: Sequence[int], *, final_relu: bool = True,
+                        normalize: bool = False) -> nn.HybridSequential:
+    """The MLP embedding network ``(B, in_units) float32 -> (B, hidden[-1]) float32``.
+
+    ``in_units`` is given to every Dense layer so parameter shapes are known at
+    ``initialize()``: no deferred initialisation, so Horovod's broadcast reaches every
+    parameter before the first step.
+
+    Args:
+        in_units: input width (784 for 28x28 images).
+        hidden: Dense widths; seed: (256, 128).
+        final_relu: ReLU after the last layer (the seed has it).
+        normalize: L2-normalise the output.
+    """
+    net = nn.HybridSequential(prefix="embed_")
+    with net.name_scope():
+        width = in_units
+        for i, units in enumerate(hidden):
+            last = i == len(hidden) - 1
+            act = "relu" if (not last or final_relu) else None
+            net.add(nn.Dense(units, activation=act, in_units=width))
+            width = units
+        if normalize:
+            net.add(L2Normalize())
+    return net
+
+
+def initialize(net: nn.Block, init_scale: float, ctx, seed: int) -> None:
+    """Initialise ``net`` on ``ctx`` (a context or list) with Uniform(-s, s) weights, zero
+    biases (MXNet's default for bias), from ``mx.random.seed(seed)``. The seed article
+    uses ``mx.init.Uniform(scale=0.1)``."""
+    mx.random.seed(seed)
+    net.initialize(mx.init.Uniform(scale=init_scale), ctx=ctx, force_reinit=True)
+
+
+class OfflineTripletStep(nn.HybridBlock):
+    """Per-sample triplet loss of a batch of index triplets.
+
+    forward(pixels, idx) -> loss
+        pixels: (N, F) float32, the whole training set resident on this device.
+        idx: (3B,) float32 row indices laid out [anchors (B); positives (B); negatives (B)].
+        loss: (B,) float32, ``max(0, ||a-p||^2 - ||a-n||^2 + margin)`` (gluon.loss.TripletLoss).
+    """
+
+    def __init__(self, net: nn.Block, margin: float, **kwargs):
+        super().__init__(**kwargs)
+        self.net = net
+        self.loss = gluon.loss.TripletLoss(margin=margin)
+
+    def hybrid_forward(self, F, pixels, idx):
+        x = F.take(pixels, idx)                      # (3B, F): one gather, no pixel copies on host
+        emb = self.net(x)                            # (3B, D): one stacked forward
+        a, p, n = F.split(emb, num_outputs=3, axis=0)  # (B, D) each
+        return self.loss(a, p, n)                    # (B,)
+
+
+class MinedTripletStep(nn.HybridBlock):
+    """Mean triplet loss of the triplets mined online in one P x K batch.
+
+    forward(pixels, labels, idx) -> loss
+        pixels: (N, F) float32 resident training set; labels: (N,) float32 class ids.
+        idx: (P*K,) float32 row indices of the batch, class-major.
+        loss: (1,) float32, the mean over the mined triplets (see mining.MinedTripletLoss).
+    """
+
+    def __init__(self, net: nn.Block, margin: float, miner: str, **kwargs):
+        super().__init__(**kwargs)
+        self.net = net
+        self.loss = MinedTripletLoss(margin=margin, miner=miner)
+
+    def hybrid_forward(self, F, pixels, labels, idx):
+        emb = self.net(F.take(pixels, idx))          # (B, D)
+        return self.loss(emb, F.take(labels, idx))   # (1,)
+
+
+def embed(net: nn.Block, pixels, ctx, batch_size: int = 2048):
+    """Embeddings of ``pixels`` in batches: (N, F) float32 numpy -> (N, D) float32 numpy.
+
+    The last partial batch is run as is (eval uses the non-hybridized shape path only
+    through ``net``, which handles any batch size).
+    """
+    import numpy as np
+    out = []
+    for start in range(0, len(pixels), batch_size):
+        x = mx.nd.array(pixels[start:start + batch_size], ctx=ctx)
+        out.append(net(x).asnumpy())
+    return np.concatenate(out, axis=0) if out else np.zeros((0, 0), np.float32)

@@ -1,0 +1,459 @@
+"""Training entry point: ``python -m dist_triplet.train --config FILE [section.key=value ...]``.
+
+The same code runs in every mode:
+
+* single device (debug):  ``python -m dist_triplet.train --config configs/debug.yaml``
+* Horovod, N processes:    ``horovodrun -np 4 python -m dist_triplet.train --config configs/fashion_mnist.yaml distributed.backend=horovod``
+* kvstore, N devices:      ``python -m dist_triplet.train --config ... distributed.backend=kvstore distributed.devices=cpu:2``
+
+Rank 0 alone logs, evaluates, writes TensorBoard scalars, checkpoints, ``metrics.json``
+and the projector; those live in helpers below and call no collective. Every rank runs
+the same number of steps per epoch (equal shards, see ``triplets.create_pairs``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, load_config, save_config
+from .data import Split, load_dataset, subset
+from .triplets import ClassIndex, create_pairs, pk_batches, pk_steps_per_epoch
+
+log = logging.getLogger("dist_triplet")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, ...); the message says where."""
+
+
+# ----------------------------------------------------------------------------- rank-0 helpers
+
+def setup_logging(is_main: bool) -> None:
+    """INFO on rank 0, WARNING elsewhere, so only rank 0 prints progress."""
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", force=True)
+
+
+class Rank0:
+    """Everything only rank 0 does: run directory files, TensorBoard scalars, metrics.json,
+    checkpoints, evaluation and the projector. On other ranks every method is a no-op, so
+    the loop has no bare ``if rank == 0`` blocks. No method calls a collective."""
+
+    def __init__(self, active: bool, run_dir: str, cfg: Config):
+        self.active = active
+        self.run_dir = run_dir
+        self.cfg = cfg
+        self.writer = None
+        self.history: List[dict] = []
+        if active:
+            os.makedirs(run_dir, exist_ok=True)
+            save_config(cfg, os.path.join(run_dir, "config.yaml"))
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def scalars(self, epoch: int, values: dict) -> None:
+        if self.active:
+            for key, val in values.items():
+                if isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val):
+                    self.writer.add_scalar(key, val, epoch + 1)
+            self.writer.flush()
+
+    def record_epoch(self, row: dict) -> None:
+        if self.active:
+            self.history.append(row)
+            self.write_metrics(final=None)
+
+    def write_metrics(self, final: Optional[dict], extra: Optional[dict] = None) -> None:
+        """metrics.json: per-epoch rows and the final values, so scripts need not parse logs."""
+        if not self.active:
+            return
+        doc = {"run_dir": os.path.abspath(self.run_dir), "epochs": self.history, "final": final}
+        doc.update(extra or {})
+        path = os.path.join(self.run_dir, "metrics.json")
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(doc, fh, indent=1)
+        os.replace(tmp, path)
+
+    def save_checkpoint(self, epoch: int, net, trainer, meta: dict) -> None:
+        if self.active and self.cfg.checkpoint.keep > 0:
+            path = ckpt.save_checkpoint(os.path.join(self.run_dir, "checkpoints"), epoch, net,
+                                        trainer, dict(meta, history=self.history),
+                                        self.cfg.checkpoint.keep)
+            log.info("checkpoint %s", path)
+
+    def close(self) -> None:
+        if self.active and self.writer is not None:
+            self.writer.close()
+
+
+def resolve_run_dir(cfg: Config, backend) -> str:
+    """The run directory, decided by rank 0 and broadcast (timestamps differ across ranks).
+    Every rank must call it."""
+    run_dir = cfg.output.dir
+    if run_dir is None and cfg.checkpoint.resume not in (None, "auto"):
+        # Resuming from an explicit checkpoint continues that run's directory.
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(cfg.checkpoint.resume)))
+    if run_dir is None:
+        run_dir = os.path.join(cfg.output.root,
+                               f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return backend.broadcast_object(run_dir, name="run_dir")
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def learning_rate(cfg: Config, step: int, steps_per_epoch: int, global_batch: int) -> float:
+    """Learning rate at global step ``step`` (0-based): linear scaling (optional), linear
+    warm-up over ``optim.warmup_epochs``, then constant or cosine decay to 0 at the end."""
+    base = cfg.optim.lr
+    if cfg.optim.scale_lr:
+        base *= global_batch / cfg.optim.base_batch  # Goyal et al. 2017, linear scaling rule
+    total = cfg.train.epochs * steps_per_epoch
+    warm = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+    if step < warm:
+        return base * (step + 1) / warm
+    if cfg.optim.schedule == "cosine":
+        progress = (step - warm) / max(1, total - warm)
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return base
+
+
+# ----------------------------------------------------------------------------- the step
+
+class DataParallelStep:
+    """The distributed training step, identical in structure for every backend.
+
+    The training pixels are copied to every device once; a step sends only indices.
+    ``step(batch)`` takes this process's share of the global batch:
+
+    * offline sampler: ``batch`` (Bp, 3) int64 (anchor, positive, negative) rows, Bp =
+      devices x ``train.batch_size``; each device gets a contiguous (B, 3) slice.
+    * P x K sampler: ``batch`` (devices, P*K) int64; each device mines within its own batch.
+
+    It returns the per-device loss sums (NDArrays, no host synchronisation) and the
+    number of loss terms they sum over.
+    """
+
+    def __init__(self, cfg: Config, backend, net, pixels: np.ndarray, labels: np.ndarray):
+        import mxnet as mx
+        from .model import MinedTripletStep, OfflineTripletStep
+
+        self.mx = mx
+        self.cfg = cfg
+        self.backend = backend
+        self.ctxs = backend.contexts
+        self.net = net
+        self.mining = cfg.sampler.kind == "pk"
+        # Indices travel as float32 (what F.take wants); exact for row ids below 2**24.
+        if len(pixels) >= 2 ** 24:
+            raise ValueError(f"{len(pixels)} training rows: indices above 2**24 are not exact "
+                             "in float32; use data.limit_train")
+        self.pixels = [mx.nd.array(pixels, ctx=c) for c in self.ctxs]              # (N, F) per device
+        self.labels = [mx.nd.array(labels.astype(np.float32), ctx=c) for c in self.ctxs]
+        if self.mining:
+            self.block = MinedTripletStep(net, cfg.loss.margin, cfg.sampler.miner)
+        else:
+            self.block = OfflineTripletStep(net, cfg.loss.margin)
+        self.block.hybridize(static_alloc=True, static_shape=True)
+        opt_params = {"learning_rate": cfg.optim.lr, "wd": cfg.optim.wd}
+        if cfg.optim.optimizer == "sgd":
+            opt_params["momentum"] = cfg.optim.momentum
+        self.trainer = backend.make_trainer(net.collect_params(), cfg.optim.optimizer, opt_params)
+
+    def device_batches(self, batch: np.ndarray) -> list:
+        """Split this process's batch over its devices and move the indices there."""
+        mx = self.mx
+        n = len(self.ctxs)
+        parts = np.split(batch, n) if n > 1 else [batch]
+        out = []
+        for part, ctx in zip(parts, self.ctxs):
+            if self.mining:
+                flat = part.reshape(-1)               # (P*K,)
+            else:
+                flat = part.T.reshape(-1)             # (3B,) = [anchors; positives; negatives]
+            out.append(mx.nd.array(flat, ctx=ctx, dtype="float32"))
+        return out
+
+    def step(self, batch: np.ndarray):
+        """One optimizer update from ``batch``; returns (loss sums per device, terms)."""
+        mx = self.mx
+        idx = self.device_batches(batch)
+        with mx.autograd.record():
+            if self.mining:
+                losses = [self.block(x, y, i) for x, y, i in zip(self.pixels, self.labels, idx)]
+            else:
+                losses = [self.block(x, i) for x, i in zip(self.pixels, idx)]
+        mx.autograd.backward(losses)
+        # Offline: per-sample losses, normalise by the triplets of this process. Mining: one
+        # mean loss per device, normalise by the devices. Horovod then averages over ranks.
+        terms = len(self.ctxs) if self.mining else len(batch)
+        self.trainer.step(terms)
+        return [l.sum() for l in losses], terms
+
+
+# ----------------------------------------------------------------------------- sampling
+
+class EpochSampler:
+    """This rank's batches for an epoch, equal in number on every rank.
+
+    Offline: ``create_pairs`` shard of (seed, epoch, rank), cut into ``steps`` batches of
+    ``devices x batch_size`` triplets (the remainder is dropped so all ranks and all steps
+    have the same shape). P x K: ``pk_batches`` for each device.
+    """
+
+    def __init__(self, cfg: Config, labels: np.ndarray, rank: int, world_size: int,
+                 devices: int):
+        self.cfg = cfg
+        self.index = ClassIndex(labels)
+        self.rank, self.world_size, self.devices = rank, world_size, devices
+        # Shards are made per worker: under kvstore the devices of one process are workers.
+        if cfg.sampler.kind == "pk":
+            s = cfg.sampler
+            if s.p > len(self.index.classes):
+                raise ValueError(f"sampler.p={s.p} but the training set has only "
+                                 f"{len(self.index.classes)} classes")
+            self.steps = s.steps_per_epoch or pk_steps_per_epoch(self.index, s.p, s.k,
+                                                                   world_size)
+            self.per_step = devices * s.p * s.k
+        else:
+            from .triplets import shard_length
+            shard = shard_length(self.index, world_size)
+            self.per_step = devices * cfg.train.batch_size
+            self.steps = shard // self.per_step
+            if self.steps == 0:
+                raise ValueError(
+                    f"train.batch_size={cfg.train.batch_size} x {devices} device(s) = "
+                    f"{self.per_step} triplets per step, but each of the {world_size} rank(s) "
+                    f"gets only {shard} triplets per epoch ({len(labels)} training samples): "
+                    "lower train.batch_size or use more data")
+
+    def epoch(self, epoch: int) -> np.ndarray:
+        """(steps, per_step, 3) offline or (steps, devices, P*K) for P x K; int64."""
+        cfg = self.cfg
+        if cfg.sampler.kind == "pk":
+            s = cfg.sampler
+            # Each device of this process is its own worker for the sampler.
+            per_dev = [pk_batches(self.index, p=s.p, k=s.k, steps=self.steps, seed=cfg.train.seed,
+                                  epoch=epoch, rank=self.rank * self.devices + d,
+                                  world_size=self.world_size * self.devices)
+                       for d in range(self.devices)]
+            return np.stack(per_dev, axis=1)
+        trip = create_pairs(self.index, seed=cfg.train.seed, epoch=epoch, rank=self.rank,
+                            world_size=self.world_size)
+        return trip[: self.steps * self.per_step].reshape(self.steps, self.per_step, 3)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+class Evaluator:
+    """Rank-0 evaluation on the test set; calls no collective.
+
+    Test triplets are made once with ``eval.triplet_seed`` (the seed article's metric:
+    9,990 on Fashion-MNIST), retrieval metrics on the whole test set, and the raw-pixel
+    baseline once per run."""
+
+    def __init__(self, cfg: Config, test: Split):
+        from .metrics import retrieval_metrics
+        self.cfg = cfg
+        self.test = test
+        self.triplets = create_pairs(test.labels, seed=cfg.eval.triplet_seed)
+        t0 = time.perf_counter()
+        self.raw = retrieval_metrics(test.images, test.labels)
+        log.info("raw pixels: P@1 %.4f  R-Prec %.4f  MAP@R %.4f  (%d queries, %.1f s)",
+                 self.raw["precision_at_1"], self.raw["r_precision"], self.raw["map_at_r"],
+                 self.raw["queries"], time.perf_counter() - t0)
+
+    def __call__(self, net, ctx) -> tuple:
+        from .metrics import evaluate_embeddings
+        from .model import embed
+        emb = embed(net, self.test.images, ctx, self.cfg.eval.batch_size)
+        res = evaluate_embeddings(emb, self.test.labels, self.triplets,
+                                  collapse_eps=self.cfg.eval.collapse_eps)
+        if res["collapsed"]:
+            log.warning("embeddings collapsed (spread %.3g <= eval.collapse_eps %.3g): the "
+                        "metrics below are not meaningful", res["spread"],
+                        self.cfg.eval.collapse_eps)
+        return res, emb
+
+
+# ----------------------------------------------------------------------------- loop
+
+def train(cfg: Config) -> dict:
+    """Run training as configured and return the final metrics (rank 0; {} elsewhere).
+
+    Every rank calls it. Raises ConfigError / ValueError / FileNotFoundError on bad input
+    before anything is written, TrainingError on a non-finite loss (the last good
+    checkpoint stays in place).
+    """
+    import mxnet as mx
+    from tqdm import tqdm
+
+    from .dist import make_backend
+    from .model import build_embedding_net, initialize
+
+    backend = make_backend(cfg.distributed.backend, cfg.distributed.device,
+                           cfg.distributed.devices)
+    setup_logging(backend.is_main)
+    devices = len(backend.contexts)
+    workers = backend.world_size if backend.name == "horovod" else devices
+
+    # --- data and sampling: validated on every rank before anything is written
+    train_split = subset(load_dataset(cfg.data.dataset, cfg.data.root, train=True),
+                         cfg.data.limit_train)
+    sampler = EpochSampler(cfg, train_split.labels, backend.rank if backend.name == "horovod" else 0,
+                           backend.world_size if backend.name == "horovod" else 1, devices)
+    # Every rank reads the test set too (10k rows, cheap) so a broken file fails on all
+    # ranks alike instead of leaving the others waiting in a collective.
+    test_split = subset(load_dataset(cfg.data.dataset, cfg.data.root, train=False),
+                        cfg.data.limit_test)
+
+    resume_path = None
+    run_dir = resolve_run_dir(cfg, backend)
+    if cfg.checkpoint.resume == "auto":
+        resume_path = ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    elif cfg.checkpoint.resume:
+        resume_path = cfg.checkpoint.resume
+    meta = None
+    if resume_path:
+        meta = ckpt.read_meta(resume_path)
+        ckpt.check_compatible(meta["config"], cfg.to_dict(), meta["world_size"], workers,
+                              resume_path)
+
+    # --- model, on every device; rank 0's initial parameters everywhere
+    net = build_embedding_net(train_split.images.shape[1], cfg.model.hidden,
+                              final_relu=cfg.model.final_relu, normalize=cfg.model.normalize)
+    initialize(net, cfg.model.init_scale, backend.contexts, cfg.train.seed)
+    backend.broadcast_parameters(net.collect_params())  # Horovod: identical start on all ranks
+    stepper = DataParallelStep(cfg, backend, net, train_split.images, train_split.labels)
+    start_epoch = 0
+    if resume_path:
+        ckpt.load_checkpoint(resume_path, net, stepper.trainer, backend.contexts)
+        start_epoch = meta["epoch"] + 1
+
+    main = Rank0(backend.is_main, run_dir, cfg)
+    if meta is not None:
+        main.history = list(meta.get("history", []))
+    evaluator = Evaluator(cfg, test_split) if backend.is_main else None
+    steps = sampler.steps
+    global_batch = sampler.per_step * backend.num_processes
+    log.info("backend %s, %d worker(s) on %s; %d steps/epoch of %d triplets (global batch), "
+             "run dir %s%s", backend.name, workers, [str(c) for c in backend.contexts], steps,
+             global_batch, run_dir,
+             f"; resuming after epoch {start_epoch} from {resume_path}" if resume_path else "")
+
+    ctx0 = backend.contexts[0]
+    final: dict = {}
+    emb = None
+    for epoch in range(start_epoch, cfg.train.epochs):
+        t_epoch = time.perf_counter()
+        batches = sampler.epoch(epoch)                           # (steps, per_step, ...) int64
+        t_sample = time.perf_counter() - t_epoch
+        step_loss = mx.nd.zeros((steps,), ctx=ctx0)              # per-step loss sums, on device
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step",
+                   disable=not (backend.is_main and cfg.train.progress), leave=False)
+        t_train = time.perf_counter()
+        for s in range(steps):
+            if cfg.optim.schedule != "constant" or cfg.optim.warmup_epochs > 0:
+                stepper.trainer.set_learning_rate(
+                    learning_rate(cfg, epoch * steps + s, steps, global_batch))
+            sums, terms = stepper.step(batches[s])
+            step_loss[s] = mx.nd.add_n(*[x.as_in_context(ctx0) for x in sums]) / terms
+            if (s + 1) % cfg.train.sync_every == 0 or s + 1 == steps:
+                # One wait per sync_every steps bounds MXNet's async queue; not per step.
+                bar.set_postfix(loss=f"{step_loss[s].asscalar():.4f}")
+            bar.update(1)
+        losses = step_loss.asnumpy()
+        train_time = time.perf_counter() - t_train
+        bar.close()
+        mean_loss = float(backend.allreduce_mean([float(losses.mean())])[0])  # collective: all ranks
+        if not math.isfinite(mean_loss):
+            bad = np.flatnonzero(~np.isfinite(losses))
+            where = f"step {int(bad[0]) + 1} of {steps}" if len(bad) else "a step on another rank"
+            raise TrainingError(f"non-finite loss in epoch {epoch + 1}, {where}; stopping. The "
+                                "last good checkpoint is intact; lower optim.lr or check the data")
+        throughput = steps * global_batch / train_time           # triplets/s, whole job
+
+        row = {"epoch": epoch + 1, "loss": mean_loss, "triplets_per_s": throughput,
+               "lr": stepper.trainer.learning_rate, "time_sample_s": t_sample,
+               "time_train_s": train_time}
+        if backend.is_main and ((epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.train.epochs):
+            t_eval = time.perf_counter()
+            res, emb = evaluator(net, ctx0)
+            row.update({k: v for k, v in res.items()})
+            row["time_eval_s"] = time.perf_counter() - t_eval
+            log.info("epoch %d/%d  loss %.4f  acc %.4f (%d / %d)  P@1 %.4f (raw %.4f)  R-Prec "
+                     "%.4f  MAP@R %.4f%s  %.0f triplets/s  [sample %.2fs train %.2fs eval %.2fs]",
+                     epoch + 1, cfg.train.epochs, mean_loss, res["seed_accuracy"], res["correct"],
+                     res["total"], res["precision_at_1"], evaluator.raw["precision_at_1"],
+                     res["r_precision"], res["map_at_r"],
+                     "  COLLAPSED" if res["collapsed"] else "", throughput, t_sample,
+                     train_time, row["time_eval_s"])
+        elif backend.is_main:
+            log.info("epoch %d/%d  loss %.4f  %.0f triplets/s", epoch + 1, cfg.train.epochs,
+                     mean_loss, throughput)
+        main.record_epoch(row)
+        main.scalars(epoch, {f"train/{k}": row[k] for k in ("loss", "triplets_per_s", "lr")})
+        main.scalars(epoch, {f"eval/{k}": v for k, v in row.items()
+                             if k in ("seed_accuracy", "strict_accuracy", "precision_at_1",
+                                      "r_precision", "map_at_r", "spread")})
+        main.save_checkpoint(epoch, net, stepper.trainer,
+                             {"config": cfg.to_dict(), "world_size": workers, "steps": steps})
+        final = row
+
+    if backend.is_main:
+        if emb is None:  # resumed after the last epoch, or no eval ran: embed once for the export
+            res, emb = evaluator(net, ctx0)
+            final = dict(final, **res)
+        raw = {f"raw_{k}": v for k, v in evaluator.raw.items()}
+        main.write_metrics(final=final, extra={"raw_pixels": evaluator.raw,
+                                               "world_size": workers, "backend": backend.name})
+        main.scalars(cfg.train.epochs - 1, {f"eval/{k}": v for k, v in raw.items()
+                                            if k.startswith("raw_") and isinstance(v, float)})
+        if cfg.eval.projector:
+            from .projector import export_projector
+            n = cfg.eval.projector_points or len(test_split.labels)
+            export_projector(os.path.join(run_dir, "tensorboard"),
+                             {"origin": test_split.images[:n], "triplet": emb[:n]},
+                             test_split.labels[:n], test_split.class_names,
+                             images=test_split.images[:n])
+        main.close()
+        log.info("run directory: %s", os.path.abspath(run_dir))
+        print(os.path.abspath(run_dir), flush=True)
+    backend.barrier()  # Horovod: nobody leaves while rank 0 still writes
+    return final if backend.is_main else {}
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m dist_triplet.train",
+        description="Train a triplet-loss embedding (MXNet Gluon; local, Horovod or kvstore).")
+    parser.add_argument("--config", help="YAML config; keys not given keep their defaults")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="config overrides, e.g. train.epochs=2 distributed.backend=horovod")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point; returns the exit status (tests call it directly)."""
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg)
+    except (ConfigError, ValueError, FileNotFoundError, TrainingError) as exc:
+        logging.getLogger("dist_triplet").error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

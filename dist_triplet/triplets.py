@@ -1,0 +1,369 @@
+"""Triplet sampling: which rows form (anchor, positive, negative) triplets.
+
+Pure NumPy; imports neither MXNet nor Horovod, so it runs and is tested
+anywhere. One representation everywhere: an ``(M, 3)`` int64 array of row
+indices into the data set, columns (anchor, positive, negative); never copies
+of pixels.
+
+Two samplers:
+
+* :func:`create_pairs` - offline triplets, a vectorised form of the seed
+  article's ``create_pairs`` (class-balanced: ``min class count - 1`` triplets
+  per class), sharded by rank. :func:`seed_create_pairs` keeps the article's
+  loop as the labelled reference.
+* :func:`pk_batches` - P classes x K samples per batch for online (batch-hard)
+  mining, after Schroff et al. 2015 (FaceNet) and Hermans et al. 2017,
+  "In Defense of the Triplet Loss for Person Re-Identification".
+
+Randomness comes only from ``np.random.default_rng(SeedSequence([seed, epoch,
+rank, stream]))``: reproducible, different on every rank, new every epoch,
+and no global RNG is touched.
+
+Every rank gets a shard of exactly the same length (or shape): under Horovod
+a rank with fewer steps would stop calling allreduce and the others would
+wait for it forever.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+__all__ = [
+    "ClassIndex",
+    "create_pairs",
+    "shard_length",
+    "pk_batches",
+    "pk_steps_per_epoch",
+    "seed_create_pairs",
+]
+
+# Stream tags keep the two samplers' random streams independent for the same
+# (seed, epoch, rank); any fixed distinct non-negative ints would do.
+_PAIRS_STREAM = 0x54524950  # "TRIP"
+_PK_STREAM = 0x504B  # "PK"
+
+
+class ClassIndex:
+    """Per-class index of a label vector, built once and reused every epoch.
+
+    Sorting labels is the only O(N log N) step; per-epoch sampling then works
+    from ``order`` and ``offsets`` alone.
+
+    Args:
+        labels: (N,) integer class ids (any integer values; need not be 0..C-1).
+
+    Attributes:
+        classes: (C,) int64 sorted distinct class ids.
+        counts: (C,) int64 number of samples of each class.
+        order: (N,) int64 ``np.argsort(labels, kind='stable')``: the rows of
+            class ``classes[c]`` are ``order[offsets[c]:offsets[c + 1]]``, in
+            increasing row order (the class's "stable order").
+        offsets: (C + 1,) int64 start of each class in ``order``; last = N.
+        n: N, the number of rows.
+
+    Raises:
+        ValueError: ``labels`` is not a 1-D integer array; it holds fewer than
+            2 classes (no negative is possible; the message gives the class
+            found); or any class has fewer than 2 samples (anchor and positive
+            must be distinct rows; the message names the class and its count).
+            Such data sets cannot be used for triplets at all.
+    """
+
+    def __init__(self, labels):
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be a 1-D integer array, found shape "
+                             f"{labels.shape} dtype {labels.dtype}")
+        self.n = int(labels.shape[0])
+        self.order = np.argsort(labels, kind="stable").astype(np.int64)
+        classes, starts, counts = np.unique(labels[self.order], return_index=True,
+                                            return_counts=True)
+        if classes.size < 2:
+            raise ValueError(
+                f"triplets need at least 2 classes (a negative must come from another "
+                f"class); found {classes.size} class(es): {classes.tolist()}")
+        small = np.flatnonzero(counts < 2)
+        if small.size:
+            c = small[0]
+            raise ValueError(
+                f"class {classes[c]} has {counts[c]} sample(s); every class needs at least 2 "
+                f"because anchor and positive must be distinct rows")
+        self.classes = classes.astype(np.int64)
+        self.counts = counts.astype(np.int64)
+        self.offsets = np.append(starts, self.n).astype(np.int64)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.classes.size)
+
+    @property
+    def min_count(self) -> int:
+        return int(self.counts.min())
+
+    def part_sizes(self, rank: int, world_size: int) -> np.ndarray:
+        """(C,) int64 size of each class's part owned by ``rank``.
+
+        Rank r owns the members at positions r, r+W, r+2W, ... of each class's
+        stable order, i.e. ceil((count - r) / W) of them (0 when r >= count).
+        """
+        return np.maximum(self.counts - rank + world_size - 1, 0) // world_size
+
+    def member(self, cls: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Row index of the ``pos``-th member (stable order) of class slot ``cls``."""
+        return self.order[self.offsets[cls] + pos]
+
+
+def _as_index(labels_or_index) -> ClassIndex:
+    if isinstance(labels_or_index, ClassIndex):
+        return labels_or_index
+    return ClassIndex(labels_or_index)
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, found {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), found {rank}")
+
+
+def _rng(seed: int, epoch: int, rank: int, stream: int) -> np.random.Generator:
+    for name, value in (("seed", seed), ("epoch", epoch), ("rank", rank)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0 (SeedSequence entropy), found {value}")
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, rank, stream]))
+
+
+def _per_class(index: ClassIndex, world_size: int) -> int:
+    n_r = (index.min_count - 1) // world_size
+    if n_r == 0:
+        raise ValueError(
+            f"world_size {world_size} is too large: the smallest class has "
+            f"{index.min_count} samples, so (min_count - 1) // world_size = 0 anchors "
+            f"per class per rank; use at most {index.min_count - 1} ranks")
+    return n_r
+
+
+def shard_length(labels_or_index, world_size: int) -> int:
+    """Number of triplets :func:`create_pairs` gives each rank: ``C * ((min_count - 1) // W)``.
+
+    The same on every rank, so every rank runs the same number of steps.
+
+    Args:
+        labels_or_index: (N,) integer labels or a :class:`ClassIndex` of them.
+        world_size: number of ranks W >= 1.
+
+    Raises:
+        ValueError: see :class:`ClassIndex`; or W so large that a rank would
+            get no anchor (message names W and the smallest class count).
+    """
+    index = _as_index(labels_or_index)
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, found {world_size}")
+    return index.num_classes * _per_class(index, world_size)
+
+
+def create_pairs(labels_or_index, *, seed: int, epoch: int = 0, rank: int = 0,
+                 world_size: int = 1) -> np.ndarray:
+    """Class-balanced random triplets for one rank and one epoch (vectorised).
+
+    Semantics of the seed article's ``create_pairs`` (see
+    :func:`seed_create_pairs`), without its Python loops:
+
+    * ``n = min class count - 1`` triplets per class at world size 1, so
+      Fashion-MNIST train (60,000 labels, 6,000 per class) gives 59,990 and
+      test (10,000) gives 9,990, as the article's 8,910 for MNIST test.
+    * positive: uniform over the *other* members of the anchor's class (the
+      article reshuffles the class every iteration, so its (anchor, positive)
+      is a uniform random distinct pair).
+    * negative: class ``(c + randint(1, C)) % C``, i.e. uniform over the other
+      classes, then a uniform member of that class.
+    * anchors: drawn *without* replacement within a class, unlike the article
+      (whose reshuffles may repeat an anchor), so an epoch covers more rows.
+
+    Sharding: rank r of W draws anchors only from its own part of each class,
+    the members at positions r, r+W, r+2W, ... of the class's stable order
+    (disjoint across ranks, found without any shared permutation, so each rank
+    does ~1/W of the work), taking the first ``n_r = (min_count - 1) // W`` of
+    a random permutation of that part. Every rank's shard therefore has exactly
+    ``C * n_r`` rows (:func:`shard_length`): equal step counts, which Horovod's
+    allreduce needs (a rank with fewer steps deadlocks the others). Positives
+    and negatives may come from the whole data set. Rows are shuffled at the
+    end, as the article's ``DataLoader(shuffle=True)``.
+
+    Args:
+        labels_or_index: (N,) integer labels, or a :class:`ClassIndex` built
+            once from them (avoids re-sorting every epoch).
+        seed: run seed, >= 0.
+        epoch: epoch number, >= 0; a new epoch gives new triplets.
+        rank: this rank, 0 <= rank < world_size.
+        world_size: number of ranks W >= 1.
+
+    Returns:
+        (C * n_r, 3) int64 row indices (anchor, positive, negative), from
+        ``default_rng(SeedSequence([seed, epoch, rank, stream]))``.
+
+    Raises:
+        ValueError: fewer than 2 classes or a class with fewer than 2 samples
+            (see :class:`ClassIndex`); bad rank / world size / negative seed;
+            ``n_r == 0`` (message names W and the smallest class count).
+    """
+    index = _as_index(labels_or_index)
+    _check_rank(rank, world_size)
+    n_r = _per_class(index, world_size)
+    rng = _rng(seed, epoch, rank, _PAIRS_STREAM)
+    n_cls = index.num_classes
+
+    # This rank's part of every class, laid out class-major: element e is the
+    # j-th member of the part of class slot part_cls[e], at position r + W*j.
+    sizes = index.part_sizes(rank, world_size)  # (C,), each >= n_r (shown in docs above)
+    part_cls = np.repeat(np.arange(n_cls), sizes)
+    part_start = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    j = np.arange(part_cls.size) - part_start[part_cls]
+    pos_in_class = rank + world_size * j
+
+    # Random permutation within each part: sort by class, then by a random key.
+    perm = np.lexsort((rng.random(part_cls.size), part_cls))
+    take = (part_start[:, None] + np.arange(n_r)[None, :]).ravel()  # first n_r per class
+    chosen = perm[take]
+    a_cls = part_cls[chosen]  # (C * n_r,)
+    a_pos = pos_in_class[chosen]
+
+    # Positive: uniform over the count - 1 other members; skipping the
+    # anchor's own position keeps it uniform and distinct without rejection.
+    p_pos = rng.integers(0, index.counts[a_cls] - 1)
+    p_pos = p_pos + (p_pos >= a_pos)
+
+    # Negative: the article's (d + randrange(1, C)) % C, then a uniform member.
+    n_cls_slot = (a_cls + rng.integers(1, n_cls, size=a_cls.size)) % n_cls
+    n_pos = rng.integers(0, index.counts[n_cls_slot])
+
+    triplets = np.stack([index.member(a_cls, a_pos), index.member(a_cls, p_pos),
+                         index.member(n_cls_slot, n_pos)], axis=1)
+    return triplets[rng.permutation(triplets.shape[0])].astype(np.int64, copy=False)
+
+
+def pk_steps_per_epoch(labels_or_index, p: int, k: int, world_size: int) -> int:
+    """Steps per epoch for :func:`pk_batches`: ``max(1, N // (p * k * W))``.
+
+    So one epoch over all ranks sees about N samples, as one pass would.
+    """
+    index = _as_index(labels_or_index)
+    if p < 1 or k < 1 or world_size < 1:
+        raise ValueError(f"p, k and world_size must be >= 1, found p={p}, k={k}, "
+                         f"world_size={world_size}")
+    return max(1, index.n // (p * k * world_size))
+
+
+def pk_batches(labels_or_index, *, p: int, k: int, steps: int, seed: int, epoch: int = 0,
+               rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """P x K class-balanced batches for online (batch-hard) triplet mining.
+
+    After FaceNet (Schroff et al. 2015) and Hermans et al. 2017, "In Defense
+    of the Triplet Loss": each batch holds ``p`` distinct classes drawn
+    uniformly, and ``k`` samples of each, taken from this rank's own part of
+    the class (positions r, r+W, ... of its stable order, as in
+    :func:`create_pairs`): without replacement when the part has >= k
+    members, else with replacement.
+
+    The result has the same shape on every rank by construction, so every
+    rank runs ``steps`` steps (unequal step counts deadlock allreduce).
+
+    Args:
+        labels_or_index: (N,) integer labels or a :class:`ClassIndex`.
+        p: classes per batch, 2 <= p <= C (a negative needs a second class).
+        k: samples per class, >= 2 (a positive needs a second sample).
+        steps: number of batches, >= 1 (see :func:`pk_steps_per_epoch`).
+        seed, epoch, rank, world_size: as :func:`create_pairs`; the random
+            stream differs from create_pairs' for the same values.
+
+    Returns:
+        (steps, p * k) int64 row indices, class-major: columns
+        ``[i * k:(i + 1) * k]`` of a batch are one class.
+
+    Raises:
+        ValueError: p > C (message names p and C), p < 2, k < 2, steps < 1,
+            bad rank / world size, or W greater than the smallest class count
+            (a rank would own no member of that class); see also
+            :class:`ClassIndex`.
+    """
+    index = _as_index(labels_or_index)
+    _check_rank(rank, world_size)
+    n_cls = index.num_classes
+    if p > n_cls:
+        raise ValueError(f"p={p} classes per batch but the data set has only C={n_cls} classes")
+    if p < 2 or k < 2:
+        raise ValueError(f"batch-hard mining needs p >= 2 and k >= 2, found p={p}, k={k}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, found {steps}")
+    if world_size > index.min_count:
+        # Checked on min_count, not on this rank's parts, so all ranks agree.
+        raise ValueError(f"world_size {world_size} exceeds the smallest class count "
+                         f"{index.min_count}: some rank would own no member of that class")
+    rng = _rng(seed, epoch, rank, _PK_STREAM)
+
+    # p distinct classes per batch: the first p of a random permutation of C.
+    cls = np.argsort(rng.random((steps, n_cls)), axis=1)[:, :p].reshape(-1)  # (steps*p,)
+    size = index.part_sizes(rank, world_size)[cls]  # (steps*p,), each >= 1
+
+    # Without replacement, k of `size`: Floyd's algorithm vectorised over rows;
+    # the loop runs over k, never over samples.
+    rows = cls.size
+    picks = np.zeros((rows, k), dtype=np.int64)
+    for i in range(k):
+        top = np.maximum(size - k + i, 0)  # Floyd's j; clipped rows are replaced below
+        t = rng.integers(0, top + 1)
+        seen = (picks[:, :i] == t[:, None]).any(axis=1)
+        picks[:, i] = np.where(seen, top, t)
+    # Floyd's subset is uniform but its order is not; the order is irrelevant
+    # to mining, yet shuffling keeps every column identically distributed.
+    picks = rng.permuted(picks, axis=1)
+    with_repl = rng.integers(0, size[:, None], size=(rows, k))
+    picks = np.where((size >= k)[:, None], picks, with_repl)
+
+    pos_in_class = rank + world_size * picks
+    batch = index.member(np.repeat(cls, k), pos_in_class.reshape(-1))
+    return batch.reshape(steps, p * k).astype(np.int64, copy=False)
+
+
+def seed_create_pairs(labels, rng: random.Random) -> np.ndarray:
+    """The seed article's ``create_pairs``, kept as a loop for reference.
+
+    Faithful to the article (MXNet/Gluon Triplet Loss, ``create_pairs``),
+    except that it returns row indices instead of pixel copies and takes its
+    randomness from ``rng`` instead of the global ``np.random`` / ``random``:
+    ``n = min class count - 1``; for each class d and i < n, reshuffle d's
+    index list, anchor = its i-th, positive = its (i+1)-th, negative class
+    ``dn = (d + randrange(1, C)) % C`` and negative = ``digit_indices[dn][i]``
+    (the i-th of dn's list in whatever order its last shuffle left it).
+
+    O(C * n * class size) because of the reshuffle per triplet: for the
+    benchmark and tests, not for training.
+
+    Args:
+        labels: (N,) integer labels.
+        rng: a ``random.Random`` seeded by the caller.
+
+    Returns:
+        (C * (min_count - 1), 3) int64 row indices (anchor, positive, negative).
+
+    Raises:
+        ValueError: as :class:`ClassIndex` (fewer than 2 classes, or a class
+            with fewer than 2 samples).
+    """
+    labels = np.asarray(labels)
+    ClassIndex(labels)  # same validation and messages as the vectorised sampler
+    label_list = np.unique(labels)
+    digit_indices = [np.where(labels == i)[0].tolist() for i in label_list]
+    num_classes = len(label_list)
+    pairs = []
+    n = min(len(digit_indices[d]) for d in range(num_classes)) - 1
+    for d in range(num_classes):
+        for i in range(n):
+            rng.shuffle(digit_indices[d])
+            z1, z2 = digit_indices[d][i], digit_indices[d][i + 1]
+            inc = rng.randrange(1, num_classes)
+            dn = (d + inc) % num_classes
+            z3 = digit_indices[dn][i]
+            pairs.append((z1, z2, z3))
+    return np.asarray(pairs, dtype=np.int64).reshape(-1, 3)

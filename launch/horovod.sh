@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Horovod data parallelism: one process per device.
+#   launch/horovod.sh NP [HOSTS] -- [train args...]
+#   launch/horovod.sh 4 -- --config configs/fashion_mnist.yaml
+#   launch/horovod.sh 8 host1:4,host2:4 -- --config configs/fashion_mnist.yaml
+# Gloo controller (no MPI needed). OMP_NUM_THREADS = cores / local processes.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+NP="${1:?usage: launch/horovod.sh NP [HOSTS] -- [train args]}"; shift
+HOSTS="localhost:$NP"
+if [ $# -gt 0 ] && [ "$1" != "--" ]; then HOSTS="$1"; shift; fi
+[ "${1:-}" = "--" ] && shift
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(threads_per_proc "$NP")}"
+cd "$ROOT"
+exec horovodrun --gloo -np "$NP" -H "$HOSTS" \
+  python -m dist_triplet.train distributed.backend=horovod "$@"

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# kvstore 'device' data parallelism: one process drives several devices.
+#   launch/kvstore.sh DEVICES [train args...]     DEVICES: all | 0,1,2,3 | cpu:N
+#   launch/kvstore.sh cpu:2 --config configs/fashion_mnist.yaml
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+DEVICES="${1:?usage: launch/kvstore.sh DEVICES [train args]}"; shift
+cd "$ROOT"
+exec python -m dist_triplet.train distributed.backend=kvstore "distributed.devices=$DEVICES" "$@"

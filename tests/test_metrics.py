@@ -1,0 +1,248 @@
+"""Tests of dist_triplet.metrics against plain-loop references and hand-computed values."""
+import math
+
+import numpy as np
+import pytest
+
+from dist_triplet.metrics import (
+    embedding_spread,
+    evaluate_embeddings,
+    is_collapsed,
+    retrieval_metrics,
+    triplet_accuracy,
+)
+
+
+def reference_retrieval(emb, labels):
+    """Musgrave et al. 2020 metrics by a plain loop: sorted() over (distance, index)."""
+    emb = np.asarray(emb, dtype=np.float64)
+    p1, rp, mapr, excluded = [], [], [], 0
+    for i in range(len(emb)):
+        r = sum(1 for j in range(len(emb)) if j != i and labels[j] == labels[i])
+        if r == 0:
+            excluded += 1
+            continue
+        ranked = sorted((float(np.sum((emb[i] - emb[j]) ** 2)), j)
+                        for j in range(len(emb)) if j != i)
+        rel = [1 if labels[j] == labels[i] else 0 for _, j in ranked[:r]]
+        p1.append(rel[0])
+        rp.append(sum(rel) / r)
+        hits, ap = 0, 0.0
+        for k, is_rel in enumerate(rel, start=1):
+            hits += is_rel
+            ap += (hits / k) * is_rel
+        mapr.append(ap / r)
+    def mean(values):
+        return sum(values) / len(values) if values else float("nan")
+
+    return {"precision_at_1": mean(p1), "r_precision": mean(rp), "map_at_r": mean(mapr),
+            "queries": len(p1), "excluded_queries": excluded}
+
+
+def assert_metrics_equal(got, want):
+    assert got["queries"] == want["queries"]
+    assert got["excluded_queries"] == want["excluded_queries"]
+    for key in ("precision_at_1", "r_precision", "map_at_r"):
+        assert got[key] == pytest.approx(want[key], abs=1e-12), key
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_retrieval_matches_loop_reference_on_random_data(seed):
+    rng = np.random.RandomState(seed)
+    emb = rng.randn(40, 5).astype(np.float32)
+    labels = rng.randint(0, 4, size=40)
+    got = retrieval_metrics(emb, labels)
+    want = reference_retrieval(emb, labels)
+    assert_metrics_equal(got, want)
+    # Random data is neither perfect nor hopeless: guards against a trivially-constant result.
+    assert 0.0 < got["map_at_r"] < 1.0
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 64])
+def test_retrieval_matches_loop_reference_with_many_ties(block):
+    # Integer points on a 3x3 grid: many exactly equal distances, including at the R-th
+    # rank, where argpartition alone would pick an arbitrary member of the tie.
+    rng = np.random.RandomState(3)
+    emb = rng.randint(0, 3, size=(30, 2)).astype(np.float32)
+    labels = rng.randint(0, 4, size=30)
+    assert_metrics_equal(retrieval_metrics(emb, labels, block=block),
+                         reference_retrieval(emb, labels))
+
+
+def test_block_smaller_than_n_gives_identical_results():
+    rng = np.random.RandomState(4)
+    emb = rng.randn(50, 3).astype(np.float32)
+    labels = rng.randint(0, 5, size=50)
+    full = retrieval_metrics(emb, labels, block=1024)
+    for block in (1, 4, 13, 49):
+        assert retrieval_metrics(emb, labels, block=block) == full
+
+
+def test_perfect_embedding_scores_one():
+    # Three tight, far-apart clusters.
+    labels = np.repeat(np.arange(3), 4)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    emb = (centres[labels] + 0.01 * np.arange(12)[:, None]).astype(np.float32)
+    got = retrieval_metrics(emb, labels)
+    assert got == {"precision_at_1": 1.0, "r_precision": 1.0, "map_at_r": 1.0,
+                   "queries": 12, "excluded_queries": 0}
+
+
+def test_collapsed_embedding_uses_lower_index_tie_rule():
+    # All points equal, so every distance is 0 and each query's neighbours come in index
+    # order. labels = [0, 1, 1, 0, 0, 1], R = 2 for each query; top-2 neighbours:
+    #   q0 -> 1,2 (c1,c1): P@1 0, RP 0,   MAP 0
+    #   q1 -> 0,2 (c0,c1): P@1 0, RP 1/2, MAP (1/2)(1/2) = 1/4
+    #   q2 -> 0,1 (c0,c1): P@1 0, RP 1/2, MAP 1/4
+    #   q3 -> 0,1 (c0,c1): P@1 1, RP 1/2, MAP (1/2)(1)   = 1/2
+    #   q4 -> 0,1 (c0,c1): P@1 1, RP 1/2, MAP 1/2
+    #   q5 -> 0,1 (c0,c1): P@1 0, RP 1/2, MAP 1/4
+    labels = np.array([0, 1, 1, 0, 0, 1])
+    # 0.3 is not a binary fraction: the expansion leaves rounding noise that must be
+    # snapped to exactly 0 for the tie rule to apply.
+    emb = np.full((6, 3), 0.3, dtype=np.float32)
+    got = retrieval_metrics(emb, labels)
+    assert got["precision_at_1"] == pytest.approx(2 / 6, abs=1e-12)
+    assert got["r_precision"] == pytest.approx(2.5 / 6, abs=1e-12)
+    assert got["map_at_r"] == pytest.approx(1.75 / 6, abs=1e-12)
+    assert is_collapsed(emb)
+    assert embedding_spread(emb) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_nearly_collapsed_embedding_ties_like_collapsed():
+    # A collapsed network's outputs need not be bit-identical: rows a few float32 ulps
+    # apart are below the expansion's rounding error, tie as 0, and score as above.
+    labels = np.array([0, 1, 1, 0, 0, 1])
+    emb = np.full((6, 3), 0.3, dtype=np.float32)
+    for i, steps in enumerate([3, 0, 5, 1, 4, 2]):  # not in index order
+        for _ in range(steps):
+            emb[i] = np.nextafter(emb[i], np.float32(1.0))
+    assert len({row.tobytes() for row in emb}) == 6
+    got = retrieval_metrics(emb, labels)
+    assert got["precision_at_1"] == pytest.approx(2 / 6, abs=1e-12)
+    assert got["r_precision"] == pytest.approx(2.5 / 6, abs=1e-12)
+    assert got["map_at_r"] == pytest.approx(1.75 / 6, abs=1e-12)
+    assert is_collapsed(emb)
+
+
+def test_tie_goes_to_lower_index():
+    # 1-D points; query 0 has neighbours 1 (class 1) and 2 (class 0) tied at distance 1.
+    #   q0 (R=2) -> 1,2: P@1 0, RP 1/2, MAP 1/4   (the other tie order would give P@1 1)
+    #   q1 (R=1) -> 0:   0, 0, 0
+    #   q2 (R=2) -> 0,1: P@1 1, RP 1/2, MAP 1/2
+    #   q3 (R=1) -> 4:   0, 0, 0
+    #   q4 (R=2) -> 3,1: 0, 0, 0
+    emb = np.array([[0.0], [1.0], [-1.0], [10.0], [11.0]], dtype=np.float32)
+    labels = np.array([0, 1, 0, 1, 0])
+    got = retrieval_metrics(emb, labels)
+    assert got["precision_at_1"] == pytest.approx(1 / 5, abs=1e-12)
+    assert got["r_precision"] == pytest.approx(1 / 5, abs=1e-12)
+    assert got["map_at_r"] == pytest.approx(0.75 / 5, abs=1e-12)
+
+
+def test_singleton_class_is_excluded_and_counted():
+    # Index 4 is the only sample of class 2: it is no query, but still a neighbour.
+    # q0 and q1 find index 4 first (wrong), q2 and q3 find each other (right).
+    emb = np.array([[0.0], [0.1], [5.0], [5.1], [0.05]], dtype=np.float32)
+    labels = np.array([0, 0, 1, 1, 2])
+    got = retrieval_metrics(emb, labels)
+    assert got == {"precision_at_1": 0.5, "r_precision": 0.5, "map_at_r": 0.5,
+                   "queries": 4, "excluded_queries": 1}
+
+
+def test_all_singletons_give_nan_and_no_queries():
+    got = retrieval_metrics(np.eye(3, dtype=np.float32), np.array([0, 1, 2]))
+    assert got["queries"] == 0 and got["excluded_queries"] == 3
+    assert all(math.isnan(got[k]) for k in ("precision_at_1", "r_precision", "map_at_r"))
+
+
+def test_retrieval_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="labels"):
+        retrieval_metrics(np.zeros((4, 2), np.float32), np.zeros(3, int))
+    with pytest.raises(ValueError, match="2-D"):
+        retrieval_metrics(np.zeros(4, np.float32), np.zeros(4, int))
+    with pytest.raises(ValueError, match="block"):
+        retrieval_metrics(np.zeros((4, 2), np.float32), np.zeros(4, int), block=0)
+
+
+def test_triplet_accuracy_seed_counts_exact_tie_strict_does_not():
+    # 1-D: triplet 0: d_ap 1 < d_an 4 (both right); triplet 1: d_ap 1 == d_an 1 (seed
+    # right, strict wrong); triplet 2: d_ap 4 > d_an 1 (both wrong).
+    a = np.array([[0.0], [0.0], [0.0]], dtype=np.float32)
+    p = np.array([[1.0], [1.0], [2.0]], dtype=np.float32)
+    n = np.array([[2.0], [-1.0], [1.0]], dtype=np.float32)
+    got = triplet_accuracy(a, p, n)
+    assert got == {"seed_accuracy": 2 / 3, "strict_accuracy": 1 / 3,
+                   "correct": 2, "strict_correct": 1, "total": 3}
+
+
+def test_seed_accuracy_agrees_with_margin_zero_gluon_triplet_loss():
+    mx = pytest.importorskip("mxnet", reason="Gluon TripletLoss needs mxnet")
+    a = np.array([[0.0], [0.0], [0.0]], dtype=np.float32)
+    p = np.array([[1.0], [1.0], [2.0]], dtype=np.float32)
+    n = np.array([[2.0], [-1.0], [1.0]], dtype=np.float32)
+    loss = mx.gluon.loss.TripletLoss(margin=0)(mx.nd.array(a), mx.nd.array(p),
+                                              mx.nd.array(n)).asnumpy()
+    np.testing.assert_allclose(loss, [0.0, 0.0, 3.0])
+    assert triplet_accuracy(a, p, n)["correct"] == int((loss == 0).sum())
+
+
+def test_gluon_triplet_loss_uses_squared_distances():
+    mx = pytest.importorskip("mxnet", reason="Gluon TripletLoss needs mxnet")
+    # max(0, 1^2 - 1.2^2 + 0.5) = 1 - 1.44 + 0.5 = 0.06 (would be 0.3 with plain L2).
+    loss = mx.gluon.loss.TripletLoss(margin=0.5)(
+        mx.nd.array([[0.0]]), mx.nd.array([[1.0]]), mx.nd.array([[1.2]]))
+    assert loss.asnumpy()[0] == pytest.approx(0.06, abs=1e-6)
+
+
+def test_triplet_accuracy_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="shapes differ"):
+        triplet_accuracy(np.zeros((2, 2)), np.zeros((2, 2)), np.zeros((3, 2)))
+
+
+def test_embedding_spread_by_hand():
+    assert embedding_spread(np.array([[0.0, 0.0], [2.0, 0.0]])) == pytest.approx(1.0)
+    # mean 1; squared deviations 1, 1, 1, 9 -> mean 3.
+    assert embedding_spread(np.array([[0.0], [0.0], [0.0], [4.0]])) == pytest.approx(math.sqrt(3))
+
+
+def test_is_collapsed_threshold_and_non_finite():
+    emb = np.array([[0.0], [2e-6]])  # spread 1e-6
+    assert is_collapsed(emb, eps=1.1e-6)
+    assert not is_collapsed(emb, eps=0.9e-6)
+    assert is_collapsed(np.array([[0.0], [np.nan]]))
+    assert is_collapsed(np.array([[0.0], [np.inf]]))
+    assert not is_collapsed(np.array([[0.0], [1.0]]))
+
+
+def test_evaluate_embeddings_flags_collapse_but_still_reports():
+    labels = np.array([0, 1, 1, 0, 0, 1])
+    emb = np.full((6, 3), 0.3, dtype=np.float32)
+    triplets = np.array([[0, 3, 1], [1, 2, 0]])
+    got = evaluate_embeddings(emb, labels, triplets, collapse_eps=1e-6)
+    assert got["collapsed"] is True
+    assert got["spread"] == pytest.approx(0.0, abs=1e-12)
+    # The seed metric's 100% on a useless model, which is why `collapsed` exists.
+    assert got["seed_accuracy"] == 1.0 and got["strict_accuracy"] == 0.0
+    assert got["precision_at_1"] == pytest.approx(2 / 6, abs=1e-12)
+    assert got["total"] == 2 and got["queries"] == 6
+
+
+def test_evaluate_embeddings_on_good_embedding():
+    labels = np.repeat(np.arange(3), 4)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    emb = (centres[labels] + 0.01 * np.arange(12)[:, None]).astype(np.float32)
+    triplets = np.array([[0, 1, 4], [5, 6, 8], [9, 10, 0]])
+    got = evaluate_embeddings(emb, labels, triplets, collapse_eps=1e-6)
+    assert got["collapsed"] is False
+    assert got["spread"] > 1.0
+    assert got["map_at_r"] == 1.0 and got["seed_accuracy"] == 1.0 and got["strict_accuracy"] == 1.0
+
+
+def test_evaluate_embeddings_rejects_bad_triplets():
+    emb = np.zeros((4, 2), np.float32)
+    labels = np.array([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="triplet indices"):
+        evaluate_embeddings(emb, labels, np.array([[0, 1, 4]]), collapse_eps=1e-6)
+    with pytest.raises(ValueError, match=r"\(M, 3\)"):
+        evaluate_embeddings(emb, labels, np.array([0, 1, 2]), collapse_eps=1e-6)
