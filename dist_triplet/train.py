@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -33,6 +34,21 @@ log = logging.getLogger("dist_triplet")
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, ...); the message says where."""
+
+
+@dataclass
+class RunResult:
+    """What ``train`` leaves behind, for callers and tests.
+
+    metrics: the final epoch's row (rank 0; {} on other ranks).
+    net, trainer, backend: the trained network, its Trainer and the distribution backend.
+    run_dir: the run directory (the same string on every rank).
+    """
+    metrics: dict
+    net: object
+    trainer: object
+    backend: object
+    run_dir: str
 
 
 # ----------------------------------------------------------------------------- rank-0 helpers
@@ -287,8 +303,8 @@ class Evaluator:
 
 # ----------------------------------------------------------------------------- loop
 
-def train(cfg: Config) -> dict:
-    """Run training as configured and return the final metrics (rank 0; {} elsewhere).
+def train(cfg: Config) -> RunResult:
+    """Run training as configured; returns a ``RunResult`` (final metrics on rank 0).
 
     Every rank calls it. Raises ConfigError / ValueError / FileNotFoundError on bad input
     before anything is written, TrainingError on a non-finite loss (the last good
@@ -429,7 +445,7 @@ def train(cfg: Config) -> dict:
         log.info("run directory: %s", os.path.abspath(run_dir))
         print(os.path.abspath(run_dir), flush=True)
     backend.barrier()  # Horovod: nobody leaves while rank 0 still writes
-    return final if backend.is_main else {}
+    return RunResult(final if backend.is_main else {}, net, stepper.trainer, backend, run_dir)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
