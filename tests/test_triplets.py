@@ -238,14 +238,14 @@ def test_seed_create_pairs(seed):
 def test_seed_create_pairs_matches_hand_trace():
     # Replay the article's loop with a twin RNG to pin the exact draw order.
     labels = np.array([1, 0, 1, 0, 1, 0])
-    rng = random.Random(42)
-    twin = random.Random(42)
-    lists = [[1, 3, 5], [0, 2, 4]]
+    rng = np.random.RandomState(42)
+    twin = np.random.RandomState(42)
+    lists = [np.array([1, 3, 5]), np.array([0, 2, 4])]
     expected = []
     for d in range(2):
         for i in range(2):
             twin.shuffle(lists[d])
-            dn = (d + twin.randrange(1, 2)) % 2
+            dn = (d + twin.randint(1, 2)) % 2
             expected.append((lists[d][i], lists[d][i + 1], lists[dn][i]))
     np.testing.assert_array_equal(seed_create_pairs(labels, rng), expected)
 
