@@ -109,7 +109,9 @@ def choose_contexts(backend: str, device: str, devices: str, *, local_rank: int 
 
     Raises:
         ValueError: GPU asked for but fewer GPUs than local ranks (names both numbers), no
-            GPU when device='gpu', a GPU id that does not exist, or a malformed ``devices``.
+            GPU when device='gpu', kvstore 'all' or GPU ids with no GPU (says to use
+            'cpu:N'), a GPU id that does not exist or appears twice, 'cpu:N' with
+            device='gpu', or a malformed ``devices``.
     """
     gpus = num_gpus() if gpu_count is None else gpu_count
     if backend == "kvstore" and devices.startswith("cpu:"):
@@ -119,17 +121,21 @@ def choose_contexts(backend: str, device: str, devices: str, *, local_rank: int 
             n = 0
         if n < 1:
             raise ValueError(f"distributed.devices={devices!r}: 'cpu:N' needs N >= 1")
+        if device == "gpu":
+            raise ValueError(f"distributed.device='gpu' contradicts distributed.devices="
+                             f"{devices!r} (CPU contexts); use device=cpu or auto, or GPU ids")
         return [mx.cpu(i) for i in range(n)]
     use_gpu = device == "gpu" or (device == "auto" and gpus > 0)
     if device == "gpu" and gpus == 0:
         raise ValueError("distributed.device='gpu' but MXNet sees no GPU on this host "
                          "(CPU build of mxnet, or no driver); use distributed.device=cpu or auto")
     if not use_gpu:
-        if device == "auto":
-            log.info("no GPU visible to MXNet: using the CPU (distributed.device=auto)")
         if backend == "kvstore":
             raise ValueError(f"distributed.backend=kvstore with distributed.devices={devices!r} "
-                             "needs GPUs; on CPU use distributed.devices=cpu:N")
+                             f"names GPUs, but {gpus} GPUs are usable here (device={device!r}); "
+                             "on CPU use distributed.devices=cpu:N")
+        if device == "auto":
+            log.info("no GPU visible to MXNet: using the CPU (distributed.device=auto)")
         return [mx.cpu()]
     if backend == "kvstore":
         if devices == "all":
@@ -143,6 +149,9 @@ def choose_contexts(backend: str, device: str, devices: str, *, local_rank: int 
         if not ids or bad:
             raise ValueError(f"distributed.devices={devices!r}: GPU ids must be in 0..{gpus - 1} "
                              f"({gpus} GPUs on this host)")
+        if len(set(ids)) != len(ids):
+            # The same GPU twice would count its gradient twice in the kvstore sum.
+            raise ValueError(f"distributed.devices={devices!r}: a GPU id appears twice")
         return [mx.gpu(i) for i in ids]
     if local_size > gpus:
         raise ValueError(f"{local_size} local ranks on this host but only {gpus} GPUs: each "

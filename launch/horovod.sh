@@ -3,14 +3,17 @@
 #   launch/horovod.sh NP [HOSTS] -- [train args...]
 #   launch/horovod.sh 4 -- --config configs/fashion_mnist.yaml
 #   launch/horovod.sh 8 host1:4,host2:4 -- --config configs/fashion_mnist.yaml
-# Gloo controller (no MPI needed). OMP_NUM_THREADS = cores / local processes.
+# Gloo controller (no MPI needed). Each rank gets OMP_NUM_THREADS = cores / processes per
+# host (cores of this host; horovodrun passes the variable to every rank), unless set.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 NP="${1:?usage: launch/horovod.sh NP [HOSTS] -- [train args]}"; shift
 HOSTS="localhost:$NP"
 if [ $# -gt 0 ] && [ "$1" != "--" ]; then HOSTS="$1"; shift; fi
 [ "${1:-}" = "--" ] && shift
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(threads_per_proc "$NP")}"
+NHOSTS=$(( $(tr -cd , <<<"$HOSTS" | wc -c) + 1 ))
+PER_HOST=$(( (NP + NHOSTS - 1) / NHOSTS ))
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(threads_per_proc "$PER_HOST")}"
 cd "$ROOT"
 exec horovodrun --gloo -np "$NP" -H "$HOSTS" \
   python -m dist_triplet.train distributed.backend=horovod "$@"

@@ -1,0 +1,167 @@
+"""The three parallel modes compute the same update (issue 3).
+
+From the same initial parameters and the same 8 fixed triplets per step
+(tests/equivalence_worker.py): ``local`` steps on all 8 on one device, ``kvstore`` on
+[cpu(0), cpu(1)] with 4 each, ``horovod`` with 2 Gloo ranks of 4 each. After one step
+the parameters agree to 1e-5, after 20 to 1e-4; kvstore's two parameter copies are
+bit-identical after every step; the optimizer counts one update per step (MXNet has had
+bugs that advanced it once per device, which breaks Adam and schedules).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import equivalence_worker as worker
+from dist_triplet import dist
+from dist_triplet.config import Config
+from dist_triplet.train import DataParallelStep, EpochSampler
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+OPTS = list(worker.OPTIMIZERS)
+
+
+@pytest.fixture(scope="module")
+def local():
+    return {opt: worker.run(dist.make_backend("local", "cpu"), opt) for opt in OPTS}
+
+
+@pytest.fixture(scope="module")
+def kvstore():
+    return {opt: worker.run(dist.make_backend("kvstore", "cpu", "cpu:2"), opt) for opt in OPTS}
+
+
+@pytest.fixture(scope="module")
+def horovod(tmp_path_factory):
+    """Both ranks' results of one 2-rank Gloo run: [rank] -> npz mapping."""
+    if shutil.which("horovodrun") is None:
+        pytest.skip("horovodrun is not on PATH (build Horovod with launch/setup.sh)")
+    try:
+        import horovod.mxnet  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"horovod.mxnet does not import: {exc}")
+    out = tmp_path_factory.mktemp("hvd_equivalence")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        ["horovodrun", "-np", "2", "-H", "localhost:2", "--gloo",
+         sys.executable, os.path.join(HERE, "equivalence_worker.py"), str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [np.load(out / f"rank{r}.npz") for r in range(2)]
+
+
+def hvd_params(npz, opt: str, step: int) -> dict:
+    prefix = f"{opt}:{step}:"
+    return {k[len(prefix):]: npz[k][0] for k in npz.files if k.startswith(prefix)}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+def first_context(params: dict) -> dict:
+    return {k: v[0] for k, v in params.items()}
+
+
+@pytest.mark.parametrize("opt", OPTS)
+def test_local_and_kvstore_agree(local, kvstore, opt):
+    loc, kv = local[opt]["params"], kvstore[opt]["params"]
+    assert max_diff(first_context(loc[0]), first_context(kv[0])) == 0.0  # same start
+    # The step must move the parameters far more than the tolerance, or agreement is vacuous.
+    assert max_diff(first_context(loc[1]), first_context(loc[0])) > 1e-3
+    assert max_diff(first_context(loc[1]), first_context(kv[1])) < 1e-5
+    assert max_diff(first_context(loc[-1]), first_context(kv[-1])) < 1e-4
+
+
+@pytest.mark.parametrize("opt", OPTS)
+def test_kvstore_contexts_bit_identical_every_step(kvstore, opt):
+    for step, params in enumerate(kvstore[opt]["params"]):
+        for name, copies in params.items():
+            assert copies.shape[0] == 2
+            assert np.array_equal(copies[0], copies[1]), (step, name)
+
+
+@pytest.mark.parametrize("opt", OPTS)
+def test_one_update_per_step(local, kvstore, opt):
+    expected = list(range(worker.STEPS + 1))
+    assert local[opt]["num_update"] == expected
+    assert kvstore[opt]["num_update"] == expected
+
+
+@pytest.mark.parametrize("opt", OPTS)
+def test_horovod_agrees_with_local(local, horovod, opt):
+    loc = local[opt]["params"]
+    for r, npz in enumerate(horovod):
+        assert max_diff(hvd_params(npz, opt, 0), first_context(loc[0])) == 0.0, r
+        assert max_diff(hvd_params(npz, opt, 1), first_context(loc[1])) < 1e-5, r
+        assert max_diff(hvd_params(npz, opt, worker.STEPS),
+                        first_context(loc[worker.STEPS])) < 1e-4, r
+        assert npz[f"{opt}:num_update"].tolist() == list(range(worker.STEPS + 1)), r
+    # Allreduce hands both ranks the same gradient: their parameters never drift apart.
+    for step in range(worker.STEPS + 1):
+        assert max_diff(hvd_params(horovod[0], opt, step),
+                        hvd_params(horovod[1], opt, step)) == 0.0, step
+
+
+def test_uneven_batch_rejected():
+    pixels, labels, batches = worker.problem()
+    from dist_triplet.model import build_embedding_net, initialize
+    backend = dist.make_backend("kvstore", "cpu", "cpu:2")
+    net = build_embedding_net(pixels.shape[1], [8, 4])
+    initialize(net, 0.1, backend.contexts, seed=1)
+    stepper = DataParallelStep(Config(), backend, net, pixels, labels)
+    with pytest.raises(ValueError, match=r"batch of 7 rows does not split evenly over 2 devices"):
+        stepper.step(batches[0][:7])
+
+
+def pk_config() -> Config:
+    cfg = Config()
+    cfg.sampler.kind, cfg.sampler.p, cfg.sampler.k, cfg.sampler.miner = "pk", 3, 3, "batch_hard"
+    cfg.optim.lr = 0.1
+    return cfg
+
+
+def test_pk_kvstore_devices_sample_as_horovod_ranks():
+    """Under kvstore each device is a sampler worker: device d of a 2-device process gets
+    the P x K batches of Horovod rank d of 2, and the epoch has as many steps."""
+    _, labels, _ = worker.problem()
+    cfg = pk_config()
+    kv = EpochSampler(cfg, labels, rank=0, world_size=1, devices=2)
+    ranks = [EpochSampler(cfg, labels, rank=r, world_size=2, devices=1) for r in range(2)]
+    assert kv.steps == ranks[0].steps == len(labels) // (3 * 3 * 2)
+    kv_batches = kv.epoch(0)                                   # (steps, 2, P*K)
+    assert kv_batches.shape == (kv.steps, 2, 9)
+    for r, sampler in enumerate(ranks):
+        np.testing.assert_array_equal(kv_batches[:, r], sampler.epoch(0)[:, 0])
+
+
+def test_pk_mining_kvstore_step_is_mean_of_device_steps():
+    """Plain SGD: a kvstore step on two P x K batches (each device mines its own) lands at
+    the mean of the two single-device steps, i.e. it applies the mean gradient."""
+    from dist_triplet.model import build_embedding_net, initialize
+    pixels, labels, _ = worker.problem()
+    cfg = pk_config()
+    batch = EpochSampler(cfg, labels, rank=0, world_size=1, devices=2).epoch(0)[0]  # (2, 9)
+
+    def one_step(backend, rows):
+        net = build_embedding_net(pixels.shape[1], [8, 4], final_relu=False, normalize=True)
+        initialize(net, 0.5, backend.contexts, seed=1)
+        stepper = DataParallelStep(cfg, backend, net, pixels, labels)
+        sums, terms = stepper.step(rows)
+        assert terms == len(backend.contexts)
+        assert all(float(s.asscalar()) > 0 for s in sums)  # mining found active triplets
+        return {k: p.data(backend.contexts[0]).asnumpy() for k, p in net.collect_params().items()}
+
+    kv = one_step(dist.make_backend("kvstore", "cpu", "cpu:2"), batch)
+    alone = [one_step(dist.make_backend("local", "cpu"), batch[d:d + 1]) for d in range(2)]
+    mean = {k: (alone[0][k] + alone[1][k]) / 2 for k in kv}
+    assert max_diff(kv, mean) < 1e-6
+    assert max_diff(alone[0], alone[1]) > 1e-4  # the two batches give different updates
