@@ -1,43 +1,83 @@
 """Epoch checkpoints: atomic writes by rank 0, last-K retention, and resume on every rank.
 
-Layout: ``<run>/checkpoints/epoch-0003/`` holding ``params`` (``net.save_parameters``),
-``trainer.states`` (``Trainer.save_states``: optimizer state and update counts),
-``meta.json`` (epoch, step count, seed, world size, the resolved config). A checkpoint is
-first written to ``.epoch-0003.tmp-<pid>/`` and then renamed: a rename within one
-file system is atomic, so a killed run never leaves a half-written directory that looks
-like a checkpoint. No RNG state is needed: triplets are a function of (seed, epoch, rank)
-and nothing else in training draws random numbers.
+Layout of ``<run>/checkpoints/epoch-0003/`` (the checkpoint of the 4th epoch, 0-based 3):
+
+* ``params``          ``net.save_parameters``
+* ``trainer.states``  ``Trainer.save_states``: the pickled optimizer (learning rate, update
+  counts) and its per-parameter state (momentum, Adam's moments)
+* ``meta.json``       epoch (0-based), steps per epoch, world size as processes x devices,
+  the resolved config and the metrics history up to this epoch; written last
+
+Atomicity: a checkpoint is written into ``.epoch-0003.tmp-<pid>/``, its files are fsynced,
+and the directory is then renamed to ``epoch-0003``. A rename within one file system is
+atomic, so a run killed at any moment leaves either a complete ``epoch-NNNN`` or none;
+``list_checkpoints`` also ignores ``epoch-NNNN`` directories that lack a file, and the next
+save removes stale ``.epoch-*.tmp-*`` leftovers.
+
+RNG state: none is saved because none is needed. Triplets are a function of
+(seed, epoch, rank) (``triplets.create_pairs`` / ``pk_batches``), parameters are
+initialised from the seed and then overwritten by the checkpoint, and no layer draws
+random numbers during training (no dropout). So a run resumed after epoch e draws exactly
+the batches an uninterrupted run draws, and ends with the same parameters (to float
+round-off; tests/test_checkpoint.py checks 1e-6).
+
+Every rank reads the checkpoint it resumes from, so the checkpoint directory must be on a
+file system all hosts see (NFS, Lustre, a shared volume); only rank 0 writes.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
-from typing import Optional
+from typing import List, Optional, Tuple
+
+log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^epoch-(\d{4,})$")
+_TMP = re.compile(r"^\.epoch-\d{4,}\.(tmp|old)-\d+$")
+# A checkpoint is complete only when all three are present (meta.json is written last).
+FILES = ("params", "trainer.states", "meta.json")
 
-# Config keys that must match to continue a run: they change the parameters' shapes,
-# what a step computes, or which triplets each rank draws.
+# Config keys that must match to continue a run: they change the parameters' shapes, what
+# a step computes, the optimizer state's meaning (momentum and wd are pickled with the
+# optimizer in trainer.states, so a new value would be silently ignored), or which
+# triplets each rank draws.
 RESUME_KEYS = (
     "model.hidden", "model.final_relu", "model.normalize", "loss.margin",
     "sampler.kind", "sampler.p", "sampler.k", "sampler.miner", "sampler.steps_per_epoch",
-    "optim.optimizer", "optim.lr", "optim.momentum", "optim.wd", "optim.schedule",
-    "optim.warmup_epochs", "optim.scale_lr", "optim.base_batch",
+    "optim.optimizer", "optim.momentum", "optim.wd",
     "train.batch_size", "train.seed", "data.dataset", "data.limit_train",
+)
+# Keys that may change on resume: the learning rate of every step is recomputed from the
+# current config (train.learning_rate), so lowering optim.lr after a divergence, or
+# extending train.epochs, works. The resumed run then differs from an uninterrupted one
+# with the old values, so train() logs a warning naming them.
+SCHEDULE_KEYS = (
+    "optim.lr", "optim.schedule", "optim.warmup_epochs", "optim.scale_lr", "optim.base_batch",
+    "train.epochs",
 )
 
 
-def list_checkpoints(ckpt_dir: str) -> list:
-    """Complete checkpoints in ``ckpt_dir`` as (epoch, path), oldest first."""
+def checkpoint_name(epoch: int) -> str:
+    """Directory name of the checkpoint of 0-based ``epoch``: ``epoch-0003``."""
+    return f"epoch-{epoch:04d}"
+
+
+def list_checkpoints(ckpt_dir: str) -> List[Tuple[int, str]]:
+    """Complete checkpoints in ``ckpt_dir`` as (epoch, path), oldest first.
+
+    Skips temporary directories of an interrupted save (``.epoch-0003.tmp-123``) and
+    ``epoch-NNNN`` directories missing any of ``FILES``. A missing ``ckpt_dir`` gives [].
+    """
     if not os.path.isdir(ckpt_dir):
         return []
     found = []
     for name in os.listdir(ckpt_dir):
         m = _NAME.match(name)
         path = os.path.join(ckpt_dir, name)
-        if m and os.path.isfile(os.path.join(path, "meta.json")):
+        if m and all(os.path.isfile(os.path.join(path, f)) for f in FILES):
             found.append((int(m.group(1)), path))
     return sorted(found)
 
@@ -48,25 +88,101 @@ def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
     return found[-1][1] if found else None
 
 
+def find_resume(resume: Optional[str], ckpt_dir: str) -> Optional[str]:
+    """The checkpoint to resume from, for ``checkpoint.resume`` and the run's ``ckpt_dir``.
+
+    ``None`` (start fresh) refuses a ``ckpt_dir`` that already holds checkpoints: the new
+    run's saves and the last-K retention would mix with the old run's (an old epoch-0009
+    outlives a new epoch-0002). ``'auto'`` gives the newest complete checkpoint or None.
+    A path is returned as given (``read_meta`` checks it). Rank 0 decides; it calls no
+    collective.
+
+    Raises:
+        ValueError: ``resume`` is None and ``ckpt_dir`` holds checkpoints (names the
+            directory, the latest checkpoint and the two ways out).
+    """
+    if resume == "auto":
+        return latest_checkpoint(ckpt_dir)
+    if resume:
+        return resume
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        raise ValueError(
+            f"output.dir {os.path.dirname(os.path.abspath(ckpt_dir))!r} already holds "
+            f"checkpoints (latest {latest}); pass checkpoint.resume=auto to continue that run, "
+            "or choose another output.dir for a fresh one")
+    return None
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_files(path: str) -> None:
+    """Flush the files of ``path`` to disk: the rename must not outrun the data (a power
+    cut after the rename would otherwise leave a complete-looking, empty checkpoint)."""
+    for name in os.listdir(path):
+        fd = os.open(os.path.join(path, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _fsync_dir(path)
+
+
 def save_checkpoint(ckpt_dir: str, epoch: int, net, trainer, meta: dict, keep: int) -> str:
     """Write the checkpoint of a finished ``epoch`` (0-based) atomically; keep the last ``keep``.
 
-    Rank 0 only; calls no collective. Returns the checkpoint's directory.
+    Rank 0 only; calls no collective. Checkpoints of *later* epochs than ``epoch`` belong
+    to a continuation abandoned by resuming from an older checkpoint and are removed, so
+    ``resume=auto`` never jumps back onto that abandoned line.
+
+    Args:
+        ckpt_dir: ``<run>/checkpoints``; created if missing.
+        epoch: 0-based epoch just finished.
+        net, trainer: the Gluon block and its Trainer.
+        meta: JSON-serialisable dict stored in meta.json (``epoch`` is added).
+        keep: number of newest checkpoints kept, >= 1.
+
+    Returns:
+        The checkpoint's directory ``<ckpt_dir>/epoch-NNNN``.
     """
+    if keep < 1:
+        raise ValueError(f"checkpoint.keep={keep}: save_checkpoint needs keep >= 1")
     os.makedirs(ckpt_dir, exist_ok=True)
-    final = os.path.join(ckpt_dir, f"epoch-{epoch:04d}")
-    tmp = os.path.join(ckpt_dir, f".epoch-{epoch:04d}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for name in os.listdir(ckpt_dir):  # leftovers of a save that was killed
+        if _TMP.match(name):
+            shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+    name = checkpoint_name(epoch)
+    final = os.path.join(ckpt_dir, name)
+    tmp = os.path.join(ckpt_dir, f".{name}.tmp-{os.getpid()}")
     os.makedirs(tmp)
     net.save_parameters(os.path.join(tmp, "params"))
     trainer.save_states(os.path.join(tmp, "trainer.states"))
-    with open(os.path.join(tmp, "meta.json"), "w") as fh:
+    with open(os.path.join(tmp, "meta.json"), "w") as fh:  # last: marks the files complete
         json.dump(dict(meta, epoch=epoch), fh, indent=1)
-    if os.path.exists(final):  # re-running an epoch after a resume: replace it
-        shutil.rmtree(final)
+    _fsync_files(tmp)
+    old = None
+    if os.path.exists(final):  # re-running an epoch after a resume: move the old one aside
+        old = os.path.join(ckpt_dir, f".{name}.old-{os.getpid()}")
+        os.rename(final, old)
     os.rename(tmp, final)
-    for _, old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+    _fsync_dir(ckpt_dir)
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    found = list_checkpoints(ckpt_dir)
+    for ep, path in found:
+        if ep > epoch:
+            log.warning("removing %s: it continues an older line of this run than the one "
+                        "resumed from", path)
+            shutil.rmtree(path, ignore_errors=True)
+    found = [(ep, path) for ep, path in found if ep <= epoch]
+    for _, path in found[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
     return final
 
 
@@ -74,48 +190,98 @@ def read_meta(path: str) -> dict:
     """The ``meta.json`` of checkpoint directory ``path``.
 
     Raises:
-        FileNotFoundError: ``path`` is not a complete checkpoint directory.
-        ValueError: meta.json is not valid JSON (names the file).
+        FileNotFoundError: ``path`` is not a complete checkpoint directory (names the path
+            and the missing file).
+        ValueError: meta.json is not valid JSON or lacks epoch / config / world_size
+            (names the file).
     """
+    missing = [f for f in FILES if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise FileNotFoundError(
+            f"checkpoint.resume: {path!r} is not a complete checkpoint directory (missing "
+            f"{', '.join(missing)}); checkpoints look like <run>/checkpoints/epoch-0003")
     meta_path = os.path.join(path, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"checkpoint.resume: {path!r} is not a checkpoint directory "
-                                f"(no meta.json); checkpoints look like <run>/checkpoints/epoch-0003")
     with open(meta_path) as fh:
         try:
-            return json.load(fh)
+            meta = json.load(fh)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{meta_path}: not valid JSON: {exc}") from None
+    absent = ([k for k in ("epoch", "config", "world_size") if k not in meta]
+              if isinstance(meta, dict) else [])
+    if not isinstance(meta, dict) or absent:
+        raise ValueError(f"{meta_path}: not a dist_triplet checkpoint (missing "
+                         f"{', '.join(absent) or 'a JSON object'})")
+    return meta
 
 
-def check_compatible(saved_config: dict, config: dict, saved_world_size: int,
-                     world_size: int, path: str) -> None:
-    """Refuse to resume when a key in ``RESUME_KEYS`` or the world size differs.
+def _flat(config: dict) -> dict:
+    return {f"{s}.{k}": v for s, sub in config.items() if isinstance(sub, dict)
+            for k, v in sub.items()}
+
+
+def check_compatible(meta: dict, config: dict, path: str, *, processes: int, devices: int,
+                     steps: Optional[int] = None) -> List[str]:
+    """Refuse to resume when the run would not continue the same computation.
+
+    Args:
+        meta: the checkpoint's meta dict (``read_meta``).
+        config: the new run's ``Config.to_dict()``.
+        path: the checkpoint, for messages.
+        processes: processes taking part in collectives now (Horovod ranks; 1 otherwise).
+        devices: devices per process now (kvstore: several; else 1).
+        steps: steps per epoch now; compared with the checkpoint's when given.
+
+    Returns:
+        The ``SCHEDULE_KEYS`` that differ, as "key: old -> new" strings (allowed; the
+        caller warns that the run no longer matches an uninterrupted one).
 
     Raises:
-        ValueError: names the key (or 'world size'), the saved and the new value, and the
-            checkpoint.
+        ValueError: a key in ``RESUME_KEYS`` differs (names the key, both values and the
+            checkpoint); or the world size (processes x devices) differs, since each
+            worker's triplet shard depends on it; or the steps per epoch differ (the
+            training data changed).
     """
+    saved, new = _flat(meta["config"]), _flat(config)
     for key in RESUME_KEYS:
-        section, name = key.split(".")
-        old = saved_config.get(section, {}).get(name)
-        new = config[section][name]
-        if old != new:
-            raise ValueError(f"cannot resume from {path}: {key} was {old!r} there, is {new!r} "
-                             f"now; use the same value or start a fresh run")
-    if saved_world_size != world_size:
-        raise ValueError(f"cannot resume from {path}: world size was {saved_world_size} there, "
-                         f"is {world_size} now; each rank's triplet shard depends on the world "
-                         "size, so resume with the same number of workers")
+        if saved.get(key) != new[key]:
+            raise ValueError(f"cannot resume from {path}: {key} was {saved.get(key)!r} there, "
+                             f"is {new[key]!r} now; use the same value or start a fresh run "
+                             "(another output.dir)")
+    old_p = meta.get("processes", meta["world_size"])
+    old_d = meta.get("devices", 1)
+    if (old_p, old_d) != (processes, devices):
+        raise ValueError(
+            f"cannot resume from {path}: world size was {meta['world_size']} there "
+            f"({old_p} process(es) x {old_d} device(s)), is {processes * devices} now "
+            f"({processes} x {devices}); each worker's triplet shard depends on the world "
+            "size, so resume with the same number of workers")
+    if steps is not None and meta.get("steps") not in (None, steps):
+        raise ValueError(f"cannot resume from {path}: {meta['steps']} steps per epoch there, "
+                         f"{steps} now with the same config, so the training data differ "
+                         f"(data.root={new.get('data.root')!r})")
+    return [f"{k}: {saved.get(k)!r} -> {new[k]!r}" for k in SCHEDULE_KEYS
+            if saved.get(k) != new[k]]
 
 
 def load_checkpoint(path: str, net, trainer, ctx) -> dict:
     """Load parameters and trainer state from ``path`` into ``net`` / ``trainer``.
 
     Every rank calls it (each reads the files, so ``path`` must be on a file system every
-    host sees). Returns the checkpoint's meta dict.
+    host sees). ``trainer.load_states`` replaces the trainer's optimizer by the pickled
+    one, learning rate included; the training loop sets the learning rate before every
+    step, so the current config's schedule applies. Returns the checkpoint's meta dict.
+
+    Raises:
+        FileNotFoundError / ValueError: as ``read_meta``; ValueError naming the file when
+            ``params`` or ``trainer.states`` cannot be loaded (truncated, corrupt).
     """
     meta = read_meta(path)
-    net.load_parameters(os.path.join(path, "params"), ctx=ctx)
-    trainer.load_states(os.path.join(path, "trainer.states"))
+    for name, load in (("params", lambda f: net.load_parameters(f, ctx=ctx)),
+                       ("trainer.states", trainer.load_states)):
+        try:
+            load(os.path.join(path, name))
+        except Exception as exc:  # noqa: BLE001 - MXNetError, pickle or assertion errors
+            raise ValueError(f"{os.path.join(path, name)}: cannot load ({type(exc).__name__}: "
+                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
+                             "resume from an older checkpoint of the run instead") from exc
     return meta

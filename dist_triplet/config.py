@@ -21,6 +21,7 @@ Batch-size and learning-rate semantics (the same for every backend):
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -211,8 +212,16 @@ def _parse(value: Any, tp: Any, key: str, where: str) -> Any:
             raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-3 and 1e30 (no dot, no exponent sign) as strings.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -262,6 +271,10 @@ def _validate(cfg: Config) -> None:
                           "positive for every anchor")
     if cfg.data.dataset == "idx" and not cfg.data.root:
         raise ConfigError("data.dataset='idx' needs data.root=DIR (a directory of IDX files)")
+    if cfg.checkpoint.resume == "auto" and not cfg.output.dir:
+        # A null output.dir is a new timestamped directory: there would be nothing to resume.
+        raise ConfigError("checkpoint.resume='auto' needs output.dir=DIR (the run directory "
+                          "whose checkpoints/ it continues from)")
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:

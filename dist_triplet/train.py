@@ -125,6 +125,34 @@ def resolve_run_dir(cfg: Config, backend) -> str:
     return backend.broadcast_object(run_dir, name="run_dir")
 
 
+def check_split(split: Split, what: str) -> None:
+    """Raise ValueError naming the split and its directory when no triplet can be made
+    from it (fewer than 2 classes, or a class with fewer than 2 samples)."""
+    try:
+        ClassIndex(split.labels)
+    except ValueError as exc:
+        raise ValueError(f"{what} split ({split.source}): {exc}") from None
+
+
+def resolve_resume(cfg: Config, run_dir: str, backend) -> Optional[str]:
+    """The checkpoint to resume from (``checkpoint.find_resume``), decided by rank 0, which
+    alone writes checkpoints, and broadcast so every rank starts at the same epoch. Rank 0's
+    error (a fresh start into a directory that holds checkpoints) is raised on every rank,
+    so all exit alike. Every rank must call it."""
+    decision = None
+    if backend.is_main:
+        try:
+            decision = ("ok", ckpt.find_resume(cfg.checkpoint.resume,
+                                               os.path.join(run_dir, "checkpoints")))
+        except ValueError as exc:
+            decision = ("error", str(exc))
+    status, value = backend.broadcast_object(decision, name="resume")
+    if status == "error":
+        backend.barrier()  # Horovod: rank 0 must not exit before the others have the message
+        raise ValueError(value)
+    return value
+
+
 # ----------------------------------------------------------------------------- schedule
 
 def learning_rate(cfg: Config, step: int, steps_per_epoch: int, global_batch: int) -> float:
@@ -148,7 +176,8 @@ def learning_rate(cfg: Config, step: int, steps_per_epoch: int, global_batch: in
 class DataParallelStep:
     """The distributed training step, identical in structure for every backend.
 
-    The training pixels are copied to every device once; a step sends only indices.
+    The training pixels are put on every device once (shared, not copied, on cpu(0)); an
+    epoch's indices are copied once (``epoch_indices``), a step takes a view of its rows.
     ``step(batch)`` takes this process's share of the global batch:
 
     * offline sampler: ``batch`` (Bp, 3) int64 (anchor, positive, negative) rows, Bp =
@@ -173,7 +202,7 @@ class DataParallelStep:
         if len(pixels) >= 2 ** 24:
             raise ValueError(f"{len(pixels)} training rows: indices above 2**24 are not exact "
                              "in float32; use data.limit_train")
-        self.pixels = [mx.nd.array(pixels, ctx=c) for c in self.ctxs]              # (N, F) per device
+        self.pixels = [self._resident(pixels, c) for c in self.ctxs]               # (N, F) per device
         self.labels = [mx.nd.array(labels.astype(np.float32), ctx=c) for c in self.ctxs]
         if self.mining:
             self.block = MinedTripletStep(net, cfg.loss.margin, cfg.sampler.miner)
@@ -185,10 +214,26 @@ class DataParallelStep:
             opt_params["momentum"] = cfg.optim.momentum
         self.trainer = backend.make_trainer(net.collect_params(), cfg.optim.optimizer, opt_params)
 
+    def _resident(self, pixels: np.ndarray, ctx):
+        """``pixels`` as a float32 NDArray on ``ctx``. On cpu(0) it shares the host array's
+        memory (DLPack, no copy), so a CPU process holds the training set once, not twice
+        (peak RSS: benchmark section 5); the caller must not modify ``pixels`` afterwards.
+        Other devices get a copy."""
+        mx = self.mx
+        if ctx == mx.cpu(0):
+            host = np.ascontiguousarray(pixels, dtype=np.float32)
+            return mx.nd.from_numpy(host.view(), zero_copy=True)  # marks only the view read-only
+        return mx.nd.array(pixels, ctx=ctx)
+
     def device_batches(self, batch: np.ndarray) -> list:
         """Split this process's batch over its devices and move the indices there."""
         mx = self.mx
         n = len(self.ctxs)
+        if len(batch) % n:
+            # EpochSampler always gives devices x batch_size rows; this guards direct callers.
+            raise ValueError(f"a batch of {len(batch)} rows does not split evenly over {n} "
+                             "devices; every device must get the same number so that each "
+                             "step's gradient is the mean over the global batch")
         parts = np.split(batch, n) if n > 1 else [batch]
         out = []
         for part, ctx in zip(parts, self.ctxs):
@@ -199,10 +244,36 @@ class DataParallelStep:
             out.append(mx.nd.array(flat, ctx=ctx, dtype="float32"))
         return out
 
-    def step(self, batch: np.ndarray):
-        """One optimizer update from ``batch``; returns (loss sums per device, terms)."""
+    def epoch_indices(self, batches: np.ndarray) -> list:
+        """A whole epoch's indices on the devices in one copy: per device a (steps, 3B)
+        (offline) or (steps, P*K) float32 NDArray whose row s equals
+        ``device_batches(batches[s])`` for that device.
+
+        ``mx.nd.array`` from host memory waits until MXNet's queue is empty, so copying
+        indices every step stalls the host once per step (measured: benchmark section 2);
+        one copy per epoch and a row view per step keeps the queue full.
+        """
         mx = self.mx
-        idx = self.device_batches(batch)
+        steps, n = len(batches), len(self.ctxs)
+        parts = np.split(batches, n, axis=1) if n > 1 else [batches]
+        out = []
+        for part, ctx in zip(parts, self.ctxs):
+            if self.mining:
+                flat = part.reshape(steps, -1)                     # (steps, P*K)
+            else:
+                flat = part.transpose(0, 2, 1).reshape(steps, -1)  # (steps, 3B) [a; p; n]
+            out.append(mx.nd.array(flat, ctx=ctx, dtype="float32"))
+        return out
+
+    def step(self, batch: np.ndarray, idx: Optional[list] = None):
+        """One optimizer update from ``batch``; returns (loss sums per device, terms).
+
+        ``idx``: this step's rows of :meth:`epoch_indices` (one NDArray per device); when
+        given, the indices are not copied again (``batch`` still gives the batch size).
+        """
+        mx = self.mx
+        if idx is None:
+            idx = self.device_batches(batch)
         with mx.autograd.record():
             if self.mining:
                 losses = [self.block(x, y, i) for x, y, i in zip(self.pixels, self.labels, idx)]
@@ -237,8 +308,9 @@ class EpochSampler:
             if s.p > len(self.index.classes):
                 raise ValueError(f"sampler.p={s.p} but the training set has only "
                                  f"{len(self.index.classes)} classes")
+            # All workers (ranks x devices) together see about N samples per epoch.
             self.steps = s.steps_per_epoch or pk_steps_per_epoch(self.index, s.p, s.k,
-                                                                   world_size)
+                                                                   world_size * devices)
             self.per_step = devices * s.p * s.k
         else:
             from .triplets import shard_length
@@ -325,24 +397,31 @@ def train(cfg: Config) -> RunResult:
     # --- data and sampling: validated on every rank before anything is written
     train_split = subset(load_dataset(cfg.data.dataset, cfg.data.root, train=True),
                          cfg.data.limit_train)
+    check_split(train_split, "training")
     sampler = EpochSampler(cfg, train_split.labels, backend.rank if backend.name == "horovod" else 0,
                            backend.world_size if backend.name == "horovod" else 1, devices)
     # Every rank reads the test set too (10k rows, cheap) so a broken file fails on all
     # ranks alike instead of leaving the others waiting in a collective.
     test_split = subset(load_dataset(cfg.data.dataset, cfg.data.root, train=False),
                         cfg.data.limit_test)
+    check_split(test_split, "test")  # the evaluator's triplets; before the run dir exists
+    if test_split.images.shape[1] != train_split.images.shape[1]:
+        raise ValueError(f"test images ({test_split.source}) have {test_split.images.shape[1]} "
+                         f"pixels, training images ({train_split.source}) "
+                         f"{train_split.images.shape[1]}: both splits must share one image size")
 
-    resume_path = None
     run_dir = resolve_run_dir(cfg, backend)
-    if cfg.checkpoint.resume == "auto":
-        resume_path = ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
-    elif cfg.checkpoint.resume:
-        resume_path = cfg.checkpoint.resume
+    resume_path = resolve_resume(cfg, run_dir, backend)
     meta = None
     if resume_path:
-        meta = ckpt.read_meta(resume_path)
-        ckpt.check_compatible(meta["config"], cfg.to_dict(), meta["world_size"], workers,
-                              resume_path)
+        meta = ckpt.read_meta(resume_path)  # every rank: the path must be on a shared FS
+        changed = ckpt.check_compatible(meta, cfg.to_dict(), resume_path,
+                                        processes=backend.num_processes, devices=devices,
+                                        steps=sampler.steps)
+        if changed:
+            log.warning("resuming with a changed schedule (%s): the learning rate now follows "
+                        "the new values, so the run will not match an uninterrupted one",
+                        "; ".join(changed))
 
     # --- model, on every device; rank 0's initial parameters everywhere
     net = build_embedding_net(train_split.images.shape[1], cfg.model.hidden,
@@ -372,16 +451,18 @@ def train(cfg: Config) -> RunResult:
     for epoch in range(start_epoch, cfg.train.epochs):
         t_epoch = time.perf_counter()
         batches = sampler.epoch(epoch)                           # (steps, per_step, ...) int64
+        dev_idx = stepper.epoch_indices(batches)                 # one host->device copy per epoch
         t_sample = time.perf_counter() - t_epoch
         step_loss = mx.nd.zeros((steps,), ctx=ctx0)              # per-step loss sums, on device
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step",
                    disable=not (backend.is_main and cfg.train.progress), leave=False)
         t_train = time.perf_counter()
         for s in range(steps):
-            if cfg.optim.schedule != "constant" or cfg.optim.warmup_epochs > 0:
-                stepper.trainer.set_learning_rate(
-                    learning_rate(cfg, epoch * steps + s, steps, global_batch))
-            sums, terms = stepper.step(batches[s])
+            # Every step, whatever the schedule: a resumed trainer holds the checkpoint's
+            # learning rate (load_states), and optim.scale_lr applies to constant schedules too.
+            stepper.trainer.set_learning_rate(
+                learning_rate(cfg, epoch * steps + s, steps, global_batch))
+            sums, terms = stepper.step(batches[s], [d[s] for d in dev_idx])
             step_loss[s] = mx.nd.add_n(*[x.as_in_context(ctx0) for x in sums]) / terms
             if (s + 1) % cfg.train.sync_every == 0 or s + 1 == steps:
                 # One wait per sync_every steps bounds MXNet's async queue; not per step.
@@ -422,13 +503,15 @@ def train(cfg: Config) -> RunResult:
                              if k in ("seed_accuracy", "strict_accuracy", "precision_at_1",
                                       "r_precision", "map_at_r", "spread")})
         main.save_checkpoint(epoch, net, stepper.trainer,
-                             {"config": cfg.to_dict(), "world_size": workers, "steps": steps})
+                             {"config": cfg.to_dict(), "world_size": workers, "steps": steps,
+                              "processes": backend.num_processes, "devices": devices})
         final = row
 
     if backend.is_main:
         if emb is None:  # resumed after the last epoch, or no eval ran: embed once for the export
             res, emb = evaluator(net, ctx0)
-            final = dict(final, **res)
+            # Resumed after the last epoch: the final row is the checkpoint's last one.
+            final = dict(final or (main.history[-1] if main.history else {}), **res)
         raw = {f"raw_{k}": v for k, v in evaluator.raw.items()}
         main.write_metrics(final=final, extra={"raw_pixels": evaluator.raw,
                                                "world_size": workers, "backend": backend.name})

@@ -1,0 +1,403 @@
+"""Checkpoints and resume (dist_triplet/checkpoint.py and its use in train.py).
+
+* the checkpoint directory: what counts as complete, last-K retention, atomic replace;
+* resume equivalence: a run interrupted during epoch 3 (an exception in-process, a SIGKILL
+  it sends itself, a SIGKILL from outside) and resumed ends with the parameters of an
+  uninterrupted run to 1e-6, for SGD with momentum and for Adam, both with a cosine
+  schedule and warm-up, so the learning rate by global step is exercised;
+* resume refused when a key that changes the computation differs (names the key);
+* a non-finite loss stops the run naming epoch and step, and the last good checkpoint
+  stays byte-for-byte intact and loadable.
+
+Everything runs on the CPU with the 84-row data set of tests/_ckpt_util.py.
+"""
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mxnet")
+
+from _ckpt_util import (FAULT_TRAIN, digest_tree, load_params, max_abs_diff,  # noqa: E402
+                        net_params, run_args, subprocess_env, write_dataset)
+from dist_triplet import checkpoint as ckpt  # noqa: E402
+from dist_triplet import train as train_mod  # noqa: E402
+from dist_triplet.config import load_config  # noqa: E402
+
+SGD = ["optim.optimizer=sgd", "optim.lr=0.05", "optim.momentum=0.9",
+       "optim.schedule=cosine", "optim.warmup_epochs=0.5"]
+ADAM = ["optim.optimizer=adam", "optim.lr=0.01", "optim.schedule=cosine",
+        "optim.warmup_epochs=0.5"]
+KVSTORE2 = ["distributed.backend=kvstore", "distributed.devices=cpu:2"]
+# name -> overrides; kvstore over 2 CPU contexts checks that every device's updater gets
+# the optimizer state back.
+OPTIMIZERS = {"sgd_momentum": SGD, "adam": ADAM, "adam_kvstore2": ADAM + KVSTORE2}
+TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def reference(data_root, tmp_path_factory):
+    """Uninterrupted 4-epoch runs, one per optimizer: {name: (run dir, final params)}."""
+    out = {}
+    for name, opt in OPTIMIZERS.items():
+        run_dir = str(tmp_path_factory.mktemp(f"ref_{name}"))
+        result = train_mod.train(load_config(None, run_args(data_root, run_dir, *opt)))
+        out[name] = (run_dir, net_params(result.net))
+    return out
+
+
+def _history(run_dir):
+    with open(os.path.join(run_dir, "metrics.json")) as fh:
+        return json.load(fh)["epochs"]
+
+
+def _assert_same_run(run_dir, ref_dir, ref_params):
+    """The resumed run's final checkpoint and metrics equal the uninterrupted run's."""
+    final = os.path.join(run_dir, "checkpoints", "epoch-0003")
+    assert max_abs_diff(load_params(final), ref_params) <= TOL
+    assert max_abs_diff(load_params(final), load_params(
+        os.path.join(ref_dir, "checkpoints", "epoch-0003"))) <= TOL
+    hist, ref_hist = _history(run_dir), _history(ref_dir)
+    assert [r["epoch"] for r in hist] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["loss"] for r in hist], [r["loss"] for r in ref_hist],
+                               rtol=0, atol=TOL)
+    np.testing.assert_allclose([r["lr"] for r in hist], [r["lr"] for r in ref_hist], rtol=1e-12)
+    meta = ckpt.read_meta(final)
+    ref_meta = ckpt.read_meta(os.path.join(ref_dir, "checkpoints", "epoch-0003"))
+    assert meta["epoch"] == 3 and [r["epoch"] for r in meta["history"]] == [1, 2, 3, 4]
+    for key in ("world_size", "processes", "devices", "steps"):
+        assert meta[key] == ref_meta[key], key
+    for section in ("data", "model", "loss", "sampler", "optim", "train", "distributed"):
+        assert meta["config"][section] == ref_meta["config"][section], section
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging():
+    """train() binds logging to the sys.stderr of its test (capsys closes it afterwards)."""
+    yield
+    for handler in list(logging.root.handlers):
+        logging.root.removeHandler(handler)
+
+
+# ----------------------------------------------------------------------------- directory
+
+class _Interrupt(Exception):
+    pass
+
+
+def _meta(**extra):
+    return dict(config={}, world_size=1, **extra)
+
+
+def _tiny_net_and_trainer(optimizer="sgd"):
+    net = mx.gluon.nn.Dense(3, in_units=2)
+    net.initialize(mx.init.Constant(0.5))
+    trainer = mx.gluon.Trainer(net.collect_params(), optimizer, {"learning_rate": 0.1})
+    with mx.autograd.record():
+        loss = net(mx.nd.ones((4, 2))).sum()
+    loss.backward()
+    trainer.step(4)  # creates optimizer state, so save_states has something to save
+    return net, trainer
+
+
+def test_list_checkpoints_ignores_incomplete(tmp_path):
+    d = tmp_path / "checkpoints"
+    for name, files in [("epoch-0001", ckpt.FILES), ("epoch-0002", ckpt.FILES),
+                        (".epoch-0003.tmp-1234", ckpt.FILES),     # killed before the rename
+                        ("epoch-0004", ("params", "trainer.states")),  # no meta.json
+                        ("epoch-0005", ("meta.json",)),           # meta without params
+                        ("notes", ckpt.FILES)]:
+        (d / name).mkdir(parents=True)
+        for f in files:
+            (d / name / f).write_text("{}")
+    assert ckpt.list_checkpoints(str(d)) == [(1, str(d / "epoch-0001")),
+                                             (2, str(d / "epoch-0002"))]
+    assert ckpt.latest_checkpoint(str(d)) == str(d / "epoch-0002")
+    assert ckpt.latest_checkpoint(str(tmp_path / "missing")) is None
+
+
+def test_save_keeps_last_k_and_cleans_leftovers(tmp_path):
+    net, trainer = _tiny_net_and_trainer()
+    d = str(tmp_path / "checkpoints")
+    os.makedirs(os.path.join(d, ".epoch-0000.tmp-99999"))  # a killed save's leftover
+    for epoch in range(5):
+        path = ckpt.save_checkpoint(d, epoch, net, trainer, _meta(), keep=2)
+        assert path == os.path.join(d, f"epoch-{epoch:04d}")
+    assert sorted(os.listdir(d)) == ["epoch-0003", "epoch-0004"]
+    meta = ckpt.read_meta(os.path.join(d, "epoch-0004"))
+    assert meta == {"config": {}, "world_size": 1, "epoch": 4}
+
+
+def test_save_replaces_epoch_and_drops_abandoned_later_ones(tmp_path):
+    net, trainer = _tiny_net_and_trainer()
+    d = str(tmp_path / "checkpoints")
+    for epoch in range(4):
+        ckpt.save_checkpoint(d, epoch, net, trainer, _meta(line="old"), keep=5)
+    # Resumed from epoch 1: the new epoch 2 replaces the old one, and the old epoch 3
+    # (a continuation that was abandoned) must not outlive it for resume=auto.
+    ckpt.save_checkpoint(d, 2, net, trainer, _meta(line="new"), keep=5)
+    assert [e for e, _ in ckpt.list_checkpoints(d)] == [0, 1, 2]
+    assert ckpt.read_meta(os.path.join(d, "epoch-0002"))["line"] == "new"
+    assert not [n for n in os.listdir(d) if n.startswith(".")]
+
+
+def test_save_interrupted_mid_write_leaves_no_checkpoint(tmp_path):
+    """A save that dies after the parameters, before the rest: the previous checkpoint
+    stays the latest, the leftover is ignored, and the next save removes it."""
+    net, trainer = _tiny_net_and_trainer()
+    d = str(tmp_path / "checkpoints")
+    first = ckpt.save_checkpoint(d, 0, net, trainer, _meta(), keep=3)
+
+    class Dying:
+        def save_states(self, fname):
+            with open(fname, "wb") as fh:
+                fh.write(b"half")
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        ckpt.save_checkpoint(d, 1, net, Dying(), _meta(), keep=3)
+    assert [n for n in os.listdir(d) if n.startswith(".epoch-0001.tmp-")]
+    assert ckpt.latest_checkpoint(d) == first
+    ckpt.save_checkpoint(d, 1, net, trainer, _meta(), keep=3)
+    assert sorted(os.listdir(d)) == ["epoch-0000", "epoch-0001"]
+
+
+def test_save_load_round_trip_restores_params_and_optimizer(tmp_path):
+    net, trainer = _tiny_net_and_trainer("adam")
+    path = ckpt.save_checkpoint(str(tmp_path), 0, net, trainer, _meta(), keep=1)
+    net2, trainer2 = _tiny_net_and_trainer("adam")
+    net2.weight.set_data(mx.nd.zeros((3, 2)))
+    ckpt.load_checkpoint(path, net2, trainer2, mx.cpu())
+    np.testing.assert_array_equal(net2.weight.data().asnumpy(), net.weight.data().asnumpy())
+    assert trainer2._optimizer._index_update_count == trainer._optimizer._index_update_count
+
+
+def test_read_meta_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="epoch-0007.*missing params, trainer.states, "
+                                                "meta.json"):
+        ckpt.read_meta(str(tmp_path / "epoch-0007"))
+    bad = tmp_path / "epoch-0001"
+    bad.mkdir()
+    for f in ckpt.FILES:
+        (bad / f).write_text("{not json")
+    with pytest.raises(ValueError, match=r"epoch-0001/meta.json: not valid JSON"):
+        ckpt.read_meta(str(bad))
+    (bad / "meta.json").write_text('{"epoch": 1}')
+    with pytest.raises(ValueError, match="meta.json: not a dist_triplet checkpoint "
+                                         r"\(missing config, world_size\)"):
+        ckpt.read_meta(str(bad))
+
+
+def test_check_compatible_names_key_world_size_and_steps():
+    cfg = load_config(None, ["data.dataset=idx", "data.root=/x"]).to_dict()
+    meta = {"config": cfg, "world_size": 2, "processes": 2, "devices": 1, "steps": 10}
+    assert ckpt.check_compatible(meta, cfg, "ck", processes=2, devices=1, steps=10) == []
+    wider = load_config(None, ["data.dataset=idx", "data.root=/x", "model.hidden=[512,128]"])
+    with pytest.raises(ValueError, match=r"ck: model.hidden was \[256, 128\] there, is "
+                                         r"\[512, 128\] now"):
+        ckpt.check_compatible(meta, wider.to_dict(), "ck", processes=2, devices=1)
+    with pytest.raises(ValueError, match=r"world size was 2 there \(2 process\(es\) x 1 "
+                                         r"device\(s\)\), is 2 now \(1 x 2\)"):
+        ckpt.check_compatible(meta, cfg, "ck", processes=1, devices=2)
+    with pytest.raises(ValueError, match="10 steps per epoch there, 12 now"):
+        ckpt.check_compatible(meta, cfg, "ck", processes=2, devices=1, steps=12)
+    lower = load_config(None, ["data.dataset=idx", "data.root=/x", "optim.lr=0.01",
+                               "train.epochs=20"])
+    assert ckpt.check_compatible(meta, lower.to_dict(), "ck", processes=2, devices=1) == [
+        "optim.lr: 0.05 -> 0.01", "train.epochs: 10 -> 20"]
+
+
+def test_find_resume(tmp_path):
+    d = str(tmp_path / "run" / "checkpoints")
+    assert ckpt.find_resume(None, d) is None and ckpt.find_resume("auto", d) is None
+    net, trainer = _tiny_net_and_trainer()
+    path = ckpt.save_checkpoint(d, 0, net, trainer, _meta(), keep=1)
+    assert ckpt.find_resume("auto", d) == path
+    assert ckpt.find_resume("/elsewhere/epoch-0001", d) == "/elsewhere/epoch-0001"
+    with pytest.raises(ValueError, match=r"output.dir '.*run' already holds checkpoints "
+                                         r"\(latest .*epoch-0000\); pass checkpoint.resume=auto"):
+        ckpt.find_resume(None, d)
+
+
+# ----------------------------------------------------------------------------- equivalence
+
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def test_resume_after_interrupt_in_epoch_3_matches_uninterrupted(opt, data_root, reference,
+                                                                 tmp_path, monkeypatch):
+    run_dir = str(tmp_path / "run")
+    args = run_args(data_root, run_dir, *OPTIMIZERS[opt])
+    epoch_fn, step_fn = train_mod.EpochSampler.epoch, train_mod.DataParallelStep.step
+    seen = {}
+
+    def epoch(self, e):
+        seen["epoch"], seen["step"] = e, 0
+        return epoch_fn(self, e)
+
+    def step(self, *args, **kwargs):
+        seen["step"] += 1
+        if (seen["epoch"], seen["step"]) == (2, 4):  # 0-based epoch 2 = the third
+            raise _Interrupt
+        return step_fn(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.EpochSampler, "epoch", epoch)
+    monkeypatch.setattr(train_mod.DataParallelStep, "step", step)
+    with pytest.raises(_Interrupt):
+        train_mod.train(load_config(None, args))
+    monkeypatch.undo()
+    ck_dir = os.path.join(run_dir, "checkpoints")
+    assert [e for e, _ in ckpt.list_checkpoints(ck_dir)] == [0, 1]
+    assert [r["epoch"] for r in _history(run_dir)] == [1, 2]
+
+    result = train_mod.train(load_config(None, args + ["checkpoint.resume=auto"]))
+    ref_dir, ref_params = reference[opt]
+    assert max_abs_diff(net_params(result.net), ref_params) <= TOL
+    _assert_same_run(run_dir, ref_dir, ref_params)
+    assert [e for e, _ in ckpt.list_checkpoints(ck_dir)] == [1, 2, 3]  # keep=3
+
+
+def test_resume_after_sigkill_in_epoch_3_matches_uninterrupted(data_root, reference, tmp_path):
+    """The process SIGKILLs itself before step 4 of epoch 3: no handler, no cleanup."""
+    run_dir = str(tmp_path / "run")
+    args = run_args(data_root, run_dir, *ADAM)
+    proc = subprocess.run([sys.executable, FAULT_TRAIN, *args], capture_output=True, text=True,
+                          timeout=120, env=subprocess_env(
+                              DIST_TRIPLET_FAULT="epoch=3,step=4,how=kill"))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    ck_dir = os.path.join(run_dir, "checkpoints")
+    assert [e for e, _ in ckpt.list_checkpoints(ck_dir)] == [0, 1]
+    proc = subprocess.run([sys.executable, "-m", "dist_triplet.train", *args,
+                           "checkpoint.resume=auto"], capture_output=True, text=True,
+                          timeout=120, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resuming after epoch 2" in proc.stderr
+    _assert_same_run(run_dir, *reference["adam"])
+
+
+def test_resume_after_external_sigkill_matches_uninterrupted(data_root, reference, tmp_path):
+    """SIGKILL from outside as soon as epoch 2's checkpoint exists (steps slowed to 50 ms
+    so that the kill lands during epoch 3, or wherever it lands: any point must resume)."""
+    run_dir = str(tmp_path / "run")
+    args = run_args(data_root, run_dir, *SGD)
+    proc = subprocess.Popen([sys.executable, FAULT_TRAIN, *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(DIST_TRIPLET_FAULT="sleep=0.05"))
+    marker = os.path.join(run_dir, "checkpoints", "epoch-0001", "meta.json")
+    try:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(marker) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os.path.exists(marker), proc.stderr.read()[-2000:] if proc.poll() else "no ckpt"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    done = ckpt.list_checkpoints(os.path.join(run_dir, "checkpoints"))
+    assert done and done[-1][0] < 3  # killed before the end
+    res = subprocess.run([sys.executable, "-m", "dist_triplet.train", *args,
+                          "checkpoint.resume=auto"], capture_output=True, text=True,
+                         timeout=120, env=subprocess_env())
+    assert res.returncode == 0, res.stderr[-2000:]
+    _assert_same_run(run_dir, *reference["sgd_momentum"])
+
+
+# ----------------------------------------------------------------------------- refusals
+
+@pytest.fixture(scope="module")
+def two_epoch_run(data_root, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("two_epochs") / "run")
+    assert train_mod.main(run_args(data_root, run_dir, "train.epochs=2")) == 0
+    return run_dir
+
+
+@pytest.mark.parametrize("change, named", [
+    (["model.hidden=[16,4]"], "model.hidden was [16, 8] there, is [16, 4] now"),
+    (["train.batch_size=4"], "train.batch_size was 8 there, is 4 now"),
+    (["optim.momentum=0.5"], "optim.momentum was 0.0 there, is 0.5 now"),
+    (["train.seed=7"], "train.seed was 42 there, is 7 now"),
+    (["distributed.backend=kvstore", "distributed.devices=cpu:2"],
+     "world size was 1 there (1 process(es) x 1 device(s)), is 2 now (1 x 2)"),
+])
+def test_resume_with_incompatible_config_is_refused(change, named, two_epoch_run, data_root,
+                                                    capsys):
+    before = digest_tree(two_epoch_run)
+    args = run_args(data_root, two_epoch_run, "checkpoint.resume=auto", *change)
+    assert train_mod.main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot resume from" in err and named in err
+    assert digest_tree(two_epoch_run) == before  # nothing written
+
+
+def test_fresh_run_into_a_directory_with_checkpoints_is_refused(two_epoch_run, data_root,
+                                                                capsys):
+    before = digest_tree(two_epoch_run)
+    assert train_mod.main(run_args(data_root, two_epoch_run)) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert digest_tree(two_epoch_run) == before
+
+
+def test_resume_of_a_finished_run_does_nothing_new(two_epoch_run, data_root, tmp_path):
+    """Resuming after the last epoch trains nothing and leaves the checkpoints alone."""
+    before = {k: v for k, v in digest_tree(two_epoch_run).items() if k.startswith("checkpoints")}
+    res = train_mod.train(load_config(None, run_args(data_root, two_epoch_run, "train.epochs=2",
+                                                     "checkpoint.resume=auto")))
+    after = {k: v for k, v in digest_tree(two_epoch_run).items() if k.startswith("checkpoints")}
+    assert after == before
+    assert res.metrics["epoch"] == 2 and "precision_at_1" in res.metrics
+    with open(os.path.join(two_epoch_run, "metrics.json")) as fh:
+        assert json.load(fh)["final"]["epoch"] == 2
+
+
+def test_resume_from_a_corrupt_checkpoint_names_the_file(two_epoch_run, data_root, tmp_path,
+                                                         capsys):
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(two_epoch_run, run_dir)
+    params = os.path.join(run_dir, "checkpoints", "epoch-0001", "params")
+    with open(params, "r+b") as fh:  # a disk that filled up during the save
+        fh.truncate(100)
+    assert train_mod.main(run_args(data_root, run_dir, "checkpoint.resume=auto")) == 2
+    err = capsys.readouterr().err
+    assert f"error: {params}: cannot load" in err and "older checkpoint" in err
+
+
+# ----------------------------------------------------------------------------- non-finite
+
+def test_non_finite_loss_names_epoch_and_step_and_keeps_checkpoint(data_root, tmp_path,
+                                                                   capsys):
+    run_dir = str(tmp_path / "run")
+    assert train_mod.main(run_args(data_root, run_dir, "train.epochs=2")) == 0
+    ck_dir = os.path.join(run_dir, "checkpoints")
+    good = ckpt.latest_checkpoint(ck_dir)
+    before = digest_tree(ck_dir)
+    capsys.readouterr()
+    # Continue with a learning rate that overflows: optim.lr may change on resume (the
+    # way out of a divergence is to lower it), so this resumes and diverges in epoch 3.
+    code = train_mod.main(run_args(data_root, run_dir, "checkpoint.resume=auto",
+                                   "optim.lr=1e30"))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "error: non-finite loss in epoch 3, step 2 of 10" in err
+    assert "optim.lr: 0.05 -> 1e+30" in err  # the schedule-change warning
+    assert digest_tree(ck_dir) == before       # unchanged, byte for byte
+    assert ckpt.latest_checkpoint(ck_dir) == good
+    params = load_params(good)
+    assert all(np.isfinite(v).all() for v in params.values())
+    assert [r["epoch"] for r in _history(run_dir)] == [1, 2]
+    # ... and the run continues from it with a sane learning rate.
+    assert train_mod.main(run_args(data_root, run_dir, "checkpoint.resume=auto",
+                                   "train.epochs=3")) == 0
+    assert [r["epoch"] for r in _history(run_dir)] == [1, 2, 3]
