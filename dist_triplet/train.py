@@ -205,7 +205,8 @@ class DataParallelStep:
         self.pixels = [self._resident(pixels, c) for c in self.ctxs]               # (N, F) per device
         self.labels = [mx.nd.array(labels.astype(np.float32), ctx=c) for c in self.ctxs]
         if self.mining:
-            self.block = MinedTripletStep(net, cfg.loss.margin, cfg.sampler.miner)
+            self.block = MinedTripletStep(net, cfg.loss.margin, cfg.sampler.miner,
+                                          k=cfg.sampler.k)
         else:
             self.block = OfflineTripletStep(net, cfg.loss.margin)
         self.block.hybridize(static_alloc=True, static_shape=True)
@@ -453,7 +454,10 @@ def train(cfg: Config) -> RunResult:
         batches = sampler.epoch(epoch)                           # (steps, per_step, ...) int64
         dev_idx = stepper.epoch_indices(batches)                 # one host->device copy per epoch
         t_sample = time.perf_counter() - t_epoch
-        step_loss = mx.nd.zeros((steps,), ctx=ctx0)              # per-step loss sums, on device
+        # Per-step loss sums stay on the device, and a step adds no op of its own to them:
+        # each small op costs ~0.2 ms of a ~5 ms CPU step (benchmark section 2).
+        step_sums = []
+        t_wait = 0.0                                             # host blocked on the device
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step",
                    disable=not (backend.is_main and cfg.train.progress), leave=False)
         t_train = time.perf_counter()
@@ -463,15 +467,22 @@ def train(cfg: Config) -> RunResult:
             stepper.trainer.set_learning_rate(
                 learning_rate(cfg, epoch * steps + s, steps, global_batch))
             sums, terms = stepper.step(batches[s], [d[s] for d in dev_idx])
-            step_loss[s] = mx.nd.add_n(*[x.as_in_context(ctx0) for x in sums]) / terms
+            step_sums.append(sums[0] if len(sums) == 1 else
+                             mx.nd.add_n(*[x.as_in_context(ctx0) for x in sums]))
             if (s + 1) % cfg.train.sync_every == 0 or s + 1 == steps:
                 # One wait per sync_every steps bounds MXNet's async queue; not per step.
-                bar.set_postfix(loss=f"{step_loss[s].asscalar():.4f}")
+                t_w = time.perf_counter()
+                bar.set_postfix(loss=f"{step_sums[-1].asscalar() / terms:.4f}")
+                t_wait += time.perf_counter() - t_w
             bar.update(1)
-        losses = step_loss.asnumpy()
+        t_w = time.perf_counter()
+        losses = mx.nd.concat(*step_sums, dim=0).asnumpy() / terms  # (steps,) mean loss per step
+        t_wait += time.perf_counter() - t_w
         train_time = time.perf_counter() - t_train
         bar.close()
+        t_ar = time.perf_counter()
         mean_loss = float(backend.allreduce_mean([float(losses.mean())])[0])  # collective: all ranks
+        t_allreduce = time.perf_counter() - t_ar  # includes waiting for the slowest rank
         if not math.isfinite(mean_loss):
             bad = np.flatnonzero(~np.isfinite(losses))
             where = f"step {int(bad[0]) + 1} of {steps}" if len(bad) else "a step on another rank"
@@ -481,22 +492,31 @@ def train(cfg: Config) -> RunResult:
 
         row = {"epoch": epoch + 1, "loss": mean_loss, "triplets_per_s": throughput,
                "lr": stepper.trainer.learning_rate, "time_sample_s": t_sample,
-               "time_train_s": train_time}
+               "time_train_s": train_time, "time_wait_s": t_wait,
+               "time_allreduce_s": t_allreduce}
+        # Where the epoch went, without per-step syncs: sampling (+ index copy), training
+        # (of which the host sat waiting for the device: near train = device-bound, near 0 =
+        # host-bound), the end-of-epoch allreduce (waits for the slowest rank), evaluation.
+        timing = (f"[sample {t_sample:.2f}s train {train_time:.2f}s (wait {t_wait:.2f}s) "
+                  f"allreduce {t_allreduce:.2f}s")
         if backend.is_main and ((epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.train.epochs):
             t_eval = time.perf_counter()
             res, emb = evaluator(net, ctx0)
             row.update({k: v for k, v in res.items()})
             row["time_eval_s"] = time.perf_counter() - t_eval
-            log.info("epoch %d/%d  loss %.4f  acc %.4f (%d / %d)  P@1 %.4f (raw %.4f)  R-Prec "
-                     "%.4f  MAP@R %.4f%s  %.0f triplets/s  [sample %.2fs train %.2fs eval %.2fs]",
+            # A collapsed embedding's seed accuracy counts ties as correct (1.0 for one
+            # point): say so next to the number, not only at the end of the line.
+            log.info("epoch %d/%d  loss %.4f  acc %.4f (%d / %d%s)  P@1 %.4f (raw %.4f)  R-Prec "
+                     "%.4f  MAP@R %.4f%s  %.0f triplets/s  %s eval %.2fs]",
                      epoch + 1, cfg.train.epochs, mean_loss, res["seed_accuracy"], res["correct"],
-                     res["total"], res["precision_at_1"], evaluator.raw["precision_at_1"],
+                     res["total"], ", COLLAPSED: not a success" if res["collapsed"] else "",
+                     res["precision_at_1"], evaluator.raw["precision_at_1"],
                      res["r_precision"], res["map_at_r"],
-                     "  COLLAPSED" if res["collapsed"] else "", throughput, t_sample,
-                     train_time, row["time_eval_s"])
+                     "  COLLAPSED" if res["collapsed"] else "", throughput, timing,
+                     row["time_eval_s"])
         elif backend.is_main:
-            log.info("epoch %d/%d  loss %.4f  %.0f triplets/s", epoch + 1, cfg.train.epochs,
-                     mean_loss, throughput)
+            log.info("epoch %d/%d  loss %.4f  %.0f triplets/s  %s]", epoch + 1, cfg.train.epochs,
+                     mean_loss, throughput, timing)
         main.record_epoch(row)
         main.scalars(epoch, {f"train/{k}": row[k] for k in ("loss", "triplets_per_s", "lr")})
         main.scalars(epoch, {f"eval/{k}": v for k, v in row.items()
@@ -524,6 +544,13 @@ def train(cfg: Config) -> RunResult:
                              {"origin": test_split.images[:n], "triplet": emb[:n]},
                              test_split.labels[:n], test_split.class_names,
                              images=test_split.images[:n])
+        # The trained network as symbol + params, for `python -m dist_triplet.embed`.
+        from .export import export_model
+        model_dir = export_model(net, os.path.join(run_dir, "model"), ctx0,
+                                 test_split.images.shape[1],
+                                 meta={"run_dir": os.path.abspath(run_dir),
+                                       "epochs": cfg.train.epochs})
+        log.info("exported model to %s", model_dir)
         main.close()
         log.info("run directory: %s", os.path.abspath(run_dir))
         print(os.path.abspath(run_dir), flush=True)
@@ -541,11 +568,32 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
+def default_threads(cfg: Config) -> None:
+    """Set OMP_NUM_THREADS, unless the user did, to this host's cores divided among the
+    processes (``HOROVOD_LOCAL_SIZE``, set by horovodrun) and kvstore CPU devices that share
+    them. Only effective before MXNet is imported.
+
+    MXNet's own default is half the cores (it assumes two hyper-threads per core): one
+    thread on a 2-core VM, which halves the step rate there (benchmark section 2).
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    share = int(os.environ.get("HOROVOD_LOCAL_SIZE") or 1)
+    d = cfg.distributed
+    if d.backend == "kvstore" and d.devices.startswith("cpu:"):
+        try:
+            share *= max(1, int(d.devices.split(":", 1)[1]))
+        except ValueError:
+            pass  # choose_contexts reports the malformed value
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // share))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status (tests call it directly)."""
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        default_threads(cfg)
         train(cfg)
     except (ConfigError, ValueError, FileNotFoundError, TrainingError) as exc:
         logging.getLogger("dist_triplet").error("%s", exc)

@@ -13,8 +13,10 @@ from dist_triplet.metrics import (
 )
 
 
-def reference_retrieval(emb, labels):
-    """Musgrave et al. 2020 metrics by a plain loop: sorted() over (distance, index)."""
+def reference_retrieval(emb, labels, key=float):
+    """Musgrave et al. 2020 metrics by a plain loop: sorted() over (key(distance), index).
+
+    ``key=np.float32``: the documented ranking key, the distance rounded to float32."""
     emb = np.asarray(emb, dtype=np.float64)
     p1, rp, mapr, excluded = [], [], [], 0
     for i in range(len(emb)):
@@ -22,7 +24,7 @@ def reference_retrieval(emb, labels):
         if r == 0:
             excluded += 1
             continue
-        ranked = sorted((float(np.sum((emb[i] - emb[j]) ** 2)), j)
+        ranked = sorted((key(np.sum((emb[i] - emb[j]) ** 2)), j)
                         for j in range(len(emb)) if j != i)
         rel = [1 if labels[j] == labels[i] else 0 for _, j in ranked[:r]]
         p1.append(rel[0])
@@ -165,6 +167,97 @@ def test_retrieval_rejects_bad_shapes():
         retrieval_metrics(np.zeros((4, 2), np.float32), np.zeros(4, int), block=0)
 
 
+METHODS = ["fast", "exact", "auto"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_matches_loop_reference_with_ties(method):
+    # Integer points: exact ties everywhere, also at the R-th rank and across labels.
+    rng = np.random.RandomState(5)
+    emb = rng.randint(0, 3, size=(60, 2)).astype(np.float32)
+    labels = rng.randint(0, 3, size=60)
+    for block in (7, 1024):
+        assert_metrics_equal(retrieval_metrics(emb, labels, block=block, method=method),
+                             reference_retrieval(emb, labels))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_applies_tie_rule_to_collapsed_embedding(method):
+    labels = np.array([0, 1, 1, 0, 0, 1])
+    emb = np.full((6, 3), 0.3, dtype=np.float32)
+    for i, steps in enumerate([3, 0, 5, 1, 4, 2]):  # a few ulps apart: still ties
+        for _ in range(steps):
+            emb[i] = np.nextafter(emb[i], np.float32(1.0))
+    got = retrieval_metrics(emb, labels, method=method)
+    assert got["precision_at_1"] == pytest.approx(2 / 6, abs=1e-12)
+    assert got["r_precision"] == pytest.approx(2.5 / 6, abs=1e-12)
+    assert got["map_at_r"] == pytest.approx(1.75 / 6, abs=1e-12)
+
+
+def test_fast_rechecks_pairs_float32_cannot_order():
+    # Norms ~1e4 and neighbours 0.01 apart (squared distances from 1e-4): float32 GEMM
+    # distances are off by ~1e-3, more than the gaps, so the order comes from the exact
+    # re-check alone. (Keys stay above the 0-snap, 1e-10 * 2e4.)
+    rng = np.random.RandomState(6)
+    emb = np.zeros((40, 2), dtype=np.float32)
+    emb[:, 0] = 100.0
+    emb[:, 1] = rng.permutation(40).astype(np.float32) * np.float32(0.01)
+    labels = rng.randint(0, 2, size=40)
+    exact = retrieval_metrics(emb, labels, method="exact")
+    assert retrieval_metrics(emb, labels, method="fast") == exact
+    assert retrieval_metrics(emb, labels, method="auto") == exact
+    # The loop agrees on the top-1 and the top-R sets; the order inside the top R of
+    # pairs whose keys differ by ~1 float32 ulp is decided by the float64 expansion's own
+    # rounding (~5e-12 here), as documented, so MAP@R is not compared to the loop.
+    want = reference_retrieval(emb, labels, key=np.float32)
+    for key in ("precision_at_1", "r_precision"):
+        assert exact[key] == pytest.approx(want[key], abs=1e-12)
+    assert 0.0 < exact["map_at_r"] < 1.0
+
+
+def test_fast_equals_exact_on_8bit_images_with_duplicates():
+    # bytes / 255 (as data.load_split) and raw uint8: the exact-integer GEMM path.
+    rng = np.random.RandomState(7)
+    v = (rng.randint(0, 256, size=(300, 64)) * (rng.rand(300, 64) < 0.4)).astype(np.uint8)
+    v[rng.randint(0, 300, 60)] = v[rng.randint(0, 300, 60)]  # exact duplicates tie
+    labels = rng.randint(0, 4, size=300)
+    for emb in (v.astype(np.float32) / np.float32(255), v):
+        exact = retrieval_metrics(emb, labels, method="exact")
+        assert retrieval_metrics(emb, labels, method="fast") == exact
+        assert retrieval_metrics(emb, labels, block=50) == exact
+    small = v[:40].astype(np.float32) / np.float32(255)
+    assert_metrics_equal(retrieval_metrics(small, labels[:40]),
+                         reference_retrieval(small, labels[:40]))
+
+
+def test_fast_equals_exact_with_sampled_thresholds():
+    # N > 2048: thresholds come from a column sample; unbalanced classes give several R_i.
+    rng = np.random.RandomState(8)
+    centres = rng.randn(5, 8)
+    labels = rng.choice(5, size=2100, p=[0.4, 0.3, 0.15, 0.1, 0.05])
+    emb = (centres[labels] + 0.8 * rng.randn(2100, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    exact = retrieval_metrics(emb, labels, method="exact")
+    assert retrieval_metrics(emb, labels, method="fast") == exact
+    assert retrieval_metrics(emb, labels, method="auto", block=300) == exact
+
+
+def test_non_finite_embeddings_use_exact_path():
+    rng = np.random.RandomState(9)
+    emb = rng.randn(30, 3).astype(np.float32)
+    emb[4, 1] = np.nan
+    emb[9] = np.inf
+    labels = rng.randint(0, 3, size=30)
+    exact = retrieval_metrics(emb, labels, method="exact")
+    assert retrieval_metrics(emb, labels, method="fast") == exact
+    assert retrieval_metrics(emb, labels) == exact
+
+
+def test_retrieval_rejects_unknown_method():
+    with pytest.raises(ValueError, match="method"):
+        retrieval_metrics(np.zeros((4, 2), np.float32), np.zeros(4, int), method="faiss")
+
+
 def test_triplet_accuracy_seed_counts_exact_tie_strict_does_not():
     # 1-D: triplet 0: d_ap 1 < d_an 4 (both right); triplet 1: d_ap 1 == d_an 1 (seed
     # right, strict wrong); triplet 2: d_ap 4 > d_an 1 (both wrong).
@@ -220,7 +313,7 @@ def test_evaluate_embeddings_flags_collapse_but_still_reports():
     emb = np.full((6, 3), 0.3, dtype=np.float32)
     triplets = np.array([[0, 3, 1], [1, 2, 0]])
     got = evaluate_embeddings(emb, labels, triplets, collapse_eps=1e-6)
-    assert got["collapsed"] is True
+    assert got["collapsed"] is True and got["valid"] is False
     assert got["spread"] == pytest.approx(0.0, abs=1e-12)
     # The seed metric's 100% on a useless model, which is why `collapsed` exists.
     assert got["seed_accuracy"] == 1.0 and got["strict_accuracy"] == 0.0
@@ -234,7 +327,7 @@ def test_evaluate_embeddings_on_good_embedding():
     emb = (centres[labels] + 0.01 * np.arange(12)[:, None]).astype(np.float32)
     triplets = np.array([[0, 1, 4], [5, 6, 8], [9, 10, 0]])
     got = evaluate_embeddings(emb, labels, triplets, collapse_eps=1e-6)
-    assert got["collapsed"] is False
+    assert got["collapsed"] is False and got["valid"] is True
     assert got["spread"] > 1.0
     assert got["map_at_r"] == 1.0 and got["seed_accuracy"] == 1.0 and got["strict_accuracy"] == 1.0
 
@@ -246,3 +339,28 @@ def test_evaluate_embeddings_rejects_bad_triplets():
         evaluate_embeddings(emb, labels, np.array([[0, 1, 4]]), collapse_eps=1e-6)
     with pytest.raises(ValueError, match=r"\(M, 3\)"):
         evaluate_embeddings(emb, labels, np.array([0, 1, 2]), collapse_eps=1e-6)
+
+
+def test_partial_collapse_flagged_by_tied_triplets():
+    # Most rows on one point (dead ReLUs), a few spread out: the spread is far above eps,
+    # but 3 of 4 triplets tie exactly, so the seed accuracy (ties count) is 1.0 while the
+    # strict one is 0.25. Such an embedding must be flagged, not reported as a success.
+    emb = np.zeros((8, 2), np.float32)
+    emb[6] = [5.0, 0.0]
+    emb[7] = [5.0, 1.0]
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    triplets = np.array([[0, 1, 4], [1, 2, 5], [2, 3, 4], [6, 7, 0]])
+    got = evaluate_embeddings(emb, labels, triplets, collapse_eps=1e-6)
+    assert got["spread"] > 1.0
+    assert got["seed_accuracy"] == 1.0 and got["strict_accuracy"] == 0.25
+    assert got["tie_share"] == 0.75
+    assert got["collapsed"] is True and got["valid"] is False
+
+
+def test_few_ties_do_not_flag_collapse():
+    emb = np.array([[0, 0], [0, 1], [3, 0], [3, 1]], np.float32)
+    labels = np.array([0, 0, 1, 1])
+    triplets = np.array([[0, 1, 2], [2, 3, 0], [1, 0, 3]])
+    got = evaluate_embeddings(emb, labels, triplets, collapse_eps=1e-6)
+    assert got["tie_share"] == 0.0
+    assert got["collapsed"] is False and got["valid"] is True

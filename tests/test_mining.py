@@ -156,6 +156,51 @@ def test_mined_triplet_loss_returns_per_triplet_vectors():
     np.testing.assert_array_equal(w.asnumpy(), np.ones(P * K))
 
 
+def test_semi_hard_over_k_minus_1_positives_equals_all_pairs():
+    # A P x K batch gives each anchor exactly K - 1 positives: mining only those pairs
+    # (O(B^2 K)) must pick the very triplets of the all-pairs O(B^3) version.
+    emb, labels = make_batch()
+    a, p, n, w = (x.asnumpy() for x in semi_hard(mx.nd, mx.nd.array(emb), mx.nd.array(labels),
+                                                 MARGIN, positives=K - 1))
+    assert a.shape == p.shape == n.shape == w.shape == (P * K * (K - 1),)
+    got = sorted((int(ai), int(pi), int(ni)) for ai, pi, ni, wi in zip(a, p, n, w) if wi)
+    want = ref_semi_hard(emb, labels)
+    assert got == sorted((t[0], t[1], t[2]) for t in want)
+    # Row a * (K - 1) + j holds anchor a's j-th positive, in batch order.
+    np.testing.assert_array_equal(a.reshape(P * K, K - 1), np.repeat(np.arange(P * K), K - 1)
+                                  .reshape(P * K, K - 1))
+    assert np.all(np.diff(p.reshape(P * K, K - 1), axis=1) > 0)
+
+
+@pytest.mark.parametrize("hybridize", [False, True])
+def test_semi_hard_with_k_matches_loop_loss_and_gradient(hybridize):
+    emb, labels = make_batch()
+    trip = ref_semi_hard(emb, labels)
+    block = MinedTripletLoss(MARGIN, "semi_hard", k=K)
+    if hybridize:
+        block.hybridize(static_alloc=True, static_shape=True)
+    for _ in range(2):
+        x = mx.nd.array(emb)
+        x.attach_grad()
+        with mx.autograd.record():
+            loss = block(x, mx.nd.array(labels))
+        loss.backward()
+        assert loss.asscalar() == pytest.approx(ref_loss(emb, trip, MARGIN), abs=1e-6)
+        np.testing.assert_allclose(x.grad.asnumpy(), ref_grad(emb, trip, MARGIN),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_semi_hard_with_fewer_positives_than_asked_pads_with_zero_weight():
+    # Class 1 has 2 members (1 positive each) but positives=3: the missing pairs weigh 0.
+    emb = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [0.0, 4.0]], np.float32)
+    labels = mx.nd.array([0, 0, 0, 1, 1])
+    a, p, n, w = (x.asnumpy() for x in semi_hard(mx.nd, mx.nd.array(emb), labels, MARGIN,
+                                                 positives=3))
+    assert w.sum() == 3 * 2 + 2 * 1
+    assert np.all(labels.asnumpy()[p[w > 0].astype(int)] == labels.asnumpy()[a[w > 0].astype(int)])
+    assert np.all(p[w > 0] != a[w > 0])
+
+
 def test_anchors_without_positive_or_negative_get_zero_weight():
     emb = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]], dtype=np.float32)
     # Sample 2 is alone in its class: no positive, so no batch-hard triplet.
@@ -178,3 +223,7 @@ def test_bad_arguments_raise():
         MinedTripletLoss(-0.1, "batch_hard")
     with pytest.raises(ValueError, match="miner"):
         mined_triplet_loss(mx.nd, mx.nd.ones((2, 2)), mx.nd.array([0, 1]), MARGIN, "x")
+    with pytest.raises(ValueError, match="k must be"):
+        MinedTripletLoss(MARGIN, "semi_hard", k=1)
+    with pytest.raises(ValueError, match="positives"):
+        semi_hard(mx.nd, mx.nd.ones((2, 2)), mx.nd.array([0, 1]), MARGIN, positives=0)

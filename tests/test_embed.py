@@ -1,0 +1,132 @@
+"""Export of the trained network and `python -m dist_triplet.embed` (tiny data, CPU)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mxnet", reason="export and embed run on MXNet")
+
+from dist_triplet import embed as embed_cli  # noqa: E402  (after the importorskip)
+from dist_triplet.config import load_config  # noqa: E402
+from dist_triplet.data import write_idx  # noqa: E402
+from dist_triplet.export import export_model, load_model, model_files, read_meta  # noqa: E402
+from dist_triplet.model import build_embedding_net, embed, initialize  # noqa: E402
+from dist_triplet.train import train  # noqa: E402
+
+CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 4, 12, 5
+
+
+def make_images(per_class, seed):
+    """(N, 28, 28) uint8 images whose class sets a bright band, and (N,) labels."""
+    rng = np.random.RandomState(seed)
+    labels = np.repeat(np.arange(CLASSES), per_class).astype(np.uint8)
+    images = rng.randint(0, 60, size=(len(labels), 28, 28)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        images[i, 7 * c:7 * c + 7, :] += 150
+    return images, labels
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    for stem, per_class, seed in (("train", TRAIN_PER_CLASS, 0), ("t10k", TEST_PER_CLASS, 1)):
+        images, labels = make_images(per_class, seed)
+        write_idx(root / f"{stem}-images-idx3-ubyte", images)
+        write_idx(root / f"{stem}-labels-idx1-ubyte", labels, gzip=True)
+    return root
+
+
+def tiny_config(idx_dir, run_dir, *extra):
+    return load_config(None, [
+        "data.dataset=idx", f"data.root={idx_dir}", f"output.dir={run_dir}",
+        "distributed.backend=local", "distributed.device=cpu", "train.progress=false",
+        "train.epochs=1", "sampler.kind=pk", f"sampler.p={CLASSES}", "sampler.k=4",
+        "sampler.steps_per_epoch=3", "model.hidden=[32,16]", "model.final_relu=false",
+        "model.normalize=true", "loss.margin=0.2", "eval.projector=false", "checkpoint.keep=0",
+        *extra])
+
+
+def test_export_then_load_reproduces_the_network(tmp_path):
+    net = build_embedding_net(784, [32, 8], final_relu=False, normalize=True)
+    initialize(net, 0.1, mx.cpu(), seed=3)
+    x = np.random.RandomState(4).rand(10, 784).astype(np.float32)
+    want = embed(net, x, mx.cpu())
+    export_model(net, str(tmp_path / "model"), mx.cpu(), 784, meta={"note": "unit test"})
+    for path in model_files(str(tmp_path / "model")):
+        assert os.path.isfile(path)
+    meta = read_meta(str(tmp_path / "model"))
+    assert meta["input_units"] == 784 and meta["embedding_dim"] == 8 and meta["note"] == "unit test"
+    got = load_model(str(tmp_path / "model"))(mx.nd.array(x)).asnumpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_training_run_exports_a_model_that_embed_reproduces(idx_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    result = train(tiny_config(idx_dir, run_dir))
+    model_dir = run_dir / "model"
+    assert sorted(os.listdir(model_dir)) == ["embed-0000.params", "embed-symbol.json", "meta.json"]
+    assert json.loads((model_dir / "meta.json").read_text())["embedding_dim"] == 16
+
+    images, _ = make_images(TEST_PER_CLASS, 1)
+    pixels = images.reshape(len(images), -1).astype(np.float32) / np.float32(255)
+    want = embed(result.net, pixels, mx.cpu())                  # the in-memory network
+    assert want.shape == (len(images), 16)
+
+    idx_file = idx_dir / "t10k-images-idx3-ubyte"
+    np.save(tmp_path / "u8.npy", images)                         # (N, 28, 28) uint8
+    np.save(tmp_path / "f32.npy", pixels)                        # (N, 784) float, as is
+    for source, model_arg in ((idx_file, model_dir), (tmp_path / "u8.npy", run_dir),
+                              (tmp_path / "f32.npy", model_dir)):
+        out = tmp_path / f"{source.name}.emb"                    # no .npy suffix added
+        status = embed_cli.main(["--model", str(model_arg), "--input", str(source),
+                                 "--output", str(out), "--batch-size", "7"])
+        assert status == 0
+        got = np.load(out)
+        assert got.dtype == np.float32 and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_model", "does not exist"),
+    ("labels_file", "labels file"),
+    ("wrong_width", "takes 784 values per image"),
+    ("not_idx", "not an IDX file"),
+    ("objects", "not a numeric .npy"),
+    ("int_npy", "expected uint8 pixels"),
+    ("missing_input", "does not exist"),
+    ("bad_batch", "--batch-size"),
+])
+def test_embed_rejects_bad_input_with_a_clear_message(tmp_path, capsys, case, message):
+    net = build_embedding_net(784, [8], final_relu=False)
+    initialize(net, 0.1, mx.cpu(), seed=0)
+    model_dir = str(tmp_path / "model")
+    export_model(net, model_dir, mx.cpu(), 784)
+    source = tmp_path / "input"
+    args = {"batch": "4", "model": model_dir}
+    if case == "no_model":
+        args["model"] = str(tmp_path / "nowhere")
+        np.save(source, np.zeros((2, 784), np.float32))
+    elif case == "labels_file":
+        write_idx(source, np.zeros(5, np.uint8))
+    elif case == "wrong_width":
+        np.save(source, np.zeros((3, 10, 10), np.uint8))
+    elif case == "not_idx":
+        source.write_text("<html>404</html>")
+    elif case == "objects":
+        np.save(source, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    elif case == "int_npy":
+        np.save(source, np.zeros((2, 784), np.int64))
+    elif case == "bad_batch":
+        np.save(source, np.zeros((2, 784), np.float32))
+        args["batch"] = "0"
+    if source.exists() is False and os.path.exists(f"{source}.npy"):
+        os.replace(f"{source}.npy", source)                     # np.save added .npy
+    status = embed_cli.main(["--model", args["model"], "--input", str(source),
+                             "--output", str(tmp_path / "out.npy"), "--batch-size",
+                             args["batch"]])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "out.npy").exists()
