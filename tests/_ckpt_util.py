@@ -12,7 +12,8 @@ import numpy as np
 
 from dist_triplet.data import write_idx
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _hvd import ROOT, child_env
+
 FAULT_TRAIN = os.path.join(ROOT, "tests", "_fault_train.py")
 
 
@@ -67,9 +68,5 @@ def digest_tree(path):
 
 
 def subprocess_env(**extra):
-    """Environment for child trainers: one OpenMP thread (2 shared cores), the project
-    importable, no inherited fault spec unless given."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    env.pop("DIST_TRIPLET_FAULT", None)
-    env.update(extra)
-    return env
+    """Environment for child trainers (see _hvd.child_env)."""
+    return child_env(**extra)

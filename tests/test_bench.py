@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
+from _hvd import ROOT, child_env, require_horovod
 from dist_triplet.bench import flops_per_triplet, gemm_shapes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SECTIONS = {
     "triplets": ("seed_loop_s", "vectorised_s", "speedup", "full_epoch_s", "shard_w4_s",
@@ -47,18 +46,12 @@ def test_flops_per_triplet_by_hand():
 
 
 def test_quick_bench_reports_every_section(tmp_path):
-    if shutil.which("horovodrun") is None:
-        pytest.skip("horovodrun is not on PATH (build Horovod with launch/setup.sh)")
-    try:
-        import horovod.mxnet  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"horovod.mxnet does not import: {exc}")
+    require_horovod()
     out = tmp_path / "bench"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [sys.executable, "-m", "dist_triplet.bench", "--quick", "--synthetic",
          "--train-size", "600", "--batch-size", "16", "--threads", "1", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     doc = json.loads((out / "bench.json").read_text())

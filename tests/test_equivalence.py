@@ -10,20 +10,19 @@ bugs that advanced it once per device, which breaks Adam and schedules).
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from _hvd import HOROVODRUN_2, ROOT, child_env, require_horovod
 import equivalence_worker as worker
 from dist_triplet import dist
 from dist_triplet.config import Config
 from dist_triplet.train import DataParallelStep, EpochSampler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 OPTS = list(worker.OPTIMIZERS)
 
 
@@ -40,19 +39,11 @@ def kvstore():
 @pytest.fixture(scope="module")
 def horovod(tmp_path_factory):
     """Both ranks' results of one 2-rank Gloo run: [rank] -> npz mapping."""
-    if shutil.which("horovodrun") is None:
-        pytest.skip("horovodrun is not on PATH (build Horovod with launch/setup.sh)")
-    try:
-        import horovod.mxnet  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"horovod.mxnet does not import: {exc}")
+    require_horovod()
     out = tmp_path_factory.mktemp("hvd_equivalence")
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
-        ["horovodrun", "-np", "2", "-H", "localhost:2", "--gloo",
-         sys.executable, os.path.join(HERE, "equivalence_worker.py"), str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        HOROVODRUN_2 + [sys.executable, os.path.join(HERE, "equivalence_worker.py"), str(out)],
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [np.load(out / f"rank{r}.npz") for r in range(2)]
 

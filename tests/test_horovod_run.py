@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -17,10 +16,10 @@ import numpy as np
 import pytest
 import yaml
 
+from _hvd import HOROVODRUN_2, ROOT, child_env, require_horovod
 from dist_triplet.data import write_idx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 10, 20, 10
 
 
@@ -39,24 +38,16 @@ def write_dataset(root) -> None:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    if shutil.which("horovodrun") is None:
-        pytest.skip("horovodrun is not on PATH (build Horovod with launch/setup.sh)")
-    try:
-        import horovod.mxnet  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"horovod.mxnet does not import: {exc}")
+    require_horovod()
     tmp = tmp_path_factory.mktemp("hvd_run")
     data, run_dir = tmp / "data", tmp / "run"
     data.mkdir()
     write_dataset(data)
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
-        ["horovodrun", "-np", "2", "-H", "localhost:2", "--gloo",
-         sys.executable, os.path.join(HERE, "horovod_train_worker.py"), str(tmp),
+        HOROVODRUN_2 + [sys.executable, os.path.join(HERE, "horovod_train_worker.py"), str(tmp),
          "--config", "configs/debug.yaml", "distributed.backend=horovod",
          "data.dataset=idx", f"data.root={data}", "train.epochs=2", f"output.dir={run_dir}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     return proc, tmp, run_dir
 
 

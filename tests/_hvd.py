@@ -1,0 +1,35 @@
+"""Shared by the tests that start real processes: ``horovodrun --gloo`` jobs and CLIs.
+
+One place says when Horovod is usable (else the test is skipped with the reason) and what
+environment a child process gets: the project importable and one OpenMP thread, because
+the CI machine has 2 cores and the jobs run 2 ranks.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOROVODRUN_2 = ["horovodrun", "-np", "2", "-H", "localhost:2", "--gloo"]
+
+
+def require_horovod() -> None:
+    """Skip the calling test unless horovodrun is on PATH and horovod.mxnet imports."""
+    if shutil.which("horovodrun") is None:
+        pytest.skip("horovodrun is not on PATH (build Horovod with launch/setup.sh)")
+    try:
+        import horovod.mxnet  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"horovod.mxnet does not import: {exc}")
+
+
+def child_env(**extra) -> dict:
+    """Environment for a child process: one OpenMP thread, the project importable, no
+    inherited fault-injection spec unless given in ``extra``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env.pop("DIST_TRIPLET_FAULT", None)
+    env.update(extra)
+    return env
