@@ -1,4 +1,4 @@
-"""Benchmark: the product against the seed's recipe and against this machine's limit (issue 4).
+"""Benchmark: the product against the seed's recipe and against this machine's limit.
 
     python -m dist_triplet.bench [--quick] [--out DIR] [--batch-size 256] [--threads N]
     dist-triplet-bench ...            (the same, as a console script)
@@ -26,7 +26,7 @@ machine moves them less; the targets are ratios for the same reason.
    separate forwards, not hybridized, ``asscalar()`` after every batch). Same triplets,
    same network, same optimizer, same thread count; the seed-style pipeline runs in a
    process of its own (interleaved in one process, its per-batch allocations slowed the
-   product by a third). Target: >= 1.8x. Also the product loop as it was before issue 4
+   product by a third). Target: >= 1.8x. Also the product loop as it was before the speed work
    (``ProductLoop(before=True)``), interleaved with the product, for that change's
    before/after.
 3. **Roofline.** FLOPs of one training triplet for the MLP ``in -> w1 -> ... -> wL``
@@ -357,7 +357,7 @@ class ProductLoop:
     epoch), the loss sum kept on the device with no op of its own, one host wait every
     ``train.sync_every`` steps and one per epoch. Keep it in step with ``train.train``.
 
-    ``before=True`` is the loop as it was before issue 4: indices copied to the device
+    ``before=True`` is the loop as it was before the speed work: indices copied to the device
     every step (``mx.nd.array``, which waits for MXNet's queue to drain) and three small
     ops per step to store the step's mean loss in a device array.
     """
@@ -499,7 +499,7 @@ def bench_throughput(args, cfg, images: np.ndarray, labels: np.ndarray, sz: dict
     """Section 2: product loop vs seed-style pipeline, same triplets/network/optimizer.
 
     The product runs here, its windows interleaved with the product loop as it was
-    before issue 4 (``ProductLoop(before=True)``, on its own network) for that change's
+    before the speed work (``ProductLoop(before=True)``, on its own network) for that change's
     before/after. The seed-style pipeline runs in a process of its own (see
     ``_bench_worker.seed_style``) at the same thread count."""
     import mxnet as mx
@@ -664,7 +664,7 @@ def table(doc: dict) -> str:
          f"{k(th['seed_style_triplets_per_s'])} triplets/s", "", ""),
         ("throughput", "product step", f"{k(th['product_triplets_per_s'])} triplets/s "
          f"({th['product_cores']:.2f} cores busy)", "", ""),
-        ("throughput", "product step as before issue 4 (per-step index copy + loss ops)",
+        ("throughput", "product step as before the speed work (per-step index copy + loss ops)",
          f"{k(th['product_before_triplets_per_s'])} triplets/s", "", ""),
         ("throughput", "speed-up", f"{th['speedup']:.2f}x", f">= {T['throughput_speedup']}x",
          _status(th["speedup"], T["throughput_speedup"])),

@@ -103,7 +103,8 @@ class TrainConfig:
     batch_size: int = 256
     # Run seed: triplets are a function of (seed, epoch, rank); parameters init from it.
     seed: int = 42
-    # Progress bar on rank 0 (tqdm); off in CI logs if you prefer plain lines.
+    # Progress bar on rank 0 (tqdm), shown only when stderr is a terminal (debug and kvstore
+    # runs): horovodrun pipes every rank's output, where a bar would garble the log.
     progress: bool = True
     # Every this many steps the host waits for the device once (bounds MXNet's async
     # queue and refreshes the progress bar's loss). Not a per-step sync.
@@ -144,8 +145,11 @@ class CheckpointConfig:
 
 @dataclass
 class OutputConfig:
-    # Run directory. null = runs/<dataset>-<timestamp>, chosen by rank 0 and shared with all ranks.
+    # Run directory. null = <root>/<name>-<timestamp>, chosen by rank 0 and shared with all ranks.
     dir: Optional[str] = None
+    # Prefix of generated run directories; null = the config file's stem (e.g. fashion_mnist),
+    # or the data set's name without a config file.
+    name: Optional[str] = None
     root: str = "runs"
 
 
@@ -316,6 +320,9 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
             raise ConfigError(f"command line: override {item!r} must look like section.key=value")
         key, value = item.split("=", 1)
         _set(cfg, key.strip(), value, "command line")
+    if cfg.output.name is None:
+        cfg.output.name = (os.path.splitext(os.path.basename(path))[0] if path
+                           else cfg.data.dataset)
     try:
         _validate(cfg)
     except ConfigError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from typing import Sequence
 
 import numpy as np
@@ -17,7 +18,8 @@ _MAX_SPRITE_PX = 8192
 
 
 def export_projector(log_dir: str, embeddings: dict, labels: np.ndarray,
-                     class_names: Sequence[str], images: np.ndarray | None = None) -> list:
+                     class_names: Sequence[str], images: np.ndarray | None = None,
+                     writer=None) -> list:
     """Write one projector entry per item of ``embeddings`` into ``log_dir``.
 
     Rank 0 only; calls no collective.
@@ -30,6 +32,11 @@ def export_projector(log_dir: str, embeddings: dict, labels: np.ndarray,
         class_names: names indexed by class id.
         images: (N, H*W) float32 in [0, 1] of square images for sprite thumbnails, or None.
             Left out (with no error) if the sprite would exceed TensorBoard's 8192 px limit.
+        writer: an open ``tensorboardX.SummaryWriter`` on ``log_dir`` to reuse (the run's
+            scalar writer), or None to open one.
+
+    An earlier export in ``log_dir`` (a resumed run exporting again) is replaced, not
+    appended to: tensorboardX appends every call to ``projector_config.pbtxt``.
 
     Returns:
         The directories written, one per tag (each has tensors.tsv, metadata.tsv and,
@@ -44,12 +51,23 @@ def export_projector(log_dir: str, embeddings: dict, labels: np.ndarray,
         side = int(round(math.sqrt(images.shape[1])))
         if side * side == images.shape[1] and math.ceil(math.sqrt(n)) * side <= _MAX_SPRITE_PX:
             label_img = images.reshape(n, 1, side, side)  # (N, C, H, W) as tensorboardX expects
+    for tag, mat in embeddings.items():
+        if len(mat) != n:
+            raise ValueError(f"projector tag {tag!r}: {len(mat)} rows but {n} labels")
+    for tag in embeddings:
+        shutil.rmtree(os.path.join(log_dir, "00000", tag), ignore_errors=True)
+    config = os.path.join(log_dir, "projector_config.pbtxt")
+    if os.path.exists(config):
+        os.remove(config)
+    own = writer is None
+    writer = SummaryWriter(log_dir) if own else writer
     written = []
-    with SummaryWriter(log_dir) as writer:
+    try:
         for tag, mat in embeddings.items():
-            if len(mat) != n:
-                raise ValueError(f"projector tag {tag!r}: {len(mat)} rows but {n} labels")
             writer.add_embedding(np.asarray(mat, dtype=np.float32), metadata=metadata,
                                  label_img=label_img, tag=tag)
             written.append(os.path.join(log_dir, "00000", tag))
+    finally:
+        if own:
+            writer.close()
     return written

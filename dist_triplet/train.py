@@ -121,7 +121,7 @@ def resolve_run_dir(cfg: Config, backend) -> str:
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(cfg.checkpoint.resume)))
     if run_dir is None:
         run_dir = os.path.join(cfg.output.root,
-                               f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+                               f"{cfg.output.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     return backend.broadcast_object(run_dir, name="run_dir")
 
 
@@ -459,7 +459,8 @@ def train(cfg: Config) -> RunResult:
         step_sums = []
         t_wait = 0.0                                             # host blocked on the device
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step",
-                   disable=not (backend.is_main and cfg.train.progress), leave=False)
+                   disable=not (backend.is_main and cfg.train.progress and sys.stderr.isatty()),
+                   leave=False)
         t_train = time.perf_counter()
         for s in range(steps):
             # Every step, whatever the schedule: a resumed trainer holds the checkpoint's
@@ -543,7 +544,8 @@ def train(cfg: Config) -> RunResult:
             export_projector(os.path.join(run_dir, "tensorboard"),
                              {"origin": test_split.images[:n], "triplet": emb[:n]},
                              test_split.labels[:n], test_split.class_names,
-                             images=test_split.images[:n])
+                             images=test_split.images[:n],
+                             writer=main.writer)
         # The trained network as symbol + params, for `python -m dist_triplet.embed`.
         from .export import export_model
         model_dir = export_model(net, os.path.join(run_dir, "model"), ctx0,
@@ -596,7 +598,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         default_threads(cfg)
         train(cfg)
     except (ConfigError, ValueError, FileNotFoundError, TrainingError) as exc:
-        logging.getLogger("dist_triplet").error("%s", exc)
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     return 0
