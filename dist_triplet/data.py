@@ -123,8 +123,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             the gzip stream is corrupt; the header is shorter than 4 bytes or
             than its dimension list; the magic is neither 2051 nor 2049 (e.g.
             an HTML error page saved under the data file's name); the element
-            type is not 0x08 (uint8); or the payload length differs from the
-            product of the dimensions (truncated or trailing bytes).
+            type is not 0x08 (uint8); an images file has 0 rows or 0 columns; or
+            the payload length differs from the product of the dimensions
+            (truncated or trailing bytes).
     """
     path = os.fspath(path)
     data = _read_bytes(path)
@@ -147,6 +148,10 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             f"{path}: expected an IDX header of {header_len} bytes for {ndim} dimensions, "
             f"found {len(data)} bytes")
     dims = struct.unpack(f">{ndim}I", data[4:header_len])
+    if ndim == 3 and (dims[1] == 0 or dims[2] == 0):
+        raise ValueError(
+            f"{path}: expected images of at least 1x1 pixels, found {dims[1]}x{dims[2]} "
+            f"(dims {tuple(dims)})")
     expected = int(np.prod(dims, dtype=np.int64))
     found = len(data) - header_len
     if found != expected:
@@ -207,9 +212,10 @@ def load_split(images_path: str | os.PathLike, labels_path: str | os.PathLike,
 
     Raises:
         ValueError: a file is not a valid IDX file of the expected kind (see
-            :func:`read_idx`); the two files hold different counts (message
-            names both files and both counts); a label is >= len(class_names)
-            (message names the labels file, the label and the class count).
+            :func:`read_idx`); the images file holds 0 images; the two files
+            hold different counts (message names both files and both counts); a
+            label is >= len(class_names) (message names the labels file, the
+            label and the class count).
     """
     images_path, labels_path = os.fspath(images_path), os.fspath(labels_path)
     images = read_idx(images_path)
@@ -220,6 +226,8 @@ def load_split(images_path: str | os.PathLike, labels_path: str | os.PathLike,
     if labels.ndim != 1:
         raise ValueError(f"{labels_path}: expected a labels file (magic {LABELS_MAGIC}, "
                          f"1 dim), found {labels.ndim} dims")
+    if images.shape[0] == 0:
+        raise ValueError(f"{images_path}: holds 0 images; expected at least 1")
     if images.shape[0] != labels.shape[0]:
         raise ValueError(
             f"count mismatch: {images_path} holds {images.shape[0]} images but "

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .data import read_idx
-from .export import load_model, model_files, read_meta
+from .export import _mxnet_message, load_model, model_files, read_meta
 
 __all__ = ["load_images", "embed_images", "main"]
 
@@ -52,8 +52,13 @@ def load_images(path: str, in_units: int) -> np.ndarray:
             booleans or integers other than uint8; no images; images whose size is not F
             (the message names the file, the shape found and F).
     """
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
+        raise ValueError(f"input {path} is a directory, not a file: pass an IDX images file "
+                         "or a .npy array")
+    if not os.path.exists(path):
         raise FileNotFoundError(f"input file {path} does not exist")
+    if not os.path.isfile(path):
+        raise ValueError(f"input {path} is not a regular file")
     with open(path, "rb") as fh:
         head = fh.read(len(_NPY_MAGIC))
     if head == _NPY_MAGIC:
@@ -85,6 +90,16 @@ def load_images(path: str, in_units: int) -> np.ndarray:
     flat = images.reshape(n, width).astype(np.float32)
     if scale is not None:
         flat /= scale  # the same float32 division as data.load_split
+    else:
+        bad = int(np.count_nonzero(~np.isfinite(flat)))
+        if bad:
+            raise ValueError(f"{path}: {bad} of {flat.size} values are NaN or infinite; "
+                             "expected finite pixels")
+        top = float(flat.max())
+        if top > 1.0:
+            print(f"warning: {path}: float values go up to {top:g}, but the model was trained "
+                  "on pixels / 255 in [0, 1]; divide by 255 (or pass uint8 pixels) unless "
+                  "this is intended", file=sys.stderr, flush=True)
     return flat
 
 
@@ -100,10 +115,14 @@ def embed_images(block, images: np.ndarray, batch_size: int = 1024, ctx=None) ->
     return np.concatenate(out, axis=0).astype(np.float32, copy=False)
 
 
-def _input_units(block, meta: dict) -> int:
+def _input_units(block, meta: dict, meta_path: str = "meta.json") -> int:
     """The network's input width: meta.json's, else the first 2-D weight's second axis."""
     if "input_units" in meta:
-        return int(meta["input_units"])
+        units = meta["input_units"]
+        if isinstance(units, bool) or not isinstance(units, int) or units < 1:
+            raise ValueError(f"{meta_path}: expected input_units a positive "
+                             f"integer, found {units!r}")
+        return units
     for param in block.collect_params().values():
         if param.name.endswith("weight") and len(param.shape) == 2:
             return int(param.shape[1])
@@ -114,10 +133,19 @@ def _save(path: str, array: np.ndarray) -> None:
     """np.save to exactly ``path`` (no added suffix), atomically."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
+    if os.path.isdir(path):
+        raise ValueError(f"output {path} is a directory: pass a file name")
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        np.save(fh, array)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -141,6 +169,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if os.path.isdir(args.output):  # before any work
+            raise ValueError(f"output {args.output} is a directory: pass a file name")
         import mxnet as mx
         if args.device == "gpu":
             if mx.context.num_gpus() == 0:
@@ -150,8 +180,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ctx = mx.cpu()
         model_dir = _resolve_model_dir(args.model)
         block = load_model(model_dir, ctx)
-        images = load_images(args.input, _input_units(block, read_meta(model_dir)))
-        emb = embed_images(block, images, args.batch_size, ctx)
+        in_units = _input_units(block, read_meta(model_dir), model_files(model_dir)[2])
+        images = load_images(args.input, in_units)
+        try:
+            emb = embed_images(block, images, args.batch_size, ctx)
+        except mx.base.MXNetError as exc:
+            raise ValueError(f"the model in {model_dir} failed on {args.input}: "
+                             f"{_mxnet_message(exc)}") from None
         _save(args.output, emb)
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from typing import Optional
 
@@ -74,12 +75,35 @@ def export_model(net, directory: str, ctx, in_units: int, *, meta: Optional[dict
 
 
 def read_meta(directory: str) -> dict:
-    """meta.json of an export ({} if absent: exports by other tools have none)."""
+    """meta.json of an export ({} if absent: exports by other tools have none).
+
+    Raises:
+        ValueError: meta.json is not valid JSON, or is not a JSON object (the message
+            names the file).
+    """
     path = model_files(directory)[2]
     if not os.path.isfile(path):
         return {}
-    with open(path) as fh:
-        return json.load(fh)
+    try:
+        with open(path, "rb") as fh:
+            meta = json.loads(fh.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object (export metadata), found a JSON "
+                         f"{type(meta).__name__}")
+    return meta
+
+
+def _mxnet_message(exc: BaseException) -> str:
+    """The last meaningful line of an MXNet error (its C++ traceback dropped)."""
+    text = str(exc).split("Stack trace:")[0]
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("Traceback", "File \"",
+                                                                   "[bt]"))]
+    if not lines:
+        return type(exc).__name__
+    return re.sub(r"^MXNetError:\s*", "", lines[-1])
 
 
 def load_model(directory: str, ctx=None):
@@ -91,11 +115,15 @@ def load_model(directory: str, ctx=None):
     Raises:
         FileNotFoundError: ``directory`` or its symbol / params file is missing (the
             message names what was looked for).
-        ValueError: the files exist but MXNet cannot load them.
+        ValueError: ``directory`` is not a directory; the files exist but MXNet cannot
+            load them (one line: the file and the last line of MXNet's message).
     """
     import mxnet as mx
     from mxnet import gluon
 
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"model path {directory} is a file, not a directory: pass the export "
+                         "directory a training run writes as <run dir>/model")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"model directory {directory} does not exist; a training run "
                                 "writes it as <run dir>/model")
@@ -106,10 +134,20 @@ def load_model(directory: str, ctx=None):
                                     f"(expected {os.path.basename(sym)} and "
                                     f"{os.path.basename(params)})")
     ctx = ctx if ctx is not None else mx.cpu()
+    errors = (mx.base.MXNetError, AssertionError, ValueError, KeyError, TypeError,
+              UnicodeDecodeError, RuntimeError)
+    # Load each file alone first, so that the error names the file that is broken.
+    for path, loader in ((sym, mx.sym.load), (params, mx.nd.load)):
+        try:
+            loader(path)
+        except errors as exc:
+            raise ValueError(f"{path}: MXNet cannot load it: {_mxnet_message(exc)}") from None
     try:
         with warnings.catch_warnings():
             # MXNet notes that the graph does not record the input dtype: it is float32.
             warnings.filterwarnings("ignore", message="Cannot decide type")
             return gluon.SymbolBlock.imports(sym, [INPUT_NAME], params, ctx=ctx)
-    except (mx.base.MXNetError, AssertionError, ValueError, KeyError) as exc:
-        raise ValueError(f"cannot load the export in {directory}: {exc}") from exc
+    except errors as exc:
+        raise ValueError(f"cannot load the export in {directory} ({os.path.basename(sym)} and "
+                         f"{os.path.basename(params)} do not match): "
+                         f"{_mxnet_message(exc)}") from None

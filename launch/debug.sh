@@ -3,6 +3,7 @@
 #   launch/debug.sh [train args...]      (defaults to configs/debug.yaml)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
-cd "$ROOT"
-[ $# -eq 0 ] && set -- --config configs/debug.yaml
+# No cd: relative --config, data.root and output.dir mean what they say from the caller's directory.
+# configs/debug.yaml unless the arguments name another --config.
+case " $* " in *" --config"*) ;; *) set -- --config "$ROOT/configs/debug.yaml" "$@" ;; esac
 exec python -m dist_triplet.train distributed.backend=local "$@"

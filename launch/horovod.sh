@@ -14,6 +14,6 @@ if [ $# -gt 0 ] && [ "$1" != "--" ]; then HOSTS="$1"; shift; fi
 NHOSTS=$(( $(tr -cd , <<<"$HOSTS" | wc -c) + 1 ))
 PER_HOST=$(( (NP + NHOSTS - 1) / NHOSTS ))
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(threads_per_proc "$PER_HOST")}"
-cd "$ROOT"
+# No cd: relative --config, data.root and output.dir mean what they say from the caller's directory.
 exec horovodrun --gloo -np "$NP" -H "$HOSTS" \
   python -m dist_triplet.train distributed.backend=horovod "$@"

@@ -7,5 +7,5 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 DEVICES="${1:?usage: launch/kvstore.sh DEVICES [train args]}"; shift
-cd "$ROOT"
+# No cd: relative --config, data.root and output.dir mean what they say from the caller's directory.
 exec python -m dist_triplet.train distributed.backend=kvstore "distributed.devices=$DEVICES" "$@"

@@ -5,4 +5,4 @@
 set -euo pipefail
 HERE="$(dirname "${BASH_SOURCE[0]}")"
 bash "$HERE/setup.sh"
-exec bash "$HERE/horovod.sh" "${NP:-4}" -- --config configs/fashion_mnist.yaml "$@"
+exec bash "$HERE/horovod.sh" "${NP:-4}" -- --config "$HERE/../configs/fashion_mnist.yaml" "$@"

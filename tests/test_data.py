@@ -235,3 +235,22 @@ def test_write_idx_rejects_bad_arrays(tmp_path):
         write_idx(tmp_path / "x", np.zeros((2, 2)))
     with pytest.raises(ValueError, match="256"):
         write_idx(tmp_path / "x", np.array([0, 256]))
+
+
+@pytest.mark.parametrize("rows, cols", [(0, 0), (0, 3), (3, 0)])
+def test_images_of_zero_pixels_are_rejected(tmp_path, rows, cols):
+    path = tmp_path / "img"
+    path.write_bytes(struct.pack(">IIII", 2051, 2, rows, cols))
+    _assert_value_error(path, f"{rows}x{cols}", "at least 1x1")
+    write_idx(tmp_path / "lab", np.zeros(2, np.uint8))
+    with pytest.raises(ValueError, match="at least 1x1") as excinfo:
+        load_split(path, tmp_path / "lab", MNIST_CLASSES)
+    assert str(path) in str(excinfo.value)
+
+
+def test_images_file_with_no_images_is_rejected(tmp_path):
+    write_idx(tmp_path / "img", np.zeros((0, 28, 28), np.uint8))
+    write_idx(tmp_path / "lab", np.zeros(0, np.uint8))
+    with pytest.raises(ValueError, match="holds 0 images") as excinfo:
+        load_split(tmp_path / "img", tmp_path / "lab", MNIST_CLASSES)
+    assert str(tmp_path / "img") in str(excinfo.value)

@@ -97,6 +97,14 @@ def test_training_run_exports_a_model_that_embed_reproduces(idx_dir, tmp_path):
     ("int_npy", "expected uint8 pixels"),
     ("missing_input", "does not exist"),
     ("bad_batch", "--batch-size"),
+    ("nan_input", "3 of 1568 values are NaN or infinite"),
+    ("model_is_file", "is a file, not a directory"),
+    ("input_is_dir", "is a directory, not a file"),
+    ("meta_bad_json", "meta.json: not valid JSON"),
+    ("meta_list", "meta.json: expected a JSON object"),
+    ("meta_bad_units", "meta.json: expected input_units a positive integer"),
+    ("corrupt_params", "embed-0000.params: MXNet cannot load it: "),
+    ("corrupt_symbol", "embed-symbol.json: MXNet cannot load it: "),
 ])
 def test_embed_rejects_bad_input_with_a_clear_message(tmp_path, capsys, case, message):
     net = build_embedding_net(784, [8], final_relu=False)
@@ -121,6 +129,32 @@ def test_embed_rejects_bad_input_with_a_clear_message(tmp_path, capsys, case, me
     elif case == "bad_batch":
         np.save(source, np.zeros((2, 784), np.float32))
         args["batch"] = "0"
+    elif case == "nan_input":
+        bad = np.zeros((2, 784), np.float32)
+        bad[0, :2], bad[1, 5] = np.nan, np.inf
+        np.save(source, bad)
+    elif case == "input_is_dir":
+        source.mkdir()
+    elif case != "missing_input":
+        np.save(source, np.zeros((2, 784), np.float32))
+        sym, params, meta = model_files(model_dir)
+        if case == "model_is_file":
+            args["model"] = meta
+        elif case == "meta_bad_json":
+            with open(meta, "w") as fh:
+                fh.write("{'input_units': 784}")
+        elif case == "meta_list":
+            with open(meta, "w") as fh:
+                fh.write("[784]")
+        elif case == "meta_bad_units":
+            with open(meta, "w") as fh:
+                fh.write('{"input_units": "many"}')
+        elif case == "corrupt_params":
+            with open(params, "wb") as fh:
+                fh.write(b"not an NDArray file" * 4)
+        elif case == "corrupt_symbol":
+            with open(sym, "r+") as fh:
+                fh.truncate(100)
     if source.exists() is False and os.path.exists(f"{source}.npy"):
         os.replace(f"{source}.npy", source)                     # np.save added .npy
     status = embed_cli.main(["--model", args["model"], "--input", str(source),
@@ -128,5 +162,52 @@ def test_embed_rejects_bad_input_with_a_clear_message(tmp_path, capsys, case, me
                              args["batch"]])
     assert status == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err
+    assert err.startswith("error: ") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err    # one line
+    if case.startswith(("meta", "corrupt", "model")):
+        assert model_dir in err, err
     assert not (tmp_path / "out.npy").exists()
+    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+
+
+@pytest.fixture
+def small_model(tmp_path):
+    net = build_embedding_net(784, [8], final_relu=False)
+    initialize(net, 0.1, mx.cpu(), seed=0)
+    return export_model(net, str(tmp_path / "model"), mx.cpu(), 784)
+
+
+def test_embed_output_that_is_a_directory_fails_up_front(tmp_path, capsys, small_model):
+    np.save(tmp_path / "in.npy", np.zeros((2, 784), np.float32))
+    out = tmp_path / "out"
+    out.mkdir()
+    status = embed_cli.main(["--model", small_model, "--input", str(tmp_path / "in.npy"),
+                             "--output", str(out)])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err == f"error: output {out} is a directory: pass a file name\n"
+    assert sorted(os.listdir(tmp_path)) == ["in.npy", "model", "out"]
+
+
+def test_embed_save_failure_removes_the_temp_file(tmp_path, monkeypatch):
+    def fail(fh, array):
+        fh.write(b"half")
+        raise OSError("No space left on device")
+    monkeypatch.setattr(embed_cli.np, "save", fail)
+    with pytest.raises(OSError, match="No space"):
+        embed_cli._save(str(tmp_path / "out.npy"), np.zeros((1, 2), np.float32))
+    assert os.listdir(tmp_path) == []
+
+
+def test_embed_warns_on_float_input_that_looks_unscaled(tmp_path, capsys, small_model):
+    np.save(tmp_path / "in.npy", np.full((2, 784), 200.0, np.float32))
+    status = embed_cli.main(["--model", small_model, "--input", str(tmp_path / "in.npy"),
+                             "--output", str(tmp_path / "out.npy")])
+    assert status == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ") and "pixels / 255" in err and "200" in err
+    assert np.load(tmp_path / "out.npy").shape == (2, 8)
+    np.save(tmp_path / "ok.npy", np.full((2, 784), 0.5, np.float32))   # scaled: no warning
+    assert embed_cli.main(["--model", small_model, "--input", str(tmp_path / "ok.npy"),
+                           "--output", str(tmp_path / "out.npy")]) == 0
+    assert capsys.readouterr().err == ""
