@@ -88,30 +88,82 @@ def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
     return found[-1][1] if found else None
 
 
-def find_resume(resume: Optional[str], ckpt_dir: str) -> Optional[str]:
+def _inside(path: str, directory: str) -> bool:
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
+
+
+# Files that mark a directory as some run's directory (train.Rank0 writes them first).
+RUN_FILES = ("config.yaml", "metrics.json")
+
+
+def find_resume(resume: Optional[str], ckpt_dir: str,
+                config: Optional[dict] = None) -> Optional[str]:
     """The checkpoint to resume from, for ``checkpoint.resume`` and the run's ``ckpt_dir``.
 
-    ``None`` (start fresh) refuses a ``ckpt_dir`` that already holds checkpoints: the new
-    run's saves and the last-K retention would mix with the old run's (an old epoch-0009
-    outlives a new epoch-0002). ``'auto'`` gives the newest complete checkpoint or None.
-    A path is returned as given (``read_meta`` checks it). Rank 0 decides; it calls no
-    collective.
+    ``None`` (start fresh) refuses a run directory (``dirname(ckpt_dir)``) that already
+    holds a run: checkpoints (the new run's saves and the last-K retention would mix with
+    the old run's: an old epoch-0009 outlives a new epoch-0002), or a ``config.yaml`` /
+    ``metrics.json`` that the new run would overwrite. ``'auto'`` gives the newest complete
+    checkpoint, or None (a fresh start) unless the directory holds another run's
+    ``config.yaml`` whose ``RESUME_KEYS`` differ from ``config``. A path is returned as
+    given (``read_meta`` checks it), unless ``ckpt_dir`` holds checkpoints and the path is
+    not one of them: saving into ``ckpt_dir`` would then prune that other run's later
+    epochs. Rank 0 decides; it calls no collective.
 
     Raises:
-        ValueError: ``resume`` is None and ``ckpt_dir`` holds checkpoints (names the
-            directory, the latest checkpoint and the two ways out).
+        ValueError: any refusal above (names the directory, the file or key, and the ways
+            out).
     """
-    if resume == "auto":
-        return latest_checkpoint(ckpt_dir)
-    if resume:
-        return resume
+    run_dir = os.path.dirname(os.path.abspath(ckpt_dir))
     latest = latest_checkpoint(ckpt_dir)
+    if resume == "auto":
+        if latest is None and config is not None:
+            _check_same_run(run_dir, config)
+        return latest
+    if resume:
+        if latest is not None and not _inside(resume, ckpt_dir):
+            raise ValueError(
+                f"checkpoint.resume={resume!r} is not a checkpoint of output.dir {run_dir!r}, "
+                f"which holds another run's checkpoints (latest {latest}); saving there would "
+                "remove them. Choose another output.dir (or output.dir=null to continue in "
+                "the checkpoint's own run directory)")
+        return resume
     if latest is not None:
         raise ValueError(
-            f"output.dir {os.path.dirname(os.path.abspath(ckpt_dir))!r} already holds "
+            f"output.dir {run_dir!r} already holds "
             f"checkpoints (latest {latest}); pass checkpoint.resume=auto to continue that run, "
             "or choose another output.dir for a fresh one")
+    present = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
+    if present:
+        raise ValueError(
+            f"output.dir {run_dir!r} already holds a run ({', '.join(present)}) and a fresh "
+            "run would overwrite it; choose another output.dir, or pass "
+            "checkpoint.resume=auto to continue that run")
     return None
+
+
+def _check_same_run(run_dir: str, config: dict) -> None:
+    """Refuse ``resume=auto`` without a checkpoint when ``run_dir/config.yaml`` belongs to a
+    run whose ``RESUME_KEYS`` differ: restarting would silently replace that run."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        return
+    import yaml
+    try:
+        with open(path) as fh:
+            saved = yaml.safe_load(fh)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read the run's config ({exc}); choose another "
+                         "output.dir") from None
+    saved = _flat(saved) if isinstance(saved, dict) else {}
+    new = _flat(config)
+    for key in RESUME_KEYS:
+        if saved.get(key) != new.get(key):
+            raise ValueError(
+                f"checkpoint.resume=auto: output.dir {run_dir!r} holds no checkpoint but "
+                f"another run's config ({path}: {key} was {saved.get(key)!r}, is "
+                f"{new.get(key)!r} now); choose another output.dir for a fresh run")
 
 
 def _fsync_dir(path: str) -> None:
@@ -211,6 +263,31 @@ def read_meta(path: str) -> dict:
     if not isinstance(meta, dict) or absent:
         raise ValueError(f"{meta_path}: not a dist_triplet checkpoint (missing "
                          f"{', '.join(absent) or 'a JSON object'})")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    checks = [("epoch", is_int(meta["epoch"]) and meta["epoch"] >= 0, "an integer >= 0"),
+              ("config", isinstance(meta["config"], dict)
+               and all(isinstance(v, dict) for v in meta["config"].values()),
+               "a mapping of config sections"),
+              ("world_size", is_int(meta["world_size"]) and meta["world_size"] >= 1,
+               "an integer >= 1")]
+    checks += [(k, is_int(meta[k]) and meta[k] >= 1, "an integer >= 1")
+               for k in ("processes", "devices", "steps") if k in meta]
+    if "history" in meta:
+        checks.append(("history", isinstance(meta["history"], list)
+                       and all(isinstance(r, dict) for r in meta["history"]),
+                       "a list of per-epoch rows"))
+    for key, ok, want in checks:
+        if not ok:
+            raise ValueError(f"{meta_path}: {key} must be {want}, found {meta[key]!r}; the "
+                             "file was edited or damaged: resume from another checkpoint")
+    m = _NAME.match(os.path.basename(os.path.normpath(path)))
+    if m and int(m.group(1)) != meta["epoch"]:
+        raise ValueError(f"{meta_path}: epoch {meta['epoch']} does not match the directory "
+                         f"name {m.group(0)} (epoch {int(m.group(1))}); the checkpoint was "
+                         "renamed or edited: resume from another checkpoint")
     return meta
 
 
@@ -250,17 +327,30 @@ def check_compatible(meta: dict, config: dict, path: str, *, processes: int, dev
     old_p = meta.get("processes", meta["world_size"])
     old_d = meta.get("devices", 1)
     if (old_p, old_d) != (processes, devices):
+        # Offline triplets are sharded over processes and then split over each process's
+        # devices, so the same world size split differently still draws other triplets.
+        same = ("the same world size, but processes x devices differ"
+                if old_p * old_d == processes * devices else "a different world size")
         raise ValueError(
             f"cannot resume from {path}: world size was {meta['world_size']} there "
             f"({old_p} process(es) x {old_d} device(s)), is {processes * devices} now "
-            f"({processes} x {devices}); each worker's triplet shard depends on the world "
-            "size, so resume with the same number of workers")
+            f"({processes} x {devices}): {same}; each worker's triplets depend on both, so "
+            f"resume with {old_p} process(es) x {old_d} device(s)")
     if steps is not None and meta.get("steps") not in (None, steps):
         raise ValueError(f"cannot resume from {path}: {meta['steps']} steps per epoch there, "
                          f"{steps} now with the same config, so the training data differ "
                          f"(data.root={new.get('data.root')!r})")
     return [f"{k}: {saved.get(k)!r} -> {new[k]!r}" for k in SCHEDULE_KEYS
             if saved.get(k) != new[k]]
+
+
+def _last_line(message: str) -> str:
+    """The line of an exception message that says what went wrong. MXNet's messages start
+    with a C++ 'Traceback' and stack frames and end with the check that failed."""
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    meaningful = [ln for ln in lines if not ln.startswith(("Traceback", "File ", "[bt]"))
+                  and not re.match(r"^\d+:", ln)]
+    return (meaningful or lines or [""])[-1]
 
 
 def load_checkpoint(path: str, net, trainer, ctx) -> dict:
@@ -282,6 +372,6 @@ def load_checkpoint(path: str, net, trainer, ctx) -> dict:
             load(os.path.join(path, name))
         except Exception as exc:  # noqa: BLE001 - MXNetError, pickle or assertion errors
             raise ValueError(f"{os.path.join(path, name)}: cannot load ({type(exc).__name__}: "
-                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
+                             f"{_last_line(str(exc))}); "
                              "resume from an older checkpoint of the run instead") from exc
     return meta

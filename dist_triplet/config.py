@@ -34,6 +34,26 @@ class ConfigError(ValueError):
     """A config file, key or value is invalid; the message names it."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: plain YAML keeps the last
+    one, so a second ``train:`` section would silently drop the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key; the base class reports it
+                continue
+            if first is not None:
+                raise ConfigError(
+                    f"{self.name}: line {key_node.start_mark.line + 1}: duplicate key {key!r} "
+                    f"(first given on line {first}); merge the two into one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 @dataclass
 class DataConfig:
     # Data set: 'fashion_mnist' (Debian's dataset-fashion-mnist), 'mnist' (MXNet downloads
@@ -182,6 +202,7 @@ _CHOICES = {
 _POSITIVE = ("train.epochs", "train.batch_size", "train.sync_every", "sampler.p", "sampler.k",
              "eval.batch_size", "eval.every", "optim.base_batch")
 _NON_NEGATIVE = ("data.limit_train", "data.limit_test", "loss.margin", "optim.momentum",
+                 "train.seed", "eval.triplet_seed",  # SeedSequence entropy must be >= 0
                  "optim.wd", "optim.warmup_epochs", "sampler.steps_per_epoch",
                  "eval.collapse_eps", "eval.projector_points", "checkpoint.keep")
 
@@ -273,6 +294,15 @@ def _validate(cfg: Config) -> None:
     if cfg.sampler.kind == "pk" and cfg.sampler.k < 2:
         raise ConfigError(f"sampler.k={cfg.sampler.k} must be >= 2: a P x K batch needs a "
                           "positive for every anchor")
+    if cfg.sampler.kind == "pk" and cfg.sampler.p < 2:
+        raise ConfigError(f"sampler.p={cfg.sampler.p} must be >= 2: a P x K batch needs a "
+                          "negative (another class) for every anchor")
+    for key in ("output.dir", "output.root", "output.name"):
+        value = flat[key]
+        if value is not None and not value.strip():
+            raise ConfigError(f"{key}={value!r} is empty; give a directory"
+                              + (" or null for a new timestamped one" if key == "output.dir"
+                                 else ""))
     if cfg.data.dataset == "idx" and not cfg.data.root:
         raise ConfigError("data.dataset='idx' needs data.root=DIR (a directory of IDX files)")
     if cfg.checkpoint.resume == "auto" and not cfg.output.dir:
@@ -304,7 +334,12 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
             raise FileNotFoundError(f"config file {path!r} does not exist")
         with open(path) as fh:
             try:
-                doc = yaml.safe_load(fh) or {}
+                loader = _UniqueKeyLoader(fh)
+                loader.name = path
+                try:
+                    doc = loader.get_single_data() or {}
+                finally:
+                    loader.dispose()
             except yaml.YAMLError as exc:
                 raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(doc, dict):

@@ -236,13 +236,33 @@ class Backend:
             _hvd.allreduce(mx.nd.zeros(1), name="dist_triplet.barrier").wait_to_read()
 
 
+def launcher_size(environ=None) -> int:
+    """Processes the launcher started (``HOROVOD_SIZE``, set by horovodrun on every rank;
+    ``OMPI_COMM_WORLD_SIZE`` under mpirun); 1 when not launched by one."""
+    environ = os.environ if environ is None else environ
+    for var in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        try:
+            return max(1, int(environ[var]))
+        except (KeyError, ValueError):
+            continue
+    return 1
+
+
 def make_backend(backend: str, device: str = "auto", devices: str = "all") -> Backend:
     """Create the backend named in ``distributed.backend`` (initialising Horovod if asked).
 
     Raises:
-        ValueError: unknown backend, or a device choice ``choose_contexts`` rejects.
+        ValueError: unknown backend; a device choice ``choose_contexts`` rejects; or
+            backend 'local' / 'kvstore' in a process that horovodrun (or mpirun) started
+            as one of several: each would be an independent "rank 0" writing the same run
+            directory.
         RuntimeError: backend 'horovod' without a working Horovod installation.
     """
+    n = launcher_size()
+    if backend in ("local", "kvstore") and n > 1:
+        raise ValueError(f"distributed.backend={backend} but this process is one of {n} "
+                         "started by horovodrun/mpirun (HOROVOD_SIZE): each would train alone "
+                         "and write the same run directory; add distributed.backend=horovod")
     if backend == "local":
         return Backend("local", choose_contexts("local", device, devices))
     if backend == "kvstore":

@@ -112,17 +112,63 @@ class Rank0:
             self.writer.close()
 
 
+def _check_dir_path(run_dir: str) -> None:
+    """Raise ValueError naming output.dir when ``run_dir`` or one of its parents exists
+    but is not a directory (the run directory could not be made there)."""
+    path = os.path.abspath(run_dir)
+    while True:
+        if os.path.exists(path):
+            if not os.path.isdir(path):
+                what = "is" if path == os.path.abspath(run_dir) else f"is inside {path!r}, which is"
+                raise ValueError(f"output.dir={run_dir!r} {what} an existing file, not a "
+                                 "directory; choose another output.dir")
+            return
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+
+
+def _make_unique_dir(base: str) -> str:
+    """Create ``base`` (or ``base-2``, ``base-3``, ... if taken) exclusively; return it.
+    ``os.mkdir`` fails if the directory exists, so two runs started in the same second
+    never share one."""
+    os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
+    n = 1
+    while True:
+        path = base if n == 1 else f"{base}-{n}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            n += 1
+
+
 def resolve_run_dir(cfg: Config, backend) -> str:
     """The run directory, decided by rank 0 and broadcast (timestamps differ across ranks).
-    Every rank must call it."""
-    run_dir = cfg.output.dir
-    if run_dir is None and cfg.checkpoint.resume not in (None, "auto"):
-        # Resuming from an explicit checkpoint continues that run's directory.
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(cfg.checkpoint.resume)))
-    if run_dir is None:
-        run_dir = os.path.join(cfg.output.root,
-                               f"{cfg.output.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    return backend.broadcast_object(run_dir, name="run_dir")
+    A generated ``<root>/<name>-<timestamp>`` is created here by rank 0, exclusively. Rank
+    0's error (output.dir is a file) is raised on every rank. Every rank must call it."""
+    decision = None
+    if backend.is_main:
+        try:
+            run_dir = cfg.output.dir
+            if run_dir is None and cfg.checkpoint.resume not in (None, "auto"):
+                # Resuming from an explicit checkpoint continues that run's directory.
+                run_dir = os.path.dirname(os.path.dirname(os.path.abspath(cfg.checkpoint.resume)))
+            if run_dir is None:
+                _check_dir_path(cfg.output.root)
+                run_dir = _make_unique_dir(os.path.join(
+                    cfg.output.root, f"{cfg.output.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+            else:
+                _check_dir_path(run_dir)
+            decision = ("ok", run_dir)
+        except (ValueError, OSError) as exc:
+            decision = ("error", f"output.dir: {exc}" if isinstance(exc, OSError) else str(exc))
+    status, value = backend.broadcast_object(decision, name="run_dir")
+    if status == "error":
+        backend.barrier()  # Horovod: rank 0 must not exit before the others have the message
+        raise ValueError(value)
+    return value
 
 
 def check_split(split: Split, what: str) -> None:
@@ -143,7 +189,8 @@ def resolve_resume(cfg: Config, run_dir: str, backend) -> Optional[str]:
     if backend.is_main:
         try:
             decision = ("ok", ckpt.find_resume(cfg.checkpoint.resume,
-                                               os.path.join(run_dir, "checkpoints")))
+                                               os.path.join(run_dir, "checkpoints"),
+                                               cfg.to_dict()))
         except ValueError as exc:
             decision = ("error", str(exc))
     status, value = backend.broadcast_object(decision, name="resume")
@@ -308,7 +355,16 @@ class EpochSampler:
             s = cfg.sampler
             if s.p > len(self.index.classes):
                 raise ValueError(f"sampler.p={s.p} but the training set has only "
-                                 f"{len(self.index.classes)} classes")
+                                 f"{len(self.index.classes)} classes: a P x K batch takes "
+                                 "sampler.p distinct classes; lower sampler.p")
+            workers = world_size * devices
+            if workers > self.index.min_count:
+                # pk_batches gives each worker a disjoint part of every class.
+                raise ValueError(
+                    f"sampler.kind=pk with world size {world_size} x {devices} device(s) = "
+                    f"{workers} workers, but the smallest training class has only "
+                    f"{self.index.min_count} samples: each worker needs its own member of "
+                    "every class; use fewer workers or more data")
             # All workers (ranks x devices) together see about N samples per epoch.
             self.steps = s.steps_per_epoch or pk_steps_per_epoch(self.index, s.p, s.k,
                                                                    world_size * devices)
@@ -416,6 +472,10 @@ def train(cfg: Config) -> RunResult:
     meta = None
     if resume_path:
         meta = ckpt.read_meta(resume_path)  # every rank: the path must be on a shared FS
+        if meta["epoch"] + 1 > cfg.train.epochs:
+            raise ValueError(f"{resume_path}: checkpoint is after epoch {meta['epoch'] + 1}; "
+                             f"train.epochs={cfg.train.epochs} leaves nothing to train (give "
+                             f"train.epochs > {meta['epoch'] + 1} to continue)")
         changed = ckpt.check_compatible(meta, cfg.to_dict(), resume_path,
                                         processes=backend.num_processes, devices=devices,
                                         steps=sampler.steps)
@@ -447,6 +507,8 @@ def train(cfg: Config) -> RunResult:
              f"; resuming after epoch {start_epoch} from {resume_path}" if resume_path else "")
 
     ctx0 = backend.contexts[0]
+    # The epoch (1-based) whose checkpoint is the last good one, for the non-finite message.
+    good_epoch = start_epoch if resume_path else None
     final: dict = {}
     emb = None
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -487,8 +549,12 @@ def train(cfg: Config) -> RunResult:
         if not math.isfinite(mean_loss):
             bad = np.flatnonzero(~np.isfinite(losses))
             where = f"step {int(bad[0]) + 1} of {steps}" if len(bad) else "a step on another rank"
-            raise TrainingError(f"non-finite loss in epoch {epoch + 1}, {where}; stopping. The "
-                                "last good checkpoint is intact; lower optim.lr or check the data")
+            kept = (f"The last good checkpoint (epoch {good_epoch}) is intact"
+                    if good_epoch is not None else
+                    "No checkpoint was written before it" + (" (checkpoint.keep=0)" if
+                                                              cfg.checkpoint.keep == 0 else ""))
+            raise TrainingError(f"non-finite loss in epoch {epoch + 1}, {where}; stopping. "
+                                f"{kept}; lower optim.lr or check the data")
         throughput = steps * global_batch / train_time           # triplets/s, whole job
 
         row = {"epoch": epoch + 1, "loss": mean_loss, "triplets_per_s": throughput,
@@ -526,6 +592,8 @@ def train(cfg: Config) -> RunResult:
         main.save_checkpoint(epoch, net, stepper.trainer,
                              {"config": cfg.to_dict(), "world_size": workers, "steps": steps,
                               "processes": backend.num_processes, "devices": devices})
+        if cfg.checkpoint.keep > 0:
+            good_epoch = epoch + 1
         final = row
 
     if backend.is_main:
@@ -600,6 +668,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        # Horovod: leave it here, not in its atexit hook, which complains after an error.
+        dist = sys.modules.get(f"{__package__}.dist")
+        if dist is not None:
+            dist.shutdown()
     return 0
 
 

@@ -293,7 +293,7 @@ def pk_batches(labels_or_index, *, p: int, k: int, steps: int, seed: int, epoch:
     if p > n_cls:
         raise ValueError(f"p={p} classes per batch but the data set has only C={n_cls} classes")
     if p < 2 or k < 2:
-        raise ValueError(f"batch-hard mining needs p >= 2 and k >= 2, found p={p}, k={k}")
+        raise ValueError(f"triplet mining in a P x K batch needs p >= 2 (a negative class) and k >= 2 (a positive), found p={p}, k={k}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, found {steps}")
     if world_size > index.min_count:

@@ -253,3 +253,90 @@ def test_resume_from_a_path_that_is_not_a_checkpoint(data, tmp_path, capsys):
     out = tmp_path / "run"
     fails(capsys, run_args(data, out, f"checkpoint.resume={bogus}"), str(bogus),
           "not a complete checkpoint directory", out_dir=out)
+
+
+# ----------------------------------------------------------------------------- run directory
+
+def test_output_dir_that_is_a_file(data, tmp_path, capsys):
+    path = tmp_path / "taken"
+    path.write_text("not a directory")
+    fails(capsys, run_args(data, path), f"output.dir={str(path)!r} is an existing file")
+    fails(capsys, run_args(data, path / "run"), f"output.dir={str(path / 'run')!r} is inside",
+          "an existing file")
+    assert path.read_text() == "not a directory"
+
+
+def test_empty_output_dir_names_the_key(data, capsys):
+    fails(capsys, run_args(data, ""), "output.dir='' is empty")
+
+
+def test_fresh_run_into_a_directory_holding_a_run_is_refused(data, tmp_path, capsys):
+    """A run that died before its first checkpoint still owns its directory."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("model: {hidden: [32]}\n")
+    fails(capsys, run_args(data, out), "already holds a run (config.yaml)",
+          "checkpoint.resume=auto")
+    assert os.listdir(out) == ["config.yaml"]
+    # resume=auto with no checkpoint restarts only a run of the same architecture.
+    fails(capsys, run_args(data, out, "checkpoint.resume=auto"), "holds no checkpoint",
+          "model.hidden was [32], is [16, 8] now")
+    assert os.listdir(out) == ["config.yaml"]
+
+
+def test_generated_run_dirs_started_in_the_same_second_differ(tmp_path, monkeypatch):
+    from dist_triplet import train as train_mod
+    from dist_triplet.config import load_config
+    from dist_triplet.dist import make_backend
+    monkeypatch.setattr(train_mod.time, "strftime", lambda fmt: "20240101-000000")
+    cfg = load_config(None, [f"output.root={tmp_path}", "output.name=x"])
+    backend = make_backend("local", "cpu")
+    dirs = [train_mod.resolve_run_dir(cfg, backend) for _ in range(3)]
+    assert dirs == [str(tmp_path / "x-20240101-000000"), str(tmp_path / "x-20240101-000000-2"),
+                    str(tmp_path / "x-20240101-000000-3")]
+    assert all(os.path.isdir(d) for d in dirs)
+
+
+@pytest.mark.parametrize("backend", ["local", "kvstore"])
+def test_non_horovod_backend_under_horovodrun_is_refused(backend, data, tmp_path, capsys,
+                                                         monkeypatch):
+    """horovodrun -np 2 with backend local would start two independent 'rank 0' runs."""
+    monkeypatch.setenv("HOROVOD_SIZE", "2")
+    monkeypatch.setenv("HOROVOD_RANK", "0")
+    out = tmp_path / "run"
+    extra = ["distributed.backend=kvstore", "distributed.devices=cpu:1"] if backend == "kvstore" \
+        else []
+    fails(capsys, run_args(data, out, *extra), f"distributed.backend={backend}", "one of 2",
+          "add distributed.backend=horovod", out_dir=out)
+
+
+# ----------------------------------------------------------------------------- P x K, seeds
+
+@pytest.mark.parametrize("extra, needles", [
+    (["sampler.p=1"], ["sampler.p=1 must be >= 2"]),
+    (["sampler.p=5"], ["sampler.p=5 but the training set has only 4 classes"]),
+    (["distributed.backend=kvstore", "distributed.devices=cpu:4"],
+     ["world size 1 x 4 device(s) = 4 workers", "smallest training class has only 3"]),
+])
+def test_pk_sampler_checks_before_the_run_dir(extra, needles, tmp_path, capsys):
+    data = write_dataset(tmp_path / "data", per_class=3)
+    out = tmp_path / "run"
+    line = fails(capsys, run_args(data, out, "sampler.kind=pk", "sampler.p=2", "sampler.k=2",
+                                  *extra), *needles, out_dir=out)
+    assert "batch-hard" not in line
+
+
+@pytest.mark.parametrize("key", ["train.seed", "eval.triplet_seed"])
+def test_negative_seed_names_the_key(key, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    fails(capsys, run_args(data, out, f"{key}=-1"), f"{key}=-1 must be >= 0", out_dir=out)
+
+
+def test_main_leaves_horovod_after_an_error(data, tmp_path, capsys, monkeypatch):
+    """main() shuts Horovod down itself, so its atexit hook has nothing to complain about."""
+    from dist_triplet import dist
+    calls = []
+    monkeypatch.setattr(dist, "shutdown", lambda: calls.append(1))
+    out = tmp_path / "run"
+    fails(capsys, run_args(tmp_path / "nowhere", out), "nowhere", out_dir=out)
+    assert calls == [1]

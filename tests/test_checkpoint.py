@@ -200,6 +200,38 @@ def test_read_meta_errors_name_the_path(tmp_path):
         ckpt.read_meta(str(bad))
 
 
+@pytest.mark.parametrize("meta, needle", [
+    ({"epoch": 1, "config": [], "world_size": 1}, "config must be a mapping of config sections"),
+    ({"epoch": "1", "config": {}, "world_size": 1}, "epoch must be an integer >= 0, found '1'"),
+    ({"epoch": 1, "config": {"model": 3}, "world_size": 1}, "config must be a mapping"),
+    ({"epoch": 1, "config": {}, "world_size": "2"}, "world_size must be an integer >= 1"),
+    ({"epoch": 1, "config": {}, "world_size": 1, "history": {}}, "history must be a list"),
+    ({"epoch": 5, "config": {}, "world_size": 1},
+     "epoch 5 does not match the directory name epoch-0001"),
+])
+def test_read_meta_rejects_wrong_types_naming_file_and_key(meta, needle, tmp_path):
+    bad = tmp_path / "epoch-0001"
+    bad.mkdir()
+    for f in ckpt.FILES:
+        (bad / f).write_text("x")
+    (bad / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="epoch-0001/meta.json: ") as info:
+        ckpt.read_meta(str(bad))
+    assert needle in str(info.value)
+
+
+def test_load_checkpoint_keeps_the_meaningful_line_of_mxnets_message(tmp_path):
+    net, trainer = _tiny_net_and_trainer()
+    path = ckpt.save_checkpoint(str(tmp_path / "checkpoints"), 0, net, trainer, _meta(), keep=1)
+    with open(os.path.join(path, "params"), "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(ValueError) as info:
+        ckpt.load_checkpoint(path, net, trainer, mx.cpu())
+    msg = str(info.value)
+    assert "params: cannot load (MXNetError: " in msg and "Traceback" not in msg, msg
+    assert "Invalid NDArray file format" in msg
+
+
 def test_check_compatible_names_key_world_size_and_steps():
     cfg = load_config(None, ["data.dataset=idx", "data.root=/x"]).to_dict()
     meta = {"config": cfg, "world_size": 2, "processes": 2, "devices": 1, "steps": 10}
@@ -209,8 +241,12 @@ def test_check_compatible_names_key_world_size_and_steps():
                                          r"\[512, 128\] now"):
         ckpt.check_compatible(meta, wider.to_dict(), "ck", processes=2, devices=1)
     with pytest.raises(ValueError, match=r"world size was 2 there \(2 process\(es\) x 1 "
-                                         r"device\(s\)\), is 2 now \(1 x 2\)"):
+                                         r"device\(s\)\), is 2 now \(1 x 2\): the same world "
+                                         r"size, but processes x devices differ; .* resume "
+                                         r"with 2 process\(es\) x 1 device\(s\)$"):
         ckpt.check_compatible(meta, cfg, "ck", processes=1, devices=2)
+    with pytest.raises(ValueError, match=r"is 3 now \(3 x 1\): a different world size; "):
+        ckpt.check_compatible(meta, cfg, "ck", processes=3, devices=1)
     with pytest.raises(ValueError, match="10 steps per epoch there, 12 now"):
         ckpt.check_compatible(meta, cfg, "ck", processes=2, devices=1, steps=12)
     lower = load_config(None, ["data.dataset=idx", "data.root=/x", "optim.lr=0.01",
@@ -225,7 +261,13 @@ def test_find_resume(tmp_path):
     net, trainer = _tiny_net_and_trainer()
     path = ckpt.save_checkpoint(d, 0, net, trainer, _meta(), keep=1)
     assert ckpt.find_resume("auto", d) == path
-    assert ckpt.find_resume("/elsewhere/epoch-0001", d) == "/elsewhere/epoch-0001"
+    assert ckpt.find_resume(path, d) == path
+    assert ckpt.find_resume("/elsewhere/epoch-0001", str(tmp_path / "new" / "checkpoints")) \
+        == "/elsewhere/epoch-0001"
+    # Another run's checkpoint into a directory holding checkpoints: saving would prune them.
+    with pytest.raises(ValueError, match=r"checkpoint.resume='/elsewhere/epoch-0001' is not a "
+                                         r"checkpoint of output.dir '.*run', which holds"):
+        ckpt.find_resume("/elsewhere/epoch-0001", d)
     with pytest.raises(ValueError, match=r"output.dir '.*run' already holds checkpoints "
                                          r"\(latest .*epoch-0000\); pass checkpoint.resume=auto"):
         ckpt.find_resume(None, d)
@@ -401,3 +443,37 @@ def test_non_finite_loss_names_epoch_and_step_and_keeps_checkpoint(data_root, tm
     assert train_mod.main(run_args(data_root, run_dir, "checkpoint.resume=auto",
                                    "train.epochs=3")) == 0
     assert [r["epoch"] for r in _history(run_dir)] == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- more refusals
+
+def test_resume_of_another_runs_checkpoint_into_a_run_with_checkpoints_is_refused(
+        two_epoch_run, data_root, tmp_path, capsys):
+    """Saving epoch 2 there would prune the other run's later epochs."""
+    other = str(tmp_path / "other")
+    assert train_mod.main(run_args(data_root, other, "train.epochs=4")) == 0
+    before = digest_tree(other)
+    src = os.path.join(two_epoch_run, "checkpoints", "epoch-0000")
+    capsys.readouterr()
+    assert train_mod.main(run_args(data_root, other, f"checkpoint.resume={src}")) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint.resume={src!r} is not a checkpoint of output.dir" in err
+    assert digest_tree(other) == before
+
+
+def test_resume_with_fewer_epochs_than_done_is_refused(two_epoch_run, data_root, capsys):
+    before = digest_tree(two_epoch_run)
+    assert train_mod.main(run_args(data_root, two_epoch_run, "checkpoint.resume=auto",
+                                   "train.epochs=1")) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint is after epoch 2; train.epochs=1 leaves nothing to train" in err
+    assert digest_tree(two_epoch_run) == before
+
+
+def test_non_finite_loss_in_the_first_epoch_says_no_checkpoint_exists(data_root, tmp_path,
+                                                                      capsys):
+    code = train_mod.main(run_args(data_root, str(tmp_path / "run"), "optim.lr=1e30"))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "non-finite loss in epoch 1" in err
+    assert "No checkpoint was written before it" in err and "intact" not in err

@@ -1,0 +1,47 @@
+"""Config loading (dist_triplet/config.py): what the YAML loader refuses and how it says so.
+Bad values through the command line are in tests/test_bad_input.py."""
+import pytest
+
+from dist_triplet.config import ConfigError, load_config
+
+
+@pytest.mark.parametrize("text, key, line, first", [
+    ("train:\n  epochs: 1\ntrain:\n  batch_size: 4\n", "'train'", 3, 1),
+    ("train:\n  epochs: 1\n  batch_size: 4\n  epochs: 2\n", "'epochs'", 4, 2),
+])
+def test_duplicate_yaml_keys_name_file_key_and_line(text, key, line, first, tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: line {line}: duplicate key {key}"), msg
+    assert f"first given on line {first}" in msg
+
+
+def test_same_key_in_different_sections_is_fine(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("train:\n  batch_size: 4\neval:\n  batch_size: 8\n")
+    cfg = load_config(str(path))
+    assert (cfg.train.batch_size, cfg.eval.batch_size) == (4, 8)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.seed=-1", "train.seed=-1 must be >= 0"),
+    ("eval.triplet_seed=-3", "eval.triplet_seed=-3 must be >= 0"),
+    ("output.dir=", "output.dir='' is empty"),
+    ("output.root=", "output.root='' is empty"),
+])
+def test_range_checks_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("sampler.p=1", "sampler.p=1 must be >= 2"),
+    ("sampler.k=1", "sampler.k=1 must be >= 2"),
+])
+def test_pk_needs_p_and_k_at_least_2(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, ["sampler.kind=pk", override])
+    load_config(None, [override])  # irrelevant to the offline sampler
