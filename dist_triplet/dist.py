@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import mxnet as mx
 import numpy as np

@@ -70,6 +70,7 @@ class Rank0:
         self.cfg = cfg
         self.writer = None
         self.history: List[dict] = []
+        self.emb = None  # (N, D) test embeddings of the last evaluation
         if active:
             os.makedirs(run_dir, exist_ok=True)
             save_config(cfg, os.path.join(run_dir, "config.yaml"))
@@ -106,6 +107,68 @@ class Rank0:
                                         trainer, dict(meta, history=self.history),
                                         self.cfg.checkpoint.keep)
             log.info("checkpoint %s", path)
+
+    def log_epoch(self, epoch: int, row: dict, timing: str, net, ctx, evaluator) -> None:
+        """Evaluate (every ``eval.every`` epochs and after the last), log the epoch line,
+        record the row in metrics.json and write its scalars."""
+        if not self.active:
+            return
+        cfg = self.cfg
+        if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.train.epochs:
+            t_eval = time.perf_counter()
+            res, self.emb = evaluator(net, ctx)
+            row.update(res)
+            row["time_eval_s"] = time.perf_counter() - t_eval
+            # A collapsed embedding's seed accuracy counts ties as correct (1.0 for one
+            # point): say so next to the number, not only at the end of the line.
+            log.info("epoch %d/%d  loss %.4f  acc %.4f (%d / %d%s)  P@1 %.4f (raw %.4f)  R-Prec "
+                     "%.4f  MAP@R %.4f%s  %.0f triplets/s  %s eval %.2fs]",
+                     epoch + 1, cfg.train.epochs, row["loss"], res["seed_accuracy"],
+                     res["correct"], res["total"],
+                     ", COLLAPSED: not a success" if res["collapsed"] else "",
+                     res["precision_at_1"], evaluator.raw["precision_at_1"],
+                     res["r_precision"], res["map_at_r"],
+                     "  COLLAPSED" if res["collapsed"] else "", row["triplets_per_s"], timing,
+                     row["time_eval_s"])
+        else:
+            log.info("epoch %d/%d  loss %.4f  %.0f triplets/s  %s]", epoch + 1,
+                     cfg.train.epochs, row["loss"], row["triplets_per_s"], timing)
+        self.record_epoch(row)
+        self.scalars(epoch, {f"train/{k}": row[k] for k in ("loss", "triplets_per_s", "lr")})
+        self.scalars(epoch, {f"eval/{k}": v for k, v in row.items()
+                             if k in ("seed_accuracy", "strict_accuracy", "precision_at_1",
+                                      "r_precision", "map_at_r", "spread")})
+
+    def finish(self, final: dict, net, ctx, evaluator, test: Split, extra: dict) -> dict:
+        """End of run: final metrics.json, raw-pixel scalars, projector, model export, and
+        the run directory's path on stdout. Returns the final metrics ({} off rank 0)."""
+        if not self.active:
+            return {}
+        cfg = self.cfg
+        if self.emb is None:  # resumed after the last epoch: embed once for the export
+            res, self.emb = evaluator(net, ctx)
+            final = dict(final or (self.history[-1] if self.history else {}), **res)
+        self.write_metrics(final=final, extra=dict(extra, raw_pixels=evaluator.raw))
+        self.scalars(cfg.train.epochs - 1, {f"eval/raw_{k}": v for k, v in evaluator.raw.items()
+                                            if isinstance(v, float)})
+        if cfg.eval.projector:
+            from .projector import export_projector
+            n = cfg.eval.projector_points or len(test.labels)
+            export_projector(os.path.join(self.run_dir, "tensorboard"),
+                             {"origin": test.images[:n], "triplet": self.emb[:n]},
+                             test.labels[:n], test.class_names, images=test.images[:n],
+                             writer=self.writer)
+        # The trained network as symbol + params, for `python -m dist_triplet.embed`.
+        from .export import export_model
+        model_dir = export_model(net, os.path.join(self.run_dir, "model"), ctx,
+                                 test.images.shape[1],
+                                 meta={"run_dir": os.path.abspath(self.run_dir),
+                                       "epochs": cfg.train.epochs})
+        log.info("exported model to %s", model_dir)
+        self.close()
+        log.info("run directory: %s", os.path.abspath(self.run_dir))
+        print(os.path.abspath(self.run_dir), flush=True)
+        return final
 
     def close(self) -> None:
         if self.active and self.writer is not None:
@@ -432,6 +495,40 @@ class Evaluator:
 
 # ----------------------------------------------------------------------------- loop
 
+def run_steps(cfg: Config, stepper: DataParallelStep, batches: np.ndarray, dev_idx: list,
+              epoch: int, global_batch: int, bar) -> tuple:
+    """One epoch's optimizer steps. Returns ``(losses, wait_s)``: the (steps,) float32 mean
+    loss of each step on this rank, and the seconds the host sat blocked on the device.
+
+    The host waits for the device once every ``train.sync_every`` steps (to bound MXNet's
+    asynchronous queue and refresh the progress bar), never per step. Per-step loss sums
+    stay on the device as a list and are fetched once: a small op per step costs ~0.2 ms
+    of a ~5 ms CPU step (docs/benchmark.md).
+    """
+    import mxnet as mx
+    steps = len(batches)
+    ctx0 = stepper.ctxs[0]
+    step_sums = []
+    wait = 0.0
+    terms = 1
+    for s in range(steps):
+        # Every step, whatever the schedule: a resumed trainer holds the checkpoint's
+        # learning rate (load_states), and optim.scale_lr applies to constant schedules too.
+        stepper.trainer.set_learning_rate(
+            learning_rate(cfg, epoch * steps + s, steps, global_batch))
+        sums, terms = stepper.step(batches[s], [d[s] for d in dev_idx])
+        step_sums.append(sums[0] if len(sums) == 1 else
+                         mx.nd.add_n(*[x.as_in_context(ctx0) for x in sums]))
+        if (s + 1) % cfg.train.sync_every == 0 or s + 1 == steps:
+            t_w = time.perf_counter()
+            bar.set_postfix(loss=f"{step_sums[-1].asscalar() / terms:.4f}")
+            wait += time.perf_counter() - t_w
+        bar.update(1)
+    t_w = time.perf_counter()
+    losses = mx.nd.concat(*step_sums, dim=0).asnumpy() / terms
+    return losses, wait + time.perf_counter() - t_w
+
+
 def train(cfg: Config) -> RunResult:
     """Run training as configured; returns a ``RunResult`` (final metrics on rank 0).
 
@@ -439,7 +536,6 @@ def train(cfg: Config) -> RunResult:
     before anything is written, TrainingError on a non-finite loss (the last good
     checkpoint stays in place).
     """
-    import mxnet as mx
     from tqdm import tqdm
 
     from .dist import make_backend
@@ -510,37 +606,16 @@ def train(cfg: Config) -> RunResult:
     # The epoch (1-based) whose checkpoint is the last good one, for the non-finite message.
     good_epoch = start_epoch if resume_path else None
     final: dict = {}
-    emb = None
     for epoch in range(start_epoch, cfg.train.epochs):
         t_epoch = time.perf_counter()
         batches = sampler.epoch(epoch)                           # (steps, per_step, ...) int64
         dev_idx = stepper.epoch_indices(batches)                 # one host->device copy per epoch
         t_sample = time.perf_counter() - t_epoch
-        # Per-step loss sums stay on the device, and a step adds no op of its own to them:
-        # each small op costs ~0.2 ms of a ~5 ms CPU step (benchmark section 2).
-        step_sums = []
-        t_wait = 0.0                                             # host blocked on the device
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step",
                    disable=not (backend.is_main and cfg.train.progress and sys.stderr.isatty()),
                    leave=False)
         t_train = time.perf_counter()
-        for s in range(steps):
-            # Every step, whatever the schedule: a resumed trainer holds the checkpoint's
-            # learning rate (load_states), and optim.scale_lr applies to constant schedules too.
-            stepper.trainer.set_learning_rate(
-                learning_rate(cfg, epoch * steps + s, steps, global_batch))
-            sums, terms = stepper.step(batches[s], [d[s] for d in dev_idx])
-            step_sums.append(sums[0] if len(sums) == 1 else
-                             mx.nd.add_n(*[x.as_in_context(ctx0) for x in sums]))
-            if (s + 1) % cfg.train.sync_every == 0 or s + 1 == steps:
-                # One wait per sync_every steps bounds MXNet's async queue; not per step.
-                t_w = time.perf_counter()
-                bar.set_postfix(loss=f"{step_sums[-1].asscalar() / terms:.4f}")
-                t_wait += time.perf_counter() - t_w
-            bar.update(1)
-        t_w = time.perf_counter()
-        losses = mx.nd.concat(*step_sums, dim=0).asnumpy() / terms  # (steps,) mean loss per step
-        t_wait += time.perf_counter() - t_w
+        losses, t_wait = run_steps(cfg, stepper, batches, dev_idx, epoch, global_batch, bar)
         train_time = time.perf_counter() - t_train
         bar.close()
         t_ar = time.perf_counter()
@@ -566,29 +641,7 @@ def train(cfg: Config) -> RunResult:
         # host-bound), the end-of-epoch allreduce (waits for the slowest rank), evaluation.
         timing = (f"[sample {t_sample:.2f}s train {train_time:.2f}s (wait {t_wait:.2f}s) "
                   f"allreduce {t_allreduce:.2f}s")
-        if backend.is_main and ((epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.train.epochs):
-            t_eval = time.perf_counter()
-            res, emb = evaluator(net, ctx0)
-            row.update({k: v for k, v in res.items()})
-            row["time_eval_s"] = time.perf_counter() - t_eval
-            # A collapsed embedding's seed accuracy counts ties as correct (1.0 for one
-            # point): say so next to the number, not only at the end of the line.
-            log.info("epoch %d/%d  loss %.4f  acc %.4f (%d / %d%s)  P@1 %.4f (raw %.4f)  R-Prec "
-                     "%.4f  MAP@R %.4f%s  %.0f triplets/s  %s eval %.2fs]",
-                     epoch + 1, cfg.train.epochs, mean_loss, res["seed_accuracy"], res["correct"],
-                     res["total"], ", COLLAPSED: not a success" if res["collapsed"] else "",
-                     res["precision_at_1"], evaluator.raw["precision_at_1"],
-                     res["r_precision"], res["map_at_r"],
-                     "  COLLAPSED" if res["collapsed"] else "", throughput, timing,
-                     row["time_eval_s"])
-        elif backend.is_main:
-            log.info("epoch %d/%d  loss %.4f  %.0f triplets/s  %s]", epoch + 1, cfg.train.epochs,
-                     mean_loss, throughput, timing)
-        main.record_epoch(row)
-        main.scalars(epoch, {f"train/{k}": row[k] for k in ("loss", "triplets_per_s", "lr")})
-        main.scalars(epoch, {f"eval/{k}": v for k, v in row.items()
-                             if k in ("seed_accuracy", "strict_accuracy", "precision_at_1",
-                                      "r_precision", "map_at_r", "spread")})
+        main.log_epoch(epoch, row, timing, net, ctx0, evaluator)
         main.save_checkpoint(epoch, net, stepper.trainer,
                              {"config": cfg.to_dict(), "world_size": workers, "steps": steps,
                               "processes": backend.num_processes, "devices": devices})
@@ -596,36 +649,10 @@ def train(cfg: Config) -> RunResult:
             good_epoch = epoch + 1
         final = row
 
-    if backend.is_main:
-        if emb is None:  # resumed after the last epoch, or no eval ran: embed once for the export
-            res, emb = evaluator(net, ctx0)
-            # Resumed after the last epoch: the final row is the checkpoint's last one.
-            final = dict(final or (main.history[-1] if main.history else {}), **res)
-        raw = {f"raw_{k}": v for k, v in evaluator.raw.items()}
-        main.write_metrics(final=final, extra={"raw_pixels": evaluator.raw,
-                                               "world_size": workers, "backend": backend.name})
-        main.scalars(cfg.train.epochs - 1, {f"eval/{k}": v for k, v in raw.items()
-                                            if k.startswith("raw_") and isinstance(v, float)})
-        if cfg.eval.projector:
-            from .projector import export_projector
-            n = cfg.eval.projector_points or len(test_split.labels)
-            export_projector(os.path.join(run_dir, "tensorboard"),
-                             {"origin": test_split.images[:n], "triplet": emb[:n]},
-                             test_split.labels[:n], test_split.class_names,
-                             images=test_split.images[:n],
-                             writer=main.writer)
-        # The trained network as symbol + params, for `python -m dist_triplet.embed`.
-        from .export import export_model
-        model_dir = export_model(net, os.path.join(run_dir, "model"), ctx0,
-                                 test_split.images.shape[1],
-                                 meta={"run_dir": os.path.abspath(run_dir),
-                                       "epochs": cfg.train.epochs})
-        log.info("exported model to %s", model_dir)
-        main.close()
-        log.info("run directory: %s", os.path.abspath(run_dir))
-        print(os.path.abspath(run_dir), flush=True)
+    final = main.finish(final, net, ctx0, evaluator, test_split,
+                        {"world_size": workers, "backend": backend.name})
     backend.barrier()  # Horovod: nobody leaves while rank 0 still writes
-    return RunResult(final if backend.is_main else {}, net, stepper.trainer, backend, run_dir)
+    return RunResult(final, net, stepper.trainer, backend, run_dir)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

@@ -8,11 +8,9 @@ section, so it needs Horovod like tests/test_horovod_run.py.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
-import pytest
 
 from _hvd import ROOT, child_env, require_horovod
 from dist_triplet.bench import flops_per_triplet, gemm_shapes
