@@ -33,6 +33,8 @@ import re
 import shutil
 from typing import List, Optional, Tuple
 
+from .export import mxnet_error_line
+
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^epoch-(\d{4,})$")
@@ -344,15 +346,6 @@ def check_compatible(meta: dict, config: dict, path: str, *, processes: int, dev
             if saved.get(k) != new[k]]
 
 
-def _last_line(message: str) -> str:
-    """The line of an exception message that says what went wrong. MXNet's messages start
-    with a C++ 'Traceback' and stack frames and end with the check that failed."""
-    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
-    meaningful = [ln for ln in lines if not ln.startswith(("Traceback", "File ", "[bt]"))
-                  and not re.match(r"^\d+:", ln)]
-    return (meaningful or lines or [""])[-1]
-
-
 def load_checkpoint(path: str, net, trainer, ctx) -> dict:
     """Load parameters and trainer state from ``path`` into ``net`` / ``trainer``.
 
@@ -372,6 +365,6 @@ def load_checkpoint(path: str, net, trainer, ctx) -> dict:
             load(os.path.join(path, name))
         except Exception as exc:  # noqa: BLE001 - MXNetError, pickle or assertion errors
             raise ValueError(f"{os.path.join(path, name)}: cannot load ({type(exc).__name__}: "
-                             f"{_last_line(str(exc))}); "
+                             f"{mxnet_error_line(exc)}); "
                              "resume from an older checkpoint of the run instead") from exc
     return meta

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .data import read_idx
-from .export import _mxnet_message, load_model, model_files, read_meta
+from .export import mxnet_error_line, load_model, model_files, read_meta
 
 __all__ = ["load_images", "embed_images", "main"]
 
@@ -107,12 +107,12 @@ def embed_images(block, images: np.ndarray, batch_size: int = 1024, ctx=None) ->
     """Run ``block`` over ``images`` (N, F) float32 in batches: (N, D) float32."""
     import mxnet as mx
 
+    from .model import embed
+
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    ctx = ctx if ctx is not None else mx.cpu()
-    out = [block(mx.nd.array(images[i:i + batch_size], ctx=ctx)).asnumpy()
-           for i in range(0, len(images), batch_size)]
-    return np.concatenate(out, axis=0).astype(np.float32, copy=False)
+    emb = embed(block, images, ctx if ctx is not None else mx.cpu(), batch_size)
+    return emb.astype(np.float32, copy=False)
 
 
 def _input_units(block, meta: dict, meta_path: str = "meta.json") -> int:
@@ -186,7 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             emb = embed_images(block, images, args.batch_size, ctx)
         except mx.base.MXNetError as exc:
             raise ValueError(f"the model in {model_dir} failed on {args.input}: "
-                             f"{_mxnet_message(exc)}") from None
+                             f"{mxnet_error_line(exc)}") from None
         _save(args.output, emb)
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -95,12 +95,15 @@ def read_meta(directory: str) -> dict:
     return meta
 
 
-def _mxnet_message(exc: BaseException) -> str:
-    """The last meaningful line of an MXNet error (its C++ traceback dropped)."""
+def mxnet_error_line(exc: BaseException) -> str:
+    """The line of an exception that says what went wrong. MXNet's messages start with a
+    C++ 'Traceback' and numbered stack frames and end with the check that failed; this
+    keeps that last line (used wherever an MXNet file load fails: exports, checkpoints)."""
     text = str(exc).split("Stack trace:")[0]
     lines = [line.strip() for line in text.splitlines()]
-    lines = [line for line in lines if line and not line.startswith(("Traceback", "File \"",
-                                                                   "[bt]"))]
+    lines = [line for line in lines if line and not line.startswith(("Traceback", "File ",
+                                                                   "[bt]"))
+             and not re.match(r"^\d+:", line)]
     if not lines:
         return type(exc).__name__
     return re.sub(r"^MXNetError:\s*", "", lines[-1])
@@ -141,7 +144,7 @@ def load_model(directory: str, ctx=None):
         try:
             loader(path)
         except errors as exc:
-            raise ValueError(f"{path}: MXNet cannot load it: {_mxnet_message(exc)}") from None
+            raise ValueError(f"{path}: MXNet cannot load it: {mxnet_error_line(exc)}") from None
     try:
         with warnings.catch_warnings():
             # MXNet notes that the graph does not record the input dtype: it is float32.
@@ -150,4 +153,4 @@ def load_model(directory: str, ctx=None):
     except errors as exc:
         raise ValueError(f"cannot load the export in {directory} ({os.path.basename(sym)} and "
                          f"{os.path.basename(params)} do not match): "
-                         f"{_mxnet_message(exc)}") from None
+                         f"{mxnet_error_line(exc)}") from None

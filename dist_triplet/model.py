@@ -106,8 +106,8 @@ class MinedTripletStep(nn.HybridBlock):
 def embed(net: nn.Block, pixels, ctx, batch_size: int = 2048):
     """Embeddings of ``pixels`` in batches: (N, F) float32 numpy -> (N, D) float32 numpy.
 
-    The last partial batch is run as is (eval uses the non-hybridized shape path only
-    through ``net``, which handles any batch size).
+    Used by rank-0 evaluation and by ``python -m dist_triplet.embed``; ``net`` may be the
+    training network or an exported ``SymbolBlock``. The last batch may be smaller.
     """
     import numpy as np
     out = []
