@@ -56,6 +56,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 @dataclass
 class DataConfig:
+    """Where the images come from (section ``data``)."""
+
     # Data set: 'fashion_mnist' (Debian's dataset-fashion-mnist), 'mnist' (MXNet downloads
     # it when root is null and the network allows) or 'idx' (any MNIST-format directory in root).
     dataset: str = "fashion_mnist"
@@ -68,6 +70,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The embedding MLP (section ``model``)."""
+
     # Widths of the Dense layers; the last one is the embedding size D.
     # Seed article: Dense(256, relu) -> Dense(128, relu).
     hidden: List[int] = field(default_factory=lambda: [256, 128])
@@ -83,6 +87,8 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
+    """The triplet loss (section ``loss``)."""
+
     # Triplet margin, in squared-L2 units as gluon.loss.TripletLoss:
     # loss = max(0, ||a-p||^2 - ||a-n||^2 + margin). Default 1: Gluon's default, used by the seed.
     margin: float = 1.0
@@ -90,6 +96,8 @@ class LossConfig:
 
 @dataclass
 class SamplerConfig:
+    """How triplets are drawn: offline create_pairs or P x K online mining (section ``sampler``)."""
+
     # 'offline': the seed's create_pairs triplets, made per rank each epoch (default).
     # 'pk': class-balanced batches of p classes x k samples with online mining.
     kind: str = "offline"
@@ -103,6 +111,8 @@ class SamplerConfig:
 
 @dataclass
 class OptimConfig:
+    """Optimizer and learning-rate schedule (section ``optim``)."""
+
     optimizer: str = "sgd"   # 'sgd' (seed) or 'adam'
     # Learning rate of the global batch (see the module docstring). Seed: 0.05.
     lr: float = 0.05
@@ -118,6 +128,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """Epochs, per-worker batch and run seed (section ``train``)."""
+
     epochs: int = 10         # seed: 10
     # Triplets per worker per step (offline sampler). Global batch = world size x batch_size.
     batch_size: int = 256
@@ -133,6 +145,8 @@ class TrainConfig:
 
 @dataclass
 class DistributedConfig:
+    """Backend and devices (section ``distributed``)."""
+
     # 'local': one process, one device (the single-GPU debug mode; no Horovod import).
     # 'horovod': one process per device under horovodrun. 'kvstore': one process, several
     # devices, gluon.Trainer(kvstore='device').
@@ -145,6 +159,8 @@ class DistributedConfig:
 
 @dataclass
 class EvalConfig:
+    """Rank-0 evaluation and projector export (section ``eval``)."""
+
     # Seed of the fixed test triplets (made once from the test set; 9,990 on Fashion-MNIST).
     triplet_seed: int = 0
     batch_size: int = 2048   # rows per forward pass when embedding the test set
@@ -157,6 +173,8 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Epoch checkpoints and resume (section ``checkpoint``)."""
+
     keep: int = 3            # keep the last K epoch checkpoints (0 = never write any)
     # Resume: null (start fresh), 'auto' (latest checkpoint in output.dir if any) or a path
     # to a checkpoint directory.
@@ -165,6 +183,8 @@ class CheckpointConfig:
 
 @dataclass
 class OutputConfig:
+    """Where a run writes (section ``output``)."""
+
     # Run directory. null = <root>/<name>-<timestamp>, chosen by rank 0 and shared with all ranks.
     dir: Optional[str] = None
     # Prefix of generated run directories; null = the config file's stem (e.g. fashion_mnist),
@@ -175,6 +195,8 @@ class OutputConfig:
 
 @dataclass
 class Config:
+    """The whole run configuration; each section is one dataclass above, every key documented where declared."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
