@@ -3,7 +3,14 @@
 # from source (after MXNet, as its build must see MXNet), checks that Horovod has MXNet
 # and Gloo, and installs Debian's Fashion-MNIST when it is missing and apt is usable.
 # Safe to run again: each step checks first and skips what is already in place.
+#   launch/setup.sh          what training needs
+#   launch/setup.sh --test   also what the tests need from Debian (launch/test.sh passes it):
+#                            openssh-server (two-host horovodrun tests over ssh to 127.0.0.2)
+#                            and chromium (the report page is loaded in a real browser).
+#                            Installed only as root with apt-get; without them those tests skip.
 set -euo pipefail
+WANT_TEST=0
+[ "${1:-}" = "--test" ] && WANT_TEST=1
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${DIST_TRIPLET_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
@@ -49,6 +56,28 @@ if [ ! -d "$FMNIST_DIR" ]; then
   else
     log "warning: $FMNIST_DIR is missing and apt-get is not usable here (needs root);" \
         "install Debian's dataset-fashion-mnist or point data.root at an MNIST-format directory"
+  fi
+fi
+# Debian packages for the tests only; each test skips with the reason when its tool is absent.
+if [ "$WANT_TEST" = 1 ]; then
+  missing=()
+  [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+      log "installing ${missing[*]} for the tests"
+      # sshd is not started here (the tests start their own on 127.0.0.2 and stop it);
+      # policy-rc.d 101 keeps the package from starting the system's sshd on install.
+      made_policy=0
+      if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && made_policy=1
+      fi
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null) \
+        || log "warning: could not install ${missing[*]}; the tests that need them will skip"
+      if [ "$made_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+    else
+      log "note: ${missing[*]} missing and apt-get is not usable (needs root); those tests will skip"
+    fi
   fi
 fi
 log "ready: $VENV"

@@ -3,7 +3,7 @@
 # horovodrun --gloo jobs). Extra args go to pytest, e.g. launch/test.sh -k triplets
 set -euo pipefail
 HERE="$(dirname "${BASH_SOURCE[0]}")"
-bash "$HERE/setup.sh"
+bash "$HERE/setup.sh" --test
 source "$HERE/_env.sh"
 cd "$ROOT"
 exec python -m pytest -q "$@" tests
