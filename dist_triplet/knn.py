@@ -586,27 +586,135 @@ class _FastSearch:
                 m_other[r0:r1] = a[r0:r1, :lo].min(axis=1)
             if hi < self.n:
                 m_other[r0:r1] = np.minimum(m_other[r0:r1], a[r0:r1, hi:].min(axis=1))
-        e_key, e_max = self._errors(q_idx)
-        m = np.maximum(np.minimum(m_same, m_other), 0.0)
-        tol = (2.0 * e_max + 2.0 ** -21 * m + _TINY) * (1 + 2.0 ** -20)   # + 2 ulps
+        return self._decide_first(q_idx, m_same, m_other, lambda u: (a[u], order), max_recheck)
+
+    def _decide_first(self, q_idx, m_same, m_other, rows_of, max_recheck):
+        """(B,) bool from each query's smallest same-class and other-class ``A``, or None.
+
+        Certain where the two differ by more than ``2 E`` (+ ulps): then the smaller side
+        holds the nearest neighbour. The other queries re-check the columns within
+        ``2 E`` of their minimum by exact keys; ``rows_of(u)`` gives those queries' ``A``
+        rows (U, N) and the gallery index of each column. None when more than
+        ``max_recheck`` of the B * N pairs would need the re-check (near-collapse).
+        """
+        b = len(q_idx)
+        _, e_max = self._errors(q_idx)
+        low = np.minimum(m_same, m_other)
+        tol = (2.0 * e_max + 2.0 ** -21 * np.maximum(low, 0.0) + _TINY) * (1 + 2.0 ** -20)
         out = m_same < m_other
         with np.errstate(invalid="ignore"):                # inf - inf: only one class present
             unsure = np.flatnonzero(~(np.abs(m_same - m_other) > tol))
-        if unsure.size:
-            lim = np.nextafter((np.minimum(m_same, m_other)[unsure] + tol[unsure])
-                               .astype(np.float32), np.float32(np.inf))
-            cand = a[unsure] <= lim[:, None]
-            if cand.sum() > max(64, max_recheck * b * self.n):
+        if unsure.size > max(64, max_recheck * b):
+            return None
+        lim = np.nextafter((low[unsure] + tol[unsure]).astype(np.float32), np.float32(np.inf))
+        for s in range(0, unsure.size, _QUERY_TILE):
+            u = unsure[s:s + _QUERY_TILE]
+            a, col_of = rows_of(u)
+            u_row, pos = np.nonzero(a <= lim[s:s + _QUERY_TILE, None])
+            if u_row.size > max(64, max_recheck * b * self.n):
                 return None
-            u_row, pos = np.nonzero(cand)
-            cols = order[pos]
-            qg = q_idx[unsure][u_row]
+            cols = col_of[pos]
+            qg = q_idx[u][u_row]
             keys = self._pair_keys(qg, cols)
             best = np.lexsort((cols, keys, u_row))         # per row: lowest key, then index
             first = np.r_[0, np.flatnonzero(np.diff(u_row[best])) + 1]
             win = best[first]
-            out[unsure[u_row[win]]] = self.gcodes[cols[win]] == self.qcodes[qg[win]]
+            out[u[u_row[win]]] = self.gcodes[cols[win]] == self.qcodes[qg[win]]
         return out
+
+    def nearest_relevance_all(self, max_recheck: float, threads: int, tile: int = 1024):
+        """(N,) bool :meth:`nearest_relevance` of every row, leaving one out, or None.
+
+        The distance matrix is symmetric, so half of it is computed: the rows in class
+        order, tiles (i, j >= i) of ``tile`` x ``tile``; each gives row minima to tile i
+        and column minima to tile j, split into same-class and other-class columns
+        (contiguous ranges, the rows being sorted by class). Half the GEMM of the
+        per-query path, with the same certificate and re-check.
+        """
+        if not self.loo:
+            raise ValueError("nearest_relevance_all needs leave-one-out (no query set)")
+        order, inverse, bounds, chunks, norm32 = self._class_sorted()
+        n = self.n
+        codes = self.gcodes[order]
+        starts = list(range(0, n, tile))
+        m_same = np.full(n, np.inf)
+        m_other = np.full(n, np.inf)
+        lock = threading.Lock()
+
+        def segments(s, e):
+            """(lo, hi, same_lo, same_hi) per class run in [s, e), relative to s; the run's
+            class's whole range relative to s (may reach outside [0, e - s))."""
+            c = codes[s:e]
+            cut = np.flatnonzero(np.diff(c)) + 1
+            return [(r0, r1, bounds[c[r0]] - s, bounds[c[r0] + 1] - s)
+                    for r0, r1 in zip(np.r_[0, cut], np.r_[cut, e - s])]
+
+        def mins(block, lo, hi, axis):
+            """Minima of ``block`` along ``axis`` inside [lo, hi) (same) and outside (other)."""
+            size = block.shape[axis]
+            lo, hi = min(max(lo, 0), size), min(max(hi, 0), size)   # clip into the block
+            take = (lambda a, b: block[a:b]) if axis == 0 else (lambda a, b: block[:, a:b])
+            same = take(lo, hi).min(axis=axis) if hi > lo else None
+            other = None
+            for a, b in ((0, lo), (hi, size)):
+                if b > a:
+                    part = take(a, b).min(axis=axis)
+                    other = part if other is None else np.minimum(other, part)
+            return same, other
+
+        def fold(target, sl, values):
+            if values is not None:
+                np.minimum(target[sl], values, out=target[sl])
+
+        def run(i):
+            s0, e0 = starts[i], min(starts[i] + tile, n)
+            rows = np.arange(s0, e0)
+            q_chunks = [x[s0:e0] for x in chunks]
+            row_same = np.full(e0 - s0, np.inf, np.float32)
+            row_other = np.full(e0 - s0, np.inf, np.float32)
+            row_segs = segments(s0, e0)
+            for s1 in starts[i:]:
+                e1 = min(s1 + tile, n)
+                a = np.matmul(q_chunks[0], chunks[0][s1:e1].T)
+                for qc, gc in zip(q_chunks[1:], chunks[1:]):
+                    a += np.matmul(qc, gc[s1:e1].T)
+                a *= np.float32(-2.0)                      # exact
+                a += norm32[None, s1:e1]
+                a += norm32[s0:e0, None]
+                if s1 == s0:
+                    a[np.arange(e0 - s0), np.arange(e0 - s0)] = np.inf   # the query itself
+                for r0, r1, lo, hi in row_segs:             # same-class columns in this tile
+                    same, other = mins(a[r0:r1], lo - (s1 - s0), hi - (s1 - s0), 1)
+                    fold(row_same, slice(r0, r1), same)
+                    fold(row_other, slice(r0, r1), other)
+                if s1 != s0:
+                    col_same = np.full(e1 - s1, np.inf, np.float32)
+                    col_other = np.full(e1 - s1, np.inf, np.float32)
+                    for c0, c1, lo, hi in segments(s1, e1):  # same-class rows of tile i
+                        same, other = mins(a[:, c0:c1], lo + (s1 - s0), hi + (s1 - s0), 0)
+                        fold(col_same, slice(c0, c1), same)
+                        fold(col_other, slice(c0, c1), other)
+                    with lock:
+                        fold(m_same, slice(s1, e1), col_same)
+                        fold(m_other, slice(s1, e1), col_other)
+            with lock:
+                fold(m_same, slice(s0, e0), row_same)
+                fold(m_other, slice(s0, e0), row_other)
+            return rows
+
+        # Early row tiles pair with more column tiles: many tasks keep the threads even.
+        if threads > 1:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(run, range(len(starts))))
+        else:
+            for i in range(len(starts)):
+                run(i)
+        # Back to dataset order; re-checked rows are recomputed against every column.
+        ms, mo = np.empty(n), np.empty(n)
+        ms[order], mo[order] = m_same, m_other
+        everyone = np.arange(n)
+        return self._decide_first(everyone, ms, mo,
+                                  lambda u: (self._approx(u), everyone), max_recheck)
 
 
 class NeighbourSearch:
@@ -711,9 +819,16 @@ class NeighbourSearch:
         """(Q,) bool: is each query's nearest gallery item (ties: lower index) of its class?
 
         The first column of :meth:`ranked_relevance`, from one GEMM and one pass of minima
-        per tile instead of the R nearest (see :meth:`_FastSearch.nearest_relevance`).
+        per tile instead of the R nearest (see :meth:`_FastSearch.nearest_relevance`);
+        leaving one out with most rows as queries, from half the GEMM
+        (:meth:`_FastSearch.nearest_relevance_all`).
         """
         q_idx = np.asarray(q_idx)
+        if self._fast is not None and self.loo and 2 * len(q_idx) > self.n:
+            # Most rows are queries: half the symmetric distance matrix serves them all.
+            got = self._fast.nearest_relevance_all(self.max_recheck, workers())
+            if got is not None:
+                return got[q_idx]
         out = np.zeros(len(q_idx), bool)
         by_class = np.lexsort((q_idx, self.qcodes[q_idx]))    # tiles of few classes each
 

@@ -189,3 +189,17 @@ def test_benchmark_reports_every_option_on_given_data():
                 "triplet_accuracy_s", "gemm_numpy_s"):
         assert got[key] > 0.0, key
     assert (got["n"], got["dim"]) == (300, 8)
+
+
+def test_nearest_relevance_all_over_many_tiles_matches_the_full_search():
+    # Many row and column tiles (tiles of 16 and 7 rows), classes spanning tile borders,
+    # ties: the symmetric half-matrix path against the plain loop's first neighbour.
+    rng = np.random.RandomState(7)
+    for emb in (rng.randint(0, 3, size=(300, 2)).astype(np.float32),
+                rng.randn(300, 3).astype(np.float32)):
+        labels = rng.randint(0, 4, size=300)
+        labels[:40] = 3                                   # one long run across borders
+        search = knn.NeighbourSearch(emb, labels)
+        want = [w[0] for w in loop_relevance(emb, labels, emb, labels, True)]
+        assert search._fast.nearest_relevance_all(1.0, threads=2, tile=16).tolist() == want
+        assert search._fast.nearest_relevance_all(1.0, threads=1, tile=7).tolist() == want
