@@ -193,13 +193,16 @@ def test_benchmark_reports_every_option_on_given_data():
 
 def test_nearest_relevance_all_over_many_tiles_matches_the_full_search():
     # Many row and column tiles (tiles of 16 and 7 rows), classes spanning tile borders,
-    # ties: the symmetric half-matrix path against the plain loop's first neighbour.
+    # ties: the symmetric half-matrix path against the exact path's first neighbour (the
+    # exact path itself is checked against the plain loop above).
     rng = np.random.RandomState(7)
-    for emb in (rng.randint(0, 3, size=(200, 2)).astype(np.float32),
-                rng.randn(200, 3).astype(np.float32)):
-        labels = rng.randint(0, 4, size=200)
+    for emb in (rng.randint(0, 3, size=(400, 2)).astype(np.float32),
+                rng.randn(400, 3).astype(np.float32)):
+        labels = rng.randint(0, 4, size=400)
         labels[:40] = 3                                   # one long run across borders
+        exact = knn.NeighbourSearch(emb, labels, method="exact")
+        want = collect(exact, np.arange(400), np.ones(400, int))
+        want = [w[0] for w in want]
         search = knn.NeighbourSearch(emb, labels)
-        want = [w[0] for w in loop_relevance(emb, labels, emb, labels, True)]
         assert search._fast.nearest_relevance_all(1.0, threads=2, tile=16).tolist() == want
         assert search._fast.nearest_relevance_all(1.0, threads=1, tile=7).tolist() == want
