@@ -185,7 +185,8 @@ class DistributedConfig:
 
     # 'local': one process, one device (the single-GPU debug mode; no Horovod import).
     # 'horovod': one process per device under horovodrun. 'kvstore': one process, several
-    # devices, gluon.Trainer(kvstore='device').
+    # devices, gluon.Trainer(kvstore='device'). The launch scripts set it (launch/*.sh);
+    # the configs in configs/ do not.
     backend: str = field(default="local", metadata=FREE)
     # 'auto': GPU when MXNet sees one, else CPU (logged). 'gpu': GPU or fail. 'cpu': CPU.
     device: str = field(default="auto", metadata=FREE)

@@ -1,10 +1,12 @@
 """Training entry point: ``python -m dist_triplet.train --config FILE [section.key=value ...]``.
 
-The same code runs in every mode:
+The same code runs in every mode; the launch scripts choose the backend:
 
-* single device (debug):  ``python -m dist_triplet.train --config configs/debug.yaml``
-* Horovod, N processes:    ``horovodrun -np 4 python -m dist_triplet.train --config configs/fashion_mnist.yaml distributed.backend=horovod``
-* kvstore, N devices:      ``python -m dist_triplet.train --config ... distributed.backend=kvstore distributed.devices=cpu:2``
+* single device (debug):  ``launch/debug.sh`` (``distributed.backend=local``, the default)
+* Horovod, N processes:    ``launch/horovod.sh 4 -- --config configs/fashion_mnist.yaml``
+  (``horovodrun -np 4 python -m dist_triplet.train ... distributed.backend=horovod``)
+* kvstore, N devices:      ``launch/kvstore.sh cpu:2 -- --config ...``
+  (``distributed.backend=kvstore distributed.devices=cpu:2``)
 
 This module is orchestration only: it reads and checks the data, resolves the run
 directory and the checkpoint to resume from (rundir.py), builds the model, the trainer
