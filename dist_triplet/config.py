@@ -51,7 +51,7 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -393,6 +393,36 @@ def _validate(cfg: Config) -> None:
         # A null output.dir is a new timestamped directory: there would be nothing to resume.
         raise ConfigError("checkpoint.resume='auto' needs output.dir=DIR (the run directory "
                           "whose checkpoints/ it continues from)")
+
+
+def parse_devices(devices: str) -> Tuple[str, Union[int, List[int], None]]:
+    """Parse ``distributed.devices`` (the one parser of it: ``dist.choose_contexts`` picks
+    the contexts from it, ``train.default_threads`` counts CPU devices before MXNet starts,
+    which is why it lives here and not in dist.py, which imports MXNet).
+
+    Returns:
+        ``("cpu", N)`` for ``'cpu:N'``; ``("gpu", None)`` for ``'all'``; ``("gpu", ids)``
+        for GPU ids like ``'0,1'`` (ids not checked against the host here; may be empty).
+
+    Raises:
+        ValueError: ``'cpu:N'`` with N not an integer >= 1, or anything else that is not
+            ``'all'`` or comma-separated integers (names the value).
+    """
+    if devices.startswith("cpu:"):
+        try:
+            n = int(devices.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"distributed.devices={devices!r}: 'cpu:N' needs N >= 1")
+        return "cpu", n
+    if devices == "all":
+        return "gpu", None
+    try:
+        return "gpu", [int(x) for x in devices.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"distributed.devices={devices!r}: expected 'all', 'cpu:N' or "
+                         "GPU ids like '0,1'") from None
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence
 
 import mxnet as mx
 import numpy as np
+
+from .config import parse_devices
 
 log = logging.getLogger(__name__)
 
@@ -96,47 +98,6 @@ def num_gpus() -> int:
         return mx.context.num_gpus()
     except mx.base.MXNetError:  # a CUDA build without a driver raises instead of returning 0
         return 0
-
-
-def parse_devices(devices: str) -> Tuple[str, Union[int, List[int], None]]:
-    """Parse ``distributed.devices`` (the one parser of it).
-
-    Returns:
-        ``("cpu", N)`` for ``'cpu:N'``; ``("gpu", None)`` for ``'all'``; ``("gpu", ids)``
-        for GPU ids like ``'0,1'`` (ids not checked against the host here; may be empty).
-
-    Raises:
-        ValueError: ``'cpu:N'`` with N not an integer >= 1, or anything else that is not
-            ``'all'`` or comma-separated integers (names the value).
-    """
-    if devices.startswith("cpu:"):
-        try:
-            n = int(devices.split(":", 1)[1])
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise ValueError(f"distributed.devices={devices!r}: 'cpu:N' needs N >= 1")
-        return "cpu", n
-    if devices == "all":
-        return "gpu", None
-    try:
-        return "gpu", [int(x) for x in devices.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"distributed.devices={devices!r}: expected 'all', 'cpu:N' or "
-                         "GPU ids like '0,1'") from None
-
-
-def cpu_devices_per_process(backend: str, devices: str) -> int:
-    """CPU contexts one process drives for config values ``distributed.backend`` /
-    ``distributed.devices`` (kvstore ``'cpu:N'``: N; otherwise 1); 1 for a malformed value,
-    which ``choose_contexts`` reports. For the thread policy, before MXNet starts."""
-    if backend != "kvstore":
-        return 1
-    try:
-        kind, n = parse_devices(devices)
-    except ValueError:
-        return 1
-    return n if kind == "cpu" else 1
 
 
 def choose_contexts(backend: str, device: str, devices: str, *, local_rank: int = 0,
@@ -248,7 +209,8 @@ class Backend:
         ``n`` must be the number of samples this *process* summed its loss over (all its
         devices); Horovod averages across ranks, kvstore sums across devices.
         """
-        return mx.gluon.Trainer(params, optimizer, optimizer_params)
+        # kvstore=None: Gluon's default is 'device'; one device needs no gradient sum.
+        return mx.gluon.Trainer(params, optimizer, optimizer_params, kvstore=None)
 
     def allreduce_mean(self, values: Sequence[float]) -> np.ndarray:
         """Mean of ``values`` (a small float vector) over ranks, float64. Every rank must

@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, parse_devices
 from .data import Split, load_dataset, subset
 from .triplets import ClassIndex, EpochSampler
 
@@ -281,9 +281,14 @@ def default_threads(cfg: Config) -> None:
     """
     if "OMP_NUM_THREADS" in os.environ:
         return
-    from .dist import cpu_devices_per_process
     share = int(os.environ.get("HOROVOD_LOCAL_SIZE") or 1)
-    share *= cpu_devices_per_process(cfg.distributed.backend, cfg.distributed.devices)
+    d = cfg.distributed
+    if d.backend == "kvstore":  # a config value: MXNet (and so the backend) is not up yet
+        try:
+            kind, n = parse_devices(d.devices)
+        except ValueError:
+            kind = None  # choose_contexts reports the malformed value
+        share *= n if kind == "cpu" else 1
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // share))
 
 

@@ -281,9 +281,10 @@ def test_find_resume(tmp_path):
 
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
 def test_resume_after_interrupt_in_epoch_3_matches_uninterrupted(opt, data_root, reference,
-                                                                 tmp_path, monkeypatch):
+                                                                 tmp_path):
     run_dir = str(tmp_path / "run")
     args = run_args(data_root, run_dir, *OPTIMIZERS[opt])
+
     def interrupt(epoch, step):  # engine.run_epoch's hook, before each step (0-based)
         if (epoch, step + 1) == (2, 4):  # 0-based epoch 2 = the third
             raise _Interrupt
