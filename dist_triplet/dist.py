@@ -164,9 +164,9 @@ def choose_contexts(backend: str, device: str, devices: str, *, local_rank: int 
 class Backend:
     """What the training loop needs from distribution; fixed at construction.
 
-    The single-process, single-device backend (``local``); :class:`KVStoreBackend` and
-    :class:`HorovodBackend` change only what differs. Callers never test ``name`` (it is
-    for log lines).
+    The base behaves as one process with no peers (collectives are identities):
+    :class:`LocalBackend` is it as is, :class:`KVStoreBackend` and :class:`HorovodBackend`
+    override only what differs. Callers never test ``name`` (it is for log lines).
 
     Attributes:
         contexts: the devices this process drives (one, except kvstore).
@@ -229,7 +229,9 @@ class Backend:
         """Wait until every rank gets here. Every rank must call it."""
 
 
-LocalBackend = Backend
+class LocalBackend(Backend):
+    """One process, one device: the debug mode. Horovod is not imported."""
+    name = "local"
 
 
 class KVStoreBackend(Backend):
