@@ -333,7 +333,8 @@ TIE_COLLAPSE_SHARE = 0.5
 def evaluate_embeddings(embeddings, labels, triplets, *, collapse_eps: float = 1e-6,
                         block: int = 1024, metrics: Sequence[str] = RETRIEVAL_METRICS,
                         max_queries: int = 0, seed: int = 0, gallery_emb=None,
-                        gallery_labels=None, exact_max_gallery: int = EXACT_MAX_GALLERY) -> dict:
+                        gallery_labels=None, exact_max_gallery: int = EXACT_MAX_GALLERY,
+                        nprobe: int = 32) -> dict:
     """All evaluation numbers for one set of embeddings, in one flat dict.
 
     Args:
@@ -343,8 +344,8 @@ def evaluate_embeddings(embeddings, labels, triplets, *, collapse_eps: float = 1
         triplets: (M, 3) int row indices (anchor, positive, negative) into ``embeddings``,
             as produced by the triplet sampler.
         collapse_eps: spread threshold of :func:`is_collapsed`.
-        block, metrics, max_queries, seed, gallery_emb, gallery_labels, exact_max_gallery:
-            as :func:`retrieval_metrics`.
+        block, metrics, max_queries, seed, gallery_emb, gallery_labels, exact_max_gallery,
+        nprobe: as :func:`retrieval_metrics`.
 
     Returns:
         The keys of :func:`retrieval_metrics` and :func:`triplet_accuracy`, plus
@@ -373,7 +374,7 @@ def evaluate_embeddings(embeddings, labels, triplets, *, collapse_eps: float = 1
         raise ValueError(f"triplet indices must lie in [0, {emb.shape[0]})")
     out = retrieval_metrics(emb, labels, gallery_emb, gallery_labels, metrics=metrics,
                             max_queries=max_queries, seed=seed, block=block,
-                            exact_max_gallery=exact_max_gallery)
+                            exact_max_gallery=exact_max_gallery, nprobe=nprobe)
     out.update(triplet_accuracy(emb[trip[:, 0]], emb[trip[:, 1]], emb[trip[:, 2]]))
     out["spread"] = embedding_spread(emb)
     total = max(out["total"], 1)
