@@ -184,6 +184,9 @@ def as_grid(emb: np.ndarray):
         return emb.astype(np.float32)
     if emb.dtype != np.float32:
         return None
+    head = emb[:64]                      # embeddings fail here already: skip the full pass
+    if not np.array_equal(np.rint(head * np.float32(_GRID)) / np.float32(_GRID), head):
+        return None
     v = np.rint(emb * np.float32(_GRID))
     if v.size and (v.min() < 0 or v.max() > _GRID):
         return None
@@ -289,11 +292,13 @@ class _FastSearch:
             # One chunk: the dot products are exact and every later step adds integers
             # below 2**26, so A is within 4 of the exact ||v - w||^2 (byte units).
             self.grid_exact = m == 1
+            self.is_grid = True
         else:
             centre = gallery.astype(np.float64).mean(axis=0) if n else 0.0
             self.coef = dim * _U32 / (1.0 - dim * _U32) + 14 * _U32
             self.triangle = True
             self.grid_exact = False
+            self.is_grid = False
         self.g = _Side(gallery, grid, cuts, centre)
         self.q = self.g if self.loo else _Side(query, q_grid, cuts, centre)
         self.gcodes = gallery_codes
@@ -348,10 +353,12 @@ class _FastSearch:
             a[np.arange(b), self_cols] = np.inf
         return a
 
-    def _errors(self, q_idx):
-        """(e_key, e_max): (B,) float64 bounds on |key - true| and on |A - key|."""
+    def _errors(self, q_idx, coef: Optional[float] = None):
+        """(e_key, e_max): (B,) float64 bounds on |key - true| and on |A - key|; ``coef``
+        replaces ``self.coef`` (the augmented GEMM's)."""
         e_key = self.key_coef * (self.q.key_norm[q_idx] + self.key_max)  # snap, float64
-        return e_key, self.coef * (self.q.e_norm[q_idx] + self.e_max) + e_key
+        coef = self.coef if coef is None else coef
+        return e_key, coef * (self.q.e_norm[q_idx] + self.e_max) + e_key
 
     def ranked_relevance(self, q_idx: np.ndarray, r: np.ndarray, max_recheck: float,
                          exact_t: bool = False):
@@ -588,7 +595,7 @@ class _FastSearch:
                 m_other[r0:r1] = np.minimum(m_other[r0:r1], a[r0:r1, hi:].min(axis=1))
         return self._decide_first(q_idx, m_same, m_other, lambda u: (a[u], order), max_recheck)
 
-    def _decide_first(self, q_idx, m_same, m_other, rows_of, max_recheck):
+    def _decide_first(self, q_idx, m_same, m_other, rows_of, max_recheck, coef=None):
         """(B,) bool from each query's smallest same-class and other-class ``A``, or None.
 
         Certain where the two differ by more than ``2 E`` (+ ulps): then the smaller side
@@ -596,9 +603,11 @@ class _FastSearch:
         ``2 E`` of their minimum by exact keys; ``rows_of(u)`` gives those queries' ``A``
         rows (U, N) and the gallery index of each column. None when more than
         ``max_recheck`` of the B * N pairs would need the re-check (near-collapse).
+        ``coef``: the bound's coefficient of the minima, if not ``self.coef``; it must be
+        >= ``self.coef``, since the re-checked rows come from :meth:`_approx`.
         """
         b = len(q_idx)
-        _, e_max = self._errors(q_idx)
+        _, e_max = self._errors(q_idx, coef)
         low = np.minimum(m_same, m_other)
         tol = (2.0 * e_max + 2.0 ** -21 * np.maximum(low, 0.0) + _TINY) * (1 + 2.0 ** -20)
         out = m_same < m_other
@@ -630,12 +639,27 @@ class _FastSearch:
         and column minima to tile j, split into same-class and other-class columns
         (contiguous ranges, the rows being sorted by class). Half the GEMM of the
         per-query path, with the same certificate and re-check.
+
+        Float data take one *augmented* GEMM per tile, ``[q, ||q||^2, 1] . [-2 x, 1,
+        ||x||^2]``, which yields ``A`` without three passes of additions. Its error
+        (Higham Sec. 3.1, D + 2 terms): ``gamma_{D+2} (2 sum |q_k x_k| + ||q||^2 +
+        ||x||^2) <= 2 gamma_{D+2} (1 + u) (||q||^2 + ||x||^2)`` with the norms' rounding;
+        the 14 u of the plain bound cover the rest as there, so the coefficient is
+        ``2 gamma_{D+2} (1 + u) + 14 u``. (8-bit images keep the plain GEMM: their exact
+        integer products would not survive the norms' addition inside it.)
         """
         if not self.loo:
             raise ValueError("nearest_relevance_all needs leave-one-out (no query set)")
         order, inverse, bounds, chunks, norm32 = self._class_sorted()
         n = self.n
         codes = self.gcodes[order]
+        coef = None
+        if not self.is_grid:                                  # float data: augmented GEMM
+            x, ones = chunks[0], np.ones((n, 1), np.float32)
+            q_aug = np.hstack([x, norm32[:, None], ones])
+            g_aug = np.hstack([np.float32(-2.0) * x, ones, norm32[:, None]])   # -2x exact
+            dim = x.shape[1] + 2
+            coef = 2.0 * (dim * _U32 / (1.0 - dim * _U32)) * (1.0 + _U32) + 14 * _U32
         starts = list(range(0, n, tile))
         m_same = np.full(n, np.inf)
         m_other = np.full(n, np.inf)
@@ -675,12 +699,15 @@ class _FastSearch:
             row_segs = segments(s0, e0)
             for s1 in starts[i:]:
                 e1 = min(s1 + tile, n)
-                a = np.matmul(q_chunks[0], chunks[0][s1:e1].T)
-                for qc, gc in zip(q_chunks[1:], chunks[1:]):
-                    a += np.matmul(qc, gc[s1:e1].T)
-                a *= np.float32(-2.0)                      # exact
-                a += norm32[None, s1:e1]
-                a += norm32[s0:e0, None]
+                if coef is not None:
+                    a = np.matmul(q_aug[s0:e0], g_aug[s1:e1].T)
+                else:
+                    a = np.matmul(q_chunks[0], chunks[0][s1:e1].T)
+                    for qc, gc in zip(q_chunks[1:], chunks[1:]):
+                        a += np.matmul(qc, gc[s1:e1].T)
+                    a *= np.float32(-2.0)                      # exact
+                    a += norm32[None, s1:e1]
+                    a += norm32[s0:e0, None]
                 if s1 == s0:
                     a[np.arange(e0 - s0), np.arange(e0 - s0)] = np.inf   # the query itself
                 for r0, r1, lo, hi in row_segs:             # same-class columns in this tile
@@ -714,7 +741,7 @@ class _FastSearch:
         ms[order], mo[order] = m_same, m_other
         everyone = np.arange(n)
         return self._decide_first(everyone, ms, mo,
-                                  lambda u: (self._approx(u), everyone), max_recheck)
+                                  lambda u: (self._approx(u), everyone), max_recheck, coef)
 
 
 class NeighbourSearch:

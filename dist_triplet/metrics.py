@@ -379,7 +379,8 @@ def evaluate_embeddings(embeddings, labels, triplets, *, collapse_eps: float = 1
     out["spread"] = embedding_spread(emb)
     total = max(out["total"], 1)
     out["tie_share"] = (out["correct"] - out["strict_correct"]) / total
-    out["collapsed"] = bool(is_collapsed(emb, eps=collapse_eps)
+    # is_collapsed(emb, collapse_eps), without computing the spread twice
+    out["collapsed"] = bool(not np.all(np.isfinite(emb)) or out["spread"] <= collapse_eps
                             or out["tie_share"] >= TIE_COLLAPSE_SHARE)
     out["valid"] = not out["collapsed"] and out["queries"] > 0
     return out
