@@ -111,7 +111,7 @@ def nearest_outcomes(index: Index, model, items, batch_size: int = 2048) -> tupl
     if items.labels is None:
         raise ValueError(f"calibration data {items.source} carry no labels (pass --labels)")
     exclude_self = bool(set(items.ids) & set(index.ids))
-    _, dist, pos = search_items(index, model, items, 1, exclude_self, batch_size)
+    _, dist, pos, _ = search_items(index, model, items, 1, exclude_self, batch_size)
     q_lab = _query_label_ids(index, items)
     return dist[:, 0], index.labels[pos[:, 0]] == q_lab
 

@@ -35,6 +35,7 @@ import io
 import json
 import os
 import sys
+import time
 from typing import Optional, Sequence
 
 import numpy as np
@@ -98,9 +99,11 @@ def check_model(index: Index, model_path: Optional[str]) -> Model:
 def search_items(index: Index, model: Model, items, k: int, exclude_self: bool = False,
                  batch_size: int = 2048) -> tuple:
     """Embed ``items`` and search: returns (emb (M, D) float32, dist (M, k) float32
-    squared L2, pos (M, k) int64 gallery positions). ``exclude_self`` leaves out the
+    squared L2, pos (M, k) int64 gallery positions, {"embed_s", "search_s"} seconds). ``exclude_self`` leaves out the
     gallery item whose id is the query's id."""
+    t0 = time.perf_counter()
     emb = model.embed(items.x, batch_size, desc="queries")
+    times = {"embed_s": time.perf_counter() - t0}
     if emb.shape[1] != index.dim:
         raise IndexInputError(f"the model gives {emb.shape[1]}-wide embeddings, the index "
                               f"{index.dir} holds {index.dim}-wide ones")
@@ -108,8 +111,10 @@ def search_items(index: Index, model: Model, items, k: int, exclude_self: bool =
     if exclude_self:
         where = {item: i for i, item in enumerate(index.ids)}
         exclude = np.array([where.get(item, -1) for item in items.ids], np.int64)
+    t0 = time.perf_counter()
     dist, pos = index.search(emb, k, exclude)
-    return emb, dist, pos
+    times["search_s"] = time.perf_counter() - t0
+    return emb, dist, pos, times
 
 
 def _query_label_ids(index: Index, items) -> Optional[np.ndarray]:
@@ -233,7 +238,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              f"non-image rows ({index.meta.get('data')})")
         model = check_model(index, args.model)
         items = read_items(args.query, model.in_units, args.labels)
-        _, dist, pos = search_items(index, model, items, args.k, args.exclude_self,
+        _, dist, pos, times = search_items(index, model, items, args.k, args.exclude_self,
                                     args.batch_size)
         recs = records(index, items, dist, pos, thr["threshold"] if thr else None)
         text = format_records(recs, args.format)
@@ -256,11 +261,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    print(f"{len(recs)} queries against {len(index)} {index.meta.get('kind')} items, k={args.k}: "
+          f"embed {times['embed_s']:.2f} s, search {times['search_s']:.2f} s", file=sys.stderr,
+          flush=True)
     q_lab = _query_label_ids(index, items)
     if q_lab is not None:
         p1, counted = precision_at_1(index, items, q_lab, pos[:, 0], args.exclude_self)
         rejected = sum(r["no_match"] for r in recs)
-        print(f"{len(recs)} queries, k={args.k}: precision@1 {p1:.4f} (nearest neighbour's "
+        print(f"precision@1 {p1:.4f} (nearest neighbour's "
               f"label, {counted} queries with a same-class gallery item)"
               + (f"; {rejected} no match beyond sq_l2 {thr['threshold']:.6g}" if thr else ""),
               file=sys.stderr, flush=True)
