@@ -10,7 +10,7 @@
                      nearest neighbours among the other test items, framed green / red
     report.html      the metrics table and these pictures (relative paths)
 
-PCA is a thin SVD of a fixed random subsample (``points``, default 2,000) centred on its
+PCA (eigenvectors of the scatter matrix, i.e. a thin SVD) of a fixed random subsample (``points``, default 2,000) centred on its
 mean, so the report costs well under the end-of-run budget (about 1-2 s with matplotlib's
 import; measured in docs/search.md). Only the Agg backend is used: no display needed.
 """
@@ -121,8 +121,9 @@ def pca_2d(x: np.ndarray, points: int = 2000, seed: int = 0) -> tuple:
     """2-D PCA of a fixed subsample: returns (coords (m, 2) float64, rows (m,) int64).
 
     ``m = min(points, N)`` rows drawn without replacement by ``default_rng(seed)`` (sorted);
-    coordinates are the centred rows times the top two right singular vectors of a thin
-    SVD (``np.linalg.svd(full_matrices=False)``), signs fixed so each axis's largest
+    coordinates are the centred rows times the top two eigenvectors of their (F, F)
+    scatter matrix (= the top right singular vectors of a thin SVD, at a quarter of its
+    cost for 2,000 x 784: one GEMM and ``eigh``), signs fixed so that each axis's largest
     loading is positive (deterministic pictures).
     """
     n = len(x)
@@ -132,10 +133,10 @@ def pca_2d(x: np.ndarray, points: int = 2000, seed: int = 0) -> tuple:
     sub = sub - sub.mean(axis=0)
     if sub.shape[1] < 2:
         sub = np.pad(sub, ((0, 0), (0, 2 - sub.shape[1])))
-    _, _, vt = np.linalg.svd(sub, full_matrices=False)
-    vt = vt[:2]
-    vt *= np.sign(vt[np.arange(2), np.abs(vt).argmax(axis=1)])[:, None]
-    return sub @ vt.T, rows
+    vals, vecs = np.linalg.eigh(sub.T @ sub)               # ascending eigenvalues
+    top = vecs[:, np.argsort(vals)[::-1][:2]]               # (F, 2)
+    top *= np.sign(top[np.abs(top).argmax(axis=0), np.arange(2)])
+    return sub @ top, rows
 
 
 def _plot_pca(path: str, coords, labels, class_names, title: str) -> None:

@@ -181,6 +181,12 @@ def format_records(recs: list, fmt: str) -> str:
 
 
 def _atomic_text(path: str, text: str) -> None:
+    """``text`` to ``path`` via a temp file and os.replace; a path that exists and is not
+    a regular file (/dev/null, a pipe) is written directly, never replaced."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, "w") as fh:
+            fh.write(text)
+        return
     parent = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
