@@ -369,3 +369,41 @@ def test_index_out_exists_or_bad_data_writes_nothing(setup, capsys):
     assert index_cli.main(["--model", model, "--data", f"{data}:test", "--out", index_dir,
                            "--force"]) == 0
     assert json.load(open(os.path.join(index_dir, "meta.json")))["count"] == 7
+
+
+def test_cli_leave_one_out_search_reproduces_retrieval_metrics(tmp_path, capsys):
+    """index + search --exclude-self over one split: the printed Precision@1 is
+    retrieval_metrics' on the same embeddings (small integer pixels: many exact ties)."""
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 3, size=(120, 4)) * 60      # 81 distinct points, many ties
+    labels = rng.integers(0, 4, size=120)
+    model = export_identity(tmp_path / "model")
+    data = tmp_path / "data"
+    write_split(data, "t10k", pixels, labels)
+    write_split(data, "train", pixels[:1], labels[:1])
+    assert index_cli.main(["--model", model, "--data", f"{data}:test",
+                           "--out", str(tmp_path / "ix")]) == 0
+    out = tmp_path / "self.jsonl"
+    assert search_cli.main(["--index", str(tmp_path / "ix"), "--query", f"{data}:test",
+                            "--k", "1", "--exclude-self", "--out", str(out)]) == 0
+    emb = pixels.astype(np.float32) / np.float32(255)
+    want = retrieval_metrics(emb, labels)
+    err = capsys.readouterr().err
+    assert f"precision@1 {want['precision_at_1']:.4f}" in err
+    recs = read_jsonl(out)
+    nearest = [int(r["neighbours"][0]["id"].split("/")[1]) for r in recs]
+    assert nearest == [plain_nearest_other(emb.astype(np.float64), i) for i in range(120)]
+
+
+def test_npy_queries_with_a_labels_file(setup, capsys):
+    tmp, model, data, index_dir = setup
+    np.save(tmp / "q.npy", np.array([[[0, 0], [12, 0]], [[199, 0], [0, 0]]], np.uint8))
+    np.save(tmp / "ql.npy", np.array([0, 0]))
+    out = tmp / "r.jsonl"
+    assert search_cli.main(["--index", index_dir, "--query", str(tmp / "q.npy"), "--labels",
+                            str(tmp / "ql.npy"), "--k", "1", "--out", str(out)]) == 0
+    recs = read_jsonl(out)
+    assert [r["query"] for r in recs] == ["q.npy#0", "q.npy#1"]
+    assert [r["neighbours"][0]["id"] for r in recs] == ["train/0", "train/1"]
+    assert [r["correct"] for r in recs] == [True, False]
+    assert recs[1]["neighbours"][0]["sq_l2"] == pytest.approx(1 / S, rel=1e-5)
