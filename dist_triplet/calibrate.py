@@ -33,14 +33,13 @@ a threshold file whose ``index_id`` is not its index's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Optional, Sequence
 
 import numpy as np
 
-from .index import Index, IndexInputError, _write_json, read_items
+from .index import Index, _write_json, read_items
 from .search import THRESHOLD_FILE, _query_label_ids, check_model, search_items
 
 __all__ = ["curve", "choose_threshold", "rates", "nearest_outcomes", "main"]
@@ -144,7 +143,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status (0, or 2 on bad input)."""
     args = parse_args(argv)
     try:
-        target = 0.9 if args.target_precision is None and not args.best_f1 else args.target_precision
+        target = args.target_precision
+        if target is None and not args.best_f1:
+            target = 0.9
         if target is not None and not 0.0 < target <= 1.0:
             raise ValueError(f"--target-precision must be in (0, 1], got {target}")
         if args.holdout is None and not 0.0 < args.holdout_fraction < 1.0:

@@ -424,12 +424,13 @@ class Index:
             with open(meta_path) as fh:
                 meta = json.load(fh)
         except FileNotFoundError:
-            raise IndexInputError(f"{meta_path} is missing: {path} is not an index directory") from None
+            raise IndexInputError(f"{meta_path} is missing: {path} is not an index "
+                                  "directory") from None
         except ValueError as exc:
             raise IndexInputError(f"{meta_path}: not valid JSON ({exc}): corrupt index") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise IndexInputError(f"{meta_path}: format {meta.get('format') if isinstance(meta, dict) else meta!r} "
-                              f"is not {FORMAT!r}")
+            found = meta.get("format") if isinstance(meta, dict) else meta
+            raise IndexInputError(f"{meta_path}: format {found!r} is not {FORMAT!r}")
         for name, digest in meta.get("files", {}).items():
             fpath = os.path.join(path, name)
             if not os.path.isfile(fpath):
@@ -448,7 +449,8 @@ class Index:
             images = (np.load(os.path.join(path, "images.npy"), mmap_mode="r")
                       if "images.npy" in meta["files"] else None)
         except (RuntimeError, ValueError, OSError) as exc:
-            raise IndexInputError(f"{path}: cannot read the index: {str(exc).splitlines()[0]}") from None
+            raise IndexInputError(f"{path}: cannot read the index: "
+                                  f"{str(exc).splitlines()[0]}") from None
         n = int(index.ntotal)
         if labels.shape != (n,) or len(doc.get("ids", [])) != n:
             raise IndexInputError(f"{path}: {n} vectors but {labels.shape} labels and "

@@ -10,9 +10,10 @@
                      nearest neighbours among the other test items, framed green / red
     report.html      the metrics table and these pictures (relative paths)
 
-PCA (eigenvectors of the scatter matrix, i.e. a thin SVD) of a fixed random subsample (``points``, default 2,000) centred on its
-mean, so the report costs well under the end-of-run budget (about 1-2 s with matplotlib's
-import; measured in docs/search.md). Only the Agg backend is used: no display needed.
+PCA (eigenvectors of the scatter matrix, i.e. a thin SVD) of a fixed random subsample
+(``points``, default 2,000) centred on its mean, so the report costs well under the
+end-of-run budget of 3 s (about 0.6 s CPU plus matplotlib's import; docs/search.md).
+Only the Agg backend is used: no display needed.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def _pyplot():
     return plt
 
 
-def neighbour_grid(path: str, query_images: Optional[np.ndarray], gallery_images: Optional[np.ndarray],
+def neighbour_grid(path: str, query_images: Optional[np.ndarray],
+                   gallery_images: Optional[np.ndarray],
                    pos: np.ndarray, dist: np.ndarray, query_labels: Optional[np.ndarray],
                    gallery_labels: Optional[np.ndarray], class_names: Optional[Sequence[str]],
                    no_match: Optional[Sequence[bool]] = None, title: Optional[str] = None) -> str:

@@ -99,8 +99,8 @@ def check_model(index: Index, model_path: Optional[str]) -> Model:
 def search_items(index: Index, model: Model, items, k: int, exclude_self: bool = False,
                  batch_size: int = 2048) -> tuple:
     """Embed ``items`` and search: returns (emb (M, D) float32, dist (M, k) float32
-    squared L2, pos (M, k) int64 gallery positions, {"embed_s", "search_s"} seconds). ``exclude_self`` leaves out the
-    gallery item whose id is the query's id."""
+    squared L2, pos (M, k) int64 gallery positions, {"embed_s", "search_s"} seconds).
+    ``exclude_self`` leaves out the gallery item whose id is the query's id."""
     t0 = time.perf_counter()
     emb = model.embed(items.x, batch_size, desc="queries")
     times = {"embed_s": time.perf_counter() - t0}

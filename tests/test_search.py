@@ -281,7 +281,8 @@ def test_index_built_by_another_model_is_refused(setup, capsys):
     tmp, model, data, index_dir = setup
     other = export_identity(tmp / "other", 4, 3)       # 3-wide embeddings
     out = tmp / "r.jsonl"
-    assert search_cli.main(["--index", index_dir, "--query", f"{data}:test", "--k", "2", "--model", other,
+    assert search_cli.main(["--index", index_dir, "--query", f"{data}:test", "--k", "2",
+                            "--model", other,
                             "--out", str(out)]) == 2
     line = error_line(capsys)
     assert "3-wide" in line and "4-wide" in line and "other" in line
@@ -340,7 +341,8 @@ def test_threshold_of_another_index_is_refused(setup, capsys):
                                "--target-precision", "0.5"]) == 0
     capsys.readouterr()
     thr = os.path.join(other, "threshold.json")
-    assert search_cli.main(["--index", index_dir, "--query", f"{data}:test", "--k", "2", "--threshold", thr,
+    assert search_cli.main(["--index", index_dir, "--query", f"{data}:test", "--k", "2",
+                            "--threshold", thr,
                             "--out", str(tmp / "r.jsonl")]) == 2
     line = error_line(capsys)
     assert thr in line and "calibrated for index" in line
