@@ -79,7 +79,7 @@ class Items:
         labels: (N,) int64 class ids, or None when the data carry no labels.
         class_names: name of each class id (None without labels).
         ids: N item ids (``<split>/<row>`` for a data set, ``<file>#<row>`` for a file).
-        image_shape: (rows, cols) when rows are images, else None.
+        image_shape: (rows, cols) or (rows, cols, channels) when rows are images, else None.
         source: the data spec, for messages and meta.json.
     """
 
@@ -146,16 +146,22 @@ def read_items(spec: str, in_units: int, labels_path: Optional[str] = None) -> I
             same = os.path.realpath(base) == os.path.realpath(FASHION_MNIST_ROOT)
             data = load_dataset("fashion_mnist" if same else "idx", base,
                                 train=split == "train")
-        if data.images.shape[1] != in_units:
+        x = data.images
+        if x.dtype == np.uint8:  # issue 10's Split keeps bytes; the network takes bytes / 255
+            x = x.astype(np.float32) / np.float32(255)
+        if x.shape[1] != in_units:
             raise ValueError(f"{data.source}: the model takes {in_units} values per image, "
-                             f"the {split} images have {data.images.shape[1]}")
+                             f"the {split} images have {x.shape[1]}")
+        # issue 10's Split says whether rows are images; today's rows are square images.
+        shape = getattr(data, "image_shape", None) if hasattr(data, "image_shape") \
+            else _square(x.shape[1])
         labels = data.labels
         if labels_path is not None:
             labels = _read_labels(labels_path, len(labels))
         ids = [f"{split}/{i}" for i in range(len(labels))]
         where = os.path.abspath(base) if os.path.isdir(base) else base
-        return Items(data.images, labels, tuple(data.class_names), ids,
-                     _square(data.images.shape[1]), f"{where}:{split}")
+        return Items(x, labels, tuple(data.class_names), ids,
+                     tuple(shape) if shape else None, f"{where}:{split}")
     if sep and tail not in SPLITS and not os.path.exists(spec) and (
             head in ("fashion_mnist", "mnist") or os.path.isdir(head)):
         raise ValueError(f"data {spec}: unknown split {tail!r}; use {head}:train or {head}:test")

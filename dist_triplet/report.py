@@ -46,8 +46,9 @@ def neighbour_grid(path: str, query_images: Optional[np.ndarray],
     """Each query (column 0) beside its k neighbours, as thumbnails; writes PNG ``path``.
 
     Args:
-        query_images: (R, h, w) uint8 or float in [0, 1]; None draws label-only tiles.
-        gallery_images: (N, h, w) uint8 or float in [0, 1] (memory-mapped is fine), or None.
+        query_images: (R, h, w) grey or (R, h, w, 1 | 3) uint8 or float in [0, 1]; None
+            draws label-only tiles. Grey is drawn dark on white (as the seed's pictures).
+        gallery_images: (N, ...) likewise (memory-mapped is fine), or None.
         pos: (R, k) int64 gallery positions (-1: none); dist: (R, k) squared L2.
         query_labels: (R,) gallery class ids (-2: a class the gallery lacks) or None; with
             labels, neighbours are framed green (same class) or red.
@@ -70,11 +71,15 @@ def neighbour_grid(path: str, query_images: Optional[np.ndarray],
     def put(r, j, img, colour, text):
         y, x = r * cell_h, j * cell_w
         mosaic[y:y + h + 2 * pad, x:x + w + 2 * pad] = _rgb(colour)
-        tile = np.ones((h, w), np.float32)
+        tile = np.ones((h, w, 3), np.float32)
         if img is not None:
-            tile = 1.0 - np.asarray(img, np.float32).reshape(h, w) / (
-                255.0 if np.asarray(img).dtype == np.uint8 else 1.0)
-        mosaic[y + pad:y + pad + h, x + pad:x + pad + w] = tile[:, :, None]
+            img = np.asarray(img)
+            v = img.astype(np.float32) / (255.0 if img.dtype == np.uint8 else 1.0)
+            if v.ndim == 3 and v.shape[2] == 3:
+                tile = v                                    # colour: as it is
+            else:                                           # grey: dark ink on white
+                tile = np.repeat(1.0 - v.reshape(h, w)[:, :, None], 3, axis=2)
+        mosaic[y + pad:y + pad + h, x + pad:x + pad + w] = np.clip(tile, 0, 1)
         labels_at.append((x + pad + w / 2, y + 2 * pad + h + 1, text))
 
     for r in range(rows):
@@ -254,10 +259,11 @@ def write_report(run_dir: str, metrics_doc: dict, raw_inputs: np.ndarray, embedd
 
     Args:
         metrics_doc: the run's metrics.json contents (``epochs``, ``final``, ``raw_pixels``).
-        raw_inputs: (N, F) float32 test inputs (pixels / 255).
+        raw_inputs: (N, F) test inputs: float32 pixels / 255 or uint8 pixels.
         embeddings: (N, D) float32 test embeddings of the final network.
         labels: (N,) int class ids; class_names: name per id.
-        image_shape: (rows, cols) with rows * cols = F to draw thumbnails, or None
+        image_shape: (rows, cols) or (rows, cols, channels) with product F, to draw
+            thumbnails, or None
             (neighbours.png then shows labels only).
         points: rows in the PCA subsample; neighbours: neighbours per query.
 

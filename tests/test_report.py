@@ -171,3 +171,19 @@ def test_board_serves_both_projector_embeddings(tmp_path):
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
         proc.stdout.close()
+
+
+def test_neighbour_grid_draws_colour_thumbnails_as_they_are(tmp_path):
+    import matplotlib.image as mpimg
+
+    from dist_triplet.report import neighbour_grid
+    blue = np.zeros((3, 6, 6, 3), np.uint8)
+    blue[..., 2] = 255
+    grey = np.full((3, 6, 6), 255, np.uint8)         # full ink: drawn black on white
+    for imgs, colour in ((blue, (0, 0, 1)), (grey, (0, 0, 0))):
+        png = tmp_path / "g.png"
+        neighbour_grid(str(png), imgs[:1], imgs, np.array([[1, 2]]), np.array([[0.5, 1.0]]),
+                       np.array([0]), np.array([0, 0, 1]), ("a", "b"))
+        img = mpimg.imread(png)[:, :, :3]
+        hits = np.all(np.abs(img - np.array(colour)) < 0.02, axis=2)
+        assert hits.sum() > 3 * 6 * 6 * 4           # three tiles, scaled up >= 2x
