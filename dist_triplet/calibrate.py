@@ -39,7 +39,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .index import Index, _write_json, read_items
+from .fsutil import write_json
+from .index import Index, read_items
 from .search import THRESHOLD_FILE, _query_label_ids, check_model, search_items
 
 __all__ = ["curve", "choose_threshold", "rates", "nearest_outcomes", "main"]
@@ -178,7 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                "target_precision": target, "data": items.source, "split": split,
                "calibration": {k: _finite(v) for k, v in cal_r.items()},
                "holdout": {k: _finite(v) for k, v in hold_r.items()}}
-        _write_json(os.path.join(index.dir, THRESHOLD_FILE), doc)
+        write_json(os.path.join(index.dir, THRESHOLD_FILE), doc)
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -44,12 +44,13 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import numpy as np
+
+from .fsutil import atomic_dir
 
 __all__ = ["Items", "read_items", "Index", "build_index", "write_index_dir", "main",
            "KINDS", "IndexInputError"]
@@ -292,30 +293,6 @@ def measured_recall(index, emb: np.ndarray, k: int = RECALL_K, queries: int = RE
     return {"recall_at_k": found / (k * len(q)), "k": int(k), "queries": int(len(q))}
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: str, doc) -> None:
-    """json to ``path`` atomically (temp + fsync + os.replace)."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                       f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(doc, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def is_index_dir(path: str) -> bool:
     try:
         with open(os.path.join(path, "meta.json")) as fh:
@@ -339,20 +316,14 @@ def write_index_dir(out: str, index, labels: np.ndarray, ids: Sequence[str],
                     meta: dict, force: bool = False) -> dict:
     """Write an index directory atomically; returns its meta.json contents.
 
-    Everything goes into ``.<name>.tmp-<pid>`` beside ``out``; files and directory are
-    fsynced, then the directory is renamed to ``out`` (an earlier index there is moved
-    aside first with ``force`` and removed after). On an exception the temp dir is removed.
+    Everything goes into ``.<name>.tmp-<pid>`` beside ``out``, is fsynced and renamed to
+    ``out`` (:func:`dist_triplet.fsutil.atomic_dir`; an earlier index there is replaced
+    only with ``force``). On an exception nothing is left behind.
     """
     import faiss
     check_out_dir(out, force)
-    out = os.path.abspath(out)
-    parent, name = os.path.split(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
-    old = os.path.join(parent, f".{name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.mkdir(tmp)
-    try:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with atomic_dir(out) as tmp:
         faiss.write_index(index, os.path.join(tmp, "index.faiss"))
         np.save(os.path.join(tmp, "labels.npy"), np.asarray(labels, dtype=np.int64))
         with open(os.path.join(tmp, "ids.json"), "w") as fh:
@@ -367,19 +338,6 @@ def write_index_dir(out: str, index, labels: np.ndarray, ids: Sequence[str],
                                             .encode()).hexdigest())
         with open(os.path.join(tmp, "meta.json"), "w") as fh:
             json.dump(meta, fh, indent=1)
-        for f in os.listdir(tmp):
-            _fsync(os.path.join(tmp, f))
-        _fsync(tmp)
-        if os.path.exists(out):
-            os.rename(out, old)
-        os.rename(tmp, out)
-        _fsync(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if os.path.exists(old) and not os.path.exists(out):
-            os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return meta
 
 

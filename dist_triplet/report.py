@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import html
 import os
-import shutil
 from typing import Optional, Sequence
 
 import numpy as np
+
+from .fsutil import atomic_dir
 
 __all__ = ["neighbour_grid", "pca_2d", "write_report", "REPORT_FILES"]
 
@@ -263,12 +264,12 @@ def write_report(run_dir: str, metrics_doc: dict, raw_inputs: np.ndarray, embedd
         embeddings: (N, D) float32 test embeddings of the final network.
         labels: (N,) int class ids; class_names: name per id.
         image_shape: (rows, cols) or (rows, cols, channels) with product F, to draw
-            thumbnails, or None
-            (neighbours.png then shows labels only).
+            thumbnails, or None (neighbours.png then shows labels only).
         points: rows in the PCA subsample; neighbours: neighbours per query.
 
     The files go into ``run_dir/.report.tmp-<pid>/``, which is renamed to ``report/``
-    (an earlier report is replaced). Raises ValueError on mismatched row counts.
+    (:func:`dist_triplet.fsutil.atomic_dir`; an earlier report is replaced).
+    Raises ValueError on mismatched row counts, before anything is written.
     """
     labels = np.asarray(labels)
     n = len(labels)
@@ -276,11 +277,7 @@ def write_report(run_dir: str, metrics_doc: dict, raw_inputs: np.ndarray, embedd
         raise ValueError(f"report: {len(raw_inputs)} inputs, {len(embeddings)} embeddings and "
                          f"{n} labels; expected one per test item")
     out = os.path.join(run_dir, "report")
-    tmp = os.path.join(run_dir, f".report.tmp-{os.getpid()}")
-    old = os.path.join(run_dir, f".report.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_dir(out) as tmp:
         raw_xy, rows = pca_2d(raw_inputs, points, seed)
         _plot_pca(os.path.join(tmp, "pca_raw.png"), raw_xy, labels[rows], class_names,
                   f"raw inputs: 2-D PCA of {len(rows)} test items")
@@ -307,17 +304,4 @@ def write_report(run_dir: str, metrics_doc: dict, raw_inputs: np.ndarray, embedd
                 ("neighbours.png", "test queries and their nearest neighbours"))
         with open(os.path.join(tmp, "report.html"), "w") as fh:
             fh.write(_html(metrics_doc, figs))
-        for f in os.listdir(tmp):
-            fd = os.open(os.path.join(tmp, f), os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-        if os.path.exists(out):
-            os.rename(out, old)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if os.path.exists(old) and not os.path.exists(out):
-            os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return out

@@ -40,6 +40,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .fsutil import atomic_write
 from .index import Index, IndexInputError, Model, read_items
 
 __all__ = ["load_threshold", "search_items", "main"]
@@ -187,18 +188,8 @@ def _atomic_text(path: str, text: str) -> None:
         with open(path, "w") as fh:
             fh.write(text)
         return
-    parent = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as fh:
+        fh.write(text)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

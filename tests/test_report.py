@@ -187,3 +187,42 @@ def test_neighbour_grid_draws_colour_thumbnails_as_they_are(tmp_path):
         img = mpimg.imread(png)[:, :, :3]
         hits = np.all(np.abs(img - np.array(colour)) < 0.02, axis=2)
         assert hits.sum() > 3 * 6 * 6 * 4           # three tiles, scaled up >= 2x
+
+
+def test_training_run_writes_the_report_unless_eval_report_is_false(tmp_path):
+    """A tiny local training run (4 classes of 28x28 images, 1 epoch) ends with RUN/report/
+    holding the five files, its table showing metrics.json's final P@1 and raw-pixel P@1."""
+    pytest.importorskip("mxnet", reason="training runs on MXNet")
+    from dist_triplet.config import load_config
+    from dist_triplet.data import write_idx
+    from dist_triplet.train import train
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    root.mkdir()
+    for stem, per in (("train", 12), ("t10k", 5)):
+        labels = np.repeat(np.arange(4), per).astype(np.uint8)
+        imgs = rng.integers(0, 60, size=(len(labels), 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            imgs[i, 7 * c:7 * c + 7, :] += 150
+        write_idx(root / f"{stem}-images-idx3-ubyte", imgs)
+        write_idx(root / f"{stem}-labels-idx1-ubyte", labels)
+
+    def run(name, *extra):
+        cfg = load_config(None, [
+            "data.dataset=idx", f"data.root={root}", f"output.dir={tmp_path / name}",
+            "distributed.backend=local", "distributed.device=cpu", "train.progress=false",
+            "train.epochs=1", "sampler.kind=pk", "sampler.p=4", "sampler.k=4",
+            "sampler.steps_per_epoch=3", "model.hidden=[32,16]", "eval.projector=false",
+            "checkpoint.keep=0", *extra])
+        train(cfg)
+        return tmp_path / name
+
+    on = run("on")
+    assert sorted(os.listdir(on / "report")) == sorted(REPORT_FILES)
+    doc = json.load(open(on / "metrics.json"))
+    page = (on / "report" / "report.html").read_text()
+    assert (f"<td>Precision@1</td><td>{doc['final']['precision_at_1']:.4f}</td>"
+            f"<td>{doc['raw_pixels']['precision_at_1']:.4f}</td>") in page
+    off = run("off", "eval.report=false")
+    assert not (off / "report").exists() and (off / "metrics.json").exists()
