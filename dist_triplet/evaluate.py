@@ -7,9 +7,14 @@ the neighbour search :mod:`dist_triplet.knn`.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
 from typing import Optional
+
+import numpy as np
 
 from .config import Config
 from .data import Split
@@ -18,6 +23,30 @@ from .triplets import create_pairs
 log = logging.getLogger("dist_triplet")
 
 _P1 = ("precision_at_1",)
+# Part of the raw-pixel cache key: change it when the metrics' definition or search changes.
+_RAW_CACHE_VERSION = "raw-v1"
+
+
+def raw_cache_path(cfg: Config, test: Split, gallery: Optional[Split]) -> str:
+    """Where the raw-pixel baseline of ``test`` (against ``gallery``) is cached.
+
+    ``<output.root>/.cache/raw-<hash>.json``, or ``output.dir``'s parent instead of
+    output.root: beside the run directories, so every run on the same data finds it. The
+    hash (BLAKE2b, 128 bits) covers the pixels' and labels' bytes, shapes and dtypes, the
+    evaluation keys that change the numbers and ``_RAW_CACHE_VERSION``.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for split in (test, gallery) if gallery is not None else (test,):
+        for arr in (split.images, split.labels):
+            arr = np.ascontiguousarray(arr)
+            h.update(f"{arr.dtype.str}{arr.shape}".encode())
+            h.update(memoryview(arr).cast("B"))
+    e = cfg.eval
+    h.update(json.dumps([_RAW_CACHE_VERSION, e.gallery, e.max_queries, e.query_seed,
+                         e.exact_max_gallery, e.nprobe]).encode())
+    out = cfg.output
+    base = os.path.dirname(os.path.abspath(out.dir)) if out.dir else out.root
+    return os.path.join(base, ".cache", f"raw-{h.hexdigest()}.json")
 
 
 class Evaluator:
@@ -34,7 +63,9 @@ class Evaluator:
     The raw-pixel baseline (the same retrieval on pixels / 255) is ``raw``: Precision@1
     at construction, for the epoch log line; the first full evaluation adds R-Precision
     and MAP@R to that same dict, which the run's Recorder writes to metrics.json at the
-    end (``raw_pixels``).
+    end (``raw_pixels``). With ``eval.raw_cache`` both come from :func:`raw_cache_path`
+    when an earlier run stored them; a cache that cannot be read or written only logs a
+    warning.
 
     Args:
         cfg: the run's config (section ``eval``).
@@ -54,12 +85,43 @@ class Evaluator:
         self.gallery = train if cfg.eval.gallery == "train" else None
         self.triplets = create_pairs(test.labels, seed=cfg.eval.triplet_seed)
         t0 = time.perf_counter()
-        self.raw = retrieval_metrics(test.images, test.labels, *self._gallery_pixels(),
-                                     metrics=_P1, **self._search_options())
-        log.info("raw pixels: P@1 %.4f (%d queries%s, %.2f s; R-Prec and MAP@R at the "
-                 "first full evaluation)", self.raw["precision_at_1"], self.raw["queries"],
+        self._cache = raw_cache_path(cfg, test, self.gallery) if cfg.eval.raw_cache else None
+        self.raw = self._read_cache()
+        if self.raw is None:
+            self.raw = retrieval_metrics(test.images, test.labels, *self._gallery_pixels(),
+                                         metrics=_P1, **self._search_options())
+            self._write_cache()
+            how = "R-Prec and MAP@R at the first full evaluation"
+        else:
+            how = f"cached in {self._cache}"
+        log.info("raw pixels: P@1 %.4f (%d queries%s, %.2f s; %s)",
+                 self.raw["precision_at_1"], self.raw["queries"],
                  ", gallery: training set" if self.gallery is not None else "",
-                 time.perf_counter() - t0)
+                 time.perf_counter() - t0, how)
+
+    def _read_cache(self) -> Optional[dict]:
+        if self._cache is None or not os.path.exists(self._cache):
+            return None
+        try:
+            with open(self._cache) as fh:
+                doc = json.load(fh)
+            if not isinstance(doc.get("precision_at_1"), float):
+                raise ValueError("no precision_at_1")
+            return doc
+        except (OSError, ValueError) as exc:
+            log.warning("raw-pixel cache %s unreadable (%s): computing it again", self._cache,
+                        exc)
+            return None
+
+    def _write_cache(self) -> None:
+        if self._cache is None:
+            return
+        from .fsutil import write_json
+        try:
+            os.makedirs(os.path.dirname(self._cache), exist_ok=True)
+            write_json(self._cache, self.raw)
+        except OSError as exc:
+            log.warning("raw-pixel cache %s not written: %s", self._cache, exc)
 
     def _gallery_pixels(self) -> tuple:
         g = self.gallery
@@ -98,6 +160,7 @@ class Evaluator:
             t0 = time.perf_counter()
             self.raw.update(retrieval_metrics(self.test.images, self.test.labels,
                                               *self._gallery_pixels(), **self._search_options()))
+            self._write_cache()
             log.info("raw pixels: P@1 %.4f  R-Prec %.4f  MAP@R %.4f  (%d queries, %.2f s)",
                      self.raw["precision_at_1"], self.raw["r_precision"], self.raw["map_at_r"],
                      self.raw["queries"], time.perf_counter() - t0)

@@ -29,7 +29,8 @@ def split(images, labels):
 
 
 def config(*overrides):
-    return load_config(None, ["train.epochs=10", *overrides])
+    # No raw-pixel cache: it would go beside output.root (./runs) of the test's cwd.
+    return load_config(None, ["train.epochs=10", "eval.raw_cache=false", *overrides])
 
 
 def test_full_evaluations_follow_full_every_and_the_last_epoch():
@@ -82,6 +83,35 @@ def test_no_query_with_a_partner_is_invalid_not_nan_and_valid():
     res, _ = Evaluator(config("eval.gallery=train"), test, train)(identity_net(), mx.cpu())
     assert res["queries"] == 0 and math.isnan(res["precision_at_1"])
     assert res["collapsed"] is False and res["valid"] is False
+
+
+def test_raw_pixel_baseline_is_cached_beside_the_run_directories(tmp_path, monkeypatch):
+    pixels = np.array([[0.0], [1.0], [5.0], [4.0], [9.0], [10.0]]) / 10
+    test = split(pixels, [0, 0, 0, 1, 1, 1])
+    cfg = config("eval.raw_cache=true", f"output.dir={tmp_path / 'runs' / 'a'}")
+    ev = Evaluator(cfg, test)
+    ev(identity_net(), mx.cpu())                      # full: adds R-Prec and MAP@R
+    want = retrieval_metrics(test.images, test.labels)
+    (path,) = (tmp_path / "runs" / ".cache").iterdir()
+    assert json.loads(path.read_text()) == want
+    # A second run (another run directory, same parent) reads it: no search at all.
+    import dist_triplet.metrics as metrics_mod
+    monkeypatch.setattr(metrics_mod, "retrieval_metrics", None)   # would fail if called
+    again = Evaluator(config("eval.raw_cache=true", f"output.dir={tmp_path / 'runs' / 'b'}"),
+                      test)
+    assert again.raw == want
+    # Other pixels, or a key that changes the numbers, miss the cache.
+    monkeypatch.undo()
+    other = Evaluator(config("eval.raw_cache=true", f"output.dir={tmp_path / 'runs' / 'c'}",
+                             "eval.max_queries=3"), test)
+    assert other.raw["queries"] == 3
+    assert len(list((tmp_path / "runs" / ".cache").iterdir())) == 2
+    # A damaged cache file is recomputed (and rewritten), not trusted.
+    path.write_text("{not json")
+    fixed = Evaluator(config("eval.raw_cache=true", f"output.dir={tmp_path / 'runs' / 'd'}"),
+                      test)
+    assert fixed.raw["precision_at_1"] == want["precision_at_1"]
+    assert json.loads(path.read_text())["precision_at_1"] == want["precision_at_1"]
 
 
 @pytest.mark.parametrize("override, needle", [
