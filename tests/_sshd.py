@@ -12,7 +12,7 @@ its config, a fresh host key, a fresh client key and the authorized_keys file, l
 ``tmp`` is changed, with two unavoidable exceptions that are undone:
 
 * ``/run/sshd``, the privilege-separation directory sshd insists on, is created when
-  missing and removed afterwards (only if this helper created it);
+  missing and removed afterwards (only if this helper created it, and no other sshd runs);
 * the ssh client creates ``~/.ssh`` when it does not exist (OpenSSH's ssh.c does so on
   every start); it is removed afterwards if this helper's run created it and it is empty.
 
@@ -77,6 +77,31 @@ class SshHost:
     def horovodrun_args(self) -> list:
         """horovodrun's ssh options for this host (as a user would pass them)."""
         return ["-p", str(self.port), "-i", self.key]
+
+
+def _die_with_parent() -> None:
+    """In the sshd child before exec: SIGTERM when the test process dies (Linux
+    prctl PR_SET_PDEATHSIG), so a killed pytest does not leave our sshd listening."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _other_sshd_running() -> bool:
+    """Whether some other sshd (the system's, another test's) is running: then /run/sshd,
+    which it may need, stays even if this helper created it."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    head, tail = fh.read().rsplit(")", 1)
+            except OSError:
+                continue
+            if head.split("(", 1)[1] == "sshd" and tail.split()[0] != "Z":
+                return True
+    return False
 
 
 def _write(path: str, text: str, mode: int = 0o600) -> None:
@@ -167,7 +192,8 @@ def loopback_sshd(tmp: str, base_path: str | None = None):
         _write(os.path.join(bindir, "ssh"),
                f'#!/bin/sh\nexec {shutil.which("ssh")} -F {ssh_config} "$@"\n', 0o755)
         proc = subprocess.Popen([SSHD, "-D", "-f", config, "-E", log],
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_die_with_parent)
         _wait_listening(proc, log)
         path = os.pathsep.join([bindir, base_path if base_path is not None
                                 else os.environ.get("PATH", "")])
@@ -175,7 +201,7 @@ def loopback_sshd(tmp: str, base_path: str | None = None):
     finally:
         if proc is not None:
             _stop(proc)
-        if made_privsep:
+        if made_privsep and not _other_sshd_running():
             shutil.rmtree(PRIVSEP_DIR, ignore_errors=True)
         if made_home_ssh and os.path.isdir(home_ssh):
             with contextlib.suppress(OSError):
