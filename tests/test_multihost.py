@@ -88,9 +88,23 @@ def start(host, data_root, report_dir, out_dir, *extra, pause=None):
     log = os.path.join(report_dir, "horovodrun.log")
     env = environment(host, **({"MULTIHOST_PAUSE": pause} if pause else {}))
     with open(log, "w") as fh:
-        proc = subprocess.Popen(command(host, data_root, report_dir, str(out_dir), *extra), cwd=ROOT,
-                                env=env, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command(host, data_root, report_dir, str(out_dir), *extra),
+                                cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
     return proc, log
+
+
+def kill_job(proc, log):
+    """SIGKILL horovodrun and every rank that wrote its pid beside ``log`` (ours only)."""
+    report_dir = os.path.dirname(log)
+    for name in os.listdir(report_dir):
+        if name.startswith("pid_rank"):
+            try:
+                os.kill(int(open(os.path.join(report_dir, name)).read().split()[0]),
+                        signal.SIGKILL)
+            except (ProcessLookupError, ValueError, IndexError):
+                pass
+    proc.kill()
+    proc.wait()
 
 
 def finish(proc, log, timeout=RUN_TIMEOUT):
@@ -98,8 +112,7 @@ def finish(proc, log, timeout=RUN_TIMEOUT):
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        kill_job(proc, log)
         pytest.fail(f"horovodrun still running after {timeout} s:\n{open(log).read()[-3000:]}")
     return proc.returncode, open(log).read()
 
@@ -187,8 +200,7 @@ def _wait_for(paths, proc, log, timeout=RUN_TIMEOUT):
             pytest.fail(f"horovodrun exited ({proc.returncode}) before {paths} existed:\n"
                         f"{open(log).read()[-3000:]}")
         if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
+            kill_job(proc, log)
             pytest.fail(f"{paths} did not appear in {timeout} s:\n{open(log).read()[-3000:]}")
         time.sleep(0.05)
 
