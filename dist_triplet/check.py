@@ -24,29 +24,47 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from . import checkpoint as ckpt
-from .config import Config, ConfigError, load_config
-from .data import load_dataset, subset
+from .config import Config, ConfigError, load_config, parse_devices
+
+
+class PlannedJob:
+    """The shape of a job not started yet, as ``train``'s helpers read it from a
+    ``dist.Backend``: rank 0 of ``num_processes`` processes with ``devices`` devices each.
+    ``contexts`` holds placeholders: the devices themselves are chosen by the ranks."""
+
+    rank = 0
+
+    def __init__(self, num_processes: int, devices: int):
+        self.num_processes = num_processes
+        self.contexts = [None] * devices
+        self.num_workers = num_processes * devices
+
+    def worker_rank(self, device: int) -> int:
+        return self.rank * len(self.contexts) + device
 
 
 def devices_per_process(cfg: Config) -> Optional[int]:
-    """Devices (workers) each process drives, when known without MXNet: 1 for local and
-    horovod, N for kvstore 'cpu:N' or a GPU id list; None for kvstore 'all' (GPU count)."""
-    d = cfg.distributed
-    if d.backend != "kvstore":
+    """Devices each process drives, when known without MXNet: 1 for local and horovod, N
+    for kvstore 'cpu:N' or N GPU ids; None for kvstore 'all' (the GPU count of a host).
+
+    Raises:
+        ValueError: a malformed ``distributed.devices`` (``config.parse_devices``).
+    """
+    if cfg.distributed.backend != "kvstore":
         return 1
-    if d.devices.startswith("cpu:"):
-        try:
-            return max(1, int(d.devices.split(":", 1)[1]))
-        except ValueError:
-            return None  # the ranks report the malformed value
-    if d.devices == "all":
-        return None
-    return len([x for x in d.devices.split(",") if x.strip()]) or None
+    kind, value = parse_devices(cfg.distributed.devices)
+    if kind == "cpu":
+        return value
+    return len(value) if value else None  # 'all' (None) or no ids: the host decides
 
 
 def preflight(cfg: Config, processes: int = 1) -> str:
     """Validate ``cfg`` and its data for a job of ``processes`` processes; write nothing.
+
+    The checks are ``train.train``'s own, up to the point where it would create the run
+    directory: ``train.load_splits``, ``train.build_sampler`` and
+    ``train.read_resume_meta`` with a :class:`PlannedJob` in place of the backend, and
+    ``rundir.find_resume`` as rank 0 would call it.
 
     Returns:
         A one-line summary of what was checked.
@@ -55,43 +73,28 @@ def preflight(cfg: Config, processes: int = 1) -> str:
         ValueError / FileNotFoundError with the message ``train.train`` would give
         (``ConfigError`` is a ValueError).
     """
-    from .train import EpochSampler, _check_dir_path, check_split
+    from .rundir import _check_dir_path, find_resume
+    from .train import build_sampler, load_splits, read_resume_meta
 
     if processes < 1:
         raise ValueError(f"--processes={processes} must be >= 1")
-    train_split = subset(load_dataset(cfg.data.dataset, cfg.data.root, train=True),
-                         cfg.data.limit_train)
-    check_split(train_split, "training")
-    test_split = subset(load_dataset(cfg.data.dataset, cfg.data.root, train=False),
-                        cfg.data.limit_test)
-    check_split(test_split, "test")
-    if test_split.images.shape[1] != train_split.images.shape[1]:
-        raise ValueError(f"test images ({test_split.source}) have {test_split.images.shape[1]} "
-                         f"pixels, training images ({train_split.source}) "
-                         f"{train_split.images.shape[1]}: both splits must share one image size")
+    train_split, test_split = load_splits(cfg)
     devices = devices_per_process(cfg)
-    steps = None
-    if devices is not None:
-        steps = EpochSampler(cfg, train_split.labels, 0, processes, devices).steps
+    job = PlannedJob(processes, devices) if devices is not None else None
+    steps = build_sampler(cfg, job, train_split.labels).steps if job else None
 
     run_dir = cfg.output.dir
     if run_dir is None and cfg.checkpoint.resume not in (None, "auto"):
+        # As rundir.resolve_run_dir: an explicit checkpoint continues its own run directory.
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(cfg.checkpoint.resume)))
     if run_dir is None:
         _check_dir_path(cfg.output.root)  # a new timestamped directory under it
     else:
         _check_dir_path(run_dir)
-        resume = ckpt.find_resume(cfg.checkpoint.resume, os.path.join(run_dir, "checkpoints"),
-                                  cfg.to_dict())
-        if resume:
-            meta = ckpt.read_meta(resume)
-            if meta["epoch"] + 1 > cfg.train.epochs:
-                raise ValueError(f"{resume}: checkpoint is after epoch {meta['epoch'] + 1}; "
-                                 f"train.epochs={cfg.train.epochs} leaves nothing to train "
-                                 f"(give train.epochs > {meta['epoch'] + 1} to continue)")
-            if devices is not None:
-                ckpt.check_compatible(meta, cfg.to_dict(), resume, processes=processes,
-                                      devices=devices, steps=steps)
+        resume = find_resume(cfg.checkpoint.resume, os.path.join(run_dir, "checkpoints"),
+                             cfg.to_dict())
+        if resume and job:
+            read_resume_meta(cfg, resume, job, steps)
     return (f"check: config and data ok ({len(train_split)} train / {len(test_split)} test "
             f"images, {processes} process(es)"
             + (f", {steps} steps per epoch" if steps is not None else "") + ")")

@@ -13,10 +13,10 @@ Writes into REPORT_DIR (a directory every "host" sees, as output.dir must be):
   an audit hook (PEP 578), so no training code is patched;
 * ``params_rank{r}.npz``: the final parameters.
 
-``MULTIHOST_PAUSE="cross_rank=1,step=8"``: the ranks of that host stop just before their
-8th optimizer step (1-based, counted over the run), write ``paused_rank{r}`` and sleep until
-they are killed: a host that dies mid-epoch at a known point, with the others waiting in
-the step's gradient allreduce.
+``MULTIHOST_PAUSE="cross_rank=1,epoch=2,step=3"``: the ranks of that host stop just before
+that step (1-based, as in the log lines) through the training loop's ``on_step`` hook,
+write ``paused_rank{r}`` and sleep until they are killed: a host that dies mid-epoch at a
+known point, while the others wait in that step's gradient allreduce.
 """
 from __future__ import annotations
 
@@ -71,27 +71,23 @@ def file_audit(root: str):
     return reads, writes
 
 
-def pause_at(spec: str, report_dir: str) -> None:
-    """Make this rank stop before the optimizer step named in ``spec`` (see the module
-    docstring). Counts ``mxnet.gluon.Trainer.step`` calls: the one call per training step
-    whatever the training loop looks like (Horovod's DistributedTrainer inherits it)."""
+def pause_hook(spec: str, report_dir: str):
+    """The ``on_step(epoch, step)`` hook (0-based; ``train.train`` calls it before every
+    optimizer step) that stops this rank as ``spec`` says (see the module docstring), or
+    None when ``spec`` names another host."""
     opts = dict(item.split("=", 1) for item in spec.split(",") if item)
     if int(opts["cross_rank"]) != CROSS_RANK:
-        return
-    import mxnet as mx
-    target, calls = int(opts["step"]), [0]
-    step = mx.gluon.Trainer.step
+        return None
+    target = (int(opts["epoch"]), int(opts["step"]))
 
-    def paused_step(self, *args, **kwargs):
-        calls[0] += 1
-        if calls[0] == target:
+    def on_step(epoch, step):
+        if (epoch + 1, step + 1) == target:
             with open(os.path.join(report_dir, f"paused_rank{RANK}"), "w") as fh:
                 fh.write(str(os.getpid()))
             while True:  # until the test kills this "host"
                 time.sleep(1)
-        return step(self, *args, **kwargs)
 
-    mx.gluon.Trainer.step = paused_step
+    return on_step
 
 
 def main(argv) -> int:
@@ -106,18 +102,17 @@ def main(argv) -> int:
     args = parse_args(rest)
     cfg = load_config(args.config, args.overrides)
     reads, writes = file_audit(cfg.output.dir)
-    if os.environ.get("MULTIHOST_PAUSE"):
-        pause_at(os.environ["MULTIHOST_PAUSE"], report_dir)
-    result = train(cfg)
+    spec = os.environ.get("MULTIHOST_PAUSE")
+    result = train(cfg, on_step=pause_hook(spec, report_dir) if spec else None)
     backend = result.backend
     ctx = backend.contexts[0]
     import horovod.mxnet as hvd  # the launcher's view, to compare with what dist reports
-    would_use = None
-    if hasattr(dist, "choose_contexts"):
-        would_use = str(dist.choose_contexts("horovod", "gpu", "all", local_rank=backend.local_rank,
-                                             local_size=hvd.local_size(), gpu_count=2)[0])
+    # The device this rank would take on hosts with 2 GPUs each: gpu(local rank).
+    would_use = str(dist.choose_contexts("horovod", "gpu", "all", local_rank=backend.local_rank,
+                                         local_size=hvd.local_size(), gpu_count=2)[0])
     report = {
         "rank": backend.rank, "local_rank": backend.local_rank,
+        "num_processes": backend.num_processes, "num_workers": backend.num_workers,
         "hvd": {"rank": hvd.rank(), "size": hvd.size(), "local_rank": hvd.local_rank(),
                 "local_size": hvd.local_size(), "cross_rank": hvd.cross_rank(),
                 "cross_size": hvd.cross_size()},

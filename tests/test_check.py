@@ -104,7 +104,7 @@ def test_world_size_decides_whether_a_batch_fits(data, tmp_path, capsys):
     args = run_args(data, tmp_path / "run", "train.batch_size=24", "distributed.backend=horovod")
     assert check_main(args) == 0
     line = error_line(capsys, check_main, ["--processes", "4", *args])
-    assert "train.batch_size=24" in line and "each of the 4 rank(s) gets only 20 triplets" in line
+    assert "train.batch_size=24" in line and "each of the 4 process(es) gets only 20 triplets" in line
 
 
 def test_resume_with_another_world_size(data, tmp_path, capsys):

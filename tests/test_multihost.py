@@ -46,7 +46,6 @@ import _sshd
 HOSTS = "localhost:2,127.0.0.2:2"
 WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
 EPOCHS, STEPS = 3, 5          # 5 steps per epoch: 84 rows / 4 ranks -> 20 triplets, batch 4
-PAUSE_STEP = STEPS + 3        # epoch 2, step 3 (1-based over the run)
 RUN_TIMEOUT = 180             # seconds; a hang fails through subprocess.TimeoutExpired
 KILL_TIMEOUT = 60             # seconds horovodrun may take to stop after host B dies
 TOL = 1e-6
@@ -145,6 +144,7 @@ def test_placement_over_two_hosts(uninterrupted, ssh_host):
         rank, local, cross = expect
         h = rep[r]["hvd"]
         assert (rep[r]["rank"], rep[r]["local_rank"]) == (rank, local), rep[r]
+        assert (rep[r]["num_processes"], rep[r]["num_workers"]) == (4, 4), rep[r]
         assert (h["rank"], h["local_rank"], h["cross_rank"]) == expect, h
         assert (h["size"], h["local_size"], h["cross_size"]) == (4, 2, 2), h
         assert rep[r]["env"]["HOROVOD_CROSS_RANK"] == str(cross)
@@ -155,8 +155,7 @@ def test_placement_over_two_hosts(uninterrupted, ssh_host):
         else:                              # started by our sshd: server address and port
             assert ssh is not None and ssh.split()[2:] == [_sshd.HOST_B, str(ssh_host.port)]
         assert rep[r]["context"] == "cpu(0)"   # CPU-only build: every rank on the CPU
-        if rep[r]["context_with_2_gpus"] is not None:
-            assert rep[r]["context_with_2_gpus"] == f"gpu({local})"
+        assert rep[r]["context_with_2_gpus"] == f"gpu({local})"
     assert len({r["pid"] for r in rep}) == 4
     assert len({r["run_dir"] for r in rep}) == 1
 
@@ -209,7 +208,7 @@ def test_host_dies_mid_epoch_then_resume_matches(uninterrupted, ssh_host, data_r
     from dist_triplet import checkpoint as ckpt
     report, out = tmp_path / "report", tmp_path / "run"
     ck_dir = os.path.join(out, "checkpoints")
-    proc, log = start(ssh_host, data_root, report, out, pause=f"cross_rank=1,step={PAUSE_STEP}")
+    proc, log = start(ssh_host, data_root, report, out, pause="cross_rank=1,epoch=2,step=3")
     _wait_for([os.path.join(report, f"paused_rank{r}") for r in (2, 3)], proc, log)
     pids = {}
     for r in range(4):
@@ -238,7 +237,7 @@ def test_host_dies_mid_epoch_then_resume_matches(uninterrupted, ssh_host, data_r
     assert [n for n in os.listdir(ck_dir) if not n.startswith(".")] == ["epoch-0000"]
     good = os.path.join(ck_dir, "epoch-0000")
     meta = ckpt.read_meta(good)
-    assert (meta["epoch"], meta["processes"], meta["steps"]) == (0, 4, STEPS)
+    assert (meta.epoch, meta.world_size, meta.processes, meta.steps_per_epoch) == (0, 4, 4, STEPS)
     params = load_params(good)
     assert all(np.isfinite(v).all() for v in params.values())
     ref_dir = os.path.join(uninterrupted[1], "checkpoints")
