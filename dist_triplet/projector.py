@@ -20,6 +20,8 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from .fsutil import atomic_write
+
 # TensorBoard's front end loads sprites up to 8192 px a side (tensorboardX#516).
 _MAX_SPRITE_PX = 8192
 # Colour of empty sprite cells and of the padding that makes non-square images square:
@@ -96,9 +98,8 @@ def make_sprite(images: np.ndarray, image_shape: Optional[Sequence[int]] = None
 def _write_sprite(entry_dir: str, sprite: np.ndarray) -> str:
     from PIL import Image
     path = os.path.join(entry_dir, "sprite.png")
-    tmp = f"{path}.tmp.{os.getpid()}"
-    Image.fromarray(sprite, mode="RGB").save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as fh:
+        Image.fromarray(sprite, mode="RGB").save(fh, format="PNG")
     return path
 
 
@@ -114,10 +115,8 @@ def _add_sprite_to_config(config: str, side: int) -> None:
         raise RuntimeError(f"{config}: unexpected end of tensorboardX's projector config")
     block = (f'sprite {{\nimage_path: "{tensors}sprite.png"\n'
              f"single_image_dim: {side}\nsingle_image_dim: {side}\n}}\n")
-    tmp = f"{config}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
+    with atomic_write(config) as fh:
         fh.write(text[:-2] + block + "}\n")
-    os.replace(tmp, config)
 
 
 def export_projector(log_dir: str, embeddings: dict, labels: np.ndarray,
