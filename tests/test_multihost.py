@@ -71,7 +71,7 @@ def command(host, data_root, report_dir, out_dir, *extra):
     return ["horovodrun", "--gloo", "-np", "4", "-H", HOSTS, *host.horovodrun_args(),
             "--network-interface", "lo", sys.executable, WORKER, str(report_dir),
             *run_args(data_root, out_dir, f"train.epochs={EPOCHS}", "train.batch_size=4",
-                      "distributed.backend=horovod", *extra)]
+                      "eval.report=false", "distributed.backend=horovod", *extra)]
 
 
 def environment(host, **extra):
