@@ -64,7 +64,7 @@ def preflight(cfg: Config, processes: int = 1) -> str:
     The checks are ``train.train``'s own, up to the point where it would create the run
     directory: ``train.load_splits``, ``train.build_sampler`` and
     ``train.read_resume_meta`` with a :class:`PlannedJob` in place of the backend, and
-    ``rundir.find_resume`` as rank 0 would call it.
+    ``rundir.requested_run_dir`` / ``find_resume`` as rank 0 would call them.
 
     Returns:
         A one-line summary of what was checked.
@@ -73,7 +73,7 @@ def preflight(cfg: Config, processes: int = 1) -> str:
         ValueError / FileNotFoundError with the message ``train.train`` would give
         (``ConfigError`` is a ValueError).
     """
-    from .rundir import _check_dir_path, find_resume
+    from .rundir import _check_dir_path, find_resume, requested_run_dir
     from .train import build_sampler, load_splits, read_resume_meta
 
     if processes < 1:
@@ -83,10 +83,7 @@ def preflight(cfg: Config, processes: int = 1) -> str:
     job = PlannedJob(processes, devices) if devices is not None else None
     steps = build_sampler(cfg, job, train_split.labels).steps if job else None
 
-    run_dir = cfg.output.dir
-    if run_dir is None and cfg.checkpoint.resume not in (None, "auto"):
-        # As rundir.resolve_run_dir: an explicit checkpoint continues its own run directory.
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(cfg.checkpoint.resume)))
+    run_dir = requested_run_dir(cfg)
     if run_dir is None:
         _check_dir_path(cfg.output.root)  # a new timestamped directory under it
     else:

@@ -60,6 +60,16 @@ def _make_unique_dir(base: str) -> str:
             n += 1
 
 
+def requested_run_dir(cfg: Config) -> Optional[str]:
+    """The run directory the config names: ``output.dir``, or, without one, the run
+    directory of an explicit ``checkpoint.resume`` path (``<run>/checkpoints/epoch-NNNN``);
+    None for a new generated one. Creates and checks nothing."""
+    if cfg.output.dir is None and cfg.checkpoint.resume not in (None, "auto"):
+        # Resuming from an explicit checkpoint continues that run's directory.
+        return os.path.dirname(os.path.dirname(os.path.abspath(cfg.checkpoint.resume)))
+    return cfg.output.dir
+
+
 def resolve_run_dir(cfg: Config, backend) -> str:
     """The run directory, decided by rank 0 and broadcast (timestamps differ across ranks).
     A generated ``<root>/<name>-<timestamp>`` is created here by rank 0, exclusively. Rank
@@ -68,10 +78,7 @@ def resolve_run_dir(cfg: Config, backend) -> str:
 
     def decide() -> str:
         try:
-            run_dir = cfg.output.dir
-            if run_dir is None and cfg.checkpoint.resume not in (None, "auto"):
-                # Resuming from an explicit checkpoint continues that run's directory.
-                run_dir = os.path.dirname(os.path.dirname(os.path.abspath(cfg.checkpoint.resume)))
+            run_dir = requested_run_dir(cfg)
             if run_dir is None:
                 _check_dir_path(cfg.output.root)
                 return _make_unique_dir(os.path.join(

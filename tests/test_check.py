@@ -12,6 +12,7 @@
 """
 import logging
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -52,18 +53,17 @@ def _one_class(root, out):
 
 
 def _truncated(root, out):
-    path = os.path.join(root, "train-images-idx3-ubyte")
-    raw = open(path, "rb").read()
-    open(path, "wb").write(raw[:-10])
+    path = pathlib.Path(root, "train-images-idx3-ubyte")
+    path.write_bytes(path.read_bytes()[:-10])
 
 
 def _file_as_output(root, out):
-    open(out, "w").write("not a directory")
+    pathlib.Path(out).write_text("not a directory")
 
 
 def _old_run_in_output(root, out):
     os.makedirs(out)
-    open(os.path.join(out, "config.yaml"), "w").write("model: {hidden: [32]}\n")
+    pathlib.Path(out, "config.yaml").write_text("model: {hidden: [32]}\n")
 
 
 @pytest.mark.parametrize("breaks, extra", [
