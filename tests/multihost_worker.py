@@ -8,7 +8,8 @@ Writes into REPORT_DIR (a directory every "host" sees, as output.dir must be):
 * ``pid_rank{r}``: at start, ``"<pid> <cross rank>"``, so the test can kill one host's ranks;
 * ``report_rank{r}.json``: rank, local rank, cross rank and host as Horovod and the
   launcher give them, the context this rank trained on (and the one it would use with two
-  GPUs per host), whether it came through ssh, and every file under the run directory it
+  GPUs per host), whether it came through ssh, its interpreter, the dist_triplet package
+  it imported and its working directory, and every file under the run directory it
   opened for reading or changed (mkdir, open for writing, rename, remove), recorded with
   an audit hook (PEP 578), so no training code is patched;
 * ``params_rank{r}.npz``: the final parameters.
@@ -25,9 +26,10 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
+# No sys.path change here: dist_triplet comes from PYTHONPATH (tests/_hvd.child_env puts
+# this checkout there), which host B's ranks get only if horovodrun carries it over ssh.
 
 RANK = int(os.environ.get("HOROVOD_RANK", "0"))
 CROSS_RANK = int(os.environ.get("HOROVOD_CROSS_RANK", "0"))
@@ -117,7 +119,10 @@ def main(argv) -> int:
                 "local_size": hvd.local_size(), "cross_rank": hvd.cross_rank(),
                 "cross_size": hvd.cross_size()},
         "env": {k: os.environ.get(k) for k in ("HOROVOD_HOSTNAME", "HOROVOD_CROSS_RANK",
-                                               "SSH_CONNECTION")},
+                                               "SSH_CONNECTION", "OMP_NUM_THREADS")},
+        # What ssh must carry to another host: the interpreter, the code and the cwd.
+        "python": sys.executable, "package": os.path.dirname(os.path.abspath(dist.__file__)),
+        "cwd": os.getcwd(),
         "context": str(ctx), "context_with_2_gpus": would_use,
         "pid": os.getpid(), "run_dir": os.path.abspath(result.run_dir),
         "reads": sorted(set(reads)), "writes": sorted(set(writes)),

@@ -13,7 +13,8 @@ Asserted:
 * placement: (rank, local rank, cross rank, host) is (0,0,0,A) (1,1,0,A) (2,0,1,B) (3,1,1,B)
   as Horovod and the launcher report it; local ranks restart at 0 on host B; only ranks 2-3
   came through ssh, to 127.0.0.2; each rank's context, and with 2 GPUs per host
-  ``gpu(local rank)``, not ``gpu(rank)``;
+  ``gpu(local rank)``, not ``gpu(rank)``; host B's ranks run the same interpreter, the
+  same checkout of dist_triplet, in the same directory, with the same OMP_NUM_THREADS;
 * all 4 ranks end with bit-identical parameters;
 * rank 0 alone writes under the run directory (an audit hook in every rank records every
   mkdir, open for writing, rename and remove there);
@@ -158,6 +159,13 @@ def test_placement_over_two_hosts(uninterrupted, ssh_host):
         assert rep[r]["context_with_2_gpus"] == f"gpu({local})"
     assert len({r["pid"] for r in rep}) == 4
     assert len({r["run_dir"] for r in rep}) == 1
+    # What the ssh command line must carry to host B: this interpreter (the venv), this
+    # checkout (PYTHONPATH; the worker does not set sys.path, so without it a rank would
+    # import the venv's installed copy), the working directory and the thread count.
+    for r in rep:
+        assert r["python"] == sys.executable, r
+        assert r["package"] == os.path.join(ROOT, "dist_triplet"), r
+        assert r["cwd"] == ROOT and r["env"]["OMP_NUM_THREADS"] == "1", r
 
 
 def test_ranks_end_with_identical_parameters(uninterrupted):
