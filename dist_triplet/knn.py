@@ -171,7 +171,6 @@ def exact_top_k(query, gallery, k: int, *, leave_one_out: bool = False,
         rows = np.arange(s, min(s + block, q.shape[0]))
         d = _block_keys(q[rows], qn[rows], g, gn)
         out[rows] = top_k_lowest_index_ties(d, k, rows if leave_one_out else None)
-    out["cpu"] = cpu_out
     return out
 
 
@@ -630,8 +629,7 @@ class _FastSearch:
             first = np.r_[0, np.flatnonzero(np.diff(u_row[best])) + 1]
             win = best[first]
             out[u[u_row[win]]] = self.gcodes[cols[win]] == self.qcodes[qg[win]]
-        out["cpu"] = cpu_out
-    return out
+        return out
 
     def nearest_relevance_all(self, max_recheck: float, threads: int, tile: int = 1024):
         """(N,) bool :meth:`nearest_relevance` of every row, leaving one out, or None.
@@ -871,8 +869,7 @@ class NeighbourSearch:
             out[rows] = got
 
         self._run(self._tiles(by_class), run)
-        out["cpu"] = cpu_out
-    return out
+        return out
 
 
 class ApproximateSearch:
@@ -928,8 +925,7 @@ class ApproximateSearch:
                 keep[np.flatnonzero(keep.all(axis=1)), -1] = False
                 idx = idx[keep].reshape(len(idx), kk - 1)
             out[s:s + batch, :idx.shape[1]] = idx[:, :k]
-        out["cpu"] = cpu_out
-    return out
+        return out
 
 
 def approximate_recall(query, gallery, k: int, *, leave_one_out: bool = False,
