@@ -243,13 +243,18 @@ class Recorder:
         if "seed_accuracy" in row:
             # A collapsed embedding's seed accuracy counts ties as correct (1.0 for one
             # point): say so next to the number, not only at the end of the line.
-            log.info("epoch %d/%d  loss %.4f  acc %.4f (%d / %d%s)  P@1 %.4f (raw %.4f)  R-Prec "
-                     "%.4f  MAP@R %.4f%s  %.0f triplets/s  %s eval %.2fs]",
+            # R-Precision and MAP@R come with full evaluations only (eval.full_every; always
+            # the last epoch): say where they are instead of leaving them out silently.
+            ranked = (f"R-Prec {row['r_precision']:.4f}  MAP@R {row['map_at_r']:.4f}"
+                      if "r_precision" in row else
+                      "R-Prec/MAP@R: last epoch" + (f" and every {self.cfg.eval.full_every}"
+                                                    if self.cfg.eval.full_every else ""))
+            log.info("epoch %d/%d  loss %.4f  acc %.4f (%d / %d%s)  P@1 %.4f (raw %.4f)  "
+                     "%s%s  %.0f triplets/s  %s eval %.2fs]",
                      epoch + 1, epochs, row["loss"], row["seed_accuracy"],
                      row["correct"], row["total"],
                      ", COLLAPSED: not a success" if row["collapsed"] else "",
-                     row["precision_at_1"], self.baseline["precision_at_1"],
-                     row["r_precision"], row["map_at_r"],
+                     row["precision_at_1"], self.baseline["precision_at_1"], ranked,
                      "  COLLAPSED" if row["collapsed"] else "", row["triplets_per_s"], timing,
                      row["time_eval_s"])
         else:

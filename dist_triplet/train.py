@@ -115,7 +115,7 @@ def evaluate_if_due(evaluator, cfg: Config, epoch: int, net, ctx, force: bool = 
     if evaluator is None or not due:
         return {}, None
     t_eval = time.perf_counter()
-    res, emb = evaluator(net, ctx)
+    res, emb = evaluator(net, ctx, epoch)
     return dict(res, time_eval_s=time.perf_counter() - t_eval), emb
 
 
@@ -196,7 +196,7 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
         ckpt.load_checkpoint(resume_path, net, trainer, backend.contexts)
         start_epoch = meta.epoch + 1
 
-    evaluator = Evaluator(cfg, test_split) if backend.is_main else None  # rank 0 evaluates
+    evaluator = Evaluator(cfg, test_split, train_split) if backend.is_main else None  # rank 0
     recorder = Recorder(backend.is_main, run_dir, cfg, meta.history if meta else (),
                         baseline=evaluator.raw if evaluator else None)
     global_batch = sampler.per_step * backend.num_processes
