@@ -17,9 +17,31 @@ import numpy as np
 _MAX_SPRITE_PX = 8192
 
 
+def sprite_thumbnails(images: np.ndarray, image_shape) -> np.ndarray:
+    """(N, C, S, S) float32 in [0, 1] thumbnails for tensorboardX's sprite.
+
+    Args:
+        images: (N, H*W*C) rows, uint8 (divided by 255) or float in [0, 1].
+        image_shape: (H, W, C) of each row, C = 1 or 3.
+
+    Non-square images are centred on a black S x S square, S = max(H, W): tensorboardX
+    and TensorBoard need square thumbnails (tensorboard#670), and padding keeps the
+    aspect ratio that a resize would distort.
+    """
+    h, w, c = (int(v) for v in image_shape)
+    n = len(images)
+    side = max(h, w)
+    x = np.asarray(images).reshape(n, h, w, c)
+    x = x.astype(np.float32) / np.float32(255.0) if x.dtype == np.uint8 else x.astype(np.float32)
+    out = np.zeros((n, c, side, side), np.float32)
+    top, left = (side - h) // 2, (side - w) // 2
+    out[:, :, top:top + h, left:left + w] = x.transpose(0, 3, 1, 2)
+    return out
+
+
 def export_projector(log_dir: str, embeddings: dict, labels: np.ndarray,
                      class_names: Sequence[str], images: np.ndarray | None = None,
-                     writer=None) -> list:
+                     writer=None, image_shape=None) -> list:
     """Write one projector entry per item of ``embeddings`` into ``log_dir``.
 
     Rank 0 only; calls no collective.
@@ -30,10 +52,14 @@ def export_projector(log_dir: str, embeddings: dict, labels: np.ndarray,
             as the seed article (raw pixels beside learned embeddings).
         labels: (N,) int class ids; metadata holds ``class_names[label]``, one line per point.
         class_names: names indexed by class id.
-        images: (N, H*W) float32 in [0, 1] of square images for sprite thumbnails, or None.
-            Left out (with no error) if the sprite would exceed TensorBoard's 8192 px limit.
+        images: (N, H*W*C) rows of images for sprite thumbnails (uint8, or float32 in
+            [0, 1]), or None (features: no sprite). Left out (with no error) if the sprite
+            would exceed TensorBoard's 8192 px limit.
         writer: an open ``tensorboardX.SummaryWriter`` on ``log_dir`` to reuse (the run's
             scalar writer), or None to open one.
+        image_shape: (H, W, C) of ``images``' rows; None = square one-channel images
+            (H = W = sqrt of the row width), as MNIST. Non-square images are padded
+            (:func:`sprite_thumbnails`).
 
     An earlier export in ``log_dir`` (a resumed run exporting again) is replaced, not
     appended to: tensorboardX appends every call to ``projector_config.pbtxt``.
@@ -48,9 +74,13 @@ def export_projector(log_dir: str, embeddings: dict, labels: np.ndarray,
     metadata = [class_names[int(c)] for c in labels]
     label_img = None
     if images is not None:
-        side = int(round(math.sqrt(images.shape[1])))
-        if side * side == images.shape[1] and math.ceil(math.sqrt(n)) * side <= _MAX_SPRITE_PX:
-            label_img = images.reshape(n, 1, side, side)  # (N, C, H, W) as tensorboardX expects
+        if image_shape is None:
+            side = int(round(math.sqrt(images.shape[1])))
+            image_shape = (side, side, 1) if side * side == images.shape[1] else None
+        if image_shape is not None:
+            side = max(image_shape[0], image_shape[1])
+            if math.ceil(math.sqrt(n)) * side <= _MAX_SPRITE_PX:
+                label_img = sprite_thumbnails(images, image_shape)  # (N, C, S, S)
     for tag, mat in embeddings.items():
         if len(mat) != n:
             raise ValueError(f"projector tag {tag!r}: {len(mat)} rows but {n} labels")

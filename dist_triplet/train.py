@@ -26,7 +26,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, load_config, save_config
-from .data import Split, load_dataset, subset
+from .data import Split, anchor_rows, as_float, check_sampler_classes, describe, load_data
 from .triplets import ClassIndex, create_pairs, pk_batches, pk_steps_per_epoch
 
 log = logging.getLogger("dist_triplet")
@@ -155,9 +155,10 @@ class Rank0:
             from .projector import export_projector
             n = cfg.eval.projector_points or len(test.labels)
             export_projector(os.path.join(self.run_dir, "tensorboard"),
-                             {"origin": test.images[:n], "triplet": self.emb[:n]},
-                             test.labels[:n], test.class_names, images=test.images[:n],
-                             writer=self.writer)
+                             {"origin": as_float(test.images[:n]), "triplet": self.emb[:n]},
+                             test.labels[:n], test.class_names,
+                             images=test.images[:n] if test.is_image else None,
+                             image_shape=test.image_shape, writer=self.writer)
         # The trained network as symbol + params, for `python -m dist_triplet.embed`.
         from .export import export_model
         model_dir = export_model(net, os.path.join(self.run_dir, "model"), ctx,
@@ -473,7 +474,9 @@ class Evaluator:
         from .metrics import retrieval_metrics
         self.cfg = cfg
         self.test = test
-        self.triplets = create_pairs(test.labels, seed=cfg.eval.triplet_seed)
+        # Rows of 1-sample classes (by-class protocol) are queries, never anchors.
+        rows = anchor_rows(test.labels)
+        self.triplets = rows[create_pairs(test.labels[rows], seed=cfg.eval.triplet_seed)]
         t0 = time.perf_counter()
         self.raw = retrieval_metrics(test.images, test.labels)
         log.info("raw pixels: P@1 %.4f  R-Prec %.4f  MAP@R %.4f  (%d queries, %.1f s)",
@@ -483,7 +486,7 @@ class Evaluator:
     def __call__(self, net, ctx) -> tuple:
         from .metrics import evaluate_embeddings
         from .model import embed
-        emb = embed(net, self.test.images, ctx, self.cfg.eval.batch_size)
+        emb = embed(net, as_float(self.test.images), ctx, self.cfg.eval.batch_size)
         res = evaluate_embeddings(emb, self.test.labels, self.triplets,
                                   collapse_eps=self.cfg.eval.collapse_eps)
         if res["collapsed"]:
@@ -547,21 +550,15 @@ def train(cfg: Config) -> RunResult:
     devices = len(backend.contexts)
     workers = backend.world_size if backend.name == "horovod" else devices
 
-    # --- data and sampling: validated on every rank before anything is written
-    train_split = subset(load_dataset(cfg.data.dataset, cfg.data.root, train=True),
-                         cfg.data.limit_train)
-    check_split(train_split, "training")
+    # --- data and sampling: validated on every rank before anything is written. Every
+    # rank reads the test set too so a broken file fails on all ranks alike instead of
+    # leaving the others waiting in a collective.
+    train_split, test_split = load_data(cfg.data)
+    check_sampler_classes(train_split, cfg.sampler.kind, cfg.sampler.p)
     sampler = EpochSampler(cfg, train_split.labels, backend.rank if backend.name == "horovod" else 0,
                            backend.world_size if backend.name == "horovod" else 1, devices)
-    # Every rank reads the test set too (10k rows, cheap) so a broken file fails on all
-    # ranks alike instead of leaving the others waiting in a collective.
-    test_split = subset(load_dataset(cfg.data.dataset, cfg.data.root, train=False),
-                        cfg.data.limit_test)
-    check_split(test_split, "test")  # the evaluator's triplets; before the run dir exists
-    if test_split.images.shape[1] != train_split.images.shape[1]:
-        raise ValueError(f"test images ({test_split.source}) have {test_split.images.shape[1]} "
-                         f"pixels, training images ({train_split.source}) "
-                         f"{train_split.images.shape[1]}: both splits must share one image size")
+    log.info("training data: %s", describe(train_split))
+    log.info("test data: %s", describe(test_split))
 
     run_dir = resolve_run_dir(cfg, backend)
     resume_path = resolve_resume(cfg, run_dir, backend)
@@ -585,7 +582,7 @@ def train(cfg: Config) -> RunResult:
                               final_relu=cfg.model.final_relu, normalize=cfg.model.normalize)
     initialize(net, cfg.model.init_scale, backend.contexts, cfg.train.seed)
     backend.broadcast_parameters(net.collect_params())  # Horovod: identical start on all ranks
-    stepper = DataParallelStep(cfg, backend, net, train_split.images, train_split.labels)
+    stepper = DataParallelStep(cfg, backend, net, as_float(train_split.images), train_split.labels)
     start_epoch = 0
     if resume_path:
         ckpt.load_checkpoint(resume_path, net, stepper.trainer, backend.contexts)
