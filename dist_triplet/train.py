@@ -478,7 +478,7 @@ class Evaluator:
         rows = anchor_rows(test.labels)
         self.triplets = rows[create_pairs(test.labels[rows], seed=cfg.eval.triplet_seed)]
         t0 = time.perf_counter()
-        self.raw = retrieval_metrics(test.images, test.labels)
+        self.raw = retrieval_metrics(as_float(test.images), test.labels)  # as the network sees them
         log.info("raw pixels: P@1 %.4f  R-Prec %.4f  MAP@R %.4f  (%d queries, %.1f s)",
                  self.raw["precision_at_1"], self.raw["r_precision"], self.raw["map_at_r"],
                  self.raw["queries"], time.perf_counter() - t0)
