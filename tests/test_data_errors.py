@@ -201,3 +201,18 @@ def test_cli_config_errors_name_the_key(tmp_path, capsys):
     _cli_fails(capsys, tmp_path, [f"data.path={tmp_path}", "data.test_fraction=1"],
                "data.test_fraction")
     _cli_fails(capsys, tmp_path, [f"data.path={tmp_path}", "data.mode=CMYK"], "data.mode")
+
+
+def test_data_config_keys_and_resume_policies():
+    from dist_triplet.config import load_config, resume_policies
+    cfg = load_config(None, ["data.path=x.npz", "data.image_size=32", "data.split=classes"])
+    assert cfg.data.image_size == [32, 32] and cfg.data.split == "classes"
+    assert cfg.output.name == "x"                     # generated run dirs named after the data
+    assert load_config(None, ["data.image_size=[24, 40]"]).data.image_size == [24, 40]
+    policy = resume_policies()
+    # Keys that change what the network sees or which rows train are fixed on resume;
+    # where the data live and where the cache lives are not.
+    for key in ("data.format", "data.mode", "data.image_size", "data.split",
+                "data.test_fraction", "data.split_seed"):
+        assert policy[key] == "fixed", key
+    assert policy["data.path"] == policy["data.root"] == policy["data.cache_dir"] == "free"

@@ -9,7 +9,8 @@ zero-copy on cpu(0)). Without a cache each process holds its own copy, uint8.
 
 Writing: under an exclusive ``flock`` on the cache directory (released by the kernel if
 the writer dies, so nobody waits forever on a crashed writer), into
-``<entry>.tmp-<pid>``, files fsynced, then ``os.rename`` to ``<entry>``: a reader sees a
+``.<entry>.tmp-<pid>`` (``fsutil.temp_name``), files fsynced, then ``os.rename`` to
+``<entry>``: a reader sees a
 complete entry or none. Others block on the lock meanwhile, then find the entry. A bad
 source fails in the writer with the reader's message and leaves no entry; every other
 process then tries and fails with the same message.
@@ -30,6 +31,7 @@ from typing import Tuple
 
 import numpy as np
 
+from ..fsutil import fsync_dir, fsync_tree, temp_name
 from .source import Source, materialize
 from .split import Split
 
@@ -69,14 +71,6 @@ def _open_entry(entry: str) -> Tuple[Split, Split]:
                  for s in ("train", "test"))
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def load_cached(source: Source, cache_dir: str, protocol: str, test_fraction: float,
                 seed: int, settings: dict) -> Tuple[Split, Split]:
     """(train, test) Splits whose images are read-only memory maps of the cache entry
@@ -100,7 +94,7 @@ def load_cached(source: Source, cache_dir: str, protocol: str, test_fraction: fl
         fcntl.flock(lock, fcntl.LOCK_EX)  # released on close, or by the kernel if we die
         if os.path.isfile(os.path.join(entry, _META)):
             return _open_entry(entry)
-        tmp = f"{entry}.tmp-{os.getpid()}"
+        tmp = temp_name(entry)  # <cache_dir>/.<entry>.tmp-<pid>
         shutil.rmtree(tmp, ignore_errors=True)
         os.mkdir(tmp)
         try:
@@ -117,10 +111,9 @@ def load_cached(source: Source, cache_dir: str, protocol: str, test_fraction: fl
             del train, test
             with open(os.path.join(tmp, _META), "w") as fh:
                 json.dump(meta, fh, indent=1)
-            for name in os.listdir(tmp):
-                _fsync(os.path.join(tmp, name))
+            fsync_tree(tmp)
             os.rename(tmp, entry)
-            _fsync(cache_dir)
+            fsync_dir(cache_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
