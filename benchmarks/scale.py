@@ -146,6 +146,8 @@ def run_job(mode: str, args, data_dir: str, cache_dir: str, work: str) -> dict:
                  f"output.dir={os.path.join(out, 'run')}", f"model.hidden={args.hidden}"]
     if mode == "cache":
         overrides.append(f"data.cache_dir={cache_dir}")
+    if mode not in args.full_eval.split(","):
+        overrides.append(f"data.limit_test={args.eval_limit}")  # evaluation timed elsewhere
     cmd = ["horovodrun", "-np", str(args.ranks), "-H", f"localhost:{args.ranks}", "--gloo",
            sys.executable, os.path.join(ROOT, "benchmarks", "_scale_worker.py"), out,
            *overrides]
@@ -194,6 +196,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--workdir", default="/tmp/dist_triplet_scale")
     ap.add_argument("--skip-runs", action="store_true", help="sampling only")
+    ap.add_argument("--full-eval", default="cache", help="modes that evaluate the whole test "
+                    "set; the others evaluate the first --eval-limit test items (the memory "
+                    "of ranks 1.. does not depend on it)")
+    ap.add_argument("--eval-limit", type=int, default=2000)
     return ap.parse_args(argv)
 
 
