@@ -24,8 +24,8 @@ from typing import Tuple
 from .cache import load_cached
 from .idx import (DATASET_NAMES, FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, MNIST_CLASSES,
                   idx_source, load_dataset, load_split, named_source, read_idx, write_idx)
-from .images import IMAGE_EXTENSIONS, MODES, csv_source, folder_source, is_split_folder
-from .npz import NPZ_TEST, NPZ_TRAIN, npz_source
+from .images import MODES, csv_source, folder_source
+from .npz import NPZ_TRAIN, npz_source
 from .source import Source, materialize
 from .split import (SPLIT_PROTOCOLS, Split, anchor_rows, as_float, check_pair,
                     check_sampler_classes, check_test, check_training, class_split, describe,
