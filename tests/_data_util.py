@@ -10,6 +10,15 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from dist_triplet.data.images import pillow
+
+# Load Pillow's core now, at collection, bound to its own libjpeg: a test that imports
+# horovod.mxnet in this process first would otherwise break every JPEG (see pillow()).
+try:
+    pillow()
+except ValueError:  # no Pillow: the image tests skip themselves
+    pass
+
 
 def data_cfg(**kw) -> SimpleNamespace:
     """A ``data`` config section (DataConfig's defaults) with ``kw`` changed."""
@@ -31,7 +40,7 @@ def make_images(n_per_class, classes, h, w, c, seed=0) -> tuple:
 
 
 def write_png(path, array) -> None:
-    from PIL import Image
+    Image = pillow()
     arr = np.asarray(array, np.uint8)
     Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(path)
 

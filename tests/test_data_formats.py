@@ -297,3 +297,25 @@ def test_gzip_idx_through_cache(tmp_path):
                                      cache_dir=str(tmp_path / "c")))
     assert isinstance(train.images, np.memmap) and train.image_shape == (4, 6, 1)
     np.testing.assert_array_equal(train.images, images.reshape(9, -1))
+
+
+def test_jpeg_folder_after_horovod_import(tmp_path):
+    """A JPEG folder read by a process that imported horovod.mxnet first (as every
+    Horovod rank does before it reads data): Pillow must still decode JPEGs."""
+    import subprocess
+    import sys
+    from _hvd import child_env, require_horovod
+    require_horovod()
+    images, labels = make_images(4, 2, 6, 5, 3)
+    write_folder(tmp_path / "d", images, labels, ext=".jpg")
+    code = ("import horovod.mxnet\n"
+            "from types import SimpleNamespace as S\n"
+            "from dist_triplet.data import load_data\n"
+            f"tr, te = load_data(S(dataset='x', root=None, path={str(tmp_path / 'd')!r}, "
+            "format='auto', mode='RGB', image_size=None, split='fraction', test_fraction=0.5, "
+            "split_seed=0, cache_dir=None, limit_train=0, limit_test=0))\n"
+            "print(len(tr) + len(te), tr.image_shape)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[-2] == "8 (6, 5, 3)"

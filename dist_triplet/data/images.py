@@ -18,25 +18,60 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .source import CHUNK_BYTES, Part, Source, scatter_rows
 
-__all__ = ["IMAGE_EXTENSIONS", "MODES", "folder_source", "csv_source", "read_image"]
+__all__ = ["IMAGE_EXTENSIONS", "MODES", "folder_source", "csv_source", "read_image", "pillow"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 MODES = {"L": 1, "RGB": 3}
 
 
-def _pil():
+def pillow():
+    """Pillow's ``Image`` module, its C core bound to Pillow's own libjpeg.
+
+    Horovod loads its MXNet extension with ``RTLD_GLOBAL``, which exports the libjpeg 8
+    bundled in libmxnet to every library loaded afterwards. Pillow's core, if first
+    loaded after that, binds its JPEG calls to it and every JPEG fails ("Wrong JPEG
+    library version: library is 80, caller expects 62"). Loading the core with
+    ``RTLD_DEEPBIND`` makes it use its own libraries first, whatever was loaded before.
+    (Already loaded: nothing changes; :func:`read_image` then names the problem.)
+
+    Raises:
+        ValueError: Pillow is not installed.
+    """
     try:
+        if "PIL._imaging" not in sys.modules and hasattr(os, "RTLD_DEEPBIND"):
+            flags = sys.getdlopenflags()
+            sys.setdlopenflags(flags | os.RTLD_DEEPBIND)
+            try:
+                from PIL import Image
+            finally:
+                sys.setdlopenflags(flags)
         from PIL import Image
     except ImportError as exc:  # pragma: no cover - Pillow is a dependency
         raise ValueError(f"reading image files needs Pillow (pip install Pillow): {exc}") \
             from None
     return Image
+
+
+
+def _jpeg_works() -> bool:
+    """Whether Pillow can encode and decode a JPEG in this process (see :func:`pillow`)."""
+    import io
+    Image = pillow()
+    try:
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, format="JPEG")
+        buf.seek(0)
+        Image.open(buf).load()
+        return True
+    except OSError:
+        return False
 
 
 def read_image(path: str, mode: str, size: Optional[Tuple[int, int]]) -> np.ndarray:
@@ -46,7 +81,7 @@ def read_image(path: str, mode: str, size: Optional[Tuple[int, int]]) -> np.ndar
         ValueError: naming ``path`` when Pillow cannot identify or fully decode it
             (truncated, corrupt, not an image).
     """
-    Image = _pil()
+    Image = pillow()
     try:
         with Image.open(path) as im:
             im.load()  # decode now: a truncated file fails here, named
@@ -57,13 +92,18 @@ def read_image(path: str, mode: str, size: Optional[Tuple[int, int]]) -> np.ndar
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         # Pillow raises UnidentifiedImageError (an OSError) for non-images, OSError
         # ("image file is truncated") or SyntaxError (broken PNG chunks) for bad data.
+        if path.lower().endswith((".jpg", ".jpeg")) and not _jpeg_works():
+            raise ValueError(
+                f"{path}: Pillow cannot decode any JPEG in this process: its core was loaded "
+                "after horovod.mxnet and bound to MXNet's libjpeg; load images through "
+                "dist_triplet.data (or import PIL.Image) before importing Horovod") from None
         raise ValueError(f"{path}: unreadable or truncated image: {exc}") from None
     return arr.reshape(arr.shape[0], arr.shape[1], MODES[mode])
 
 
 def _first_size(path: str) -> Tuple[int, int]:
     """(H, W) of ``path`` from its header."""
-    Image = _pil()
+    Image = pillow()
     try:
         with Image.open(path) as im:
             return im.size[1], im.size[0]
