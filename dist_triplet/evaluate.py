@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 
 from .config import Config
-from .data import Split
+from .data import Split, anchor_rows, as_float
 from .triplets import create_pairs
 
 log = logging.getLogger("dist_triplet")
@@ -59,6 +59,8 @@ class Evaluator:
     Fashion-MNIST) and the collapse check. *Full* evaluations -- every ``eval.full_every``
     epochs, after the last epoch, and any call without an epoch -- add R-Precision and
     MAP@R (their R nearest neighbours cost ~10x the P@1 search).
+    ``test.images`` may be uint8 images (scaled / 255 batch by batch when embedded) or
+    float32 features.
 
     The raw-pixel baseline (the same retrieval on pixels / 255) is ``raw``: Precision@1
     at construction, for the epoch log line; the first full evaluation adds R-Precision
@@ -83,12 +85,16 @@ class Evaluator:
         self.cfg = cfg
         self.test = test
         self.gallery = train if cfg.eval.gallery == "train" else None
-        self.triplets = create_pairs(test.labels, seed=cfg.eval.triplet_seed)
+        # Rows of 1-sample classes (by-class protocol, data/split.py) are queries, never
+        # anchors: triplets come from the other rows (all of them otherwise).
+        rows = anchor_rows(test.labels)
+        self.triplets = rows[create_pairs(test.labels[rows], seed=cfg.eval.triplet_seed)]
         t0 = time.perf_counter()
         self._cache = raw_cache_path(cfg, test, self.gallery) if cfg.eval.raw_cache else None
         self.raw = self._read_cache()
         if self.raw is None:
-            self.raw = retrieval_metrics(test.images, test.labels, *self._gallery_pixels(),
+            self.raw = retrieval_metrics(as_float(test.images), test.labels,
+                                         *self._gallery_pixels(),
                                          metrics=_P1, **self._search_options())
             self._write_cache()
             how = "R-Prec and MAP@R at the first full evaluation"
@@ -125,7 +131,8 @@ class Evaluator:
 
     def _gallery_pixels(self) -> tuple:
         g = self.gallery
-        return (g.images, g.labels) if g is not None else (None, None)
+        # Raw inputs as the network sees them (uint8 / 255 for images, features as they are).
+        return (as_float(g.images), g.labels) if g is not None else (None, None)
 
     def _search_options(self) -> dict:
         e = self.cfg.eval
@@ -158,7 +165,7 @@ class Evaluator:
         res["full"] = full
         if full and "r_precision" not in self.raw:
             t0 = time.perf_counter()
-            self.raw.update(retrieval_metrics(self.test.images, self.test.labels,
+            self.raw.update(retrieval_metrics(as_float(self.test.images), self.test.labels,
                                               *self._gallery_pixels(), **self._search_options()))
             self._write_cache()
             log.info("raw pixels: P@1 %.4f  R-Prec %.4f  MAP@R %.4f  (%d queries, %.2f s)",

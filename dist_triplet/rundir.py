@@ -186,6 +186,14 @@ def resolve_resume(cfg: Config, run_dir: str, backend) -> Optional[str]:
 
 # ----------------------------------------------------------------------------- recorder
 
+def _input_meta(test: Split) -> dict:
+    """What the exported model's input is: uint8 images scaled by 1/255 (with their
+    (H, W, C)), or features used as they are."""
+    if test.is_image:
+        return {"image_shape": list(test.image_shape)}
+    return {"input_scaling": "none (features, used as they are)", "image_shape": None}
+
+
 class Recorder:
     """What rank 0 writes into the run directory; every method a no-op off rank 0.
 
@@ -293,16 +301,20 @@ class Recorder:
         if cfg.eval.projector:
             from .projector import export_projector
             n = cfg.eval.projector_points or len(test.labels)
+            from .data import as_float
+            # Sprites only for images (padded to squares); feature data get none.
             export_projector(os.path.join(self.run_dir, "tensorboard"),
-                             {"origin": test.images[:n], "triplet": embeddings[:n]},
-                             test.labels[:n], test.class_names, images=test.images[:n],
-                             writer=self.writer)
+                             {"origin": as_float(test.images[:n]), "triplet": embeddings[:n]},
+                             test.labels[:n], test.class_names,
+                             images=test.images[:n] if test.is_image else None,
+                             image_shape=test.image_shape, writer=self.writer)
         # The trained network as symbol + params, for `python -m dist_triplet.embed`.
         from .export import export_model
         model_dir = export_model(net, os.path.join(self.run_dir, "model"), ctx,
                                  test.images.shape[1],
                                  meta={"run_dir": os.path.abspath(self.run_dir),
-                                       "epochs": cfg.train.epochs})
+                                       "epochs": cfg.train.epochs,
+                                       **_input_meta(test)})
         log.info("exported model to %s", model_dir)
         if cfg.eval.report:
             self.write_report(doc, test, embeddings)
