@@ -244,3 +244,28 @@ def test_query_shapes_are_checked_against_the_models_meta(folder_run, features_r
                            "--out", str(tmp_path / "ix")]) == 2
     assert "unknown split 'validation'" in error_line(capsys)
     assert not (tmp_path / "ix").exists()
+
+
+def test_by_class_run_grey_images(tmp_path, capsys):
+    """data.split=classes, data.mode=L: RUN:train and RUN:test hold disjoint classes (the
+    last two of five folders are test classes), and the leave-one-out P@1 of RUN:test is
+    the run's."""
+    images, labels = make_images(6, 5, 12, 12, 3, seed=4)
+    names = [f"c{c}" for c in range(5)]
+    write_folder(tmp_path / "shots", images, labels, names)
+    run = _train(tmp_path, "run", f"data.path={tmp_path / 'shots'}", "data.split=classes",
+                 "data.test_fraction=0.4", "data.mode=L")
+    model = str(run / "model")
+    for split in ("train", "test"):
+        assert index_cli.main(["--model", model, "--data", f"{run}:{split}",
+                               "--out", str(tmp_path / split)]) == 0
+    train, test = Index.load(str(tmp_path / "train")), Index.load(str(tmp_path / "test"))
+    assert {i.split("/")[0] for i in train.ids} == {"c0", "c1", "c2"}
+    assert {i.split("/")[0] for i in test.ids} == {"c3", "c4"} and len(test) == 12
+    assert test.images.shape == (12, 12, 12)                 # grey thumbnails (H, W)
+    out = tmp_path / "r.jsonl"
+    assert search_cli.main(["--index", str(tmp_path / "test"), "--query", f"{run}:test",
+                            "--k", "1", "--exclude-self", "--out", str(out)]) == 0
+    recs = read_jsonl(out)
+    final = json.load(open(run / "metrics.json"))["final"]["precision_at_1"]
+    assert float(np.mean([r["correct"] for r in recs])) == final
