@@ -1,15 +1,19 @@
 """A saved nearest-neighbour index over a gallery of embeddings (faiss), and its CLI.
 
-    python -m dist_triplet.index --model RUN/model --data fashion_mnist:train --out INDEX_DIR \\
-        [--kind flat|hnsw|ivf] [--batch-size 2048] [--force]
+    python -m dist_triplet.index --model RUN/model --data RUN:train --out INDEX_DIR \\
+        [--kind flat|hnsw|ivf] [--batch-size 2048] [--force] \\
+        [--format F --mode M --image-size H,W --set KEY=VALUE]   (for a data path)
+
+``--data``: any data the trainer reads (:func:`read_items`: the run's own data, a data
+set, an image folder, CSV, ``.npz``, IDX, or a ``.npy`` file).
 
 The gallery is embedded with an exported model (:mod:`dist_triplet.export`) and stored in
 ``INDEX_DIR``:
 
     index.faiss   the faiss index (``faiss.write_index``); squared-L2 metric
     labels.npy    (N,) int64 class ids of the gallery items (-1: unknown)
-    ids.json      {"ids": [N item ids], "class_names": [...] or null}
-    images.npy    (N, rows, cols) uint8 thumbnails for pictures (image-shaped data only)
+    ids.json      {"ids": [N item ids or file paths], "class_names": [...] or null}
+    images.npy    (N, H, W) or (N, H, W, 3) uint8 thumbnails (image data only)
     meta.json     kind, dimension, count, the model (path, params sha256), the data spec,
                   the approximate index's measured recall@10, and each file's sha256
 

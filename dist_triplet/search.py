@@ -1,10 +1,13 @@
 """Query a saved index: top-k neighbours per query, with an optional picture.
 
-    python -m dist_triplet.search --index INDEX_DIR --query fashion_mnist:test [--k 10] \\
-        [--format jsonl|csv] [--out results.jsonl] [--grid grid.png] [--exclude-self]
+    python -m dist_triplet.search --index INDEX_DIR --query RUN:test [--k 10] \\
+        [--format jsonl|csv] [--out results.jsonl] [--grid grid.png] [--exclude-self] \\
+        [--data-format F --mode M --image-size H,W --set KEY=VALUE]   (for a data path)
 
-``--query`` takes what ``--data`` of :mod:`dist_triplet.index` takes (a data set, an IDX
-directory or file, a ``.npy`` of images; ``--labels`` for a file). The queries are
+``--query`` (alias ``--data``) takes what ``--data`` of :mod:`dist_triplet.index` takes
+(:func:`dist_triplet.index.read_items`: a run's own data ``RUN[:train|:test|:all]``, a
+data set, an image folder, CSV, ``.npz``, IDX, a ``.npy`` of (N, F) rows or (N, H, W[, C])
+images; ``--labels`` for a file), checked against the model's input. The queries are
 embedded with the model the index was built with (meta.json), or ``--model``, which must
 be that model (same parameters file sha256) or the run is refused.
 
@@ -24,8 +27,10 @@ a gallery against itself); with labelled queries the Precision@1 over the querie
 printed on stderr, which then equals :func:`dist_triplet.metrics.retrieval_metrics`'s.
 
 ``--grid out.png``: the first ``--grid-rows`` queries, each beside its k neighbours as
-thumbnails, framed green (same label) or red (different) when labels are known, with the
-squared distance under each (matplotlib, Agg backend).
+thumbnails (grey or RGB as the data are), framed green (same label) or red (different)
+when labels are known, with the squared distance under each (matplotlib, Agg backend).
+Feature data have no thumbnails: text tiles with the item id, class and distance, under
+a title that says so.
 """
 from __future__ import annotations
 
