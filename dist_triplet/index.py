@@ -307,16 +307,27 @@ def read_items(spec: str, model, labels_path: Optional[str] = None,
         raise ValueError(f"data {spec}: unknown split {tail!r}; use {head}:train, "
                          f"{head}:test or {head}:all")
     config = _config_file(base)
-    if config is not None or (_is_data_path(base) and (options or not _idx_dir(base))):
+    data_path = os.path.exists(base) and (_is_data_path(base) or bool(options.format))
+    if config is not None or (data_path and (options or not _idx_dir(base))):
         overrides = options.overrides()
-        if config is not None:
-            cfg = load_config(config, overrides)
-        else:
-            cfg = load_config(None, [f"data.path={base}"] + overrides)
-        data, files = load_rows(cfg.data, split)
+        try:
+            if config is not None:
+                cfg = load_config(config, overrides)
+            else:
+                cfg = load_config(None, [f"data.path={base}"] + overrides)
+            data, files = load_rows(cfg.data, split)
+        except (FileNotFoundError, ValueError) as exc:
+            if config is None or config in str(exc):
+                raise
+            # The run's data.path is as it was given to the trainer (maybe relative to
+            # its working directory): say which config named it.
+            raise type(exc)(f"{config}: {exc}") from None
         where = os.path.abspath(base)
         items = _from_split(data, split, files, f"{where}:{split}", labels_path)
         return check_input(items, model)
+    if options:
+        raise ValueError(f"data {spec}: --data-format/--mode/--image-size/--set describe a "
+                         "data path or a run's data; this spec is a named data set or a file")
     if base in ("fashion_mnist", "mnist") or os.path.isdir(base):
         if split == "all":
             raise ValueError(f"data {spec}: :all is for data paths and runs; use "

@@ -269,3 +269,25 @@ def test_by_class_run_grey_images(tmp_path, capsys):
     recs = read_jsonl(out)
     final = json.load(open(run / "metrics.json"))["final"]["precision_at_1"]
     assert float(np.mean([r["correct"] for r in recs])) == final
+
+
+def test_data_options_need_a_data_path_and_a_moved_run_names_its_config(folder_run, tmp_path,
+                                                                        capsys):
+    tmp, run, _ = folder_run
+    model = str(run / "model")
+    assert index_cli.main(["--model", model, "--data", "fashion_mnist:test", "--mode", "L",
+                           "--out", str(tmp_path / "ix")]) == 2
+    assert "describe a data path" in error_line(capsys)
+    # A run whose data moved: the error names the config and the path.
+    cfg = (run / "config.yaml").read_text()
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "config.yaml").write_text(cfg.replace(str(tmp / "shots"), str(tmp / "gone")))
+    assert index_cli.main(["--model", model, "--data", f"{moved}:test",
+                           "--out", str(tmp_path / "ix")]) == 2
+    line = error_line(capsys)
+    assert str(moved / "config.yaml") in line and "gone" in line
+    # --set path=... reads other files with the run's settings.
+    assert index_cli.main(["--model", model, "--data", f"{moved}:all",
+                           "--set", f"path={tmp / 'shots'}", "--out", str(tmp_path / "ix")]) == 0
+    assert len(Index.load(str(tmp_path / "ix"))) == CLASSES * PER_CLASS
