@@ -8,6 +8,9 @@ One entry point for training, :func:`load_data` (``data`` section of the config)
   your own data (:mod:`.idx`, :mod:`.npz`, :mod:`.images`). ``auto`` decides from the
   path where that is unambiguous and asks for ``data.format`` where it is not.
 
+:func:`load_rows` reads one split (or all rows) the same way for embedding (index,
+search, embed), without the training class rules, with each image file's path.
+
 Images stay uint8 (H, W, C) rows (scaled to [0, 1] in the training step on the device);
 features stay float32. Without a test split the data are split by ``data.split``
 (:mod:`.split`, whose docstring states the rules for 1-sample classes). With
@@ -181,7 +184,7 @@ def _relative(files: List[str], root: str) -> List[str]:
     out = []
     for f in files:
         rel = os.path.relpath(os.path.abspath(f), root)
-        out.append(f if rel.startswith(os.pardir) else rel)
+        out.append(f if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel)
     return out
 
 
