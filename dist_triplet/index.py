@@ -311,6 +311,41 @@ def check_out_dir(out: str, force: bool) -> None:
                              "--force replaces only an index")
 
 
+# meta.json's keys that readers use: key -> (type(s), description for the message).
+_META_SCHEMA = {
+    "kind": (str, "a string"),
+    "index_id": (str, "a string"),
+    "files": (dict, "a mapping of file name to sha256"),
+    "model": (dict, "a mapping with dir, params_sha256"),
+    "params": (dict, "a mapping"),
+}
+_MODEL_SCHEMA = {"dir": str, "params_sha256": str}
+
+
+def _check_meta_schema(meta: dict, meta_path: str) -> None:
+    """Raise IndexInputError naming ``meta_path`` and the key when meta.json lacks a key
+    the readers use, or holds a value of the wrong type (an edited or damaged index)."""
+    def bad(key: str, want: str) -> IndexInputError:
+        found = "missing" if key not in meta else f"is {meta[key]!r}"
+        return IndexInputError(f"{meta_path}: key {key!r} {found}, expected {want}: "
+                               "corrupt or edited index; rebuild it with dist_triplet.index")
+    for key, (kind, want) in _META_SCHEMA.items():
+        if not isinstance(meta.get(key), kind):
+            raise bad(key, want)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta["files"].items()):
+        raise bad("files", _META_SCHEMA["files"][1])
+    for key, kind in _MODEL_SCHEMA.items():
+        if not isinstance(meta["model"].get(key), kind):
+            found = "missing" if key not in meta["model"] else f"is {meta['model'][key]!r}"
+            raise IndexInputError(f"{meta_path}: key 'model.{key}' {found}, expected a "
+                                  "string: corrupt or edited index; rebuild it with "
+                                  "dist_triplet.index")
+    if meta["kind"] == "hnsw" and not isinstance(meta["params"].get("efSearch"), int):
+        raise bad("params", "a mapping with an integer efSearch")
+    if meta["kind"] == "ivf" and not isinstance(meta["params"].get("nprobe"), int):
+        raise bad("params", "a mapping with an integer nprobe")
+
+
 def write_index_dir(out: str, index, labels: np.ndarray, ids: Sequence[str],
                     class_names: Optional[Sequence[str]], images: Optional[np.ndarray],
                     meta: dict, force: bool = False) -> dict:
@@ -395,6 +430,7 @@ class Index:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else meta
             raise IndexInputError(f"{meta_path}: format {found!r} is not {FORMAT!r}")
+        _check_meta_schema(meta, meta_path)
         for name, digest in meta.get("files", {}).items():
             fpath = os.path.join(path, name)
             if not os.path.isfile(fpath):

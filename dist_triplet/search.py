@@ -33,6 +33,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -69,6 +70,9 @@ def load_threshold(index: Index, path: Optional[str] = None) -> Optional[dict]:
     if not isinstance(doc, dict) or not isinstance(doc.get("threshold"), (int, float)) \
             or isinstance(doc.get("threshold"), bool):
         raise IndexInputError(f"{path}: expected a JSON object with a numeric 'threshold'")
+    if not math.isfinite(doc["threshold"]) or doc["threshold"] < 0:
+        raise IndexInputError(f"{path}: 'threshold' is {doc['threshold']!r}; expected a "
+                              "finite squared distance >= 0 (re-run dist_triplet.calibrate)")
     if doc.get("index_id") != index.index_id:
         raise IndexInputError(f"{path}: calibrated for index {str(doc.get('index_id'))[:12]}, "
                               f"but {index.dir} is index {index.index_id[:12]}; calibrate "

@@ -409,3 +409,51 @@ def test_npy_queries_with_a_labels_file(setup, capsys):
     assert [r["neighbours"][0]["id"] for r in recs] == ["train/0", "train/1"]
     assert [r["correct"] for r in recs] == [True, False]
     assert recs[1]["neighbours"][0]["sq_l2"] == pytest.approx(1 / S, rel=1e-5)
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda m: {k: v for k, v in m.items() if k != "model"}, "'model'"),
+    (lambda m: dict(m, files="abc"), "'files'"),
+    (lambda m: dict(m, model=dict(m["model"], params_sha256=None)), "'model.params_sha256'"),
+    (lambda m: dict(m, kind=3), "'kind'"),
+])
+def test_edited_meta_json_is_exit_2_naming_meta_json_and_the_key(setup, capsys, edit, key):
+    """adv1 finding: an index whose meta.json lost "model" or has "files": "abc" gave
+    KeyError / AttributeError tracebacks in search and calibrate."""
+    tmp, model, data, index_dir = setup
+    meta_path = os.path.join(index_dir, "meta.json")
+    with open(meta_path) as fh:
+        meta = json.load(fh)
+    with open(meta_path, "w") as fh:
+        json.dump(edit(meta), fh)
+    capsys.readouterr()
+    assert search_cli.main(["--index", index_dir, "--query", f"{data}:test", "--k", "1",
+                            "--out", str(tmp / "r.jsonl")]) == 2
+    line = error_line(capsys)
+    assert meta_path in line and key in line
+    assert calibrate_cli.main(["--index", index_dir, "--data", f"{data}:test",
+                               "--target-precision", "0.5"]) == 2
+    line = error_line(capsys)
+    assert meta_path in line and key in line
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-1.0"])
+def test_non_finite_or_negative_threshold_is_refused(setup, capsys, value):
+    """adv1 finding: "threshold": NaN in threshold.json was accepted (every query then
+    'no match')."""
+    tmp, model, data, index_dir = setup
+    assert calibrate_cli.main(["--index", index_dir, "--data", f"{data}:test",
+                               "--target-precision", "0.5"]) == 0
+    thr = os.path.join(index_dir, "threshold.json")
+    with open(thr) as fh:
+        text = fh.read()
+    doc = json.loads(text)
+    with open(thr, "w") as fh:
+        fh.write(text.replace(json.dumps(doc["threshold"]), value, 1))
+    assert json.load(open(thr))["threshold"] != doc["threshold"]
+    capsys.readouterr()
+    assert search_cli.main(["--index", index_dir, "--query", f"{data}:test", "--k", "1",
+                            "--out", str(tmp / "r.jsonl")]) == 2
+    line = error_line(capsys)
+    assert thr in line and "threshold" in line
+    assert not (tmp / "r.jsonl").exists()
