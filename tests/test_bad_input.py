@@ -266,6 +266,53 @@ def test_output_dir_that_is_a_file(data, tmp_path, capsys):
     assert path.read_text() == "not a directory"
 
 
+@pytest.mark.parametrize("out", ["/proc/dist_triplet_test/run", "/sys/dist_triplet_test_run"])
+def test_output_dir_that_cannot_be_created_is_one_line_before_the_model(out, data, capsys):
+    """adv1 finding: an output.dir that cannot be made (here: under /proc or /sys, where
+    mkdir fails for root too) was a PermissionError traceback from the Recorder, after the
+    model was built and the raw-pixel baseline evaluated. Rank 0 now makes the directory
+    in resolve_run_dir (dist.decide_on_rank0), so every rank gets the same one line."""
+    top = "/" + out.split("/")[1]
+    if not os.path.isdir(top):
+        pytest.skip(f"{top} does not exist here")
+    try:
+        os.makedirs(out)
+    except OSError:
+        pass
+    else:
+        os.rmdir(out)
+        pytest.skip(f"{out} can be created here")
+    line = fails(capsys, run_args(data, out), f"error: output.dir={out!r}: cannot create")
+    assert "Traceback" not in line
+
+
+def test_run_dir_in_use_by_another_run_is_refused(data, tmp_path, capsys):
+    """Two runs in one output.dir would overwrite each other's checkpoints: the run holds
+    an exclusive flock on RUN/.lock; a second run gets exit 2 naming the holder's pid.
+    The lock dies with its process, and this run's failure leaves the directory as it was."""
+    import fcntl
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("424242\n")
+        holder.flush()
+        fails(capsys, run_args(data, out, "checkpoint.resume=auto"),
+              f"error: output.dir={str(out)!r}: another run (pid 424242) is using it")
+        assert os.listdir(out) == [".lock"]
+    # Released (as when the holder dies): the same run now trains.
+    assert main(run_args(data, out, "checkpoint.resume=auto", "train.epochs=1",
+                         "eval.report=false")) == 0
+    assert "config.yaml" in os.listdir(out)
+
+
+def test_run_failing_after_making_its_run_dir_removes_it(data, tmp_path, capsys):
+    """The run directory is made before resume is resolved; a refusal after that (here:
+    resume from a path that is no checkpoint) must not leave an empty directory behind."""
+    out = tmp_path / "new" / "run"
+    fails(capsys, run_args(data, out, f"checkpoint.resume={tmp_path}"), out_dir=out)
+
+
 def test_empty_output_dir_names_the_key(data, capsys):
     fails(capsys, run_args(data, ""), "output.dir='' is empty")
 
@@ -277,11 +324,11 @@ def test_fresh_run_into_a_directory_holding_a_run_is_refused(data, tmp_path, cap
     (out / "config.yaml").write_text("model: {hidden: [32]}\n")
     fails(capsys, run_args(data, out), "already holds a run (config.yaml)",
           "checkpoint.resume=auto")
-    assert os.listdir(out) == ["config.yaml"]
+    assert sorted(os.listdir(out)) == [".lock", "config.yaml"]  # + the run lock
     # resume=auto with no checkpoint restarts only a run of the same architecture.
     fails(capsys, run_args(data, out, "checkpoint.resume=auto"), "holds no checkpoint",
           "model.hidden was [32], is [16, 8] now")
-    assert os.listdir(out) == ["config.yaml"]
+    assert sorted(os.listdir(out)) == [".lock", "config.yaml"]  # + the run lock
 
 
 def test_generated_run_dirs_started_in_the_same_second_differ(tmp_path, monkeypatch):
