@@ -179,6 +179,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except mx.base.MXNetError as exc:
             raise ValueError(f"the model in {model_dir} failed on {args.input}: "
                              f"{mxnet_error_line(exc)}") from None
+        bad = int(np.count_nonzero(~np.isfinite(emb)))
+        if bad:
+            raise ValueError(f"{args.input}: the model in {model_dir} gave {bad} non-finite "
+                             "embedding values (NaN or infinite): are the inputs scaled as in "
+                             "training (pixels / 255 in [0, 1])?")
         _save(args.output, emb)
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

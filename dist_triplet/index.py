@@ -208,9 +208,12 @@ class Model:
         self.dim = meta.get("embedding_dim")
         self.params_sha256 = sha256_file(model_files(self.dir)[1])
 
-    def embed(self, x: np.ndarray, batch_size: int = 2048, desc: str = "embedding") -> np.ndarray:
+    def embed(self, x: np.ndarray, batch_size: int = 2048, desc: str = "embedding",
+              source: Optional[str] = None) -> np.ndarray:
         """(N, F) float32 -> (N, D) float32, in batches, with a progress bar on a terminal.
-        batch_size 2048 = eval.batch_size's default, so the embeddings are the evaluator's."""
+        batch_size 2048 = eval.batch_size's default, so the embeddings are the evaluator's.
+        Raises ValueError naming ``source`` (the input, for the message) when an embedding
+        value is NaN or infinite."""
         from tqdm import tqdm
 
         from .embed import embed_images
@@ -223,8 +226,28 @@ class Model:
         emb = np.concatenate(out) if out else np.zeros((0, self.dim or 0), np.float32)
         bad = int(np.count_nonzero(~np.isfinite(emb)))
         if bad:
-            raise ValueError(f"the model in {self.dir} gave {bad} non-finite embedding values")
+            raise ValueError(f"{source + ': ' if source else ''}the model in {self.dir} gave "
+                             f"{bad} non-finite embedding values (NaN or infinite): are the "
+                             "inputs scaled as in training (pixels / 255 in [0, 1])?")
         return emb
+
+
+# faiss computes squared distances in float32: |q - x|^2 <= 2 (|q|^2 + |x|^2) must stay
+# below float32's largest value, else it overflows to inf and faiss returns no neighbour.
+MAX_SQ_NORM = float(np.finfo(np.float32).max) / 8
+
+
+def check_in_range(emb: np.ndarray, source: str) -> None:
+    """Raise IndexInputError naming ``source`` when an embedding (M, D) float32 is so
+    large that its squared distances overflow float32 (``MAX_SQ_NORM``)."""
+    sq = np.einsum("ij,ij->i", emb.astype(np.float64), emb.astype(np.float64))
+    big = ~(sq <= MAX_SQ_NORM)
+    if big.any():
+        raise IndexInputError(
+            f"{source}: {int(big.sum())} of {len(sq)} embeddings have squared norm up to "
+            f"{float(sq.max()):.3g}, beyond {MAX_SQ_NORM:.3g}, where squared distances "
+            "overflow float32: are the inputs scaled as in training (pixels / 255 in [0, 1])?")
+
 
 
 # ----------------------------------------------------------------------------- building
@@ -591,7 +614,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         t0 = time.perf_counter()
         model = Model(args.model)
         items = read_items(args.data, model.in_units, args.labels)
-        emb = model.embed(items.x, args.batch_size)
+        emb = model.embed(items.x, args.batch_size, source=items.source)
+        check_in_range(emb, items.source)
         t_embed = time.perf_counter() - t0
         t1 = time.perf_counter()
         index, params = build_index(emb, args.kind, hnsw_m=args.hnsw_m,

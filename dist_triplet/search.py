@@ -42,7 +42,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .fsutil import atomic_write
-from .index import Index, IndexInputError, Model, read_items
+from .index import Index, IndexInputError, Model, check_in_range, read_items
 
 __all__ = ["load_threshold", "search_items", "main"]
 
@@ -107,11 +107,12 @@ def search_items(index: Index, model: Model, items, k: int, exclude_self: bool =
     squared L2, pos (M, k) int64 gallery positions, {"embed_s", "search_s"} seconds).
     ``exclude_self`` leaves out the gallery item whose id is the query's id."""
     t0 = time.perf_counter()
-    emb = model.embed(items.x, batch_size, desc="queries")
+    emb = model.embed(items.x, batch_size, desc="queries", source=items.source)
     times = {"embed_s": time.perf_counter() - t0}
     if emb.shape[1] != index.dim:
         raise IndexInputError(f"the model gives {emb.shape[1]}-wide embeddings, the index "
                               f"{index.dir} holds {index.dim}-wide ones")
+    check_in_range(emb, items.source)
     exclude = None
     if exclude_self:
         where = {item: i for i, item in enumerate(index.ids)}
@@ -242,6 +243,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _, dist, pos, times = search_items(index, model, items, args.k, args.exclude_self,
                                     args.batch_size)
         recs = records(index, items, dist, pos, thr["threshold"] if thr else None)
+        short = sum(len(r["neighbours"]) < args.k for r in recs)
+        if short:
+            print(f"warning: {short} of {len(recs)} queries got fewer than --k {args.k} "
+                  f"neighbours: the {index.meta.get('kind')} index returned fewer candidates "
+                  "(raise efSearch / nprobe when building it)", file=sys.stderr, flush=True)
         text = format_records(recs, args.format)
         if args.grid:
             from .report import neighbour_grid

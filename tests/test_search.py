@@ -457,3 +457,43 @@ def test_non_finite_or_negative_threshold_is_refused(setup, capsys, value):
     line = error_line(capsys)
     assert thr in line and "threshold" in line
     assert not (tmp / "r.jsonl").exists()
+
+
+def test_huge_float_queries_are_refused_not_an_empty_neighbour_list(setup, capsys):
+    """adv1 finding: queries of 1e30 (floats not scaled to [0, 1]) gave squared distances
+    that overflow float32 in faiss: every query printed "neighbours": [] with exit 0."""
+    tmp, model, data, index_dir = setup
+    q = tmp / "big.npy"
+    np.save(q, np.full((2, 4), 1e30, np.float32))
+    capsys.readouterr()
+    assert search_cli.main(["--index", index_dir, "--query", str(q), "--k", "2",
+                            "--out", str(tmp / "r.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # embed's "values > 1" warning, then
+    assert err[-1].startswith("error: ") and "Traceback" not in "\n".join(err), err
+    line = err[-1]
+    assert str(q) in line and "2 of 2" in line and "overflow float32" in line
+    assert not (tmp / "r.jsonl").exists()
+    # 1e10 is large but its squared distances (~4e20) fit: searched, all neighbours there.
+    np.save(q, np.full((2, 4), 1e10, np.float32))
+    assert search_cli.main(["--index", index_dir, "--query", str(q), "--k", "2",
+                            "--out", str(tmp / "r.jsonl")]) == 0
+    assert [len(r["neighbours"]) for r in read_jsonl(tmp / "r.jsonl")] == [2, 2]
+
+
+def test_embed_refuses_non_finite_embeddings_naming_the_input(tmp_path, capsys):
+    """Finite inputs whose embeddings overflow (weights of ones: 4 x 3e38 = inf) are an
+    error naming the input, not a .npy of inf (embed only warned about values > 1)."""
+    from dist_triplet import embed as embed_cli
+    net = build_embedding_net(4, [4], final_relu=False)
+    initialize(net, 0.1, mx.cpu(), seed=0)
+    net[0].weight.set_data(mx.nd.ones((4, 4)))
+    net[0].bias.set_data(mx.nd.zeros(4))
+    export_model(net, str(tmp_path / "model"), mx.cpu(), 4)
+    inp, out = tmp_path / "x.npy", tmp_path / "e.npy"
+    np.save(inp, np.full((3, 4), 3e38, np.float32))
+    capsys.readouterr()
+    assert embed_cli.main(["--model", str(tmp_path / "model"), "--input", str(inp),
+                           "--output", str(out)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+    assert len(err) == 1 and str(inp) in err[0] and "12 non-finite" in err[0], err
+    assert not out.exists()
