@@ -242,6 +242,36 @@ def test_malformed_config_file_names_the_file(text, needles, tmp_path, capsys):
     fails(capsys, ["--config", str(path)], str(path), *needles)
 
 
+def test_config_file_that_is_a_directory_or_not_utf8_or_bad_yaml_is_one_line(tmp_path, capsys):
+    """adv1 cosmetics: --config DIR said "does not exist"; a non-UTF-8 file gave a codec
+    message naming no file; a YAML syntax error spread over four lines."""
+    fails(capsys, ["--config", str(tmp_path)], f"config file '{tmp_path}' is a directory")
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("train: {epochs: 3}  # caf\xe9\n".encode("latin-1"))
+    fails(capsys, ["--config", str(path)], str(path), "not UTF-8 text")
+    path = tmp_path / "syntax.yaml"
+    path.write_text("train:\n  epochs: 3\n  lr: [0.1\n")
+    capsys.readouterr()
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    # PyYAML reports the unclosed flow sequence at the end of the stream: line 4, column 1.
+    assert err[0].startswith(f"error: {path}: not valid YAML: line 4, column 1: "), err
+
+
+def test_empty_resume_is_refused(data, tmp_path, capsys):
+    """checkpoint.resume= (empty) used to mean a fresh start, silently."""
+    fails(capsys, run_args(data, tmp_path / "run", "checkpoint.resume="),
+          "checkpoint.resume='' is empty", out_dir=tmp_path / "run")
+
+
+def test_override_values_lose_surrounding_whitespace(data, tmp_path):
+    """output.dir=" DIR " is DIR (as a plain YAML scalar in a file would be)."""
+    out = tmp_path / "run"
+    assert main(run_args(data, f"  {out}  ", "train.epochs= 1 ", "eval.report=false")) == 0
+    assert (out / "config.yaml").exists()
+
+
 def test_resume_auto_needs_an_output_dir(data, capsys):
     args = [a for a in run_args(data, "x") if not a.startswith("output.dir")]
     fails(capsys, args + ["checkpoint.resume=auto"], "checkpoint.resume='auto' needs output.dir")
