@@ -206,7 +206,7 @@ def profile_epoch(args, cfg, backend, net, stepper, sampler, step_ms: float) -> 
         timages, tlabels, source = bench.load_data(args.synthetic, args.train_size, train=False)
         ev = Evaluator(cfg, Split(timages, tlabels, tuple(map(str, range(bench.CLASSES))), source))
         t0 = time.perf_counter()
-        ev(net, stepper.ctxs[0])
+        ev(net, stepper.ctxs[0], epoch=0)  # a per-epoch evaluation (P@1), not the final one
         eval_s = time.perf_counter() - t0
     t["evaluation (rank 0)"] = eval_s
     return {"steps": sampler.steps, "profiled_steps": steps, "phases_s": t,

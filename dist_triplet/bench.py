@@ -131,9 +131,9 @@ def load_data(synthetic: bool, train_size: int, train: bool = True, root: str = 
     full = TRAIN_ROWS if train else TEST_ROWS
     limit = train_size if train else (max(train_size // 6, 2 * CLASSES) if train_size else 0)
     if not synthetic and os.path.isdir(root):
-        from .data import load_dataset, subset
+        from .data import as_float, load_dataset, subset
         split = subset(load_dataset("fashion_mnist", root, train=train), limit)
-        return split.images, split.labels, f"Fashion-MNIST ({root})"
+        return as_float(split.images), split.labels, f"Fashion-MNIST ({root})"
     rows = limit or full
     images, labels = synthetic_split(rows, seed=0 if train else 1)
     why = "--synthetic" if synthetic else f"Fashion-MNIST not found at {root}"
