@@ -225,6 +225,15 @@ def test_exponent_floats_parse(data, tmp_path):
     assert "lr: 0.001" in (out / "config.yaml").read_text()
 
 
+def test_data_file_that_is_a_directory_says_so(tmp_path, capsys):
+    """adv1 cosmetic: a directory in place of an IDX file was reported as missing."""
+    root = write_dataset(tmp_path / "data")
+    os.remove(os.path.join(root, TRAIN_LABELS))
+    os.mkdir(os.path.join(root, TRAIN_LABELS))
+    fails(capsys, run_args(root, tmp_path / "run"),
+          f"{os.path.join(root, TRAIN_LABELS)}: is a directory", out_dir=tmp_path / "run")
+
+
 def test_missing_config_file(tmp_path, capsys):
     fails(capsys, ["--config", str(tmp_path / "nope.yaml")],
           f"config file '{tmp_path / 'nope.yaml'}' does not exist")
