@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .data import read_idx
-from .fsutil import atomic_write
+from .fsutil import atomic_write, check_can_write
 from .export import mxnet_error_line, load_model, model_files, read_meta
 
 __all__ = ["load_images", "embed_images", "main"]
@@ -163,6 +163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         if os.path.isdir(args.output):  # before any work
             raise ValueError(f"output {args.output} is a directory: pass a file name")
+        check_can_write(args.output, "--output")
         import mxnet as mx
         if args.device == "gpu":
             if mx.context.num_gpus() == 0:

@@ -50,7 +50,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .fsutil import atomic_dir
+from .fsutil import atomic_dir, check_can_write
 
 __all__ = ["Items", "read_items", "Index", "build_index", "write_index_dir", "main",
            "KINDS", "IndexInputError"]
@@ -333,6 +333,7 @@ def check_out_dir(out: str, force: bool) -> None:
         if not os.path.isdir(out) or (os.listdir(out) and not is_index_dir(out)):
             raise ValueError(f"--out {out} exists and is not an index directory; "
                              "--force replaces only an index")
+    check_can_write(out, "--out")
 
 
 # meta.json's keys that readers use: key -> (type(s), description for the message).

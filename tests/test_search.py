@@ -497,3 +497,41 @@ def test_embed_refuses_non_finite_embeddings_naming_the_input(tmp_path, capsys):
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
     assert len(err) == 1 and str(inp) in err[0] and "12 non-finite" in err[0], err
     assert not out.exists()
+
+
+def test_unlabelled_holdout_file_names_holdout_labels(setup, capsys):
+    """adv1 cosmetic: a --holdout file without labels said "pass --labels"."""
+    tmp, model, data, index_dir = setup
+    hold = tmp / "hold.npy"
+    np.save(hold, np.zeros((3, 4), np.float32))
+    capsys.readouterr()
+    assert calibrate_cli.main(["--index", index_dir, "--data", f"{data}:test",
+                               "--holdout", str(hold)]) == 2
+    line = error_line(capsys)
+    assert str(hold) in line and "--holdout-labels" in line
+
+
+@pytest.mark.parametrize("where", ["inside_a_file", "proc"])
+def test_index_out_and_embed_output_that_cannot_be_written_name_the_option(setup, capsys,
+                                                                           where):
+    """adv1 cosmetics: ``index --out`` under a file or on /proc named the hidden temp
+    directory; ``embed --output`` inside a file gave "[Errno 17] File exists"."""
+    from dist_triplet import embed as embed_cli
+    tmp, model, data, index_dir = setup
+    if where == "proc":
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("no /proc here")
+        base = "/proc/dist_triplet_test"
+    else:
+        (tmp / "afile").write_text("x")
+        base = str(tmp / "afile")
+    capsys.readouterr()
+    out = f"{base}/ix"
+    assert index_cli.main(["--model", model, "--data", f"{data}:train", "--out", out]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"error: --out {out}: cannot write there: ") and ".tmp" not in line
+    emb = f"{base}/e.npy"
+    assert embed_cli.main(["--model", model, "--input", str(data / "t10k-images-idx3-ubyte"),
+                           "--output", emb]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"error: --output {emb}: cannot write there: "), line
