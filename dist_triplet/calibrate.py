@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .fsutil import write_json
-from .index import Index, read_items
+from .index import Index, add_data_options, data_options, read_items
 from .search import THRESHOLD_FILE, _query_label_ids, check_model, search_items
 
 __all__ = ["curve", "choose_threshold", "rates", "nearest_outcomes", "main"]
@@ -140,6 +140,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration/held-out split")
     p.add_argument("--model", help="model export (default: the index's)")
     p.add_argument("--batch-size", type=int, default=2048)
+    add_data_options(p)
     return p.parse_args(argv)
 
 
@@ -158,10 +159,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"--seed must be >= 0, got {args.seed}")
         index = Index.load(args.index)
         model = check_model(index, args.model)
-        items = read_items(args.data, model.in_units, args.labels)
+        items = read_items(args.data, model.input, args.labels, data_options(args))
         dist, right = nearest_outcomes(index, model, items, args.batch_size)
         if args.holdout is not None:
-            held = read_items(args.holdout, model.in_units, args.holdout_labels)
+            held = read_items(args.holdout, model.input, args.holdout_labels,
+                              data_options(args))
             h_dist, h_right = nearest_outcomes(index, model, held, args.batch_size,
                                                "--holdout-labels")
             c_dist, c_right = dist, right

@@ -6,10 +6,14 @@
 
 ``--model``: the export a training run writes (``<run>/model``, see
 :mod:`dist_triplet.export`), or the run directory itself. ``--input``: an IDX images file
-(gzip or raw, as :func:`dist_triplet.data.read_idx` reads it) or a ``.npy`` array of
-images, (N, F) or (N, rows, cols) with rows * cols = F: uint8 bytes are divided by 255 as
-in training (:func:`dist_triplet.data.load_split`), float arrays are taken as already
-scaled. ``--output``: an (N, D) float32 ``.npy`` written atomically, in input order.
+(gzip or raw, as :func:`dist_triplet.data.read_idx` reads it), a ``.npy`` array of (N, F)
+rows, (N, H, W) or (N, H, W, C) images, or any data spec of ``python -m
+dist_triplet.index --data`` (``RUN_DIR[:train|:test|:all]``, an image folder, ``.csv``,
+``.npz``, with ``--format``, ``--mode``, ``--image-size``, ``--set KEY=VALUE``;
+:func:`dist_triplet.index.read_items`). uint8 bytes are divided by 255 as in training,
+float arrays are taken as they are. Images of another (H, W, C) than the model's
+meta.json records, or features for an image model, are refused (exit 2, one line).
+``--output``: an (N, D) float32 ``.npy`` written atomically, in input order.
 Bad input fails with exit status 2 and one line that names the file and the problem.
 """
 from __future__ import annotations
@@ -147,11 +151,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--model", required=True,
                         help="export directory (<run>/model) or the run directory")
     parser.add_argument("--input", required=True,
-                        help="IDX images file (gzip or raw) or .npy images (N, F) / (N, r, c)")
+                        help="IDX images file (gzip or raw), .npy of (N, F) rows or (N, H, W) / "
+                             "(N, H, W, C) images, or a data spec as index --data "
+                             "(RUN_DIR[:test], an image folder, .csv, .npz[:split], ...)")
     parser.add_argument("--output", required=True, help="output .npy, (N, D) float32")
     parser.add_argument("--batch-size", type=int, default=1024, help="images per forward pass")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="cpu, or gpu (GPU 0)")
+    from .index import add_data_options
+    add_data_options(parser)
     return parser.parse_args(argv)
 
 
@@ -173,8 +181,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ctx = mx.cpu()
         model_dir = _resolve_model_dir(args.model)
         block = load_model(model_dir, ctx)
-        in_units = _input_units(block, read_meta(model_dir), model_files(model_dir)[2])
-        images = load_images(args.input, in_units)
+        meta_path = model_files(model_dir)[2]
+        meta = read_meta(model_dir)
+        in_units = _input_units(block, meta, meta_path)
+        from .index import ModelInput, data_options, read_items
+        if os.path.isdir(args.input) and not os.listdir(args.input):
+            load_images(args.input, in_units)  # an empty directory: neither data nor a file
+        images = read_items(args.input, ModelInput.from_meta(in_units, meta, meta_path),
+                            None, data_options(args)).x
         try:
             emb = embed_images(block, images, args.batch_size, ctx)
         except mx.base.MXNetError as exc:

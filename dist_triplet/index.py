@@ -1,15 +1,19 @@
 """A saved nearest-neighbour index over a gallery of embeddings (faiss), and its CLI.
 
-    python -m dist_triplet.index --model RUN/model --data fashion_mnist:train --out INDEX_DIR \\
-        [--kind flat|hnsw|ivf] [--batch-size 2048] [--force]
+    python -m dist_triplet.index --model RUN/model --data RUN:train --out INDEX_DIR \\
+        [--kind flat|hnsw|ivf] [--batch-size 2048] [--force] \\
+        [--format F --mode M --image-size H,W --set KEY=VALUE]   (for a data path)
+
+``--data``: any data the trainer reads (:func:`read_items`: the run's own data, a data
+set, an image folder, CSV, ``.npz``, IDX, or a ``.npy`` file).
 
 The gallery is embedded with an exported model (:mod:`dist_triplet.export`) and stored in
 ``INDEX_DIR``:
 
     index.faiss   the faiss index (``faiss.write_index``); squared-L2 metric
     labels.npy    (N,) int64 class ids of the gallery items (-1: unknown)
-    ids.json      {"ids": [N item ids], "class_names": [...] or null}
-    images.npy    (N, rows, cols) uint8 thumbnails for pictures (image-shaped data only)
+    ids.json      {"ids": [N item ids or file paths], "class_names": [...] or null}
+    images.npy    (N, H, W) or (N, H, W, 3) uint8 thumbnails (image data only)
     meta.json     kind, dimension, count, the model (path, params sha256), the data spec,
                   the approximate index's measured recall@10, and each file's sha256
 
@@ -52,8 +56,8 @@ import numpy as np
 
 from .fsutil import atomic_dir, check_can_write
 
-__all__ = ["Items", "read_items", "Index", "build_index", "write_index_dir", "main",
-           "KINDS", "IndexInputError"]
+__all__ = ["Items", "DataOptions", "ModelInput", "check_input", "read_items", "Index",
+           "build_index", "write_index_dir", "main", "KINDS", "IndexInputError"]
 
 KINDS = ("flat", "hnsw", "ivf")
 FORMAT = "dist_triplet.index/1"
@@ -63,6 +67,7 @@ RECALL_K = 10
 RECALL_QUERIES = 1000
 RECALL_RTOL = 1e-5
 SPLITS = ("train", "test")
+ROW_SPLITS = ("train", "test", "all")
 
 
 class IndexInputError(ValueError):
@@ -72,6 +77,102 @@ class IndexInputError(ValueError):
 # ----------------------------------------------------------------------------- data specs
 
 @dataclass
+class DataOptions:
+    """How a path spec is read (the CLIs' ``--format``, ``--mode``, ``--image-size`` and
+    ``--set KEY=VALUE``), as ``data.*`` overrides of the config the spec starts from."""
+
+    format: Optional[str] = None
+    mode: Optional[str] = None
+    image_size: Optional[str] = None
+    sets: Sequence[str] = ()
+
+    def overrides(self) -> List[str]:
+        """``data.key=value`` strings for :func:`dist_triplet.config.load_config`."""
+        out = [f"data.{k}={v}" for k, v in (("format", self.format), ("mode", self.mode),
+                                            ("image_size", self.image_size)) if v is not None]
+        for item in self.sets:
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. image_size=32")
+            if "." in key and not key.startswith("data."):
+                raise ValueError(f"--set {item!r}: only data.* keys describe the data")
+            out.append(f"{key if key.startswith('data.') else 'data.' + key}={value}")
+        return out
+
+    def __bool__(self) -> bool:
+        return bool(self.format or self.mode or self.image_size or self.sets)
+
+
+@dataclass
+class ModelInput:
+    """What an exported model takes (its meta.json, :mod:`dist_triplet.export`).
+
+    units: the input width F. kind: ``"images"`` (uint8 pixels / 255, ``image_shape``
+    (H, W, C)), ``"features"`` (used as they are) or None when meta.json does not say
+    (exports before issue 10). where: meta.json's path, for messages.
+    """
+
+    units: int
+    kind: Optional[str] = None
+    image_shape: Optional[tuple] = None
+    where: str = "meta.json"
+
+    @classmethod
+    def from_meta(cls, units: int, meta: dict, where: str) -> "ModelInput":
+        if "image_shape" not in meta:
+            return cls(units, None, None, where)
+        shape = meta["image_shape"]
+        if shape is None:
+            return cls(units, "features", None, where)
+        return cls(units, "images", tuple(int(v) for v in shape), where)
+
+    def describe(self) -> str:
+        if self.kind == "images":
+            return f"{'x'.join(map(str, self.image_shape))} images ({self.units} values)"
+        if self.kind == "features":
+            return f"{self.units}-D features"
+        return f"{self.units} values per row"
+
+
+def _hwc(shape: Optional[tuple]) -> Optional[tuple]:
+    """(H, W) -> (H, W, 1); (H, W, C) unchanged; None unchanged."""
+    if shape is None:
+        return None
+    return tuple(shape) + (1,) if len(shape) == 2 else tuple(shape)
+
+
+def check_input(items: "Items", model: ModelInput) -> "Items":
+    """Check ``items`` against the model's input; returns them, with the model's image
+    shape for flat rows of a known image model.
+
+    Raises:
+        ValueError: one line naming the data, meta.json and both shapes: images of
+            another (H, W, C), images for a features model or features for an image
+            model, or another row width.
+    """
+    width = int(items.x.shape[1])
+    kind = items.kind
+    mine = _hwc(items.image_shape) if kind == "images" else None
+    found = (f"{'x'.join(map(str, mine))} images ({width} values)" if kind == "images"
+             else f"{width}-D features" if kind == "features" else f"rows of {width} values")
+    bad = width != model.units
+    if model.kind == "images" and kind == "images":
+        bad = bad or mine != _hwc(model.image_shape)
+    elif model.kind is not None and kind is not None and kind != model.kind:
+        bad = True
+    if bad:
+        raise ValueError(f"{items.source}: the model takes {model.describe()} ({model.where}), "
+                         f"found {found}" + (f" (shape {items.shape})" if items.shape else ""))
+    if kind is None and model.kind == "images":
+        # flat rows for an image model: the model's shape, for thumbnails
+        shape = model.image_shape
+        items.image_shape = tuple(shape[:2]) if shape[2] == 1 else tuple(shape)
+        items.kind = "images"
+    return items
+
+
+@dataclass
 class Items:
     """Rows to embed, with what is known about them.
 
@@ -79,9 +180,12 @@ class Items:
         x: (N, F) float32 network input (pixels / 255 for 8-bit images).
         labels: (N,) int64 class ids, or None when the data carry no labels.
         class_names: name of each class id (None without labels).
-        ids: N item ids (``<split>/<row>`` for a data set, ``<file>#<row>`` for a file).
+        ids: N item ids: the file path relative to the data root for image folders and
+            CSV, ``<split>/<row>`` for other data sets, ``<file>#<row>`` for a file.
         image_shape: (rows, cols) or (rows, cols, channels) when rows are images, else None.
         source: the data spec, for messages and meta.json.
+        kind: ``"images"``, ``"features"``, or None for flat rows of unknown kind.
+        shape: the array shape as read (for messages), or None.
     """
 
     x: np.ndarray
@@ -90,6 +194,8 @@ class Items:
     ids: List[str]
     image_shape: Optional[tuple]
     source: str
+    kind: Optional[str] = None
+    shape: Optional[tuple] = None
 
 
 def _square(width: int) -> Optional[tuple]:
@@ -113,76 +219,152 @@ def _read_labels(path: str, n: int) -> np.ndarray:
     return lab.astype(np.int64)
 
 
-def read_items(spec: str, in_units: int, labels_path: Optional[str] = None) -> Items:
+def _config_file(base: str) -> Optional[str]:
+    """The config a spec names: ``RUN_DIR`` (its config.yaml) or a ``.yaml`` file."""
+    if os.path.isdir(base) and os.path.isfile(os.path.join(base, "config.yaml")):
+        return os.path.join(base, "config.yaml")
+    if os.path.isfile(base) and base.lower().endswith((".yaml", ".yml")):
+        return base
+    return None
+
+
+def _is_data_path(base: str) -> bool:
+    """A path the trainer's data.path reads (not an IDX images file or a .npy)."""
+    if os.path.isdir(base):
+        return True
+    return os.path.isfile(base) and base.lower().endswith((".npz", ".csv"))
+
+
+def _from_split(data, split: str, files: Optional[List[str]], where: str,
+                labels_path: Optional[str]) -> Items:
+    """Items of a data Split (uint8 images / 255, features as they are)."""
+    x = data.images
+    kind = "images" if data.image_shape is not None else "features"
+    if x.dtype == np.uint8:  # the Split keeps bytes; the network takes bytes / 255
+        x = x.astype(np.float32) / np.float32(255)
+    else:
+        x = np.asarray(x, np.float32)
+    # The Split says whether rows are images: (H, W, C); one channel is kept as (H, W).
+    shape = data.image_shape
+    if shape is not None and shape[2] == 1:
+        shape = shape[:2]
+    labels = data.labels
+    if labels_path is not None:
+        labels = _read_labels(labels_path, len(labels))
+    ids = files if files is not None else [f"{split}/{i}" for i in range(len(labels))]
+    return Items(x, labels, tuple(data.class_names), list(ids),
+                 tuple(shape) if shape else None, where, kind)
+
+
+def read_items(spec: str, model, labels_path: Optional[str] = None,
+               options: Optional[DataOptions] = None) -> Items:
     """Turn a data spec into the rows to embed: the one place the CLIs read data.
 
-    ``spec`` is one of:
+    ``spec`` is ``BASE[:train|:test|:all]`` (default split ``test``), BASE one of:
 
-    * ``fashion_mnist[:train|:test]`` or ``mnist[:train|:test]``: a named data set as the
-      trainer reads it (:func:`dist_triplet.data.load_dataset`); default split ``test``;
-    * ``DIR[:train|:test]``: a directory of MNIST-format IDX files (``data.dataset=idx``,
-      class names ``"0"``, ``"1"``, ...; Fashion-MNIST's names for its Debian directory);
-    * a file: an IDX images file or a ``.npy`` of images, (N, F) or (N, rows, cols), read
-      by :func:`dist_triplet.embed.load_images` (uint8 / 255, floats as they are); no
-      labels unless ``labels_path`` (IDX labels or integer ``.npy``) is given.
+    * ``RUN_DIR`` (a directory holding ``config.yaml``) or a config ``.yaml`` file: the
+      data section of that config, read as the trainer reads it
+      (:func:`dist_triplet.data.load_rows`: same files, format, mode, image size, split
+      protocol, seed and limits), so ``RUN:test`` is the run's evaluated test set;
+    * ``fashion_mnist`` or ``mnist``: a named data set (:func:`dist_triplet.data.load_dataset`);
+    * a directory of MNIST-format IDX files (class names ``"0"``, ``"1"``, ...;
+      Fashion-MNIST's names for its Debian directory);
+    * a data path as ``data.path`` takes it: an image folder, a ``.csv``, a ``.npz`` or a
+      directory with ``train.npz``, with ``options`` (``--format``, ``--mode``,
+      ``--image-size``, ``--set KEY=VALUE``) as ``data.*`` keys;
+    * a file: an IDX images file or a ``.npy`` of (N, F) rows, (N, H, W) or
+      (N, H, W, C) images (uint8 / 255, floats as they are), read by
+      :func:`dist_triplet.embed.load_images`; no labels unless ``labels_path`` (IDX
+      labels or integer ``.npy``) is given.
 
-    Integration point: issue 10's loader (``.npz``, image folders, CSV) returns a Split
-    with the same fields; this function will call it for the specs it accepts.
+    ``options`` also apply to a run's or config's data section (e.g. another
+    ``data.path`` with the run's mode and image size). ``split`` ``all`` = every row,
+    without the split and limits. Image-folder and CSV rows get their file paths
+    (relative to the data root) as ids.
+
+    Args:
+        model: a :class:`ModelInput` (the model's input width and kind, checked by
+            :func:`check_input`), or the input width F (int).
 
     Raises:
-        FileNotFoundError / ValueError: missing or invalid files (message names the file),
-            a row width other than ``in_units``, a split other than train/test.
+        FileNotFoundError / ValueError: missing or invalid files, a row width or image
+            shape other than the model's (the message names the data, meta.json and both
+            shapes), an unknown split (the message names the spec).
     """
-    from .data import FASHION_MNIST_ROOT, load_dataset
+    from .config import load_config
+    from .data import FASHION_MNIST_ROOT, load_dataset, load_rows
+    from .data import _idx_dir
     from .embed import load_images
 
+    model = model if isinstance(model, ModelInput) else ModelInput(int(model))
+    options = options or DataOptions()
     base, split = spec, "test"
     head, sep, tail = spec.rpartition(":")
-    if sep and tail in SPLITS:
+    if sep and tail in ROW_SPLITS:
         base, split = head, tail
+    elif sep and not os.path.exists(spec) and (
+            head in ("fashion_mnist", "mnist") or os.path.exists(head)):
+        raise ValueError(f"data {spec}: unknown split {tail!r}; use {head}:train, "
+                         f"{head}:test or {head}:all")
+    config = _config_file(base)
+    data_path = os.path.exists(base) and (_is_data_path(base) or bool(options.format))
+    if config is not None or (data_path and (options or not _idx_dir(base))):
+        overrides = options.overrides()
+        try:
+            if config is not None:
+                cfg = load_config(config, overrides)
+            else:
+                cfg = load_config(None, [f"data.path={base}"] + overrides)
+            data, files = load_rows(cfg.data, split)
+        except (FileNotFoundError, ValueError) as exc:
+            if config is None or config in str(exc):
+                raise
+            # The run's data.path is as it was given to the trainer (maybe relative to
+            # its working directory): say which config named it.
+            raise type(exc)(f"{config}: {exc}") from None
+        where = os.path.abspath(base)
+        items = _from_split(data, split, files, f"{where}:{split}", labels_path)
+        return check_input(items, model)
+    if options:
+        raise ValueError(f"data {spec}: --data-format/--mode/--image-size/--set describe a "
+                         "data path or a run's data; this spec is a named data set or a file")
     if base in ("fashion_mnist", "mnist") or os.path.isdir(base):
+        if split == "all":
+            raise ValueError(f"data {spec}: :all is for data paths and runs; use "
+                             f"{base}:train or {base}:test")
         if base in ("fashion_mnist", "mnist"):
             data = load_dataset(base, None, train=split == "train")
         else:
             same = os.path.realpath(base) == os.path.realpath(FASHION_MNIST_ROOT)
             data = load_dataset("fashion_mnist" if same else "idx", base,
                                 train=split == "train")
-        x = data.images
-        if x.dtype == np.uint8:  # issue 10's Split keeps bytes; the network takes bytes / 255
-            x = x.astype(np.float32) / np.float32(255)
-        if x.shape[1] != in_units:
-            raise ValueError(f"{data.source}: the model takes {in_units} values per image, "
-                             f"the {split} images have {x.shape[1]}")
-        # The Split says whether rows are images: (H, W, C); one channel is kept as (H, W).
-        shape = data.image_shape
-        if shape is not None and shape[2] == 1:
-            shape = shape[:2]
-        labels = data.labels
-        if labels_path is not None:
-            labels = _read_labels(labels_path, len(labels))
-        ids = [f"{split}/{i}" for i in range(len(labels))]
         where = os.path.abspath(base) if os.path.isdir(base) else base
-        return Items(x, labels, tuple(data.class_names), ids,
-                     tuple(shape) if shape else None, f"{where}:{split}")
-    if sep and tail not in SPLITS and not os.path.exists(spec) and (
-            head in ("fashion_mnist", "mnist") or os.path.isdir(head)):
-        raise ValueError(f"data {spec}: unknown split {tail!r}; use {head}:train or {head}:test")
-    x = load_images(spec, in_units)
-    shape = None
+        if data.images.shape[1] != model.units:
+            raise ValueError(f"{data.source}: the model takes {model.units} values per image, "
+                             f"the {split} images have {data.images.shape[1]}")
+        items = _from_split(data, split, None, f"{where}:{split}", labels_path)
+        return check_input(items, model)
+    x = load_images(spec, model.units)
     with open(spec, "rb") as fh:
         npy = fh.read(6) == b"\x93NUMPY"
+    kind, arr_shape = None, None
     if npy:
         arr = np.load(spec, mmap_mode="r", allow_pickle=False)
-        shape = tuple(arr.shape[1:]) if arr.ndim == 3 else _square(x.shape[1])
-    else:
+        arr_shape = tuple(arr.shape)
+        if arr.ndim in (3, 4):
+            shape, kind = tuple(arr.shape[1:]), "images"
+        else:
+            shape = _square(x.shape[1]) if model.kind is None else None
+    else:  # an IDX images file: rows x cols are the model's if it says, else square
         shape = _square(x.shape[1])
     labels = class_names = None
     if labels_path is not None:
         labels = _read_labels(labels_path, len(x))
         class_names = tuple(str(i) for i in range(int(labels.max()) + 1))
     name = os.path.basename(spec)
-    return Items(x, labels, class_names, [f"{name}#{i}" for i in range(len(x))], shape,
-                 os.path.abspath(spec))
+    items = Items(x, labels, class_names, [f"{name}#{i}" for i in range(len(x))], shape,
+                  os.path.abspath(spec), kind, arr_shape)
+    return check_input(items, model)
 
 
 # ----------------------------------------------------------------------------- model
@@ -206,6 +388,8 @@ class Model:
         self.block = load_model(self.dir)
         meta = read_meta(self.dir)
         self.in_units = _input_units(self.block, meta, model_files(self.dir)[2])
+        # What the model takes (images of (H, W, C) or features), checked against the data.
+        self.input = ModelInput.from_meta(self.in_units, meta, model_files(self.dir)[2])
         self.dim = meta.get("embedding_dim")
         self.params_sha256 = sha256_file(model_files(self.dir)[1])
 
@@ -584,14 +768,39 @@ class Index:
 
 # ----------------------------------------------------------------------------- CLI
 
+def add_data_options(p: argparse.ArgumentParser, format_alias: bool = True) -> None:
+    """The options of a data path spec, shared by index, search, calibrate and embed
+    (``--data-format``; also ``--format`` where the CLI has no output format)."""
+    g = p.add_argument_group("data path options (data.* keys, as the trainer reads them)")
+    g.add_argument(*(("--data-format", "--format") if format_alias else ("--data-format",)),
+                   dest="data_format",
+                   choices=("auto", "idx", "npz", "folder", "csv"),
+                   help="data.format of a data path (default: auto-detected)")
+    g.add_argument("--mode", choices=("L", "RGB"), help="data.mode of image files")
+    g.add_argument("--image-size", help="data.image_size of image files: H,W or one int")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any data.* key, e.g. --set split=classes (repeatable); applies to a "
+                        "run's data section too")
+
+
+def data_options(args: argparse.Namespace) -> DataOptions:
+    size = args.image_size
+    if size is not None:
+        size = "[" + size + "]" if "," in size else size
+    return DataOptions(args.data_format, args.mode, size, tuple(args.set))
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dist_triplet.index",
                                 description="Embed a gallery and save a faiss index of it.")
     p.add_argument("--model", required=True, help="export directory (RUN/model) or run dir")
     p.add_argument("--data", required=True,
-                   help="gallery: fashion_mnist[:train|:test], mnist[:split], an IDX "
-                        "directory DIR[:split], or an IDX images file / .npy (default split test)")
+                   help="gallery: RUN_DIR[:train|:test|:all] (the run's own data), a config "
+                        ".yaml[:split], fashion_mnist[:split], mnist[:split], a data path "
+                        "(image folder, .csv, .npz, IDX directory)[:split], or an IDX images "
+                        "file / .npy (default split test)")
     p.add_argument("--labels", help="labels for a file --data: IDX labels or integer .npy")
+    add_data_options(p)
     p.add_argument("--out", required=True, help="index directory to write")
     p.add_argument("--kind", choices=KINDS, default="flat",
                    help="flat = exact (default); hnsw / ivf = approximate")
@@ -615,7 +824,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_out_dir(args.out, args.force)  # before any work
         t0 = time.perf_counter()
         model = Model(args.model)
-        items = read_items(args.data, model.in_units, args.labels)
+        items = read_items(args.data, model.input, args.labels, data_options(args))
         emb = model.embed(items.x, args.batch_size, source=items.source)
         check_in_range(emb, items.source)
         t_embed = time.perf_counter() - t0
@@ -636,6 +845,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         labels = items.labels if items.labels is not None else np.full(len(emb), -1, np.int64)
         meta = {"kind": args.kind, "params": params, "metric": "squared L2 (embedding units)",
                 "dim": int(emb.shape[1]), "count": int(len(emb)), "data": items.source,
+                "input": items.kind,
                 "image_shape": list(items.image_shape) if items.image_shape else None,
                 "model": {"dir": model.dir, "params_sha256": model.params_sha256,
                           "input_units": int(model.in_units)},

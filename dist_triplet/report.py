@@ -43,7 +43,9 @@ def neighbour_grid(path: str, query_images: Optional[np.ndarray],
                    gallery_images: Optional[np.ndarray],
                    pos: np.ndarray, dist: np.ndarray, query_labels: Optional[np.ndarray],
                    gallery_labels: Optional[np.ndarray], class_names: Optional[Sequence[str]],
-                   no_match: Optional[Sequence[bool]] = None, title: Optional[str] = None) -> str:
+                   no_match: Optional[Sequence[bool]] = None, title: Optional[str] = None,
+                   query_ids: Optional[Sequence[str]] = None,
+                   gallery_ids: Optional[Sequence[str]] = None) -> str:
     """Each query (column 0) beside its k neighbours, as thumbnails; writes PNG ``path``.
 
     Args:
@@ -55,6 +57,7 @@ def neighbour_grid(path: str, query_images: Optional[np.ndarray],
             labels, neighbours are framed green (same class) or red.
         gallery_labels: (N,) int64 class ids (-1 unknown) or None.
         no_match: per query, True when its nearest neighbour is beyond the threshold.
+        query_ids, gallery_ids: item ids, written on label-only tiles (no images).
     """
     plt = _pyplot()
     rows, k = pos.shape
@@ -88,6 +91,8 @@ def neighbour_grid(path: str, query_images: Optional[np.ndarray],
         q_text = "query" + (f"\n{name(q_lab)}" if q_lab is not None else "")
         if no_match is not None and no_match[r]:
             q_text = "query, no match" + (f"\n{name(q_lab)}" if q_lab is not None else "")
+        if query_images is None and query_ids is not None:
+            q_text = f"{_short(query_ids[r])}\n{q_text}"
         put(r, 0, None if query_images is None else query_images[r], "#000000", q_text)
         for j in range(k):
             p = int(pos[r, j])
@@ -98,6 +103,8 @@ def neighbour_grid(path: str, query_images: Optional[np.ndarray],
             if q_lab is not None and g_lab is not None and g_lab >= 0:
                 colour = _GREEN if g_lab == q_lab else _RED
             text = f"{dist[r, j]:.3g}" + (f"\n{name(g_lab)}" if g_lab is not None else "")
+            if gallery_images is None and gallery_ids is not None:
+                text = f"{_short(gallery_ids[p])}\n{text}"
             put(r, j + 1, None if gallery_images is None else gallery_images[p], colour, text)
     # One image and a text per tile: 10x faster than an axes per tile (subplots).
     scale = 2.2                           # output pixels per mosaic pixel at dpi 100
@@ -114,6 +121,12 @@ def neighbour_grid(path: str, query_images: Optional[np.ndarray],
     return path
 
 
+def _short(item_id: str, width: int = 14) -> str:
+    """An id cut to ``width`` characters from the end (a path's file name survives)."""
+    item_id = str(item_id)
+    return item_id if len(item_id) <= width else "…" + item_id[-(width - 1):]
+
+
 def _rgb(colour: str) -> np.ndarray:
     return np.array([int(colour[i:i + 2], 16) / 255.0 for i in (1, 3, 5)], np.float32)
 
@@ -122,7 +135,7 @@ def _tile_shape(query_images, gallery_images) -> tuple:
     for imgs in (query_images, gallery_images):
         if imgs is not None:
             return tuple(int(v) for v in np.asarray(imgs[0]).shape[:2])
-    return (14, 28)  # label-only tiles
+    return (14, 36)  # label-only tiles
 
 
 def pca_2d(x: np.ndarray, points: int = 2000, seed: int = 0) -> tuple:

@@ -1,10 +1,13 @@
 """Query a saved index: top-k neighbours per query, with an optional picture.
 
-    python -m dist_triplet.search --index INDEX_DIR --query fashion_mnist:test [--k 10] \\
-        [--format jsonl|csv] [--out results.jsonl] [--grid grid.png] [--exclude-self]
+    python -m dist_triplet.search --index INDEX_DIR --query RUN:test [--k 10] \\
+        [--format jsonl|csv] [--out results.jsonl] [--grid grid.png] [--exclude-self] \\
+        [--data-format F --mode M --image-size H,W --set KEY=VALUE]   (for a data path)
 
-``--query`` takes what ``--data`` of :mod:`dist_triplet.index` takes (a data set, an IDX
-directory or file, a ``.npy`` of images; ``--labels`` for a file). The queries are
+``--query`` (alias ``--data``) takes what ``--data`` of :mod:`dist_triplet.index` takes
+(:func:`dist_triplet.index.read_items`: a run's own data ``RUN[:train|:test|:all]``, a
+data set, an image folder, CSV, ``.npz``, IDX, a ``.npy`` of (N, F) rows or (N, H, W[, C])
+images; ``--labels`` for a file), checked against the model's input. The queries are
 embedded with the model the index was built with (meta.json), or ``--model``, which must
 be that model (same parameters file sha256) or the run is refused.
 
@@ -24,8 +27,10 @@ a gallery against itself); with labelled queries the Precision@1 over the querie
 printed on stderr, which then equals :func:`dist_triplet.metrics.retrieval_metrics`'s.
 
 ``--grid out.png``: the first ``--grid-rows`` queries, each beside its k neighbours as
-thumbnails, framed green (same label) or red (different) when labels are known, with the
-squared distance under each (matplotlib, Agg backend).
+thumbnails (grey or RGB as the data are), framed green (same label) or red (different)
+when labels are known, with the squared distance under each (matplotlib, Agg backend).
+Feature data have no thumbnails: text tiles with the item id, class and distance, under
+a title that says so.
 """
 from __future__ import annotations
 
@@ -42,7 +47,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .fsutil import atomic_write
-from .index import Index, IndexInputError, Model, check_in_range, read_items
+from .index import (Index, IndexInputError, Model, add_data_options, check_in_range,
+                    data_options, read_items)
 
 __all__ = ["load_threshold", "search_items", "main"]
 
@@ -201,8 +207,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dist_triplet.search",
                                 description="Top-k neighbours of queries in a saved index.")
     p.add_argument("--index", required=True, help="index directory (python -m dist_triplet.index)")
-    p.add_argument("--query", required=True,
-                   help="queries: a data spec as index --data, or an IDX images file / .npy")
+    p.add_argument("--query", "--data", dest="query", required=True,
+                   help="queries: a data spec as index --data (RUN_DIR[:test], a data path, "
+                        "fashion_mnist[:split], ...), or an IDX images file / .npy")
     p.add_argument("--labels", help="labels for a file --query: IDX labels or integer .npy")
     p.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
@@ -214,6 +221,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--exclude-self", action="store_true",
                    help="leave out the gallery item with the query's id (gallery vs itself)")
     p.add_argument("--batch-size", type=int, default=2048, help="rows per forward pass")
+    add_data_options(p, format_alias=False)  # --format is the output's here
     return p.parse_args(argv)
 
 
@@ -235,11 +243,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"--k {args.k} is larger than the gallery of {args.index} "
                              f"({len(index)} items{', one left out' if args.exclude_self else ''})")
         thr = load_threshold(index, args.threshold)
-        if args.grid and index.images is None:
-            raise ValueError(f"--grid needs image thumbnails, but {args.index} was built from "
-                             f"non-image rows ({index.meta.get('data')})")
         model = check_model(index, args.model)
-        items = read_items(args.query, model.in_units, args.labels)
+        items = read_items(args.query, model.input, args.labels, data_options(args))
         _, dist, pos, times = search_items(index, model, items, args.k, args.exclude_self,
                                     args.batch_size)
         recs = records(index, items, dist, pos, thr["threshold"] if thr else None)
@@ -251,15 +256,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         text = format_records(recs, args.format)
         if args.grid:
             from .report import neighbour_grid
-            if items.image_shape is None:
-                raise ValueError(f"--grid: the queries {args.query} are not image-shaped")
             rows = min(args.grid_rows, len(recs))
-            q_img = items.x[:rows].reshape((rows,) + tuple(items.image_shape))
+            # Thumbnails only when both sides are images; feature rows get text tiles
+            # (ids, labels, distances) and a title that says so.
+            pictures = items.image_shape is not None and index.images is not None
+            q_img = (items.x[:rows].reshape((rows,) + tuple(items.image_shape))
+                     if pictures else None)
             q_lab = _query_label_ids(index, items)
-            neighbour_grid(args.grid, q_img, index.images, pos[:rows], dist[:rows],
-                           q_lab[:rows] if q_lab is not None else None, index.labels,
-                           index.class_names,
-                           no_match=[r["no_match"] for r in recs[:rows]])
+            neighbour_grid(args.grid, q_img, index.images if pictures else None, pos[:rows],
+                           dist[:rows], q_lab[:rows] if q_lab is not None else None,
+                           index.labels, index.class_names,
+                           no_match=[r["no_match"] for r in recs[:rows]],
+                           query_ids=items.ids[:rows], gallery_ids=index.ids,
+                           title=None if pictures else
+                           "no thumbnails (feature rows): queries (left) and nearest neighbours "
+                           "by id, class and squared L2 distance")
         if args.out:
             _atomic_text(args.out, text)
         else:

@@ -8,6 +8,9 @@ One entry point for training, :func:`load_data` (``data`` section of the config)
   your own data (:mod:`.idx`, :mod:`.npz`, :mod:`.images`). ``auto`` decides from the
   path where that is unambiguous and asks for ``data.format`` where it is not.
 
+:func:`load_rows` reads one split (or all rows) the same way for embedding (index,
+search, embed), without the training class rules, with each image file's path.
+
 Images stay uint8 (H, W, C) rows (scaled to [0, 1] in the training step on the device);
 features stay float32. Without a test split the data are split by ``data.split``
 (:mod:`.split`, whose docstring states the rules for 1-sample classes). With
@@ -19,14 +22,16 @@ Needs NumPy (and Pillow for image files); no MXNet.
 from __future__ import annotations
 
 import os
-from typing import Tuple
+from typing import List, Optional, Tuple
+
+import numpy as np
 
 from .cache import load_cached
 from .idx import (DATASET_NAMES, FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, MNIST_CLASSES,
                   idx_source, load_dataset, load_split, named_source, read_idx, write_idx)
 from .images import MODES, csv_source, folder_source
 from .npz import NPZ_TRAIN, npz_source
-from .source import Source, materialize
+from .source import Source, _check_parts, materialize, plan
 from .split import (SPLIT_PROTOCOLS, Split, anchor_rows, as_float, check_pair,
                     check_sampler_classes, check_test, check_training, class_split, describe,
                     stratified_split, subset)
@@ -35,6 +40,7 @@ __all__ = [
     "FASHION_MNIST_CLASSES", "MNIST_CLASSES", "DATASET_NAMES", "FASHION_MNIST_ROOT", "FORMATS",
     "SPLIT_PROTOCOLS", "MODES", "Split", "read_idx", "write_idx", "load_split", "load_dataset",
     "subset", "as_float", "anchor_rows", "detect_format", "open_source", "load_data",
+    "load_rows", "ROW_SPLITS",
     "check_training", "check_test", "check_pair", "check_sampler_classes",
     "stratified_split", "class_split", "describe",
 ]
@@ -134,6 +140,18 @@ def _settings(cfg, source: Source) -> dict:
     return settings
 
 
+def _read(cfg) -> Tuple[Source, Split, Split]:
+    """Open, split, read (cache) and limit the data ``cfg`` names; no class rules."""
+    source = open_source(cfg)
+    settings = _settings(cfg, source)
+    if cfg.cache_dir:
+        train, test = load_cached(source, cfg.cache_dir, cfg.split, cfg.test_fraction,
+                                  cfg.split_seed, settings)
+    else:
+        train, test = materialize(source, cfg.split, cfg.test_fraction, cfg.split_seed)
+    return source, subset(train, cfg.limit_train), subset(test, cfg.limit_test)
+
+
 def load_data(cfg) -> Tuple[Split, Split]:
     """Load, split and check the train and test splits the ``data`` config names.
 
@@ -151,15 +169,75 @@ def load_data(cfg) -> Tuple[Split, Split]:
         FileNotFoundError / ValueError: one line naming the format and the file, key or
             value; nothing is written (a cache entry is made only from good data).
     """
-    source = open_source(cfg)
-    settings = _settings(cfg, source)
-    if cfg.cache_dir:
-        train, test = load_cached(source, cfg.cache_dir, cfg.split, cfg.test_fraction,
-                                  cfg.split_seed, settings)
-    else:
-        train, test = materialize(source, cfg.split, cfg.test_fraction, cfg.split_seed)
-    train, test = subset(train, cfg.limit_train), subset(test, cfg.limit_test)
+    _, train, test = _read(cfg)
     check_pair(train, test)
     check_training(train)
     check_test(test, cfg.split)
     return train, test
+
+
+ROW_SPLITS = ("train", "test", "all")
+
+
+def _relative(files: List[str], root: str) -> List[str]:
+    """Each path relative to ``root`` (a path outside it stays absolute)."""
+    out = []
+    for f in files:
+        rel = os.path.relpath(os.path.abspath(f), root)
+        out.append(f if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel)
+    return out
+
+
+def load_rows(cfg, split: str) -> Tuple[Split, Optional[List[str]]]:
+    """One split of the data the ``data`` config names, for embedding (index, search).
+
+    ``split`` ``train`` / ``test``: the rows the trainer trains / evaluates on (same
+    files, format, mode, image size, split protocol, seed and limits, cache if
+    ``data.cache_dir``). ``all``: every row of the data in the source's order (a train
+    part, then a test part), without the split and the limits. The training class rules
+    are not applied: a gallery or a query set may hold 1-sample classes.
+
+    Returns:
+        (split, files): files are the image file of each row, relative to the data root
+        (the folder, or the CSV's directory; a path outside it stays absolute) for
+        image folders and CSV, else None.
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`load_data`; ``split`` not one of
+            ``ROW_SPLITS``.
+    """
+    if split not in ROW_SPLITS:
+        raise ValueError(f"split {split!r} is not one of {', '.join(ROW_SPLITS)}")
+    if split == "all":
+        source = open_source(cfg)
+        _check_parts(source)
+        arrays, labels, files = [], [], []
+        for part in source.parts.values():
+            out = np.empty((part.n, part.width), part.dtype)
+            part.fill([(out, np.arange(part.n, dtype=np.int64))])
+            arrays.append(out)
+            labels.append(part.labels)
+            files.append(part.files)
+        row_shape = next(iter(source.parts.values())).row_shape
+        rows = Split(images=np.concatenate(arrays) if len(arrays) > 1 else arrays[0],
+                     labels=np.concatenate(labels), class_names=source.class_names,
+                     source=f"{source.where} [all rows]",
+                     image_shape=tuple(int(v) for v in row_shape) if source.image else None)
+        got = None if any(f is None for f in files) else [f for fs in files for f in fs]
+    else:
+        source, train, test = _read(cfg)
+        rows = train if split == "train" else test
+        got = None
+        parts = source.parts
+        if all(p.files is not None for p in parts.values()):
+            if "all" in parts:
+                layout = dict(plan(source, cfg.split, cfg.test_fraction, cfg.split_seed)["all"])
+                got = [parts["all"].files[r] for r in layout[split]]
+            else:
+                got = list(parts[split].files)
+            got = got[:len(rows)]  # data.limit_train / limit_test: the first rows
+    if got is not None:
+        root = source.where if os.path.isdir(source.where) else os.path.dirname(
+            os.path.abspath(source.where))
+        got = _relative(got, os.path.abspath(root))
+    return rows, got

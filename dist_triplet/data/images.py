@@ -139,7 +139,7 @@ def _image_part(files: Sequence[str], labels: np.ndarray, mode: str,
                 chunk[r - lo] = arr.reshape(-1)
             scatter_rows(chunk, lo, targets, cursors)
     return Part(labels=np.asarray(labels, np.int64), row_shape=row_shape,
-                dtype=np.dtype(np.uint8), fill=fill, where=where)
+                dtype=np.dtype(np.uint8), fill=fill, where=where, files=list(files))
 
 
 def _is_image(name: str) -> bool:

@@ -36,6 +36,7 @@ class Part:
     fill: ``fill(targets)`` reads the rows once and writes each target; raises ValueError
         naming the file on bad or truncated content.
     where: the file or directory, named in messages.
+    files: the image file of each row (image folders, CSV), else None.
     """
 
     labels: np.ndarray
@@ -43,6 +44,7 @@ class Part:
     dtype: np.dtype
     fill: Callable[[List[Target]], None]
     where: str
+    files: Optional[List[str]] = None
 
     @property
     def n(self) -> int:

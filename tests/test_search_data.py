@@ -1,0 +1,293 @@
+"""index / search / embed on the data the trainer reads (issue 11 x issue 10).
+
+Two tiny runs trained in-process on generated data (a 16 x 16 RGB image folder of 3
+classes, and a features .npz), then: the gallery from ``RUN:train``, queries from
+``RUN:test`` with the image files' paths as ids, the thumbnails equal to the PNGs,
+neighbours equal to a plain loop over the embeddings, and the leave-one-out Precision@1 of
+``RUN:test`` equal to the run's metrics.json. Plus explicit data-path specs (folder, CSV,
+``:all``, ``--set``) and the shape checks against the model's meta.json.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mxnet", reason="training and embedding run on MXNet")
+pytest.importorskip("faiss", reason="the index is a faiss index")
+pytest.importorskip("PIL", reason="image folders are read with Pillow")
+
+from _data_util import make_images, write_csv, write_folder  # noqa: E402
+
+from dist_triplet import embed as embed_cli  # noqa: E402
+from dist_triplet import index as index_cli  # noqa: E402
+from dist_triplet import search as search_cli  # noqa: E402
+from dist_triplet.data.images import read_image  # noqa: E402
+from dist_triplet.index import Index  # noqa: E402
+
+CLASSES, PER_CLASS, SIDE = 3, 10, 16
+NAMES = ["apple", "boat", "cat"]
+
+
+def _train(tmp, name, *data_keys):
+    from dist_triplet.config import load_config
+    from dist_triplet.train import train
+    run = tmp / name
+    cfg = load_config(None, [
+        *data_keys, f"output.dir={run}", "distributed.backend=local",
+        "distributed.device=cpu", "train.progress=false", "train.epochs=1", "sampler.kind=pk",
+        f"sampler.p={CLASSES}", "sampler.k=4", "sampler.steps_per_epoch=3",
+        "model.hidden=[32,16]", "eval.projector=false", "eval.report=false",
+        "checkpoint.keep=0"])
+    train(cfg)
+    return run
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rgb")
+    images, labels = make_images(PER_CLASS, CLASSES, SIDE, SIDE, 3, seed=1)
+    paths = write_folder(tmp / "shots", images, labels, NAMES)
+    run = _train(tmp, "run", f"data.path={tmp / 'shots'}")
+    return tmp, run, paths
+
+
+@pytest.fixture(scope="module")
+def features_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("feat")
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(CLASSES), PER_CLASS)
+    x = (rng.normal(size=(CLASSES, 8))[labels] + 0.7 * rng.normal(size=(len(labels), 8)))
+    np.savez(tmp / "feats.npz", x=x.astype(np.float32), y=labels * 10 + 5)  # labels 5, 15, 25
+    run = _train(tmp, "run", f"data.path={tmp / 'feats.npz'}")
+    return tmp, run, x.astype(np.float32)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def nearest_by_loop(q, g, exclude=None):
+    """Plain loop: the gallery row nearest to each query (float64, ties: lower row)."""
+    out = []
+    for i, v in enumerate(q.astype(np.float64)):
+        best, best_j = None, None
+        for j, w in enumerate(g.astype(np.float64)):
+            if exclude is not None and exclude[i] == j:
+                continue
+            d = float(((v - w) ** 2).sum())
+            if best is None or d < best:
+                best, best_j = d, j
+        out.append(best_j)
+    return out
+
+
+def colourful_pixels(png):
+    """Pixels that are neither grey (text, white, black) nor a frame colour."""
+    import matplotlib.image as mpimg
+    img = mpimg.imread(png)[:, :, :3]
+    spread = img.max(axis=2) - img.min(axis=2)
+    frames = [np.array(c) / 255 for c in ((0x1a, 0x98, 0x50), (0xd7, 0x30, 0x27))]
+    near_frame = np.zeros(img.shape[:2], bool)
+    for c in frames:
+        near_frame |= np.all(np.abs(img - c) < 0.08, axis=2)
+    return int(np.count_nonzero((spread > 0.15) & ~near_frame))
+
+
+def test_folder_run_gallery_and_queries_by_path(folder_run, tmp_path, capsys):
+    tmp, run, paths = folder_run
+    ix_dir = tmp_path / "ix"
+    assert index_cli.main(["--model", str(run / "model"), "--data", f"{run}:train",
+                           "--out", str(ix_dir)]) == 0
+    ix = Index.load(str(ix_dir))
+    meta = json.load(open(ix_dir / "meta.json"))
+    assert meta["image_shape"] == [SIDE, SIDE, 3] and meta["input"] == "images"
+    rel = sorted(os.path.relpath(p, tmp / "shots") for p in paths)
+    # ids: the files relative to the folder; each id's folder is its class; the
+    # thumbnail is that PNG's pixels.
+    assert len(ix) == 24 and set(ix.ids) < set(rel)
+    for i, item in enumerate(ix.ids):
+        assert item.split("/")[0] == ix.class_names[ix.labels[i]]
+        assert np.array_equal(ix.images[i], read_image(str(tmp / "shots" / item), "RGB", None))
+    out = tmp_path / "r.jsonl"
+    png = tmp_path / "grid.png"
+    assert search_cli.main(["--index", str(ix_dir), "--query", f"{run}:test", "--k", "3",
+                            "--out", str(out), "--grid", str(png)]) == 0
+    recs = read_jsonl(out)
+    queries = [r["query"] for r in recs]
+    assert len(queries) == 6 and sorted(set(queries) | set(ix.ids)) == rel
+    assert all(r["query"].split("/")[0] == r["query_label"] for r in recs)
+    # Neighbours: a plain loop over the index's vectors and embed's query embeddings.
+    emb = tmp_path / "q.npy"
+    assert embed_cli.main(["--model", str(run), "--input", f"{run}:test", "--output",
+                           str(emb), "--batch-size", "2048"]) == 0
+    want = nearest_by_loop(np.load(emb), ix.vectors())
+    assert [r["neighbours"][0]["id"] for r in recs] == [ix.ids[j] for j in want]
+    assert colourful_pixels(png) > 6 * 4 * SIDE * SIDE // 2   # RGB thumbnails drawn
+
+
+def test_folder_leave_one_out_reproduces_the_runs_precision_at_1(folder_run, tmp_path, capsys):
+    tmp, run, _ = folder_run
+    assert index_cli.main(["--model", str(run / "model"), "--data", f"{run}:test",
+                           "--out", str(tmp_path / "ix")]) == 0
+    out = tmp_path / "self.jsonl"
+    assert search_cli.main(["--index", str(tmp_path / "ix"), "--data", f"{run}:test",
+                            "--k", "1", "--exclude-self", "--out", str(out)]) == 0
+    recs = read_jsonl(out)
+    assert all(r["neighbours"][0]["id"] != r["query"] for r in recs)
+    p1 = float(np.mean([r["correct"] for r in recs]))
+    final = json.load(open(run / "metrics.json"))["final"]["precision_at_1"]
+    assert p1 == final
+    assert f"precision@1 {final:.4f}" in capsys.readouterr().err
+
+
+def test_explicit_folder_and_csv_specs(folder_run, tmp_path, capsys):
+    tmp, run, paths = folder_run
+    model = str(run / "model")
+    # The folder with the trainer's defaults splits as the run did.
+    assert index_cli.main(["--model", model, "--data", f"{tmp / 'shots'}:test",
+                           "--out", str(tmp_path / "a")]) == 0
+    assert index_cli.main(["--model", model, "--data", f"{run}:test",
+                           "--out", str(tmp_path / "b")]) == 0
+    assert Index.load(str(tmp_path / "a")).ids == Index.load(str(tmp_path / "b")).ids
+    # :all = every file, in class-folder order; --set split=classes changes nothing there.
+    assert index_cli.main(["--model", model, "--data", f"{tmp / 'shots'}:all", "--format",
+                           "folder", "--mode", "RGB", "--set", "split=classes",
+                           "--out", str(tmp_path / "c")]) == 0
+    ix = Index.load(str(tmp_path / "c"))
+    assert ix.ids == [os.path.relpath(p, tmp / "shots") for p in paths]
+    # A CSV of the same files, paths relative to the CSV: those paths are the ids. Its
+    # ids differ from the folder's, so --exclude-self leaves nothing out: each query's
+    # nearest item is its own file, at distance 0.
+    rows = [(os.path.relpath(p, tmp), lab) for p, lab in
+            zip(paths, np.repeat(np.arange(CLASSES), PER_CLASS))]
+    write_csv(tmp / "list.csv", rows)
+    out = tmp_path / "r.jsonl"
+    assert search_cli.main(["--index", str(tmp_path / "c"), "--query",
+                            f"{tmp / 'list.csv'}:all", "--k", "1", "--exclude-self",
+                            "--out", str(out)]) == 0
+    recs = read_jsonl(out)
+    assert [r["query"] for r in recs] == [p for p, _ in rows]
+    assert [r["neighbours"][0]["id"] for r in recs] == [p[len("shots/"):] for p, _ in rows]
+    assert all(r["neighbours"][0]["sq_l2"] == 0.0 for r in recs)
+
+
+def test_features_run(features_run, tmp_path, capsys):
+    tmp, run, x = features_run
+    model = str(run / "model")
+    assert index_cli.main(["--model", model, "--data", f"{run}:train",
+                           "--out", str(tmp_path / "ix")]) == 0
+    meta = json.load(open(tmp_path / "ix" / "meta.json"))
+    assert meta["input"] == "features" and meta["image_shape"] is None
+    assert "images.npy" not in os.listdir(tmp_path / "ix")
+    ix = Index.load(str(tmp_path / "ix"))
+    assert ix.class_names == ("5", "15", "25") and ix.ids[0].startswith("train/")
+    out, png = tmp_path / "r.jsonl", tmp_path / "grid.png"
+    assert search_cli.main(["--index", str(tmp_path / "ix"), "--query", f"{run}:test",
+                            "--k", "2", "--out", str(out), "--grid", str(png)]) == 0
+    assert [r["query"] for r in read_jsonl(out)] == [f"test/{i}" for i in range(6)]
+    assert png.exists() and colourful_pixels(png) == 0      # no thumbnails for features
+    # Leave-one-out over the test features: the run's Precision@1, exactly.
+    assert index_cli.main(["--model", model, "--data", f"{run}:test",
+                           "--out", str(tmp_path / "t")]) == 0
+    assert search_cli.main(["--index", str(tmp_path / "t"), "--query", f"{run}:test",
+                            "--k", "1", "--exclude-self", "--out", str(out)]) == 0
+    recs = read_jsonl(out)
+    final = json.load(open(run / "metrics.json"))["final"]["precision_at_1"]
+    assert float(np.mean([r["correct"] for r in recs])) == final
+    # A .npy of (N, D) features embeds like the run's rows.
+    np.save(tmp_path / "f.npy", x[:5])
+    assert embed_cli.main(["--model", model, "--input", str(tmp_path / "f.npy"), "--output",
+                           str(tmp_path / "e.npy")]) == 0
+    assert np.load(tmp_path / "e.npy").shape == (5, ix.dim)
+
+
+def error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_query_shapes_are_checked_against_the_models_meta(folder_run, features_run, tmp_path,
+                                                          capsys):
+    tmp, run, _ = folder_run
+    model = str(run / "model")
+    meta = os.path.join(model, "meta.json")
+    # Same width (768 values), other image shape: 16 x 16 x 3 vs 32 x 8 x 3.
+    np.save(tmp_path / "q.npy", np.zeros((2, 32, 8, 3), np.uint8))
+    assert index_cli.main(["--model", model, "--data", str(tmp_path / "q.npy"),
+                           "--out", str(tmp_path / "ix")]) == 2
+    line = error_line(capsys)
+    assert "q.npy" in line and meta in line and "16x16x3" in line and "32x8x3" in line
+    # The right shape, as (N, H, W, C) and as flat (N, F) rows, is accepted.
+    np.save(tmp_path / "ok.npy", np.zeros((2, SIDE, SIDE, 3), np.uint8))
+    np.save(tmp_path / "flat.npy", np.zeros((2, SIDE * SIDE * 3), np.uint8))
+    for name in ("ok.npy", "flat.npy"):
+        assert embed_cli.main(["--model", model, "--input", str(tmp_path / name),
+                               "--output", str(tmp_path / "e.npy")]) == 0
+    # The run's own folder resized: the model's images are 16 x 16.
+    assert embed_cli.main(["--model", model, "--input", f"{tmp / 'shots'}:all",
+                           "--image-size", "8", "--output", str(tmp_path / "e2.npy")]) == 2
+    line = error_line(capsys)
+    assert "8x8x3" in line and "16x16x3" in line and "shots" in line
+    assert not (tmp_path / "e2.npy").exists()
+    # Images for a features model: same width (8 = 2 x 4 x 1) but not features.
+    ftmp, frun, _ = features_run
+    np.save(tmp_path / "img8.npy", np.zeros((3, 2, 4), np.uint8))
+    assert embed_cli.main(["--model", str(frun / "model"), "--input",
+                           str(tmp_path / "img8.npy"), "--output",
+                           str(tmp_path / "e3.npy")]) == 2
+    line = error_line(capsys)
+    assert "img8.npy" in line and "8-D features" in line and "2x4x1 images" in line
+    # A bad split name is named.
+    assert index_cli.main(["--model", model, "--data", f"{run}:validation",
+                           "--out", str(tmp_path / "ix")]) == 2
+    assert "unknown split 'validation'" in error_line(capsys)
+    assert not (tmp_path / "ix").exists()
+
+
+def test_by_class_run_grey_images(tmp_path, capsys):
+    """data.split=classes, data.mode=L: RUN:train and RUN:test hold disjoint classes (the
+    last two of five folders are test classes), and the leave-one-out P@1 of RUN:test is
+    the run's."""
+    images, labels = make_images(6, 5, 12, 12, 3, seed=4)
+    names = [f"c{c}" for c in range(5)]
+    write_folder(tmp_path / "shots", images, labels, names)
+    run = _train(tmp_path, "run", f"data.path={tmp_path / 'shots'}", "data.split=classes",
+                 "data.test_fraction=0.4", "data.mode=L")
+    model = str(run / "model")
+    for split in ("train", "test"):
+        assert index_cli.main(["--model", model, "--data", f"{run}:{split}",
+                               "--out", str(tmp_path / split)]) == 0
+    train, test = Index.load(str(tmp_path / "train")), Index.load(str(tmp_path / "test"))
+    assert {i.split("/")[0] for i in train.ids} == {"c0", "c1", "c2"}
+    assert {i.split("/")[0] for i in test.ids} == {"c3", "c4"} and len(test) == 12
+    assert test.images.shape == (12, 12, 12)                 # grey thumbnails (H, W)
+    out = tmp_path / "r.jsonl"
+    assert search_cli.main(["--index", str(tmp_path / "test"), "--query", f"{run}:test",
+                            "--k", "1", "--exclude-self", "--out", str(out)]) == 0
+    recs = read_jsonl(out)
+    final = json.load(open(run / "metrics.json"))["final"]["precision_at_1"]
+    assert float(np.mean([r["correct"] for r in recs])) == final
+
+
+def test_data_options_need_a_data_path_and_a_moved_run_names_its_config(folder_run, tmp_path,
+                                                                        capsys):
+    tmp, run, _ = folder_run
+    model = str(run / "model")
+    assert index_cli.main(["--model", model, "--data", "fashion_mnist:test", "--mode", "L",
+                           "--out", str(tmp_path / "ix")]) == 2
+    assert "describe a data path" in error_line(capsys)
+    # A run whose data moved: the error names the config and the path.
+    cfg = (run / "config.yaml").read_text()
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "config.yaml").write_text(cfg.replace(str(tmp / "shots"), str(tmp / "gone")))
+    assert index_cli.main(["--model", model, "--data", f"{moved}:test",
+                           "--out", str(tmp_path / "ix")]) == 2
+    line = error_line(capsys)
+    assert str(moved / "config.yaml") in line and "gone" in line
+    # --set path=... reads other files with the run's settings.
+    assert index_cli.main(["--model", model, "--data", f"{moved}:all",
+                           "--set", f"path={tmp / 'shots'}", "--out", str(tmp_path / "ix")]) == 0
+    assert len(Index.load(str(tmp_path / "ix"))) == CLASSES * PER_CLASS
