@@ -36,6 +36,5 @@ setup(
     entry_points={"console_scripts": [
         "dist-triplet-train=dist_triplet.train:main",
         "dist-triplet-embed=dist_triplet.embed:main",
-        "dist-triplet-bench=dist_triplet.bench:main",
     ]},
 )
