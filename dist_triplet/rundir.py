@@ -266,28 +266,40 @@ class Recorder:
     def finish(self, final: dict, net, ctx, test: Split, embeddings, extra: dict) -> dict:
         """End of run: final metrics.json, raw-pixel scalars, projector of ``embeddings``
         ((N, D) float32 of the test set), model export, and the run directory's path on
-        stdout. Returns ``final`` ({} off rank 0)."""
+        stdout. metrics.json is written first (the numbers are safe before the exports) and
+        again at the end with ``end_of_run_s``, the seconds of each part (the benchmark
+        reads them). Returns ``final`` ({} off rank 0)."""
         if not self.active:
             return {}
         cfg = self.cfg
-        self.write_metrics(final=final, extra=dict(extra, raw_pixels=self.baseline))
+        t_start = time.perf_counter()
+        extra = dict(extra, raw_pixels=self.baseline)
+        self.write_metrics(final=final, extra=extra)
         self.scalars(cfg.train.epochs - 1, {f"eval/raw_{k}": v for k, v in self.baseline.items()
                                             if isinstance(v, float)})
+        spent = {}
         if cfg.eval.projector:
             from .projector import export_projector
+            t = time.perf_counter()
             n = cfg.eval.projector_points or len(test.labels)
             export_projector(os.path.join(self.run_dir, "tensorboard"),
                              {"origin": test.images[:n], "triplet": embeddings[:n]},
                              test.labels[:n], test.class_names, images=test.images[:n],
                              writer=self.writer)
+            spent["projector_s"] = time.perf_counter() - t
         # The trained network as symbol + params, for `python -m dist_triplet.embed`.
         from .export import export_model
+        t = time.perf_counter()
         model_dir = export_model(net, os.path.join(self.run_dir, "model"), ctx,
                                  test.images.shape[1],
                                  meta={"run_dir": os.path.abspath(self.run_dir),
                                        "epochs": cfg.train.epochs})
-        log.info("exported model to %s", model_dir)
+        spent["export_s"] = time.perf_counter() - t
         self.close()
+        spent["total_s"] = time.perf_counter() - t_start
+        self.write_metrics(final=final, extra=dict(extra, end_of_run_s=spent))
+        log.info("exported model to %s; end of run %.2f s (%s)", model_dir, spent["total_s"],
+                 ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in spent.items() if k != "total_s"))
         log.info("run directory: %s", os.path.abspath(self.run_dir))
         print(os.path.abspath(self.run_dir), flush=True)
         return final
