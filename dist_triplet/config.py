@@ -196,7 +196,7 @@ class DistributedConfig:
 
 @dataclass
 class EvalConfig:
-    """Rank-0 evaluation and projector export (section ``eval``)."""
+    """Rank-0 evaluation, projector export and run report (section ``eval``)."""
 
     # Seed of the fixed test triplets (made once from the test set; 9,990 on Fashion-MNIST).
     triplet_seed: int = field(default=0, metadata=FREE)
@@ -209,6 +209,9 @@ class EvalConfig:
     # Export the TensorBoard projector at the end (rank 0).
     projector: bool = field(default=True, metadata=FREE)
     projector_points: int = field(default=0, metadata=FREE)  # 0 = the whole test set
+    # Write RUN/report/ at the end (rank 0): report.html with the metrics table, PCA of raw
+    # inputs and embeddings, training curves and test neighbours (dist_triplet.report).
+    report: bool = field(default=True, metadata=FREE)
 
 
 @dataclass

@@ -4,7 +4,7 @@ A reader (another process, or the next run after a crash) sees either the old fi
 complete new one, never a half-written one: ``os.replace`` within one directory is atomic
 on POSIX, and the data are fsynced before the rename so a power cut cannot leave a
 complete-looking empty file. Used by config.yaml, metrics.json, checkpoints (directories),
-model exports and the embed CLI's outputs.
+model exports, the embed CLI's outputs, search indexes and the run report (atomic_dir).
 """
 from __future__ import annotations
 
@@ -69,3 +69,34 @@ def write_json(path: str, doc) -> None:
     """``json.dump(doc, indent=1)`` to ``path`` atomically."""
     with atomic_write(path) as fh:
         json.dump(doc, fh, indent=1)
+
+
+@contextmanager
+def atomic_dir(path: str) -> Iterator[str]:
+    """Build a directory under a temp name and rename it to ``path`` when the block ends.
+
+    Yields the temp directory ``<dir>/.<name>.tmp-<pid>`` (created empty; its parent must
+    exist). On a clean exit its files and entries are fsynced, an earlier ``path`` (if
+    any) is renamed aside, the temp directory renamed to ``path``, the parent fsynced,
+    and the earlier one removed. On an exception the temp directory is removed and any
+    earlier ``path`` is left as it was. Used by the search index and the run report.
+    """
+    import shutil
+    path = os.path.abspath(path)
+    tmp = temp_name(path)
+    old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.mkdir(tmp)
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if os.path.exists(path):
+            os.rename(path, old)
+        os.rename(tmp, path)
+        fsync_dir(os.path.dirname(path))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.exists(old) and not os.path.exists(path):
+            os.rename(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -214,13 +214,16 @@ class Recorder:
                     self.writer.add_scalar(key, val, epoch + 1)
             self.writer.flush()
 
-    def write_metrics(self, final: Optional[dict], extra: Optional[dict] = None) -> None:
-        """metrics.json: per-epoch rows and the final values, so scripts need not parse logs."""
-        if self.active:
-            doc = {"run_dir": os.path.abspath(self.run_dir), "epochs": self.history,
-                   "final": final}
-            doc.update(extra or {})
-            write_json(os.path.join(self.run_dir, "metrics.json"), doc)
+    def write_metrics(self, final: Optional[dict], extra: Optional[dict] = None) -> dict:
+        """metrics.json: per-epoch rows and the final values, so scripts need not parse logs.
+        Returns the document written ({} off rank 0)."""
+        if not self.active:
+            return {}
+        doc = {"run_dir": os.path.abspath(self.run_dir), "epochs": self.history,
+               "final": final}
+        doc.update(extra or {})
+        write_json(os.path.join(self.run_dir, "metrics.json"), doc)
+        return doc
 
     def record_epoch(self, epoch: int, row: dict, timing: str) -> None:
         """Log the epoch line, add a copy of ``row`` to the history and metrics.json, and
@@ -265,16 +268,16 @@ class Recorder:
 
     def finish(self, final: dict, net, ctx, test: Split, embeddings, extra: dict) -> dict:
         """End of run: final metrics.json, raw-pixel scalars, projector of ``embeddings``
-        ((N, D) float32 of the test set), model export, and the run directory's path on
-        stdout. metrics.json is written first (the numbers are safe before the exports) and
-        again at the end with ``end_of_run_s``, the seconds of each part (the benchmark
-        reads them). Returns ``final`` ({} off rank 0)."""
+        ((N, D) float32 of the test set), model export, the report (``eval.report``), and
+        the run directory's path on stdout. metrics.json is written first (the numbers are
+        safe before the exports) and again at the end with ``end_of_run_s``, the seconds of
+        each part (the benchmark reads them). Returns ``final`` ({} off rank 0)."""
         if not self.active:
             return {}
         cfg = self.cfg
         t_start = time.perf_counter()
         extra = dict(extra, raw_pixels=self.baseline)
-        self.write_metrics(final=final, extra=extra)
+        doc = self.write_metrics(final=final, extra=extra)
         self.scalars(cfg.train.epochs - 1, {f"eval/raw_{k}": v for k, v in self.baseline.items()
                                             if isinstance(v, float)})
         spent = {}
@@ -295,6 +298,10 @@ class Recorder:
                                  meta={"run_dir": os.path.abspath(self.run_dir),
                                        "epochs": cfg.train.epochs})
         spent["export_s"] = time.perf_counter() - t
+        if cfg.eval.report:
+            t = time.perf_counter()
+            self.write_report(doc, test, embeddings)
+            spent["report_s"] = time.perf_counter() - t
         self.close()
         spent["total_s"] = time.perf_counter() - t_start
         self.write_metrics(final=final, extra=dict(extra, end_of_run_s=spent))
@@ -303,6 +310,28 @@ class Recorder:
         log.info("run directory: %s", os.path.abspath(self.run_dir))
         print(os.path.abspath(self.run_dir), flush=True)
         return final
+
+    def write_report(self, doc: dict, test: Split, embeddings) -> None:
+        """RUN/report/ (dist_triplet.report.write_report) from metrics.json's document, the
+        test split and its (N, D) embeddings. A failure is logged, not raised: the run's
+        results are already written, and a picture must not turn them into an error."""
+        if not self.active:
+            return
+        from .report import write_report
+        t0, c0 = time.perf_counter(), time.process_time()
+        shape = getattr(test, "image_shape", None)  # issue 10's Split carries it
+        if shape is None and not hasattr(test, "image_shape"):
+            side = int(round(math.sqrt(test.images.shape[1])))
+            shape = (side, side) if side * side == test.images.shape[1] else None
+        try:
+            path = write_report(self.run_dir, doc, test.images, embeddings, test.labels,
+                                test.class_names, shape)
+        except (OSError, ValueError, RuntimeError) as exc:
+            log.warning("report not written: %s", exc)
+            return
+        # CPU seconds too: on a shared machine the wall time mostly measures the others.
+        log.info("report %s (%.2f s, %.2f s CPU)", os.path.join(path, "report.html"),
+                 time.perf_counter() - t0, time.process_time() - c0)
 
     def close(self) -> None:
         if self.active and self.writer is not None:

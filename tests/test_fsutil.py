@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from dist_triplet.fsutil import atomic_write, write_json
+from dist_triplet.fsutil import atomic_dir, atomic_write, write_json
 
 
 def test_atomic_write_replaces_the_file(tmp_path):
@@ -31,3 +31,19 @@ def test_binary_mode(tmp_path):
     with atomic_write(str(path), "wb") as fh:
         fh.write(b"\x00\x01")
     assert path.read_bytes() == b"\x00\x01"
+
+
+def test_atomic_dir_replaces_a_directory_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "idx"
+    with atomic_dir(str(out)) as tmp:
+        open(os.path.join(tmp, "a"), "w").write("first")
+    assert sorted(os.listdir(out)) == ["a"]
+    with pytest.raises(RuntimeError):
+        with atomic_dir(str(out)) as tmp:
+            open(os.path.join(tmp, "b"), "w").write("second, broken")
+            raise RuntimeError("killed half-way")
+    assert sorted(os.listdir(out)) == ["a"] and (out / "a").read_text() == "first"
+    with atomic_dir(str(out)) as tmp:
+        open(os.path.join(tmp, "b"), "w").write("second")
+    assert sorted(os.listdir(out)) == ["b"]
+    assert sorted(os.listdir(tmp_path)) == ["idx"]  # no temp or old directory left

@@ -1,0 +1,594 @@
+"""A saved nearest-neighbour index over a gallery of embeddings (faiss), and its CLI.
+
+    python -m dist_triplet.index --model RUN/model --data fashion_mnist:train --out INDEX_DIR \\
+        [--kind flat|hnsw|ivf] [--batch-size 2048] [--force]
+
+The gallery is embedded with an exported model (:mod:`dist_triplet.export`) and stored in
+``INDEX_DIR``:
+
+    index.faiss   the faiss index (``faiss.write_index``); squared-L2 metric
+    labels.npy    (N,) int64 class ids of the gallery items (-1: unknown)
+    ids.json      {"ids": [N item ids], "class_names": [...] or null}
+    images.npy    (N, rows, cols) uint8 thumbnails for pictures (image-shaped data only)
+    meta.json     kind, dimension, count, the model (path, params sha256), the data spec,
+                  the approximate index's measured recall@10, and each file's sha256
+
+The directory is written under a temporary name, fsynced and renamed: a reader sees no
+index or a whole one. ``index_id`` (meta.json) is a sha256 over the content files; a
+threshold (:mod:`dist_triplet.calibrate`) records it, so it cannot be used with another
+index. :meth:`Index.load` checks every file against its sha256.
+
+Distances are **squared Euclidean distances in embedding units** (the units of the
+triplet margin, ``gluon.loss.TripletLoss``).
+
+Kinds: ``flat`` (``IndexFlatL2``, exact; default), ``hnsw`` (``IndexHNSWFlat``, M=32,
+efSearch 64 by default) and ``ivf`` (``IndexIVFFlat``, nlist ~ 4 sqrt(N), nprobe 16 by
+default), following the faiss wiki "Guidelines to choose an index". An approximate
+index's recall@10 against the exact search is measured on up to 1,000 gallery items when
+it is built, printed and stored in meta.json.
+
+Ranking and ties. faiss ranks by float32 distances, which orders near-ties by rounding
+noise and returns an arbitrary member of a tie. :meth:`Index.search` re-ranks faiss's
+candidates by the key of :func:`dist_triplet.metrics.retrieval_metrics` (float64
+``||q||^2 + ||x||^2 - 2 q.x``, snapped at 0, rounded to float32) with ties broken by
+the lower gallery position; for the flat index it widens the candidate list until a
+rigorous float32 error bound certifies that nothing outside can rank higher. So a
+leave-one-out search of the test set reproduces the run's Precision@1 exactly (one
+caveat, shared with metrics' fast path: the dot product is summed per pair, not by GEMM,
+so a key within one float64 rounding of a float32 rounding boundary could round the
+other way).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from .fsutil import atomic_dir
+
+__all__ = ["Items", "read_items", "Index", "build_index", "write_index_dir", "main",
+           "KINDS", "IndexInputError"]
+
+KINDS = ("flat", "hnsw", "ivf")
+FORMAT = "dist_triplet.index/1"
+_CONTENT = ("index.faiss", "labels.npy", "ids.json")  # hashed into index_id
+_U32 = 2.0 ** -24        # float32 unit roundoff
+RECALL_K = 10
+RECALL_QUERIES = 1000
+RECALL_RTOL = 1e-5
+SPLITS = ("train", "test")
+
+
+class IndexInputError(ValueError):
+    """Bad index directory or request (the message names the file and the value)."""
+
+
+# ----------------------------------------------------------------------------- data specs
+
+@dataclass
+class Items:
+    """Rows to embed, with what is known about them.
+
+    Attributes:
+        x: (N, F) float32 network input (pixels / 255 for 8-bit images).
+        labels: (N,) int64 class ids, or None when the data carry no labels.
+        class_names: name of each class id (None without labels).
+        ids: N item ids (``<split>/<row>`` for a data set, ``<file>#<row>`` for a file).
+        image_shape: (rows, cols) or (rows, cols, channels) when rows are images, else None.
+        source: the data spec, for messages and meta.json.
+    """
+
+    x: np.ndarray
+    labels: Optional[np.ndarray]
+    class_names: Optional[tuple]
+    ids: List[str]
+    image_shape: Optional[tuple]
+    source: str
+
+
+def _square(width: int) -> Optional[tuple]:
+    side = int(round(np.sqrt(width)))
+    return (side, side) if side * side == width else None
+
+
+def _read_labels(path: str, n: int) -> np.ndarray:
+    """(n,) int64 labels from an IDX labels file or an integer .npy."""
+    from .data import read_idx
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"labels file {path} does not exist")
+    with open(path, "rb") as fh:
+        npy = fh.read(6) == b"\x93NUMPY"
+    lab = np.load(path, allow_pickle=False) if npy else read_idx(path)
+    if lab.ndim != 1 or not np.issubdtype(lab.dtype, np.integer) or (lab.size and lab.min() < 0):
+        raise ValueError(f"{path}: expected (N,) non-negative integer labels, found shape "
+                         f"{lab.shape} dtype {lab.dtype}")
+    if lab.shape[0] != n:
+        raise ValueError(f"{path}: holds {lab.shape[0]} labels for {n} images")
+    return lab.astype(np.int64)
+
+
+def read_items(spec: str, in_units: int, labels_path: Optional[str] = None) -> Items:
+    """Turn a data spec into the rows to embed: the one place the CLIs read data.
+
+    ``spec`` is one of:
+
+    * ``fashion_mnist[:train|:test]`` or ``mnist[:train|:test]``: a named data set as the
+      trainer reads it (:func:`dist_triplet.data.load_dataset`); default split ``test``;
+    * ``DIR[:train|:test]``: a directory of MNIST-format IDX files (``data.dataset=idx``,
+      class names ``"0"``, ``"1"``, ...; Fashion-MNIST's names for its Debian directory);
+    * a file: an IDX images file or a ``.npy`` of images, (N, F) or (N, rows, cols), read
+      by :func:`dist_triplet.embed.load_images` (uint8 / 255, floats as they are); no
+      labels unless ``labels_path`` (IDX labels or integer ``.npy``) is given.
+
+    Integration point: issue 10's loader (``.npz``, image folders, CSV) returns a Split
+    with the same fields; this function will call it for the specs it accepts.
+
+    Raises:
+        FileNotFoundError / ValueError: missing or invalid files (message names the file),
+            a row width other than ``in_units``, a split other than train/test.
+    """
+    from .data import FASHION_MNIST_ROOT, load_dataset
+    from .embed import load_images
+
+    base, split = spec, "test"
+    head, sep, tail = spec.rpartition(":")
+    if sep and tail in SPLITS:
+        base, split = head, tail
+    if base in ("fashion_mnist", "mnist") or os.path.isdir(base):
+        if base in ("fashion_mnist", "mnist"):
+            data = load_dataset(base, None, train=split == "train")
+        else:
+            same = os.path.realpath(base) == os.path.realpath(FASHION_MNIST_ROOT)
+            data = load_dataset("fashion_mnist" if same else "idx", base,
+                                train=split == "train")
+        x = data.images
+        if x.dtype == np.uint8:  # issue 10's Split keeps bytes; the network takes bytes / 255
+            x = x.astype(np.float32) / np.float32(255)
+        if x.shape[1] != in_units:
+            raise ValueError(f"{data.source}: the model takes {in_units} values per image, "
+                             f"the {split} images have {x.shape[1]}")
+        # issue 10's Split says whether rows are images; today's rows are square images.
+        shape = getattr(data, "image_shape", None) if hasattr(data, "image_shape") \
+            else _square(x.shape[1])
+        labels = data.labels
+        if labels_path is not None:
+            labels = _read_labels(labels_path, len(labels))
+        ids = [f"{split}/{i}" for i in range(len(labels))]
+        where = os.path.abspath(base) if os.path.isdir(base) else base
+        return Items(x, labels, tuple(data.class_names), ids,
+                     tuple(shape) if shape else None, f"{where}:{split}")
+    if sep and tail not in SPLITS and not os.path.exists(spec) and (
+            head in ("fashion_mnist", "mnist") or os.path.isdir(head)):
+        raise ValueError(f"data {spec}: unknown split {tail!r}; use {head}:train or {head}:test")
+    x = load_images(spec, in_units)
+    shape = None
+    with open(spec, "rb") as fh:
+        npy = fh.read(6) == b"\x93NUMPY"
+    if npy:
+        arr = np.load(spec, mmap_mode="r", allow_pickle=False)
+        shape = tuple(arr.shape[1:]) if arr.ndim == 3 else _square(x.shape[1])
+    else:
+        shape = _square(x.shape[1])
+    labels = class_names = None
+    if labels_path is not None:
+        labels = _read_labels(labels_path, len(x))
+        class_names = tuple(str(i) for i in range(int(labels.max()) + 1))
+    name = os.path.basename(spec)
+    return Items(x, labels, class_names, [f"{name}#{i}" for i in range(len(x))], shape,
+                 os.path.abspath(spec))
+
+
+# ----------------------------------------------------------------------------- model
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Model:
+    """An exported embedding network (:func:`dist_triplet.export.load_model`) with its
+    input width, embedding width and the sha256 of its parameters file."""
+
+    def __init__(self, path: str):
+        from .embed import _input_units, _resolve_model_dir
+        from .export import load_model, model_files, read_meta
+        self.dir = os.path.abspath(_resolve_model_dir(path))
+        self.block = load_model(self.dir)
+        meta = read_meta(self.dir)
+        self.in_units = _input_units(self.block, meta, model_files(self.dir)[2])
+        self.dim = meta.get("embedding_dim")
+        self.params_sha256 = sha256_file(model_files(self.dir)[1])
+
+    def embed(self, x: np.ndarray, batch_size: int = 2048, desc: str = "embedding") -> np.ndarray:
+        """(N, F) float32 -> (N, D) float32, in batches, with a progress bar on a terminal.
+        batch_size 2048 = eval.batch_size's default, so the embeddings are the evaluator's."""
+        from tqdm import tqdm
+
+        from .embed import embed_images
+        out = []
+        with tqdm(total=len(x), desc=desc, unit="item", disable=not sys.stderr.isatty(),
+                  leave=False) as bar:
+            for start in range(0, len(x), batch_size):
+                out.append(embed_images(self.block, x[start:start + batch_size], batch_size))
+                bar.update(len(out[-1]))
+        emb = np.concatenate(out) if out else np.zeros((0, self.dim or 0), np.float32)
+        bad = int(np.count_nonzero(~np.isfinite(emb)))
+        if bad:
+            raise ValueError(f"the model in {self.dir} gave {bad} non-finite embedding values")
+        return emb
+
+
+# ----------------------------------------------------------------------------- building
+
+def build_index(emb: np.ndarray, kind: str = "flat", *, hnsw_m: int = 32, ef_search: int = 64,
+                nprobe: int = 16, seed: int = 0):
+    """A faiss index over ``emb`` (N, D) float32 (squared L2). Returns (index, params).
+
+    ``hnsw``: ``IndexHNSWFlat(D, hnsw_m)``, ``efSearch = ef_search``. ``ivf``:
+    ``IndexIVFFlat`` with nlist = min(4 sqrt(N), N / 39) (faiss wants >= 39 training
+    points per list), trained on the gallery, ``nprobe = min(nprobe, nlist)``.
+    """
+    import faiss
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    n, d = emb.shape
+    if kind == "flat":
+        index, params = faiss.IndexFlatL2(d), {}
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, hnsw_m)
+        index.hnsw.efSearch = ef_search
+        params = {"M": hnsw_m, "efSearch": ef_search,
+                  "efConstruction": int(index.hnsw.efConstruction)}
+    elif kind == "ivf":
+        nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
+        quantizer = faiss.IndexFlatL2(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist)
+        index.cp.seed = seed
+        index.train(emb)
+        index.nprobe = min(nprobe, nlist)
+        params = {"nlist": nlist, "nprobe": int(index.nprobe)}
+    else:
+        raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
+    index.add(emb)
+    return index, params
+
+
+def measured_recall(index, emb: np.ndarray, k: int = RECALL_K, queries: int = RECALL_QUERIES,
+                    seed: int = 0) -> dict:
+    """Recall@k of ``index`` against exact search, on up to ``queries`` gallery items.
+
+    For each sampled gallery vector q: the share of the index's k results whose exact
+    squared distance is at most the exact k-th smallest distance, within float32 rounding
+    (relative 1e-5: even the flat index ranks in float32), so a tie at the k-th place
+    counts as found whichever member faiss returned; averaged. The flat index gives 1.0. Returns
+    ``{"recall_at_k": float, "k": k, "queries": m}``.
+    """
+    import faiss
+    n = len(emb)
+    k = min(k, n)
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(n, size=min(queries, n), replace=False))
+    q = emb[pick]
+    exact = faiss.IndexFlatL2(emb.shape[1])
+    exact.add(emb)
+    # The exact k-th distance in float64, from the flat index's k + 10 best candidates
+    # (float32 rounding may misorder near-ties, never by 10 places).
+    _, cand = exact.search(q, min(n, k + 10))
+    _, got = index.search(q, k)
+    x64, q64 = emb.astype(np.float64), q.astype(np.float64)
+    found = 0
+    for i in range(len(q)):
+        kth = np.sort(((x64[cand[i]] - q64[i]) ** 2).sum(axis=1))[k - 1]
+        mine = got[i][got[i] >= 0]
+        found += int(np.count_nonzero(((x64[mine] - q64[i]) ** 2).sum(axis=1)
+                                      <= kth * (1 + RECALL_RTOL) + 1e-12))
+    return {"recall_at_k": found / (k * len(q)), "k": int(k), "queries": int(len(q))}
+
+
+def is_index_dir(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "meta.json")) as fh:
+            return json.load(fh).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_out_dir(out: str, force: bool) -> None:
+    """Refuse ``out`` before any work: it exists (without ``force``), or is not an index."""
+    if os.path.exists(out):
+        if not force:
+            raise ValueError(f"--out {out} already exists; pass --force to replace it")
+        if not os.path.isdir(out) or (os.listdir(out) and not is_index_dir(out)):
+            raise ValueError(f"--out {out} exists and is not an index directory; "
+                             "--force replaces only an index")
+
+
+def write_index_dir(out: str, index, labels: np.ndarray, ids: Sequence[str],
+                    class_names: Optional[Sequence[str]], images: Optional[np.ndarray],
+                    meta: dict, force: bool = False) -> dict:
+    """Write an index directory atomically; returns its meta.json contents.
+
+    Everything goes into ``.<name>.tmp-<pid>`` beside ``out``, is fsynced and renamed to
+    ``out`` (:func:`dist_triplet.fsutil.atomic_dir`; an earlier index there is replaced
+    only with ``force``). On an exception nothing is left behind.
+    """
+    import faiss
+    check_out_dir(out, force)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with atomic_dir(out) as tmp:
+        faiss.write_index(index, os.path.join(tmp, "index.faiss"))
+        np.save(os.path.join(tmp, "labels.npy"), np.asarray(labels, dtype=np.int64))
+        with open(os.path.join(tmp, "ids.json"), "w") as fh:
+            json.dump({"ids": list(ids),
+                       "class_names": list(class_names) if class_names is not None else None},
+                      fh)
+        if images is not None:
+            np.save(os.path.join(tmp, "images.npy"), images)
+        files = {f: sha256_file(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+        meta = dict(meta, format=FORMAT, files=files,
+                    index_id=hashlib.sha256("".join(files[f] for f in _CONTENT)
+                                            .encode()).hexdigest())
+        with open(os.path.join(tmp, "meta.json"), "w") as fh:
+            json.dump(meta, fh, indent=1)
+    return meta
+
+
+# ----------------------------------------------------------------------------- loading, search
+
+def exact_keys(q: np.ndarray, x: np.ndarray, q_norm: np.ndarray, x_norm: np.ndarray) -> np.ndarray:
+    """Ranking keys of metrics.retrieval_metrics for pairs: q (M, D), x (M, C, D) float64,
+    norms (M,) and (M, C) -> (M, C) float32 squared distances (see metrics._exact_sq_dist)."""
+    try:  # the evaluation branch moves the search engine (and this key) into knn.py
+        from .knn import exact_keys as key
+    except ImportError:
+        from .metrics import _exact_sq_dist as key
+    with np.errstate(invalid="ignore", over="ignore"):
+        return key(np.einsum("mcd,md->mc", x, q), q_norm[:, None] + x_norm)
+
+
+class Index:
+    """A loaded index directory (see the module docstring).
+
+    Attributes: ``dir``, ``meta`` (meta.json), ``faiss`` (the faiss index), ``dim`` D,
+    ``labels`` (N,) int64 (-1 unknown), ``ids`` (N str), ``class_names`` (or None),
+    ``images`` (N, rows, cols) uint8 memory-mapped, or None.
+    """
+
+    def __init__(self, path: str, meta: dict, index, labels, ids, class_names, images):
+        self.dir, self.meta, self.faiss = path, meta, index
+        self.dim, self.labels, self.ids = int(index.d), labels, ids
+        self.class_names, self.images = class_names, images
+        self._vectors = None
+
+    def __len__(self) -> int:
+        return int(self.faiss.ntotal)
+
+    @property
+    def index_id(self) -> str:
+        return self.meta["index_id"]
+
+    @classmethod
+    def load(cls, path: str) -> "Index":
+        """Load and verify ``path``. Raises IndexInputError naming the file: missing directory
+        or file, a file whose sha256 differs from meta.json's (corrupt), unreadable data."""
+        import faiss
+        if not os.path.isdir(path):
+            raise IndexInputError(f"index directory {path} does not exist (build one with "
+                              "python -m dist_triplet.index)")
+        meta_path = os.path.join(path, "meta.json")
+        try:
+            with open(meta_path) as fh:
+                meta = json.load(fh)
+        except FileNotFoundError:
+            raise IndexInputError(f"{meta_path} is missing: {path} is not an index "
+                                  "directory") from None
+        except ValueError as exc:
+            raise IndexInputError(f"{meta_path}: not valid JSON ({exc}): corrupt index") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else meta
+            raise IndexInputError(f"{meta_path}: format {found!r} is not {FORMAT!r}")
+        for name, digest in meta.get("files", {}).items():
+            fpath = os.path.join(path, name)
+            if not os.path.isfile(fpath):
+                raise IndexInputError(f"{fpath} is missing: incomplete index directory")
+            if sha256_file(fpath) != digest:
+                raise IndexInputError(f"{fpath}: sha256 differs from meta.json's: the file is "
+                                  "corrupt or was changed after the index was built")
+        for name in _CONTENT:
+            if name not in meta.get("files", {}):
+                raise IndexInputError(f"{meta_path}: lists no {name}: corrupt index")
+        try:
+            index = faiss.read_index(os.path.join(path, "index.faiss"))
+            labels = np.load(os.path.join(path, "labels.npy"), allow_pickle=False)
+            with open(os.path.join(path, "ids.json")) as fh:
+                doc = json.load(fh)
+            images = (np.load(os.path.join(path, "images.npy"), mmap_mode="r")
+                      if "images.npy" in meta["files"] else None)
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise IndexInputError(f"{path}: cannot read the index: "
+                                  f"{str(exc).splitlines()[0]}") from None
+        n = int(index.ntotal)
+        if labels.shape != (n,) or len(doc.get("ids", [])) != n:
+            raise IndexInputError(f"{path}: {n} vectors but {labels.shape} labels and "
+                              f"{len(doc.get('ids', []))} ids: corrupt index")
+        kind = meta.get("kind")
+        if kind == "hnsw":
+            index.hnsw.efSearch = int(meta["params"]["efSearch"])
+        elif kind == "ivf":
+            index.nprobe = int(meta["params"]["nprobe"])
+        cn = doc.get("class_names")
+        return cls(os.path.abspath(path), meta, index, labels, doc["ids"],
+                   tuple(cn) if cn is not None else None, images)
+
+    def vectors(self) -> np.ndarray:
+        """(N, D) float64 gallery vectors (reconstructed from the index once)."""
+        if self._vectors is None:
+            if self.meta.get("kind") == "ivf":
+                self.faiss.make_direct_map()
+            self._vectors = self.faiss.reconstruct_n(0, len(self)).astype(np.float64)
+            self._norms = np.einsum("ij,ij->i", self._vectors, self._vectors)
+        return self._vectors
+
+    def label_name(self, label: int) -> Optional[str]:
+        if label < 0 or self.class_names is None:
+            return None
+        return self.class_names[label]
+
+    def search(self, queries: np.ndarray, k: int, exclude: Optional[np.ndarray] = None,
+               chunk: int = 1024) -> tuple:
+        """Top-``k`` gallery items of each query.
+
+        Args:
+            queries: (M, D) float32 embeddings.
+            k: 1 <= k <= N (N - 1 when excluding).
+            exclude: (M,) int64 gallery position to leave out per query (-1: none); the
+                leave-one-out search of a gallery against itself.
+
+        Returns:
+            (dist (M, k) float32 squared L2 in embedding units, pos (M, k) int64 gallery
+            positions), ranked by the metrics key, ties by lower position (module
+            docstring). For the flat index the result is exact; for hnsw/ivf it is the
+            re-ranked approximate candidate set (positions -1 / distance inf if fewer).
+
+        Raises:
+            IndexInputError: width other than D, or k out of range.
+        """
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        n = len(self)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise IndexInputError(f"queries have shape {q.shape}, the index {self.dir} holds "
+                              f"{self.dim}-wide embeddings")
+        excl = np.full(len(q), -1, np.int64) if exclude is None else np.asarray(exclude, np.int64)
+        room = n - (1 if (excl >= 0).any() else 0)
+        if not 1 <= k <= room:
+            raise IndexInputError(f"k={k} but the gallery of {self.dir} has {n} items"
+                              f"{' (one left out per query)' if room < n else ''}: use k <= {room}")
+        x64 = self.vectors()
+        xn = self._norms
+        exact = self.meta.get("kind", "flat") == "flat"
+        dist = np.empty((len(q), k), np.float32)
+        pos = np.empty((len(q), k), np.int64)
+        # Bound on |faiss float32 distance - true distance|: the expansion in float32 with
+        # D-term dot products (Higham, Accuracy and Stability, 3.1): (D + 4) u (|q|^2 + |x|^2),
+        # doubled for safety.
+        max_xn = float(xn.max()) if n else 0.0
+        for s in range(0, len(q), chunk):
+            qb, eb = q[s:s + chunk], excl[s:s + chunk]
+            q64 = qb.astype(np.float64)
+            qn = np.einsum("ij,ij->i", q64, q64)
+            err = 2 * (self.dim + 4) * _U32 * (qn + max_xn)
+            todo = np.arange(len(qb))
+            width = min(n, k + 1 + max(8, k))
+            while todo.size:
+                # (queries x width x D) float64 gathered per pass: at most ~2^24 values.
+                step = max(1, (1 << 24) // (width * self.dim))
+                left = []
+                for t in range(0, todo.size, step):
+                    sub = todo[t:t + step]
+                    top_k, top_p, done = self._rank(qb[sub], q64[sub], qn[sub], eb[sub],
+                                                    err[sub], k, width, exact)
+                    dist[s + sub[done]] = top_k[done]
+                    pos[s + sub[done]] = top_p[done]
+                    left.append(sub[~done])
+                todo = np.concatenate(left)
+                width = min(n, width * 4)
+        return dist, pos
+
+    def _rank(self, qb, q64, qn, eb, err, k, width, exact):
+        """One pass over ``width`` faiss candidates: re-ranked top k and which are certain."""
+        n = len(self)
+        d_f, cand = self.faiss.search(qb, width)
+        ok = cand >= 0
+        c = np.where(ok, cand, 0)
+        keys = exact_keys(q64, self._vectors[c], qn, self._norms[c])
+        keys[~ok | (cand == eb[:, None])] = np.inf
+        order = np.lexsort((np.where(ok, cand, n), keys), axis=-1)[:, :k]  # ties: lower position
+        top_k = np.take_along_axis(keys, order, 1)
+        top_p = np.take_along_axis(np.where(ok, cand, -1), order, 1)
+        if not exact or width >= n:
+            return top_k, top_p, np.ones(len(qb), bool)
+        # Anything not returned has a faiss distance >= the last one, hence a true key
+        # >= d_last - err: the top k are certain when the k-th key is below that.
+        bound = (d_f[:, -1].astype(np.float64) - err) * (1 - 4 * _U32)
+        return top_k, top_p, top_k[:, -1] < bound
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dist_triplet.index",
+                                description="Embed a gallery and save a faiss index of it.")
+    p.add_argument("--model", required=True, help="export directory (RUN/model) or run dir")
+    p.add_argument("--data", required=True,
+                   help="gallery: fashion_mnist[:train|:test], mnist[:split], an IDX "
+                        "directory DIR[:split], or an IDX images file / .npy (default split test)")
+    p.add_argument("--labels", help="labels for a file --data: IDX labels or integer .npy")
+    p.add_argument("--out", required=True, help="index directory to write")
+    p.add_argument("--kind", choices=KINDS, default="flat",
+                   help="flat = exact (default); hnsw / ivf = approximate")
+    p.add_argument("--hnsw-m", type=int, default=32)
+    p.add_argument("--ef-search", type=int, default=64, help="hnsw efSearch")
+    p.add_argument("--nprobe", type=int, default=16, help="ivf lists probed per query")
+    p.add_argument("--batch-size", type=int, default=2048, help="rows per forward pass")
+    p.add_argument("--force", action="store_true", help="replace an existing index at --out")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point; returns the exit status (0, or 2 on bad input)."""
+    import time
+    args = parse_args(argv)
+    try:
+        for name in ("batch_size", "hnsw_m", "ef_search", "nprobe"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got "
+                                 f"{getattr(args, name)}")
+        check_out_dir(args.out, args.force)  # before any work
+        t0 = time.perf_counter()
+        model = Model(args.model)
+        items = read_items(args.data, model.in_units, args.labels)
+        emb = model.embed(items.x, args.batch_size)
+        t_embed = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        index, params = build_index(emb, args.kind, hnsw_m=args.hnsw_m,
+                                    ef_search=args.ef_search, nprobe=args.nprobe)
+        t_build = time.perf_counter() - t1
+        recall = None
+        if args.kind != "flat":
+            recall = measured_recall(index, emb)
+            print(f"{args.kind} index: recall@{recall['k']} {recall['recall_at_k']:.4f} against "
+                  f"exact search ({recall['queries']} gallery items as queries; {params})",
+                  flush=True)
+        images = None
+        if items.image_shape is not None:
+            images = np.clip(np.rint(items.x * 255), 0, 255).astype(np.uint8).reshape(
+                (len(items.x),) + tuple(items.image_shape))
+        labels = items.labels if items.labels is not None else np.full(len(emb), -1, np.int64)
+        meta = {"kind": args.kind, "params": params, "metric": "squared L2 (embedding units)",
+                "dim": int(emb.shape[1]), "count": int(len(emb)), "data": items.source,
+                "image_shape": list(items.image_shape) if items.image_shape else None,
+                "model": {"dir": model.dir, "params_sha256": model.params_sha256,
+                          "input_units": int(model.in_units)},
+                "recall": recall, "time_embed_s": round(t_embed, 3),
+                "time_build_s": round(t_build, 3)}
+        meta = write_index_dir(args.out, index, labels, items.ids, items.class_names, images,
+                               meta, force=args.force)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print(f"wrote {args.out}: {args.kind} index of {len(emb)} x {emb.shape[1]} embeddings of "
+          f"{items.source} (embed {t_embed:.2f} s, build {t_build:.2f} s, id "
+          f"{meta['index_id'][:12]})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
