@@ -49,6 +49,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--torch-python", default=step.DEFAULT_TORCH_PYTHON,
                    help="a Python with torch for the PyTorch row ('' to skip)")
     p.add_argument("--timeline", help="also record a Horovod timeline of 2 ranks here")
+    p.add_argument("--cycle-times", default="",
+                   help="extra 2-rank runs at these HOROVOD_CYCLE_TIME values (ms)")
     p.add_argument("--epochs", type=int, default=3, help="mining epochs")
     p.add_argument("--workdir", help="where end_to_end and mining write their runs")
     args = p.parse_args(argv)

@@ -1,6 +1,7 @@
 """Horovod scaling on this host: 1 and 2 ranks against two independent processes.
 
-    python -m benchmarks.scaling [--quick] [--batch-size 256] [--timeline DIR] [--out FILE]
+    python -m benchmarks.scaling [--quick] [--batch-size 256] [--cycle-times 0.2,5]
+                                 [--timeline DIR] [--out FILE]
 
 ``horovodrun -np N -H localhost:N --gloo`` with N = 1 and 2, one thread per rank
 (OMP_NUM_THREADS=1 and MXNET_CPU_WORKER_NTHREADS=1, so two ranks do not oversubscribe two
@@ -13,6 +14,11 @@ of the reference's. Also reported: the bare allreduce of the gradients (2 ranks,
 else running), each rank's busy cores and CPU microseconds per triplet. ``--timeline DIR``
 adds a 2-rank run with ``HOROVOD_TIMELINE`` and summarises, per tensor, Horovod's
 negotiation (waiting until every rank has the tensor ready) against the Gloo allreduce.
+``--cycle-times`` adds 2-rank runs at other ``HOROVOD_CYCLE_TIME`` values (ms; Horovod's
+default is 1): Horovod's background thread takes up enqueued tensors once per cycle, so an
+allreduce costs at least about one cycle (measured here: a 4-byte allreduce 1.1 ms at the
+default, 10.1 ms at 10, 0.33 ms at 0.1), while a shorter cycle wakes that thread, and the
+other rank, more often.
 """
 from __future__ import annotations
 
@@ -131,6 +137,11 @@ def measure(args) -> dict:
            "efficiency": total2 / (2 * one["median"]),
            "reference_efficiency": sum(p["median"] for p in pair) / (2 * one["median"])}
     out["efficiency_vs_reference"] = out["efficiency"] / out["reference_efficiency"]
+    out["cycle_times"] = {}
+    for ms in [float(x) for x in args.cycle_times.split(",") if x.strip()]:
+        runs = hvd(2, {"HOROVOD_CYCLE_TIME": f"{ms:g}"})
+        out["cycle_times"][f"{ms:g}"] = {
+            "two_ranks": runs, "efficiency": sum(r["median"] for r in runs) / (2 * one["median"])}
     if args.timeline:
         os.makedirs(args.timeline, exist_ok=True)
         path = os.path.join(os.path.abspath(args.timeline), "horovod_timeline.json")
@@ -159,6 +170,12 @@ def rows(doc: dict) -> List[common.Row]:
                           doc["efficiency_vs_reference"], TARGETS["efficiency_vs_reference"],
                           "{:.0%}"),
     ]
+    for ms, run in doc.get("cycle_times", {}).items():
+        out.append(R("scaling", f"Horovod 2 ranks at HOROVOD_CYCLE_TIME={ms} ms",
+                     f"{run['efficiency']:.0%} of 2 x 1 rank = "
+                     f"{run['efficiency'] / doc['reference_efficiency']:.0%} of the reference ("
+                     + " / ".join(f"{r['cpu_us_per_item']:.1f}" for r in run["two_ranks"])
+                     + " CPU us/triplet)"))
     for name, a in sorted(doc.get("timeline", {}).get("activities", {}).items()):
         out.append(R("scaling", f"timeline (2 ranks): {name}",
                      f"median {a['median_ms']:.2f} ms, p90 {a['p90_ms']:.2f} ms ({a['count']} spans)"))
@@ -174,6 +191,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--synthetic", action="store_true")
     p.add_argument("--train-size", type=int, default=0)
     p.add_argument("--timeline", help="directory for a Horovod timeline of a 2-rank run")
+    p.add_argument("--cycle-times", default="",
+                   help="comma-separated HOROVOD_CYCLE_TIME values (ms) for extra 2-rank runs")
     return p.parse_args(argv)
 
 
