@@ -17,7 +17,8 @@ and NumPy load):
    gradients: oneDNN in the mxnet 1.9.1 wheel) and NumPy's ``dot`` with OPENBLAS_CORETYPE /
    OPENBLAS_L2_SIZE unset for that subprocess alone (the machines here pin OpenBLAS to old
    kernels; the BLAS is reported through threadpoolctl when it is installed). Per shape the
-   faster kernel counts; roofline triplets/s = B / (sum of those GEMM times). Target: the
+   faster kernel counts, at its fastest sample (a peak); roofline triplets/s = B / (sum of
+   those GEMM times). Target: the
    product step >= 70% of it at the same thread count.
 3. **PyTorch** (optional): ``benchmarks/torch_seed.py``, the seed's recipe as a minimal
    PyTorch loop, when a Python with torch is given (``--torch-python``, default
@@ -83,19 +84,38 @@ def gemm_shapes(widths: Sequence[int], batch: int) -> List[tuple]:
 
 
 def blas_info() -> list:
-    """threadpoolctl's view of the loaded BLAS / OpenMP libraries ([] without it)."""
+    """The BLAS NumPy loaded and the kernel it chose: threadpoolctl's view when it is
+    installed, else OpenBLAS's own ``openblas_get_corename`` / ``openblas_get_config``
+    (what threadpoolctl reads) from NumPy's bundled library; [] when neither works."""
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
+        pass
+    else:
+        keep = ("user_api", "internal_api", "version", "architecture", "num_threads")
+        return [{k: d.get(k) for k in keep} for d in threadpool_info()]
+    import ctypes
+    import glob
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs",
+                                  "libopenblas*.so*"))
+    if not libs:
         return []
-    keep = ("user_api", "internal_api", "version", "architecture", "num_threads")
-    return [{k: d.get(k) for k in keep} for d in threadpool_info()]
+    lib = ctypes.CDLL(libs[0])
+    out = {"internal_api": "openblas"}
+    for key, name in (("architecture", "openblas_get_corename"), ("version", "openblas_get_config")):
+        fn = getattr(lib, name + "64_", None) or getattr(lib, name, None)
+        if fn is not None:
+            fn.restype = ctypes.c_char_p
+            out[key] = fn().decode()
+    return [out]
 
 
 # ----------------------------------------------------------------------------- workers
 
 def _best_time(fn, reps: int) -> float:
-    """Median seconds of ``fn()`` over ``reps`` samples of ~20 ms each, after warm-up."""
+    """Fastest seconds per call of ``fn()`` over ``reps`` samples of ~20 ms each, after
+    warm-up: the roofline is the machine's peak, and on a shared machine the fastest sample
+    is the one least disturbed by other processes."""
     for _ in range(3):
         fn()
     t0 = time.perf_counter()
@@ -107,7 +127,7 @@ def _best_time(fn, reps: int) -> float:
         for _ in range(inner):
             fn()
         samples.append((time.perf_counter() - t0) / inner)
-    return common.median(samples)
+    return min(samples)
 
 
 def worker_gemm(args) -> None:
@@ -182,11 +202,12 @@ def measure(args) -> dict:
         kenv = dict(env)
         if kernel == "numpy":
             # For this one measurement only: OpenBLAS picks its own kernels.
-            kenv.pop("OPENBLAS_CORETYPE", None)
-            kenv.pop("OPENBLAS_L2_SIZE", None)
+            unset = {k: kenv.pop(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+                     if k in kenv}
         gemm[kernel] = common.run_worker(common.module_cmd("step", "worker", "gemm", *worker_args(
             args, "--kernel", kernel, "--reps", str(sz["gemm_reps"]),
             "--widths", ",".join(map(str, widths)))), kenv, timeout=600)[0]
+    gemm["numpy"]["openblas_env_unset"] = unset
     best = [min((gemm[k]["gemm"][i] for k in gemm), key=lambda r: r["s"])
             for i in range(len(gemm["mxnet"]["gemm"]))]
     for i, row in enumerate(best):
