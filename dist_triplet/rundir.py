@@ -21,7 +21,6 @@ from typing import List, Optional, Sequence
 from . import checkpoint as ckpt
 from .config import Config, flat_dict, resume_policies, save_config
 from .data import Split
-from .dist import decide_on_rank0
 from .fsutil import write_json
 
 log = logging.getLogger("dist_triplet")
@@ -61,16 +60,25 @@ def _make_unique_dir(base: str) -> str:
             n += 1
 
 
+def requested_run_dir(cfg: Config) -> Optional[str]:
+    """The run directory the config names: ``output.dir``, or, without one, the run
+    directory of an explicit ``checkpoint.resume`` path (``<run>/checkpoints/epoch-NNNN``);
+    None for a new generated one. Creates and checks nothing."""
+    if cfg.output.dir is None and cfg.checkpoint.resume not in (None, "auto"):
+        # Resuming from an explicit checkpoint continues that run's directory.
+        return os.path.dirname(os.path.dirname(os.path.abspath(cfg.checkpoint.resume)))
+    return cfg.output.dir
+
+
 def resolve_run_dir(cfg: Config, backend) -> str:
     """The run directory, decided by rank 0 and broadcast (timestamps differ across ranks).
     A generated ``<root>/<name>-<timestamp>`` is created here by rank 0, exclusively. Rank
     0's error (output.dir is a file) is raised on every rank. Every rank must call it."""
+    from .dist import decide_on_rank0  # here: dist imports MXNet; dist_triplet.check must not
+
     def decide() -> str:
         try:
-            run_dir = cfg.output.dir
-            if run_dir is None and cfg.checkpoint.resume not in (None, "auto"):
-                # Resuming from an explicit checkpoint continues that run's directory.
-                run_dir = os.path.dirname(os.path.dirname(os.path.abspath(cfg.checkpoint.resume)))
+            run_dir = requested_run_dir(cfg)
             if run_dir is None:
                 _check_dir_path(cfg.output.root)
                 return _make_unique_dir(os.path.join(
@@ -169,6 +177,7 @@ def resolve_resume(cfg: Config, run_dir: str, backend) -> Optional[str]:
     writes checkpoints, and broadcast so every rank starts at the same epoch. Rank 0's
     error (a fresh start into a directory that holds checkpoints) is raised on every rank,
     so all exit alike. Every rank must call it."""
+    from .dist import decide_on_rank0
     return decide_on_rank0(
         backend, lambda: find_resume(cfg.checkpoint.resume, os.path.join(run_dir, "checkpoints"),
                                      cfg.to_dict()),

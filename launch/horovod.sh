@@ -20,5 +20,7 @@ NHOSTS=$(( $(tr -cd , <<<"$HOSTS" | wc -c) + 1 ))
 PER_HOST=$(( (NP + NHOSTS - 1) / NHOSTS ))
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(threads_per_proc "$PER_HOST")}"
 # No cd: relative --config, data.root and output.dir mean what they say from the caller's directory.
+# Pre-flight: config and data checked once, before any rank starts: bad input is one line, exit 2.
+python -m dist_triplet.check --processes "$NP" "$@" distributed.backend=horovod || exit $?
 exec horovodrun --gloo -np "$NP" -H "$HOSTS" \
   python -m dist_triplet.train "$@" distributed.backend=horovod

@@ -1,0 +1,160 @@
+"""Pre-flight check (dist_triplet/check.py) and its use in launch/horovod.sh.
+
+* for each kind of bad input, ``check`` exits 2 with the very line ``train`` prints, and
+  writes nothing; a good config passes;
+* the world size matters: a batch that fits one process's shard but not each of 4
+  processes' is refused only with ``--processes 4``; a 1-process checkpoint is refused for
+  a 2-process resume;
+* it imports neither MXNet nor Horovod;
+* ``launch/horovod.sh`` with bad input prints exactly one line, ``error: ...``, and exits 2
+  (before: one error line per rank plus horovodrun's traceback, exit 1); with good input
+  it still trains.
+"""
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from _ckpt_util import run_args, write_dataset
+from _hvd import ROOT, child_env, require_horovod
+from dist_triplet.check import main as check_main
+from dist_triplet.data import write_idx
+
+HOROVOD_SH = os.path.join(ROOT, "launch", "horovod.sh")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging():
+    """train() binds logging to the sys.stderr of its test (capsys closes it afterwards)."""
+    yield
+    for handler in list(logging.root.handlers):
+        logging.root.removeHandler(handler)
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_dataset(tmp_path / "data")
+
+
+def error_line(capsys, fn, args):
+    """Run fn(args); it must return 2 and print one ``error: `` line; return that line."""
+    capsys.readouterr()
+    assert fn(args) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def _one_class(root, out):
+    write_idx(os.path.join(root, "train-labels-idx1-ubyte"), [0] * 84)
+
+
+def _truncated(root, out):
+    path = pathlib.Path(root, "train-images-idx3-ubyte")
+    path.write_bytes(path.read_bytes()[:-10])
+
+
+def _file_as_output(root, out):
+    pathlib.Path(out).write_text("not a directory")
+
+
+def _old_run_in_output(root, out):
+    os.makedirs(out)
+    pathlib.Path(out, "config.yaml").write_text("model: {hidden: [32]}\n")
+
+
+@pytest.mark.parametrize("breaks, extra", [
+    (None, ["train.epochs=two"]),
+    (None, ["model.hidden=16"]),
+    (None, ["train.batch_size=100"]),
+    (None, ["sampler.kind=pk", "sampler.p=5", "sampler.k=2"]),
+    (_one_class, []),
+    (_truncated, []),
+    (_file_as_output, []),
+    (_old_run_in_output, []),
+    (_old_run_in_output, ["checkpoint.resume=auto"]),
+], ids=["bad_value", "bad_type", "batch_too_big", "pk_p_too_big", "one_class",
+        "truncated_idx", "output_is_a_file", "fresh_run_over_a_run", "resume_other_model"])
+def test_check_fails_like_train_and_writes_nothing(breaks, extra, data, tmp_path, capsys):
+    from dist_triplet.train import main as train_main
+    out = str(tmp_path / "run")
+    if breaks:
+        breaks(data, out)
+    before = sorted(os.walk(tmp_path))
+    args = run_args(data, out, *extra)
+    line = error_line(capsys, check_main, args)
+    assert sorted(os.walk(tmp_path)) == before  # nothing written, nothing removed
+    assert line == error_line(capsys, train_main, args)
+
+
+def test_good_config_passes(data, tmp_path, capsys):
+    assert check_main(run_args(data, tmp_path / "run")) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    # 84 rows: 80 triplets per epoch on one process, batch 8 -> 10 steps.
+    assert err == ["check: config and data ok (84 train / 40 test images, 1 process(es), "
+                   "10 steps per epoch)"]
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_world_size_decides_whether_a_batch_fits(data, tmp_path, capsys):
+    """80 triplets on 1 process; 20 per rank on 4: batch 24 fits the first only."""
+    args = run_args(data, tmp_path / "run", "train.batch_size=24", "distributed.backend=horovod")
+    assert check_main(args) == 0
+    line = error_line(capsys, check_main, ["--processes", "4", *args])
+    assert "train.batch_size=24" in line and "each of the 4 process(es) gets only 20 triplets" in line
+
+
+def test_resume_with_another_world_size(data, tmp_path, capsys):
+    from dist_triplet.train import main as train_main
+    out = tmp_path / "run"
+    assert train_main(run_args(data, out, "train.epochs=1")) == 0
+    args = run_args(data, out, "checkpoint.resume=auto", "train.epochs=2",
+                    "distributed.backend=horovod")
+    assert check_main(args) == 0
+    line = error_line(capsys, check_main, ["--processes", "2", *args])
+    assert "world size was 1 there (1 process(es) x 1 device(s)), is 2 now" in line
+
+
+def test_imports_neither_mxnet_nor_horovod(data, tmp_path):
+    code = ("import sys; from dist_triplet.check import main; "
+            f"status = main({run_args(data, tmp_path / 'run')!r}); "
+            "print(status, sorted(m for m in ('mxnet', 'horovod') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "0 []", proc.stdout + proc.stderr
+
+
+def horovod_sh(*args, np_=2):
+    env = child_env(DIST_TRIPLET_VENV=os.environ.get("DIST_TRIPLET_VENV", sys.prefix))
+    return subprocess.run(["bash", HOROVOD_SH, str(np_), "--", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("breaks, extra, needle", [
+    (None, ["train.epochs=two"], "train.epochs must be an integer, got 'two'"),
+    (_truncated, [], "train-images-idx3-ubyte: expected 1344 payload bytes"),
+    (None, ["--config", "no-such.yaml"], "config file 'no-such.yaml' does not exist"),
+], ids=["bad_value", "truncated_idx", "missing_config"])
+def test_horovod_sh_bad_input_is_one_line_and_status_2(breaks, extra, needle, data, tmp_path):
+    out = str(tmp_path / "run")
+    if breaks:
+        breaks(data, out)
+    proc = horovod_sh(*run_args(data, out), *extra)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+    assert not os.path.exists(out)
+
+
+def test_horovod_sh_good_input_trains(data, tmp_path):
+    require_horovod()
+    out = tmp_path / "run"
+    proc = horovod_sh(*run_args(data, out, "train.epochs=1", "eval.report=false"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = proc.stdout + proc.stderr
+    assert text.count("check: config and data ok (84 train / 40 test images, 2 process(es), "
+                      "5 steps per epoch)") == 1
+    assert (out / "checkpoints" / "epoch-0000" / "meta.json").is_file()
