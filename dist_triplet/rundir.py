@@ -296,8 +296,7 @@ class Recorder:
             n = cfg.eval.projector_points or len(test.labels)
             export_projector(os.path.join(self.run_dir, "tensorboard"),
                              {"origin": test.images[:n], "triplet": embeddings[:n]},
-                             test.labels[:n], test.class_names, images=test.images[:n],
-                             writer=self.writer)
+                             test.labels[:n], test.class_names, images=test.images[:n])
             spent["projector_s"] = time.perf_counter() - t
         # The trained network as symbol + params, for `python -m dist_triplet.embed`.
         from .export import export_model
