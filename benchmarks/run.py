@@ -52,6 +52,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--cycle-times", default="",
                    help="extra 2-rank runs at these HOROVOD_CYCLE_TIME values (ms)")
     p.add_argument("--epochs", type=int, default=3, help="mining epochs")
+    p.add_argument("--rounds", type=int, default=3, help="scaling rounds (median round)")
     p.add_argument("--workdir", help="where end_to_end and mining write their runs")
     args = p.parse_args(argv)
     args.threads = args.threads or os.cpu_count() or 1
