@@ -25,8 +25,11 @@ def optimizer_params(optim) -> dict:
 class DataParallelStep:
     """The distributed training step, identical in structure for every backend.
 
-    The training pixels are put on every device once (shared, not copied, on cpu(0)); an
-    epoch's indices are copied once (``epoch_indices``), a step takes a view of its rows.
+    The training rows are put on every device once (shared, not copied, on cpu(0)) in
+    their own dtype: uint8 images stay uint8 there (a quarter of float32's bytes) and are
+    scaled to float32 / 255 inside the step, batch by batch; float32 features are used as
+    they are. An epoch's indices are copied once (``epoch_indices``), a step takes a view
+    of its rows.
     ``step(batch)`` takes this process's share of the global batch:
 
     * offline sampler: ``batch`` (Bp, 3) int64 (anchor, positive, negative) rows, Bp =
@@ -37,7 +40,8 @@ class DataParallelStep:
         backend: the ``dist.Backend`` (its ``contexts`` are the devices).
         net: the embedding network, initialised on every context.
         trainer: the Trainer from ``backend.make_trainer`` (the step does not build one).
-        pixels: (N, F) float32 training images; labels: (N,) integer labels.
+        pixels: (N, F) training rows: uint8 image bytes or float32 features (a read-only
+            memory map is fine: it is not copied on cpu(0)); labels: (N,) integer labels.
         margin: triplet margin in squared-L2 units (``loss.margin``).
         miner: ``None`` for offline triplets, else the online miner of P x K batches
             (``'batch_hard'`` / ``'semi_hard'``); k: samples per class in those batches.
@@ -61,24 +65,27 @@ class DataParallelStep:
         if len(pixels) >= 2 ** 24:
             raise ValueError(f"{len(pixels)} training rows: indices above 2**24 are not exact "
                              "in float32; use data.limit_train")
+        self.uint8 = np.asarray(pixels[:0]).dtype == np.uint8
         self.pixels = [self._resident(pixels, c) for c in self.ctxs]               # (N, F) per device
         self.labels = [mx.nd.array(labels.astype(np.float32), ctx=c) for c in self.ctxs]
         if self.mining:
-            self.block = MinedTripletStep(net, margin, miner, k=k)
+            self.block = MinedTripletStep(net, margin, miner, k=k, uint8=self.uint8)
         else:
-            self.block = OfflineTripletStep(net, margin)
+            self.block = OfflineTripletStep(net, margin, uint8=self.uint8)
         self.block.hybridize(static_alloc=True, static_shape=True)
 
     def _resident(self, pixels: np.ndarray, ctx):
-        """``pixels`` as a float32 NDArray on ``ctx``. On cpu(0) it shares the host array's
-        memory (DLPack, no copy), so a CPU process holds the training set once, not twice
-        (peak RSS: benchmark section 5); the caller must not modify ``pixels`` afterwards.
-        Other devices get a copy."""
+        """``pixels`` as an NDArray on ``ctx``, uint8 kept uint8, anything else float32. On
+        cpu(0) it shares the host array's memory (DLPack, no copy) -- also when that is a
+        memory map of the shared data cache (data.cache_dir), so a host's processes hold
+        the training set once between them (benchmarks/scale.py); the caller must not
+        modify ``pixels`` afterwards. Other devices get a copy."""
         mx = self.mx
+        dtype = np.uint8 if self.uint8 else np.float32
         if ctx == mx.cpu(0):
-            host = np.ascontiguousarray(pixels, dtype=np.float32)
+            host = np.ascontiguousarray(pixels, dtype=dtype)
             return mx.nd.from_numpy(host.view(), zero_copy=True)  # marks only the view read-only
-        return mx.nd.array(pixels, ctx=ctx)
+        return mx.nd.array(pixels, ctx=ctx, dtype=dtype)
 
     def device_batches(self, batch: np.ndarray) -> list:
         """Split this process's batch over its devices and move the indices there."""

@@ -153,9 +153,10 @@ def read_items(spec: str, in_units: int, labels_path: Optional[str] = None) -> I
         if x.shape[1] != in_units:
             raise ValueError(f"{data.source}: the model takes {in_units} values per image, "
                              f"the {split} images have {x.shape[1]}")
-        # issue 10's Split says whether rows are images; today's rows are square images.
-        shape = getattr(data, "image_shape", None) if hasattr(data, "image_shape") \
-            else _square(x.shape[1])
+        # The Split says whether rows are images: (H, W, C); one channel is kept as (H, W).
+        shape = data.image_shape
+        if shape is not None and shape[2] == 1:
+            shape = shape[:2]
         labels = data.labels
         if labels_path is not None:
             labels = _read_labels(labels_path, len(labels))

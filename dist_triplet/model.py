@@ -60,22 +60,35 @@ def initialize(net: nn.Block, init_scale: float, ctx, seed: int) -> None:
     net.initialize(mx.init.Uniform(scale=init_scale), ctx=ctx, force_reinit=True)
 
 
+def gather_rows(F, pixels, idx, uint8: bool):
+    """Rows ``idx`` of the resident ``pixels`` as float32 network input: (len(idx), F).
+
+    uint8 image rows are cast and divided by 255 here, on the device, after the gather:
+    only the batch is ever float32, and the values are bit-identical to the host's
+    ``float32(v) / float32(255)`` (one correctly rounded float32 division either way).
+    """
+    x = F.take(pixels, idx)                          # one gather, no pixel copies on host
+    return F.cast(x, dtype="float32") / 255.0 if uint8 else x
+
+
 class OfflineTripletStep(nn.HybridBlock):
     """Per-sample triplet loss of a batch of index triplets.
 
     forward(pixels, idx) -> loss
-        pixels: (N, F) float32, the whole training set resident on this device.
+        pixels: (N, F) the whole training set resident on this device: float32 features,
+            or uint8 image bytes when ``uint8`` (scaled by 1/255 in :func:`gather_rows`).
         idx: (3B,) float32 row indices laid out [anchors (B); positives (B); negatives (B)].
         loss: (B,) float32, ``max(0, ||a-p||^2 - ||a-n||^2 + margin)`` (gluon.loss.TripletLoss).
     """
 
-    def __init__(self, net: nn.Block, margin: float, **kwargs):
+    def __init__(self, net: nn.Block, margin: float, uint8: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.net = net
+        self.uint8 = uint8
         self.loss = gluon.loss.TripletLoss(margin=margin)
 
     def hybrid_forward(self, F, pixels, idx):
-        x = F.take(pixels, idx)                      # (3B, F): one gather, no pixel copies on host
+        x = gather_rows(F, pixels, idx, self.uint8)  # (3B, F) float32
         emb = self.net(x)                            # (3B, D): one stacked forward
         a, p, n = F.split(emb, num_outputs=3, axis=0)  # (B, D) each
         return self.loss(a, p, n)                    # (B,)
@@ -85,7 +98,8 @@ class MinedTripletStep(nn.HybridBlock):
     """Mean triplet loss of the triplets mined online in one P x K batch.
 
     forward(pixels, labels, idx) -> loss
-        pixels: (N, F) float32 resident training set; labels: (N,) float32 class ids.
+        pixels: (N, F) resident training set, float32 or uint8 (``uint8``, as
+            :class:`OfflineTripletStep`); labels: (N,) float32 class ids.
         idx: (P*K,) float32 row indices of the batch, class-major.
         loss: (1,) float32, the mean over the mined triplets (see mining.MinedTripletLoss).
 
@@ -93,25 +107,33 @@ class MinedTripletStep(nn.HybridBlock):
     anchor with its K - 1 positives only: the same triplets, O(B^2 K) instead of O(B^3).
     """
 
-    def __init__(self, net: nn.Block, margin: float, miner: str, k=None, **kwargs):
+    def __init__(self, net: nn.Block, margin: float, miner: str, k=None, uint8: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
         self.net = net
+        self.uint8 = uint8
         self.loss = MinedTripletLoss(margin=margin, miner=miner, k=k)
 
     def hybrid_forward(self, F, pixels, labels, idx):
-        emb = self.net(F.take(pixels, idx))          # (B, D)
+        emb = self.net(gather_rows(F, pixels, idx, self.uint8))  # (B, D)
         return self.loss(emb, F.take(labels, idx))   # (1,)
 
 
 def embed(net: nn.Block, pixels, ctx, batch_size: int = 2048):
-    """Embeddings of ``pixels`` in batches: (N, F) float32 numpy -> (N, D) float32 numpy.
+    """Embeddings of ``pixels`` in batches: (N, F) -> (N, D) float32 numpy.
 
-    Used by rank-0 evaluation and by ``python -m dist_triplet.embed``; ``net`` may be the
-    training network or an exported ``SymbolBlock``. The last batch may be smaller.
+    ``pixels``: float32 rows used as they are, or uint8 image rows, divided by 255 one
+    batch at a time (as the training step does on the device), so a large uint8 test set
+    is never copied to float32 whole. Used by rank-0 evaluation and by
+    ``python -m dist_triplet.embed``; ``net`` may be the training network or an exported
+    ``SymbolBlock``. The last batch may be smaller.
     """
     import numpy as np
     out = []
     for start in range(0, len(pixels), batch_size):
-        x = mx.nd.array(pixels[start:start + batch_size], ctx=ctx)
+        rows = np.asarray(pixels[start:start + batch_size])
+        if rows.dtype == np.uint8:
+            rows = rows.astype(np.float32) / np.float32(255.0)
+        x = mx.nd.array(rows, ctx=ctx, dtype="float32")
         out.append(net(x).asnumpy())
     return np.concatenate(out, axis=0) if out else np.zeros((0, 0), np.float32)

@@ -186,6 +186,14 @@ def resolve_resume(cfg: Config, run_dir: str, backend) -> Optional[str]:
 
 # ----------------------------------------------------------------------------- recorder
 
+def _input_meta(test: Split) -> dict:
+    """What the exported model's input is: uint8 images scaled by 1/255 (with their
+    (H, W, C)), or features used as they are."""
+    if test.is_image:
+        return {"image_shape": list(test.image_shape)}
+    return {"input_scaling": "none (features, used as they are)", "image_shape": None}
+
+
 class Recorder:
     """What rank 0 writes into the run directory; every method a no-op off rank 0.
 
@@ -243,13 +251,18 @@ class Recorder:
         if "seed_accuracy" in row:
             # A collapsed embedding's seed accuracy counts ties as correct (1.0 for one
             # point): say so next to the number, not only at the end of the line.
-            log.info("epoch %d/%d  loss %.4f  acc %.4f (%d / %d%s)  P@1 %.4f (raw %.4f)  R-Prec "
-                     "%.4f  MAP@R %.4f%s  %.0f triplets/s  %s eval %.2fs]",
+            # R-Precision and MAP@R come with full evaluations only (eval.full_every; always
+            # the last epoch): say where they are instead of leaving them out silently.
+            ranked = (f"R-Prec {row['r_precision']:.4f}  MAP@R {row['map_at_r']:.4f}"
+                      if "r_precision" in row else
+                      "R-Prec/MAP@R: last epoch" + (f" and every {self.cfg.eval.full_every}"
+                                                    if self.cfg.eval.full_every else ""))
+            log.info("epoch %d/%d  loss %.4f  acc %.4f (%d / %d%s)  P@1 %.4f (raw %.4f)  "
+                     "%s%s  %.0f triplets/s  %s eval %.2fs]",
                      epoch + 1, epochs, row["loss"], row["seed_accuracy"],
                      row["correct"], row["total"],
                      ", COLLAPSED: not a success" if row["collapsed"] else "",
-                     row["precision_at_1"], self.baseline["precision_at_1"],
-                     row["r_precision"], row["map_at_r"],
+                     row["precision_at_1"], self.baseline["precision_at_1"], ranked,
                      "  COLLAPSED" if row["collapsed"] else "", row["triplets_per_s"], timing,
                      row["time_eval_s"])
         else:
@@ -294,9 +307,13 @@ class Recorder:
             from .projector import export_projector
             t = time.perf_counter()
             n = cfg.eval.projector_points or len(test.labels)
+            from .data import as_float
+            # Sprites only for images (padded to squares); feature data get none.
             export_projector(os.path.join(self.run_dir, "tensorboard"),
-                             {"origin": test.images[:n], "triplet": embeddings[:n]},
-                             test.labels[:n], test.class_names, images=test.images[:n])
+                             {"origin": as_float(test.images[:n]), "triplet": embeddings[:n]},
+                             test.labels[:n], test.class_names,
+                             images=test.images[:n] if test.is_image else None,
+                             image_shape=test.image_shape)
             spent["projector_s"] = time.perf_counter() - t
         # The trained network as symbol + params, for `python -m dist_triplet.embed`.
         from .export import export_model
@@ -304,7 +321,8 @@ class Recorder:
         model_dir = export_model(net, os.path.join(self.run_dir, "model"), ctx,
                                  test.images.shape[1],
                                  meta={"run_dir": os.path.abspath(self.run_dir),
-                                       "epochs": cfg.train.epochs})
+                                       "epochs": cfg.train.epochs,
+                                       **_input_meta(test)})
         spent["export_s"] = time.perf_counter() - t
         if cfg.eval.report:
             t = time.perf_counter()

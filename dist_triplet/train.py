@@ -29,8 +29,8 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, load_config, parse_devices
-from .data import Split, load_dataset, subset
-from .triplets import ClassIndex, EpochSampler
+from .data import Split, check_sampler_classes, describe, load_data
+from .triplets import EpochSampler
 
 log = logging.getLogger("dist_triplet")
 
@@ -62,30 +62,25 @@ def setup_logging(is_main: bool) -> None:
                         format="%(asctime)s %(levelname)s %(message)s", force=True)
 
 
-def check_split(split: Split, what: str) -> None:
-    """Raise ValueError naming the split and its directory when no triplet can be made
-    from it (fewer than 2 classes, or a class with fewer than 2 samples)."""
-    try:
-        ClassIndex(split.labels)
-    except ValueError as exc:
-        raise ValueError(f"{what} split ({split.source}): {exc}") from None
-
-
 def load_splits(cfg: Config) -> tuple:
-    """(train, test) splits, checked: both can make triplets and share one image size.
-    Every rank reads the test set too (10k rows, cheap) so a broken file fails on all
-    ranks alike instead of leaving the others waiting in a collective."""
-    train_split = subset(load_dataset(cfg.data.dataset, cfg.data.root, train=True),
-                         cfg.data.limit_train)
-    check_split(train_split, "training")
-    test_split = subset(load_dataset(cfg.data.dataset, cfg.data.root, train=False),
-                        cfg.data.limit_test)
-    check_split(test_split, "test")  # the evaluator's triplets; before the run dir exists
-    if test_split.images.shape[1] != train_split.images.shape[1]:
-        raise ValueError(f"test images ({test_split.source}) have {test_split.images.shape[1]} "
-                         f"pixels, training images ({train_split.source}) "
-                         f"{train_split.images.shape[1]}: both splits must share one image size")
+    """(train, test) splits of ``cfg.data``, checked (``data.load_data``: formats, split,
+    class rules, one width) and with enough classes for the sampler. Every rank reads the
+    test set too, so a broken file fails on all ranks alike instead of leaving the others
+    waiting in a collective."""
+    train_split, test_split = load_data(cfg.data)
+    check_sampler_classes(train_split, cfg.sampler.kind, cfg.sampler.p)
     return train_split, test_split
+
+
+def log_data(train_split: Split, test_split: Split, cache_dir: Optional[str]) -> None:
+    """One line per split, and a hint when several local ranks each hold a large copy."""
+    log.info("training data: %s", describe(train_split))
+    log.info("test data: %s", describe(test_split))
+    local = int(os.environ.get("HOROVOD_LOCAL_SIZE") or 1)
+    if not cache_dir and local > 1 and train_split.images.nbytes > 2 ** 30:
+        log.warning("each of the %d local ranks holds its own %.1f GiB copy of the training "
+                    "data; data.cache_dir=DIR would share one memory-mapped copy per host",
+                    local, train_split.images.nbytes / 2 ** 30)
 
 
 def read_resume_meta(cfg: Config, resume_path: str, backend, steps: int):
@@ -115,7 +110,7 @@ def evaluate_if_due(evaluator, cfg: Config, epoch: int, net, ctx, force: bool = 
     if evaluator is None or not due:
         return {}, None
     t_eval = time.perf_counter()
-    res, emb = evaluator(net, ctx)
+    res, emb = evaluator(net, ctx, epoch)
     return dict(res, time_eval_s=time.perf_counter() - t_eval), emb
 
 
@@ -177,6 +172,7 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
 
     # --- data and sampling: validated on every rank before anything is written
     train_split, test_split = load_splits(cfg)
+    log_data(train_split, test_split, cfg.data.cache_dir)
     sampler = build_sampler(cfg, backend, train_split.labels)
     steps = sampler.steps
 
@@ -196,7 +192,7 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
         ckpt.load_checkpoint(resume_path, net, trainer, backend.contexts)
         start_epoch = meta.epoch + 1
 
-    evaluator = Evaluator(cfg, test_split) if backend.is_main else None  # rank 0 evaluates
+    evaluator = Evaluator(cfg, test_split, train_split) if backend.is_main else None  # rank 0
     recorder = Recorder(backend.is_main, run_dir, cfg, meta.history if meta else (),
                         baseline=evaluator.raw if evaluator else None)
     global_batch = sampler.per_step * backend.num_processes

@@ -255,6 +255,30 @@ def pk_steps_per_epoch(labels_or_index, p: int, k: int, world_size: int) -> int:
     return max(1, index.n // (p * k * world_size))
 
 
+# Up to this many (steps x C) random keys, batches draw their classes by sorting keys;
+# beyond it by Floyd's algorithm (O(steps p^2)), so 1,000,000 labels of 100,000 classes
+# need milliseconds, not a 3 GB key matrix. Both give uniform random p-subsets in random
+# order; the threshold keeps the streams of existing (smaller) runs unchanged.
+_SORT_KEYS_MAX = 1 << 22
+
+
+def _distinct_classes(rng: np.random.Generator, steps: int, n_cls: int, p: int) -> np.ndarray:
+    """(steps, p) int64 class slots, p distinct of ``n_cls`` per row, uniformly random."""
+    if steps * n_cls <= _SORT_KEYS_MAX:
+        # The first p of a random permutation of C.
+        return np.argsort(rng.random((steps, n_cls)), axis=1)[:, :p]
+    # Floyd's algorithm (Bentley & Floyd, "Programming Pearls: A Sample of Brilliance",
+    # CACM 1987), vectorised over rows: for j = C-p .. C-1 draw t in [0, j] and take t, or
+    # j when t is taken already. The subset is uniform; its order is then shuffled.
+    picks = np.zeros((steps, p), dtype=np.int64)
+    for i in range(p):
+        top = n_cls - p + i
+        t = rng.integers(0, top + 1, size=steps)
+        seen = (picks[:, :i] == t[:, None]).any(axis=1)
+        picks[:, i] = np.where(seen, top, t)
+    return rng.permuted(picks, axis=1)
+
+
 def pk_batches(labels_or_index, *, p: int, k: int, steps: int, seed: int, epoch: int = 0,
                rank: int = 0, world_size: int = 1) -> np.ndarray:
     """P x K class-balanced batches for online (batch-hard) triplet mining.
@@ -302,8 +326,8 @@ def pk_batches(labels_or_index, *, p: int, k: int, steps: int, seed: int, epoch:
                          f"{index.min_count}: some rank would own no member of that class")
     rng = _rng(seed, epoch, rank, _PK_STREAM)
 
-    # p distinct classes per batch: the first p of a random permutation of C.
-    cls = np.argsort(rng.random((steps, n_cls)), axis=1)[:, :p].reshape(-1)  # (steps*p,)
+    # p distinct classes per batch, uniform over the p-subsets of C, in random order.
+    cls = _distinct_classes(rng, steps, n_cls, p).reshape(-1)  # (steps*p,)
     size = index.part_sizes(rank, world_size)[cls]  # (steps*p,), each >= 1
 
     # Without replacement, k of `size`: Floyd's algorithm vectorised over rows;

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from dist_triplet import data
-from dist_triplet.data import (FASHION_MNIST_CLASSES, MNIST_CLASSES, Split, load_dataset,
-                               load_split, read_idx, subset, write_idx)
+from dist_triplet.data import (FASHION_MNIST_CLASSES, MNIST_CLASSES, Split, as_float,
+                               load_dataset, load_split, read_idx, subset, write_idx)
 
 
 def _images(n=3, rows=2, cols=3):
@@ -124,9 +124,12 @@ def test_load_split_pixels_and_labels(tmp_path):
     write_idx(tmp_path / "i", imgs)
     write_idx(tmp_path / "l", np.array([1, 0], dtype=np.uint8))
     split = load_split(tmp_path / "i", tmp_path / "l", ("a", "b"))
-    assert split.images.dtype == np.float32 and split.images.shape == (2, 4)
-    assert split.images[0, 1] == np.float32(0.2)  # 51 / 255
-    assert split.images[1, 3] == 1.0 and split.images.min() == 0.0
+    # uint8 in memory (a quarter of float32's bytes); scaled by 1/255 where used.
+    assert split.images.dtype == np.uint8 and split.images.shape == (2, 4)
+    assert split.image_shape == (2, 2, 1) and split.is_image and split.width == 4
+    pixels = as_float(split.images)
+    assert pixels.dtype == np.float32 and pixels[0, 1] == np.float32(0.2)  # 51 / 255
+    assert pixels[1, 3] == 1.0 and pixels.min() == 0.0
     assert split.labels.dtype == np.int64
     np.testing.assert_array_equal(split.labels, [1, 0])
     assert split.class_names == ("a", "b") and split.source == str(tmp_path)
@@ -168,7 +171,9 @@ def test_load_dataset_from_dir(tmp_path, gz, train):
     assert split.class_names == FASHION_MNIST_CLASSES and len(FASHION_MNIST_CLASSES) == 10
     assert split.class_names[0] == "T-shirt/top" and split.class_names[9] == "Ankle boot"
     np.testing.assert_array_equal(split.labels, labels)
-    np.testing.assert_allclose(split.images, imgs.reshape(len(imgs), -1) / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(split.images, imgs.reshape(len(imgs), -1))
+    np.testing.assert_allclose(as_float(split.images), imgs.reshape(len(imgs), -1) / 255.0,
+                               rtol=1e-6)
     assert split.source == str(tmp_path / "d")
     mnist = load_dataset("mnist", str(tmp_path / "d"), train=train)
     assert mnist.class_names == tuple("0123456789")

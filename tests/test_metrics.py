@@ -8,6 +8,9 @@ from dist_triplet.metrics import (
     embedding_spread,
     evaluate_embeddings,
     is_collapsed,
+    map_at_r,
+    precision_at_1,
+    r_precision,
     retrieval_metrics,
     triplet_accuracy,
 )
@@ -364,3 +367,167 @@ def test_few_ties_do_not_flag_collapse():
     got = evaluate_embeddings(emb, labels, triplets, collapse_eps=1e-6)
     assert got["tie_share"] == 0.0
     assert got["collapsed"] is False and got["valid"] is True
+
+
+# ----------------------------------------------------------------------------- definitions
+
+def test_definitions_on_hand_made_relevance():
+    # One query, R = 4, ranked relevance 1 0 1 1 (then padding):
+    #   P@1 1; R-Precision 3/4; MAP@R (1/4)(1/1 + 2/3 + 3/4) = 29/48.
+    # A second, R = 2, relevance 0 1 | 1: P@1 0; RP 1/2; MAP@R (1/2)(1/2) = 1/4 (the third
+    # rank is past its R and does not count).
+    rel = np.array([[1, 0, 1, 1, 0], [0, 1, 1, 0, 0]], bool)
+    r = np.array([4, 2])
+    assert precision_at_1(rel).tolist() == [1.0, 0.0]
+    assert r_precision(rel, r).tolist() == [0.75, 0.5]
+    np.testing.assert_allclose(map_at_r(rel, r), [29 / 48, 1 / 4], rtol=0, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------- gallery
+
+def reference_with_gallery(q, ql, g, gl):
+    """The same definitions by a loop, queries against a separate gallery (no exclusion)."""
+    q, g = np.asarray(q, np.float64), np.asarray(g, np.float64)
+    p1, rp, mapr, excluded = [], [], [], 0
+    for i in range(len(q)):
+        r = int(np.sum(gl == ql[i]))
+        if r == 0:
+            excluded += 1
+            continue
+        ranked = sorted((float(np.sum((q[i] - g[j]) ** 2)), j) for j in range(len(g)))
+        rel = [1 if gl[j] == ql[i] else 0 for _, j in ranked[:r]]
+        p1.append(rel[0])
+        rp.append(sum(rel) / r)
+        hits, ap = 0, 0.0
+        for k, is_rel in enumerate(rel, start=1):
+            hits += is_rel
+            ap += (hits / k) * is_rel
+        mapr.append(ap / r)
+    return {"precision_at_1": float(np.mean(p1)), "r_precision": float(np.mean(rp)),
+            "map_at_r": float(np.mean(mapr)), "queries": len(p1), "excluded_queries": excluded}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_separate_gallery_matches_loop_reference(method):
+    rng = np.random.RandomState(10)
+    gallery = rng.randint(0, 4, size=(70, 2)).astype(np.float32)   # ties across labels
+    g_labels = rng.randint(0, 3, size=70)
+    query = rng.randint(0, 4, size=(25, 2)).astype(np.float32)
+    q_labels = rng.randint(0, 4, size=25)      # class 3 is not in the gallery: excluded
+    got = retrieval_metrics(query, q_labels, gallery, g_labels, method=method, block=4)
+    want = reference_with_gallery(query, q_labels, gallery, g_labels)
+    assert want["excluded_queries"] == int((q_labels == 3).sum()) > 0
+    assert_metrics_equal(got, want)
+    only_p1 = retrieval_metrics(query, q_labels, gallery, g_labels, method=method,
+                                metrics=("precision_at_1",))
+    assert only_p1 == {"precision_at_1": want["precision_at_1"], "queries": want["queries"],
+                       "excluded_queries": want["excluded_queries"]}
+
+
+def test_gallery_precision_at_1_is_nearest_neighbour_accuracy():
+    # Gallery: class 0 at x = 0, 1; class 1 at x = 10. Queries at 0.4 (class 0: right),
+    # 9 (class 0: nearest is 10, wrong), 6 (class 1: right). 1-NN accuracy 2/3.
+    gallery = np.array([[0.0], [1.0], [10.0]], np.float32)
+    query = np.array([[0.4], [9.0], [6.0]], np.float32)
+    got = retrieval_metrics(query, [0, 0, 1], gallery, [0, 0, 1])
+    assert got["precision_at_1"] == pytest.approx(2 / 3, abs=1e-15)
+    # R-Precision: R = 2 for class 0 ({0, 1} vs {0, 1} and {10, 1}), 1 for class 1.
+    assert got["r_precision"] == pytest.approx((1 + 0.5 + 1) / 3, abs=1e-15)
+
+
+def test_gallery_arguments_checked():
+    q = np.zeros((3, 2), np.float32)
+    with pytest.raises(ValueError, match="both gallery_emb and gallery_labels"):
+        retrieval_metrics(q, [0, 1, 0], q)
+    with pytest.raises(ValueError, match="columns"):
+        retrieval_metrics(q, [0, 1, 0], np.zeros((3, 5), np.float32), [0, 1, 0])
+    with pytest.raises(ValueError, match="gallery_labels"):
+        retrieval_metrics(q, [0, 1, 0], q, [0, 1])
+    with pytest.raises(ValueError, match="metrics"):
+        retrieval_metrics(q, [0, 1, 0], metrics=("recall_at_5",))
+    with pytest.raises(ValueError, match="max_queries"):
+        retrieval_metrics(q, [0, 1, 0], max_queries=-1)
+
+
+# ----------------------------------------------------------------------------- P@1 alone
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_precision_at_1_alone_equals_the_full_search(seed):
+    rng = np.random.RandomState(20 + seed)
+    cases = [rng.randn(200, 6).astype(np.float32),
+             rng.randint(0, 3, size=(150, 2)).astype(np.float32),           # ties
+             (rng.randint(0, 256, size=(120, 30)) * (rng.rand(120, 30) < 0.3))
+             .astype(np.uint8),                                              # bytes
+             np.full((40, 3), 0.3, np.float32)]                              # collapsed
+    for emb in cases:
+        labels = rng.randint(0, 4, size=len(emb))
+        full = retrieval_metrics(emb, labels)
+        for method in METHODS:
+            alone = retrieval_metrics(emb, labels, metrics=("precision_at_1",), method=method)
+            assert alone["precision_at_1"] == full["precision_at_1"], (emb.dtype, method)
+            assert alone["queries"] == full["queries"]
+
+
+# ----------------------------------------------------------------------------- query sample
+
+def test_max_queries_is_a_seeded_sample_against_the_full_gallery():
+    rng = np.random.RandomState(11)
+    emb = rng.randn(60, 3).astype(np.float32)
+    labels = rng.randint(0, 4, size=60)
+    labels[7] = 9                                   # a singleton: never sampled
+    full = retrieval_metrics(emb, labels)
+    assert retrieval_metrics(emb, labels, max_queries=100) == full   # more than there are
+    got = retrieval_metrics(emb, labels, max_queries=15, seed=3)
+    assert got == retrieval_metrics(emb, labels, max_queries=15, seed=3)   # deterministic
+    assert got["queries"] == 15 and got["excluded_queries"] == 1
+    # The documented draw: RandomState(seed).choice of the queries with R >= 1.
+    eligible = np.flatnonzero(np.arange(60) != 7)
+    chosen = np.sort(np.random.RandomState(3).choice(eligible, 15, replace=False))
+    # Each chosen query scored against all 59 others, by the loop.
+    p1, rp, mapr = [], [], []
+    for i in chosen:
+        r = int(np.sum(labels == labels[i])) - 1
+        ranked = sorted((float(np.sum((emb[i].astype(np.float64) - emb[j]) ** 2)), j)
+                        for j in range(60) if j != i)
+        rel = [labels[j] == labels[i] for _, j in ranked[:r]]
+        p1.append(float(rel[0]))
+        rp.append(sum(rel) / r)
+        hits, ap = 0, 0.0
+        for k, is_rel in enumerate(rel, start=1):
+            hits += is_rel
+            ap += hits / k * is_rel
+        mapr.append(ap / r)
+    assert got["precision_at_1"] == pytest.approx(np.mean(p1), abs=1e-12)
+    assert got["r_precision"] == pytest.approx(np.mean(rp), abs=1e-12)
+    assert got["map_at_r"] == pytest.approx(np.mean(mapr), abs=1e-12)
+    assert retrieval_metrics(emb, labels, max_queries=15, seed=4) != got   # another sample
+
+
+# ----------------------------------------------------------------------------- approximate
+
+def test_beyond_exact_max_gallery_the_search_is_approximate_and_flagged():
+    pytest.importorskip("faiss", reason="the approximate search uses faiss-cpu")
+    rng = np.random.RandomState(12)
+    centres = rng.randn(5, 8) * 10                       # far apart: no near ties
+    labels = rng.randint(0, 5, size=600)
+    emb = (centres[labels] + rng.randn(600, 8)).astype(np.float32)
+    exact = retrieval_metrics(emb, labels)
+    # Every faiss cell visited: the same neighbours as the exact search (distinct distances).
+    approx = retrieval_metrics(emb, labels, exact_max_gallery=599, nprobe=10_000)
+    assert approx.pop("approximate") is True
+    assert_metrics_equal(approx, exact)
+    assert "approximate" not in exact
+    p1 = retrieval_metrics(emb, labels, exact_max_gallery=100, nprobe=10_000,
+                           metrics=("precision_at_1",), max_queries=50)
+    assert p1["queries"] == 50 and p1["approximate"] is True
+
+
+# ----------------------------------------------------------------------------- validity
+
+def test_evaluate_embeddings_without_any_query_partner_is_invalid():
+    # Every class has one sample: no query has a correct answer, the metrics are NaN.
+    emb = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]], np.float32)   # no tied triplet
+    got = evaluate_embeddings(emb, np.array([0, 1, 2]), np.array([[0, 1, 2]]),
+                              collapse_eps=1e-6)
+    assert got["queries"] == 0 and math.isnan(got["precision_at_1"])
+    assert got["collapsed"] is False and got["valid"] is False

@@ -53,6 +53,23 @@ def test_pca_is_the_top_two_principal_axes():
     assert np.var(coords[:, 0]) > np.var(coords[:, 1]) > 1.0  # axes 0 and 2 of x
 
 
+def test_pca_of_rows_wider_than_tall_matches_the_svd():
+    """More columns than rows (large images): the Gram-matrix path gives the same axes as
+    the thin SVD's top right singular vectors."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(40, 300)) + np.outer(rng.normal(size=40) * 6, rng.normal(size=300))
+    coords, rows = pca_2d(x, points=2000, seed=0)
+    assert rows.tolist() == list(range(40))
+    sub = x - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(sub, full_matrices=False)      # reference
+    top = vt[:2].T.copy()
+    for a in range(2):
+        top[:, a] *= np.sign(top[np.abs(top[:, a]).argmax(), a])
+    np.testing.assert_allclose(coords, sub @ top, atol=1e-8)
+    flat = np.ones((5, 50))                                  # no spread: zeros, no NaN
+    assert np.array_equal(pca_2d(flat)[0], np.zeros((5, 2)))
+
+
 def test_write_report_writes_five_files_and_replaces_an_old_report(tmp_path):
     labels, raw, emb, doc = small_run(tmp_path)
     out = write_report(str(tmp_path), doc, raw, emb, labels, CLASSES, (8, 8))

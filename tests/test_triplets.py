@@ -256,3 +256,35 @@ def test_triplets_imports_neither_mxnet_nor_horovod():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_pk_distinct_classes_floyd_path_is_uniform(monkeypatch):
+    """Many classes (steps x C above the key-sorting limit) take Floyd's algorithm: p
+    distinct classes per batch, every class and every (position, class) about equally
+    likely, and the batches keep their layout."""
+    from dist_triplet import triplets
+    rng = np.random.default_rng(5)
+    monkeypatch.setattr(triplets, "_SORT_KEYS_MAX", 0)
+    c, p, steps = 12, 5, 20000
+    picks = triplets._distinct_classes(rng, steps, c, p)
+    assert picks.shape == (steps, p) and picks.min() >= 0 and picks.max() < c
+    assert all(len(set(row)) == p for row in picks[:500].tolist())
+    assert np.all(np.sort(picks, axis=1)[:, 1:] != np.sort(picks, axis=1)[:, :-1])
+    freq = np.bincount(picks.ravel(), minlength=c) / picks.size
+    assert np.all(np.abs(freq - 1 / c) < 0.005)
+    first = np.bincount(picks[:, 0], minlength=c) / steps       # order shuffled too
+    assert np.all(np.abs(first - 1 / c) < 0.012)
+    labels = np.repeat(np.arange(40), 6)
+    b = pk_batches(labels, p=8, k=3, steps=50, seed=1, world_size=2, rank=1)
+    blocks = labels[b].reshape(50, 8, 3)
+    assert np.all(blocks == blocks[:, :, :1])
+    assert all(len(set(row)) == 8 for row in blocks[:, :, 0].tolist())
+
+
+def test_pk_small_runs_keep_the_sorted_key_stream():
+    """Below the limit the classes are the first p of an argsort of random keys, as
+    before the Floyd path existed: existing runs draw the same batches."""
+    from dist_triplet import triplets
+    rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+    got = triplets._distinct_classes(rng_a, 40, 10, 4)
+    np.testing.assert_array_equal(got, np.argsort(rng_b.random((40, 10)), axis=1)[:, :4])

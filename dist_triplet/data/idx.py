@@ -13,6 +13,9 @@ So images carry magic 2051 (0x00000803: uint8, 3 dims) and labels 2049
 detected from the content (gzip magic 1f 8b), never from the file name, because
 mirrors and packagers do not agree on names.
 
+Any rows x cols is accepted (not only 28 x 28). :func:`idx_source` streams the
+images file (gzip or raw) in chunks, so reading never holds more than the data once.
+
 This module needs only NumPy. MXNet is imported lazily, inside the one
 function that lets it download MNIST, so that the data path can be tested on a
 machine without MXNet.
@@ -23,21 +26,23 @@ import gzip
 import os
 import struct
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
+
+from .source import CHUNK_BYTES, Part, Source, scatter_rows
+from .split import Split
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "MNIST_CLASSES",
     "DATASET_NAMES",
     "FASHION_MNIST_ROOT",
-    "Split",
     "read_idx",
     "write_idx",
     "load_split",
     "load_dataset",
-    "subset",
+    "idx_source",
+    "named_source",
 ]
 
 # Class names in label order, from the Fashion-MNIST README
@@ -65,27 +70,6 @@ _FILE_STEMS = {
 }
 
 
-@dataclass(frozen=True)
-class Split:
-    """One split (train or test) of a labelled image data set.
-
-    Attributes:
-        images: (N, rows*cols) float32 in [0, 1]; raw uint8 pixels divided by
-            255, as the seed article's ``transform``.
-        labels: (N,) int64 class ids in ``[0, len(class_names))``.
-        class_names: name of each class id, in id order.
-        source: the directory the files were read from, or a description.
-    """
-
-    images: np.ndarray
-    labels: np.ndarray
-    class_names: tuple[str, ...]
-    source: str
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
 def _read_bytes(path: str) -> bytes:
     """Return the file's bytes, gunzipped when the content starts with 1f 8b.
 
@@ -103,6 +87,35 @@ def _read_bytes(path: str) -> bytes:
         raise ValueError(
             f"{path}: expected a valid gzip stream (file starts with gzip magic 1f 8b), "
             f"found a corrupt or truncated one: {exc}") from exc
+
+
+def _parse_header(data: bytes, path: str) -> tuple:
+    """(dims, header length) from the first bytes of an IDX file; the header checks of
+    :func:`read_idx` (``data`` may hold only the header)."""
+    if len(data) < 4:
+        raise ValueError(
+            f"{path}: expected an IDX header of at least 4 bytes, found {len(data)} bytes")
+    (magic,) = struct.unpack(">I", data[:4])
+    zero, dtype_code, ndim = magic >> 16, (magic >> 8) & 0xFF, magic & 0xFF
+    if zero != 0 or magic not in (IMAGES_MAGIC, LABELS_MAGIC):
+        if zero == 0 and ndim in (1, 3) and dtype_code != _UINT8_TYPE:
+            raise ValueError(
+                f"{path}: expected IDX element type 0x08 (uint8), found 0x{dtype_code:02x} "
+                f"(magic found = {magic})")
+        raise ValueError(
+            f"{path}: not an IDX file: expected magic {IMAGES_MAGIC} (images) or "
+            f"{LABELS_MAGIC} (labels), magic found = {magic} (first bytes {data[:8]!r})")
+    header_len = 4 + 4 * ndim
+    if len(data) < header_len:
+        raise ValueError(
+            f"{path}: expected an IDX header of {header_len} bytes for {ndim} dimensions, "
+            f"found {len(data)} bytes")
+    dims = struct.unpack(f">{ndim}I", data[4:header_len])
+    if ndim == 3 and (dims[1] == 0 or dims[2] == 0):
+        raise ValueError(
+            f"{path}: expected images of at least 1x1 pixels, found {dims[1]}x{dims[2]} "
+            f"(dims {tuple(dims)})")
+    return tuple(int(d) for d in dims), header_len
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -129,29 +142,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """
     path = os.fspath(path)
     data = _read_bytes(path)
-    if len(data) < 4:
-        raise ValueError(
-            f"{path}: expected an IDX header of at least 4 bytes, found {len(data)} bytes")
-    (magic,) = struct.unpack(">I", data[:4])
-    zero, dtype_code, ndim = magic >> 16, (magic >> 8) & 0xFF, magic & 0xFF
-    if zero != 0 or magic not in (IMAGES_MAGIC, LABELS_MAGIC):
-        if zero == 0 and ndim in (1, 3) and dtype_code != _UINT8_TYPE:
-            raise ValueError(
-                f"{path}: expected IDX element type 0x08 (uint8), found 0x{dtype_code:02x} "
-                f"(magic found = {magic})")
-        raise ValueError(
-            f"{path}: not an IDX file: expected magic {IMAGES_MAGIC} (images) or "
-            f"{LABELS_MAGIC} (labels), magic found = {magic} (first bytes {data[:8]!r})")
-    header_len = 4 + 4 * ndim
-    if len(data) < header_len:
-        raise ValueError(
-            f"{path}: expected an IDX header of {header_len} bytes for {ndim} dimensions, "
-            f"found {len(data)} bytes")
-    dims = struct.unpack(f">{ndim}I", data[4:header_len])
-    if ndim == 3 and (dims[1] == 0 or dims[2] == 0):
-        raise ValueError(
-            f"{path}: expected images of at least 1x1 pixels, found {dims[1]}x{dims[2]} "
-            f"(dims {tuple(dims)})")
+    dims, header_len = _parse_header(data, path)
     expected = int(np.prod(dims, dtype=np.int64))
     found = len(data) - header_len
     if found != expected:
@@ -207,8 +198,9 @@ def load_split(images_path: str | os.PathLike, labels_path: str | os.PathLike,
         source: recorded in ``Split.source``; defaults to the images' directory.
 
     Returns:
-        Split with images (N, rows*cols) float32 in [0, 1] (bytes / 255, as the
-        seed article's transform) and labels (N,) int64.
+        Split with images (N, rows*cols) uint8 (the file's bytes; scaled by 1/255
+        where used, see :func:`dist_triplet.data.as_float`), ``image_shape``
+        (rows, cols, 1) and labels (N,) int64.
 
     Raises:
         ValueError: a file is not a valid IDX file of the expected kind (see
@@ -239,9 +231,10 @@ def load_split(images_path: str | os.PathLike, labels_path: str | os.PathLike,
             f"{labels_path}: expected labels in [0, {len(class_names)}) for "
             f"{len(class_names)} classes, found label {bad}")
     n = images.shape[0]
-    pixels = images.reshape(n, -1).astype(np.float32) / np.float32(255.0)
-    return Split(images=pixels, labels=labels.astype(np.int64), class_names=class_names,
-                 source=source if source is not None else os.path.dirname(images_path))
+    return Split(images=images.reshape(n, -1), labels=labels.astype(np.int64),
+                 class_names=class_names,
+                 source=source if source is not None else os.path.dirname(images_path),
+                 image_shape=(int(images.shape[1]), int(images.shape[2]), 1))
 
 
 def _find_file(root: str, stem: str) -> str:
@@ -296,7 +289,7 @@ def load_dataset(name: str, root: str | None = None, train: bool = True) -> Spli
         train: the train split when True, else the test (t10k) split.
 
     Returns:
-        Split: images (N, rows*cols) float32 in [0, 1], labels (N,) int64.
+        Split: images (N, rows*cols) uint8, image_shape (rows, cols, 1), labels (N,) int64.
 
     Raises:
         ValueError: unknown ``name`` (message lists the valid names); ``idx``
@@ -328,17 +321,143 @@ def load_dataset(name: str, root: str | None = None, train: bool = True) -> Spli
     raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(DATASET_NAMES)}")
 
 
-def subset(split: Split, n: int) -> Split:
-    """Return the first ``n`` rows of ``split`` (all of it when n is 0 or >= N).
+def _open_stream(path: str):
+    """The file as a byte stream: gunzipped when it starts with 1f 8b (by content)."""
+    fh = open(path, "rb")
+    head = fh.read(2)
+    fh.seek(0)
+    if head == _GZIP_MAGIC:
+        return gzip.GzipFile(fileobj=fh, mode="rb"), fh
+    return fh, fh
 
-    Used by debug configs (``data.limit``) to train on a small prefix.
+
+def _stream_read(stream, n: int, path: str) -> bytes:
+    try:
+        return stream.read(n)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ValueError(
+            f"{path}: expected a valid gzip stream (file starts with gzip magic 1f 8b), "
+            f"found a corrupt or truncated one: {exc}") from exc
+
+
+def read_idx_header(path: str) -> tuple:
+    """Dims of an IDX images file, from its header only: (N, rows, cols).
 
     Raises:
-        ValueError: when ``n`` is negative.
+        ValueError: naming ``path``, as :func:`read_idx` for the header (bad gzip,
+            short header, wrong magic, 0-pixel images) and when it is not an images
+            file (magic 2051).
     """
-    if n < 0:
-        raise ValueError(f"subset size must be >= 0 (0 means all), found {n}")
-    if n == 0 or n >= len(split):
-        return split
-    return Split(images=split.images[:n], labels=split.labels[:n],
-                 class_names=split.class_names, source=f"{split.source} (first {n})")
+    stream, raw = _open_stream(path)
+    try:
+        head = _stream_read(stream, 16, path)
+    finally:
+        stream.close()
+        raw.close()
+    dims, _ = _parse_header(head, path)
+    if len(dims) != 3:
+        raise ValueError(f"{path}: expected an IDX images file (magic {IMAGES_MAGIC}, 3 dims), "
+                         f"found {len(dims)} dim(s): a labels file?")
+    if dims[0] == 0:
+        raise ValueError(f"{path}: holds 0 images; expected at least 1")
+    return tuple(int(d) for d in dims)
+
+
+def _idx_fill(path: str, dims: tuple):
+    n, rows, cols = dims
+    width = rows * cols
+
+    def fill(targets) -> None:
+        stream, raw = _open_stream(path)
+        try:
+            _stream_read(stream, 16, path)
+            per_chunk = max(1, CHUNK_BYTES // width)
+            cursors = [0] * len(targets)
+            for start in range(0, n, per_chunk):
+                want = min(per_chunk, n - start) * width
+                buf = _stream_read(stream, want, path)
+                if len(buf) != want:
+                    found = start * width + len(buf)
+                    raise ValueError(f"{path}: expected {n * width} payload bytes for dims "
+                                     f"{dims}, found {found} (truncated)")
+                chunk = np.frombuffer(buf, np.uint8).reshape(-1, width)
+                scatter_rows(chunk, start, targets, cursors)
+            if _stream_read(stream, 1, path):
+                raise ValueError(f"{path}: expected {n * width} payload bytes for dims "
+                                 f"{dims}, found more (trailing bytes)")
+        finally:
+            stream.close()
+            raw.close()
+    return fill
+
+
+def idx_source(root: str, class_names=None, fmt: str = "idx") -> Source:
+    """Open a directory of MNIST-format files (train and t10k, each raw or ``.gz``).
+
+    Labels are read now; images only as far as their headers (pixels stream later).
+
+    Args:
+        root: directory with ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+            ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte`` (each may end in .gz).
+        class_names: names by label; None = ``str(i)`` for i up to the largest label of
+            either split.
+
+    Raises:
+        FileNotFoundError: a file is missing (message names the path tried).
+        ValueError: a bad header or labels file; image and label counts differ; a label
+            beyond ``class_names`` (each message names the file).
+    """
+    parts, files, found = {}, [], {}
+    for train in (True, False):
+        images_stem, labels_stem = _FILE_STEMS[train]
+        images_path = _find_file(root, images_stem)
+        labels_path = _find_file(root, labels_stem)
+        dims = read_idx_header(images_path)
+        labels = read_idx(labels_path)
+        if labels.ndim != 1:
+            raise ValueError(f"{labels_path}: expected a labels file (magic {LABELS_MAGIC}, "
+                             f"1 dim), found {labels.ndim} dims")
+        if dims[0] != labels.shape[0]:
+            raise ValueError(
+                f"count mismatch: {images_path} holds {dims[0]} images but "
+                f"{labels_path} holds {labels.shape[0]} labels")
+        found[train] = (images_path, labels_path, dims, labels.astype(np.int64))
+        files += [images_path, labels_path]
+    if class_names is None:
+        top = max(int(v[3].max()) for v in found.values())
+        class_names = tuple(str(i) for i in range(top + 1))
+    class_names = tuple(class_names)
+    for train, (images_path, labels_path, dims, labels) in found.items():
+        if int(labels.max()) >= len(class_names):
+            raise ValueError(
+                f"{labels_path}: expected labels in [0, {len(class_names)}) for "
+                f"{len(class_names)} classes, found label {int(labels.max())}")
+        parts["train" if train else "test"] = Part(
+            labels=labels, row_shape=(dims[1], dims[2], 1), dtype=np.dtype(np.uint8),
+            fill=_idx_fill(images_path, dims), where=root)
+    return Source(fmt=fmt, parts=parts, class_names=class_names, image=True, files=files,
+                  where=root)
+
+
+def named_source(name: str, root: str | None) -> Source:
+    """The :class:`Source` of a named data set (``data.dataset``): fashion_mnist, mnist or
+    idx, with the directories and errors of :func:`load_dataset`."""
+    if name == "fashion_mnist":
+        root = FASHION_MNIST_ROOT if root is None else root
+        hint = ("install Debian's package with `apt-get install dataset-fashion-mnist` "
+                "(launch/setup.sh does it), or " + _ANY_ROOT_HINT)
+        classes = FASHION_MNIST_CLASSES
+    elif name == "mnist":
+        if root is None:
+            root = _mxnet_mnist_root(True)
+            _mxnet_mnist_root(False)
+        hint, classes = _ANY_ROOT_HINT, MNIST_CLASSES
+    elif name == "idx":
+        if root is None:
+            raise ValueError(f"data set 'idx' needs an explicit directory: {_ANY_ROOT_HINT}")
+        hint, classes = _ANY_ROOT_HINT, None
+    else:
+        raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data directory {root} does not exist; {hint}")
+    return idx_source(root, classes, fmt=f"idx ({name})" if name != "idx" else "idx")

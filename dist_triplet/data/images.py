@@ -1,0 +1,273 @@
+"""Image files: a folder per class, or a CSV of ``path,label[,split]``; read with Pillow.
+
+* **Folder** (``data.format: folder``): ``ROOT/<class>/*.{png,jpg,jpeg}`` (any case), class
+  names from the folder names, class ids in sorted name order (as torchvision's
+  ``ImageFolder``). When ``ROOT`` holds exactly the folders ``train`` and ``test`` (each
+  with class folders), those are the splits; class ids then cover both.
+* **CSV** (``data.format: csv``): the open-metric-learning convention
+  (https://open-metric-learning.readthedocs.io, "Dataset format"): a header with columns
+  ``path`` and ``label`` (integer), optional ``split`` (``train``, or ``validation`` /
+  ``test``). Paths are relative to the CSV's directory unless absolute. Other columns are
+  ignored.
+
+Every image is converted to ``data.mode`` (``L``: 1 channel, ``RGB``: 3) and, with
+``data.image_size`` (H, W), resized with Pillow's bilinear filter; without it every image
+must have the first image's size. Rows are uint8 (H, W, C), row-major.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .source import CHUNK_BYTES, Part, Source, scatter_rows
+
+__all__ = ["IMAGE_EXTENSIONS", "MODES", "folder_source", "csv_source", "read_image", "pillow"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+MODES = {"L": 1, "RGB": 3}
+
+
+def pillow():
+    """Pillow's ``Image`` module, its C core bound to Pillow's own libjpeg.
+
+    Horovod loads its MXNet extension with ``RTLD_GLOBAL``, which exports the libjpeg 8
+    bundled in libmxnet to every library loaded afterwards. Pillow's core, if first
+    loaded after that, binds its JPEG calls to it and every JPEG fails ("Wrong JPEG
+    library version: library is 80, caller expects 62"). Loading the core with
+    ``RTLD_DEEPBIND`` makes it use its own libraries first, whatever was loaded before.
+    (Already loaded: nothing changes; :func:`read_image` then names the problem.)
+
+    Raises:
+        ValueError: Pillow is not installed.
+    """
+    try:
+        if "PIL._imaging" not in sys.modules and hasattr(os, "RTLD_DEEPBIND"):
+            flags = sys.getdlopenflags()
+            sys.setdlopenflags(flags | os.RTLD_DEEPBIND)
+            try:
+                from PIL import Image
+            finally:
+                sys.setdlopenflags(flags)
+        from PIL import Image
+    except ImportError as exc:  # pragma: no cover - Pillow is a dependency
+        raise ValueError(f"reading image files needs Pillow (pip install Pillow): {exc}") \
+            from None
+    return Image
+
+
+
+def _jpeg_works() -> bool:
+    """Whether Pillow can encode and decode a JPEG in this process (see :func:`pillow`)."""
+    import io
+    Image = pillow()
+    try:
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, format="JPEG")
+        buf.seek(0)
+        Image.open(buf).load()
+        return True
+    except OSError:
+        return False
+
+
+def read_image(path: str, mode: str, size: Optional[Tuple[int, int]]) -> np.ndarray:
+    """One image as (H, W, C) uint8 in ``mode``, resized to ``size`` (H, W) if given.
+
+    Raises:
+        ValueError: naming ``path`` when Pillow cannot identify or fully decode it
+            (truncated, corrupt, not an image).
+    """
+    Image = pillow()
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, named
+            im = im.convert(mode)
+            if size is not None and im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        # Pillow raises UnidentifiedImageError (an OSError) for non-images, OSError
+        # ("image file is truncated") or SyntaxError (broken PNG chunks) for bad data.
+        if path.lower().endswith((".jpg", ".jpeg")) and not _jpeg_works():
+            raise ValueError(
+                f"{path}: Pillow cannot decode any JPEG in this process: its core was loaded "
+                "after horovod.mxnet and bound to MXNet's libjpeg; load images through "
+                "dist_triplet.data (or import PIL.Image) before importing Horovod") from None
+        raise ValueError(f"{path}: unreadable or truncated image: {exc}") from None
+    return arr.reshape(arr.shape[0], arr.shape[1], MODES[mode])
+
+
+def _first_size(path: str) -> Tuple[int, int]:
+    """(H, W) of ``path`` from its header."""
+    Image = pillow()
+    try:
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable or truncated image: {exc}") from None
+
+
+def _image_part(files: Sequence[str], labels: np.ndarray, mode: str,
+                image_size: Optional[Sequence[int]], where: str) -> Part:
+    if mode not in MODES:
+        raise ValueError(f"data.mode={mode!r} is not one of {', '.join(MODES)}")
+    size = tuple(int(v) for v in image_size) if image_size else None
+    hw = size if size is not None else _first_size(files[0])
+    row_shape = (hw[0], hw[1], MODES[mode])
+    width = int(np.prod(row_shape))
+
+    def fill(targets) -> None:
+        # Only the rows some target wants are decoded, in chunks of consecutive rows.
+        wanted = np.zeros(len(files), bool)
+        for _, rows in targets:
+            wanted[rows] = True
+        per_chunk = max(1, CHUNK_BYTES // width)
+        cursors = [0] * len(targets)
+        for lo in range(0, len(files), per_chunk):
+            chunk = np.zeros((min(per_chunk, len(files) - lo), width), np.uint8)
+            for r in np.flatnonzero(wanted[lo:lo + len(chunk)]) + lo:
+                arr = read_image(files[r], mode, size)
+                if arr.shape != row_shape:
+                    raise ValueError(
+                        f"{files[r]}: image is {arr.shape[0]}x{arr.shape[1]} but {files[0]} is "
+                        f"{row_shape[0]}x{row_shape[1]}: images of mixed sizes need "
+                        "data.image_size=[H, W] (or one int) to resize them to")
+                chunk[r - lo] = arr.reshape(-1)
+            scatter_rows(chunk, lo, targets, cursors)
+    return Part(labels=np.asarray(labels, np.int64), row_shape=row_shape,
+                dtype=np.dtype(np.uint8), fill=fill, where=where)
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _subdirs(root: str) -> List[str]:
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def _scan_classes(root: str) -> dict:
+    """{class name: sorted image paths} of ``root``'s class folders."""
+    classes = _subdirs(root)
+    if not classes:
+        raise ValueError(f"{root}: image folder holds no class folders; expected "
+                         f"ROOT/<class>/*.{{png,jpg,jpeg}}")
+    out = {}
+    for name in classes:
+        folder = os.path.join(root, name)
+        files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if _is_image(f)
+                       and os.path.isfile(os.path.join(folder, f)))
+        if not files:
+            raise ValueError(f"{folder}: empty class folder (no .png, .jpg or .jpeg files); "
+                             "remove it or add images")
+        out[name] = files
+    return out
+
+
+def is_split_folder(root: str) -> bool:
+    """True when ``root`` holds the folders ``train`` and ``test`` and nothing else
+    (hidden entries aside), each holding class folders."""
+    subs = _subdirs(root)
+    return subs == ["test", "train"] and all(_subdirs(os.path.join(root, s)) for s in subs)
+
+
+def folder_source(root: str, mode: str = "RGB",
+                  image_size: Optional[Sequence[int]] = None) -> Source:
+    """Open an image folder (see the module docstring).
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        ValueError: no class folders; an empty class folder; only one class; an
+            unreadable first image (each message names the folder or file).
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: image folder does not exist")
+    layout = {s: os.path.join(root, s) for s in ("train", "test")} if is_split_folder(
+        root) else {"all": root}
+    scanned = {name: _scan_classes(d) for name, d in layout.items()}
+    names = sorted(set().union(*[set(s) for s in scanned.values()]))
+    if len(names) < 2:
+        raise ValueError(f"{root}: image folder holds one class ({names[0]!r}); triplets need "
+                         "at least 2 class folders (a negative comes from another class)")
+    ids = {n: i for i, n in enumerate(names)}
+    parts, files_all = {}, []
+    for name, classes in scanned.items():
+        files = [f for c in classes.values() for f in c]
+        labels = np.array([ids[c] for c, fs in classes.items() for _ in fs], np.int64)
+        parts[name] = _image_part(files, labels, mode, image_size, layout[name])
+        files_all += files
+    return Source(fmt="folder", parts=parts, class_names=tuple(names), image=True,
+                  files=files_all, where=root)
+
+
+_SPLIT_VALUES = {"train": "train", "test": "test", "validation": "test", "val": "test"}
+
+
+def csv_source(path: str, mode: str = "RGB",
+               image_size: Optional[Sequence[int]] = None) -> Source:
+    """Open a CSV of image paths and labels (see the module docstring).
+
+    Raises:
+        FileNotFoundError: the CSV or an image it names is missing (line number given).
+        ValueError: no ``path`` / ``label`` column (the message lists the columns found);
+            a label that is not an integer or a split value not train/validation/test
+            (line and value named); fewer than 2 classes; no rows.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: CSV file does not exist")
+    base = os.path.dirname(os.path.abspath(path))
+    rows: List[Tuple[str, int, Optional[str]]] = []
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        cols = [c.strip() for c in (reader.fieldnames or [])]
+        reader.fieldnames = cols
+        missing = [c for c in ("path", "label") if c not in cols]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; found columns "
+                             f"{', '.join(cols) or 'none'}; expected a header path,label[,split]")
+        has_split = "split" in cols
+        for line, rec in enumerate(reader, start=2):
+            value = (rec.get("label") or "").strip()
+            try:
+                label = int(value)
+            except ValueError:
+                raise ValueError(f"{path}: line {line}: label {value!r} is not an integer") \
+                    from None
+            file = (rec.get("path") or "").strip()
+            if not file:
+                raise ValueError(f"{path}: line {line}: empty path")
+            file = file if os.path.isabs(file) else os.path.join(base, file)
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{path}: line {line}: image {file} does not exist")
+            split = None
+            if has_split:
+                raw = (rec.get("split") or "").strip()
+                split = _SPLIT_VALUES.get(raw.lower())
+                if split is None:
+                    raise ValueError(f"{path}: line {line}: split {raw!r} is not one of train, "
+                                     "validation, test")
+            rows.append((file, label, split))
+    if not rows:
+        raise ValueError(f"{path}: holds no rows after its header")
+    values = np.unique([r[1] for r in rows])
+    if values.size < 2:
+        raise ValueError(f"{path}: every row has label {int(values[0])}; triplets need at "
+                         "least 2 classes")
+    names = tuple(str(int(v)) for v in values)
+    groups = {"train": [], "test": []} if has_split else {"all": []}
+    for file, label, split in rows:
+        groups[split or "all"].append((file, int(np.searchsorted(values, label))))
+    if has_split and not (groups["train"] and groups["test"]):
+        empty = "train" if not groups["train"] else "test"
+        raise ValueError(f"{path}: column split has no {empty} rows; give both train and "
+                         "validation/test rows, or drop the column to split by data.split")
+    parts = {name: _image_part([f for f, _ in g], np.array([lab for _, lab in g], np.int64),
+                               mode, image_size, f"{path} ({name} rows)" if name != "all"
+                               else path)
+             for name, g in groups.items()}
+    return Source(fmt="csv", parts=parts, class_names=names, image=True,
+                  files=[path] + [r[0] for r in rows], where=path)

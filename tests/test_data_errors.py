@@ -1,0 +1,218 @@
+"""Bad input of issue 10: each a one-line error naming the file, key or value, from
+``load_data``; and through ``python -m dist_triplet.train``'s ``main``: exit status 2,
+``error: ...`` on stderr, and nothing written (no run directory, no cache entry)."""
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from _data_util import data_cfg, make_images, write_csv, write_folder, write_png
+from dist_triplet.data import load_data
+
+pytest.importorskip("PIL")
+
+
+def fails(cfg, exc_type=ValueError, *needles):
+    with pytest.raises(exc_type) as exc:
+        load_data(cfg)
+    msg = str(exc.value)
+    assert "\n" not in msg, msg
+    for needle in needles:
+        assert str(needle) in msg, (needle, msg)
+    return msg
+
+
+# ----------------------------------------------------------------------------- image files
+
+def test_mixed_sizes_need_image_size(tmp_path):
+    images, labels = make_images(4, 2, 6, 6, 3)
+    paths = write_folder(tmp_path, images, labels)
+    write_png(paths[5], np.zeros((7, 9, 3), np.uint8))           # one odd size
+    fails(data_cfg(path=str(tmp_path), test_fraction=0.5), ValueError,
+          paths[5], "7x9", paths[0], "6x6", "data.image_size")
+    train, test = load_data(data_cfg(path=str(tmp_path), image_size=[6, 6], test_fraction=0.5))
+    assert train.image_shape == (6, 6, 3) and len(train) + len(test) == 8
+
+
+@pytest.mark.parametrize("how", ["truncated", "not_an_image"])
+def test_unreadable_image_is_named(tmp_path, how):
+    images, labels = make_images(4, 2, 8, 8, 3)
+    paths = write_folder(tmp_path, images, labels)
+    bad = paths[6]
+    if how == "truncated":
+        data = open(bad, "rb").read()
+        open(bad, "wb").write(data[: len(data) // 2])
+    else:
+        open(bad, "w").write("<html>not a png</html>")
+    fails(data_cfg(path=str(tmp_path), test_fraction=0.5), ValueError, bad,
+          "unreadable or truncated image")
+
+
+def test_empty_class_folder(tmp_path):
+    images, labels = make_images(4, 2, 4, 4, 3)
+    write_folder(tmp_path, images, labels)
+    os.makedirs(tmp_path / "zz_empty")
+    (tmp_path / "zz_empty" / "notes.txt").write_text("no images here")
+    fails(data_cfg(path=str(tmp_path)), ValueError, str(tmp_path / "zz_empty"),
+          "empty class folder", "folder")
+
+
+def test_folder_with_one_class(tmp_path):
+    images, labels = make_images(4, 1, 4, 4, 3)
+    write_folder(tmp_path, images, labels, ["only"])
+    fails(data_cfg(path=str(tmp_path)), ValueError, str(tmp_path), "one class", "'only'",
+          "data.format=folder")
+
+
+def test_folder_without_class_folders(tmp_path):
+    write_png(tmp_path / "a.png", np.zeros((2, 2, 3), np.uint8))
+    fails(data_cfg(path=str(tmp_path), format="folder"), ValueError, str(tmp_path),
+          "no class folders")
+
+
+def test_train_and_test_of_different_sizes(tmp_path):
+    a, la = make_images(2, 2, 5, 5, 3)
+    b, lb = make_images(2, 2, 4, 6, 3)
+    write_folder(tmp_path / "train", a, la)
+    write_folder(tmp_path / "test", b, lb)
+    fails(data_cfg(path=str(tmp_path)), ValueError, str(tmp_path / "train"),
+          str(tmp_path / "test"), "5x5x3", "4x6x3", "one width")
+
+
+# ----------------------------------------------------------------------------- npz
+
+def test_npz_missing_key_lists_keys(tmp_path):
+    np.savez(tmp_path / "d.npz", features=np.zeros((4, 2)), y=np.arange(4))
+    fails(data_cfg(path=str(tmp_path / "d.npz")), ValueError, "d.npz", "missing key(s) 'x'",
+          "'features', 'y'", "data.format=npz")
+    np.savez(tmp_path / "e.npz", x=np.zeros((4, 2)))
+    fails(data_cfg(path=str(tmp_path / "e.npz")), ValueError, "e.npz", "missing key(s) 'y'",
+          "keys: 'x'")
+
+
+def test_npz_labels_not_integers(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 2)), y=np.array([0.0, 1.0, 0.5, 1.0]))
+    fails(data_cfg(path=str(tmp_path / "d.npz")), ValueError, "d.npz", "key 'y'",
+          "integer labels", "float64")
+
+
+def test_npz_labels_not_matching_x(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 2)), y=np.arange(5))
+    fails(data_cfg(path=str(tmp_path / "d.npz")), ValueError, "d.npz", "key 'y' has shape (5,)",
+          "4 rows")
+
+
+def test_npz_x_of_wrong_kind(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 2), np.uint8), y=np.arange(4))
+    fails(data_cfg(path=str(tmp_path / "d.npz")), ValueError, "d.npz", "key 'x'", "uint8",
+          "(N, D) float")
+
+
+def test_npz_train_and_test_of_different_widths(tmp_path):
+    np.savez(tmp_path / "train.npz", x=np.zeros((4, 8)), y=np.array([0, 0, 1, 1]))
+    np.savez(tmp_path / "test.npz", x=np.zeros((4, 6)), y=np.array([0, 0, 1, 1]))
+    fails(data_cfg(path=str(tmp_path)), ValueError, "train.npz", "test.npz", "width 8",
+          "width 6")
+
+
+def test_not_an_npz(tmp_path):
+    (tmp_path / "d.npz").write_text("hello")
+    fails(data_cfg(path=str(tmp_path / "d.npz")), ValueError, "d.npz", "not a NumPy .npz")
+
+
+# ----------------------------------------------------------------------------- csv
+
+def test_csv_errors(tmp_path):
+    write_png(tmp_path / "a.png", np.zeros((2, 2, 3), np.uint8))
+    write_csv(tmp_path / "no_label.csv", [("a.png",)], "path")
+    fails(data_cfg(path=str(tmp_path / "no_label.csv")), ValueError, "no_label.csv",
+          "missing column(s) label", "found columns path")
+    write_csv(tmp_path / "bad_label.csv", [("a.png", 0), ("a.png", "cat")])
+    fails(data_cfg(path=str(tmp_path / "bad_label.csv")), ValueError, "bad_label.csv",
+          "line 3", "'cat'", "not an integer")
+    write_csv(tmp_path / "bad_split.csv", [("a.png", 0, "train"), ("a.png", 1, "dev")],
+              "path,label,split")
+    fails(data_cfg(path=str(tmp_path / "bad_split.csv")), ValueError, "line 3", "'dev'")
+    write_csv(tmp_path / "missing.csv", [("a.png", 0), ("b.png", 1)])
+    fails(data_cfg(path=str(tmp_path / "missing.csv")), FileNotFoundError, "line 3",
+          str(tmp_path / "b.png"))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+mx = pytest.importorskip("mxnet")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging():
+    yield
+    for handler in list(logging.root.handlers):
+        logging.root.removeHandler(handler)
+
+
+def _cli_fails(capsys, tmp_path, overrides, *needles, cache_ok=False):
+    from dist_triplet.train import main
+    out = tmp_path / "run"
+    cache = tmp_path / "cache"
+    capsys.readouterr()
+    code = main([f"output.dir={out}", f"data.cache_dir={cache}", "train.epochs=1",
+                 "train.batch_size=2", "model.hidden=[8]", "train.progress=false",
+                 "eval.projector=false", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    line = [ln for ln in err.splitlines() if ln.startswith("error: ")][-1]
+    for needle in needles:
+        assert needle in line, (needle, line)
+    assert not out.exists()
+    if cache_ok:  # good data, bad config: the complete entry stays, for the next run
+        assert all(os.path.isfile(cache / e / "meta.json") for e in os.listdir(cache))
+    else:
+        assert not cache.exists() or os.listdir(cache) == []
+    return line
+
+
+def test_cli_truncated_image_writes_nothing(tmp_path, capsys):
+    images, labels = make_images(4, 3, 4, 4, 3)
+    paths = write_folder(tmp_path / "d", images, labels)
+    open(paths[2], "wb").write(open(paths[2], "rb").read()[:30])
+    _cli_fails(capsys, tmp_path, [f"data.path={tmp_path / 'd'}", "data.test_fraction=0.5"],
+               paths[2])
+
+
+def test_cli_npz_missing_key_writes_nothing(tmp_path, capsys):
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 2)))
+    _cli_fails(capsys, tmp_path, [f"data.path={tmp_path / 'd.npz'}"], "missing key(s) 'y'")
+
+
+def test_cli_fewer_classes_than_sampler_p(tmp_path, capsys):
+    images, labels = make_images(4, 3, 4, 4, 1)
+    np.savez(tmp_path / "d.npz", x=images[..., 0], y=labels)
+    _cli_fails(capsys, tmp_path, [f"data.path={tmp_path / 'd.npz'}", "data.test_fraction=0.5",
+                                  "sampler.kind=pk", "sampler.p=4", "sampler.k=2"],
+               "sampler.p=4", "only 3 classes", cache_ok=True)
+
+
+def test_cli_config_errors_name_the_key(tmp_path, capsys):
+    _cli_fails(capsys, tmp_path, ["data.format=npz"], "data.format='npz' needs data.path")
+    _cli_fails(capsys, tmp_path, [f"data.path={tmp_path}", "data.root=/x"], "data.root")
+    _cli_fails(capsys, tmp_path, [f"data.path={tmp_path}", "data.image_size=[1, 2, 3]"],
+               "data.image_size")
+    _cli_fails(capsys, tmp_path, [f"data.path={tmp_path}", "data.test_fraction=1"],
+               "data.test_fraction")
+    _cli_fails(capsys, tmp_path, [f"data.path={tmp_path}", "data.mode=CMYK"], "data.mode")
+
+
+def test_data_config_keys_and_resume_policies():
+    from dist_triplet.config import load_config, resume_policies
+    cfg = load_config(None, ["data.path=x.npz", "data.image_size=32", "data.split=classes"])
+    assert cfg.data.image_size == [32, 32] and cfg.data.split == "classes"
+    assert cfg.output.name == "x"                     # generated run dirs named after the data
+    assert load_config(None, ["data.image_size=[24, 40]"]).data.image_size == [24, 40]
+    policy = resume_policies()
+    # Keys that change what the network sees or which rows train are fixed on resume;
+    # where the data live and where the cache lives are not.
+    for key in ("data.format", "data.mode", "data.image_size", "data.split",
+                "data.test_fraction", "data.split_seed"):
+        assert policy[key] == "fixed", key
+    assert policy["data.path"] == policy["data.root"] == policy["data.cache_dir"] == "free"
