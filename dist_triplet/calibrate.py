@@ -105,11 +105,14 @@ def rates(dist: np.ndarray, right: np.ndarray, threshold: float) -> dict:
             "precision": p, "recall": r, "f1": f1}
 
 
-def nearest_outcomes(index: Index, model, items, batch_size: int = 2048) -> tuple:
+def nearest_outcomes(index: Index, model, items, batch_size: int = 2048,
+                     labels_flag: str = "--labels") -> tuple:
     """(dist (M,) float32 nearest squared distance, right (M,) bool) of labelled ``items``;
-    a query whose id is in the gallery is searched with that item left out."""
+    a query whose id is in the gallery is searched with that item left out. ``labels_flag``
+    names the option that gives ``items`` labels, for the error when they have none."""
     if items.labels is None:
-        raise ValueError(f"calibration data {items.source} carry no labels (pass --labels)")
+        raise ValueError(f"calibration data {items.source} carry no labels "
+                         f"(pass {labels_flag})")
     exclude_self = bool(set(items.ids) & set(index.ids))
     _, dist, pos, _ = search_items(index, model, items, 1, exclude_self, batch_size)
     q_lab = _query_label_ids(index, items)
@@ -159,7 +162,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dist, right = nearest_outcomes(index, model, items, args.batch_size)
         if args.holdout is not None:
             held = read_items(args.holdout, model.in_units, args.holdout_labels)
-            h_dist, h_right = nearest_outcomes(index, model, held, args.batch_size)
+            h_dist, h_right = nearest_outcomes(index, model, held, args.batch_size,
+                                               "--holdout-labels")
             c_dist, c_right = dist, right
             split = {"holdout": held.source}
         else:

@@ -373,7 +373,8 @@ def _parse(value: Any, tp: Any, key: str, where: str) -> Any:
         try:  # command-line values are strings; YAML gives them the same syntax as in a file
             value = yaml.safe_load(value)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: {key}={value!r} is not valid YAML: {exc}") from None
+            raise ConfigError(f"{where}: {key}={value!r} is not valid YAML: "
+                              f"{_yaml_problem(exc)}") from None
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
@@ -463,6 +464,9 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value!r} is empty; give a directory"
                               + (" or null for a new timestamped one" if key == "output.dir"
                                  else ""))
+    if cfg.checkpoint.resume is not None and not cfg.checkpoint.resume.strip():
+        raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r} is empty; give a "
+                          "checkpoint directory, auto, or null for a fresh run")
     d = cfg.data
     if d.path is not None and not d.path.strip():
         raise ConfigError(f"data.path={d.path!r} is empty; give a file or directory, or null "
@@ -517,6 +521,16 @@ def parse_devices(devices: str) -> Tuple[str, Union[int, List[int], None]]:
                          "GPU ids like '0,1'") from None
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: ``line L, column C: problem`` (1-based), as PyYAML's
+    multi-line message would say it."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if mark is None:
+        return " ".join(str(exc).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
     """Build the run's config: defaults, then the YAML file at ``path``, then overrides.
 
@@ -524,7 +538,8 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         path: YAML file with a mapping ``section: {key: value}``; only keys that differ
             from the defaults need to appear. ``None`` = defaults only.
         overrides: strings ``section.key=value``; values use YAML syntax
-            (``model.hidden=[512,128]``, ``checkpoint.resume=null``).
+            (``model.hidden=[512,128]``, ``checkpoint.resume=null``); whitespace around
+            the value is dropped.
 
     Returns:
         The validated ``Config``.
@@ -536,9 +551,11 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
     """
     cfg = Config()
     if path is not None:
+        if os.path.isdir(path):
+            raise ConfigError(f"config file {path!r} is a directory; pass a YAML file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file {path!r} does not exist")
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             try:
                 loader = _UniqueKeyLoader(fh)
                 loader.name = path
@@ -546,8 +563,11 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
                     doc = loader.get_single_data() or {}
                 finally:
                     loader.dispose()
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: "
+                                  f"{exc.reason}); save the config as UTF-8") from None
             except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+                raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
         if not isinstance(doc, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections, got "
                               f"{type(doc).__name__}")
@@ -560,7 +580,9 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         if "=" not in item:
             raise ConfigError(f"command line: override {item!r} must look like section.key=value")
         key, value = item.split("=", 1)
-        _set(cfg, key.strip(), value, "command line")
+        # Surrounding whitespace of a command-line value is dropped (as YAML does for a
+        # plain scalar in a file): output.dir=" runs/a " means runs/a.
+        _set(cfg, key.strip(), value.strip(), "command line")
     if cfg.output.name is None:
         cfg.output.name = (os.path.splitext(os.path.basename(path))[0] if path
                            else os.path.splitext(os.path.basename(os.path.normpath(

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .data import read_idx
-from .fsutil import atomic_write
+from .fsutil import atomic_write, check_can_write
 from .export import mxnet_error_line, load_model, model_files, read_meta
 
 __all__ = ["load_images", "embed_images", "main"]
@@ -163,6 +163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         if os.path.isdir(args.output):  # before any work
             raise ValueError(f"output {args.output} is a directory: pass a file name")
+        check_can_write(args.output, "--output")
         import mxnet as mx
         if args.device == "gpu":
             if mx.context.num_gpus() == 0:
@@ -179,6 +180,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except mx.base.MXNetError as exc:
             raise ValueError(f"the model in {model_dir} failed on {args.input}: "
                              f"{mxnet_error_line(exc)}") from None
+        bad = int(np.count_nonzero(~np.isfinite(emb)))
+        if bad:
+            raise ValueError(f"{args.input}: the model in {model_dir} gave {bad} non-finite "
+                             "embedding values (NaN or infinite): are the inputs scaled as in "
+                             "training (pixels / 255 in [0, 1])?")
         _save(args.output, emb)
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from contextlib import contextmanager
 from typing import IO, Iterator
 
@@ -100,3 +101,25 @@ def atomic_dir(path: str) -> Iterator[str]:
             os.rename(old, path)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_can_write(path: str, what: str) -> None:
+    """Prove, before any work, that ``path`` (a file or directory to be written atomically
+    beside itself) can be written: its parent directory is made if missing and a temporary
+    file is created and removed there.
+
+    Raises:
+        ValueError: ``f"{what} {path}: cannot write there: <reason>"`` (a parent that is a
+            file, a read-only file system, no permission, /proc ...).
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"{what} {path}: cannot write there: a part of its directory "
+                         "is a file, not a directory") from None
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: cannot write there: "
+                         f"{exc.strerror or exc}") from None

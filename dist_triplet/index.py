@@ -50,7 +50,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .fsutil import atomic_dir
+from .fsutil import atomic_dir, check_can_write
 
 __all__ = ["Items", "read_items", "Index", "build_index", "write_index_dir", "main",
            "KINDS", "IndexInputError"]
@@ -209,9 +209,12 @@ class Model:
         self.dim = meta.get("embedding_dim")
         self.params_sha256 = sha256_file(model_files(self.dir)[1])
 
-    def embed(self, x: np.ndarray, batch_size: int = 2048, desc: str = "embedding") -> np.ndarray:
+    def embed(self, x: np.ndarray, batch_size: int = 2048, desc: str = "embedding",
+              source: Optional[str] = None) -> np.ndarray:
         """(N, F) float32 -> (N, D) float32, in batches, with a progress bar on a terminal.
-        batch_size 2048 = eval.batch_size's default, so the embeddings are the evaluator's."""
+        batch_size 2048 = eval.batch_size's default, so the embeddings are the evaluator's.
+        Raises ValueError naming ``source`` (the input, for the message) when an embedding
+        value is NaN or infinite."""
         from tqdm import tqdm
 
         from .embed import embed_images
@@ -224,8 +227,28 @@ class Model:
         emb = np.concatenate(out) if out else np.zeros((0, self.dim or 0), np.float32)
         bad = int(np.count_nonzero(~np.isfinite(emb)))
         if bad:
-            raise ValueError(f"the model in {self.dir} gave {bad} non-finite embedding values")
+            raise ValueError(f"{source + ': ' if source else ''}the model in {self.dir} gave "
+                             f"{bad} non-finite embedding values (NaN or infinite): are the "
+                             "inputs scaled as in training (pixels / 255 in [0, 1])?")
         return emb
+
+
+# faiss computes squared distances in float32: |q - x|^2 <= 2 (|q|^2 + |x|^2) must stay
+# below float32's largest value, else it overflows to inf and faiss returns no neighbour.
+MAX_SQ_NORM = float(np.finfo(np.float32).max) / 8
+
+
+def check_in_range(emb: np.ndarray, source: str) -> None:
+    """Raise IndexInputError naming ``source`` when an embedding (M, D) float32 is so
+    large that its squared distances overflow float32 (``MAX_SQ_NORM``)."""
+    sq = np.einsum("ij,ij->i", emb.astype(np.float64), emb.astype(np.float64))
+    big = ~(sq <= MAX_SQ_NORM)
+    if big.any():
+        raise IndexInputError(
+            f"{source}: {int(big.sum())} of {len(sq)} embeddings have squared norm up to "
+            f"{float(sq.max()):.3g}, beyond {MAX_SQ_NORM:.3g}, where squared distances "
+            "overflow float32: are the inputs scaled as in training (pixels / 255 in [0, 1])?")
+
 
 
 # ----------------------------------------------------------------------------- building
@@ -310,6 +333,42 @@ def check_out_dir(out: str, force: bool) -> None:
         if not os.path.isdir(out) or (os.listdir(out) and not is_index_dir(out)):
             raise ValueError(f"--out {out} exists and is not an index directory; "
                              "--force replaces only an index")
+    check_can_write(out, "--out")
+
+
+# meta.json's keys that readers use: key -> (type(s), description for the message).
+_META_SCHEMA = {
+    "kind": (str, "a string"),
+    "index_id": (str, "a string"),
+    "files": (dict, "a mapping of file name to sha256"),
+    "model": (dict, "a mapping with dir, params_sha256"),
+    "params": (dict, "a mapping"),
+}
+_MODEL_SCHEMA = {"dir": str, "params_sha256": str}
+
+
+def _check_meta_schema(meta: dict, meta_path: str) -> None:
+    """Raise IndexInputError naming ``meta_path`` and the key when meta.json lacks a key
+    the readers use, or holds a value of the wrong type (an edited or damaged index)."""
+    def bad(key: str, want: str) -> IndexInputError:
+        found = "missing" if key not in meta else f"is {meta[key]!r}"
+        return IndexInputError(f"{meta_path}: key {key!r} {found}, expected {want}: "
+                               "corrupt or edited index; rebuild it with dist_triplet.index")
+    for key, (kind, want) in _META_SCHEMA.items():
+        if not isinstance(meta.get(key), kind):
+            raise bad(key, want)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta["files"].items()):
+        raise bad("files", _META_SCHEMA["files"][1])
+    for key, kind in _MODEL_SCHEMA.items():
+        if not isinstance(meta["model"].get(key), kind):
+            found = "missing" if key not in meta["model"] else f"is {meta['model'][key]!r}"
+            raise IndexInputError(f"{meta_path}: key 'model.{key}' {found}, expected a "
+                                  "string: corrupt or edited index; rebuild it with "
+                                  "dist_triplet.index")
+    if meta["kind"] == "hnsw" and not isinstance(meta["params"].get("efSearch"), int):
+        raise bad("params", "a mapping with an integer efSearch")
+    if meta["kind"] == "ivf" and not isinstance(meta["params"].get("nprobe"), int):
+        raise bad("params", "a mapping with an integer nprobe")
 
 
 def write_index_dir(out: str, index, labels: np.ndarray, ids: Sequence[str],
@@ -396,6 +455,7 @@ class Index:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else meta
             raise IndexInputError(f"{meta_path}: format {found!r} is not {FORMAT!r}")
+        _check_meta_schema(meta, meta_path)
         for name, digest in meta.get("files", {}).items():
             fpath = os.path.join(path, name)
             if not os.path.isfile(fpath):
@@ -556,7 +616,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         t0 = time.perf_counter()
         model = Model(args.model)
         items = read_items(args.data, model.in_units, args.labels)
-        emb = model.embed(items.x, args.batch_size)
+        emb = model.embed(items.x, args.batch_size, source=items.source)
+        check_in_range(emb, items.source)
         t_embed = time.perf_counter() - t0
         t1 = time.perf_counter()
         index, params = build_index(emb, args.kind, hnsw_m=args.hnsw_m,

@@ -12,11 +12,12 @@ rank-0 Recorder of what it writes there.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import os
 import time
-from typing import List, Optional, Sequence
+from typing import IO, Dict, List, Optional, Sequence, Tuple
 
 from . import checkpoint as ckpt
 from .config import Config, flat_dict, resume_policies, save_config
@@ -70,23 +71,95 @@ def requested_run_dir(cfg: Config) -> Optional[str]:
     return cfg.output.dir
 
 
+LOCK_FILE = ".lock"
+# run directory -> (open file holding its flock, whether this process created the
+# directory), for the runs of this process (rank 0).
+_locks: Dict[str, Tuple[IO, bool]] = {}
+
+
+def lock_run_dir(run_dir: str, created: bool = False) -> None:
+    """Take the exclusive, non-blocking ``flock`` on ``<run_dir>/.lock`` for this process
+    (released by :func:`release_run_dir`, or by the kernel when the process dies, so a
+    killed run leaves no stale lock). Our own lock on ``run_dir`` is kept as it is.
+    ``created``: this run made ``run_dir`` (release removes it again if nothing else was
+    written there).
+
+    Raises:
+        ValueError: another process holds the lock (names output.dir and its pid).
+        OSError: the lock file cannot be created.
+    """
+    key = os.path.realpath(run_dir)
+    if key in _locks:
+        return
+    fh = open(os.path.join(run_dir, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        pid = fh.read().strip() or "unknown"
+        fh.close()
+        raise ValueError(f"output.dir={run_dir!r}: another run (pid {pid}) is using it; "
+                         "wait for it to finish or choose another output.dir") from None
+    except OSError:
+        fh.close()
+        raise
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    _locks[key] = (fh, created)
+
+
+def release_run_dir(run_dir: Optional[str] = None) -> None:
+    """Release this process's lock on ``run_dir`` (all its locks when None). A directory
+    this run created that holds nothing but the lock file (the run failed on bad input
+    before writing anything) is removed again."""
+    keys = list(_locks) if run_dir is None else [os.path.realpath(run_dir)]
+    for key in keys:
+        fh, created = _locks.pop(key, (None, False))
+        if fh is None:
+            continue
+        try:
+            if created and os.listdir(key) == [LOCK_FILE]:
+                os.remove(os.path.join(key, LOCK_FILE))
+                os.rmdir(key)
+        except OSError:
+            pass  # best effort: an empty run directory is harmless
+        finally:
+            fh.close()  # closing the file releases the flock
+
+
 def resolve_run_dir(cfg: Config, backend) -> str:
     """The run directory, decided by rank 0 and broadcast (timestamps differ across ranks).
-    A generated ``<root>/<name>-<timestamp>`` is created here by rank 0, exclusively. Rank
-    0's error (output.dir is a file) is raised on every rank. Every rank must call it."""
+    Rank 0 creates it (a generated ``<root>/<name>-<timestamp>`` exclusively) and holds its
+    lock (:func:`lock_run_dir`) for the run's life, before the model is built; a run that
+    fails before writing anything removes a directory it created (:func:`release_run_dir`,
+    called by ``train.main``). Rank 0's
+    error (output.dir is a file, cannot be created or written, another run uses it) is
+    raised on every rank as ``ValueError("output.dir=...: reason")``. Every rank must call
+    it."""
     from .dist import decide_on_rank0  # here: dist imports MXNet; dist_triplet.check must not
 
     def decide() -> str:
+        run_dir = requested_run_dir(cfg)
+        named = cfg.output.root if run_dir is None else run_dir
         try:
-            run_dir = requested_run_dir(cfg)
             if run_dir is None:
                 _check_dir_path(cfg.output.root)
-                return _make_unique_dir(os.path.join(
+                run_dir = _make_unique_dir(os.path.join(
                     cfg.output.root, f"{cfg.output.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
-            _check_dir_path(run_dir)
+                created = True
+            else:
+                _check_dir_path(run_dir)
+                created = not os.path.isdir(run_dir)
+                os.makedirs(run_dir, exist_ok=True)
+            lock_run_dir(run_dir, created)
             return run_dir
         except OSError as exc:
-            raise ValueError(f"output.dir: {exc}") from None
+            key = "output.root" if requested_run_dir(cfg) is None else "output.dir"
+            reason = exc.strerror or str(exc)
+            raise ValueError(f"{key}={named!r}: cannot create or write the run directory: "
+                             f"{reason}") from None
     return decide_on_rank0(backend, decide, "run_dir")
 
 

@@ -33,6 +33,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -41,7 +42,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .fsutil import atomic_write
-from .index import Index, IndexInputError, Model, read_items
+from .index import Index, IndexInputError, Model, check_in_range, read_items
 
 __all__ = ["load_threshold", "search_items", "main"]
 
@@ -69,6 +70,9 @@ def load_threshold(index: Index, path: Optional[str] = None) -> Optional[dict]:
     if not isinstance(doc, dict) or not isinstance(doc.get("threshold"), (int, float)) \
             or isinstance(doc.get("threshold"), bool):
         raise IndexInputError(f"{path}: expected a JSON object with a numeric 'threshold'")
+    if not math.isfinite(doc["threshold"]) or doc["threshold"] < 0:
+        raise IndexInputError(f"{path}: 'threshold' is {doc['threshold']!r}; expected a "
+                              "finite squared distance >= 0 (re-run dist_triplet.calibrate)")
     if doc.get("index_id") != index.index_id:
         raise IndexInputError(f"{path}: calibrated for index {str(doc.get('index_id'))[:12]}, "
                               f"but {index.dir} is index {index.index_id[:12]}; calibrate "
@@ -103,11 +107,12 @@ def search_items(index: Index, model: Model, items, k: int, exclude_self: bool =
     squared L2, pos (M, k) int64 gallery positions, {"embed_s", "search_s"} seconds).
     ``exclude_self`` leaves out the gallery item whose id is the query's id."""
     t0 = time.perf_counter()
-    emb = model.embed(items.x, batch_size, desc="queries")
+    emb = model.embed(items.x, batch_size, desc="queries", source=items.source)
     times = {"embed_s": time.perf_counter() - t0}
     if emb.shape[1] != index.dim:
         raise IndexInputError(f"the model gives {emb.shape[1]}-wide embeddings, the index "
                               f"{index.dir} holds {index.dim}-wide ones")
+    check_in_range(emb, items.source)
     exclude = None
     if exclude_self:
         where = {item: i for i, item in enumerate(index.ids)}
@@ -238,6 +243,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _, dist, pos, times = search_items(index, model, items, args.k, args.exclude_self,
                                     args.batch_size)
         recs = records(index, items, dist, pos, thr["threshold"] if thr else None)
+        short = sum(len(r["neighbours"]) < args.k for r in recs)
+        if short:
+            print(f"warning: {short} of {len(recs)} queries got fewer than --k {args.k} "
+                  f"neighbours: the {index.meta.get('kind')} index returned fewer candidates "
+                  "(raise efSearch / nprobe when building it)", file=sys.stderr, flush=True)
         text = format_records(recs, args.format)
         if args.grid:
             from .report import neighbour_grid

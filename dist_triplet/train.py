@@ -85,8 +85,9 @@ def log_data(train_split: Split, test_split: Split, cache_dir: Optional[str]) ->
 
 def read_resume_meta(cfg: Config, resume_path: str, backend, steps: int):
     """The checkpoint's record, checked against this run (``checkpoint.check_compatible``);
-    logs a warning naming changed "schedule" keys. Every rank reads it, so the path must be
-    on a shared file system."""
+    logs a warning naming changed "schedule" keys. ``train`` calls it on rank 0 only
+    (``dist.decide_on_rank0``); every rank loads the checkpoint's parameters, so the path
+    must be on a shared file system."""
     meta = ckpt.read_meta(resume_path)
     if meta.epoch + 1 > cfg.train.epochs:
         raise ValueError(f"{resume_path}: checkpoint is after epoch {meta.epoch + 1}; "
@@ -159,7 +160,7 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
     from tqdm import tqdm
 
     from . import schedule
-    from .dist import make_backend
+    from .dist import decide_on_rank0, make_backend
     from .engine import run_epoch
     from .evaluate import Evaluator
     from .model import build_embedding_net, initialize
@@ -178,7 +179,11 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
 
     run_dir = resolve_run_dir(cfg, backend)
     resume_path = resolve_resume(cfg, run_dir, backend)
-    meta = read_resume_meta(cfg, resume_path, backend, steps) if resume_path else None
+    # Rank 0 reads and checks the checkpoint's record and shares it: a refusal (world size
+    # changed, ...) is then raised on every rank after one barrier, not by each rank alone
+    # while the others may still be in a collective.
+    meta = (decide_on_rank0(backend, lambda: read_resume_meta(cfg, resume_path, backend, steps),
+                            "resume_meta") if resume_path else None)
 
     # --- model, on every device; rank 0's initial parameters everywhere
     net = build_embedding_net(train_split.images.shape[1], cfg.model.hidden,
@@ -198,7 +203,7 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
     global_batch = sampler.per_step * backend.num_processes
     lr_at = schedule.from_config(cfg.optim, cfg.train.epochs, steps, global_batch)
     log.info("backend %s: %d process(es) x %d device(s) = world size %d on %s; %d steps/epoch "
-             "of %d triplets (global batch), run dir %s%s", backend.name, backend.num_processes,
+             "of %d samples (global batch), run dir %s%s", backend.name, backend.num_processes,
              devices, backend.num_workers, [str(c) for c in backend.contexts], steps,
              global_batch, run_dir,
              f"; resuming after epoch {start_epoch} from {resume_path}" if resume_path else "")
@@ -301,6 +306,9 @@ def main(argv: Optional[Sequence[str]] = None, on_step: Optional[StepHook] = Non
         return 2
     finally:
         # Horovod: leave it here, not in its atexit hook, which complains after an error.
+        rundir = sys.modules.get(f"{__package__}.rundir")
+        if rundir is not None:
+            rundir.release_run_dir()  # the run directory's lock (rank 0)
         dist = sys.modules.get(f"{__package__}.dist")
         if dist is not None:
             dist.shutdown()

@@ -9,7 +9,12 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 usage="usage: launch/horovod.sh NP [HOSTS] [-- train args...]"
-NP="${1:?$usage}"; shift
+[ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
+NP="$1"; shift
+# NP: a whole number >= 1 (0 would start nothing and exit 0).
+[[ "$NP" =~ ^[0-9]+$ ]] && [ "$((10#$NP))" -ge 1 ] || {
+  echo "$usage (NP must be an integer >= 1, got '$NP')" >&2; exit 2; }
+NP=$((10#$NP))
 HOSTS="localhost:$NP"
 if [ $# -gt 0 ] && [ "$1" != "--" ]; then HOSTS="$1"; shift; fi
 if [ $# -gt 0 ]; then

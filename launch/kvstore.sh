@@ -9,7 +9,12 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 usage="usage: launch/kvstore.sh DEVICES [-- train args...]"
-DEVICES="${1:?$usage}"; shift
+[ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
+DEVICES="$1"; shift
+# DEVICES: all, GPU ids (0,1,2) or cpu:N (N >= 1); the trainer checks the devices exist.
+[[ "$DEVICES" =~ ^(all|[0-9]+(,[0-9]+)*|cpu:0*[1-9][0-9]*)$ ]] || {
+  echo "$usage (DEVICES must be all, GPU ids like 0,1 or cpu:N with N >= 1, got '$DEVICES')" >&2
+  exit 2; }
 if [ $# -gt 0 ]; then
   [ "$1" = "--" ] || { echo "$usage" >&2; exit 2; }
   shift

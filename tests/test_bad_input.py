@@ -225,6 +225,15 @@ def test_exponent_floats_parse(data, tmp_path):
     assert "lr: 0.001" in (out / "config.yaml").read_text()
 
 
+def test_data_file_that_is_a_directory_says_so(tmp_path, capsys):
+    """adv1 cosmetic: a directory in place of an IDX file was reported as missing."""
+    root = write_dataset(tmp_path / "data")
+    os.remove(os.path.join(root, TRAIN_LABELS))
+    os.mkdir(os.path.join(root, TRAIN_LABELS))
+    fails(capsys, run_args(root, tmp_path / "run"),
+          f"{os.path.join(root, TRAIN_LABELS)}: is a directory", out_dir=tmp_path / "run")
+
+
 def test_missing_config_file(tmp_path, capsys):
     fails(capsys, ["--config", str(tmp_path / "nope.yaml")],
           f"config file '{tmp_path / 'nope.yaml'}' does not exist")
@@ -240,6 +249,36 @@ def test_malformed_config_file_names_the_file(text, needles, tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     fails(capsys, ["--config", str(path)], str(path), *needles)
+
+
+def test_config_file_that_is_a_directory_or_not_utf8_or_bad_yaml_is_one_line(tmp_path, capsys):
+    """adv1 cosmetics: --config DIR said "does not exist"; a non-UTF-8 file gave a codec
+    message naming no file; a YAML syntax error spread over four lines."""
+    fails(capsys, ["--config", str(tmp_path)], f"config file '{tmp_path}' is a directory")
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("train: {epochs: 3}  # caf\xe9\n".encode("latin-1"))
+    fails(capsys, ["--config", str(path)], str(path), "not UTF-8 text")
+    path = tmp_path / "syntax.yaml"
+    path.write_text("train:\n  epochs: 3\n  lr: [0.1\n")
+    capsys.readouterr()
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    # PyYAML reports the unclosed flow sequence at the end of the stream: line 4, column 1.
+    assert err[0].startswith(f"error: {path}: not valid YAML: line 4, column 1: "), err
+
+
+def test_empty_resume_is_refused(data, tmp_path, capsys):
+    """checkpoint.resume= (empty) used to mean a fresh start, silently."""
+    fails(capsys, run_args(data, tmp_path / "run", "checkpoint.resume="),
+          "checkpoint.resume='' is empty", out_dir=tmp_path / "run")
+
+
+def test_override_values_lose_surrounding_whitespace(data, tmp_path):
+    """output.dir=" DIR " is DIR (as a plain YAML scalar in a file would be)."""
+    out = tmp_path / "run"
+    assert main(run_args(data, f"  {out}  ", "train.epochs= 1 ", "eval.report=false")) == 0
+    assert (out / "config.yaml").exists()
 
 
 def test_resume_auto_needs_an_output_dir(data, capsys):
@@ -266,6 +305,53 @@ def test_output_dir_that_is_a_file(data, tmp_path, capsys):
     assert path.read_text() == "not a directory"
 
 
+@pytest.mark.parametrize("out", ["/proc/dist_triplet_test/run", "/sys/dist_triplet_test_run"])
+def test_output_dir_that_cannot_be_created_is_one_line_before_the_model(out, data, capsys):
+    """adv1 finding: an output.dir that cannot be made (here: under /proc or /sys, where
+    mkdir fails for root too) was a PermissionError traceback from the Recorder, after the
+    model was built and the raw-pixel baseline evaluated. Rank 0 now makes the directory
+    in resolve_run_dir (dist.decide_on_rank0), so every rank gets the same one line."""
+    top = "/" + out.split("/")[1]
+    if not os.path.isdir(top):
+        pytest.skip(f"{top} does not exist here")
+    try:
+        os.makedirs(out)
+    except OSError:
+        pass
+    else:
+        os.rmdir(out)
+        pytest.skip(f"{out} can be created here")
+    line = fails(capsys, run_args(data, out), f"error: output.dir={out!r}: cannot create")
+    assert "Traceback" not in line
+
+
+def test_run_dir_in_use_by_another_run_is_refused(data, tmp_path, capsys):
+    """Two runs in one output.dir would overwrite each other's checkpoints: the run holds
+    an exclusive flock on RUN/.lock; a second run gets exit 2 naming the holder's pid.
+    The lock dies with its process, and this run's failure leaves the directory as it was."""
+    import fcntl
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("424242\n")
+        holder.flush()
+        fails(capsys, run_args(data, out, "checkpoint.resume=auto"),
+              f"error: output.dir={str(out)!r}: another run (pid 424242) is using it")
+        assert os.listdir(out) == [".lock"]
+    # Released (as when the holder dies): the same run now trains.
+    assert main(run_args(data, out, "checkpoint.resume=auto", "train.epochs=1",
+                         "eval.report=false")) == 0
+    assert "config.yaml" in os.listdir(out)
+
+
+def test_run_failing_after_making_its_run_dir_removes_it(data, tmp_path, capsys):
+    """The run directory is made before resume is resolved; a refusal after that (here:
+    resume from a path that is no checkpoint) must not leave an empty directory behind."""
+    out = tmp_path / "new" / "run"
+    fails(capsys, run_args(data, out, f"checkpoint.resume={tmp_path}"), out_dir=out)
+
+
 def test_empty_output_dir_names_the_key(data, capsys):
     fails(capsys, run_args(data, ""), "output.dir='' is empty")
 
@@ -277,11 +363,11 @@ def test_fresh_run_into_a_directory_holding_a_run_is_refused(data, tmp_path, cap
     (out / "config.yaml").write_text("model: {hidden: [32]}\n")
     fails(capsys, run_args(data, out), "already holds a run (config.yaml)",
           "checkpoint.resume=auto")
-    assert os.listdir(out) == ["config.yaml"]
+    assert sorted(os.listdir(out)) == [".lock", "config.yaml"]  # + the run lock
     # resume=auto with no checkpoint restarts only a run of the same architecture.
     fails(capsys, run_args(data, out, "checkpoint.resume=auto"), "holds no checkpoint",
           "model.hidden was [32], is [16, 8] now")
-    assert os.listdir(out) == ["config.yaml"]
+    assert sorted(os.listdir(out)) == [".lock", "config.yaml"]  # + the run lock
 
 
 def test_generated_run_dirs_started_in_the_same_second_differ(tmp_path, monkeypatch):

@@ -94,6 +94,15 @@ def test_truncated_payload(tmp_path, gz):
     _assert_value_error(path, "expected 8 payload bytes", "found 7", "truncated")
 
 
+def test_huge_header_dims_give_the_exact_byte_count(tmp_path):
+    """adv1 cosmetic: dims (2^31-1)^3 overflowed int64 in the message (a wrong, smaller
+    number); the product is computed in Python ints."""
+    path = tmp_path / "huge"
+    big = 2 ** 31 - 1
+    path.write_bytes(struct.pack(">IIII", 2051, big, big, big) + bytes(16))
+    _assert_value_error(path, f"expected {big ** 3} payload bytes", "found 16", "truncated")
+
+
 def test_trailing_bytes(tmp_path):
     path = tmp_path / "trail"
     path.write_bytes(struct.pack(">II", 2049, 3) + bytes(4))

@@ -102,3 +102,28 @@ def test_resume_with_another_world_size_is_refused(data_root, uninterrupted, tmp
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 2
     assert "world size was 2 there (2 process(es) x 1 device(s)), is 1 now" in proc.stderr
+
+
+def test_two_ranks_refusing_a_resume_each_print_one_line(data_root, tmp_path):
+    """adv1 finding: a refusal every rank raised on its own after a collective (here: a
+    1-process checkpoint resumed by 2 ranks) let rank 0's Horovod shutdown catch rank 1
+    still in a collective: "Horovod has been shut down" tracebacks. Rank 0 now decides
+    (dist.decide_on_rank0: broadcast, barrier), so each rank prints its one error line."""
+    out = str(tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-m", "dist_triplet.train",
+                           *run_args(data_root, out, "train.epochs=1", "train.batch_size=4",
+                                     "eval.report=false")],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = horovodrun(["-m", "dist_triplet.train"], data_root, out, "checkpoint.resume=auto")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    errors = [ln for ln in text.splitlines() if "error: " in ln]
+    assert len(errors) == 2, text[-3000:]
+    assert {ln.split("]")[0] for ln in errors} == {"[0", "[1"}, errors
+    assert all("world size was 1 there" in ln for ln in errors), errors
+    # horovodrun itself ends with its RuntimeError traceback (README: direct horovodrun
+    # users get each rank's line and horovodrun's exit 1); the ranks' output has none.
+    ranks = "\n".join(ln for ln in text.splitlines() if ln.startswith(("[0]", "[1]")))
+    assert "Traceback" not in ranks and "has been shut down" not in text, ranks[-3000:]

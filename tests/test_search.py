@@ -409,3 +409,129 @@ def test_npy_queries_with_a_labels_file(setup, capsys):
     assert [r["neighbours"][0]["id"] for r in recs] == ["train/0", "train/1"]
     assert [r["correct"] for r in recs] == [True, False]
     assert recs[1]["neighbours"][0]["sq_l2"] == pytest.approx(1 / S, rel=1e-5)
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda m: {k: v for k, v in m.items() if k != "model"}, "'model'"),
+    (lambda m: dict(m, files="abc"), "'files'"),
+    (lambda m: dict(m, model=dict(m["model"], params_sha256=None)), "'model.params_sha256'"),
+    (lambda m: dict(m, kind=3), "'kind'"),
+])
+def test_edited_meta_json_is_exit_2_naming_meta_json_and_the_key(setup, capsys, edit, key):
+    """adv1 finding: an index whose meta.json lost "model" or has "files": "abc" gave
+    KeyError / AttributeError tracebacks in search and calibrate."""
+    tmp, model, data, index_dir = setup
+    meta_path = os.path.join(index_dir, "meta.json")
+    with open(meta_path) as fh:
+        meta = json.load(fh)
+    with open(meta_path, "w") as fh:
+        json.dump(edit(meta), fh)
+    capsys.readouterr()
+    assert search_cli.main(["--index", index_dir, "--query", f"{data}:test", "--k", "1",
+                            "--out", str(tmp / "r.jsonl")]) == 2
+    line = error_line(capsys)
+    assert meta_path in line and key in line
+    assert calibrate_cli.main(["--index", index_dir, "--data", f"{data}:test",
+                               "--target-precision", "0.5"]) == 2
+    line = error_line(capsys)
+    assert meta_path in line and key in line
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-1.0"])
+def test_non_finite_or_negative_threshold_is_refused(setup, capsys, value):
+    """adv1 finding: "threshold": NaN in threshold.json was accepted (every query then
+    'no match')."""
+    tmp, model, data, index_dir = setup
+    assert calibrate_cli.main(["--index", index_dir, "--data", f"{data}:test",
+                               "--target-precision", "0.5"]) == 0
+    thr = os.path.join(index_dir, "threshold.json")
+    with open(thr) as fh:
+        text = fh.read()
+    doc = json.loads(text)
+    with open(thr, "w") as fh:
+        fh.write(text.replace(json.dumps(doc["threshold"]), value, 1))
+    assert json.load(open(thr))["threshold"] != doc["threshold"]
+    capsys.readouterr()
+    assert search_cli.main(["--index", index_dir, "--query", f"{data}:test", "--k", "1",
+                            "--out", str(tmp / "r.jsonl")]) == 2
+    line = error_line(capsys)
+    assert thr in line and "threshold" in line
+    assert not (tmp / "r.jsonl").exists()
+
+
+def test_huge_float_queries_are_refused_not_an_empty_neighbour_list(setup, capsys):
+    """adv1 finding: queries of 1e30 (floats not scaled to [0, 1]) gave squared distances
+    that overflow float32 in faiss: every query printed "neighbours": [] with exit 0."""
+    tmp, model, data, index_dir = setup
+    q = tmp / "big.npy"
+    np.save(q, np.full((2, 4), 1e30, np.float32))
+    capsys.readouterr()
+    assert search_cli.main(["--index", index_dir, "--query", str(q), "--k", "2",
+                            "--out", str(tmp / "r.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # embed's "values > 1" warning, then
+    assert err[-1].startswith("error: ") and "Traceback" not in "\n".join(err), err
+    line = err[-1]
+    assert str(q) in line and "2 of 2" in line and "overflow float32" in line
+    assert not (tmp / "r.jsonl").exists()
+    # 1e10 is large but its squared distances (~4e20) fit: searched, all neighbours there.
+    np.save(q, np.full((2, 4), 1e10, np.float32))
+    assert search_cli.main(["--index", index_dir, "--query", str(q), "--k", "2",
+                            "--out", str(tmp / "r.jsonl")]) == 0
+    assert [len(r["neighbours"]) for r in read_jsonl(tmp / "r.jsonl")] == [2, 2]
+
+
+def test_embed_refuses_non_finite_embeddings_naming_the_input(tmp_path, capsys):
+    """Finite inputs whose embeddings overflow (weights of ones: 4 x 3e38 = inf) are an
+    error naming the input, not a .npy of inf (embed only warned about values > 1)."""
+    from dist_triplet import embed as embed_cli
+    net = build_embedding_net(4, [4], final_relu=False)
+    initialize(net, 0.1, mx.cpu(), seed=0)
+    net[0].weight.set_data(mx.nd.ones((4, 4)))
+    net[0].bias.set_data(mx.nd.zeros(4))
+    export_model(net, str(tmp_path / "model"), mx.cpu(), 4)
+    inp, out = tmp_path / "x.npy", tmp_path / "e.npy"
+    np.save(inp, np.full((3, 4), 3e38, np.float32))
+    capsys.readouterr()
+    assert embed_cli.main(["--model", str(tmp_path / "model"), "--input", str(inp),
+                           "--output", str(out)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+    assert len(err) == 1 and str(inp) in err[0] and "12 non-finite" in err[0], err
+    assert not out.exists()
+
+
+def test_unlabelled_holdout_file_names_holdout_labels(setup, capsys):
+    """adv1 cosmetic: a --holdout file without labels said "pass --labels"."""
+    tmp, model, data, index_dir = setup
+    hold = tmp / "hold.npy"
+    np.save(hold, np.zeros((3, 4), np.float32))
+    capsys.readouterr()
+    assert calibrate_cli.main(["--index", index_dir, "--data", f"{data}:test",
+                               "--holdout", str(hold)]) == 2
+    line = error_line(capsys)
+    assert str(hold) in line and "--holdout-labels" in line
+
+
+@pytest.mark.parametrize("where", ["inside_a_file", "proc"])
+def test_index_out_and_embed_output_that_cannot_be_written_name_the_option(setup, capsys,
+                                                                           where):
+    """adv1 cosmetics: ``index --out`` under a file or on /proc named the hidden temp
+    directory; ``embed --output`` inside a file gave "[Errno 17] File exists"."""
+    from dist_triplet import embed as embed_cli
+    tmp, model, data, index_dir = setup
+    if where == "proc":
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("no /proc here")
+        base = "/proc/dist_triplet_test"
+    else:
+        (tmp / "afile").write_text("x")
+        base = str(tmp / "afile")
+    capsys.readouterr()
+    out = f"{base}/ix"
+    assert index_cli.main(["--model", model, "--data", f"{data}:train", "--out", out]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"error: --out {out}: cannot write there: ") and ".tmp" not in line
+    emb = f"{base}/e.npy"
+    assert embed_cli.main(["--model", model, "--input", str(data / "t10k-images-idx3-ubyte"),
+                           "--output", emb]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"error: --output {emb}: cannot write there: "), line

@@ -23,6 +23,7 @@ machine without MXNet.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -143,7 +144,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     path = os.fspath(path)
     data = _read_bytes(path)
     dims, header_len = _parse_header(data, path)
-    expected = int(np.prod(dims, dtype=np.int64))
+    expected = math.prod(int(d) for d in dims)  # Python ints: a huge header cannot overflow
     found = len(data) - header_len
     if found != expected:
         what = "truncated" if found < expected else "trailing bytes"
@@ -243,6 +244,8 @@ def _find_file(root: str, stem: str) -> str:
         candidate = os.path.join(root, name)
         if os.path.isfile(candidate):
             return candidate
+        if os.path.isdir(candidate):
+            raise ValueError(f"{candidate}: is a directory; expected an IDX file")
     raise FileNotFoundError(
         f"{os.path.join(root, stem)}[.gz]: expected an IDX file in {root}, found neither "
         f"{stem} nor {stem}.gz")
