@@ -36,7 +36,6 @@ setup(
     entry_points={"console_scripts": [
         "dist-triplet-train=dist_triplet.train:main",
         "dist-triplet-embed=dist_triplet.embed:main",
-        "dist-triplet-bench=dist_triplet.bench:main",
         "dist-triplet-index=dist_triplet.index:main",
         "dist-triplet-search=dist_triplet.search:main",
         "dist-triplet-calibrate=dist_triplet.calibrate:main",

@@ -364,15 +364,21 @@ class Recorder:
     def finish(self, final: dict, net, ctx, test: Split, embeddings, extra: dict) -> dict:
         """End of run: final metrics.json, raw-pixel scalars, projector of ``embeddings``
         ((N, D) float32 of the test set), model export, the report (``eval.report``), and
-        the run directory's path on stdout. Returns ``final`` ({} off rank 0)."""
+        the run directory's path on stdout. metrics.json is written first (the numbers are
+        safe before the exports) and again at the end with ``end_of_run_s``, the seconds of
+        each part (the benchmark reads them). Returns ``final`` ({} off rank 0)."""
         if not self.active:
             return {}
         cfg = self.cfg
-        doc = self.write_metrics(final=final, extra=dict(extra, raw_pixels=self.baseline))
+        t_start = time.perf_counter()
+        extra = dict(extra, raw_pixels=self.baseline)
+        doc = self.write_metrics(final=final, extra=extra)
         self.scalars(cfg.train.epochs - 1, {f"eval/raw_{k}": v for k, v in self.baseline.items()
                                             if isinstance(v, float)})
+        spent = {}
         if cfg.eval.projector:
             from .projector import export_projector
+            t = time.perf_counter()
             n = cfg.eval.projector_points or len(test.labels)
             from .data import as_float
             # Sprites only for images (padded to squares); feature data get none.
@@ -380,18 +386,26 @@ class Recorder:
                              {"origin": as_float(test.images[:n]), "triplet": embeddings[:n]},
                              test.labels[:n], test.class_names,
                              images=test.images[:n] if test.is_image else None,
-                             image_shape=test.image_shape, writer=self.writer)
+                             image_shape=test.image_shape)
+            spent["projector_s"] = time.perf_counter() - t
         # The trained network as symbol + params, for `python -m dist_triplet.embed`.
         from .export import export_model
+        t = time.perf_counter()
         model_dir = export_model(net, os.path.join(self.run_dir, "model"), ctx,
                                  test.images.shape[1],
                                  meta={"run_dir": os.path.abspath(self.run_dir),
                                        "epochs": cfg.train.epochs,
                                        **_input_meta(test)})
-        log.info("exported model to %s", model_dir)
+        spent["export_s"] = time.perf_counter() - t
         if cfg.eval.report:
+            t = time.perf_counter()
             self.write_report(doc, test, embeddings)
+            spent["report_s"] = time.perf_counter() - t
         self.close()
+        spent["total_s"] = time.perf_counter() - t_start
+        self.write_metrics(final=final, extra=dict(extra, end_of_run_s=spent))
+        log.info("exported model to %s; end of run %.2f s (%s)", model_dir, spent["total_s"],
+                 ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in spent.items() if k != "total_s"))
         log.info("run directory: %s", os.path.abspath(self.run_dir))
         print(os.path.abspath(self.run_dir), flush=True)
         return final

@@ -20,6 +20,7 @@ import pytest
 
 from _data_util import make_images, write_folder
 from _hvd import HOROVODRUN_2, ROOT, child_env, require_horovod
+from dist_triplet.projector import read_tensor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSES, PER_CLASS = 6, 10
@@ -85,7 +86,7 @@ def test_folder_projector_has_rgb_sprite_of_test_images(folder_run):
     metadata = (entry / "metadata.tsv").read_text().splitlines()
     n = CLASSES * 3
     assert len(metadata) == n and sorted(set(metadata)) == [f"sku-{c}" for c in range(CLASSES)]
-    tensors = np.loadtxt(entry / "tensors.tsv", delimiter="\t", ndmin=2)
+    tensors = read_tensor(entry)
     assert tensors.shape == (n, 32 * 32 * 3)
     sprite = np.asarray(Image.open(entry / "sprite.png").convert("RGB"))
     per_row = math.ceil(math.sqrt(n))
@@ -115,7 +116,7 @@ def test_features_train_without_sprite(features_run):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["final"]["queries"] == CLASSES * 3
     entry = run_dir / "tensorboard" / "00000" / "origin"
-    tensors = np.loadtxt(entry / "tensors.tsv", delimiter="\t", ndmin=2)
+    tensors = read_tensor(entry)
     assert tensors.shape == (CLASSES * 3, 24)
     # The 'origin' points are test rows of x, as they are (features are not scaled).
     gap = np.abs(tensors[:, None, :] - x.astype(np.float32)[None]).max(axis=2).min(axis=1)

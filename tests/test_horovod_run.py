@@ -18,6 +18,7 @@ import yaml
 
 from _hvd import HOROVODRUN_2, ROOT, child_env, require_horovod
 from dist_triplet.data import write_idx
+from dist_triplet.projector import read_tensor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 10, 20, 10
@@ -86,6 +87,6 @@ def test_projector_one_line_per_point(run, tag, dim):
     metadata = (entry / "metadata.tsv").read_text().splitlines()
     assert len(metadata) == points
     assert sorted(set(metadata)) == [str(c) for c in range(CLASSES)]
-    tensors = np.loadtxt(entry / "tensors.tsv", delimiter="\t", ndmin=2)
+    tensors = read_tensor(entry)
     assert tensors.shape == (points, dim)
     assert (entry / "sprite.png").stat().st_size > 0

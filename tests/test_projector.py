@@ -3,9 +3,7 @@ resumed run) that replaces the first instead of appending to projector_config.pb
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorboardX")
-
-from dist_triplet.projector import export_projector  # noqa: E402
+from dist_triplet.projector import export_projector, read_tensor
 
 
 def _export(log_dir, n=9, images=True):
@@ -22,10 +20,10 @@ def test_projector_files_and_metadata(tmp_path):
     assert [p.rsplit("/", 1)[-1] for p in written] == ["origin", "triplet"]
     meta = (tmp_path / "00000" / "triplet" / "metadata.tsv").read_text().splitlines()
     assert meta == ["cat", "dog", "bird"] * 3
-    tensors = np.loadtxt(tmp_path / "00000" / "triplet" / "tensors.tsv", delimiter="\t")
+    tensors = read_tensor(tmp_path / "00000" / "triplet")
     np.testing.assert_allclose(tensors, emb, rtol=1e-6, atol=1e-6)
     assert (tmp_path / "00000" / "origin" / "sprite.png").is_file()
-    assert np.loadtxt(tmp_path / "00000" / "origin" / "tensors.tsv").shape == (9, 16)
+    assert read_tensor(tmp_path / "00000" / "origin").shape == (9, 16)
 
 
 def test_second_export_replaces_the_first(tmp_path):
@@ -125,9 +123,37 @@ def test_exported_sprite_and_config(tmp_path):
     from google.protobuf import text_format
     config = text_format.Parse((tmp_path / "projector_config.pbtxt").read_text(),
                                pb2.ProjectorConfig())
-    assert [e.tensor_path for e in config.embeddings] == ["00000/origin/tensors.tsv",
-                                                          "00000/triplet/tensors.tsv"]
+    assert [e.tensor_path for e in config.embeddings] == ["00000/origin/tensors.bytes",
+                                                          "00000/triplet/tensors.bytes"]
     for e, tag in zip(config.embeddings, ("origin", "triplet")):
         assert e.metadata_path == f"00000/{tag}/metadata.tsv"
         assert e.sprite.image_path == f"00000/{tag}/sprite.png"
         assert list(e.sprite.single_image_dim) == [side, side] == [3, 3]
+
+
+def test_tensor_file_is_what_tensorboard_reads(tmp_path):
+    """Binary float32 rows with the shape in the config, read back bit for bit the way
+    TensorBoard's projector plugin does (text first; binary when the bytes are not UTF-8);
+    a matrix whose bytes are valid UTF-8 (all zeros) goes to tensors.tsv instead."""
+    emb = np.random.default_rng(2).standard_normal((7, 5)).astype(np.float32)
+    export_projector(str(tmp_path), {"triplet": emb, "zeros": np.zeros((7, 3), np.float32)},
+                     np.arange(7) % 2, ("a", "b"))
+    raw = (tmp_path / "00000" / "triplet" / "tensors.bytes").read_bytes()
+    assert len(raw) == 7 * 5 * 4
+    with pytest.raises(UnicodeDecodeError):
+        raw.decode("utf-8")
+    np.testing.assert_array_equal(np.frombuffer(raw, "<f4").reshape(7, 5), emb)
+    np.testing.assert_array_equal(read_tensor(tmp_path / "00000" / "triplet"), emb)
+    assert not (tmp_path / "00000" / "zeros" / "tensors.bytes").exists()
+    assert np.loadtxt(tmp_path / "00000" / "zeros" / "tensors.tsv", ndmin=2).shape == (7, 3)
+    plugin = pytest.importorskip("tensorboard.plugins.projector.projector_plugin")
+    pb2 = pytest.importorskip("tensorboard.plugins.projector.projector_config_pb2")
+    from google.protobuf import text_format
+    config = text_format.Parse((tmp_path / "projector_config.pbtxt").read_text(),
+                               pb2.ProjectorConfig())
+    entry = config.embeddings[0]
+    assert list(entry.tensor_shape) == [7, 5]
+    with pytest.raises(UnicodeDecodeError):
+        plugin._read_tensor_tsv_file(str(tmp_path / entry.tensor_path))
+    np.testing.assert_array_equal(plugin._read_tensor_binary_file(
+        str(tmp_path / entry.tensor_path), entry.tensor_shape), emb)

@@ -153,7 +153,6 @@ def test_board_serves_both_projector_embeddings(tmp_path):
         import tensorboard  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"tensorboard does not import ({exc}); pip install -e .[board]")
-    pytest.importorskip("tensorboardX", reason="the projector is written with tensorboardX")
     from dist_triplet.projector import export_projector
     labels, raw, emb, _ = small_run(tmp_path)
     run = tmp_path / "run"
