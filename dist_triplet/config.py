@@ -107,6 +107,11 @@ class SamplerConfig:
     miner: str = "semi_hard"
     # P x K batches per epoch per worker; 0 = as many as cover the training set once.
     steps_per_epoch: int = 0
+    # What the miner sees (kind 'pk'). 'local': each worker mines inside its own P x K
+    # batch. 'global': all workers draw the same p classes (k images each), the embeddings
+    # of every worker are gathered, and triplets are mined over the whole global batch of
+    # workers x p x k; the update equals one process's on that batch (issue 13).
+    scope: str = "local"
 
 
 @dataclass
@@ -216,6 +221,7 @@ _CHOICES = {
     "data.dataset": ("fashion_mnist", "mnist", "idx"),
     "sampler.kind": ("offline", "pk"),
     "sampler.miner": ("batch_hard", "semi_hard"),
+    "sampler.scope": ("local", "global"),
     "optim.optimizer": ("sgd", "adam"),
     "optim.schedule": ("constant", "cosine"),
     "distributed.backend": ("local", "horovod", "kvstore"),
@@ -319,6 +325,9 @@ def _validate(cfg: Config) -> None:
     if cfg.sampler.kind == "pk" and cfg.sampler.p < 2:
         raise ConfigError(f"sampler.p={cfg.sampler.p} must be >= 2: a P x K batch needs a "
                           "negative (another class) for every anchor")
+    if cfg.sampler.scope == "global" and cfg.sampler.kind != "pk":
+        raise ConfigError(f"sampler.scope='global' needs sampler.kind='pk' (online mining), "
+                          f"found sampler.kind={cfg.sampler.kind!r}")
     for key in ("output.dir", "output.root", "output.name"):
         value = flat[key]
         if value is not None and not value.strip():

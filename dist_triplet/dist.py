@@ -229,6 +229,15 @@ class Backend:
             return [obj]
         return _hvd.allgather_object(obj, name=f"dist_triplet.{name}")  # Horovod
 
+    def allgather(self, x: mx.nd.NDArray, name: str = "allgather") -> mx.nd.NDArray:
+        """Every process's ``x`` concatenated along axis 0 in rank order: (n, ...) ->
+        (processes * n, ...), same dtype, on ``x``'s context; ``x`` itself with one
+        process. Asynchronous (an MXNet engine op under Horovod), carries no gradient.
+        Every rank must call it with the same shape, or it deadlocks."""
+        if self.name != "horovod" or self.world_size == 1:
+            return x
+        return _hvd.allgather(x, name=f"dist_triplet.{name}")  # Horovod
+
     def barrier(self) -> None:
         """Wait until every rank gets here. Every rank must call it."""
         if self.name == "horovod" and self.world_size > 1:

@@ -27,7 +27,8 @@ import numpy as np
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, load_config, save_config
 from .data import Split, load_dataset, subset
-from .triplets import ClassIndex, create_pairs, pk_batches, pk_steps_per_epoch
+from .triplets import (ClassIndex, create_pairs, pk_batches, pk_global_batches,
+                       pk_steps_per_epoch)
 
 log = logging.getLogger("dist_triplet")
 
@@ -300,7 +301,7 @@ class DataParallelStep:
 
     def __init__(self, cfg: Config, backend, net, pixels: np.ndarray, labels: np.ndarray):
         import mxnet as mx
-        from .model import MinedTripletStep, OfflineTripletStep
+        from .model import GlobalMinedTripletStep, MinedTripletStep, OfflineTripletStep
 
         self.mx = mx
         self.cfg = cfg
@@ -314,12 +315,19 @@ class DataParallelStep:
                              "in float32; use data.limit_train")
         self.pixels = [self._resident(pixels, c) for c in self.ctxs]               # (N, F) per device
         self.labels = [mx.nd.array(labels.astype(np.float32), ctx=c) for c in self.ctxs]
-        if self.mining:
+        self.global_step = None
+        if self.mining and cfg.sampler.scope == "global":
+            self.global_step = GlobalMinedTripletStep(
+                net, cfg.loss.margin, cfg.sampler.miner, cfg.sampler.k, self.ctxs,
+                first_worker=backend.rank * len(self.ctxs),
+                num_workers=backend.num_processes * len(self.ctxs), allgather=backend.allgather)
+        elif self.mining:
             self.block = MinedTripletStep(net, cfg.loss.margin, cfg.sampler.miner,
                                           k=cfg.sampler.k)
         else:
             self.block = OfflineTripletStep(net, cfg.loss.margin)
-        self.block.hybridize(static_alloc=True, static_shape=True)
+        if self.global_step is None:
+            self.block.hybridize(static_alloc=True, static_shape=True)
         opt_params = {"learning_rate": cfg.optim.lr, "wd": cfg.optim.wd}
         if cfg.optim.optimizer == "sgd":
             opt_params["momentum"] = cfg.optim.momentum
@@ -385,12 +393,17 @@ class DataParallelStep:
         mx = self.mx
         if idx is None:
             idx = self.device_batches(batch)
+        head_grads = None
         with mx.autograd.record():
-            if self.mining:
+            if self.global_step is not None:
+                # Global mining: every device's loss is the whole global batch's mean.
+                losses = self.global_step(self.pixels, self.labels, idx)
+                head_grads = self.global_step.head_grads
+            elif self.mining:
                 losses = [self.block(x, y, i) for x, y, i in zip(self.pixels, self.labels, idx)]
             else:
                 losses = [self.block(x, i) for x, i in zip(self.pixels, idx)]
-        mx.autograd.backward(losses)
+        mx.autograd.backward(losses, head_grads=head_grads)
         # Offline: per-sample losses, normalise by the triplets of this process. Mining: one
         # mean loss per device, normalise by the devices. Horovod then averages over ranks.
         terms = len(self.ctxs) if self.mining else len(batch)
@@ -449,6 +462,14 @@ class EpochSampler:
         cfg = self.cfg
         if cfg.sampler.kind == "pk":
             s = cfg.sampler
+            if s.scope == "global":
+                # The same classes on every worker, each its own images: every worker
+                # draws the whole global batch and keeps its devices' slices.
+                workers = self.world_size * self.devices
+                batches = pk_global_batches(self.index, p=s.p, k=s.k, steps=self.steps,
+                                            seed=cfg.train.seed, epoch=epoch, workers=workers)
+                first = self.rank * self.devices
+                return np.ascontiguousarray(batches[:, first:first + self.devices])
             # Each device of this process is its own worker for the sampler.
             per_dev = [pk_batches(self.index, p=s.p, k=s.k, steps=self.steps, seed=cfg.train.seed,
                                   epoch=epoch, rank=self.rank * self.devices + d,

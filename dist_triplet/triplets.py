@@ -34,6 +34,7 @@ __all__ = [
     "create_pairs",
     "shard_length",
     "pk_batches",
+    "pk_global_batches",
     "pk_steps_per_epoch",
     "seed_create_pairs",
 ]
@@ -324,6 +325,48 @@ def pk_batches(labels_or_index, *, p: int, k: int, steps: int, seed: int, epoch:
     pos_in_class = rank + world_size * picks
     batch = index.member(np.repeat(cls, k), pos_in_class.reshape(-1))
     return batch.reshape(steps, p * k).astype(np.int64, copy=False)
+
+
+def pk_global_batches(labels_or_index, *, p: int, k: int, steps: int, seed: int,
+                      epoch: int = 0, workers: int = 1) -> np.ndarray:
+    """P x K batches for global mining: all workers draw the *same* p classes, each
+    with its own k images of every class.
+
+    One global P x (workers * k) batch is drawn per step from the whole data set
+    (:func:`pk_batches` at rank 0 of 1, k' = workers * k: without replacement when
+    a class has >= k' members) and each class's k' images are dealt out, k to each
+    worker. Every worker computes the same global batches (no communication) and
+    takes its own slice. Sharing classes is what makes the global batch worth
+    mining: every anchor has workers * k - 1 positives, across workers, instead of
+    k - 1 on its own worker; with different classes per worker no positive would
+    ever sit on another worker. And the global batch does not depend on how it is
+    split: W workers x k see exactly the rows one process with k' = W * k would.
+
+    Args:
+        labels_or_index: (N,) integer labels or a :class:`ClassIndex`.
+        p: classes per batch, 2 <= p <= C.
+        k: samples per class per worker, >= 2.
+        steps: batches per epoch, >= 1.
+        seed, epoch: as :func:`pk_batches` (no rank: the draw is global).
+        workers: number of workers W >= 1.
+
+    Returns:
+        (steps, workers, p * k) int64 row indices; ``[s, w]`` is worker w's batch,
+        class-major (columns ``[i * k:(i + 1) * k]`` are class slot i, the same
+        class on every worker). Concatenating ``[s, 0], [s, 1], ...`` gives the
+        global batch in worker order.
+
+    Raises:
+        ValueError: as :func:`pk_batches`; ``workers < 1``.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, found {workers}")
+    if k < 2:
+        raise ValueError(f"triplet mining in a P x K batch needs k >= 2 (a positive), found k={k}")
+    batch = pk_batches(labels_or_index, p=p, k=k * workers, steps=steps, seed=seed,
+                       epoch=epoch, rank=0, world_size=1)            # (steps, p * W * k)
+    batch = batch.reshape(steps, p, workers, k).transpose(0, 2, 1, 3)  # (steps, W, p, k)
+    return np.ascontiguousarray(batch.reshape(steps, workers, p * k))
 
 
 def seed_create_pairs(labels, rng) -> np.ndarray:
