@@ -14,6 +14,9 @@ Two samplers:
 * :func:`pk_batches` - P classes x K samples per batch for online (batch-hard)
   mining, after Schroff et al. 2015 (FaceNet) and Hermans et al. 2017,
   "In Defense of the Triplet Loss for Person Re-Identification".
+* :func:`pk_global_batches` - the P x K batches of global mining
+  (``sampler.scope: global``): the same P classes on every worker, K images
+  each, so the global batch is one P x (W K) batch.
 
 Randomness comes only from ``np.random.default_rng(SeedSequence([seed, epoch,
 rank, stream]))``: reproducible, different on every rank, new every epoch,
