@@ -202,7 +202,7 @@ def profile_epoch(args, cfg, backend, net, stepper, sampler, step_ms: float) -> 
     eval_s = 0.0
     if backend.is_main:
         from .data import Split
-        from .train import Evaluator
+        from .evaluate import Evaluator
         timages, tlabels, source = bench.load_data(args.synthetic, args.train_size, train=False)
         ev = Evaluator(cfg, Split(timages, tlabels, tuple(map(str, range(bench.CLASSES))), source))
         t0 = time.perf_counter()

@@ -18,7 +18,7 @@ machine moves them less; the targets are ratios for the same reason.
    every epoch (about 1/4 expected). Target: speed-up >= 200x.
 2. **Training throughput** (triplets/s, one process, batch ``--batch-size``, median of
    timed windows after warm-up, each window ended by ``mx.nd.waitall()``):
-   the product (``train.DataParallelStep``, local backend: pixels resident on the device,
+   the product (``engine.DataParallelStep``, local backend: pixels resident on the device,
    rows gathered by ``nd.take``, one stacked hybridized forward; driven by
    :class:`ProductLoop`, which mirrors ``train.train``'s inner loop) against a seed-style
    pipeline (:class:`SeedStyleLoop`: pixel triplets materialised as an (N, 3, 784) array,
@@ -336,16 +336,14 @@ def make_cfg(batch_size: int, backend: str = "local"):
 def build_product(cfg, backend, images: np.ndarray, labels: np.ndarray):
     """(net, DataParallelStep, EpochSampler) as ``train.train`` builds them."""
     from .model import build_embedding_net, initialize
-    from .train import DataParallelStep, EpochSampler
+    from .train import build_sampler, build_step
 
     net = build_embedding_net(images.shape[1], cfg.model.hidden, final_relu=cfg.model.final_relu,
                               normalize=cfg.model.normalize)
     initialize(net, cfg.model.init_scale, backend.contexts, cfg.train.seed)
     backend.broadcast_parameters(net.collect_params())
-    stepper = DataParallelStep(cfg, backend, net, images, labels)
-    horovod = backend.name == "horovod"
-    sampler = EpochSampler(cfg, labels, backend.rank if horovod else 0,
-                           backend.world_size if horovod else 1, len(backend.contexts))
+    stepper = build_step(cfg, backend, net, images, labels)
+    sampler = build_sampler(cfg, backend, labels)
     return net, stepper, sampler
 
 
@@ -387,14 +385,15 @@ class ProductLoop:
         self.s = 0
 
     def run(self, n: int) -> None:
-        from .train import learning_rate
+        from .schedule import from_config
         mx, cfg, steps = self.mx, self.cfg, self.sampler.steps
+        learning_rate = from_config(cfg.optim, cfg.train.epochs, steps, self.global_batch)
         for _ in range(n):
             if self.s == steps:
                 self._next_epoch()
             s = self.s
             self.stepper.trainer.set_learning_rate(
-                learning_rate(cfg, self.epoch * steps + s, steps, self.global_batch))
+                learning_rate(self.epoch * steps + s))
             idx = None if self.before else [d[s] for d in self.dev_idx]
             sums, terms = self.stepper.step(self.batches[s], idx)
             if self.before:

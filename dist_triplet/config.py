@@ -17,6 +17,32 @@ Batch-size and learning-rate semantics (the same for every backend):
   size changes the global batch; ``optim.scale_lr: true`` then applies the linear
   scaling rule (Goyal et al. 2017, "Accurate, Large Minibatch SGD"):
   ``lr = optim.lr * global_batch / optim.base_batch``.
+
+Resume policy: every field declares in its metadata what a resumed run may do with it
+(``checkpoint.check_compatible`` reads it through :func:`resume_policies`; a test checks
+that every field has one). New keys use the same form::
+
+    name: int = field(default=0, metadata=FIXED)
+
+* ``FIXED`` (``{"resume": "fixed"}``): must equal the checkpoint's value. The key changes
+  the parameters' shapes, what a step computes, the optimizer state's meaning (momentum
+  and wd are pickled with the optimizer in trainer.states, so a new value would be
+  silently ignored), or which triplets each worker draws.
+* ``SCHEDULE`` (``{"resume": "schedule"}``): may change, with a warning. The learning rate
+  of every step is recomputed from the current config (``schedule.learning_rate``), so
+  lowering optim.lr after a divergence, or extending train.epochs, works; the run then
+  differs from an uninterrupted one with the old values.
+* ``FREE`` (``{"resume": "free"}``): may change silently (evaluation, output, progress,
+  devices: the world size itself is checked from the checkpoint's processes x devices).
+
+Why not OmegaConf structured configs: OmegaConf is not installed in the project's
+environment (it would be a new dependency), and what this module does by hand is small
+and specific: error messages that name the file, line, key and value (``train.epochs
+must be an integer, got 'two'``), duplicate YAML keys refused (OmegaConf, like PyYAML,
+keeps the last one), range and choice checks with the key in the message, and the typed
+per-field resume policy above (dataclass metadata, which OmegaConf would carry too but
+not use). Dotted overrides are the one feature both have. Revisit if the config grows
+nested sections or interpolation.
 """
 from __future__ import annotations
 
@@ -25,9 +51,18 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import yaml
+
+from .fsutil import atomic_write
+
+
+# Resume policies (see the module docstring), used as ``field(..., metadata=FIXED)``.
+FIXED = {"resume": "fixed"}
+SCHEDULE = {"resume": "schedule"}
+FREE = {"resume": "free"}
+RESUME_POLICIES = ("fixed", "schedule", "free")
 
 
 class ConfigError(ValueError):
@@ -60,12 +95,12 @@ class DataConfig:
 
     # Data set: 'fashion_mnist' (Debian's dataset-fashion-mnist), 'mnist' (MXNet downloads
     # it when root is null and the network allows) or 'idx' (any MNIST-format directory in root).
-    dataset: str = "fashion_mnist"
+    dataset: str = field(default="fashion_mnist", metadata=FIXED)
     # Directory holding the four IDX files (gzip or raw); null = the data set's default place.
-    root: Optional[str] = None
+    root: Optional[str] = field(default=None, metadata=FREE)
     # Use only the first N training / test samples (0 = all). For debug runs and tests.
-    limit_train: int = 0
-    limit_test: int = 0
+    limit_train: int = field(default=0, metadata=FIXED)
+    limit_test: int = field(default=0, metadata=FREE)
 
 
 @dataclass
@@ -74,15 +109,15 @@ class ModelConfig:
 
     # Widths of the Dense layers; the last one is the embedding size D.
     # Seed article: Dense(256, relu) -> Dense(128, relu).
-    hidden: List[int] = field(default_factory=lambda: [256, 128])
+    hidden: List[int] = field(default_factory=lambda: [256, 128], metadata=FIXED)
     # ReLU after the last layer too, as the seed. Set false with normalize: true, so the
     # embedding can point anywhere on the sphere rather than in the positive orthant.
-    final_relu: bool = True
+    final_relu: bool = field(default=True, metadata=FIXED)
     # L2-normalise embeddings (FaceNet, Schroff et al. 2015). Squared distances are then
     # in [0, 4], and the margin is in those units.
-    normalize: bool = False
+    normalize: bool = field(default=False, metadata=FIXED)
     # Uniform(-init_scale, init_scale) weight init, as the seed's mx.init.Uniform(0.1).
-    init_scale: float = 0.1
+    init_scale: float = field(default=0.1, metadata=FREE)
 
 
 @dataclass
@@ -91,7 +126,7 @@ class LossConfig:
 
     # Triplet margin, in squared-L2 units as gluon.loss.TripletLoss:
     # loss = max(0, ||a-p||^2 - ||a-n||^2 + margin). Default 1: Gluon's default, used by the seed.
-    margin: float = 1.0
+    margin: float = field(default=1.0, metadata=FIXED)
 
 
 @dataclass
@@ -100,52 +135,53 @@ class SamplerConfig:
 
     # 'offline': the seed's create_pairs triplets, made per rank each epoch (default).
     # 'pk': class-balanced batches of p classes x k samples with online mining.
-    kind: str = "offline"
-    p: int = 16              # classes per P x K batch
-    k: int = 8               # samples per class in a P x K batch
+    kind: str = field(default="offline", metadata=FIXED)
+    p: int = field(default=16, metadata=FIXED)              # classes per P x K batch
+    k: int = field(default=8, metadata=FIXED)               # samples per class in a P x K batch
     # Online miner for kind 'pk': 'batch_hard' (Hermans et al. 2017) or 'semi_hard' (FaceNet).
-    miner: str = "semi_hard"
+    miner: str = field(default="semi_hard", metadata=FIXED)
     # P x K batches per epoch per worker; 0 = as many as cover the training set once.
-    steps_per_epoch: int = 0
+    steps_per_epoch: int = field(default=0, metadata=FIXED)
     # What the miner sees (kind 'pk'). 'local': each worker mines inside its own P x K
     # batch. 'global': all workers draw the same p classes (k images each), the embeddings
     # of every worker are gathered, and triplets are mined over the whole global batch of
     # workers x p x k; the update equals one process's on that batch (issue 13).
-    scope: str = "local"
+    scope: str = field(default="local", metadata=FIXED)
 
 
 @dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule (section ``optim``)."""
 
-    optimizer: str = "sgd"   # 'sgd' (seed) or 'adam'
+    optimizer: str = field(default="sgd", metadata=FIXED)   # 'sgd' (seed) or 'adam'
     # Learning rate of the global batch (see the module docstring). Seed: 0.05.
-    lr: float = 0.05
-    momentum: float = 0.0    # sgd only
-    wd: float = 0.0          # L2 weight decay
+    lr: float = field(default=0.05, metadata=SCHEDULE)
+    momentum: float = field(default=0.0, metadata=FIXED)    # sgd only
+    wd: float = field(default=0.0, metadata=FIXED)          # L2 weight decay
     # 'constant' (seed) or 'cosine' (decays per step to 0 over the run, after warm-up).
-    schedule: str = "constant"
-    warmup_epochs: float = 0.0  # linear warm-up from 0, in epochs
+    schedule: str = field(default="constant", metadata=SCHEDULE)
+    # Linear warm-up from 0, in epochs.
+    warmup_epochs: float = field(default=0.0, metadata=SCHEDULE)
     # Linear scaling rule: lr * global_batch / base_batch (Goyal et al. 2017).
-    scale_lr: bool = False
-    base_batch: int = 256
+    scale_lr: bool = field(default=False, metadata=SCHEDULE)
+    base_batch: int = field(default=256, metadata=SCHEDULE)
 
 
 @dataclass
 class TrainConfig:
     """Epochs, per-worker batch and run seed (section ``train``)."""
 
-    epochs: int = 10         # seed: 10
+    epochs: int = field(default=10, metadata=SCHEDULE)         # seed: 10
     # Triplets per worker per step (offline sampler). Global batch = world size x batch_size.
-    batch_size: int = 256
+    batch_size: int = field(default=256, metadata=FIXED)
     # Run seed: triplets are a function of (seed, epoch, rank); parameters init from it.
-    seed: int = 42
+    seed: int = field(default=42, metadata=FIXED)
     # Progress bar on rank 0 (tqdm), shown only when stderr is a terminal (debug and kvstore
     # runs): horovodrun pipes every rank's output, where a bar would garble the log.
-    progress: bool = True
+    progress: bool = field(default=True, metadata=FREE)
     # Every this many steps the host waits for the device once (bounds MXNet's async
     # queue and refreshes the progress bar's loss). Not a per-step sync.
-    sync_every: int = 50
+    sync_every: int = field(default=50, metadata=FREE)
 
 
 @dataclass
@@ -154,12 +190,13 @@ class DistributedConfig:
 
     # 'local': one process, one device (the single-GPU debug mode; no Horovod import).
     # 'horovod': one process per device under horovodrun. 'kvstore': one process, several
-    # devices, gluon.Trainer(kvstore='device').
-    backend: str = "local"
+    # devices, gluon.Trainer(kvstore='device'). The launch scripts set it (launch/*.sh);
+    # the configs in configs/ do not.
+    backend: str = field(default="local", metadata=FREE)
     # 'auto': GPU when MXNet sees one, else CPU (logged). 'gpu': GPU or fail. 'cpu': CPU.
-    device: str = "auto"
+    device: str = field(default="auto", metadata=FREE)
     # kvstore only: 'all' (every GPU), a list of GPU ids like '0,1', or 'cpu:N' for N CPU contexts.
-    devices: str = "all"
+    devices: str = field(default="all", metadata=FREE)
 
 
 @dataclass
@@ -167,23 +204,27 @@ class EvalConfig:
     """Rank-0 evaluation and projector export (section ``eval``)."""
 
     # Seed of the fixed test triplets (made once from the test set; 9,990 on Fashion-MNIST).
-    triplet_seed: int = 0
-    batch_size: int = 2048   # rows per forward pass when embedding the test set
-    every: int = 1           # evaluate every N epochs (and always after the last)
+    triplet_seed: int = field(default=0, metadata=FREE)
+    # Rows per forward pass when embedding the test set.
+    batch_size: int = field(default=2048, metadata=FREE)
+    # Evaluate every N epochs (and always after the last).
+    every: int = field(default=1, metadata=FREE)
     # Spread sqrt(mean ||e - mean e||^2) at or below this marks the embedding as collapsed.
-    collapse_eps: float = 1e-4
-    projector: bool = True   # export the TensorBoard projector at the end (rank 0)
-    projector_points: int = 0  # 0 = the whole test set
+    collapse_eps: float = field(default=1e-4, metadata=FREE)
+    # Export the TensorBoard projector at the end (rank 0).
+    projector: bool = field(default=True, metadata=FREE)
+    projector_points: int = field(default=0, metadata=FREE)  # 0 = the whole test set
 
 
 @dataclass
 class CheckpointConfig:
     """Epoch checkpoints and resume (section ``checkpoint``)."""
 
-    keep: int = 3            # keep the last K epoch checkpoints (0 = never write any)
+    # Keep the last K epoch checkpoints (0 = never write any).
+    keep: int = field(default=3, metadata=FREE)
     # Resume: null (start fresh), 'auto' (latest checkpoint in output.dir if any) or a path
     # to a checkpoint directory.
-    resume: Optional[str] = None
+    resume: Optional[str] = field(default=None, metadata=FREE)
 
 
 @dataclass
@@ -191,11 +232,11 @@ class OutputConfig:
     """Where a run writes (section ``output``)."""
 
     # Run directory. null = <root>/<name>-<timestamp>, chosen by rank 0 and shared with all ranks.
-    dir: Optional[str] = None
+    dir: Optional[str] = field(default=None, metadata=FREE)
     # Prefix of generated run directories; null = the config file's stem (e.g. fashion_mnist),
     # or the data set's name without a config file.
-    name: Optional[str] = None
-    root: str = "runs"
+    name: Optional[str] = field(default=None, metadata=FREE)
+    root: str = field(default="runs", metadata=FREE)
 
 
 @dataclass
@@ -215,6 +256,27 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def resume_policies() -> dict:
+    """``{"section.key": "fixed" | "schedule" | "free"}`` for every key of ``Config``, read
+    from the fields' metadata. Raises ConfigError naming a field that declares none."""
+    out = {}
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory):
+            policy = f.metadata.get("resume")
+            if policy not in RESUME_POLICIES:
+                raise ConfigError(f"config field {section.name}.{f.name} declares no resume "
+                                  f"policy (metadata resume={policy!r}); give one of "
+                                  f"{', '.join(RESUME_POLICIES)}")
+            out[f"{section.name}.{f.name}"] = policy
+    return out
+
+
+def flat_dict(config: dict) -> dict:
+    """``{"section.key": value}`` from a ``Config.to_dict()``-shaped mapping."""
+    return {f"{s}.{k}": v for s, sub in config.items() if isinstance(sub, dict)
+            for k, v in sub.items()}
 
 
 _CHOICES = {
@@ -302,7 +364,7 @@ def _set(cfg: Config, key: str, value: Any, where: str) -> None:
 
 
 def _validate(cfg: Config) -> None:
-    flat = {f"{s}.{k}": v for s, sub in cfg.to_dict().items() for k, v in sub.items()}
+    flat = flat_dict(cfg.to_dict())
     for key, choices in _CHOICES.items():
         if flat[key] not in choices:
             raise ConfigError(f"{key}={flat[key]!r} is not one of {', '.join(choices)}")
@@ -340,6 +402,36 @@ def _validate(cfg: Config) -> None:
         # A null output.dir is a new timestamped directory: there would be nothing to resume.
         raise ConfigError("checkpoint.resume='auto' needs output.dir=DIR (the run directory "
                           "whose checkpoints/ it continues from)")
+
+
+def parse_devices(devices: str) -> Tuple[str, Union[int, List[int], None]]:
+    """Parse ``distributed.devices`` (the one parser of it: ``dist.choose_contexts`` picks
+    the contexts from it, ``train.default_threads`` counts CPU devices before MXNet starts,
+    which is why it lives here and not in dist.py, which imports MXNet).
+
+    Returns:
+        ``("cpu", N)`` for ``'cpu:N'``; ``("gpu", None)`` for ``'all'``; ``("gpu", ids)``
+        for GPU ids like ``'0,1'`` (ids not checked against the host here; may be empty).
+
+    Raises:
+        ValueError: ``'cpu:N'`` with N not an integer >= 1, or anything else that is not
+            ``'all'`` or comma-separated integers (names the value).
+    """
+    if devices.startswith("cpu:"):
+        try:
+            n = int(devices.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"distributed.devices={devices!r}: 'cpu:N' needs N >= 1")
+        return "cpu", n
+    if devices == "all":
+        return "gpu", None
+    try:
+        return "gpu", [int(x) for x in devices.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"distributed.devices={devices!r}: expected 'all', 'cpu:N' or "
+                         "GPU ids like '0,1'") from None
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
@@ -397,11 +489,9 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
 
 
 def save_config(cfg: Config, path: str) -> None:
-    """Write the resolved config as YAML (atomically: write a temp file, then rename)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
+    """Write the resolved config as YAML, atomically (``fsutil.atomic_write``)."""
+    with atomic_write(path) as fh:
         yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
-    os.replace(tmp, path)
 
 
 def config_from_dict(doc: dict) -> Config:

@@ -8,6 +8,14 @@ Three backends train the same model (tests/test_equivalence.py proves it):
 * ``kvstore`` one process, several devices: ``gluon.Trainer(kvstore='device')`` sums the
   per-device gradients and the step divides by the global batch.
 
+Vocabulary, the same in code, log lines, checkpoints and the README:
+
+* process: a Horovod rank (one per ``horovodrun`` slot; the only process otherwise).
+  ``rank`` / ``num_processes`` / ``local_rank`` count processes.
+* worker: a device that takes a per-worker batch (``train.batch_size`` triplets, or one
+  P x K batch). Device ``d`` of process ``rank`` is worker ``rank * devices + d``.
+* world size: the number of workers, processes x devices per process.
+
 The module-level helpers ``rank()``, ``size()``, ``local_rank()`` and ``is_main()`` answer
 0 / 1 / 0 / True whenever Horovod is absent or not initialised, so the same code runs in
 every mode (the pattern of detectron2's ``utils/comm.py``).
@@ -16,11 +24,12 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import mxnet as mx
 import numpy as np
+
+from .config import parse_devices
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +54,7 @@ def rank() -> int:
 
 
 def size() -> int:
-    """World size (number of Horovod processes); 1 when Horovod is not initialised."""
+    """Number of Horovod processes; 1 when Horovod is not initialised."""
     return _hvd.size() if _hvd is not None else 1
 
 
@@ -113,17 +122,12 @@ def choose_contexts(backend: str, device: str, devices: str, *, local_rank: int 
             device='gpu', or a malformed ``devices``.
     """
     gpus = num_gpus() if gpu_count is None else gpu_count
-    if backend == "kvstore" and devices.startswith("cpu:"):
-        try:
-            n = int(devices.split(":", 1)[1])
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise ValueError(f"distributed.devices={devices!r}: 'cpu:N' needs N >= 1")
+    kind, which = parse_devices(devices) if backend == "kvstore" else ("gpu", None)
+    if kind == "cpu":
         if device == "gpu":
             raise ValueError(f"distributed.device='gpu' contradicts distributed.devices="
                              f"{devices!r} (CPU contexts); use device=cpu or auto, or GPU ids")
-        return [mx.cpu(i) for i in range(n)]
+        return [mx.cpu(i) for i in range(which)]
     use_gpu = device == "gpu" or (device == "auto" and gpus > 0)
     if device == "gpu" and gpus == 0:
         raise ValueError("distributed.device='gpu' but MXNet sees no GPU on this host "
@@ -137,13 +141,9 @@ def choose_contexts(backend: str, device: str, devices: str, *, local_rank: int 
             log.info("no GPU visible to MXNet: using the CPU (distributed.device=auto)")
         return [mx.cpu()]
     if backend == "kvstore":
-        if devices == "all":
+        if which is None:
             return [mx.gpu(i) for i in range(gpus)]
-        try:
-            ids = [int(x) for x in devices.split(",") if x.strip()]
-        except ValueError:
-            raise ValueError(f"distributed.devices={devices!r}: expected 'all', 'cpu:N' or "
-                             "GPU ids like '0,1'") from None
+        ids = which
         bad = [i for i in ids if not 0 <= i < gpus]
         if not ids or bad:
             raise ValueError(f"distributed.devices={devices!r}: GPU ids must be in 0..{gpus - 1} "
@@ -159,39 +159,49 @@ def choose_contexts(backend: str, device: str, devices: str, *, local_rank: int 
     return [mx.gpu(local_rank)]
 
 
-# ----------------------------------------------------------------------------- backend
+# ----------------------------------------------------------------------------- backends
 
-@dataclass
 class Backend:
-    """What the training loop needs from distribution, whatever the mode.
+    """What the training loop needs from distribution; fixed at construction.
+
+    The base behaves as one process with no peers (collectives are identities):
+    :class:`LocalBackend` is it as is, :class:`KVStoreBackend` and :class:`HorovodBackend`
+    override only what differs. Callers never test ``name`` (it is for log lines).
 
     Attributes:
-        name: 'local', 'horovod' or 'kvstore'.
-        contexts: devices this process drives (one, except kvstore).
-        rank, world_size: global rank and number of workers. For kvstore, world_size is
-            the number of devices (each device is a worker for batch semantics) and rank 0.
+        contexts: the devices this process drives (one, except kvstore).
+        rank, num_processes, local_rank: this process's global rank, the number of
+            processes in collectives (Horovod ranks; 1 otherwise), its rank on its host.
+        num_workers: the world size, workers = processes x devices per process.
     """
-    name: str
-    contexts: List[mx.Context]
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+    name = "local"
+
+    def __init__(self, contexts: Sequence[mx.Context], rank: int = 0, num_processes: int = 1,
+                 local_rank: int = 0):
+        self.contexts = list(contexts)
+        self.rank = rank
+        self.num_processes = num_processes
+        self.local_rank = local_rank
+        self.num_workers = num_processes * len(self.contexts)
 
     @property
     def is_main(self) -> bool:
+        """True on rank 0, the process that logs, evaluates and writes files."""
         return self.rank == 0
 
     @property
-    def num_processes(self) -> int:
-        """Processes that take part in collectives (Horovod ranks; 1 otherwise)."""
-        return self.world_size if self.name == "horovod" else 1
+    def world_size(self) -> int:
+        """The field's term for :attr:`num_workers`."""
+        return self.num_workers
+
+    def worker_rank(self, device: int) -> int:
+        """Global worker index of this process's device ``device`` (0-based)."""
+        return self.rank * len(self.contexts) + device
 
     def broadcast_parameters(self, params) -> None:
         """Make every rank's parameters equal to rank 0's. Every rank must call it, or
         it deadlocks. Parameters must be initialised with known shapes first (the model
         gives ``in_units`` so nothing is deferred)."""
-        if self.name == "horovod":
-            _hvd.broadcast_parameters(params, root_rank=0)  # Horovod: same start everywhere
 
     def make_trainer(self, params, optimizer: str, optimizer_params: dict) -> mx.gluon.Trainer:
         """A Trainer whose ``step(n)`` applies the mean gradient of the global batch.
@@ -199,49 +209,107 @@ class Backend:
         ``n`` must be the number of samples this *process* summed its loss over (all its
         devices); Horovod averages across ranks, kvstore sums across devices.
         """
-        if self.name == "horovod":
-            return _hvd.DistributedTrainer(params, optimizer, optimizer_params)  # Horovod
-        kv = "device" if self.name == "kvstore" else None
-        # update_on_kvstore=False: the update runs on each device after the gradient sum,
-        # so every device applies exactly one identical update per step and the devices'
-        # parameter copies stay bit-identical.
-        return mx.gluon.Trainer(params, optimizer, optimizer_params, kvstore=kv,
-                                update_on_kvstore=False if kv else None)
+        # kvstore=None: Gluon's default is 'device'; one device needs no gradient sum.
+        return mx.gluon.Trainer(params, optimizer, optimizer_params, kvstore=None)
 
     def allreduce_mean(self, values: Sequence[float]) -> np.ndarray:
-        """Mean of ``values`` (a small float vector) over ranks. Every rank must call it."""
-        arr = np.asarray(values, dtype=np.float64)
-        if self.name != "horovod" or self.world_size == 1:
-            return arr
-        out = _hvd.allreduce(mx.nd.array(arr, dtype="float64"), average=True,  # Horovod
-                             name="dist_triplet.allreduce_mean")
-        return out.asnumpy()
+        """Mean of ``values`` (a small float vector) over ranks, float64. Every rank must
+        call it."""
+        return np.asarray(values, dtype=np.float64)
 
     def broadcast_object(self, obj: Any, name: str = "obj") -> Any:
         """Rank 0's ``obj`` on every rank. Every rank must call it."""
-        if self.name != "horovod" or self.world_size == 1:
-            return obj
-        return _hvd.broadcast_object(obj, root_rank=0, name=f"dist_triplet.{name}")  # Horovod
+        return obj
 
     def allgather_object(self, obj: Any, name: str = "obj") -> list:
         """Every rank's ``obj``, in rank order. Every rank must call it."""
-        if self.name != "horovod" or self.world_size == 1:
-            return [obj]
-        return _hvd.allgather_object(obj, name=f"dist_triplet.{name}")  # Horovod
+        return [obj]
 
     def allgather(self, x: mx.nd.NDArray, name: str = "allgather") -> mx.nd.NDArray:
         """Every process's ``x`` concatenated along axis 0 in rank order: (n, ...) ->
         (processes * n, ...), same dtype, on ``x``'s context; ``x`` itself with one
         process. Asynchronous (an MXNet engine op under Horovod), carries no gradient.
         Every rank must call it with the same shape, or it deadlocks."""
-        if self.name != "horovod" or self.world_size == 1:
+        return x
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here. Every rank must call it."""
+
+
+class LocalBackend(Backend):
+    """One process, one device: the debug mode. Horovod is not imported."""
+    name = "local"
+
+
+class KVStoreBackend(Backend):
+    """One process, several devices; ``gluon.Trainer(kvstore='device')`` sums gradients."""
+    name = "kvstore"
+
+    def make_trainer(self, params, optimizer: str, optimizer_params: dict) -> mx.gluon.Trainer:
+        # update_on_kvstore=False: the update runs on each device after the gradient sum,
+        # so every device applies exactly one identical update per step and the devices'
+        # parameter copies stay bit-identical.
+        return mx.gluon.Trainer(params, optimizer, optimizer_params, kvstore="device",
+                                update_on_kvstore=False)
+
+
+class HorovodBackend(Backend):
+    """One process per device under horovodrun; collectives through Horovod."""
+    name = "horovod"
+
+    def broadcast_parameters(self, params) -> None:
+        _hvd.broadcast_parameters(params, root_rank=0)  # Horovod: same start everywhere
+
+    def make_trainer(self, params, optimizer: str, optimizer_params: dict) -> mx.gluon.Trainer:
+        return _hvd.DistributedTrainer(params, optimizer, optimizer_params)  # Horovod
+
+    def allreduce_mean(self, values: Sequence[float]) -> np.ndarray:
+        arr = np.asarray(values, dtype=np.float64)
+        if self.num_processes == 1:
+            return arr
+        out = _hvd.allreduce(mx.nd.array(arr, dtype="float64"), average=True,  # Horovod
+                             name="dist_triplet.allreduce_mean")
+        return out.asnumpy()
+
+    def broadcast_object(self, obj: Any, name: str = "obj") -> Any:
+        if self.num_processes == 1:
+            return obj
+        return _hvd.broadcast_object(obj, root_rank=0, name=f"dist_triplet.{name}")  # Horovod
+
+    def allgather_object(self, obj: Any, name: str = "obj") -> list:
+        if self.num_processes == 1:
+            return [obj]
+        return _hvd.allgather_object(obj, name=f"dist_triplet.{name}")  # Horovod
+
+    def allgather(self, x: mx.nd.NDArray, name: str = "allgather") -> mx.nd.NDArray:
+        if self.num_processes == 1:
             return x
         return _hvd.allgather(x, name=f"dist_triplet.{name}")  # Horovod
 
     def barrier(self) -> None:
-        """Wait until every rank gets here. Every rank must call it."""
-        if self.name == "horovod" and self.world_size > 1:
+        if self.num_processes > 1:
             _hvd.allreduce(mx.nd.zeros(1), name="dist_triplet.barrier").wait_to_read()
+
+
+def decide_on_rank0(backend: Backend, fn: Callable[[], Any], name: str) -> Any:
+    """Rank 0 decides, shares, and every rank raises alike.
+
+    Rank 0 runs ``fn()``; its value, or the message of a ValueError / OSError it raised,
+    is broadcast. Every rank then returns the value or raises ``ValueError(message)``, so
+    all ranks exit the same way instead of the others waiting in a collective. Every rank
+    must call it, or it deadlocks. ``name`` labels the collective.
+    """
+    decision = None
+    if backend.is_main:
+        try:
+            decision = ("ok", fn())
+        except (ValueError, OSError) as exc:
+            decision = ("error", str(exc))
+    status, value = backend.broadcast_object(decision, name=name)
+    if status == "error":
+        backend.barrier()  # Horovod: rank 0 must not exit before the others have the message
+        raise ValueError(value)
+    return value
 
 
 def launcher_size(environ=None) -> int:
@@ -272,13 +340,12 @@ def make_backend(backend: str, device: str = "auto", devices: str = "all") -> Ba
                          "started by horovodrun/mpirun (HOROVOD_SIZE): each would train alone "
                          "and write the same run directory; add distributed.backend=horovod")
     if backend == "local":
-        return Backend("local", choose_contexts("local", device, devices))
+        return LocalBackend(choose_contexts("local", device, devices))
     if backend == "kvstore":
-        ctxs = choose_contexts("kvstore", device, devices)
-        return Backend("kvstore", ctxs, rank=0, world_size=len(ctxs))
+        return KVStoreBackend(choose_contexts("kvstore", device, devices))
     if backend == "horovod":
         init_horovod()
         ctxs = choose_contexts("horovod", device, devices, local_rank=local_rank(),
                                local_size=local_size())
-        return Backend("horovod", ctxs, rank=rank(), world_size=size(), local_rank=local_rank())
+        return HorovodBackend(ctxs, rank=rank(), num_processes=size(), local_rank=local_rank())
     raise ValueError(f"distributed.backend={backend!r}: expected local, horovod or kvstore")

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .data import read_idx
+from .fsutil import atomic_write
 from .export import mxnet_error_line, load_model, model_files, read_meta
 
 __all__ = ["load_images", "embed_images", "main"]
@@ -135,17 +136,8 @@ def _save(path: str, array: np.ndarray) -> None:
     os.makedirs(parent, exist_ok=True)
     if os.path.isdir(path):
         raise ValueError(f"output {path} is a directory: pass a file name")
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path, "wb") as fh:
+        np.save(fh, array)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

@@ -19,6 +19,8 @@ import re
 import warnings
 from typing import Optional
 
+from .fsutil import write_json
+
 __all__ = ["PREFIX", "EPOCH", "model_files", "export_model", "load_model", "read_meta"]
 
 PREFIX = "embed"
@@ -67,10 +69,7 @@ def export_model(net, directory: str, ctx, in_units: int, *, meta: Optional[dict
             "input_scaling": INPUT_SCALING, "dtype": "float32"}
     info.update(meta or {})
     _, _, meta_path = model_files(directory)
-    tmp = f"{meta_path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(info, fh, indent=1)
-    os.replace(tmp, meta_path)
+    write_json(meta_path, info)
     return directory
 
 

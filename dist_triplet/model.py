@@ -136,17 +136,22 @@ class GlobalMinedTripletStep:
         net: the embedding network (shared with the caller).
         margin, miner: as :class:`mining.MinedTripletLoss`.
         k: samples per class per worker (sampler.k); the global batch has ``W * k``.
-        contexts: this process's devices, in worker order.
-        first_worker: global worker index of ``contexts[0]``.
+        contexts: this process's devices.
+        worker_ranks: the global worker index of each device (``Backend.worker_rank``):
+            consecutive, as the gather concatenates the devices, then the processes.
         num_workers: W, all workers of the job (processes x devices).
         allgather: ``f((n, C) NDArray) -> (processes * n, C) NDArray``, every process's
             array in rank order (``dist.Backend.allgather``); a collective.
     """
 
-    def __init__(self, net, margin: float, miner: str, k: int, contexts, first_worker: int,
+    def __init__(self, net, margin: float, miner: str, k: int, contexts, worker_ranks,
                  num_workers: int, allgather):
         self.contexts = list(contexts)
-        self.first_worker = int(first_worker)
+        self.worker_ranks = [int(w) for w in worker_ranks]
+        first = self.worker_ranks[0]
+        if self.worker_ranks != list(range(first, first + len(self.contexts))):
+            raise ValueError(f"worker ranks {self.worker_ranks} of this process's devices must "
+                             "be consecutive: the gathered global batch is in worker order")
         self.num_workers = int(num_workers)
         self.allgather = allgather
         self.embed = EmbedRows(net)
@@ -164,8 +169,7 @@ class GlobalMinedTripletStep:
         if rows not in self._slots:
             import numpy as np
             out = []
-            for d, ctx in enumerate(self.contexts):
-                w = self.first_worker + d
+            for w, ctx in zip(self.worker_ranks, self.contexts):
                 slot = np.zeros(self.num_workers * rows, np.float32)
                 slot[w * rows:(w + 1) * rows] = np.arange(1, rows + 1)
                 out.append(mx.nd.array(slot, ctx=ctx))

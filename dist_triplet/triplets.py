@@ -417,3 +417,90 @@ def seed_create_pairs(labels, rng) -> np.ndarray:
             z3 = digit_indices[dn][i]
             pairs.append((z1, z2, z3))
     return np.asarray(pairs, dtype=np.int64).reshape(-1, 3)
+
+
+class EpochSampler:
+    """This process's batches for an epoch, equal in number on every process.
+
+    Offline: the ``create_pairs`` shard of (seed, epoch, process rank), cut into ``steps``
+    batches of ``devices x batch_size`` triplets (the remainder is dropped so all processes
+    and all steps have the same shape); the step splits each batch over the devices.
+    P x K: ``pk_batches`` for each device, each device its own worker (scope 'local'), or
+    this process's workers' slices of ``pk_global_batches`` (scope 'global').
+
+    Args:
+        labels: (N,) integer training labels.
+        kind: ``'offline'`` or ``'pk'`` (``sampler.kind``).
+        batch_size: triplets per worker per step (offline; ``train.batch_size``).
+        p, k: classes per batch and samples per class (P x K).
+        steps_per_epoch: P x K steps per epoch; 0 = as many as cover the set once.
+        seed: the run seed (``train.seed``).
+        rank, num_processes: this process's rank and the number of processes.
+        worker_ranks: the global worker index of each of this process's devices
+            (``Backend.worker_rank``); its length is the number of devices.
+        num_workers: the world size (processes x devices).
+        scope: ``'local'`` or ``'global'`` (``sampler.scope``, P x K only): in a global
+            batch every worker has the same classes (see :func:`pk_global_batches`).
+
+    Attributes:
+        steps: steps per epoch (the same on every process).
+        per_step: rows of this process's batch per step (devices x batch_size, or
+            devices x P*K).
+
+    Raises:
+        ValueError: a class has fewer than 2 samples or there are fewer than 2 classes
+            (``ClassIndex``); ``p`` above the number of classes; more workers than the
+            smallest class has samples (P x K); a shard smaller than one step (offline).
+            Messages name the config key.
+    """
+
+    def __init__(self, labels: np.ndarray, *, kind: str, batch_size: int, p: int, k: int,
+                 steps_per_epoch: int, seed: int, rank: int, num_processes: int,
+                 worker_ranks, num_workers: int, scope: str = "local"):
+        self.index = ClassIndex(labels)
+        self.scope = scope
+        self.kind, self.p, self.k, self.seed = kind, p, k, seed
+        self.rank, self.num_processes = rank, num_processes
+        self.worker_ranks, self.num_workers = list(worker_ranks), num_workers
+        devices = len(self.worker_ranks)
+        if kind == "pk":
+            if p > len(self.index.classes):
+                raise ValueError(f"sampler.p={p} but the training set has only "
+                                 f"{len(self.index.classes)} classes: a P x K batch takes "
+                                 "sampler.p distinct classes; lower sampler.p")
+            if num_workers > self.index.min_count:
+                # pk_batches gives each worker a disjoint part of every class.
+                raise ValueError(
+                    f"sampler.kind=pk with world size {num_processes} x {devices} device(s) = "
+                    f"{num_workers} workers, but the smallest training class has only "
+                    f"{self.index.min_count} samples: each worker needs its own member of "
+                    "every class; use fewer workers or more data")
+            # All workers together see about N samples per epoch.
+            self.steps = steps_per_epoch or pk_steps_per_epoch(self.index, p, k, num_workers)
+            self.per_step = devices * p * k
+        else:
+            shard = shard_length(self.index, num_processes)
+            self.per_step = devices * batch_size
+            self.steps = shard // self.per_step
+            if self.steps == 0:
+                raise ValueError(
+                    f"train.batch_size={batch_size} x {devices} device(s) = "
+                    f"{self.per_step} triplets per step, but each of the {num_processes} "
+                    f"process(es) gets only {shard} triplets per epoch ({len(labels)} "
+                    "training samples): lower train.batch_size or use more data")
+
+    def epoch(self, epoch: int) -> np.ndarray:
+        """(steps, per_step, 3) offline or (steps, devices, P*K) for P x K; int64."""
+        if self.kind == "pk" and self.scope == "global":
+            everyone = pk_global_batches(self.index, p=self.p, k=self.k, steps=self.steps,
+                                         seed=self.seed, epoch=epoch, workers=self.num_workers)
+            return np.ascontiguousarray(everyone[:, self.worker_ranks])
+        if self.kind == "pk":
+            per_dev = [pk_batches(self.index, p=self.p, k=self.k, steps=self.steps,
+                                  seed=self.seed, epoch=epoch, rank=w,
+                                  world_size=self.num_workers)
+                       for w in self.worker_ranks]
+            return np.stack(per_dev, axis=1)
+        trip = create_pairs(self.index, seed=self.seed, epoch=epoch, rank=self.rank,
+                            world_size=self.num_processes)
+        return trip[: self.steps * self.per_step].reshape(self.steps, self.per_step, 3)

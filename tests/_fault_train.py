@@ -1,7 +1,8 @@
 """Test helper: ``python -m dist_triplet.train`` that dies (or dawdles) at a chosen step.
 
-Used by tests/test_checkpoint.py and tests/test_faults.py; not part of the package, so the
-training code carries no test hooks. Run it exactly like the trainer:
+Used by tests/test_checkpoint.py and tests/test_faults.py; not part of the package. It
+uses the training loop's per-step hook (``train.main(argv, on_step=...)``, called by
+``engine.run_epoch`` before every step). Run it exactly like the trainer:
 
     DIST_TRIPLET_FAULT='rank=1,epoch=2,step=3' \\
         horovodrun -np 2 -H localhost:2 --gloo python tests/_fault_train.py --config ...
@@ -36,42 +37,32 @@ def parse(spec: str) -> dict:
     return out
 
 
-def install(spec: dict) -> None:
-    """Wrap EpochSampler.epoch (to learn the epoch) and DataParallelStep.step (to count
-    steps); returns True when this process is the one that must die."""
+def make_hook(spec: dict):
+    """``(on_step, armed)``: the hook for ``train.main(argv, on_step=...)`` (called before
+    every optimizer step with 0-based epoch and step), and whether this process is the
+    one that must die."""
     rank = int(os.environ.get("HOROVOD_RANK", "0"))
     target = (int(spec["epoch"]), int(spec["step"])) if "epoch" in spec else None
     fire = target is not None and rank == int(spec.get("rank", 0))
     sleep = float(spec.get("sleep", 0))
-    state = {"epoch": 0, "step": 0}
-    epoch_fn, step_fn = train_mod.EpochSampler.epoch, train_mod.DataParallelStep.step
 
-    def epoch(self, e):
-        state["epoch"], state["step"] = e + 1, 0
-        return epoch_fn(self, e)
-
-    def step(self, *args, **kwargs):
-        state["step"] += 1
+    def on_step(epoch, step):
         if sleep:
             time.sleep(sleep)
-        if fire and (state["epoch"], state["step"]) == target:
+        if fire and (epoch + 1, step + 1) == target:
             print(f"_fault_train: rank {rank} dies before epoch {target[0]} step {target[1]}",
                   file=sys.stderr, flush=True)
             if spec.get("how", "exit") == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             os._exit(int(spec.get("code", 17)))
-        return step_fn(self, *args, **kwargs)
 
-    train_mod.EpochSampler.epoch = epoch
-    train_mod.DataParallelStep.step = step
-    return fire
+    return on_step, fire
 
 
 if __name__ == "__main__":
-    armed = install(parse(os.environ.get("DIST_TRIPLET_FAULT", "")))
-    status = train_mod.main(sys.argv[1:])
+    hook, armed = make_hook(parse(os.environ.get("DIST_TRIPLET_FAULT", "")))
+    status = train_mod.main(sys.argv[1:], on_step=hook)
     if armed:  # the run ended without reaching the fault: say so rather than pass quietly
         print("_fault_train: the fault point was never reached", file=sys.stderr, flush=True)
         status = 99
     sys.exit(status)
-

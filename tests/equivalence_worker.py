@@ -45,7 +45,7 @@ def run(backend, opt: str, steps: int = STEPS, rank: int = 0, world_size: int = 
     """
     from dist_triplet.config import Config
     from dist_triplet.model import build_embedding_net, initialize
-    from dist_triplet.train import DataParallelStep
+    from dist_triplet.train import build_step
 
     pixels, labels, batches = problem()
     cfg = Config()
@@ -58,7 +58,7 @@ def run(backend, opt: str, steps: int = STEPS, rank: int = 0, world_size: int = 
     net = build_embedding_net(pixels.shape[1], [8, 4], final_relu=False, normalize=True)
     initialize(net, 0.5, backend.contexts, seed=1)
     backend.broadcast_parameters(net.collect_params())
-    stepper = DataParallelStep(cfg, backend, net, pixels, labels)
+    stepper = build_step(cfg, backend, net, pixels, labels)
     share = BATCH // world_size
 
     def snapshot():

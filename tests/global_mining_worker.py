@@ -96,7 +96,7 @@ def run(backend, opt: str, miner: str, scope: str, steps: int = STEPS) -> dict:
     """
     import mxnet as mx
     from dist_triplet.model import build_embedding_net, initialize
-    from dist_triplet.train import DataParallelStep
+    from dist_triplet.train import build_step
 
     pixels, labels = problem()
     batches = global_batches(labels)
@@ -104,7 +104,7 @@ def run(backend, opt: str, miner: str, scope: str, steps: int = STEPS) -> dict:
     net = build_embedding_net(pixels.shape[1], [8, 4], final_relu=False, normalize=True)
     initialize(net, 0.5, backend.contexts, seed=1)
     backend.broadcast_parameters(net.collect_params())
-    stepper = DataParallelStep(cfg, backend, net, pixels, labels)
+    stepper = build_step(cfg, backend, net, pixels, labels)
     devices = len(backend.contexts)
     first = backend.rank * devices
 

@@ -285,13 +285,13 @@ def test_fresh_run_into_a_directory_holding_a_run_is_refused(data, tmp_path, cap
 
 
 def test_generated_run_dirs_started_in_the_same_second_differ(tmp_path, monkeypatch):
-    from dist_triplet import train as train_mod
+    from dist_triplet import rundir
     from dist_triplet.config import load_config
     from dist_triplet.dist import make_backend
-    monkeypatch.setattr(train_mod.time, "strftime", lambda fmt: "20240101-000000")
+    monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20240101-000000")
     cfg = load_config(None, [f"output.root={tmp_path}", "output.name=x"])
     backend = make_backend("local", "cpu")
-    dirs = [train_mod.resolve_run_dir(cfg, backend) for _ in range(3)]
+    dirs = [rundir.resolve_run_dir(cfg, backend) for _ in range(3)]
     assert dirs == [str(tmp_path / "x-20240101-000000"), str(tmp_path / "x-20240101-000000-2"),
                     str(tmp_path / "x-20240101-000000-3")]
     assert all(os.path.isdir(d) for d in dirs)

@@ -28,6 +28,7 @@ mx = pytest.importorskip("mxnet")
 from _ckpt_util import (FAULT_TRAIN, digest_tree, load_params, max_abs_diff,  # noqa: E402
                         net_params, run_args, subprocess_env, write_dataset)
 from dist_triplet import checkpoint as ckpt  # noqa: E402
+from dist_triplet import rundir  # noqa: E402
 from dist_triplet import train as train_mod  # noqa: E402
 from dist_triplet.config import load_config  # noqa: E402
 
@@ -74,8 +75,8 @@ def _assert_same_run(run_dir, ref_dir, ref_params):
     np.testing.assert_allclose([r["loss"] for r in hist], [r["loss"] for r in ref_hist],
                                rtol=0, atol=TOL)
     np.testing.assert_allclose([r["lr"] for r in hist], [r["lr"] for r in ref_hist], rtol=1e-12)
-    meta = ckpt.read_meta(final)
-    ref_meta = ckpt.read_meta(os.path.join(ref_dir, "checkpoints", "epoch-0003"))
+    meta = ckpt.read_meta(final).to_json()
+    ref_meta = ckpt.read_meta(os.path.join(ref_dir, "checkpoints", "epoch-0003")).to_json()
     assert meta["epoch"] == 3 and [r["epoch"] for r in meta["history"]] == [1, 2, 3, 4]
     for key in ("world_size", "processes", "devices", "steps"):
         assert meta[key] == ref_meta[key], key
@@ -97,8 +98,9 @@ class _Interrupt(Exception):
     pass
 
 
-def _meta(**extra):
-    return dict(config={}, world_size=1, **extra)
+def _meta(epoch, line=None):
+    return ckpt.CheckpointMeta(epoch=epoch, config={}, world_size=1,
+                               history=[{"line": line}] if line else [])
 
 
 def _tiny_net_and_trainer(optimizer="sgd"):
@@ -133,10 +135,10 @@ def test_save_keeps_last_k_and_cleans_leftovers(tmp_path):
     d = str(tmp_path / "checkpoints")
     os.makedirs(os.path.join(d, ".epoch-0000.tmp-99999"))  # a killed save's leftover
     for epoch in range(5):
-        path = ckpt.save_checkpoint(d, epoch, net, trainer, _meta(), keep=2)
+        path = ckpt.save_checkpoint(d, net, trainer, _meta(epoch), keep=2)
         assert path == os.path.join(d, f"epoch-{epoch:04d}")
     assert sorted(os.listdir(d)) == ["epoch-0003", "epoch-0004"]
-    meta = ckpt.read_meta(os.path.join(d, "epoch-0004"))
+    meta = ckpt.read_meta(os.path.join(d, "epoch-0004")).to_json()
     assert meta == {"config": {}, "world_size": 1, "epoch": 4}
 
 
@@ -144,12 +146,12 @@ def test_save_replaces_epoch_and_drops_abandoned_later_ones(tmp_path):
     net, trainer = _tiny_net_and_trainer()
     d = str(tmp_path / "checkpoints")
     for epoch in range(4):
-        ckpt.save_checkpoint(d, epoch, net, trainer, _meta(line="old"), keep=5)
+        ckpt.save_checkpoint(d, net, trainer, _meta(epoch, line="old"), keep=5)
     # Resumed from epoch 1: the new epoch 2 replaces the old one, and the old epoch 3
     # (a continuation that was abandoned) must not outlive it for resume=auto.
-    ckpt.save_checkpoint(d, 2, net, trainer, _meta(line="new"), keep=5)
+    ckpt.save_checkpoint(d, net, trainer, _meta(2, line="new"), keep=5)
     assert [e for e, _ in ckpt.list_checkpoints(d)] == [0, 1, 2]
-    assert ckpt.read_meta(os.path.join(d, "epoch-0002"))["line"] == "new"
+    assert ckpt.read_meta(os.path.join(d, "epoch-0002")).history == [{"line": "new"}]
     assert not [n for n in os.listdir(d) if n.startswith(".")]
 
 
@@ -158,7 +160,7 @@ def test_save_interrupted_mid_write_leaves_no_checkpoint(tmp_path):
     stays the latest, the leftover is ignored, and the next save removes it."""
     net, trainer = _tiny_net_and_trainer()
     d = str(tmp_path / "checkpoints")
-    first = ckpt.save_checkpoint(d, 0, net, trainer, _meta(), keep=3)
+    first = ckpt.save_checkpoint(d, net, trainer, _meta(0), keep=3)
 
     class Dying:
         def save_states(self, fname):
@@ -167,16 +169,16 @@ def test_save_interrupted_mid_write_leaves_no_checkpoint(tmp_path):
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        ckpt.save_checkpoint(d, 1, net, Dying(), _meta(), keep=3)
+        ckpt.save_checkpoint(d, net, Dying(), _meta(1), keep=3)
     assert [n for n in os.listdir(d) if n.startswith(".epoch-0001.tmp-")]
     assert ckpt.latest_checkpoint(d) == first
-    ckpt.save_checkpoint(d, 1, net, trainer, _meta(), keep=3)
+    ckpt.save_checkpoint(d, net, trainer, _meta(1), keep=3)
     assert sorted(os.listdir(d)) == ["epoch-0000", "epoch-0001"]
 
 
 def test_save_load_round_trip_restores_params_and_optimizer(tmp_path):
     net, trainer = _tiny_net_and_trainer("adam")
-    path = ckpt.save_checkpoint(str(tmp_path), 0, net, trainer, _meta(), keep=1)
+    path = ckpt.save_checkpoint(str(tmp_path), net, trainer, _meta(0), keep=1)
     net2, trainer2 = _tiny_net_and_trainer("adam")
     net2.weight.set_data(mx.nd.zeros((3, 2)))
     ckpt.load_checkpoint(path, net2, trainer2, mx.cpu())
@@ -222,7 +224,7 @@ def test_read_meta_rejects_wrong_types_naming_file_and_key(meta, needle, tmp_pat
 
 def test_load_checkpoint_keeps_the_meaningful_line_of_mxnets_message(tmp_path):
     net, trainer = _tiny_net_and_trainer()
-    path = ckpt.save_checkpoint(str(tmp_path / "checkpoints"), 0, net, trainer, _meta(), keep=1)
+    path = ckpt.save_checkpoint(str(tmp_path / "checkpoints"), net, trainer, _meta(0), keep=1)
     with open(os.path.join(path, "params"), "r+b") as fh:
         fh.truncate(100)
     with pytest.raises(ValueError) as info:
@@ -234,7 +236,9 @@ def test_load_checkpoint_keeps_the_meaningful_line_of_mxnets_message(tmp_path):
 
 def test_check_compatible_names_key_world_size_and_steps():
     cfg = load_config(None, ["data.dataset=idx", "data.root=/x"]).to_dict()
-    meta = {"config": cfg, "world_size": 2, "processes": 2, "devices": 1, "steps": 10}
+    meta = ckpt.CheckpointMeta.from_json(
+        {"config": cfg, "world_size": 2, "processes": 2, "devices": 1, "steps": 10, "epoch": 0},
+        "ck")
     assert ckpt.check_compatible(meta, cfg, "ck", processes=2, devices=1, steps=10) == []
     wider = load_config(None, ["data.dataset=idx", "data.root=/x", "model.hidden=[512,128]"])
     with pytest.raises(ValueError, match=r"ck: model.hidden was \[256, 128\] there, is "
@@ -257,47 +261,36 @@ def test_check_compatible_names_key_world_size_and_steps():
 
 def test_find_resume(tmp_path):
     d = str(tmp_path / "run" / "checkpoints")
-    assert ckpt.find_resume(None, d) is None and ckpt.find_resume("auto", d) is None
+    assert rundir.find_resume(None, d) is None and rundir.find_resume("auto", d) is None
     net, trainer = _tiny_net_and_trainer()
-    path = ckpt.save_checkpoint(d, 0, net, trainer, _meta(), keep=1)
-    assert ckpt.find_resume("auto", d) == path
-    assert ckpt.find_resume(path, d) == path
-    assert ckpt.find_resume("/elsewhere/epoch-0001", str(tmp_path / "new" / "checkpoints")) \
+    path = ckpt.save_checkpoint(d, net, trainer, _meta(0), keep=1)
+    assert rundir.find_resume("auto", d) == path
+    assert rundir.find_resume(path, d) == path
+    assert rundir.find_resume("/elsewhere/epoch-0001", str(tmp_path / "new" / "checkpoints")) \
         == "/elsewhere/epoch-0001"
     # Another run's checkpoint into a directory holding checkpoints: saving would prune them.
     with pytest.raises(ValueError, match=r"checkpoint.resume='/elsewhere/epoch-0001' is not a "
                                          r"checkpoint of output.dir '.*run', which holds"):
-        ckpt.find_resume("/elsewhere/epoch-0001", d)
+        rundir.find_resume("/elsewhere/epoch-0001", d)
     with pytest.raises(ValueError, match=r"output.dir '.*run' already holds checkpoints "
                                          r"\(latest .*epoch-0000\); pass checkpoint.resume=auto"):
-        ckpt.find_resume(None, d)
+        rundir.find_resume(None, d)
 
 
 # ----------------------------------------------------------------------------- equivalence
 
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
 def test_resume_after_interrupt_in_epoch_3_matches_uninterrupted(opt, data_root, reference,
-                                                                 tmp_path, monkeypatch):
+                                                                 tmp_path):
     run_dir = str(tmp_path / "run")
     args = run_args(data_root, run_dir, *OPTIMIZERS[opt])
-    epoch_fn, step_fn = train_mod.EpochSampler.epoch, train_mod.DataParallelStep.step
-    seen = {}
 
-    def epoch(self, e):
-        seen["epoch"], seen["step"] = e, 0
-        return epoch_fn(self, e)
-
-    def step(self, *args, **kwargs):
-        seen["step"] += 1
-        if (seen["epoch"], seen["step"]) == (2, 4):  # 0-based epoch 2 = the third
+    def interrupt(epoch, step):  # engine.run_epoch's hook, before each step (0-based)
+        if (epoch, step + 1) == (2, 4):  # 0-based epoch 2 = the third
             raise _Interrupt
-        return step_fn(self, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod.EpochSampler, "epoch", epoch)
-    monkeypatch.setattr(train_mod.DataParallelStep, "step", step)
     with pytest.raises(_Interrupt):
-        train_mod.train(load_config(None, args))
-    monkeypatch.undo()
+        train_mod.train(load_config(None, args), on_step=interrupt)
     ck_dir = os.path.join(run_dir, "checkpoints")
     assert [e for e, _ in ckpt.list_checkpoints(ck_dir)] == [0, 1]
     assert [r["epoch"] for r in _history(run_dir)] == [1, 2]

@@ -45,3 +45,49 @@ def test_pk_needs_p_and_k_at_least_2(override, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(None, ["sampler.kind=pk", override])
     load_config(None, [override])  # irrelevant to the offline sampler
+
+
+# ----------------------------------------------------------------------------- resume policy
+
+def _flat_fields():
+    import dataclasses
+    from dist_triplet.config import Config
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory):
+            yield f"{section.name}.{f.name}", f
+
+
+def test_every_config_field_declares_a_resume_policy():
+    from dist_triplet.config import resume_policies
+    fields = dict(_flat_fields())
+    assert len(fields) > 30
+    for key, f in fields.items():
+        assert f.metadata.get("resume") in ("fixed", "schedule", "free"), key
+    assert resume_policies() == {k: f.metadata["resume"] for k, f in fields.items()}
+
+
+def _meta_for(cfg):
+    from dist_triplet.checkpoint import CheckpointMeta
+    return CheckpointMeta(epoch=0, config=cfg.to_dict(), world_size=1, processes=1, devices=1)
+
+
+@pytest.mark.parametrize("key, policy", [(k, f.metadata["resume"]) for k, f in _flat_fields()])
+def test_resume_policy_of_each_key_is_enforced(key, policy):
+    """Change one key from its default: a "fixed" key is refused naming it, a "schedule"
+    key comes back as a warning "key: old -> new", a "free" key passes silently."""
+    from dist_triplet.checkpoint import check_compatible
+    from dist_triplet.config import Config
+    old = Config()
+    new = Config()
+    section, name = key.split(".")
+    value = getattr(getattr(old, section), name)
+    changed = {bool: lambda v: not v, int: lambda v: v + 7, float: lambda v: v + 0.5,
+               str: lambda v: v + "x", list: lambda v: v + [3], type(None): lambda v: "x"}
+    setattr(getattr(new, section), name, changed[type(value)](value))
+    if policy == "fixed":
+        with pytest.raises(ValueError, match=f"cannot resume from ck: {key} was "):
+            check_compatible(_meta_for(old), new.to_dict(), "ck", processes=1, devices=1)
+    else:
+        warned = check_compatible(_meta_for(old), new.to_dict(), "ck", processes=1, devices=1)
+        expect = [f"{key}: {value!r} -> {getattr(getattr(new, section), name)!r}"]
+        assert warned == (expect if policy == "schedule" else [])

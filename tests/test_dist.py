@@ -11,6 +11,7 @@ import mxnet as mx
 import pytest
 
 from dist_triplet import dist
+from dist_triplet.config import parse_devices
 from dist_triplet.dist import choose_contexts
 
 
@@ -135,3 +136,42 @@ def test_kvstore_trainer_updates_on_devices():
     net.initialize(ctx=kv.contexts)
     trainer = kv.make_trainer(net.collect_params(), "sgd", {"learning_rate": 0.1})
     assert trainer._kvstore_params == {"kvstore": "device", "update_on_kvstore": False}
+
+
+def test_backend_shape_is_fixed_at_construction():
+    """rank / processes / devices / workers, and each device's global worker index."""
+    b = dist.Backend([mx.cpu(0), mx.cpu(1), mx.cpu(2)], rank=2, num_processes=4, local_rank=0)
+    assert (b.num_workers, b.world_size, b.is_main) == (12, 12, False)
+    assert [b.worker_rank(d) for d in range(3)] == [6, 7, 8]
+
+
+def test_decide_on_rank0_returns_value_or_raises_its_message():
+    local = dist.make_backend("local", "cpu")
+    assert dist.decide_on_rank0(local, lambda: "/runs/x", "t") == "/runs/x"
+
+    def bad_value():
+        raise ValueError("output.dir='f' is an existing file")
+
+    def bad_os():
+        raise PermissionError(13, "Permission denied", "/root/x")
+
+    with pytest.raises(ValueError, match=r"^output.dir='f' is an existing file$"):
+        dist.decide_on_rank0(local, bad_value, "t")
+    with pytest.raises(ValueError, match=r"Permission denied: '/root/x'"):
+        dist.decide_on_rank0(local, bad_os, "t")
+
+
+@pytest.mark.parametrize("devices, parsed", [("cpu:3", ("cpu", 3)), ("all", ("gpu", None)),
+                                             ("0, 2", ("gpu", [0, 2]))])
+def test_parse_devices(devices, parsed):
+    assert parse_devices(devices) == parsed
+
+
+def test_importing_the_trainer_does_not_start_mxnet():
+    """train.default_threads sets OMP_NUM_THREADS, which MXNet reads once at import: the
+    modules main() imports before it must not import MXNet (dist.py does)."""
+    import subprocess
+    import sys
+    code = ("import sys, dist_triplet.train, dist_triplet.config; "
+            "sys.exit(1 if 'mxnet' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import mxnet as mx
 import numpy as np
 import pytest
 
@@ -20,7 +21,7 @@ from _hvd import HOROVODRUN_2, ROOT, child_env, require_horovod
 import equivalence_worker as worker
 from dist_triplet import dist
 from dist_triplet.config import Config
-from dist_triplet.train import DataParallelStep, EpochSampler
+from dist_triplet.train import build_sampler, build_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPTS = list(worker.OPTIMIZERS)
@@ -108,9 +109,17 @@ def test_uneven_batch_rejected():
     backend = dist.make_backend("kvstore", "cpu", "cpu:2")
     net = build_embedding_net(pixels.shape[1], [8, 4])
     initialize(net, 0.1, backend.contexts, seed=1)
-    stepper = DataParallelStep(Config(), backend, net, pixels, labels)
+    stepper = build_step(Config(), backend, net, pixels, labels)
     with pytest.raises(ValueError, match=r"batch of 7 rows does not split evenly over 2 devices"):
         stepper.step(batches[0][:7])
+
+
+def EpochSampler(cfg, labels, rank, world_size, devices):
+    """The sampler of process ``rank`` of ``world_size`` processes with ``devices`` devices
+    (a plain ``dist.Backend`` of that shape; no collective is used)."""
+    backend = dist.Backend([mx.cpu(d) for d in range(devices)], rank=rank,
+                           num_processes=world_size)
+    return build_sampler(cfg, backend, labels)
 
 
 def pk_config() -> Config:
@@ -145,7 +154,7 @@ def test_pk_mining_kvstore_step_is_mean_of_device_steps():
     def one_step(backend, rows):
         net = build_embedding_net(pixels.shape[1], [8, 4], final_relu=False, normalize=True)
         initialize(net, 0.5, backend.contexts, seed=1)
-        stepper = DataParallelStep(cfg, backend, net, pixels, labels)
+        stepper = build_step(cfg, backend, net, pixels, labels)
         sums, terms = stepper.step(rows)
         assert terms == len(backend.contexts)
         assert all(float(s.asscalar()) > 0 for s in sums)  # mining found active triplets

@@ -73,7 +73,7 @@ def test_dying_rank_stops_the_job_and_resume_completes(fault, code, data_root, u
     assert [e for e, _ in ckpt.list_checkpoints(ck_dir)] == [0]
     assert [n for n in os.listdir(ck_dir) if not n.startswith(".")] == ["epoch-0000"]
     good = os.path.join(ck_dir, "epoch-0000")
-    meta = ckpt.read_meta(good)
+    meta = ckpt.read_meta(good).to_json()
     assert (meta["epoch"], meta["world_size"], meta["processes"], meta["steps"]) == (0, 2, 2, 10)
     params = load_params(good)
     assert all(np.isfinite(v).all() for v in params.values())

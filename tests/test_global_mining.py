@@ -140,13 +140,20 @@ def test_pk_global_batches_same_classes_disjoint_images():
         pk_global_batches(labels, p=4, k=3, steps=5, seed=1, workers=0)
 
 
+def sampler(cfg, labels, rank, processes, devices):
+    """The sampler of process ``rank`` of ``processes`` with ``devices`` devices (a plain
+    ``dist.Backend`` of that shape; no collective is used)."""
+    from dist_triplet.train import build_sampler
+    backend = dist.Backend([mx.cpu(d) for d in range(devices)], rank=rank,
+                           num_processes=processes)
+    return build_sampler(cfg, backend, labels)
+
+
 def test_epoch_sampler_global_scope_slices_the_global_batch():
-    from dist_triplet.train import EpochSampler
     _, labels = worker.problem()
     cfg = worker.config("sgd", "batch_hard", "global")
-    kv = EpochSampler(cfg, labels, rank=0, world_size=1, devices=2).epoch(4)
-    ranks = [EpochSampler(cfg, labels, rank=r, world_size=2, devices=1).epoch(4)
-             for r in range(2)]
+    kv = sampler(cfg, labels, 0, 1, 2).epoch(4)
+    ranks = [sampler(cfg, labels, r, 2, 1).epoch(4) for r in range(2)]
     assert kv.shape == (len(labels) // 12, 2, worker.P * worker.K)
     np.testing.assert_array_equal(kv, np.concatenate(ranks, axis=1))
     want = pk_global_batches(labels, p=worker.P, k=worker.K, steps=kv.shape[0],
@@ -279,7 +286,7 @@ def test_local_scope_mines_inside_each_worker_batch(reference):
     """Local scope is today's: a kvstore step on two P x K batches applies the mean of
     the two single-device updates, and differs from global mining on the same rows."""
     from dist_triplet.model import build_embedding_net, initialize
-    from dist_triplet.train import DataParallelStep
+    from dist_triplet.train import build_step
     pixels, labels = worker.problem()
     rows = worker.global_batches(labels)[0]                              # (2, P*K)
 
@@ -288,7 +295,7 @@ def test_local_scope_mines_inside_each_worker_batch(reference):
         cfg.sampler.k = worker.K
         net = build_embedding_net(pixels.shape[1], [8, 4], final_relu=False, normalize=True)
         initialize(net, 0.5, backend.contexts, seed=1)
-        DataParallelStep(cfg, backend, net, pixels, labels).step(batch)
+        build_step(cfg, backend, net, pixels, labels).step(batch)
         return {k: p.data(backend.contexts[0]).asnumpy() for k, p in net.collect_params().items()}
 
     kv = one_step(dist.make_backend("kvstore", "cpu", "cpu:2"), "local", rows)
