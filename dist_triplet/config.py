@@ -17,6 +17,10 @@ Batch-size and learning-rate semantics (the same for every backend):
   size changes the global batch; ``optim.scale_lr: true`` then applies the linear
   scaling rule (Goyal et al. 2017, "Accurate, Large Minibatch SGD"):
   ``lr = optim.lr * global_batch / optim.base_batch``.
+* P x K mining: each worker's loss is the mean over its mined triplets and the step
+  averages the workers. With ``sampler.scope: global`` every worker's loss is the mean
+  over the triplets mined in the *global* batch, its backward seeded with the world size,
+  so the averaged update is one process's on the global batch (mining.py).
 
 Resume policy: every field declares in its metadata what a resumed run may do with it
 (``checkpoint.check_compatible`` reads it through :func:`resume_policies`; a test checks
