@@ -5,7 +5,7 @@ anywhere. One representation everywhere: an ``(M, 3)`` int64 array of row
 indices into the data set, columns (anchor, positive, negative); never copies
 of pixels.
 
-Two samplers:
+Samplers:
 
 * :func:`create_pairs` - offline triplets, a vectorised form of the seed
   article's ``create_pairs`` (class-balanced: ``min class count - 1`` triplets
