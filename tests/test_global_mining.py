@@ -161,7 +161,7 @@ def test_epoch_sampler_global_scope_slices_the_global_batch():
     np.testing.assert_array_equal(kv, want)
 
 
-def test_config_scope(tmp_path):
+def test_config_scope():
     cfg = load_config(None, ["sampler.kind=pk", "sampler.scope=global"])
     assert cfg.sampler.scope == "global"
     assert load_config(None, []).sampler.scope == "local"   # today's behaviour by default
