@@ -17,6 +17,10 @@ Batch-size and learning-rate semantics (the same for every backend):
   size changes the global batch; ``optim.scale_lr: true`` then applies the linear
   scaling rule (Goyal et al. 2017, "Accurate, Large Minibatch SGD"):
   ``lr = optim.lr * global_batch / optim.base_batch``.
+* P x K mining: each worker's loss is the mean over its mined triplets and the step
+  averages the workers. With ``sampler.scope: global`` every worker's loss is the mean
+  over the triplets mined in the *global* batch, its backward seeded with the world size,
+  so the averaged update is one process's on the global batch (mining.py).
 
 Resume policy: every field declares in its metadata what a resumed run may do with it
 (``checkpoint.check_compatible`` reads it through :func:`resume_policies`; a test checks
@@ -169,6 +173,11 @@ class SamplerConfig:
     miner: str = field(default="semi_hard", metadata=FIXED)
     # P x K batches per epoch per worker; 0 = as many as cover the training set once.
     steps_per_epoch: int = field(default=0, metadata=FIXED)
+    # What the miner sees (kind 'pk'). 'local': each worker mines inside its own P x K
+    # batch. 'global': all workers draw the same p classes (k images each), the embeddings
+    # of every worker are gathered, and triplets are mined over the whole global batch of
+    # workers x p x k; the update equals one process's on that batch (issue 13).
+    scope: str = field(default="local", metadata=FIXED)
 
 
 @dataclass
@@ -341,6 +350,7 @@ _CHOICES = {
     "data.split": ("fraction", "classes"),
     "sampler.kind": ("offline", "pk"),
     "sampler.miner": ("batch_hard", "semi_hard"),
+    "sampler.scope": ("local", "global"),
     "optim.optimizer": ("sgd", "adam"),
     "optim.schedule": ("constant", "cosine"),
     "distributed.backend": ("local", "horovod", "kvstore"),
@@ -458,6 +468,9 @@ def _validate(cfg: Config) -> None:
     if cfg.sampler.kind == "pk" and cfg.sampler.p < 2:
         raise ConfigError(f"sampler.p={cfg.sampler.p} must be >= 2: a P x K batch needs a "
                           "negative (another class) for every anchor")
+    if cfg.sampler.scope == "global" and cfg.sampler.kind != "pk":
+        raise ConfigError(f"sampler.scope='global' needs sampler.kind='pk' (online mining), "
+                          f"found sampler.kind={cfg.sampler.kind!r}")
     for key in ("output.dir", "output.root", "output.name"):
         value = flat[key]
         if value is not None and not value.strip():

@@ -225,6 +225,13 @@ class Backend:
         """Every rank's ``obj``, in rank order. Every rank must call it."""
         return [obj]
 
+    def allgather(self, x: mx.nd.NDArray, name: str = "allgather") -> mx.nd.NDArray:
+        """Every process's ``x`` concatenated along axis 0 in rank order: (n, ...) ->
+        (processes * n, ...), same dtype, on ``x``'s context; ``x`` itself with one
+        process. Asynchronous (an MXNet engine op under Horovod), carries no gradient.
+        Every rank must call it with the same shape, or it deadlocks."""
+        return x
+
     def barrier(self) -> None:
         """Wait until every rank gets here. Every rank must call it."""
 
@@ -273,6 +280,11 @@ class HorovodBackend(Backend):
         if self.num_processes == 1:
             return [obj]
         return _hvd.allgather_object(obj, name=f"dist_triplet.{name}")  # Horovod
+
+    def allgather(self, x: mx.nd.NDArray, name: str = "allgather") -> mx.nd.NDArray:
+        if self.num_processes == 1:
+            return x
+        return _hvd.allgather(x, name=f"dist_triplet.{name}")  # Horovod
 
     def barrier(self) -> None:
         if self.num_processes > 1:

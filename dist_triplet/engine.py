@@ -34,7 +34,8 @@ class DataParallelStep:
 
     * offline sampler: ``batch`` (Bp, 3) int64 (anchor, positive, negative) rows, Bp =
       devices x ``train.batch_size``; each device gets a contiguous (B, 3) slice.
-    * P x K sampler: ``batch`` (devices, P*K) int64; each device mines within its own batch.
+    * P x K sampler: ``batch`` (devices, P*K) int64; each device mines within its own batch
+      (scope 'local') or over every worker's batch (scope 'global').
 
     Args:
         backend: the ``dist.Backend`` (its ``contexts`` are the devices).
@@ -45,15 +46,19 @@ class DataParallelStep:
         margin: triplet margin in squared-L2 units (``loss.margin``).
         miner: ``None`` for offline triplets, else the online miner of P x K batches
             (``'batch_hard'`` / ``'semi_hard'``); k: samples per class in those batches.
+        scope: ``'local'``: each device mines within its own batch; ``'global'``: over
+            the global batch of all workers (``model.GlobalMinedTripletStep``; the batches
+            must come from ``EpochSampler(scope='global')``).
 
     It returns the per-device loss sums (NDArrays, no host synchronisation) and the
     number of loss terms they sum over.
     """
 
     def __init__(self, backend, net, trainer, pixels: np.ndarray, labels: np.ndarray, *,
-                 margin: float, miner: Optional[str] = None, k: int = 0):
+                 margin: float, miner: Optional[str] = None, k: int = 0,
+                 scope: str = "local"):
         import mxnet as mx
-        from .model import MinedTripletStep, OfflineTripletStep
+        from .model import GlobalMinedTripletStep, MinedTripletStep, OfflineTripletStep
 
         self.mx = mx
         self.backend = backend
@@ -68,11 +73,21 @@ class DataParallelStep:
         self.uint8 = np.asarray(pixels[:0]).dtype == np.uint8
         self.pixels = [self._resident(pixels, c) for c in self.ctxs]               # (N, F) per device
         self.labels = [mx.nd.array(labels.astype(np.float32), ctx=c) for c in self.ctxs]
-        if self.mining:
-            self.block = MinedTripletStep(net, margin, miner, k=k, uint8=self.uint8)
+        if scope not in ("local", "global"):
+            raise ValueError(f"sampler.scope={scope!r}: expected 'local' or 'global'")
+        self.global_step = None
+        if self.mining and scope == "global":
+            self.global_step = GlobalMinedTripletStep(
+                net, margin, miner, k, self.ctxs,
+                worker_ranks=[backend.worker_rank(d) for d in range(len(self.ctxs))],
+                num_workers=backend.num_workers, allgather=backend.allgather,
+                uint8=self.uint8)
         else:
-            self.block = OfflineTripletStep(net, margin, uint8=self.uint8)
-        self.block.hybridize(static_alloc=True, static_shape=True)
+            if self.mining:
+                self.block = MinedTripletStep(net, margin, miner, k=k, uint8=self.uint8)
+            else:
+                self.block = OfflineTripletStep(net, margin, uint8=self.uint8)
+            self.block.hybridize(static_alloc=True, static_shape=True)
 
     def _resident(self, pixels: np.ndarray, ctx):
         """``pixels`` as an NDArray on ``ctx``, uint8 kept uint8, anything else float32. On
@@ -136,12 +151,17 @@ class DataParallelStep:
         mx = self.mx
         if idx is None:
             idx = self.device_batches(batch)
+        head_grads = None
         with mx.autograd.record():
-            if self.mining:
+            if self.global_step is not None:
+                # Every device's loss is the global batch's mean; seeded with W (see there).
+                losses = self.global_step(self.pixels, self.labels, idx)
+                head_grads = self.global_step.head_grads
+            elif self.mining:
                 losses = [self.block(x, y, i) for x, y, i in zip(self.pixels, self.labels, idx)]
             else:
                 losses = [self.block(x, i) for x, i in zip(self.pixels, idx)]
-        mx.autograd.backward(losses)
+        mx.autograd.backward(losses, head_grads=head_grads)
         # Offline: per-sample losses, normalise by the triplets of this process. Mining: one
         # mean loss per device, normalise by the devices. Horovod then averages over ranks.
         terms = len(self.ctxs) if self.mining else len(batch)

@@ -17,6 +17,10 @@ gradient (``BlockGrad`` on the distance matrix): the indices select rows, and th
 ``gluon.loss.TripletLoss`` on the gathered rows, so gradients flow through the anchor,
 positive and negative embeddings only.
 
+Global mining (``sampler.scope: global``, :class:`GlobalMinedTripletLoss`): every worker
+mines over the whole global batch, in which only its own rows carry a gradient; see
+:func:`splice_own_rows` for why the summed gradients are exactly the single-process ones.
+
 Every function takes ``F`` first and uses only operators that exist in both ``mx.nd`` and
 ``mx.sym``, so it runs eagerly and inside a ``HybridBlock.hybrid_forward``. Indices are
 returned as float32, as MXNet's ``argmax``/``argmin`` produce them; ``F.take`` accepts them.
@@ -32,6 +36,8 @@ __all__ = [
     "semi_hard",
     "mined_triplet_loss",
     "MinedTripletLoss",
+    "splice_own_rows",
+    "GlobalMinedTripletLoss",
 ]
 
 MINERS = ("batch_hard", "semi_hard")
@@ -283,3 +289,55 @@ class MinedTripletLoss(gluon.HybridBlock):
         loss, weight = mined_triplet_loss(F, emb, labels, self._margin, self._miner,
                                           loss_fn=self.triplet, positives=self._positives)
         return F.sum(loss * weight) / F.maximum(F.sum(weight), 1.0)
+
+
+def splice_own_rows(F, own, gathered, slot):
+    """The global batch ``gathered`` with this worker's rows replaced by ``own``, whose
+    gradient they carry; every other row is a constant (no gradient).
+
+    The values are exactly those of ``gathered`` (``own - BlockGrad(own)`` is exactly 0,
+    and ``x + 0 == x`` in IEEE arithmetic), so every worker mines the same triplets from
+    the same matrix, bit for bit. The gradient of a loss ``L(E)`` of the spliced matrix
+    reaches ``own[j]`` as ``dL/dE[g]`` for the global row ``g`` whose ``slot`` is
+    ``j + 1``. Summed over workers, whose own rows partition the global batch, those are
+    ``dL/dE`` for every row: the gradient one process gets on the whole batch. This is
+    pytorch-metric-learning's ``DistributedLossWrapper(efficient=False)`` construction:
+    the loss over all anchors on every worker, only local rows differentiable.
+
+    Args:
+        F: ``mx.nd`` or ``mx.sym``.
+        own: (B, D) float32, this worker's embeddings (differentiable).
+        gathered: (G, D) float32, every worker's embeddings in worker order, this
+            worker's included (values equal to ``own`` at its rows); treated as constant.
+        slot: (G,) float32, ``1 + j`` where global row g is ``own[j]``, else 0.
+
+    Returns:
+        (G, D) float32, equal in value to ``gathered``.
+    """
+    delta = own - F.BlockGrad(own)                                   # (B, D), exactly 0
+    pad = F.zeros_like(F.slice_axis(own, axis=0, begin=0, end=1))    # (1, D): row for slot 0
+    return F.BlockGrad(gathered) + F.take(F.concat(pad, delta, dim=0), slot)
+
+
+class GlobalMinedTripletLoss(MinedTripletLoss):
+    """:class:`MinedTripletLoss` over the global batch, as one worker computes it.
+
+    ``forward(own, gathered, labels, slot)`` with own (B, D), gathered (G, D), labels (G,)
+    and slot (G,) float32 (see :func:`splice_own_rows`) returns the (1,) float32 mean
+    loss of the triplets mined over all G rows (all anchors), with a gradient only
+    towards ``own``. Its value is the same on every worker. With W workers each applying
+    this loss, the sum of the W gradients is the gradient of the mean loss of one process
+    given the G rows; the training step multiplies by W to undo the averaging of the
+    workers' gradients (Horovod's mean, the kvstore sum divided by the devices), as
+    pytorch-metric-learning's ``DistributedLossWrapper`` returns ``loss * world_size``.
+
+    Args:
+        margin, miner: as :class:`MinedTripletLoss`.
+        k: samples per class in the *global* batch (workers x sampler.k when all workers
+            draw the same classes), or None; semi-hard then pairs each anchor with its
+            k - 1 positives in the global batch.
+    """
+
+    def hybrid_forward(self, F, own, gathered, labels, slot):
+        emb = splice_own_rows(F, own, gathered, slot)                # (G, D)
+        return super().hybrid_forward(F, emb, labels)

@@ -15,7 +15,7 @@ import mxnet as mx
 from mxnet import gluon
 from mxnet.gluon import nn
 
-from .mining import MinedTripletLoss
+from .mining import GlobalMinedTripletLoss, MinedTripletLoss
 
 
 class L2Normalize(nn.HybridBlock):
@@ -117,6 +117,116 @@ class MinedTripletStep(nn.HybridBlock):
     def hybrid_forward(self, F, pixels, labels, idx):
         emb = self.net(gather_rows(F, pixels, idx, self.uint8))  # (B, D)
         return self.loss(emb, F.take(labels, idx))   # (1,)
+
+
+class EmbedRows(nn.HybridBlock):
+    """forward(pixels, idx) -> net(pixels[idx]): (N, F) float32 (or uint8 image bytes when
+    ``uint8``, scaled as in :func:`gather_rows`), (B,) float32 -> (B, D)."""
+
+    def __init__(self, net: nn.Block, uint8: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.net = net
+        self.uint8 = uint8
+
+    def hybrid_forward(self, F, pixels, idx):
+        return self.net(gather_rows(F, pixels, idx, self.uint8))
+
+
+class GlobalMinedTripletStep:
+    """The forward of ``sampler.scope: global`` for the devices of one process.
+
+    Each device (a worker) embeds its own P x K batch; the embeddings and labels of all
+    workers are gathered without gradient (the process's devices in order, then
+    ``allgather`` across processes in rank order: the global batch in worker order, the
+    same matrix on every worker); each worker then computes the mean mined loss over
+    the *whole* global batch with only its own rows differentiable
+    (:class:`mining.GlobalMinedTripletLoss`). The W workers' gradients sum to the
+    gradient one process gets on the global batch; the step averages them (Horovod's
+    mean over processes, ``Trainer.step(devices)`` over devices), so the backward pass
+    must be seeded with ``head_grads`` = W, as pytorch-metric-learning's
+    ``DistributedLossWrapper`` multiplies its loss by the world size.
+
+    Cost: every worker mines the whole global batch (G = W x P x K rows): O(G^2) for
+    batch-hard, O(G^2 W K) for semi-hard (~34 ms at G = 320, W K = 32 on this 2-core
+    machine), and one allgather of (P K, D + 1) float32 per process and step.
+
+    Args:
+        net: the embedding network (shared with the caller).
+        margin, miner: as :class:`mining.MinedTripletLoss`.
+        k: samples per class per worker (sampler.k); the global batch has ``W * k``.
+        contexts: this process's devices.
+        worker_ranks: the global worker index of each device (``Backend.worker_rank``):
+            consecutive, as the gather concatenates the devices, then the processes.
+        num_workers: W, all workers of the job (processes x devices).
+        allgather: ``f((n, C) NDArray) -> (processes * n, C) NDArray``, every process's
+            array in rank order (``dist.Backend.allgather``); a collective.
+        uint8: the resident training set holds uint8 image bytes (scaled on the device).
+    """
+
+    def __init__(self, net, margin: float, miner: str, k: int, contexts, worker_ranks,
+                 num_workers: int, allgather, uint8: bool = False):
+        self.contexts = list(contexts)
+        self.worker_ranks = [int(w) for w in worker_ranks]
+        first = self.worker_ranks[0]
+        if self.worker_ranks != list(range(first, first + len(self.contexts))):
+            raise ValueError(f"worker ranks {self.worker_ranks} of this process's devices must "
+                             "be consecutive: the gathered global batch is in worker order")
+        self.num_workers = int(num_workers)
+        self.allgather = allgather
+        self.embed = EmbedRows(net, uint8=uint8)
+        self.embed.hybridize(static_alloc=True, static_shape=True)
+        self.loss = GlobalMinedTripletLoss(margin=margin, miner=miner,
+                                           k=int(k) * self.num_workers)
+        self.loss.hybridize(static_alloc=True, static_shape=True)
+        # Undo the mean over workers: the workers' gradients must be summed (see above).
+        self.head_grads = [mx.nd.full((1,), self.num_workers, ctx=c) for c in self.contexts]
+        self._slots = {}
+
+    def slots(self, rows: int) -> list:
+        """Per device the (G,) float32 ``slot`` of :func:`mining.splice_own_rows` for
+        ``rows`` rows per worker: ``1 + j`` at the worker's j-th global row, else 0."""
+        if rows not in self._slots:
+            import numpy as np
+            out = []
+            for w, ctx in zip(self.worker_ranks, self.contexts):
+                slot = np.zeros(self.num_workers * rows, np.float32)
+                slot[w * rows:(w + 1) * rows] = np.arange(1, rows + 1)
+                out.append(mx.nd.array(slot, ctx=ctx))
+            self._slots[rows] = out
+        return self._slots[rows]
+
+    def gather(self, own, labels, idx) -> tuple:
+        """Every worker's embeddings and labels, on every device of this process, without
+        gradient: ``([(G, D)] per device, [(G,)] per device)``. A collective under Horovod."""
+        with mx.autograd.pause():
+            rows = [mx.nd.concat(o.detach(), mx.nd.take(y, i).expand_dims(axis=1), dim=1)
+                    for o, y, i in zip(own, labels, idx)]              # (B, D + 1) each
+            ctx0 = self.contexts[0]
+            mine = rows[0] if len(rows) == 1 else mx.nd.concat(
+                *[r.as_in_context(ctx0) for r in rows], dim=0)        # (devices * B, D + 1)
+            everyone = self.allgather(mine)                          # (G, D + 1), worker order
+            dim = own[0].shape[1]
+            out_emb, out_lab = [], []
+            for ctx in self.contexts:
+                here = everyone.as_in_context(ctx)
+                out_emb.append(mx.nd.slice_axis(here, axis=1, begin=0, end=dim))
+                out_lab.append(mx.nd.slice_axis(here, axis=1, begin=dim, end=dim + 1)
+                               .reshape((-1,)))
+        return out_emb, out_lab
+
+    def __call__(self, pixels, labels, idx) -> list:
+        """Per device the (1,) float32 mean mined loss of the global batch (the same
+        value on every worker). Call inside ``autograd.record()``, then
+        ``autograd.backward(losses, head_grads=self.head_grads)``.
+
+        pixels, labels: per device (N, F) resident training set (float32, or uint8 with
+            ``uint8``) and (N,) float32 labels.
+        idx: per device (P*K,) float32 row indices of the worker's batch.
+        """
+        own = [self.embed(x, i) for x, i in zip(pixels, idx)]          # (B, D) each
+        emb, lab = self.gather(own, labels, idx)
+        slots = self.slots(own[0].shape[0])
+        return [self.loss(o, e, y, s) for o, e, y, s in zip(own, emb, lab, slots)]
 
 
 def embed(net: nn.Block, pixels, ctx, batch_size: int = 2048):

@@ -135,7 +135,7 @@ def build_sampler(cfg: Config, backend, labels: np.ndarray) -> EpochSampler:
                         steps_per_epoch=s.steps_per_epoch, seed=cfg.train.seed,
                         rank=backend.rank, num_processes=backend.num_processes,
                         worker_ranks=[backend.worker_rank(d) for d in range(len(backend.contexts))],
-                        num_workers=backend.num_workers)
+                        num_workers=backend.num_workers, scope=s.scope)
 
 
 def build_step(cfg: Config, backend, net, pixels: np.ndarray, labels: np.ndarray):
@@ -146,7 +146,7 @@ def build_step(cfg: Config, backend, net, pixels: np.ndarray, labels: np.ndarray
                                    optimizer_params(cfg.optim))
     s = cfg.sampler
     return DataParallelStep(backend, net, trainer, pixels, labels, margin=cfg.loss.margin,
-                            miner=s.miner if s.kind == "pk" else None, k=s.k)
+                            miner=s.miner if s.kind == "pk" else None, k=s.k, scope=s.scope)
 
 
 def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:

@@ -5,7 +5,7 @@ anywhere. One representation everywhere: an ``(M, 3)`` int64 array of row
 indices into the data set, columns (anchor, positive, negative); never copies
 of pixels.
 
-Two samplers:
+Samplers:
 
 * :func:`create_pairs` - offline triplets, a vectorised form of the seed
   article's ``create_pairs`` (class-balanced: ``min class count - 1`` triplets
@@ -14,6 +14,9 @@ Two samplers:
 * :func:`pk_batches` - P classes x K samples per batch for online (batch-hard)
   mining, after Schroff et al. 2015 (FaceNet) and Hermans et al. 2017,
   "In Defense of the Triplet Loss for Person Re-Identification".
+* :func:`pk_global_batches` - the P x K batches of global mining
+  (``sampler.scope: global``): the same P classes on every worker, K images
+  each, so the global batch is one P x (W K) batch.
 
 Randomness comes only from ``np.random.default_rng(SeedSequence([seed, epoch,
 rank, stream]))``: reproducible, different on every rank, new every epoch,
@@ -34,6 +37,7 @@ __all__ = [
     "create_pairs",
     "shard_length",
     "pk_batches",
+    "pk_global_batches",
     "pk_steps_per_epoch",
     "seed_create_pairs",
 ]
@@ -350,6 +354,48 @@ def pk_batches(labels_or_index, *, p: int, k: int, steps: int, seed: int, epoch:
     return batch.reshape(steps, p * k).astype(np.int64, copy=False)
 
 
+def pk_global_batches(labels_or_index, *, p: int, k: int, steps: int, seed: int,
+                      epoch: int = 0, workers: int = 1) -> np.ndarray:
+    """P x K batches for global mining: all workers draw the *same* p classes, each
+    with its own k images of every class.
+
+    One global P x (workers * k) batch is drawn per step from the whole data set
+    (:func:`pk_batches` at rank 0 of 1, k' = workers * k: without replacement when
+    a class has >= k' members) and each class's k' images are dealt out, k to each
+    worker. Every worker computes the same global batches (no communication) and
+    takes its own slice. Sharing classes is what makes the global batch worth
+    mining: every anchor has workers * k - 1 positives, across workers, instead of
+    k - 1 on its own worker; with different classes per worker no positive would
+    ever sit on another worker. And the global batch does not depend on how it is
+    split: W workers x k see exactly the rows one process with k' = W * k would.
+
+    Args:
+        labels_or_index: (N,) integer labels or a :class:`ClassIndex`.
+        p: classes per batch, 2 <= p <= C.
+        k: samples per class per worker, >= 2.
+        steps: batches per epoch, >= 1.
+        seed, epoch: as :func:`pk_batches` (no rank: the draw is global).
+        workers: number of workers W >= 1.
+
+    Returns:
+        (steps, workers, p * k) int64 row indices; ``[s, w]`` is worker w's batch,
+        class-major (columns ``[i * k:(i + 1) * k]`` are class slot i, the same
+        class on every worker). Concatenating ``[s, 0], [s, 1], ...`` gives the
+        global batch in worker order.
+
+    Raises:
+        ValueError: as :func:`pk_batches`; ``workers < 1``.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, found {workers}")
+    if k < 2:
+        raise ValueError(f"triplet mining in a P x K batch needs k >= 2 (a positive), found k={k}")
+    batch = pk_batches(labels_or_index, p=p, k=k * workers, steps=steps, seed=seed,
+                       epoch=epoch, rank=0, world_size=1)            # (steps, p * W * k)
+    batch = batch.reshape(steps, p, workers, k).transpose(0, 2, 1, 3)  # (steps, W, p, k)
+    return np.ascontiguousarray(batch.reshape(steps, workers, p * k))
+
+
 def seed_create_pairs(labels, rng) -> np.ndarray:
     """The seed article's ``create_pairs``, kept as a loop for reference.
 
@@ -403,7 +449,8 @@ class EpochSampler:
     Offline: the ``create_pairs`` shard of (seed, epoch, process rank), cut into ``steps``
     batches of ``devices x batch_size`` triplets (the remainder is dropped so all processes
     and all steps have the same shape); the step splits each batch over the devices.
-    P x K: ``pk_batches`` for each device, each device its own worker.
+    P x K: ``pk_batches`` for each device, each device its own worker (scope 'local'), or
+    this process's workers' slices of ``pk_global_batches`` (scope 'global').
 
     Args:
         labels: (N,) integer training labels.
@@ -416,6 +463,8 @@ class EpochSampler:
         worker_ranks: the global worker index of each of this process's devices
             (``Backend.worker_rank``); its length is the number of devices.
         num_workers: the world size (processes x devices).
+        scope: ``'local'`` or ``'global'`` (``sampler.scope``, P x K only): in a global
+            batch every worker has the same classes (see :func:`pk_global_batches`).
 
     Attributes:
         steps: steps per epoch (the same on every process).
@@ -431,8 +480,9 @@ class EpochSampler:
 
     def __init__(self, labels: np.ndarray, *, kind: str, batch_size: int, p: int, k: int,
                  steps_per_epoch: int, seed: int, rank: int, num_processes: int,
-                 worker_ranks, num_workers: int):
+                 worker_ranks, num_workers: int, scope: str = "local"):
         self.index = ClassIndex(labels)
+        self.scope = scope
         self.kind, self.p, self.k, self.seed = kind, p, k, seed
         self.rank, self.num_processes = rank, num_processes
         self.worker_ranks, self.num_workers = list(worker_ranks), num_workers
@@ -465,6 +515,10 @@ class EpochSampler:
 
     def epoch(self, epoch: int) -> np.ndarray:
         """(steps, per_step, 3) offline or (steps, devices, P*K) for P x K; int64."""
+        if self.kind == "pk" and self.scope == "global":
+            everyone = pk_global_batches(self.index, p=self.p, k=self.k, steps=self.steps,
+                                         seed=self.seed, epoch=epoch, workers=self.num_workers)
+            return np.ascontiguousarray(everyone[:, self.worker_ranks])
         if self.kind == "pk":
             per_dev = [pk_batches(self.index, p=self.p, k=self.k, steps=self.steps,
                                   seed=self.seed, epoch=epoch, rank=w,

@@ -1,0 +1,308 @@
+"""Global mining (sampler.scope: global, issue 13) is exact.
+
+Single-process checks of the construction (mining.splice_own_rows): W simulated workers,
+each with only its own rows differentiable, sum to the gradient of one process on the
+whole batch; computing only the own anchors' loss does not. Then the real step: kvstore
+on 2 CPU devices and Horovod with 2 Gloo ranks (tests/global_mining_worker.py) mine the
+same triplets, report the same loss and make the same parameter updates (1e-5 after one
+step, 1e-4 after 20) as one process stepping on the concatenated global batch.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mxnet", reason="mining runs on MXNet")
+
+from _hvd import HOROVODRUN_2, ROOT, child_env, require_horovod  # noqa: E402
+import global_mining_worker as worker  # noqa: E402
+from dist_triplet import dist  # noqa: E402
+from dist_triplet.config import ConfigError, load_config  # noqa: E402
+from dist_triplet.mining import (  # noqa: E402
+    GlobalMinedTripletLoss,
+    MinedTripletLoss,
+    mined_triplet_loss,
+    splice_own_rows,
+)
+from dist_triplet.triplets import pk_batches, pk_global_batches  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+W, B, DIM, MARGIN = 3, 8, 4, 0.5
+CASES = [("batch_hard", None), ("semi_hard", None), ("semi_hard", 2 * W)]
+
+
+def global_batch(seed=0):
+    """W workers x 8 rows: 4 classes x 2 images on every worker, worker-major."""
+    rng = np.random.RandomState(seed)
+    emb = rng.randn(W * B, DIM).astype(np.float32)
+    labels = np.tile(np.repeat(np.arange(4), 2), W).astype(np.float32)
+    return emb, labels
+
+
+def slot(w, workers=W, rows=B):
+    s = np.zeros(workers * rows, np.float32)
+    s[w * rows:(w + 1) * rows] = np.arange(1, rows + 1)
+    return mx.nd.array(s)
+
+
+def full_gradient(block, emb, labels):
+    """(loss, d loss / d emb) of one process on the whole batch."""
+    x = mx.nd.array(emb)
+    x.attach_grad()
+    with mx.autograd.record():
+        loss = block(x, mx.nd.array(labels))
+    loss.backward()
+    return loss.asscalar(), x.grad.asnumpy()
+
+
+def test_splice_keeps_values_and_sends_gradient_to_own_rows_only():
+    emb, _ = global_batch()
+    own = mx.nd.array(emb[B:2 * B] * 1.0)
+    own.attach_grad()
+    gathered = mx.nd.array(emb)
+    gathered.attach_grad()
+    weights = mx.nd.array(np.arange(W * B * DIM, dtype=np.float32).reshape(W * B, DIM))
+    with mx.autograd.record():
+        spliced = splice_own_rows(mx.nd, own, gathered, slot(1))
+        total = (spliced * weights).sum()
+    total.backward()
+    assert np.array_equal(spliced.asnumpy(), emb)  # bit-identical: every worker mines alike
+    np.testing.assert_array_equal(own.grad.asnumpy(), weights.asnumpy()[B:2 * B])
+    assert np.all(gathered.grad.asnumpy() == 0)    # gathered copies carry no gradient
+
+
+@pytest.mark.parametrize("miner, k", CASES)
+@pytest.mark.parametrize("hybridize", [False, True])
+def test_simulated_workers_sum_to_single_process_gradient(miner, k, hybridize):
+    emb, labels = global_batch()
+    want_loss, want_grad = full_gradient(MinedTripletLoss(MARGIN, miner, k=k), emb, labels)
+    assert want_loss > 0 and np.abs(want_grad).max() > 1e-2
+    block = GlobalMinedTripletLoss(MARGIN, miner, k=k)
+    if hybridize:
+        block.hybridize(static_alloc=True, static_shape=True)
+    grads = []
+    for w in range(W):
+        own = mx.nd.array(emb[w * B:(w + 1) * B])
+        own.attach_grad()
+        with mx.autograd.record():
+            loss = block(own, mx.nd.array(emb), mx.nd.array(labels), slot(w))
+        loss.backward()
+        assert loss.asscalar() == want_loss  # the same value on every worker
+        grads.append(own.grad.asnumpy())
+    np.testing.assert_allclose(np.concatenate(grads), want_grad, rtol=1e-6, atol=1e-7)
+
+
+def test_own_anchors_only_loses_the_gradient_through_other_workers_rows():
+    """Why every worker computes the loss over all anchors: if worker w took only its
+    own anchors' triplets, the gradient that reaches its rows as the positive or negative
+    of another worker's anchor would be lost, and the update would not be the
+    single-process one."""
+    emb, labels = global_batch()
+    _, want = full_gradient(MinedTripletLoss(MARGIN, "batch_hard"), emb, labels)
+    grads = []
+    for w in range(W):
+        own = mx.nd.array(emb[w * B:(w + 1) * B])
+        own.attach_grad()
+        with mx.autograd.record():
+            full = splice_own_rows(mx.nd, own, mx.nd.array(emb), slot(w))
+            loss, weight = mined_triplet_loss(mx.nd, full, mx.nd.array(labels), MARGIN,
+                                              "batch_hard")
+            mine = mx.nd.array((np.arange(W * B) // B == w).astype(np.float32))
+            mean = (loss * weight * mine).sum() / weight.sum()
+        mean.backward()
+        grads.append(own.grad.asnumpy())
+    assert np.abs(np.concatenate(grads) - want).max() > 1e-2
+
+
+# ----------------------------------------------------------------------------- sampler
+
+def test_pk_global_batches_same_classes_disjoint_images():
+    labels = np.repeat(np.arange(6), 20)
+    g = pk_global_batches(labels, p=4, k=3, steps=5, seed=1, epoch=2, workers=3)
+    assert g.shape == (5, 3, 12) and g.dtype == np.int64
+    for s in range(5):
+        cls = labels[g[s]].reshape(3, 4, 3)                  # (workers, p, k)
+        assert np.all(cls == cls[:, :, :1])                  # class-major on every worker
+        assert np.all(cls[:, :, 0] == cls[0, :, 0])          # the same classes everywhere
+        assert len(set(cls[0, :, 0])) == 4
+        assert len(set(g[s].ravel())) == 36                  # no image twice in the step
+    # The global batch is pk_batches' P x (W K) batch, dealt k per worker.
+    ref = pk_batches(labels, p=4, k=9, steps=5, seed=1, epoch=2).reshape(5, 4, 3, 3)
+    np.testing.assert_array_equal(g, ref.transpose(0, 2, 1, 3).reshape(5, 3, 12))
+    one = pk_global_batches(labels, p=4, k=3, steps=5, seed=1, epoch=2, workers=1)
+    np.testing.assert_array_equal(one[:, 0], pk_batches(labels, p=4, k=3, steps=5, seed=1,
+                                                        epoch=2))
+    with pytest.raises(ValueError, match="workers"):
+        pk_global_batches(labels, p=4, k=3, steps=5, seed=1, workers=0)
+
+
+def sampler(cfg, labels, rank, processes, devices):
+    """The sampler of process ``rank`` of ``processes`` with ``devices`` devices (a plain
+    ``dist.Backend`` of that shape; no collective is used)."""
+    from dist_triplet.train import build_sampler
+    backend = dist.Backend([mx.cpu(d) for d in range(devices)], rank=rank,
+                           num_processes=processes)
+    return build_sampler(cfg, backend, labels)
+
+
+def test_epoch_sampler_global_scope_slices_the_global_batch():
+    _, labels = worker.problem()
+    cfg = worker.config("sgd", "batch_hard", "global")
+    kv = sampler(cfg, labels, 0, 1, 2).epoch(4)
+    ranks = [sampler(cfg, labels, r, 2, 1).epoch(4) for r in range(2)]
+    assert kv.shape == (len(labels) // 12, 2, worker.P * worker.K)
+    np.testing.assert_array_equal(kv, np.concatenate(ranks, axis=1))
+    want = pk_global_batches(labels, p=worker.P, k=worker.K, steps=kv.shape[0],
+                             seed=cfg.train.seed, epoch=4, workers=2)
+    np.testing.assert_array_equal(kv, want)
+
+
+def test_config_scope():
+    cfg = load_config(None, ["sampler.kind=pk", "sampler.scope=global"])
+    assert cfg.sampler.scope == "global"
+    assert load_config(None, []).sampler.scope == "local"   # today's behaviour by default
+    with pytest.raises(ConfigError, match="sampler.scope='global' needs sampler.kind='pk'"):
+        load_config(None, ["sampler.scope=global"])
+    with pytest.raises(ConfigError, match="sampler.scope"):
+        load_config(None, ["sampler.kind=pk", "sampler.scope=world"])
+
+
+# ----------------------------------------------------------------------------- the step
+
+OPTS = list(worker.OPTIMIZERS)
+PAIRS = [(o, m) for o in OPTS for m in worker.MINERS]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """One process, the concatenated global batch."""
+    return {(o, m): worker.run(dist.make_backend("local", "cpu"), o, m, "local")
+            for o, m in PAIRS}
+
+
+@pytest.fixture(scope="module")
+def kvstore():
+    return {(o, m): worker.run(dist.make_backend("kvstore", "cpu", "cpu:2"), o, m, "global")
+            for o, m in PAIRS}
+
+
+@pytest.fixture(scope="module")
+def horovod(tmp_path_factory):
+    """Both ranks' results of one 2-rank Gloo run: [rank] -> npz mapping."""
+    require_horovod()
+    out = tmp_path_factory.mktemp("hvd_global_mining")
+    proc = subprocess.run(
+        HOROVODRUN_2 + [sys.executable, os.path.join(HERE, "global_mining_worker.py"), str(out)],
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [np.load(out / f"rank{r}.npz") for r in range(2)]
+
+
+def first(params: dict) -> dict:
+    return {k: v[0] for k, v in params.items()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+def tie_flips(got, want, emb, rows, miner, tol=1e-5) -> int:
+    """Number of triplets where ``got`` and ``want`` (each (T, 3) data-set rows) differ;
+    fails unless every difference is a tie in the reference embeddings ``emb`` (G, D) of
+    the batch rows ``rows``: the two choices lie within ``tol`` squared-L2 of the anchor's
+    distance to each other. Batch-hard has one triplet per anchor, semi-hard one per
+    (anchor, positive) pair."""
+    at = {r: i for i, r in enumerate(rows)}
+
+    def dist(a, b):
+        return float(np.sum((emb[at[a]] - emb[at[b]]) ** 2))
+
+    def keyed(trip):
+        return {(t[0],) if miner == "batch_hard" else (t[0], t[1]): tuple(t) for t in trip}
+
+    got, want = keyed(np.asarray(got).tolist()), keyed(np.asarray(want).tolist())
+    assert got.keys() == want.keys()
+    flips = 0
+    for key, w in want.items():
+        g = got[key]
+        if g != w:
+            flips += 1
+            a = w[0]
+            for x, y in zip(g[1:], w[1:]):
+                assert abs(dist(a, x) - dist(a, y)) < tol, (g, w, dist(a, x), dist(a, y))
+    return flips
+
+
+def check_against_reference(ref, triplets, losses, params, miner):
+    """``params(step) -> {name: array}`` of the mode under test."""
+    assert max_diff(params(0), first(ref["params"][0])) == 0.0           # same start
+    # The step must move the parameters far more than the tolerance.
+    assert max_diff(first(ref["params"][1]), first(ref["params"][0])) > 1e-3
+    # From identical parameters the very same triplets; later the parameters differ by
+    # float round-off (~1e-6), which may flip only a near-tie between two candidates.
+    np.testing.assert_array_equal(triplets[0], ref["triplets"][0])
+    rows = worker.global_batches(worker.problem()[1]).reshape(worker.STEPS, -1)
+    flips = sum(tie_flips(triplets[s], ref["triplets"][s], ref["emb"][s], rows[s], miner)
+                for s in range(worker.STEPS))
+    assert flips <= 0.01 * worker.STEPS * len(ref["triplets"][0])
+    np.testing.assert_allclose(losses, ref["loss"], rtol=0, atol=1e-5)
+    assert max_diff(params(1), first(ref["params"][1])) < 1e-5
+    assert max_diff(params(worker.STEPS), first(ref["params"][worker.STEPS])) < 1e-4
+
+
+@pytest.mark.parametrize("opt, miner", PAIRS)
+def test_kvstore_global_mining_equals_one_process_on_the_global_batch(reference, kvstore,
+                                                                      opt, miner):
+    ref, kv = reference[opt, miner], kvstore[opt, miner]
+    check_against_reference(ref, kv["triplets"], kv["loss"], lambda s: first(kv["params"][s]),
+                            miner)
+    for params in kv["params"]:                    # the devices' copies stay bit-identical
+        assert all(np.array_equal(v[0], v[1]) for v in params.values())
+
+
+@pytest.mark.parametrize("opt, miner", PAIRS)
+def test_horovod_global_mining_equals_one_process_on_the_global_batch(reference, horovod,
+                                                                      opt, miner):
+    ref = reference[opt, miner]
+
+    def params(npz):
+        prefix = f"{opt}:{miner}:"
+        return lambda s: {k[len(prefix) + len(f"{s}:"):]: npz[k][0] for k in npz.files
+                          if k.startswith(f"{prefix}{s}:")}
+
+    for npz in horovod:
+        check_against_reference(ref, npz[f"{opt}:{miner}:triplets"],
+                                npz[f"{opt}:{miner}:loss"], params(npz), miner)
+    for s in range(worker.STEPS + 1):             # allreduce keeps the ranks identical
+        assert max_diff(params(horovod[0])(s), params(horovod[1])(s)) == 0.0
+
+
+def test_local_scope_mines_inside_each_worker_batch(reference):
+    """Local scope is today's: a kvstore step on two P x K batches applies the mean of
+    the two single-device updates, and differs from global mining on the same rows."""
+    from dist_triplet.model import build_embedding_net, initialize
+    from dist_triplet.train import build_step
+    pixels, labels = worker.problem()
+    rows = worker.global_batches(labels)[0]                              # (2, P*K)
+
+    def one_step(backend, scope, batch):
+        cfg = worker.config("sgd", "semi_hard", scope)
+        cfg.sampler.k = worker.K
+        net = build_embedding_net(pixels.shape[1], [8, 4], final_relu=False, normalize=True)
+        initialize(net, 0.5, backend.contexts, seed=1)
+        build_step(cfg, backend, net, pixels, labels).step(batch)
+        return {k: p.data(backend.contexts[0]).asnumpy() for k, p in net.collect_params().items()}
+
+    kv = one_step(dist.make_backend("kvstore", "cpu", "cpu:2"), "local", rows)
+    alone = [one_step(dist.make_backend("local", "cpu"), "local", rows[d:d + 1])
+             for d in range(2)]
+    mean = {k: (alone[0][k] + alone[1][k]) / 2 for k in kv}
+    assert max_diff(kv, mean) < 1e-6
+    glob = one_step(dist.make_backend("kvstore", "cpu", "cpu:2"), "global", rows)
+    assert max_diff(glob, first(reference["sgd", "semi_hard"]["params"][1])) < 1e-5
+    assert max_diff(kv, glob) > 1e-4
