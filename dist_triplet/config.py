@@ -28,10 +28,11 @@ that every field has one). New keys use the same form::
   the parameters' shapes, what a step computes, the optimizer state's meaning (momentum
   and wd are pickled with the optimizer in trainer.states, so a new value would be
   silently ignored), or which triplets each worker draws.
-* ``SCHEDULE`` (``{"resume": "schedule"}``): may change, with a warning. The learning rate
-  of every step is recomputed from the current config (``schedule.learning_rate``), so
-  lowering optim.lr after a divergence, or extending train.epochs, works; the run then
-  differs from an uninterrupted one with the old values.
+* ``SCHEDULE`` (``{"resume": "schedule"}``): may change. The learning rate of every step
+  is recomputed from the current config (``schedule.learning_rate``), so lowering optim.lr
+  after a divergence, or extending train.epochs, works. An info line names the changed
+  keys; a warning (the run then differs from an uninterrupted one with the old values)
+  follows only when a remaining step's learning rate differs (``train.read_resume_meta``).
 * ``FREE`` (``{"resume": "free"}``): may change silently (evaluation, output, progress,
   devices: the world size itself is checked from the checkpoint's processes x devices).
 
