@@ -47,7 +47,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$(venv_key)" ]; then
   # Horovod 0.28.1: built from source against the MXNet now in the venv. Without
   # --no-build-isolation pip builds in a clean environment that cannot see MXNet and fails.
   if ! "$PY" -c 'import horovod.mxnet' >/dev/null 2>&1; then
-    log "building horovod 0.28.1 with MXNet + Gloo (takes about 2 minutes)"
+    log "building horovod 0.28.1 with MXNet + Gloo (3-7 minutes on 2 cores)"
     HOROVOD_WITH_MXNET=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
     HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 \
     MAKEFLAGS="-j$(nproc)" \
