@@ -81,7 +81,8 @@ def preflight(cfg: Config, processes: int = 1) -> str:
     train_split, test_split = load_splits(cfg)
     devices = devices_per_process(cfg)
     job = PlannedJob(processes, devices) if devices is not None else None
-    steps = build_sampler(cfg, job, train_split.labels).steps if job else None
+    sampler = build_sampler(cfg, job, train_split.labels) if job else None
+    steps = sampler.steps if sampler else None
 
     run_dir = requested_run_dir(cfg)
     if run_dir is None:
@@ -91,7 +92,7 @@ def preflight(cfg: Config, processes: int = 1) -> str:
         resume = find_resume(cfg.checkpoint.resume, os.path.join(run_dir, "checkpoints"),
                              cfg.to_dict())
         if resume and job:
-            read_resume_meta(cfg, resume, job, steps)
+            read_resume_meta(cfg, resume, job, steps, sampler.per_step * processes)
     return (f"check: config and data ok ({len(train_split)} train / {len(test_split)} test "
             f"images, {processes} process(es)"
             + (f", {steps} steps per epoch" if steps is not None else "") + ")")

@@ -248,7 +248,7 @@ def check_compatible(meta: CheckpointMeta, config: dict, path: str, *, processes
 
     Returns:
         The "schedule" keys that differ, as "key: old -> new" strings (allowed; the caller
-        warns that the run no longer matches an uninterrupted one).
+        logs them, and warns when a remaining step's learning rate changes).
 
     Raises:
         ValueError: a "fixed" key differs (names the key, both values and the checkpoint);

@@ -32,17 +32,19 @@ that every field has one). New keys use the same form::
   the parameters' shapes, what a step computes, the optimizer state's meaning (momentum
   and wd are pickled with the optimizer in trainer.states, so a new value would be
   silently ignored), or which triplets each worker draws.
-* ``SCHEDULE`` (``{"resume": "schedule"}``): may change, with a warning. The learning rate
-  of every step is recomputed from the current config (``schedule.learning_rate``), so
-  lowering optim.lr after a divergence, or extending train.epochs, works; the run then
-  differs from an uninterrupted one with the old values.
+* ``SCHEDULE`` (``{"resume": "schedule"}``): may change. The learning rate of every step
+  is recomputed from the current config (``schedule.learning_rate``), so lowering optim.lr
+  after a divergence, or extending train.epochs, works. An info line names the changed
+  keys; a warning (the run then differs from an uninterrupted one with the old values)
+  follows only when a remaining step's learning rate differs (``train.read_resume_meta``).
 * ``FREE`` (``{"resume": "free"}``): may change silently (evaluation, output, progress,
   devices: the world size itself is checked from the checkpoint's processes x devices).
 
 Why not OmegaConf structured configs: OmegaConf is not installed in the project's
 environment (it would be a new dependency), and what this module does by hand is small
-and specific: error messages that name the file, line, key and value (``train.epochs
-must be an integer, got 'two'``), duplicate YAML keys refused (OmegaConf, like PyYAML,
+and specific: error messages that name the file, line, key and value (``cfg.yaml: line 7:
+train.epochs must be an integer, got 'two'``; the line for an unknown or mistyped key of a
+YAML file, the key and value alone for a range or choice error), duplicate YAML keys refused (OmegaConf, like PyYAML,
 keeps the last one), range and choice checks with the key in the message, and the typed
 per-field resume policy above (dataclass metadata, which OmegaConf would carry too but
 not use). Dotted overrides are the one feature both have. Revisit if the config grows
@@ -544,6 +546,23 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
+def _key_lines(node) -> dict:
+    """1-based line of each section key ``(section,)`` and key ``(section, name)`` of a
+    composed YAML document (scalar keys only; others are left out)."""
+    lines = {}
+    if not isinstance(node, yaml.MappingNode):
+        return lines
+    for key, value in node.value:
+        if not isinstance(key, yaml.ScalarNode):
+            continue
+        lines[(key.value,)] = key.start_mark.line + 1
+        if isinstance(value, yaml.MappingNode):
+            for sub, _ in value.value:
+                if isinstance(sub, yaml.ScalarNode):
+                    lines[(key.value, sub.value)] = sub.start_mark.line + 1
+    return lines
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
     """Build the run's config: defaults, then the YAML file at ``path``, then overrides.
 
@@ -573,7 +592,9 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
                 loader = _UniqueKeyLoader(fh)
                 loader.name = path
                 try:
-                    doc = loader.get_single_data() or {}
+                    node = loader.get_single_node()
+                    doc = (loader.construct_document(node) if node is not None else None) or {}
+                    lines = _key_lines(node)
                 finally:
                     loader.dispose()
             except UnicodeDecodeError as exc:
@@ -584,11 +605,15 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         if not isinstance(doc, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections, got "
                               f"{type(doc).__name__}")
+        def at(*keys):
+            line = lines.get(tuple(str(k) for k in keys))
+            return path if line is None else f"{path}: line {line}"
+
         for section, values in doc.items():
             if not isinstance(values, dict):
-                raise ConfigError(f"{path}: section {section!r} must be a mapping of keys")
+                raise ConfigError(f"{at(section)}: section {section!r} must be a mapping of keys")
             for name, value in values.items():
-                _set(cfg, f"{section}.{name}", value, path)
+                _set(cfg, f"{section}.{name}", value, at(section, name))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"command line: override {item!r} must look like section.key=value")

@@ -6,8 +6,10 @@
     pca_learned.png  the same for the learned embeddings (the seed article's two pictures)
     curves.png       loss, seed triplet accuracy, P@1, R-Precision, MAP@R per epoch; the
                      raw-pixel P@1 / R-Precision / MAP@R as horizontal dashed lines
-    neighbours.png   a few fixed test queries (the first test item of each class) and their
-                     nearest neighbours among the other test items, framed green / red
+    neighbours.png   fixed test queries (the first test item of each class, up to
+                     ``MAX_QUERY_ROWS`` classes; the title says when capped) and their
+                     nearest neighbours among the other test items, framed green / red;
+                     for feature data (no image shape) text tiles: test row, class, distance
     report.html      the metrics table and these pictures (relative paths)
 
 PCA (eigenvectors of the scatter matrix, i.e. a thin SVD) of a fixed random subsample
@@ -25,11 +27,13 @@ import numpy as np
 
 from .fsutil import atomic_dir
 
-__all__ = ["neighbour_grid", "pca_2d", "write_report", "REPORT_FILES"]
+__all__ = ["neighbour_grid", "neighbour_queries", "pca_2d", "write_report", "REPORT_FILES",
+           "MAX_QUERY_ROWS"]
 
 REPORT_FILES = ("pca_raw.png", "pca_learned.png", "curves.png", "neighbours.png",
                 "report.html")
 _GREEN, _RED, _GREY = "#1a9850", "#d73027", "#888888"
+MAX_QUERY_ROWS = 12   # rows of neighbours.png: Fashion-MNIST's 10 classes fit, 100 would not
 
 
 def _pyplot():
@@ -182,8 +186,10 @@ def _plot_pca(path: str, coords, labels, class_names, title: str) -> None:
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.legend(fontsize=7, markerscale=3, loc="center left", bbox_to_anchor=(1, 0.5))
-    fig.subplots_adjust(left=0.1, right=0.75, bottom=0.1, top=0.93)  # tight_layout: slow
-    fig.savefig(path, dpi=80)
+    # Fixed margins clipped "PC 2" behind wide tick labels (-2000): the tight bounding box
+    # keeps every label (one extra draw, ~0.1 s; tight_layout would be slower).
+    fig.subplots_adjust(left=0.12, right=0.75, bottom=0.1, top=0.93)
+    fig.savefig(path, dpi=80, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
 
 
@@ -195,9 +201,12 @@ def _plot_curves(path: str, doc: dict) -> None:
     plt = _pyplot()
     rows = doc.get("epochs") or []
     raw = doc.get("raw_pixels") or {}
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
     ep = [r["epoch"] for r in rows if "loss" in r]
     a1.plot(ep, [r["loss"] for r in rows if "loss" in r], "o-", ms=3, color="black")
+    from matplotlib.ticker import MaxNLocator
+    for ax in (a1, a2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # epochs: no 1.5
     a1.set_xlabel("epoch")
     a1.set_ylabel("mean triplet loss")
     a1.set_title("training loss", fontsize=9)
@@ -211,9 +220,10 @@ def _plot_curves(path: str, doc: dict) -> None:
     a2.set_xlabel("epoch")
     a2.set_ylim(0, 1.02)
     a2.set_title("test-set metrics (dashed: raw pixels)", fontsize=9)
-    a2.legend(fontsize=6, loc="lower right")
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.91, wspace=0.22)
-    fig.savefig(path, dpi=80)
+    # Beside the axes, at a readable size: inside, seven entries hid the curves.
+    a2.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    fig.subplots_adjust(left=0.07, right=0.72, bottom=0.14, top=0.91, wspace=0.22)
+    fig.savefig(path, dpi=80, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
 
 
@@ -230,15 +240,19 @@ def _nearest_others(emb: np.ndarray, queries: np.ndarray, k: int) -> tuple:
     return np.take_along_axis(d, pos, 1), pos
 
 
-def _fmt(v) -> str:
+def _fmt(v, key: str = "") -> str:
+    """A table cell: throughputs (``*_per_s``) as whole numbers with thousands separators
+    (24,665), other floats to 4 decimals, anything else as text."""
     if isinstance(v, bool) or v is None:
         return html.escape(str(v))
+    if isinstance(v, (int, float)) and key.endswith("_per_s"):
+        return f"{v:,.0f}"
     if isinstance(v, float):
         return f"{v:.4f}"
     return html.escape(str(v))
 
 
-def _html(doc: dict, images: Sequence[tuple]) -> str:
+def _html(doc: dict, images: Sequence[tuple], note: str = "") -> str:
     final = doc.get("final") or {}
     raw = doc.get("raw_pixels") or {}
     keys = [("seed_accuracy", "seed triplet accuracy"), ("precision_at_1", "Precision@1"),
@@ -246,13 +260,14 @@ def _html(doc: dict, images: Sequence[tuple]) -> str:
             ("spread", "embedding spread"), ("collapsed", "collapsed"),
             ("triplets_per_s", "triplets/s (last epoch)")]
     rows = "\n".join(
-        f"<tr><td>{label}</td><td>{_fmt(final.get(key))}</td>"
-        f"<td>{_fmt(raw.get(key)) if key in raw else ''}</td></tr>"
+        f"<tr><td>{label}</td><td>{_fmt(final.get(key), key)}</td>"
+        f"<td>{_fmt(raw.get(key), key) if key in raw else ''}</td></tr>"
         for key, label in keys if key in final or key in raw)
     figs = "\n".join(f'<figure><img src="{html.escape(f)}" alt="{html.escape(cap)}">'
                      f"<figcaption>{html.escape(cap)}</figcaption></figure>"
                      for f, cap in images)
     run = html.escape(str(doc.get("run_dir", "")))
+    note = f"<p>{html.escape(note)}</p>" if note else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>dist_triplet report: {run}</title>
 <style>body{{font-family:sans-serif;margin:1.5em;max-width:70em}}
@@ -269,8 +284,24 @@ al. 2020). Seed triplet accuracy: share of fixed test triplets whose margin-0 tr
 is 0 (the seed article's metric).</p>
 <h2>Pictures</h2>
 {figs}
+{note}
 </body></html>
 """
+
+
+def neighbour_queries(labels: np.ndarray, cap: int = MAX_QUERY_ROWS) -> tuple:
+    """The fixed queries of neighbours.png: ``(rows (R,) int64, description str)``.
+
+    Rows: the first test item of each class (by class id), for the first ``cap`` classes
+    (R = min(cap, classes)), in row order. The description is "first test item of each
+    class", or "first test item of each of the first R classes (of C)" when capped.
+    """
+    classes, first = np.unique(np.asarray(labels), return_index=True)
+    rows = np.sort(first[:cap]).astype(np.int64)
+    if len(classes) <= cap:
+        return rows, "first test item of each class"
+    return rows, (f"first test item of each of the first {len(rows)} classes "
+                  f"(of {len(classes)})")
 
 
 def write_report(run_dir: str, metrics_doc: dict, raw_inputs: np.ndarray, embeddings: np.ndarray,
@@ -287,7 +318,8 @@ def write_report(run_dir: str, metrics_doc: dict, raw_inputs: np.ndarray, embedd
         embeddings: (N, D) float32 test embeddings of the final network.
         labels: (N,) int class ids; class_names: name per id.
         image_shape: (rows, cols) or (rows, cols, channels) with product F, to draw
-            thumbnails, or None (neighbours.png then shows labels only).
+            thumbnails, or None (feature rows: neighbours.png then shows text tiles, test
+            row, class and distance, and report.html says why).
         points: rows in the PCA subsample; neighbours: neighbours per query.
 
     The files go into ``run_dir/.report.tmp-<pid>/``, which is renamed to ``report/``
@@ -308,23 +340,30 @@ def write_report(run_dir: str, metrics_doc: dict, raw_inputs: np.ndarray, embedd
         _plot_pca(os.path.join(tmp, "pca_learned.png"), emb_xy, labels[rows], class_names,
                   f"learned embeddings: 2-D PCA of the same {len(rows)} test items")
         _plot_curves(os.path.join(tmp, "curves.png"), metrics_doc)
-        # Fixed queries: the first test item of each class (at most 8 classes).
-        _, first = np.unique(labels, return_index=True)
-        queries = np.sort(first)[:8]
+        queries, which = neighbour_queries(labels)
         k = max(1, min(neighbours, n - 1))
         dist, pos = _nearest_others(embeddings, queries, k)
-        imgs = None
+        imgs = ids = None
+        note = ""
         if image_shape is not None:
             imgs = np.asarray(raw_inputs).reshape((n,) + tuple(image_shape))
+            title = (f"{which} (left) and its nearest other test items; squared L2 in "
+                     "embedding units")
+        else:
+            ids = [f"test #{i}" for i in range(n)]
+            title = (f"no thumbnails (feature rows): {which} (left) and its nearest other "
+                     "test items by test row, class and squared L2 distance")
+            note = ("neighbours.png: the test data are feature rows, not images, so its "
+                    "tiles show the test row number, class and distance instead of pictures.")
         neighbour_grid(os.path.join(tmp, "neighbours.png"),
                        None if imgs is None else imgs[queries], imgs, pos, dist,
-                       labels[queries], labels, class_names,
-                       title="first test item of each class (left) and its nearest other "
-                             "test items; squared L2 in embedding units")
+                       labels[queries], labels, class_names, title=title,
+                       query_ids=None if ids is None else [ids[q] for q in queries],
+                       gallery_ids=ids)
         figs = (("pca_raw.png", "raw inputs, 2-D PCA"),
                 ("pca_learned.png", "learned embeddings, 2-D PCA"),
                 ("curves.png", "training curves"),
-                ("neighbours.png", "test queries and their nearest neighbours"))
+                ("neighbours.png", f"{which} and its nearest neighbours"))
         with open(os.path.join(tmp, "report.html"), "w") as fh:
-            fh.write(_html(metrics_doc, figs))
+            fh.write(_html(metrics_doc, figs, note))
     return out

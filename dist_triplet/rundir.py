@@ -267,6 +267,13 @@ def _input_meta(test: Split) -> dict:
     return {"input_scaling": "none (features, used as they are)", "image_shape": None}
 
 
+def timing_text(sample_s: float, train_s: float, wait_s: float, allreduce_s: float) -> str:
+    """The timing part of the epoch log line (:class:`Recorder`), seconds of wall time;
+    ``record_epoch`` closes the bracket (after ``eval``, when the epoch evaluated)."""
+    return (f"[sample {sample_s:.2f}s train {train_s:.2f}s (host-wait {wait_s:.2f}s) "
+            f"allreduce {allreduce_s:.2f}s")
+
+
 class Recorder:
     """What rank 0 writes into the run directory; every method a no-op off rank 0.
 
@@ -280,6 +287,28 @@ class Recorder:
 
     The Recorder owns the metrics history (``history``); no method calls a collective,
     runs evaluation, or changes a row it is given.
+
+    The epoch log line (rank 0; :meth:`record_epoch`), field by field (docs/results.md
+    repeats this list)::
+
+        epoch 3/10  loss 0.1234  seed-acc 0.9050 (9041/9990 triplets)  P@1 0.7960 (raw 0.8092)
+          R-Prec 0.6515  MAP@R 0.5411  24,665 triplets/s
+          [sample 0.10s train 3.50s (host-wait 3.39s) allreduce 0.01s eval 0.52s]
+
+    * ``loss``: mean triplet loss over the epoch's steps (all ranks).
+    * ``seed-acc``: the seed article's accuracy on the fixed test triplets: the share whose
+      margin-0 triplet loss is 0 (d(a, p) <= d(a, n)), with the count (correct/total).
+    * ``P@1``, ``R-Prec``, ``MAP@R``: leave-one-out retrieval on the test set (squared L2);
+      ``raw``: P@1 of the raw pixels. R-Prec/MAP@R come with full evaluations only
+      (``eval.full_every``; always the last epoch), else the line says when they come.
+    * ``triplets/s``: training throughput of the whole job (global batch x steps / train s).
+    * ``sample``: drawing the epoch's triplets; ``train``: the optimizer steps (with the
+      epoch's index copy); ``host-wait``: of ``train``, the time the host sat waiting for the
+      device (near ``train``: device-bound; near 0: host-bound); ``allreduce``: the
+      end-of-epoch loss allreduce, which also waits for the slowest rank; ``eval``: the
+      evaluation on rank 0 (seconds of wall time).
+    * ``COLLAPSED``: the embedding's spread is at or below ``eval.collapse_eps``; a
+      collapsed embedding's seed-acc counts ties as correct, so it is not a success.
     """
 
     def __init__(self, active: bool, run_dir: str, cfg: Config, history: Sequence[dict] = (),
@@ -330,17 +359,17 @@ class Recorder:
                       if "r_precision" in row else
                       "R-Prec/MAP@R: last epoch" + (f" and every {self.cfg.eval.full_every}"
                                                     if self.cfg.eval.full_every else ""))
-            log.info("epoch %d/%d  loss %.4f  acc %.4f (%d / %d%s)  P@1 %.4f (raw %.4f)  "
-                     "%s%s  %.0f triplets/s  %s eval %.2fs]",
+            log.info("epoch %d/%d  loss %.4f  seed-acc %.4f (%d/%d triplets%s)  P@1 %.4f "
+                     "(raw %.4f)  %s%s  %s triplets/s  %s eval %.2fs]",
                      epoch + 1, epochs, row["loss"], row["seed_accuracy"],
                      row["correct"], row["total"],
                      ", COLLAPSED: not a success" if row["collapsed"] else "",
                      row["precision_at_1"], self.baseline["precision_at_1"], ranked,
-                     "  COLLAPSED" if row["collapsed"] else "", row["triplets_per_s"], timing,
-                     row["time_eval_s"])
+                     "  COLLAPSED" if row["collapsed"] else "",
+                     f"{row['triplets_per_s']:,.0f}", timing, row["time_eval_s"])
         else:
-            log.info("epoch %d/%d  loss %.4f  %.0f triplets/s  %s]", epoch + 1, epochs,
-                     row["loss"], row["triplets_per_s"], timing)
+            log.info("epoch %d/%d  loss %.4f  %s triplets/s  %s]", epoch + 1, epochs,
+                     row["loss"], f"{row['triplets_per_s']:,.0f}", timing)
         self.history.append(dict(row))
         self.write_metrics(final=None)
         self.scalars(epoch, {f"train/{k}": row[k] for k in ("loss", "triplets_per_s", "lr")})

@@ -28,7 +28,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, load_config, parse_devices
+from . import schedule
+from .config import Config, ConfigError, config_from_dict, load_config, parse_devices
 from .data import Split, check_sampler_classes, describe, load_data
 from .triplets import EpochSampler
 
@@ -83,9 +84,14 @@ def log_data(train_split: Split, test_split: Split, cache_dir: Optional[str]) ->
                     local, train_split.images.nbytes / 2 ** 30)
 
 
-def read_resume_meta(cfg: Config, resume_path: str, backend, steps: int):
-    """The checkpoint's record, checked against this run (``checkpoint.check_compatible``);
-    logs a warning naming changed "schedule" keys. ``train`` calls it on rank 0 only
+def read_resume_meta(cfg: Config, resume_path: str, backend, steps: int, global_batch: int):
+    """The checkpoint's record, checked against this run (``checkpoint.check_compatible``).
+
+    When "schedule" keys changed, logs an info line naming them, and a warning only when
+    the learning rate of some remaining global step (``(meta.epoch + 1) * steps`` up to
+    ``train.epochs * steps``) differs between the checkpoint's config and this one
+    (``schedule.first_difference``): e.g. a longer train.epochs on a constant schedule
+    without warm-up changes nothing that is left to run. ``train`` calls it on rank 0 only
     (``dist.decide_on_rank0``); every rank loads the checkpoint's parameters, so the path
     must be on a shared file system."""
     meta = ckpt.read_meta(resume_path)
@@ -97,9 +103,17 @@ def read_resume_meta(cfg: Config, resume_path: str, backend, steps: int):
                                     processes=backend.num_processes,
                                     devices=len(backend.contexts), steps=steps)
     if changed:
-        log.warning("resuming with a changed schedule (%s): the learning rate now follows "
-                    "the new values, so the run will not match an uninterrupted one",
-                    "; ".join(changed))
+        log.info("resuming with changed schedule keys: %s", "; ".join(changed))
+        old_cfg = config_from_dict(meta.config)
+        start, stop = (meta.epoch + 1) * steps, cfg.train.epochs * steps
+        step = schedule.first_difference(
+            schedule.from_config(old_cfg.optim, old_cfg.train.epochs, steps, global_batch),
+            schedule.from_config(cfg.optim, cfg.train.epochs, steps, global_batch), start, stop)
+        if step is not None:
+            log.warning("resuming with a changed schedule (%s): the learning rate of global "
+                        "step %d (epoch %d) and maybe later ones differs from the checkpoint's "
+                        "config, so the run will not match an uninterrupted one with the old "
+                        "values", "; ".join(changed), step, step // steps + 1)
     return meta
 
 
@@ -159,12 +173,11 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
     """
     from tqdm import tqdm
 
-    from . import schedule
     from .dist import decide_on_rank0, make_backend
     from .engine import run_epoch
     from .evaluate import Evaluator
     from .model import build_embedding_net, initialize
-    from .rundir import Recorder, resolve_resume, resolve_run_dir
+    from .rundir import Recorder, resolve_resume, resolve_run_dir, timing_text
 
     backend = make_backend(cfg.distributed.backend, cfg.distributed.device,
                            cfg.distributed.devices)
@@ -182,7 +195,9 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
     # Rank 0 reads and checks the checkpoint's record and shares it: a refusal (world size
     # changed, ...) is then raised on every rank after one barrier, not by each rank alone
     # while the others may still be in a collective.
-    meta = (decide_on_rank0(backend, lambda: read_resume_meta(cfg, resume_path, backend, steps),
+    global_batch = sampler.per_step * backend.num_processes
+    meta = (decide_on_rank0(backend, lambda: read_resume_meta(cfg, resume_path, backend, steps,
+                                                              global_batch),
                             "resume_meta") if resume_path else None)
 
     # --- model, on every device; rank 0's initial parameters everywhere
@@ -200,7 +215,6 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
     evaluator = Evaluator(cfg, test_split, train_split) if backend.is_main else None  # rank 0
     recorder = Recorder(backend.is_main, run_dir, cfg, meta.history if meta else (),
                         baseline=evaluator.raw if evaluator else None)
-    global_batch = sampler.per_step * backend.num_processes
     lr_at = schedule.from_config(cfg.optim, cfg.train.epochs, steps, global_batch)
     log.info("backend %s: %d process(es) x %d device(s) = world size %d on %s; %d steps/epoch "
              "of %d samples (global batch), run dir %s%s", backend.name, backend.num_processes,
@@ -243,8 +257,7 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
         # epoch's index copy; of which the host sat waiting for the device: near train =
         # device-bound, near 0 = host-bound), the end-of-epoch allreduce (waits for the
         # slowest rank), evaluation.
-        timing = (f"[sample {t_sample:.2f}s train {train_time:.2f}s (wait {t_wait:.2f}s) "
-                  f"allreduce {t_allreduce:.2f}s")
+        timing = timing_text(t_sample, train_time, t_wait, t_allreduce)
         recorder.record_epoch(epoch, row, timing)
         recorder.save_checkpoint(epoch, net, trainer, steps_per_epoch=steps,
                                  processes=backend.num_processes, devices=devices)

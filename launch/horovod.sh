@@ -17,6 +17,21 @@ NP="$1"; shift
 NP=$((10#$NP))
 HOSTS="localhost:$NP"
 if [ $# -gt 0 ] && [ "$1" != "--" ]; then HOSTS="$1"; shift; fi
+# HOSTS: host:slots[,host:slots...], slots an integer >= 1 (horovodrun's -H); checked here,
+# as horovodrun would only die with a traceback ("Invalid host input") after the pre-flight.
+case "$HOSTS" in
+  *=*) echo "$usage (HOSTS must be host:slots[,host:slots...], got '$HOSTS'; did you forget --?)" >&2
+       exit 2 ;;
+esac
+IFS=, read -r -a _entries <<<"$HOSTS"
+[[ "$HOSTS" != *, && "$HOSTS" != ,* && "$HOSTS" != *,,* && ${#_entries[@]} -ge 1 ]] || _bad=1
+for _e in "${_entries[@]}"; do
+  if [[ "$_e" =~ ^[A-Za-z0-9._-]+:([0-9]+)$ ]] && [ "$((10#${BASH_REMATCH[1]}))" -ge 1 ]; then :
+  else _bad=1; fi
+done
+[ -z "${_bad:-}" ] || {
+  echo "$usage (HOSTS must be host:slots[,host:slots...] with slots an integer >= 1, got '$HOSTS')" >&2
+  exit 2; }
 if [ $# -gt 0 ]; then
   [ "$1" = "--" ] || { echo "$usage" >&2; exit 2; }
   shift

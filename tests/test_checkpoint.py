@@ -369,6 +369,52 @@ def test_resume_with_incompatible_config_is_refused(change, named, two_epoch_run
     assert digest_tree(two_epoch_run) == before  # nothing written
 
 
+@pytest.mark.parametrize("change, first_step", [
+    # two_epoch_run: constant lr 0.05, no warm-up, 10 steps/epoch of 8; 2 epochs done, so
+    # global steps 20.. remain.
+    (["train.epochs=4"], None),                          # constant: every rate is 0.05
+    (["train.epochs=4", "optim.warmup_epochs=1"], None),  # warm-up lies in the past
+    (["train.epochs=4", "optim.lr=0.01"], 20),
+    (["train.epochs=4", "optim.schedule=cosine"], 20),    # 0.5 * (1 + cos(pi/2)) * 0.05
+    # warm-up over 3 epochs: steps 20..29 ramp, step 30 on is 0.05 again.
+    (["train.epochs=4", "optim.warmup_epochs=3"], 20),
+    (["train.epochs=4", "optim.scale_lr=true", "optim.base_batch=8"], None),  # 0.05 * 8/8
+])
+def test_resume_warns_only_when_a_remaining_step_rate_changes(change, first_step, two_epoch_run,
+                                                              data_root, caplog):
+    from dist_triplet.check import PlannedJob
+    cfg = load_config(None, run_args(data_root, two_epoch_run, "checkpoint.resume=auto",
+                                     *change))
+    path = ckpt.latest_checkpoint(os.path.join(two_epoch_run, "checkpoints"))
+    caplog.set_level(logging.INFO, logger="dist_triplet")
+    meta = train_mod.read_resume_meta(cfg, path, PlannedJob(1, 1), 10, 8)
+    assert meta.epoch == 1
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith("resuming with changed schedule keys: ")
+               and "train.epochs: 2 -> 4" in m for m in infos), infos
+    if first_step is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1, warnings
+        assert f"global step {first_step} (epoch {first_step // 10 + 1})" in warnings[0]
+        assert "will not match an uninterrupted one" in warnings[0]
+
+
+def test_first_difference_against_a_plain_loop():
+    from dist_triplet import schedule
+    old = lambda s: schedule.learning_rate(s, lr=0.1, epochs=3, steps_per_epoch=4,  # noqa: E731
+                                           warmup_epochs=1)
+    new = lambda s: schedule.learning_rate(s, lr=0.1, epochs=5, steps_per_epoch=4,  # noqa: E731
+                                           schedule="cosine", warmup_epochs=1)
+    # warm-up steps 0..3 agree (0.025, 0.05, 0.075, 0.1); cosine at step 4 is 0.1 * 0.5 *
+    # (1 + cos(0)) = 0.1 too; step 5 is below 0.1.
+    assert [old(s) == new(s) for s in range(6)] == [True] * 5 + [False]
+    assert schedule.first_difference(old, new, 0, 20) == 5
+    assert schedule.first_difference(old, new, 0, 5) is None
+    assert schedule.first_difference(old, old, 0, 20) is None
+
+
 def test_fresh_run_into_a_directory_with_checkpoints_is_refused(two_epoch_run, data_root,
                                                                 capsys):
     before = digest_tree(two_epoch_run)

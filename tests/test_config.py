@@ -19,6 +19,23 @@ def test_duplicate_yaml_keys_name_file_key_and_line(text, key, line, first, tmp_
     assert f"first given on line {first}" in msg
 
 
+@pytest.mark.parametrize("text, line, needle", [
+    ("# comment\ntrain:\n  epochs: 1\n\n  epoch: 2\n", 5, "unknown key 'train.epoch'"),
+    ("train:\n  epochs: 1\nevall:\n  batch_size: 8\n", 4, "unknown section 'evall'"),
+    ("model:\n  hidden: [8]\ntrain:\n  epochs: two\n", 4,
+     "train.epochs must be an integer, got 'two'"),
+    ("train: 3\n", 1, "section 'train' must be a mapping"),
+])
+def test_yaml_key_errors_name_file_and_line(text, line, needle, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: line {line}: "), msg
+    assert needle in msg, msg
+
+
 def test_same_key_in_different_sections_is_fine(tmp_path):
     path = tmp_path / "ok.yaml"
     path.write_text("train:\n  batch_size: 4\neval:\n  batch_size: 8\n")

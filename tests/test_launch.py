@@ -44,6 +44,30 @@ def test_kvstore_sh_bad_devices_is_usage_and_exit_2(args):
     assert_usage(run_script("kvstore.sh", *args), "kvstore.sh")
 
 
+@pytest.mark.parametrize("hosts", ["train.epochs=1", "localhost", "localhost:0", "localhost:x",
+                                   "localhost:2,", ",localhost:2", "a:1,,b:1", "a:1,b",
+                                   "host one:2", "a:-1"])
+def test_horovod_sh_bad_hosts_is_usage_and_exit_2(hosts):
+    """``horovod.sh 2 train.epochs=1`` (the ``--`` forgotten) took the override as HOSTS and
+    horovodrun died later with a traceback; now every bad HOSTS is the usage line."""
+    proc = run_script("horovod.sh", "2", hosts, "--", "train.epochs=1")
+    assert_usage(proc, "horovod.sh")
+    assert f"got '{hosts}'" in proc.stderr
+    assert ("did you forget --?" in proc.stderr) == ("=" in hosts)
+
+
+def test_horovod_sh_forgotten_double_dash_hints():
+    proc = run_script("horovod.sh", "2", "train.epochs=1")
+    assert_usage(proc, "horovod.sh")
+    assert "did you forget --?" in proc.stderr
+
+
+@pytest.mark.parametrize("hosts", ["localhost:2", "host1:4,host2:4", "127.0.0.2:1,h-3.x:02"])
+def test_horovod_sh_good_hosts_get_past_the_check(hosts):
+    proc = run_script("horovod.sh", "2", hosts, "--", "train.epochs=1")
+    assert "usage:" not in proc.stderr, proc.stderr
+
+
 def test_horovod_sh_good_np_gets_past_the_check():
     """NP=2 passes the check: the script goes on to the pre-flight (which fails here only
     because python is not on this test's PATH), so the refusal above is the NP check's."""

@@ -14,7 +14,9 @@ import pytest
 
 pytest.importorskip("matplotlib", reason="the report's pictures are drawn with matplotlib")
 
-from dist_triplet.report import REPORT_FILES, pca_2d, write_report  # noqa: E402
+from dist_triplet import report as report_mod  # noqa: E402
+from dist_triplet.report import (REPORT_FILES, neighbour_queries, pca_2d,  # noqa: E402
+                                 write_report)
 
 from _hvd import ROOT, child_env  # noqa: E402
 
@@ -87,6 +89,66 @@ def test_write_report_writes_five_files_and_replaces_an_old_report(tmp_path):
     write_report(str(tmp_path), doc, raw, emb, labels, CLASSES, None)  # no thumbnails
     assert sorted(os.listdir(out)) == sorted(REPORT_FILES)
     assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == []
+
+
+def test_neighbour_queries_take_every_class_up_to_the_cap():
+    labels = np.array([2, 0, 2, 1, 0, 1])
+    rows, which = neighbour_queries(labels)
+    assert rows.tolist() == [0, 1, 3] and which == "first test item of each class"
+    many = np.array([13 - (i % 14) for i in range(28)])   # classes 13, 12, ..., 0, 13, ...
+    rows, which = neighbour_queries(many, cap=12)
+    # classes 0..11 come first at rows 13, 12, ..., 2; in row order:
+    assert rows.tolist() == list(range(2, 14))
+    assert which == "first test item of each of the first 12 classes (of 14)"
+
+
+def _ten_class_run(tmp_path):
+    rng = np.random.default_rng(3)
+    labels = np.arange(50) % 10
+    imgs = rng.uniform(0, 1, size=(50, 64)).astype(np.float32)
+    emb = (np.eye(10)[labels] * 2 + rng.normal(0, 0.1, size=(50, 10))).astype(np.float32)
+    doc = {"run_dir": str(tmp_path), "epochs": [{"epoch": 1, "loss": 0.5}],
+           "final": {"precision_at_1": 0.7, "triplets_per_s": 24665.0313, "spread": 1.23456},
+           "raw_pixels": {"precision_at_1": 0.55}}
+    return labels, imgs, emb, doc, [f"c{i}" for i in range(10)]
+
+
+def test_neighbours_png_has_a_row_per_class_and_the_table_formats_numbers(tmp_path):
+    """All 10 classes are drawn (the cap was 8): 8x8 tiles make rows of 8 + 2*2 (frame) +
+    18 (text) = 30 mosaic pixels, the figure is (rows * 30 + 14) * 2.2 pixels tall."""
+    labels, imgs, emb, doc, names = _ten_class_run(tmp_path)
+    out = write_report(str(tmp_path), doc, imgs, emb, labels, names, (8, 8))
+    from PIL import Image
+    with Image.open(os.path.join(out, "neighbours.png")) as im:
+        assert abs(im.height - (10 * 30 + 14) * 2.2) <= 1, im.height
+    page = open(os.path.join(out, "report.html")).read()
+    assert "<td>triplets/s (last epoch)</td><td>24,665</td>" in page
+    assert "<td>embedding spread</td><td>1.2346</td>" in page
+    assert "<td>Precision@1</td><td>0.7000</td><td>0.5500</td>" in page
+    assert "first test item of each class and its nearest neighbours" in page
+
+
+def test_feature_runs_get_text_tiles_and_a_note(tmp_path, monkeypatch):
+    """Without an image shape the grid's tiles carry test row, class and distance (the
+    search grid's text tiles), and the page says why there are no pictures."""
+    labels, imgs, emb, doc, names = _ten_class_run(tmp_path)
+    seen = {}
+    real = report_mod.neighbour_grid
+
+    def spy(path, q_img, g_img, pos, dist, *args, **kw):
+        seen.update(q_img=q_img, g_img=g_img, pos=pos, **kw)
+        return real(path, q_img, g_img, pos, dist, *args, **kw)
+
+    monkeypatch.setattr(report_mod, "neighbour_grid", spy)
+    out = write_report(str(tmp_path), doc, imgs[:, :5], emb, labels, names, None)
+    assert seen["q_img"] is None and seen["g_img"] is None
+    assert seen["query_ids"] == [f"test #{i}" for i in range(10)]   # row i is class i
+    assert seen["gallery_ids"][seen["pos"][3, 0]] == f"test #{seen['pos'][3, 0]}"
+    assert labels[seen["pos"][3, 0]] == 3                            # nearest: same class
+    assert seen["title"].startswith("no thumbnails (feature rows): first test item of each "
+                                    "class")
+    page = open(os.path.join(out, "report.html")).read()
+    assert "the test data are feature rows, not images" in page
 
 
 def test_write_report_refuses_mismatched_rows_and_leaves_nothing(tmp_path):

@@ -2,13 +2,14 @@
 rows it is given, owns the metrics history and stores a copy of it in each checkpoint."""
 import copy
 import json
+import logging
 import os
 
 import mxnet as mx
 
 from dist_triplet import checkpoint as ckpt
 from dist_triplet.config import load_config
-from dist_triplet.rundir import Recorder
+from dist_triplet.rundir import Recorder, timing_text
 
 
 def _row(epoch):
@@ -49,3 +50,22 @@ def test_rows_are_kept_unchanged_and_copied_into_checkpoints(tmp_path):
     assert [r["epoch"] for r in doc["epochs"]] == [1, 2] and doc["final"] is None
     assert earlier == [_row(0)]
     rec.close()
+
+
+def test_epoch_log_line_names_its_fields(tmp_path, caplog):
+    """The epoch line spells out what its numbers are (seed-acc with its triplet count,
+    host-wait, throughput with thousands separators); the Recorder docstring lists them."""
+    cfg = load_config(None, ["train.epochs=10", "eval.full_every=0"])
+    rec = Recorder(True, str(tmp_path / "run"), cfg, baseline={"precision_at_1": 0.8092})
+    row = dict(_row(2), triplets_per_s=24665.0313, seed_accuracy=9041 / 9990, correct=9041,
+               total=9990, collapsed=False, precision_at_1=0.796, time_eval_s=0.523)
+    caplog.set_level(logging.INFO, logger="dist_triplet")
+    rec.record_epoch(2, row, timing_text(0.104, 3.5, 3.391, 0.0149))
+    rec.record_epoch(3, dict(_row(3), triplets_per_s=1234567.8), timing_text(0, 1, 0.5, 0))
+    rec.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        "epoch 3/10  loss 0.1667  seed-acc 0.9050 (9041/9990 triplets)  P@1 0.7960 (raw 0.8092)"
+        "  R-Prec/MAP@R: last epoch  24,665 triplets/s  [sample 0.10s train 3.50s "
+        "(host-wait 3.39s) allreduce 0.01s eval 0.52s]",
+        "epoch 4/10  loss 0.1250  1,234,568 triplets/s  [sample 0.00s train 1.00s "
+        "(host-wait 0.50s) allreduce 0.00s]"]
