@@ -12,6 +12,7 @@
 Everything runs on the CPU with the 84-row data set of tests/_ckpt_util.py.
 """
 import json
+import logging
 import os
 import shutil
 import signal
