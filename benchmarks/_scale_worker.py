@@ -28,10 +28,12 @@ def _rollup() -> dict:
     return out
 
 
-def _hwm() -> int:
-    with open("/proc/self/status") as fh:
+def proc_bytes(path: str, key: str) -> int:
+    """Bytes of the ``key:  N kB`` line of a /proc file (``/proc/meminfo``,
+    ``/proc/self/status``); 0 when the line is missing."""
+    with open(path) as fh:
         for line in fh:
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -66,7 +68,8 @@ def main(argv) -> int:
     sampler.sample()
     rank = int(os.environ.get("HOROVOD_RANK", 0))
     record = {"rank": rank, "local_rank": int(os.environ.get("HOROVOD_LOCAL_RANK", 0)),
-              "exit": code, "seconds": time.perf_counter() - t0, "vm_hwm": _hwm(),
+              "exit": code, "seconds": time.perf_counter() - t0,
+              "vm_hwm": proc_bytes("/proc/self/status", "VmHWM"),
               **{f"peak_{k.lower()}": v for k, v in sampler.peak.items()}}
     with open(os.path.join(out_dir, f"mem_rank{rank}.json"), "w") as fh:
         json.dump(record, fh)

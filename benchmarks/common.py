@@ -6,6 +6,7 @@ it, so a driver can set OMP_NUM_THREADS first.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -131,6 +132,16 @@ class EpochRunner:
 
 def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
+
+
+def median_time(fn: Callable[[], object], repeat: int = 3) -> float:
+    """Median wall seconds of ``repeat`` calls of ``fn()`` (time.perf_counter)."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return median(times)
 
 
 def cpu_s() -> float:
@@ -291,6 +302,31 @@ def table(rows: Sequence[Row]) -> str:
     lines += [f"| {r.section} | {r.measurement} | {r.value} | {r.target} | {r.status} |"
               for r in rows]
     return "\n".join(lines)
+
+
+def driver_parser(name: str, doc: str, quick_help: Optional[str] = None
+                  ) -> argparse.ArgumentParser:
+    """The parser of ``python -m benchmarks.<name>``: its description is the first line of
+    the driver's ``doc``; it has the options every driver takes, ``--quick`` and ``--out``."""
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}",
+                                description=doc.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--out", help="write the JSON here")
+    return p
+
+
+def run_driver(name: str, args: argparse.Namespace, measure: Callable[[argparse.Namespace], dict],
+               rows: Callable[[dict], Sequence[Row]]) -> int:
+    """A driver's main: ``measure(args)``, with the cores other processes used meanwhile
+    (``foreign_cores``), printed as a table of ``rows(doc)`` and, with ``--out``, written as
+    ``{name: doc}`` JSON. Returns the exit status, 0."""
+    load = ForeignLoad()
+    doc = measure(args)
+    doc["foreign_cores"] = load.cores()
+    print(table(rows(doc)))
+    if args.out:
+        write_json(args.out, {name: doc})
+    return 0
 
 
 def write_json(path: str, doc: dict) -> None:

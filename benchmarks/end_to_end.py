@@ -139,10 +139,7 @@ def rows(doc: dict) -> List[common.Row]:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.end_to_end",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny data, 2 epochs: the smoke test")
-    p.add_argument("--out", help="write the JSON here")
+    p = common.driver_parser("end_to_end", __doc__, "tiny data, 2 epochs: the smoke test")
     p.add_argument("--data-root", help="Fashion-MNIST-format IDX directory for both programs "
                                        "(default: the main job's config and the seed's default)")
     p.add_argument("--workdir", help="where the runs write (default: a temporary directory)")
@@ -150,14 +147,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    load = common.ForeignLoad()
-    doc = measure(args)
-    doc["foreign_cores"] = load.cores()
-    print(common.table(rows(doc)))
-    if args.out:
-        common.write_json(args.out, {"end_to_end": doc})
-    return 0
+    return common.run_driver("end_to_end", parse_args(argv), measure, rows)
 
 
 if __name__ == "__main__":

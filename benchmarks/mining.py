@@ -68,10 +68,7 @@ def rows(doc: dict) -> List[common.Row]:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.mining",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny data, 2 ranks: the smoke test")
-    p.add_argument("--out", help="write the JSON here")
+    p = common.driver_parser("mining", __doc__, "tiny data, 2 ranks: the smoke test")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--data-root", help="Fashion-MNIST-format IDX directory")
     p.add_argument("--workdir", help="where the run writes (default: a temporary directory)")
@@ -79,14 +76,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    load = common.ForeignLoad()
-    doc = measure(args)
-    doc["foreign_cores"] = load.cores()
-    print(common.table(rows(doc)))
-    if args.out:
-        common.write_json(args.out, {"mining": doc})
-    return 0
+    return common.run_driver("mining", parse_args(argv), measure, rows)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import struct
 import subprocess
 import sys
@@ -44,6 +43,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+from benchmarks import common  # noqa: E402  (run as a script: needs ROOT on sys.path)
+from benchmarks._scale_worker import proc_bytes  # noqa: E402
 
 MiB = 2 ** 20
 
@@ -87,28 +88,20 @@ def generate(root: str, n_train: int, n_test: int, side: int, classes: int, seed
     return time.perf_counter() - t0
 
 
-def _median_time(fn, repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def time_sampling(labels: np.ndarray, ranks: int, p: int, k: int) -> dict:
     """Median seconds of ClassIndex, create_pairs and one worker's epoch of pk_batches."""
     from dist_triplet.triplets import ClassIndex, create_pairs, pk_batches, pk_steps_per_epoch
     index = ClassIndex(labels)
     p = min(p, index.num_classes)
     steps = pk_steps_per_epoch(index, p, k, ranks)
+    timed = common.median_time
     out = {"labels": int(len(labels)), "classes": index.num_classes,
-           "class_index_s": _median_time(lambda: ClassIndex(labels)),
-           "create_pairs_s": _median_time(lambda: create_pairs(index, seed=1, epoch=0, rank=0,
-                                                               world_size=ranks)),
+           "class_index_s": timed(lambda: ClassIndex(labels)),
+           "create_pairs_s": timed(lambda: create_pairs(index, seed=1, epoch=0, rank=0,
+                                                        world_size=ranks)),
            "pk_steps": int(steps), "p": p, "k": k,
-           "pk_batches_s": _median_time(lambda: pk_batches(index, p=p, k=k, steps=steps, seed=1,
-                                                           epoch=0, rank=0, world_size=ranks))}
+           "pk_batches_s": timed(lambda: pk_batches(index, p=p, k=k, steps=steps, seed=1,
+                                                    epoch=0, rank=0, world_size=ranks))}
     out["triplets_per_rank"] = int(len(create_pairs(index, seed=1, rank=0, world_size=ranks)))
     return out
 
@@ -124,11 +117,7 @@ class HostMemory(threading.Thread):
 
     @staticmethod
     def now() -> int:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+        return proc_bytes("/proc/meminfo", "MemAvailable")
 
     def run(self):
         while not self.done.is_set():

@@ -278,9 +278,7 @@ def rows(doc: dict) -> List[common.Row]:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="a few steps: for the smoke test")
-    p.add_argument("--out", help="write the JSON here")
+    p = common.driver_parser("step", __doc__, "a few steps: for the smoke test")
     p.add_argument("--batch-size", type=int, default=256, help="triplets per step")
     p.add_argument("--threads", type=int, default=0, help="default: the number of cores")
     p.add_argument("--synthetic", action="store_true", help="synthetic data of Fashion-MNIST's shape")
@@ -311,14 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["worker"]:
         return worker_main(argv[1:])
-    args = parse_args(argv)
-    load = common.ForeignLoad()
-    doc = measure(args)
-    doc["foreign_cores"] = load.cores()
-    print(common.table(rows(doc)))
-    if args.out:
-        common.write_json(args.out, {"step": doc})
-    return 0
+    return common.run_driver("step", parse_args(argv), measure, rows)
 
 
 if __name__ == "__main__":

@@ -28,12 +28,7 @@ def measure(args) -> dict:
     reps = 3 if args.quick else 7
 
     def timed(fn):
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return common.median(ts)
+        return common.median_time(fn, reps)
 
     t0 = time.perf_counter()
     ref = seed_create_pairs(labels, random.Random(0))
@@ -61,24 +56,14 @@ def rows(doc: dict) -> List[common.Row]:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.triplets",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", help="write the JSON here")
+    p = common.driver_parser("triplets", __doc__)
     p.add_argument("--synthetic", action="store_true")
     p.add_argument("--train-size", type=int, default=0)
     return p.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    load = common.ForeignLoad()
-    doc = measure(args)
-    doc["foreign_cores"] = load.cores()
-    print(common.table(rows(doc)))
-    if args.out:
-        common.write_json(args.out, {"triplets": doc})
-    return 0
+    return common.run_driver("triplets", parse_args(argv), measure, rows)
 
 
 if __name__ == "__main__":

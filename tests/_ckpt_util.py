@@ -6,15 +6,32 @@ world size 1, 40 per rank at 2), 4 x 10 test images. Class c's pixels are noise 
 training has something to learn, but no test depends on how well it does.
 """
 import hashlib
+import logging
 import os
 
 import numpy as np
+import pytest
 
 from dist_triplet.data import write_idx
 
 from _hvd import ROOT, child_env
 
 FAULT_TRAIN = os.path.join(ROOT, "tests", "_fault_train.py")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging():
+    """train() binds logging to the sys.stderr of its test (capsys closes it afterwards).
+    Autouse in every test module that imports it."""
+    yield
+    for handler in list(logging.root.handlers):
+        logging.root.removeHandler(handler)
+
+
+@pytest.fixture
+def data(tmp_path):
+    """The small data set of :func:`write_dataset` under ``tmp_path/data``."""
+    return write_dataset(tmp_path / "data")
 
 
 def write_dataset(root, per_class=21, test_per_class=10, classes=4, side=4, gz=False,
@@ -38,6 +55,17 @@ def run_args(data_root, out_dir, *extra):
     return ["data.dataset=idx", f"data.root={data_root}", f"output.dir={out_dir}",
             "train.epochs=4", "train.batch_size=8", "model.hidden=[16,8]",
             "train.progress=false", "eval.projector=false", *extra]
+
+
+def local_run_config(data_root, run_dir, epochs: int):
+    """Config of a tiny one-process CPU run on the IDX set at ``data_root``: batch 4,
+    hidden [16, 8], ``epochs`` epochs, no progress bar, projector or checkpoints."""
+    from dist_triplet.config import load_config
+    return load_config(None, [
+        "data.dataset=idx", f"data.root={data_root}", f"output.dir={run_dir}",
+        "distributed.backend=local", "distributed.device=cpu", "train.progress=false",
+        f"train.epochs={epochs}", "train.batch_size=4", "model.hidden=[16,8]",
+        "eval.projector=false", "checkpoint.keep=0"])
 
 
 def load_params(ckpt_path):

@@ -10,7 +10,6 @@ worker's shard, that sizes are positive integers, and that k >= 2 for P x K.
 """
 import gzip
 import json
-import logging
 import os
 
 import numpy as np
@@ -19,24 +18,12 @@ import pytest
 pytest.importorskip("mxnet")
 
 from _ckpt_util import run_args, write_dataset  # noqa: E402
+from _ckpt_util import _fresh_logging, data  # noqa: E402,F401  (fixtures; _fresh_logging is autouse)
 from dist_triplet.data import write_idx  # noqa: E402
 from dist_triplet.train import main  # noqa: E402
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_logging():
-    """train() binds logging to the sys.stderr of its test (capsys closes it afterwards)."""
-    yield
-    for handler in list(logging.root.handlers):
-        logging.root.removeHandler(handler)
-
-
-@pytest.fixture
-def data(tmp_path):
-    return write_dataset(tmp_path / "data")
 
 
 def fails(capsys, args, *needles, out_dir=None):

@@ -10,7 +10,6 @@
   (before: one error line per rank plus horovodrun's traceback, exit 1); with good input
   it still trains.
 """
-import logging
 import os
 import pathlib
 import subprocess
@@ -18,25 +17,13 @@ import sys
 
 import pytest
 
-from _ckpt_util import run_args, write_dataset
+from _ckpt_util import run_args
+from _ckpt_util import _fresh_logging, data  # noqa: F401  (fixtures; _fresh_logging is autouse)
 from _hvd import ROOT, child_env, require_horovod
 from dist_triplet.check import main as check_main
 from dist_triplet.data import write_idx
 
 HOROVOD_SH = os.path.join(ROOT, "launch", "horovod.sh")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_logging():
-    """train() binds logging to the sys.stderr of its test (capsys closes it afterwards)."""
-    yield
-    for handler in list(logging.root.handlers):
-        logging.root.removeHandler(handler)
-
-
-@pytest.fixture
-def data(tmp_path):
-    return write_dataset(tmp_path / "data")
 
 
 def error_line(capsys, fn, args):

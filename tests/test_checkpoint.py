@@ -27,6 +27,7 @@ mx = pytest.importorskip("mxnet")
 
 from _ckpt_util import (FAULT_TRAIN, digest_tree, load_params, max_abs_diff,  # noqa: E402
                         net_params, run_args, subprocess_env, write_dataset)
+from _ckpt_util import _fresh_logging  # noqa: E402,F401  (autouse fixture)
 from dist_triplet import checkpoint as ckpt  # noqa: E402
 from dist_triplet import rundir  # noqa: E402
 from dist_triplet import train as train_mod  # noqa: E402
@@ -82,14 +83,6 @@ def _assert_same_run(run_dir, ref_dir, ref_params):
         assert meta[key] == ref_meta[key], key
     for section in ("data", "model", "loss", "sampler", "optim", "train", "distributed"):
         assert meta["config"][section] == ref_meta["config"][section], section
-
-
-@pytest.fixture(autouse=True)
-def _fresh_logging():
-    """train() binds logging to the sys.stderr of its test (capsys closes it afterwards)."""
-    yield
-    for handler in list(logging.root.handlers):
-        logging.root.removeHandler(handler)
 
 
 # ----------------------------------------------------------------------------- directory

@@ -9,8 +9,8 @@ import pytest
 
 mx = pytest.importorskip("mxnet", reason="training runs on MXNet")
 
+from _ckpt_util import local_run_config  # noqa: E402
 from dist_triplet import model as model_mod  # noqa: E402  (after the importorskip)
-from dist_triplet.config import load_config  # noqa: E402
 from dist_triplet.data import write_idx  # noqa: E402
 from dist_triplet.train import train  # noqa: E402
 
@@ -38,11 +38,7 @@ def test_forced_collapse_is_flagged_in_metrics_log_and_metrics_json(idx_dir, tmp
                                                                    monkeypatch, capsys):
     monkeypatch.setattr(model_mod, "initialize", zero_initialize)
     run_dir = tmp_path / "run"
-    cfg = load_config(None, [
-        "data.dataset=idx", f"data.root={idx_dir}", f"output.dir={run_dir}",
-        "distributed.backend=local", "distributed.device=cpu", "train.progress=false",
-        "train.epochs=2", "train.batch_size=4", "model.hidden=[16,8]",
-        "eval.projector=false", "checkpoint.keep=0"])
+    cfg = local_run_config(idx_dir, run_dir, epochs=2)
     result = train(cfg)
     err = capsys.readouterr().err
 

@@ -8,6 +8,7 @@ import pytest
 
 mx = pytest.importorskip("mxnet", reason="evaluation embeds with MXNet")
 
+from _ckpt_util import local_run_config  # noqa: E402
 from dist_triplet.config import ConfigError, load_config  # noqa: E402
 from dist_triplet.data import Split, write_idx  # noqa: E402
 from dist_triplet.evaluate import Evaluator  # noqa: E402
@@ -144,11 +145,7 @@ def test_run_rows_log_line_and_metrics_json(idx_dir, tmp_path, capsys):
     from dist_triplet.data import load_dataset
     from dist_triplet.train import train
     run_dir = tmp_path / "run"
-    cfg = load_config(None, [
-        "data.dataset=idx", f"data.root={idx_dir}", f"output.dir={run_dir}",
-        "distributed.backend=local", "distributed.device=cpu", "train.progress=false",
-        "train.epochs=3", "train.batch_size=4", "model.hidden=[16,8]",
-        "eval.projector=false", "checkpoint.keep=0"])
+    cfg = local_run_config(idx_dir, run_dir, epochs=3)
     result = train(cfg)
     err = capsys.readouterr().err
     doc = json.loads((run_dir / "metrics.json").read_text())

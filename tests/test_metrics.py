@@ -16,6 +16,17 @@ from dist_triplet.metrics import (
 )
 
 
+def reference_query(rel):
+    """(Precision@1, R-Precision, AP@R) of one query by a plain loop, from the relevance
+    (1/0) of its R nearest items, R = len(rel) (Musgrave et al. 2020)."""
+    r = len(rel)
+    hits, ap = 0, 0.0
+    for k, is_rel in enumerate(rel, start=1):
+        hits += is_rel
+        ap += (hits / k) * is_rel
+    return rel[0], sum(rel) / r, ap / r
+
+
 def reference_retrieval(emb, labels, key=float):
     """Musgrave et al. 2020 metrics by a plain loop: sorted() over (key(distance), index).
 
@@ -30,13 +41,8 @@ def reference_retrieval(emb, labels, key=float):
         ranked = sorted((key(np.sum((emb[i] - emb[j]) ** 2)), j)
                         for j in range(len(emb)) if j != i)
         rel = [1 if labels[j] == labels[i] else 0 for _, j in ranked[:r]]
-        p1.append(rel[0])
-        rp.append(sum(rel) / r)
-        hits, ap = 0, 0.0
-        for k, is_rel in enumerate(rel, start=1):
-            hits += is_rel
-            ap += (hits / k) * is_rel
-        mapr.append(ap / r)
+        for out, value in zip((p1, rp, mapr), reference_query(rel)):
+            out.append(value)
     def mean(values):
         return sum(values) / len(values) if values else float("nan")
 
@@ -396,13 +402,8 @@ def reference_with_gallery(q, ql, g, gl):
             continue
         ranked = sorted((float(np.sum((q[i] - g[j]) ** 2)), j) for j in range(len(g)))
         rel = [1 if gl[j] == ql[i] else 0 for _, j in ranked[:r]]
-        p1.append(rel[0])
-        rp.append(sum(rel) / r)
-        hits, ap = 0, 0.0
-        for k, is_rel in enumerate(rel, start=1):
-            hits += is_rel
-            ap += (hits / k) * is_rel
-        mapr.append(ap / r)
+        for out, value in zip((p1, rp, mapr), reference_query(rel)):
+            out.append(value)
     return {"precision_at_1": float(np.mean(p1)), "r_precision": float(np.mean(rp)),
             "map_at_r": float(np.mean(mapr)), "queries": len(p1), "excluded_queries": excluded}
 

@@ -71,6 +71,12 @@ _FILE_STEMS = {
 }
 
 
+def _bad_gzip(path: str, exc: BaseException) -> ValueError:
+    """The one error for a corrupt or cut gzip stream, naming ``path``."""
+    return ValueError(f"{path}: expected a valid gzip stream (file starts with gzip magic "
+                      f"1f 8b), found a corrupt or truncated one: {exc}")
+
+
 def _read_bytes(path: str) -> bytes:
     """Return the file's bytes, gunzipped when the content starts with 1f 8b.
 
@@ -85,9 +91,7 @@ def _read_bytes(path: str) -> bytes:
     except (OSError, EOFError, zlib.error) as exc:
         # gzip raises BadGzipFile (an OSError), EOFError for a cut stream, or
         # zlib.error for bad deflate data; callers only need one error type.
-        raise ValueError(
-            f"{path}: expected a valid gzip stream (file starts with gzip magic 1f 8b), "
-            f"found a corrupt or truncated one: {exc}") from exc
+        raise _bad_gzip(path, exc) from exc
 
 
 def _parse_header(data: bytes, path: str) -> tuple:
@@ -338,9 +342,7 @@ def _stream_read(stream, n: int, path: str) -> bytes:
     try:
         return stream.read(n)
     except (OSError, EOFError, zlib.error) as exc:
-        raise ValueError(
-            f"{path}: expected a valid gzip stream (file starts with gzip magic 1f 8b), "
-            f"found a corrupt or truncated one: {exc}") from exc
+        raise _bad_gzip(path, exc) from exc
 
 
 def read_idx_header(path: str) -> tuple:

@@ -148,12 +148,10 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int,
     _check_fraction(test_fraction)
     labels = np.asarray(labels)
     classes, inv, counts = _class_table(labels)
-    lone = np.flatnonzero(counts < 2)
-    if lone.size:
-        c = int(classes[lone[0]])
+    lone = _lone_class(classes, counts, class_names)
+    if lone:
         raise ValueError(
-            f"{source}: class {_name(c, class_names)} has {counts[lone[0]]} sample(s) "
-            f"({lone.size} such class(es)): with data.split=fraction every class must train "
+            f"{source}: {lone}: with data.split=fraction every class must train "
             "and an anchor needs a positive; remove it or use data.split=classes (1-sample "
             "classes then become test queries)")
     t = np.clip(np.floor(counts * test_fraction + 0.5).astype(np.int64), 0, counts - 2)
@@ -213,6 +211,16 @@ def anchor_rows(labels: np.ndarray) -> np.ndarray:
     return np.flatnonzero(counts[inv] >= 2)
 
 
+def _lone_class(classes: np.ndarray, counts: np.ndarray, class_names) -> str:
+    """'class C has N sample(s) (M such class(es))' for the first class with fewer than 2
+    samples (an anchor without a positive), or '' when there is none."""
+    lone = np.flatnonzero(counts < 2)
+    if not lone.size:
+        return ""
+    return (f"class {_name(int(classes[lone[0]]), class_names)} has {counts[lone[0]]} "
+            f"sample(s) ({lone.size} such class(es))")
+
+
 def _name(class_id: int, class_names) -> str:
     """``3``, or ``3 ('Shirt')`` when the class has a name other than its id."""
     if class_names is not None and 0 <= class_id < len(class_names):
@@ -233,12 +241,10 @@ def check_training(split: Split) -> None:
     >= 2 samples and there are >= 2 classes: the training rules of the module docstring."""
     classes, _, counts = _class_table(split.labels)
     _check_two_classes(split, "training", classes)
-    lone = np.flatnonzero(counts < 2)
-    if lone.size:
-        c = int(classes[lone[0]])
+    lone = _lone_class(classes, counts, split.class_names)
+    if lone:
         raise ValueError(
-            f"training split ({split.source}): class {_name(c, split.class_names)} has 1 "
-            f"sample(s) ({lone.size} such class(es)); an anchor needs a positive of its "
+            f"training split ({split.source}): {lone}; an anchor needs a positive of its "
             "class, so every training class needs >= 2 samples")
 
 
