@@ -40,7 +40,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-from .config import flat_dict, resume_policies
+from .config import Config, flat_dict, resume_policies
 from .export import mxnet_error_line
 from .fsutil import fsync_dir, fsync_tree, write_json
 
@@ -255,7 +255,11 @@ def check_compatible(meta: CheckpointMeta, config: dict, path: str, *, processes
             or the world size (processes x devices) differs, since each worker's triplet
             shard depends on it; or the steps per epoch differ (the training data changed).
     """
-    saved, new = flat_dict(meta.config), flat_dict(config)
+    # A key missing from the checkpoint's config was added to dist_triplet after it was
+    # written: keys are added with the default that keeps the old behaviour, so the saved
+    # run had that default (e.g. sampler.scope 'local', data.format 'auto').
+    saved = dict(flat_dict(Config().to_dict()), **flat_dict(meta.config))
+    new = flat_dict(config)
     policies = resume_policies()
     for key in (k for k, p in policies.items() if p == "fixed"):
         if saved.get(key) != new[key]:

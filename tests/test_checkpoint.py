@@ -509,3 +509,19 @@ def test_non_finite_loss_in_the_first_epoch_says_no_checkpoint_exists(data_root,
     assert code == 2
     assert "non-finite loss in epoch 1" in err
     assert "No checkpoint was written before it" in err and "intact" not in err
+
+
+def test_key_added_after_the_checkpoint_counts_as_its_default():
+    # A checkpoint written before sampler.scope existed (its config lacks the key) resumes
+    # under the default 'local', and is refused under 'global', naming the default.
+    cfg = load_config(None, ["data.dataset=idx", "data.root=/x", "sampler.kind=pk"]).to_dict()
+    old = {s: dict(v) for s, v in cfg.items()}
+    del old["sampler"]["scope"]
+    meta = ckpt.CheckpointMeta.from_json(
+        {"config": old, "world_size": 1, "processes": 1, "devices": 1, "steps": 10, "epoch": 0},
+        "ck")
+    assert ckpt.check_compatible(meta, cfg, "ck", processes=1, devices=1, steps=10) == []
+    glob = load_config(None, ["data.dataset=idx", "data.root=/x", "sampler.kind=pk",
+                              "sampler.scope=global"]).to_dict()
+    with pytest.raises(ValueError, match=r"sampler.scope was 'local' there, is 'global' now"):
+        ckpt.check_compatible(meta, glob, "ck", processes=1, devices=1, steps=10)
