@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -33,3 +35,16 @@ def child_env(**extra) -> dict:
     env.pop("DIST_TRIPLET_FAULT", None)
     env.update(extra)
     return env
+
+
+def run_two_rank_worker(script: str, out_dir) -> list:
+    """Run ``tests/<script> OUT_DIR`` as a 2-rank ``horovodrun --gloo`` job (skipping when
+    Horovod is unusable) and return each rank's ``OUT_DIR/rank<r>.npz``, in rank order.
+    Fails the test with the job's output when it exits non-zero."""
+    import numpy as np
+    require_horovod()
+    proc = subprocess.run(
+        HOROVODRUN_2 + [sys.executable, os.path.join(ROOT, "tests", script), str(out_dir)],
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [np.load(os.path.join(str(out_dir), f"rank{r}.npz")) for r in range(2)]

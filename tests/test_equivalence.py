@@ -9,21 +9,17 @@ bugs that advanced it once per device, which breaks Adam and schedules).
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import mxnet as mx
 import numpy as np
 import pytest
 
-from _hvd import HOROVODRUN_2, ROOT, child_env, require_horovod
+from _hvd import run_two_rank_worker
 import equivalence_worker as worker
 from dist_triplet import dist
 from dist_triplet.config import Config
 from dist_triplet.train import build_sampler, build_step
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 OPTS = list(worker.OPTIMIZERS)
 
 
@@ -40,13 +36,7 @@ def kvstore():
 @pytest.fixture(scope="module")
 def horovod(tmp_path_factory):
     """Both ranks' results of one 2-rank Gloo run: [rank] -> npz mapping."""
-    require_horovod()
-    out = tmp_path_factory.mktemp("hvd_equivalence")
-    proc = subprocess.run(
-        HOROVODRUN_2 + [sys.executable, os.path.join(HERE, "equivalence_worker.py"), str(out)],
-        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [np.load(out / f"rank{r}.npz") for r in range(2)]
+    return run_two_rank_worker("equivalence_worker.py", tmp_path_factory.mktemp("hvd_equivalence"))
 
 
 def hvd_params(npz, opt: str, step: int) -> dict:

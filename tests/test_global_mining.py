@@ -9,16 +9,13 @@ step, 1e-4 after 20) as one process stepping on the concatenated global batch.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 mx = pytest.importorskip("mxnet", reason="mining runs on MXNet")
 
-from _hvd import HOROVODRUN_2, ROOT, child_env, require_horovod  # noqa: E402
+from _hvd import run_two_rank_worker  # noqa: E402
 import global_mining_worker as worker  # noqa: E402
 from dist_triplet import dist  # noqa: E402
 from dist_triplet.config import ConfigError, load_config  # noqa: E402
@@ -30,7 +27,6 @@ from dist_triplet.mining import (  # noqa: E402
 )
 from dist_triplet.triplets import pk_batches, pk_global_batches  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 W, B, DIM, MARGIN = 3, 8, 4, 0.5
 CASES = [("batch_hard", None), ("semi_hard", None), ("semi_hard", 2 * W)]
 
@@ -193,13 +189,7 @@ def kvstore():
 @pytest.fixture(scope="module")
 def horovod(tmp_path_factory):
     """Both ranks' results of one 2-rank Gloo run: [rank] -> npz mapping."""
-    require_horovod()
-    out = tmp_path_factory.mktemp("hvd_global_mining")
-    proc = subprocess.run(
-        HOROVODRUN_2 + [sys.executable, os.path.join(HERE, "global_mining_worker.py"), str(out)],
-        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [np.load(out / f"rank{r}.npz") for r in range(2)]
+    return run_two_rank_worker("global_mining_worker.py", tmp_path_factory.mktemp("hvd_global_mining"))
 
 
 def first(params: dict) -> dict:
