@@ -66,7 +66,7 @@ def make_cfg(overrides: Sequence[str] = (), config: Optional[str] = None):
 
 @dataclass
 class Product:
-    """What ``train.train`` builds before its epoch loop, built by the same functions."""
+    """What ``loop.train`` builds before its epoch loop, built by the same functions."""
     cfg: object
     backend: object
     net: object
@@ -81,12 +81,13 @@ class Product:
 
 
 def build_product(cfg, images: np.ndarray, labels: np.ndarray) -> Product:
-    """The backend, network, step, sampler and schedule of ``cfg``, as ``train.train``
-    makes them (``train.build_sampler``, ``train.build_step``, ``schedule.from_config``)."""
+    """The backend, network, step, sampler and schedule of ``cfg``, as ``loop.train``
+    makes them (``plan.build_sampler``, ``engine.build_step``, ``schedule.from_config``)."""
     from dist_triplet import schedule
     from dist_triplet.dist import make_backend
     from dist_triplet.model import build_embedding_net, initialize
-    from dist_triplet.train import build_sampler, build_step
+    from dist_triplet.engine import build_step
+    from dist_triplet.plan import build_sampler
 
     backend = make_backend(cfg.distributed.backend, cfg.distributed.device,
                            cfg.distributed.devices)

@@ -221,11 +221,12 @@ class TrainConfig:
 class DistributedConfig:
     """Backend and devices (section ``distributed``)."""
 
+    # 'auto': 'horovod' when horovodrun or mpirun started this process as one of several
+    # (HOROVOD_SIZE, OMPI_COMM_WORLD_SIZE or PMI_SIZE > 1), else 'local' (launcher.py).
     # 'local': one process, one device (the single-GPU debug mode; no Horovod import).
     # 'horovod': one process per device under horovodrun. 'kvstore': one process, several
-    # devices, gluon.Trainer(kvstore='device'). The launch scripts set it (launch/*.sh);
-    # the configs in configs/ do not.
-    backend: str = field(default="local", metadata=FREE)
+    # devices, gluon.Trainer(kvstore='device'). The configs in configs/ leave it 'auto'.
+    backend: str = field(default="auto", metadata=FREE)
     # 'auto': GPU when MXNet sees one, else CPU (logged). 'gpu': GPU or fail. 'cpu': CPU.
     device: str = field(default="auto", metadata=FREE)
     # kvstore only: 'all' (every GPU), a list of GPU ids like '0,1', or 'cpu:N' for N CPU contexts.
@@ -355,7 +356,7 @@ _CHOICES = {
     "sampler.scope": ("local", "global"),
     "optim.optimizer": ("sgd", "adam"),
     "optim.schedule": ("constant", "cosine"),
-    "distributed.backend": ("local", "horovod", "kvstore"),
+    "distributed.backend": ("auto", "local", "horovod", "kvstore"),
     "distributed.device": ("auto", "cpu", "gpu"),
     "eval.gallery": ("test", "train"),
 }
@@ -632,10 +633,15 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
     return cfg
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as a YAML document (every key, in declaration order)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config as YAML, atomically (``fsutil.atomic_write``)."""
     with atomic_write(path) as fh:
-        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+        fh.write(config_yaml(cfg))
 
 
 def config_from_dict(doc: dict) -> Config:

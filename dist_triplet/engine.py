@@ -1,15 +1,20 @@
 """The distributed training step and the epoch loop: the core every backend shares.
 
 ``DataParallelStep`` is one optimizer update over this process's share of the global
-batch; ``run_epoch`` runs an epoch of them with a per-step hook. ``train.train`` drives
-them, and so do the benchmarks and tests/equivalence_worker.py, so no loop is copied.
+batch, the same for every sampler kind (what differs is the strategy, strategies.py);
+``build_step`` makes it from the config; ``run_epoch`` runs an epoch of them with a
+per-step hook. ``loop.train`` drives them, and so do the benchmarks and
+tests/equivalence_worker.py, so no loop is copied.
 """
 from __future__ import annotations
 
 import time
 from typing import Callable, Optional
 
+import mxnet as mx
 import numpy as np
+
+from .strategies import make_strategy
 
 
 def optimizer_params(optim) -> dict:
@@ -52,9 +57,6 @@ class DataParallelStep:
     """
 
     def __init__(self, backend, trainer, pixels: np.ndarray, labels: np.ndarray, strategy):
-        import mxnet as mx
-
-        self.mx = mx
         self.backend = backend
         self.ctxs = backend.contexts
         self.strategy = strategy
@@ -77,7 +79,6 @@ class DataParallelStep:
         memory map of the shared data cache (data.cache_dir), so a host's processes hold
         the training set once between them (benchmarks/scale.py); the caller must not
         modify ``pixels`` afterwards. Other devices get a copy."""
-        mx = self.mx
         dtype = np.uint8 if self.uint8 else np.float32
         if ctx == mx.cpu(0):
             host = np.ascontiguousarray(pixels, dtype=dtype)
@@ -102,7 +103,7 @@ class DataParallelStep:
                              f"{n} devices; every device must get the same number so that "
                              "each step's gradient is the mean over the global batch")
         parts = np.split(batches, n, axis=1) if n > 1 else [batches]
-        return [self.mx.nd.array(self.strategy.layout(part), ctx=ctx, dtype="float32")
+        return [mx.nd.array(self.strategy.layout(part), ctx=ctx, dtype="float32")
                 for part, ctx in zip(parts, self.ctxs)]
 
     def device_batches(self, batch: np.ndarray) -> list:
@@ -115,7 +116,6 @@ class DataParallelStep:
         ``idx``: this step's rows of :meth:`epoch_indices` (one NDArray per device); when
         given, the indices are not copied again (``batch`` still gives the batch size).
         """
-        mx = self.mx
         if idx is None:
             idx = self.device_batches(batch)
         with mx.autograd.record():
@@ -129,6 +129,16 @@ class DataParallelStep:
 def is_uint8(pixels) -> bool:
     """True when the training rows are uint8 image bytes (a memory map counts)."""
     return np.asarray(pixels[:0]).dtype == np.uint8
+
+
+def build_step(cfg, backend, net, pixels: np.ndarray, labels: np.ndarray) -> DataParallelStep:
+    """The :class:`DataParallelStep` for config ``cfg``: the sampler kind's strategy
+    (``strategies.make_strategy``) and the trainer ``backend`` makes
+    (``Backend.make_trainer``, optimizer arguments from :func:`optimizer_params`)."""
+    trainer = backend.make_trainer(net.collect_params(), cfg.optim.optimizer,
+                                   optimizer_params(cfg.optim))
+    strategy = make_strategy(cfg.sampler, cfg.loss.margin, net, backend, is_uint8(pixels))
+    return DataParallelStep(backend, trainer, pixels, labels, strategy)
 
 
 def run_epoch(stepper: DataParallelStep, batches: np.ndarray, epoch: int, *,
@@ -155,7 +165,6 @@ def run_epoch(stepper: DataParallelStep, batches: np.ndarray, epoch: int, *,
     stay on the device as a list and are fetched once: a small op per step costs ~0.2 ms
     of a ~5 ms CPU step (docs/benchmark.md).
     """
-    import mxnet as mx
     steps = len(batches)
     dev_idx = stepper.epoch_indices(batches)                 # one host->device copy per epoch
     ctx0 = stepper.ctxs[0]

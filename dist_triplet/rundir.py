@@ -29,7 +29,7 @@ log = logging.getLogger("dist_triplet")
 
 # ----------------------------------------------------------------------------- run directory
 
-def _check_dir_path(run_dir: str) -> None:
+def check_dir_path(run_dir: str) -> None:
     """Raise ValueError naming output.dir when ``run_dir`` or one of its parents exists
     but is not a directory (the run directory could not be made there)."""
     path = os.path.abspath(run_dir)
@@ -129,38 +129,38 @@ def release_run_dir(run_dir: Optional[str] = None) -> None:
             fh.close()  # closing the file releases the flock
 
 
-def resolve_run_dir(cfg: Config, backend) -> str:
-    """The run directory, decided by rank 0 and broadcast (timestamps differ across ranks).
-    Rank 0 creates it (a generated ``<root>/<name>-<timestamp>`` exclusively) and holds its
-    lock (:func:`lock_run_dir`) for the run's life, before the model is built; a run that
-    fails before writing anything removes a directory it created (:func:`release_run_dir`,
-    called by ``train.main``). Rank 0's
-    error (output.dir is a file, cannot be created or written, another run uses it) is
-    raised on every rank as ``ValueError("output.dir=...: reason")``. Every rank must call
-    it."""
-    from .dist import decide_on_rank0  # here: dist imports MXNet; dist_triplet.check must not
+def make_run_dir(cfg: Config) -> str:
+    """Create the run directory and take its lock; rank 0 calls it, and shares the result
+    (``dist.decide_on_rank0``: timestamps differ across ranks).
 
-    def decide() -> str:
-        run_dir = requested_run_dir(cfg)
-        named = cfg.output.root if run_dir is None else run_dir
-        try:
-            if run_dir is None:
-                _check_dir_path(cfg.output.root)
-                run_dir = _make_unique_dir(os.path.join(
-                    cfg.output.root, f"{cfg.output.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
-                created = True
-            else:
-                _check_dir_path(run_dir)
-                created = not os.path.isdir(run_dir)
-                os.makedirs(run_dir, exist_ok=True)
-            lock_run_dir(run_dir, created)
-            return run_dir
-        except OSError as exc:
-            key = "output.root" if requested_run_dir(cfg) is None else "output.dir"
-            reason = exc.strerror or str(exc)
-            raise ValueError(f"{key}={named!r}: cannot create or write the run directory: "
-                             f"{reason}") from None
-    return decide_on_rank0(backend, decide, "run_dir")
+    The directory is ``output.dir`` (or the run directory of an explicit
+    ``checkpoint.resume``), or a new ``<root>/<name>-<timestamp>`` made exclusively; its
+    lock (:func:`lock_run_dir`) is held for the run's life. A run that fails before writing
+    anything removes a directory it created (:func:`release_run_dir`). Calls no collective.
+
+    Raises:
+        ValueError: ``output.dir=...: reason`` (a file is in the way, the directory cannot
+            be created or written, another run uses it).
+    """
+    run_dir = requested_run_dir(cfg)
+    named = cfg.output.root if run_dir is None else run_dir
+    try:
+        if run_dir is None:
+            check_dir_path(cfg.output.root)
+            run_dir = _make_unique_dir(os.path.join(
+                cfg.output.root, f"{cfg.output.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+            created = True
+        else:
+            check_dir_path(run_dir)
+            created = not os.path.isdir(run_dir)
+            os.makedirs(run_dir, exist_ok=True)
+        lock_run_dir(run_dir, created)
+        return run_dir
+    except OSError as exc:
+        key = "output.root" if requested_run_dir(cfg) is None else "output.dir"
+        reason = exc.strerror or str(exc)
+        raise ValueError(f"{key}={named!r}: cannot create or write the run directory: "
+                         f"{reason}") from None
 
 
 # ----------------------------------------------------------------------------- resume
@@ -245,16 +245,11 @@ def _check_same_run(run_dir: str, config: dict) -> None:
                 f"{new.get(key)!r} now); choose another output.dir for a fresh run")
 
 
-def resolve_resume(cfg: Config, run_dir: str, backend) -> Optional[str]:
-    """The checkpoint to resume from (:func:`find_resume`), decided by rank 0, which alone
-    writes checkpoints, and broadcast so every rank starts at the same epoch. Rank 0's
-    error (a fresh start into a directory that holds checkpoints) is raised on every rank,
-    so all exit alike. Every rank must call it."""
-    from .dist import decide_on_rank0
-    return decide_on_rank0(
-        backend, lambda: find_resume(cfg.checkpoint.resume, os.path.join(run_dir, "checkpoints"),
-                                     cfg.to_dict()),
-        "resume")
+def resume_for(cfg: Config, run_dir: str) -> Optional[str]:
+    """:func:`find_resume` for ``cfg`` in ``run_dir`` (its ``checkpoints/``); rank 0
+    decides (``dist.decide_on_rank0``), as it alone writes checkpoints."""
+    return find_resume(cfg.checkpoint.resume, os.path.join(run_dir, "checkpoints"),
+                       cfg.to_dict())
 
 
 # ----------------------------------------------------------------------------- recorder

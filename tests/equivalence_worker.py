@@ -45,7 +45,7 @@ def run(backend, opt: str, steps: int = STEPS, rank: int = 0, world_size: int = 
     """
     from dist_triplet.config import Config
     from dist_triplet.model import build_embedding_net, initialize
-    from dist_triplet.train import build_step
+    from dist_triplet.engine import build_step
 
     pixels, labels, batches = problem()
     cfg = Config()

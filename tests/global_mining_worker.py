@@ -96,7 +96,7 @@ def run(backend, opt: str, miner: str, scope: str, steps: int = STEPS) -> dict:
     """
     import mxnet as mx
     from dist_triplet.model import build_embedding_net, initialize
-    from dist_triplet.train import build_step
+    from dist_triplet.engine import build_step
 
     pixels, labels = problem()
     batches = global_batches(labels)

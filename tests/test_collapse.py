@@ -12,7 +12,7 @@ mx = pytest.importorskip("mxnet", reason="training runs on MXNet")
 from _ckpt_util import local_run_config  # noqa: E402
 from dist_triplet import model as model_mod  # noqa: E402  (after the importorskip)
 from dist_triplet.data import write_idx  # noqa: E402
-from dist_triplet.train import train  # noqa: E402
+from dist_triplet.loop import train  # noqa: E402
 
 
 @pytest.fixture

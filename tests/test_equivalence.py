@@ -18,7 +18,8 @@ from _hvd import run_two_rank_worker
 import equivalence_worker as worker
 from dist_triplet import dist
 from dist_triplet.config import Config
-from dist_triplet.train import build_sampler, build_step
+from dist_triplet.engine import build_step
+from dist_triplet.plan import build_sampler
 
 OPTS = list(worker.OPTIMIZERS)
 
