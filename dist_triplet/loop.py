@@ -5,8 +5,9 @@ line): it plans the job (plan.py: backend, data, sampler, run directory; the sam
 the pre-flight check), makes the backend (dist.py), resolves the run directory and the
 checkpoint to resume from on rank 0 (rundir.py), builds the model (model.py) and the step
 (engine.py, with the sampler kind's strategy), and runs the epochs, evaluating on rank 0
-(evaluate.py) and handing each epoch's row to the Recorder (rundir.py). Every rank runs
-the same number of steps per epoch (equal shards, see ``triplets.create_pairs``).
+(evaluate.py) and handing each epoch's row to the Recorder (recorder.py); rank 0 ends
+with the exports (outputs.py). Every rank runs the same number of steps per epoch (equal
+shards, see ``triplets.create_pairs``).
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ from .evaluate import Evaluator
 from .launcher import local_size
 from .model import build_embedding_net, initialize
 from .plan import batch_note, make_plan, read_resume_meta
-from .rundir import Recorder, make_run_dir, resume_for, timing_text
+from .outputs import finish_run
+from .recorder import make_recorder, timing_text
+from .rundir import make_run_dir, resume_for
 
 log = logging.getLogger("dist_triplet")
 
@@ -140,8 +143,8 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
         start_epoch = meta.epoch + 1
 
     evaluator = Evaluator(cfg, test_split, train_split) if backend.is_main else None  # rank 0
-    recorder = Recorder(backend.is_main, run_dir, cfg, meta.history if meta else (),
-                        baseline=evaluator.raw if evaluator else None)
+    recorder = make_recorder(backend.is_main, run_dir, cfg, meta.history if meta else (),
+                             baseline=evaluator.raw if evaluator else None)
     lr_at = schedule.from_config(cfg.optim, cfg.train.epochs, steps, global_batch)
     note = batch_note(cfg, backend.num_workers, global_batch)
     if note:
@@ -199,12 +202,11 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
         res, emb = evaluate_if_due(evaluator, cfg, cfg.train.epochs - 1, net, ctx0, force=True)
         res.pop("time_eval_s", None)
         final = dict(final or (recorder.history[-1] if recorder.history else {}), **res)
-    final = recorder.finish(final, net, ctx0, test_split, emb,
-                            {"world_size": backend.num_workers, "backend": backend.name})
+    if backend.is_main:  # the end-of-run exports: rank 0 alone, no collective inside
+        final = finish_run(recorder, final, net, ctx0, test_split, emb,
+                           {"world_size": backend.num_workers, "backend": backend.name})
     backend.barrier()  # Horovod: nobody leaves while rank 0 still writes
-    return RunResult(final, net, trainer, backend, run_dir)
-
-
+    return RunResult(final if backend.is_main else {}, net, trainer, backend, run_dir)
 
 
 def run(cfg: Config, on_step: Optional[StepHook] = None) -> int:
