@@ -39,14 +39,14 @@ def load_data(synthetic: bool, train_size: int = 0, train: bool = True,
     """The benchmarks' data: (images (N, F) float32, labels (N,) int64, source str).
 
     Fashion-MNIST from ``root`` unless ``synthetic`` or the directory is missing, in which
-    case synthetic data of the same shape; ``train_size`` > 0 keeps the first rows only
-    (the test split keeps train_size // 6, as 10,000 / 60,000).
+    case synthetic data of the same shape; ``train_size`` > 0 keeps a seeded sample of
+    that many rows (the test split keeps train_size // 6, as 10,000 / 60,000).
     """
     full = TRAIN_ROWS if train else TEST_ROWS
     limit = train_size if train else (max(train_size // 6, 2 * CLASSES) if train_size else 0)
     if not synthetic and os.path.isdir(root):
         from dist_triplet.data import load_dataset, subset
-        split = subset(load_dataset("fashion_mnist", root, train=train), limit)
+        split = subset(load_dataset("fashion_mnist", root, train=train), limit, seed=0)
         return split.images, split.labels, f"Fashion-MNIST ({root})"
     rows = limit or full
     images, labels = synthetic_split(rows, seed=0 if train else 1)

@@ -131,7 +131,8 @@ class DataConfig:
     # data once, every process memory-maps it (one copy per host). null = each process
     # reads the data into its own memory (fine for small data such as Fashion-MNIST).
     cache_dir: Optional[str] = field(default=None, metadata=FREE)
-    # Use only the first N training / test samples (0 = all). For debug runs and tests.
+    # Use only N training / test samples (0 = all), a sample seeded by data.split_seed and
+    # balanced over the classes (data/split.py limit_rows; docs/data.md). For quick runs.
     limit_train: int = field(default=0, metadata=FIXED)
     limit_test: int = field(default=0, metadata=FREE)
 
