@@ -43,14 +43,14 @@ def run(backend, opt: str, steps: int = STEPS, rank: int = 0, world_size: int = 
     Returns ``{"params": [step][name] -> (contexts, ...) float32 array, "num_update":
     [step] -> int}``; step 0 is the initial state.
     """
-    from dist_triplet.config import Config
+    from dist_triplet.config import load_config
     from dist_triplet.model import build_embedding_net, initialize
     from dist_triplet.engine import build_step
 
     pixels, labels, batches = problem()
-    cfg = Config()
-    cfg.optim.optimizer, hyper = OPTIMIZERS[opt]
-    cfg.optim.lr, cfg.optim.momentum = hyper["lr"], hyper["momentum"]
+    name, hyper = OPTIMIZERS[opt]
+    cfg = load_config(None, [f"optim.optimizer={name}", f"optim.lr={hyper['lr']}",
+                             f"optim.momentum={hyper['momentum']}"])
     # L2-normalised output: without it the last bias has an identically zero gradient (it
     # cancels in a - p and a - n), and Adam turns the round-off in that zero into +-lr
     # steps that depend on summation order, not on the mode. Init 0.5 so one step moves

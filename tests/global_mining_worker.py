@@ -54,17 +54,16 @@ def global_batches(labels) -> np.ndarray:
     return np.concatenate(epochs)[:STEPS]
 
 
-def config(opt: str, miner: str, scope: str):
-    from dist_triplet.config import Config
-    cfg = Config()
-    cfg.optim.optimizer, hyper = OPTIMIZERS[opt]
-    cfg.optim.lr, cfg.optim.momentum = hyper["lr"], hyper["momentum"]
-    cfg.sampler.kind, cfg.sampler.p, cfg.sampler.miner = "pk", P, miner
-    cfg.sampler.scope = scope
-    # The reference mines the concatenation as one P x (W K) batch.
-    cfg.sampler.k = K if scope == "global" else K * WORKERS
-    cfg.loss.margin = MARGIN
-    return cfg
+def config(opt: str, miner: str, scope: str, k: int = 0):
+    """The test's config; ``k`` 0: K per worker (global), or the reference's W K (local:
+    it mines the concatenation as one P x (W K) batch)."""
+    from dist_triplet.config import load_config
+    name, hyper = OPTIMIZERS[opt]
+    k = k or (K if scope == "global" else K * WORKERS)
+    return load_config(None, [
+        f"optim.optimizer={name}", f"optim.lr={hyper['lr']}", f"optim.momentum={hyper['momentum']}",
+        "sampler.kind=pk", f"sampler.p={P}", f"sampler.miner={miner}", f"sampler.scope={scope}",
+        f"sampler.k={k}", f"loss.margin={MARGIN}"])
 
 
 def mined(emb, labels, miner: str, rows) -> list:

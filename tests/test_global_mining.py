@@ -281,8 +281,7 @@ def test_local_scope_mines_inside_each_worker_batch(reference):
     rows = worker.global_batches(labels)[0]                              # (2, P*K)
 
     def one_step(backend, scope, batch):
-        cfg = worker.config("sgd", "semi_hard", scope)
-        cfg.sampler.k = worker.K
+        cfg = worker.config("sgd", "semi_hard", scope, k=worker.K)
         net = build_embedding_net(pixels.shape[1], [8, 4], final_relu=False, normalize=True)
         initialize(net, 0.5, backend.contexts, seed=1)
         build_step(cfg, backend, net, pixels, labels).step(batch)
