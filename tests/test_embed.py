@@ -215,3 +215,22 @@ def test_embed_warns_on_float_input_that_looks_unscaled(tmp_path, capsys, small_
     assert embed_cli.main(["--model", small_model, "--input", str(tmp_path / "ok.npy"),
                            "--out", str(tmp_path / "out.npy"), "--force"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_embed_refuses_non_finite_embeddings_naming_the_input(tmp_path, capsys):
+    """Finite inputs whose embeddings overflow (weights of ones: 4 x 3e38 = inf) are an
+    error naming the input, not a .npy of inf (embed only warned about values > 1)."""
+    from dist_triplet import embed as embed_cli
+    net = build_embedding_net(4, [4], final_relu=False)
+    initialize(net, 0.1, mx.cpu(), seed=0)
+    net[0].weight.set_data(mx.nd.ones((4, 4)))
+    net[0].bias.set_data(mx.nd.zeros(4))
+    export_model(net, str(tmp_path / "model"), mx.cpu(), 4)
+    inp, out = tmp_path / "x.npy", tmp_path / "e.npy"
+    np.save(inp, np.full((3, 4), 3e38, np.float32))
+    capsys.readouterr()
+    assert embed_cli.main(["--model", str(tmp_path / "model"), "--input", str(inp),
+                           "--out", str(out)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+    assert len(err) == 1 and str(inp) in err[0] and "12 non-finite" in err[0], err
+    assert not out.exists()

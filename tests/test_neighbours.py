@@ -112,3 +112,15 @@ def test_approximate_index_re_ranked_and_its_recall(kind):
     assert rec["recall_at_k"] < 1.0
     flat, _ = build_faiss(emb, "flat")
     assert recall_at_k(flat, emb)["recall_at_k"] == 1.0
+
+
+def test_progress_bar_covers_the_search(monkeypatch, capsys):
+    """Issue 17 (7): the bar covered only the embedding, not the long search."""
+    import sys
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    emb = np.random.RandomState(4).randn(30, 3).astype(np.float32)
+    knn(emb, emb, 2, progress="searching")
+    err = capsys.readouterr().err
+    assert "searching" in err and "30/30" in err
+    knn(emb, emb, 2)
+    assert capsys.readouterr().err == ""

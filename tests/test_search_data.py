@@ -276,6 +276,10 @@ def test_by_class_run_grey_images(tmp_path, capsys):
     recs = read_jsonl(out)
     final = json.load(open(run / "metrics.json"))["final"]["precision_at_1"]
     assert float(np.mean([r["correct"] for r in recs])) == final
+    # Issue 17 (6): the folder itself, without --mode L: the model's meta.json says 1 channel.
+    assert index_cli.main(["--model", model, "--data", f"{tmp_path / 'shots'}:all",
+                           "--out", str(tmp_path / "folder")]) == 0
+    assert Index.load(str(tmp_path / "folder")).images.shape == (30, 12, 12)
 
 
 def test_data_options_need_a_data_path_and_a_moved_run_names_its_config(folder_run, tmp_path,

@@ -95,9 +95,10 @@ def query_classes(index: Index, items) -> Tuple[Optional[np.ndarray], Optional[s
             f"note: no query class name ({', '.join(map(repr, q_names[:3]))}, ...) is a "
             f"gallery class name ({', '.join(map(repr, g_names[:3]))}, ...): both number "
             f"{len(g_names)} classes, so they are compared by class id")
+    mine = [q_names[c] for c in np.unique(items.labels)[:5]]
     raise IndexInputError(f"{items.source}: no query class is in the gallery {index.dir} "
-                          f"(query classes {', '.join(map(repr, q_names[:5]))}; gallery "
-                          f"classes {', '.join(map(repr, g_names[:5]))}): nothing to compare")
+                          f"(query classes {', '.join(map(repr, mine))}; gallery classes "
+                          f"{', '.join(map(repr, g_names[:5]))}): nothing to compare")
 
 
 def search_items(index: Index, model: Model, items, k: int, exclude_self: bool = False,
