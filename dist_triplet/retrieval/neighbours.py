@@ -40,21 +40,17 @@ def check_matrix(values, name: str) -> np.ndarray:
     return arr
 
 
-def _keys(q: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Ranking keys of pairs: q (M, D), x (M, D) float32 -> (M,) float64 (snapped)."""
-    q64, x64 = q.astype(np.float64), x.astype(np.float64)
-    diff = q64 - x64
-    d = np.einsum("ij,ij->i", diff, diff)
-    d[d <= SNAP * (np.einsum("ij,ij->i", q64, q64) + np.einsum("ij,ij->i", x64, x64))] = 0.0
-    return d
-
-
-def _pair_keys(q: np.ndarray, g: np.ndarray, qi: np.ndarray, gi: np.ndarray) -> np.ndarray:
-    """Keys of the pairs (q[qi], g[gi]), gathered in blocks: (M,) float64."""
+def _pair_keys(q, g, q_sq, g_sq, qi: np.ndarray, gi: np.ndarray) -> np.ndarray:
+    """Ranking keys of the pairs (q[qi], g[gi]): (M,) float64, gathered in blocks; q_sq,
+    g_sq: the rows' float64 squared norms, for the snap to 0."""
     out = np.empty(len(qi))
     step = max(1, _BLOCK // q.shape[1])
     for s in range(0, len(qi), step):
-        out[s:s + step] = _keys(q[qi[s:s + step]], g[gi[s:s + step]])
+        a, b = qi[s:s + step], gi[s:s + step]
+        diff = q[a].astype(np.float64) - g[b]
+        d = np.einsum("ij,ij->i", diff, diff)
+        d[d <= SNAP * (q_sq[a] + g_sq[b])] = 0.0
+        out[s:s + step] = d
     return out
 
 
@@ -81,7 +77,8 @@ def _exact_rows(q: np.ndarray, g: np.ndarray, g_sq: np.ndarray, k: int,
     step = max(1, _BLOCK // max(len(g), 1))
     for s in range(0, len(q), step):
         qb = q[s:s + step].astype(np.float64)
-        scale = np.einsum("ij,ij->i", qb, qb)[:, None] + g_sq[None, :]
+        q_sq = np.einsum("ij,ij->i", qb, qb)
+        scale = q_sq[:, None] + g_sq[None, :]
         approx = scale - 2.0 * (qb @ g64.T)
         err = 2 * (g.shape[1] + 8) * _U64 * scale
         zero = approx + err <= SNAP * (1 - 1e-9) * scale          # key certainly 0
@@ -92,7 +89,7 @@ def _exact_rows(q: np.ndarray, g: np.ndarray, g_sq: np.ndarray, k: int,
         cand = lo <= np.partition(hi, k - 1, axis=1)[:, k - 1:k]  # may reach the top k
         keys = np.where(zero & cand, 0.0, np.inf)
         r, c = np.nonzero(cand & ~zero)
-        keys[r, c] = _pair_keys(q, g, s + r, c)
+        keys[r, c] = _pair_keys(q[s:s + step], g, q_sq, g_sq, r, c)
         out[s:s + step] = _top_k_ties(keys, k)
     return out
 
@@ -104,7 +101,9 @@ def knn(query, gallery, k: int, *, exclude: Optional[np.ndarray] = None, index=N
 
     Why re-ranking only the uncertain candidates in float64 is exact: faiss's float32
     distance ``f = ||q||^2 + ||x||^2 - 2 q.x`` lies within
-    ``tol = (2 (D + 8) 2^-24 + SNAP) (||q||^2 + max ||x||^2)`` of the key (a D-term dot
+    ``tol = 2 (D + 8) 2^-24 (||q||^2 + max ||x||^2) + SNAP (...)`` of the key (exact
+    search: q and x centred on the gallery's mean first, which keeps distances and
+    shrinks the norms, hence the bound; the extra 8 u cover that rounding) (a D-term dot
     product errs by at most gamma_D sum |q_d x_d| <= gamma_D (||q||^2 + ||x||^2) / 2,
     Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed., 3.1; the snap to 0
     moves a key by at most SNAP (...)). Sort the m candidates by f. Where two consecutive
@@ -154,7 +153,15 @@ def knn(query, gallery, k: int, *, exclude: Optional[np.ndarray] = None, index=N
     approximate = index is not None and not isinstance(index, faiss.IndexFlat)
     g_sq = np.einsum("ij,ij->i", g.astype(np.float64), g.astype(np.float64))
     q_sq = np.einsum("ij,ij->i", q.astype(np.float64), q.astype(np.float64))
-    tol = (2 * (q.shape[1] + 8) * _U32 + SNAP) * (q_sq + g_sq.max())
+    snap = SNAP * (q_sq + g_sq.max())
+    if approximate:
+        tol = 2 * (q.shape[1] + 8) * _U32 * (q_sq + g_sq.max()) + snap
+    else:  # centred on the gallery's mean: same distances, smaller norms, tighter bound
+        centre = g.mean(axis=0, dtype=np.float64)
+        qc, gc = (q - centre).astype(np.float32), (g - centre).astype(np.float32)
+        qc_sq = np.einsum("ij,ij->i", qc.astype(np.float64), qc.astype(np.float64))
+        gc_sq = np.einsum("ij,ij->i", gc.astype(np.float64), gc.astype(np.float64))
+        tol = 2 * (q.shape[1] + 8) * _U32 * (qc_sq + gc_sq.max()) + snap
     m = min(n, k + max(8, k // 4) + int(exclude is not None))
     dist = np.full((len(q), k), np.inf) if distances else None
     out = np.full((len(q), k), -1, np.int64)
@@ -170,8 +177,9 @@ def knn(query, gallery, k: int, *, exclude: Optional[np.ndarray] = None, index=N
                 f[(cand < 0) | (cand == eb[:, None])] = np.inf   # missing or excluded: last
                 ok = np.ones(len(qb), bool)
             else:
-                f, cand, ok = _candidates(qb, g, g_sq, q_sq[s:s + step], k, eb, tb)
-            _rerank(qb, g, f, cand, k, tb, out[s:s + step])
+                f, cand, ok = _candidates(qc[s:s + step], gc, gc_sq, qc_sq[s:s + step], k,
+                                          eb, tb)
+            _rerank(qb, g, q_sq[s:s + step], g_sq, f, cand, k, tb, out[s:s + step])
             redo.append(s + np.flatnonzero(~ok))
             bar.update(len(qb))
     redo = np.concatenate(redo) if redo else np.zeros(0, np.int64)
@@ -179,7 +187,7 @@ def knn(query, gallery, k: int, *, exclude: Optional[np.ndarray] = None, index=N
         out[redo] = _exact_rows(q[redo], g, g_sq, k, ex[redo])
     if distances:
         r, c = np.nonzero(out >= 0)
-        dist[r, c] = _pair_keys(q, g, r, out[r, c])
+        dist[r, c] = _pair_keys(q, g, q_sq, g_sq, r, out[r, c])
     return dist, out
 
 
@@ -189,8 +197,7 @@ def _candidates(q, g, g_sq, q_sq, k, ex, tol):
     key exceeds f - tol > k-th f + tol). Returns (f (B, W) float64 and items (B, W),
     padded with inf / -1; ok (B,) bool: False where more than 4 k + 64 items are that
     close -- a near-collapse or many exact ties -- which the NumPy pass then answers)."""
-    f = q @ g.T                                     # (B, N) float32: the key - ||q||^2
-    f *= -2
+    f = (q * np.float32(-2)) @ g.T                  # (B, N) float32: the key - ||q||^2
     f += g_sq.astype(np.float32)
     rows = np.flatnonzero(ex >= 0)
     f[rows, ex[rows]] = np.inf
@@ -199,10 +206,12 @@ def _candidates(q, g, g_sq, q_sq, k, ex, tol):
     limit32 = limit.astype(np.float32)
     limit32 = np.where(limit32 < limit, np.nextafter(limit32, np.float32(np.inf)), limit32)
     within = f <= limit32[:, None]
-    count = within.sum(axis=1)
+    count = np.count_nonzero(within, axis=1)
     ok = count <= 4 * k + 64
-    count[~ok] = 0
-    r, c = np.divmod(np.flatnonzero(within & ok[:, None]), f.shape[1])  # 2-D nonzero: 17x slower
+    if not ok.all():
+        count[~ok] = 0
+        within &= ok[:, None]
+    r, c = np.divmod(np.flatnonzero(within), f.shape[1])    # 2-D nonzero: 17x slower
     pos = np.arange(len(r)) - np.repeat(np.cumsum(count) - count, count)
     width = max(1, int(count.max()))
     fc, cand = np.full((len(q), width), np.inf), np.full((len(q), width), -1, np.int64)
@@ -211,7 +220,7 @@ def _candidates(q, g, g_sq, q_sq, k, ex, tol):
     return fc, cand, ok
 
 
-def _rerank(q, g, f, cand, k, tol, out) -> None:
+def _rerank(q, g, q_sq, g_sq, f, cand, k, tol, out) -> None:
     """Order one block of candidates (f (B, M) float64 distances within ``tol`` of the
     keys, inf for none; items (B, M)) exactly into ``out`` (B, k) (knn's docstring)."""
     order = np.argsort(f, axis=1, kind="stable")
@@ -225,7 +234,7 @@ def _rerank(q, g, f, cand, k, tol, out) -> None:
         & (run <= run[:, k - 1:k])                    # runs of >= 2 that reach the top k
     keys = f.copy()
     r, c = np.nonzero(shared)
-    keys[r, c] = _pair_keys(q, g, r, cand[r, c])
+    keys[r, c] = _pair_keys(q, g, q_sq, g_sq, r, cand[r, c])
     idx = np.where(np.isfinite(f), cand, np.iinfo(np.int64).max)
     order = np.lexsort((idx, keys, run), axis=1)[:, :k]
     out[:, :k] = np.where(np.isfinite(np.take_along_axis(f, order, 1)),
