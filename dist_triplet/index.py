@@ -1,10 +1,7 @@
-"""``python -m dist_triplet.index`` (console script ``dist-triplet-index``): see
-:mod:`dist_triplet.retrieval.cli`."""
+"""``python -m dist_triplet.index`` (``dist-triplet-index``): :mod:`dist_triplet.retrieval.cli`."""
 import sys
 
 from .retrieval.cli import index_main as main
-
-__all__ = ["main"]
 
 if __name__ == "__main__":
     sys.exit(main())

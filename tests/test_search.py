@@ -8,18 +8,13 @@ import pytest
 mx = pytest.importorskip("mxnet", reason="index and search embed with an MXNet export")
 faiss = pytest.importorskip("faiss", reason="the index is a faiss index")
 
-from _search_util import (CAL, CAL_LABELS, GALLERY, GALLERY_LABELS, S, error_line,  # noqa: E402,F401
-                          export_identity, flat_index, plain_nearest_other, read_jsonl, setup,
-                          write_split)
+# setup: a fixture
+from _search_util import (S, error_line, export_identity, flat_index, plain_nearest_other,
+                         read_jsonl, setup, write_split)  # noqa: E402,F401
 
-from dist_triplet import calibrate as calibrate_cli  # noqa: E402
-from dist_triplet import embed as embed_cli  # noqa: E402
 from dist_triplet import index as index_cli  # noqa: E402
 from dist_triplet import search as search_cli  # noqa: E402
-from dist_triplet.retrieval.calibrate import choose_threshold, curve  # noqa: E402
-from dist_triplet.retrieval.index import Index  # noqa: E402
 from dist_triplet.retrieval.metrics import retrieval_metrics  # noqa: E402
-from dist_triplet.retrieval.neighbours import build_faiss, recall_at_k  # noqa: E402
 
 
 def test_index_then_search_gives_hand_computed_neighbours(setup, capsys):

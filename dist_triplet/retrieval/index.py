@@ -1,12 +1,5 @@
-"""A saved nearest-neighbour index over a gallery of embeddings: build, save, load, search.
-
-    from dist_triplet.retrieval import Index, Model, read_items
-    model = Model("RUN/model")
-    items = read_items("RUN:train", model.input)
-    index = Index.build(model.embed(items.x), items.labels, items.ids, items.class_names,
-                        kind="flat", model=model, data=items.source)
-    index.save("INDEX_DIR")
-    dist, pos = Index.load("INDEX_DIR").search(model.embed(queries), k=5)
+"""A saved nearest-neighbour index over a gallery of embeddings: build, save, load, search
+(the package docstring shows the Python API).
 
 On disk (``INDEX_DIR``), written under a temporary name, fsynced and renamed (a reader
 sees no index or a whole one):

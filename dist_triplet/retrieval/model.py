@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from typing import Optional
-
 import numpy as np
 
 from ..export import load_model, model_files, mxnet_error_line, read_meta
