@@ -228,10 +228,16 @@ def _plot_curves(path: str, doc: dict) -> None:
 
 
 def _nearest_others(emb: np.ndarray, queries: np.ndarray, k: int) -> tuple:
-    """Exact k nearest other rows of each query row: (dist (R, k) squared L2, pos (R, k)
-    int64), ties by lower row (:func:`dist_triplet.retrieval.neighbours.knn`)."""
-    from .retrieval.neighbours import knn
-    return knn(emb[queries], emb, k, exclude=queries)
+    """Exact k nearest other rows of each query row: (dist (R, k) float32 squared L2,
+    pos (R, k) int64), ties by lower row (the rule of metrics.retrieval_metrics)."""
+    x = emb.astype(np.float64)
+    q = x[queries]
+    d = (np.einsum("ij,ij->i", q, q)[:, None] + np.einsum("ij,ij->i", x, x)[None, :]
+         - 2.0 * q @ x.T)
+    d = np.maximum(d, 0.0).astype(np.float32)
+    d[np.arange(len(queries)), queries] = np.inf
+    pos = np.stack([np.lexsort((np.arange(len(x)), row))[:k] for row in d])
+    return np.take_along_axis(d, pos, 1), pos
 
 
 def _fmt(v, key: str = "") -> str:
