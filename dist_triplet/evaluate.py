@@ -2,8 +2,9 @@
 seed article's triplet accuracy, the collapse check, and the raw-pixel baseline.
 
 Called by the training loop (``loop.train``) every ``eval.every`` epochs and after the
-last; it calls no collective. The metric definitions are :mod:`dist_triplet.metrics`,
-the neighbour search :mod:`dist_triplet.knn`.
+last; it calls no collective. The retrieval metrics and the neighbour search are
+:mod:`dist_triplet.retrieval.metrics` (:func:`dist_triplet.retrieval.neighbours.knn`),
+triplet accuracy and the collapse check :mod:`dist_triplet.metrics`.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ log = logging.getLogger("dist_triplet")
 
 _P1 = ("precision_at_1",)
 # Part of the raw-pixel cache key: change it when the metrics' definition or search changes.
-_RAW_CACHE_VERSION = "raw-v1"
+_RAW_CACHE_VERSION = "raw-v2"
 
 
 def raw_cache_path(cfg: Config, test: Split, gallery: Optional[Split]) -> str:
@@ -79,7 +80,7 @@ class Evaluator:
     """
 
     def __init__(self, cfg: Config, test: Split, train: Optional[Split] = None):
-        from .metrics import retrieval_metrics
+        from .retrieval.metrics import retrieval_metrics
         if cfg.eval.gallery == "train" and train is None:
             raise ValueError("eval.gallery=train needs the training split")
         self.cfg = cfg
@@ -149,7 +150,8 @@ class Evaluator:
         """``(results, embeddings)``: the flat dict of
         :func:`dist_triplet.metrics.evaluate_embeddings` (``r_precision`` and ``map_at_r``
         only when full; ``full``: bool) and the (N, D) float32 test embeddings."""
-        from .metrics import RETRIEVAL_METRICS, evaluate_embeddings, retrieval_metrics
+        from .metrics import evaluate_embeddings
+        from .retrieval.metrics import RETRIEVAL_METRICS, retrieval_metrics
         from .model import embed
         full = self.is_full(epoch)
         metrics = RETRIEVAL_METRICS if full else _P1

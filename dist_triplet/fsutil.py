@@ -9,6 +9,7 @@ model exports, the embed CLI's outputs, search indexes and the run report (atomi
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -66,10 +67,23 @@ def atomic_write(path: str, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+def strict_json(doc):
+    """``doc`` with every non-finite float (NaN, inf: an undefined metric) as None, so that
+    ``json.dumps(..., allow_nan=False)`` passes and strict parsers read ``null``."""
+    if isinstance(doc, float):
+        return doc if math.isfinite(doc) else None
+    if isinstance(doc, dict):
+        return {k: strict_json(v) for k, v in doc.items()}
+    if isinstance(doc, (list, tuple)):
+        return [strict_json(v) for v in doc]
+    return doc
+
+
 def write_json(path: str, doc) -> None:
-    """``json.dump(doc, indent=1)`` to ``path`` atomically."""
+    """``doc`` as strict JSON (:func:`strict_json`, indent 1) to ``path`` atomically."""
+    text = json.dumps(strict_json(doc), indent=1, allow_nan=False)
     with atomic_write(path) as fh:
-        json.dump(doc, fh, indent=1)
+        fh.write(text)
 
 
 @contextmanager

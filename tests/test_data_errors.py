@@ -61,8 +61,8 @@ def test_empty_class_folder(tmp_path):
 def test_folder_with_one_class(tmp_path):
     images, labels = make_images(4, 1, 4, 4, 3)
     write_folder(tmp_path, images, labels, ["only"])
-    fails(data_cfg(path=str(tmp_path)), ValueError, str(tmp_path), "one class", "'only'",
-          "data.format=folder")
+    # The folder itself may hold one class (a gallery); training data may not.
+    fails(data_cfg(path=str(tmp_path)), ValueError, str(tmp_path), "fewer than 2 classes")
 
 
 def test_folder_without_class_folders(tmp_path):
@@ -167,8 +167,8 @@ def _cli_fails(capsys, tmp_path, overrides, *needles, cache_ok=False):
     assert not out.exists()
     if cache_ok:  # good data, bad config: the complete entry stays, for the next run
         assert all(os.path.isfile(cache / e / "meta.json") for e in os.listdir(cache))
-    else:
-        assert not cache.exists() or os.listdir(cache) == []
+    else:  # a failed read creates no data.cache_dir (issue 17 (8))
+        assert not cache.exists()
     return line
 
 

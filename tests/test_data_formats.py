@@ -309,7 +309,7 @@ def test_bad_source_leaves_no_cache_entry(tmp_path):
     cache = tmp_path / "cache"
     with pytest.raises(ValueError, match=paths[-1]):
         load_data(data_cfg(path=str(tmp_path / "d"), cache_dir=str(cache), test_fraction=0.5))
-    assert os.listdir(cache) == []
+    assert not cache.exists()                      # not even the directory (issue 17 (8))
 
 
 def test_gzip_idx_through_cache(tmp_path):

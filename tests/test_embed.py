@@ -81,7 +81,7 @@ def test_training_run_exports_a_model_that_embed_reproduces(idx_dir, tmp_path):
                               (tmp_path / "f32.npy", model_dir)):
         out = tmp_path / f"{source.name}.emb"                    # no .npy suffix added
         status = embed_cli.main(["--model", str(model_arg), "--input", str(source),
-                                 "--output", str(out), "--batch-size", "7"])
+                                 "--out", str(out), "--batch-size", "7"])
         assert status == 0
         got = np.load(out)
         assert got.dtype == np.float32 and got.shape == want.shape
@@ -91,7 +91,7 @@ def test_training_run_exports_a_model_that_embed_reproduces(idx_dir, tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("no_model", "does not exist"),
     ("labels_file", "labels file"),
-    ("wrong_width", "takes 784 values per image"),
+    ("wrong_width", "model/meta.json), found shape (3, 10, 10)"),     # issue 17 (6)
     ("not_idx", "not an IDX file"),
     ("objects", "not a numeric .npy"),
     ("int_npy", "expected uint8 pixels"),
@@ -158,7 +158,7 @@ def test_embed_rejects_bad_input_with_a_clear_message(tmp_path, capsys, case, me
     if source.exists() is False and os.path.exists(f"{source}.npy"):
         os.replace(f"{source}.npy", source)                     # np.save added .npy
     status = embed_cli.main(["--model", args["model"], "--input", str(source),
-                             "--output", str(tmp_path / "out.npy"), "--batch-size",
+                             "--out", str(tmp_path / "out.npy"), "--batch-size",
                              args["batch"]])
     assert status == 2
     err = capsys.readouterr().err
@@ -182,32 +182,55 @@ def test_embed_output_that_is_a_directory_fails_up_front(tmp_path, capsys, small
     out = tmp_path / "out"
     out.mkdir()
     status = embed_cli.main(["--model", small_model, "--input", str(tmp_path / "in.npy"),
-                             "--output", str(out)])
+                             "--out", str(out)])
     assert status == 2
     err = capsys.readouterr().err
-    assert err == f"error: output {out} is a directory: pass a file name\n"
+    assert err == f"error: --out {out} is a directory: pass a file name\n"
     assert sorted(os.listdir(tmp_path)) == ["in.npy", "model", "out"]
 
 
-def test_embed_save_failure_removes_the_temp_file(tmp_path, monkeypatch):
+def test_embed_save_failure_removes_the_temp_file(tmp_path, monkeypatch, capsys, small_model):
+    from dist_triplet.retrieval import cli
+
     def fail(fh, array):
         fh.write(b"half")
         raise OSError("No space left on device")
-    monkeypatch.setattr(embed_cli.np, "save", fail)
-    with pytest.raises(OSError, match="No space"):
-        embed_cli._save(str(tmp_path / "out.npy"), np.zeros((1, 2), np.float32))
-    assert os.listdir(tmp_path) == []
+    np.save(tmp_path / "in.npy", np.zeros((2, 784), np.float32))
+    monkeypatch.setattr(cli.np, "save", fail)
+    assert embed_cli.main(["--model", small_model, "--input", str(tmp_path / "in.npy"),
+                           "--out", str(tmp_path / "out.npy")]) == 2
+    assert "No space" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["in.npy", "model"]
 
 
 def test_embed_warns_on_float_input_that_looks_unscaled(tmp_path, capsys, small_model):
     np.save(tmp_path / "in.npy", np.full((2, 784), 200.0, np.float32))
     status = embed_cli.main(["--model", small_model, "--input", str(tmp_path / "in.npy"),
-                             "--output", str(tmp_path / "out.npy")])
+                             "--out", str(tmp_path / "out.npy")])
     assert status == 0
     err = capsys.readouterr().err
     assert err.startswith("warning: ") and "pixels / 255" in err and "200" in err
     assert np.load(tmp_path / "out.npy").shape == (2, 8)
     np.save(tmp_path / "ok.npy", np.full((2, 784), 0.5, np.float32))   # scaled: no warning
     assert embed_cli.main(["--model", small_model, "--input", str(tmp_path / "ok.npy"),
-                           "--output", str(tmp_path / "out.npy")]) == 0
+                           "--out", str(tmp_path / "out.npy"), "--force"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_embed_refuses_non_finite_embeddings_naming_the_input(tmp_path, capsys):
+    """Finite inputs whose embeddings overflow (weights of ones: 4 x 3e38 = inf) are an
+    error naming the input, not a .npy of inf (embed only warned about values > 1)."""
+    from dist_triplet import embed as embed_cli
+    net = build_embedding_net(4, [4], final_relu=False)
+    initialize(net, 0.1, mx.cpu(), seed=0)
+    net[0].weight.set_data(mx.nd.ones((4, 4)))
+    net[0].bias.set_data(mx.nd.zeros(4))
+    export_model(net, str(tmp_path / "model"), mx.cpu(), 4)
+    inp, out = tmp_path / "x.npy", tmp_path / "e.npy"
+    np.save(inp, np.full((3, 4), 3e38, np.float32))
+    capsys.readouterr()
+    assert embed_cli.main(["--model", str(tmp_path / "model"), "--input", str(inp),
+                           "--out", str(out)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+    assert len(err) == 1 and str(inp) in err[0] and "12 non-finite" in err[0], err
+    assert not out.exists()

@@ -12,7 +12,7 @@ from _ckpt_util import local_run_config  # noqa: E402
 from dist_triplet.config import ConfigError, load_config  # noqa: E402
 from dist_triplet.data import Split, write_idx  # noqa: E402
 from dist_triplet.evaluate import Evaluator  # noqa: E402
-from dist_triplet.metrics import retrieval_metrics  # noqa: E402
+from dist_triplet.retrieval.metrics import retrieval_metrics  # noqa: E402
 from dist_triplet.model import embed  # noqa: E402
 
 
@@ -96,7 +96,7 @@ def test_raw_pixel_baseline_is_cached_beside_the_run_directories(tmp_path, monke
     (path,) = (tmp_path / "runs" / ".cache").iterdir()
     assert json.loads(path.read_text()) == want
     # A second run (another run directory, same parent) reads it: no search at all.
-    import dist_triplet.metrics as metrics_mod
+    import dist_triplet.retrieval.metrics as metrics_mod
     monkeypatch.setattr(metrics_mod, "retrieval_metrics", None)   # would fail if called
     again = Evaluator(config("eval.raw_cache=true", f"output.dir={tmp_path / 'runs' / 'b'}"),
                       test)
@@ -113,6 +113,20 @@ def test_raw_pixel_baseline_is_cached_beside_the_run_directories(tmp_path, monke
                       test)
     assert fixed.raw["precision_at_1"] == want["precision_at_1"]
     assert json.loads(path.read_text())["precision_at_1"] == want["precision_at_1"]
+
+
+def test_undefined_raw_metrics_are_null_in_the_cache_not_bare_nan(tmp_path):
+    """Issue 17 (8): the raw-pixel cache held bare NaN, which strict JSON parsers reject."""
+    test = split([[0.0], [0.1], [0.5], [0.6]], [0, 0, 1, 1])
+    train = split([[0.0], [0.5], [1.0]], [2, 3, 3])     # no query's class: P@1 undefined
+    cfg = config("eval.raw_cache=true", "eval.gallery=train",
+                 f"output.dir={tmp_path / 'runs' / 'a'}")
+    ev = Evaluator(cfg, test, train)
+    assert math.isnan(ev.raw["precision_at_1"])
+    (path,) = (tmp_path / "runs" / ".cache").iterdir()
+    text = path.read_text()
+    assert "NaN" not in text and json.loads(text)["precision_at_1"] is None
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in {path}"))
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -47,3 +47,17 @@ def test_atomic_dir_replaces_a_directory_whole_or_not_at_all(tmp_path):
         open(os.path.join(tmp, "b"), "w").write("second")
     assert sorted(os.listdir(out)) == ["b"]
     assert sorted(os.listdir(tmp_path)) == ["idx"]  # no temp or old directory left
+
+
+def test_write_json_writes_null_for_undefined_numbers(tmp_path):
+    """Issue 17 (8): metrics.json held bare NaN, which strict JSON parsers reject."""
+    import json
+    import math
+
+    from dist_triplet.fsutil import write_json
+    path = tmp_path / "m.json"
+    write_json(str(path), {"p": float("nan"), "rows": [1.5, float("inf")], "n": 3})
+    text = path.read_text()
+    assert json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c))) \
+        == {"p": None, "rows": [1.5, None], "n": 3}
+    assert not math.isnan(json.loads(text)["rows"][0])

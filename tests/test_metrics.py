@@ -1,18 +1,23 @@
-"""Tests of dist_triplet.metrics against plain-loop references and hand-computed values."""
+"""Tests of the retrieval metrics (dist_triplet.retrieval.metrics) and the evaluation numbers
+(dist_triplet.metrics) against plain-loop references and hand-computed values."""
 import math
 
 import numpy as np
 import pytest
 
-from dist_triplet.metrics import (
+pytest.importorskip("faiss", reason="the neighbour engine uses faiss")
+
+from dist_triplet.metrics import (  # noqa: E402
     embedding_spread,
     evaluate_embeddings,
     is_collapsed,
+    triplet_accuracy,
+)
+from dist_triplet.retrieval.metrics import (  # noqa: E402
     map_at_r,
     precision_at_1,
     r_precision,
     retrieval_metrics,
-    triplet_accuracy,
 )
 
 
@@ -69,24 +74,13 @@ def test_retrieval_matches_loop_reference_on_random_data(seed):
     assert 0.0 < got["map_at_r"] < 1.0
 
 
-@pytest.mark.parametrize("block", [1, 3, 7, 64])
-def test_retrieval_matches_loop_reference_with_many_ties(block):
+def test_retrieval_matches_loop_reference_with_many_ties():
     # Integer points on a 3x3 grid: many exactly equal distances, including at the R-th
     # rank, where argpartition alone would pick an arbitrary member of the tie.
     rng = np.random.RandomState(3)
     emb = rng.randint(0, 3, size=(30, 2)).astype(np.float32)
     labels = rng.randint(0, 4, size=30)
-    assert_metrics_equal(retrieval_metrics(emb, labels, block=block),
-                         reference_retrieval(emb, labels))
-
-
-def test_block_smaller_than_n_gives_identical_results():
-    rng = np.random.RandomState(4)
-    emb = rng.randn(50, 3).astype(np.float32)
-    labels = rng.randint(0, 5, size=50)
-    full = retrieval_metrics(emb, labels, block=1024)
-    for block in (1, 4, 13, 49):
-        assert retrieval_metrics(emb, labels, block=block) == full
+    assert_metrics_equal(retrieval_metrics(emb, labels), reference_retrieval(emb, labels))
 
 
 def test_perfect_embedding_scores_one():
@@ -172,99 +166,49 @@ def test_retrieval_rejects_bad_shapes():
         retrieval_metrics(np.zeros((4, 2), np.float32), np.zeros(3, int))
     with pytest.raises(ValueError, match="2-D"):
         retrieval_metrics(np.zeros(4, np.float32), np.zeros(4, int))
-    with pytest.raises(ValueError, match="block"):
-        retrieval_metrics(np.zeros((4, 2), np.float32), np.zeros(4, int), block=0)
 
 
-METHODS = ["fast", "exact", "auto"]
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_every_method_matches_loop_reference_with_ties(method):
+def test_matches_loop_reference_with_ties():
     # Integer points: exact ties everywhere, also at the R-th rank and across labels.
     rng = np.random.RandomState(5)
     emb = rng.randint(0, 3, size=(60, 2)).astype(np.float32)
     labels = rng.randint(0, 3, size=60)
-    for block in (7, 1024):
-        assert_metrics_equal(retrieval_metrics(emb, labels, block=block, method=method),
-                             reference_retrieval(emb, labels))
+    assert_metrics_equal(retrieval_metrics(emb, labels), reference_retrieval(emb, labels))
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_every_method_applies_tie_rule_to_collapsed_embedding(method):
-    labels = np.array([0, 1, 1, 0, 0, 1])
-    emb = np.full((6, 3), 0.3, dtype=np.float32)
-    for i, steps in enumerate([3, 0, 5, 1, 4, 2]):  # a few ulps apart: still ties
-        for _ in range(steps):
-            emb[i] = np.nextafter(emb[i], np.float32(1.0))
-    got = retrieval_metrics(emb, labels, method=method)
-    assert got["precision_at_1"] == pytest.approx(2 / 6, abs=1e-12)
-    assert got["r_precision"] == pytest.approx(2.5 / 6, abs=1e-12)
-    assert got["map_at_r"] == pytest.approx(1.75 / 6, abs=1e-12)
-
-
-def test_fast_rechecks_pairs_float32_cannot_order():
-    # Norms ~1e4 and neighbours 0.01 apart (squared distances from 1e-4): float32 GEMM
+def test_pairs_float32_cannot_order_are_ordered_exactly():
+    # Norms ~1e4 and neighbours 0.01 apart (squared distances from 1e-4): float32
     # distances are off by ~1e-3, more than the gaps, so the order comes from the exact
-    # re-check alone. (Keys stay above the 0-snap, 1e-10 * 2e4.)
+    # float64 re-ranking alone. (Keys stay above the 0-snap, 1e-10 * 2e4.)
     rng = np.random.RandomState(6)
     emb = np.zeros((40, 2), dtype=np.float32)
     emb[:, 0] = 100.0
     emb[:, 1] = rng.permutation(40).astype(np.float32) * np.float32(0.01)
     labels = rng.randint(0, 2, size=40)
-    exact = retrieval_metrics(emb, labels, method="exact")
-    assert retrieval_metrics(emb, labels, method="fast") == exact
-    assert retrieval_metrics(emb, labels, method="auto") == exact
-    # The loop agrees on the top-1 and the top-R sets; the order inside the top R of
-    # pairs whose keys differ by ~1 float32 ulp is decided by the float64 expansion's own
-    # rounding (~5e-12 here), as documented, so MAP@R is not compared to the loop.
-    want = reference_retrieval(emb, labels, key=np.float32)
-    for key in ("precision_at_1", "r_precision"):
-        assert exact[key] == pytest.approx(want[key], abs=1e-12)
-    assert 0.0 < exact["map_at_r"] < 1.0
+    got = retrieval_metrics(emb, labels)
+    assert_metrics_equal(got, reference_retrieval(emb, labels))
+    assert 0.0 < got["map_at_r"] < 1.0
 
 
-def test_fast_equals_exact_on_8bit_images_with_duplicates():
-    # bytes / 255 (as data.load_split) and raw uint8: the exact-integer GEMM path.
+def test_8bit_images_with_duplicates_match_the_loop():
+    # bytes / 255 (as data.load_split) and raw uint8 (taken as float32 0..255).
     rng = np.random.RandomState(7)
-    v = (rng.randint(0, 256, size=(300, 64)) * (rng.rand(300, 64) < 0.4)).astype(np.uint8)
-    v[rng.randint(0, 300, 60)] = v[rng.randint(0, 300, 60)]  # exact duplicates tie
-    labels = rng.randint(0, 4, size=300)
+    v = (rng.randint(0, 256, size=(100, 64)) * (rng.rand(100, 64) < 0.4)).astype(np.uint8)
+    v[rng.randint(0, 100, 20)] = v[rng.randint(0, 100, 20)]  # exact duplicates tie
+    labels = rng.randint(0, 4, size=100)
     for emb in (v.astype(np.float32) / np.float32(255), v):
-        exact = retrieval_metrics(emb, labels, method="exact")
-        assert retrieval_metrics(emb, labels, method="fast") == exact
-        assert retrieval_metrics(emb, labels, block=50) == exact
-    small = v[:40].astype(np.float32) / np.float32(255)
-    assert_metrics_equal(retrieval_metrics(small, labels[:40]),
-                         reference_retrieval(small, labels[:40]))
+        assert_metrics_equal(retrieval_metrics(emb, labels), reference_retrieval(emb, labels))
 
 
-def test_fast_equals_exact_with_sampled_thresholds():
-    # N > 2048: thresholds come from a column sample; unbalanced classes give several R_i.
-    rng = np.random.RandomState(8)
-    centres = rng.randn(5, 8)
-    labels = rng.choice(5, size=2100, p=[0.4, 0.3, 0.15, 0.1, 0.05])
-    emb = (centres[labels] + 0.8 * rng.randn(2100, 8)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    exact = retrieval_metrics(emb, labels, method="exact")
-    assert retrieval_metrics(emb, labels, method="fast") == exact
-    assert retrieval_metrics(emb, labels, method="auto", block=300) == exact
-
-
-def test_non_finite_embeddings_use_exact_path():
+def test_non_finite_embeddings_are_refused_by_the_metrics_and_flagged_by_evaluation():
     rng = np.random.RandomState(9)
     emb = rng.randn(30, 3).astype(np.float32)
     emb[4, 1] = np.nan
-    emb[9] = np.inf
     labels = rng.randint(0, 3, size=30)
-    exact = retrieval_metrics(emb, labels, method="exact")
-    assert retrieval_metrics(emb, labels, method="fast") == exact
-    assert retrieval_metrics(emb, labels) == exact
-
-
-def test_retrieval_rejects_unknown_method():
-    with pytest.raises(ValueError, match="method"):
-        retrieval_metrics(np.zeros((4, 2), np.float32), np.zeros(4, int), method="faiss")
+    with pytest.raises(ValueError, match="1 non-finite"):
+        retrieval_metrics(emb, labels)
+    got = evaluate_embeddings(emb, labels, np.array([[0, 1, 2]]))
+    assert got["collapsed"] is True and got["valid"] is False and got["queries"] == 0
 
 
 def test_triplet_accuracy_seed_counts_exact_tie_strict_does_not():
@@ -408,19 +352,17 @@ def reference_with_gallery(q, ql, g, gl):
             "map_at_r": float(np.mean(mapr)), "queries": len(p1), "excluded_queries": excluded}
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_separate_gallery_matches_loop_reference(method):
+def test_separate_gallery_matches_loop_reference():
     rng = np.random.RandomState(10)
     gallery = rng.randint(0, 4, size=(70, 2)).astype(np.float32)   # ties across labels
     g_labels = rng.randint(0, 3, size=70)
     query = rng.randint(0, 4, size=(25, 2)).astype(np.float32)
     q_labels = rng.randint(0, 4, size=25)      # class 3 is not in the gallery: excluded
-    got = retrieval_metrics(query, q_labels, gallery, g_labels, method=method, block=4)
+    got = retrieval_metrics(query, q_labels, gallery, g_labels)
     want = reference_with_gallery(query, q_labels, gallery, g_labels)
     assert want["excluded_queries"] == int((q_labels == 3).sum()) > 0
     assert_metrics_equal(got, want)
-    only_p1 = retrieval_metrics(query, q_labels, gallery, g_labels, method=method,
-                                metrics=("precision_at_1",))
+    only_p1 = retrieval_metrics(query, q_labels, gallery, g_labels, metrics=("precision_at_1",))
     assert only_p1 == {"precision_at_1": want["precision_at_1"], "queries": want["queries"],
                        "excluded_queries": want["excluded_queries"]}
 
@@ -463,10 +405,9 @@ def test_precision_at_1_alone_equals_the_full_search(seed):
     for emb in cases:
         labels = rng.randint(0, 4, size=len(emb))
         full = retrieval_metrics(emb, labels)
-        for method in METHODS:
-            alone = retrieval_metrics(emb, labels, metrics=("precision_at_1",), method=method)
-            assert alone["precision_at_1"] == full["precision_at_1"], (emb.dtype, method)
-            assert alone["queries"] == full["queries"]
+        alone = retrieval_metrics(emb, labels, metrics=("precision_at_1",))
+        assert alone["precision_at_1"] == full["precision_at_1"], emb.dtype
+        assert alone["queries"] == full["queries"]
 
 
 # ----------------------------------------------------------------------------- query sample

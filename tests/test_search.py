@@ -1,9 +1,4 @@
-"""Index, search and calibrate (dist_triplet.index / search / calibrate) on tiny generated data.
-
-The model in most tests is an identity network (Dense 4 -> 4, weight I, bias 0, no ReLU)
-exported like a trained one, so embeddings are the pixels / 255 and every expected
-neighbour and distance can be computed by hand or by a plain loop.
-"""
+"""Search (dist_triplet.retrieval.search and the search command) on tiny generated data."""
 import json
 import os
 
@@ -13,64 +8,13 @@ import pytest
 mx = pytest.importorskip("mxnet", reason="index and search embed with an MXNet export")
 faiss = pytest.importorskip("faiss", reason="the index is a faiss index")
 
-from dist_triplet import calibrate as calibrate_cli  # noqa: E402
+# setup: a fixture
+from _search_util import (S, error_line, export_identity, flat_index, plain_nearest_other,
+                         read_jsonl, setup, write_split)  # noqa: E402,F401
+
 from dist_triplet import index as index_cli  # noqa: E402
 from dist_triplet import search as search_cli  # noqa: E402
-from dist_triplet.calibrate import choose_threshold, curve  # noqa: E402
-from dist_triplet.data import write_idx  # noqa: E402
-from dist_triplet.export import export_model  # noqa: E402
-from dist_triplet.index import (Index, build_index, measured_recall,  # noqa: E402
-                                write_index_dir)
-from dist_triplet.metrics import retrieval_metrics  # noqa: E402
-from dist_triplet.model import build_embedding_net, initialize  # noqa: E402
-
-S = 255.0 ** 2  # squared distances: pixel units / 255^2 = embedding units
-
-
-def export_identity(path, width=4, out=None):
-    """An exported Dense(width -> out) with weight I (or its first rows), bias 0."""
-    out = out or width
-    net = build_embedding_net(width, [out], final_relu=False)
-    initialize(net, 0.1, mx.cpu(), seed=0)
-    net[0].weight.set_data(mx.nd.array(np.eye(out, width)))
-    net[0].bias.set_data(mx.nd.zeros(out))
-    export_model(net, str(path), mx.cpu(), width)
-    return str(path)
-
-
-def write_split(root, stem, pixels, labels):
-    """(N, 4) pixel rows as 2x2 IDX images + labels under root (stem train or t10k)."""
-    root.mkdir(parents=True, exist_ok=True)
-    write_idx(root / f"{stem}-images-idx3-ubyte",
-              np.asarray(pixels, np.uint8).reshape(-1, 2, 2))
-    write_idx(root / f"{stem}-labels-idx1-ubyte", np.asarray(labels, np.uint8))
-
-
-# Gallery: class 0 at the origin, class 1 and class 2 far away on other axes.
-GALLERY = [(0, 0, 0, 0), (200, 0, 0, 0), (0, 200, 0, 0), (0, 0, 0, 3)]
-GALLERY_LABELS = [0, 1, 2, 0]
-# Calibration queries, all nearest to the origin item; offset on axis 2 (pixels).
-# right (label 0): 10, 20, 30, 45; wrong: 40 (label 1), 50 (label 3: a class the gallery
-# lacks), 60 (label 2). Sorted: 10r 20r 30r 40w 45r 50w 60w.
-CAL = [(0, 0, 10, 0), (0, 0, 40, 0), (0, 0, 20, 0), (0, 0, 50, 0), (0, 0, 30, 0),
-       (0, 0, 60, 0), (0, 0, 45, 0)]
-CAL_LABELS = [0, 1, 0, 3, 0, 2, 0]
-
-
-@pytest.fixture
-def setup(tmp_path):
-    model = export_identity(tmp_path / "model")
-    data = tmp_path / "data"
-    write_split(data, "train", GALLERY, GALLERY_LABELS)
-    write_split(data, "t10k", CAL, CAL_LABELS)
-    index_dir = tmp_path / "index"
-    assert index_cli.main(["--model", model, "--data", f"{data}:train",
-                           "--out", str(index_dir)]) == 0
-    return tmp_path, model, data, str(index_dir)
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in open(path)]
+from dist_triplet.retrieval.metrics import retrieval_metrics  # noqa: E402
 
 
 def test_index_then_search_gives_hand_computed_neighbours(setup, capsys):
@@ -99,7 +43,7 @@ def test_index_then_search_gives_hand_computed_neighbours(setup, capsys):
 
     csv_out = tmp / "res.csv"
     assert search_cli.main(["--index", index_dir, "--query", f"{data}:test", "--k", "2",
-                            "--format", "csv", "--out", str(csv_out)]) == 0
+                            "--out-format", "csv", "--out", str(csv_out)]) == 0
     lines = open(csv_out).read().splitlines()
     assert lines[0] == "query,query_label,rank,id,label,sq_l2,no_match"
     assert len(lines) == 1 + 7 * 2 and lines[1].startswith("test/0,0,1,train/0,0,")
@@ -120,27 +64,6 @@ def test_grid_frames_right_green_and_wrong_red(setup):
     # neighbours class 0 -> 2 red frames. Equal frame sizes, so equal pixel counts.
     assert green.sum() > 0 and red.sum() > 0
     assert abs(int(green.sum()) - int(red.sum())) <= 0.02 * green.sum()
-
-
-def plain_nearest_other(x, i):
-    """Reference: the nearest other row by exact squared distance, ties by lower index."""
-    best, best_j = None, None
-    for j in range(len(x)):
-        if j == i:
-            continue
-        d = sum((float(a) - float(b)) ** 2 for a, b in zip(x[i], x[j]))
-        if best is None or d < best:
-            best, best_j = d, j
-    return best_j
-
-
-def flat_index(tmp_path, emb, labels, name="ix"):
-    index, params = build_index(emb, "flat")
-    write_index_dir(str(tmp_path / name), index, labels, [f"r{i}" for i in range(len(emb))],
-                    [str(c) for c in range(int(labels.max()) + 1)], None,
-                    {"kind": "flat", "params": params,
-                     "model": {"dir": "none", "params_sha256": "none"}})
-    return Index.load(str(tmp_path / name))
 
 
 @pytest.mark.parametrize("case", ["ties", "floats", "collapsed"])
@@ -178,105 +101,6 @@ def test_search_top_k_matches_a_plain_sort(tmp_path):
         assert dist[i].tolist() == [d[j] for j in want]
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
-def test_approximate_index_reports_its_measured_recall(tmp_path, kind, capsys):
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, size=(2000, 4))
-    model = export_identity(tmp_path / "model")
-    data = tmp_path / "data"
-    write_split(data, "train", pixels, rng.integers(0, 10, size=2000))
-    out = tmp_path / kind
-    assert index_cli.main(["--model", model, "--data", f"{data}:train", "--out", str(out),
-                           "--kind", kind, "--nprobe", "2", "--ef-search", "8"]) == 0
-    meta = json.load(open(out / "meta.json"))
-    rec = meta["recall"]
-    assert rec["k"] == 10 and rec["queries"] == 1000 and 0.2 < rec["recall_at_k"] <= 1.0
-    assert f"recall@10 {rec['recall_at_k']:.4f}" in capsys.readouterr().out
-    # Recompute the figure with a plain loop on the stored index.
-    ix = Index.load(str(out))
-    emb = pixels.astype(np.float32) / np.float32(255)   # as data.load_split
-    pick = np.sort(np.random.default_rng(0).choice(2000, size=1000, replace=False))
-    _, got = ix.faiss.search(emb[pick], 10)
-    found = 0
-    for qi, i in enumerate(pick):
-        d = ((emb.astype(np.float64) - emb[i].astype(np.float64)) ** 2).sum(axis=1)
-        kth = np.sort(d)[9]
-        found += sum(1 for j in got[qi] if j >= 0 and d[j] <= kth * (1 + 1e-5) + 1e-12)
-    assert rec["recall_at_k"] == pytest.approx(found / 10000, abs=1e-12)
-    # A flat index measures 1.0 on the same data.
-    flat, _ = build_index(emb, "flat")
-    assert measured_recall(flat, emb)["recall_at_k"] == 1.0
-
-
-def test_threshold_choice_by_hand():
-    # Sorted: 10r 20r 30r 40w 45r 50w 60w; precision at each: 1 1 1 .75 .8 .667 .571
-    d = np.array([10, 40, 20, 50, 30, 60, 45], float)
-    right = np.array([1, 0, 1, 0, 1, 0, 1], bool)
-    t, p, r, f1 = curve(d, right)
-    np.testing.assert_allclose(p, [1, 1, 1, .75, .8, 4 / 6, 4 / 7])
-    np.testing.assert_allclose(r, [.25, .5, .75, .75, 1, 1, 1])
-    assert choose_threshold(d, right, 0.9) == 30
-    assert choose_threshold(d, right, 0.8) == 45
-    assert choose_threshold(d, right, best_f1=True) == 45      # F1 .889 beats .857 at 30
-    with pytest.raises(ValueError, match="highest is 1.0000"):
-        choose_threshold(d, np.zeros(7, bool) | (d == 10), 1.01)
-
-
-def test_calibrate_finds_the_known_threshold_and_search_rejects_beyond_it(setup, capsys):
-    tmp, model, data, index_dir = setup
-    hold = tmp / "hold"
-    # Held-out: right at 5, 25, 35; wrong at 15 -> at t = 30^2: accepted {5r, 15w, 25r}.
-    write_split(hold, "t10k", [(0, 0, 5, 0), (0, 0, 15, 0), (0, 0, 25, 0), (0, 0, 35, 0)],
-                [0, 2, 0, 0])
-    write_split(hold, "train", [(0, 0, 0, 0)], [0])  # load_dataset wants both splits' files
-    assert calibrate_cli.main(["--index", index_dir, "--data", f"{data}:test",
-                               "--target-precision", "0.9", "--holdout", f"{hold}:test"]) == 0
-    doc = json.load(open(os.path.join(index_dir, "threshold.json")))
-    assert doc["threshold"] == pytest.approx(900 / S, rel=1e-6)
-    assert doc["calibration"]["precision"] == 1.0 and doc["calibration"]["recall"] == 0.75
-    assert doc["holdout"]["precision"] == pytest.approx(2 / 3)
-    assert doc["holdout"]["recall"] == pytest.approx(2 / 3)
-    assert doc["index_id"] == json.load(open(os.path.join(index_dir, "meta.json")))["index_id"]
-    out = tmp / "r.jsonl"
-    assert search_cli.main(["--index", index_dir, "--query", f"{data}:test", "--k", "1",
-                            "--out", str(out)]) == 0
-    recs = read_jsonl(out)
-    # Offsets 10 20 30 are within 30^2; 40 45 50 60 are not.
-    assert [r["no_match"] for r in recs] == [False, True, False, True, False, True, True]
-    assert [r["prediction"] for r in recs][:3] == ["0", None, "0"]
-
-    assert calibrate_cli.main(["--index", index_dir, "--data", f"{data}:test", "--best-f1",
-                               "--holdout", f"{hold}:test"]) == 0
-    assert json.load(open(os.path.join(index_dir, "threshold.json")))["threshold"] == \
-        pytest.approx(2025 / S, rel=1e-6)
-
-
-def test_calibrate_split_is_deterministic(setup):
-    tmp, model, data, index_dir = setup
-    docs = []
-    for _ in range(2):
-        assert calibrate_cli.main(["--index", index_dir, "--data", f"{data}:test",
-                                   "--target-precision", "0.5", "--seed", "3"]) == 0
-        docs.append(json.load(open(os.path.join(index_dir, "threshold.json"))))
-    assert docs[0] == docs[1]
-    # The same split by hand: permutation(7) with seed 3, 4 (round(3.5)) held out.
-    perm = np.random.default_rng(3).permutation(7)
-    cal = sorted(perm[4:])
-    d = np.array([100, 1600, 400, 2500, 900, 3600, 2025], float)
-    right = np.array([1, 0, 1, 0, 1, 0, 1], bool)
-    assert docs[0]["threshold"] == pytest.approx(
-        choose_threshold(d[cal], right[cal], 0.5) / S, rel=1e-6)
-    assert docs[0]["holdout"]["queries"] == 4 and docs[0]["calibration"]["queries"] == 3
-
-
-# ----------------------------------------------------------------------------- bad input
-
-def error_line(capsys):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
-
-
 def test_index_built_by_another_model_is_refused(setup, capsys):
     tmp, model, data, index_dir = setup
     other = export_identity(tmp / "other", 4, 3)       # 3-wide embeddings
@@ -304,23 +128,6 @@ def test_query_of_the_wrong_image_size_is_refused(setup, capsys):
     assert not out.exists()
 
 
-def test_missing_or_corrupt_index_is_refused(setup, capsys):
-    tmp, model, data, index_dir = setup
-    args = ["--query", f"{data}:test", "--out", str(tmp / "r.jsonl")]
-    assert search_cli.main(["--index", str(tmp / "nope")] + args) == 2
-    assert "nope does not exist" in error_line(capsys)
-    lab = os.path.join(index_dir, "labels.npy")
-    raw = bytearray(open(lab, "rb").read())
-    raw[-1] ^= 1
-    open(lab, "wb").write(bytes(raw))
-    assert search_cli.main(["--index", index_dir] + args) == 2
-    assert "labels.npy: sha256 differs" in error_line(capsys)
-    open(os.path.join(index_dir, "meta.json"), "w").write("{not json")
-    assert search_cli.main(["--index", index_dir] + args) == 2
-    assert "meta.json: not valid JSON" in error_line(capsys)
-    assert not (tmp / "r.jsonl").exists()
-
-
 def test_k_larger_than_the_gallery_is_refused(setup, capsys):
     tmp, model, data, index_dir = setup
     assert search_cli.main(["--index", index_dir, "--query", f"{data}:test", "--k", "5",
@@ -328,49 +135,6 @@ def test_k_larger_than_the_gallery_is_refused(setup, capsys):
     line = error_line(capsys)
     assert "--k 5" in line and "(4 items" in line and index_dir in line
     assert not (tmp / "r.jsonl").exists()
-
-
-def test_threshold_of_another_index_is_refused(setup, capsys):
-    tmp, model, data, index_dir = setup
-    other = tmp / "index2"
-    write_split(tmp / "data2", "train", GALLERY[:3], GALLERY_LABELS[:3])
-    write_split(tmp / "data2", "t10k", CAL, CAL_LABELS)
-    assert index_cli.main(["--model", model, "--data", f"{tmp / 'data2'}:train",
-                           "--out", str(other)]) == 0
-    assert calibrate_cli.main(["--index", str(other), "--data", f"{data}:test",
-                               "--target-precision", "0.5"]) == 0
-    capsys.readouterr()
-    thr = os.path.join(other, "threshold.json")
-    assert search_cli.main(["--index", index_dir, "--query", f"{data}:test", "--k", "2",
-                            "--threshold", thr,
-                            "--out", str(tmp / "r.jsonl")]) == 2
-    line = error_line(capsys)
-    assert thr in line and "calibrated for index" in line
-    # A copied threshold file is refused the same way.
-    import shutil
-    shutil.copy(thr, os.path.join(index_dir, "threshold.json"))
-    assert search_cli.main(["--index", index_dir, "--query", f"{data}:test", "--k", "2",
-                            "--out", str(tmp / "r.jsonl")]) == 2
-    assert "calibrated for index" in error_line(capsys)
-    assert not (tmp / "r.jsonl").exists()
-
-
-def test_index_out_exists_or_bad_data_writes_nothing(setup, capsys):
-    tmp, model, data, index_dir = setup
-    before = {f: open(os.path.join(index_dir, f), "rb").read() for f in os.listdir(index_dir)}
-    assert index_cli.main(["--model", model, "--data", f"{data}:train", "--out", index_dir]) == 2
-    assert "already exists" in error_line(capsys)
-    np.save(tmp / "bad.npy", np.zeros((2, 5), np.uint8))
-    assert index_cli.main(["--model", model, "--data", str(tmp / "bad.npy"), "--out", index_dir,
-                           "--force"]) == 2
-    assert "bad.npy" in error_line(capsys)
-    after = {f: open(os.path.join(index_dir, f), "rb").read() for f in os.listdir(index_dir)}
-    assert after == before
-    assert not [f for f in os.listdir(tmp) if f.startswith(".")]
-    # --force with good data replaces the index (new id: other content).
-    assert index_cli.main(["--model", model, "--data", f"{data}:test", "--out", index_dir,
-                           "--force"]) == 0
-    assert json.load(open(os.path.join(index_dir, "meta.json")))["count"] == 7
 
 
 def test_cli_leave_one_out_search_reproduces_retrieval_metrics(tmp_path, capsys):
@@ -411,54 +175,6 @@ def test_npy_queries_with_a_labels_file(setup, capsys):
     assert recs[1]["neighbours"][0]["sq_l2"] == pytest.approx(1 / S, rel=1e-5)
 
 
-@pytest.mark.parametrize("edit, key", [
-    (lambda m: {k: v for k, v in m.items() if k != "model"}, "'model'"),
-    (lambda m: dict(m, files="abc"), "'files'"),
-    (lambda m: dict(m, model=dict(m["model"], params_sha256=None)), "'model.params_sha256'"),
-    (lambda m: dict(m, kind=3), "'kind'"),
-])
-def test_edited_meta_json_is_exit_2_naming_meta_json_and_the_key(setup, capsys, edit, key):
-    """adv1 finding: an index whose meta.json lost "model" or has "files": "abc" gave
-    KeyError / AttributeError tracebacks in search and calibrate."""
-    tmp, model, data, index_dir = setup
-    meta_path = os.path.join(index_dir, "meta.json")
-    with open(meta_path) as fh:
-        meta = json.load(fh)
-    with open(meta_path, "w") as fh:
-        json.dump(edit(meta), fh)
-    capsys.readouterr()
-    assert search_cli.main(["--index", index_dir, "--query", f"{data}:test", "--k", "1",
-                            "--out", str(tmp / "r.jsonl")]) == 2
-    line = error_line(capsys)
-    assert meta_path in line and key in line
-    assert calibrate_cli.main(["--index", index_dir, "--data", f"{data}:test",
-                               "--target-precision", "0.5"]) == 2
-    line = error_line(capsys)
-    assert meta_path in line and key in line
-
-
-@pytest.mark.parametrize("value", ["NaN", "Infinity", "-1.0"])
-def test_non_finite_or_negative_threshold_is_refused(setup, capsys, value):
-    """adv1 finding: "threshold": NaN in threshold.json was accepted (every query then
-    'no match')."""
-    tmp, model, data, index_dir = setup
-    assert calibrate_cli.main(["--index", index_dir, "--data", f"{data}:test",
-                               "--target-precision", "0.5"]) == 0
-    thr = os.path.join(index_dir, "threshold.json")
-    with open(thr) as fh:
-        text = fh.read()
-    doc = json.loads(text)
-    with open(thr, "w") as fh:
-        fh.write(text.replace(json.dumps(doc["threshold"]), value, 1))
-    assert json.load(open(thr))["threshold"] != doc["threshold"]
-    capsys.readouterr()
-    assert search_cli.main(["--index", index_dir, "--query", f"{data}:test", "--k", "1",
-                            "--out", str(tmp / "r.jsonl")]) == 2
-    line = error_line(capsys)
-    assert thr in line and "threshold" in line
-    assert not (tmp / "r.jsonl").exists()
-
-
 def test_huge_float_queries_are_refused_not_an_empty_neighbour_list(setup, capsys):
     """adv1 finding: queries of 1e30 (floats not scaled to [0, 1]) gave squared distances
     that overflow float32 in faiss: every query printed "neighbours": [] with exit 0."""
@@ -480,58 +196,115 @@ def test_huge_float_queries_are_refused_not_an_empty_neighbour_list(setup, capsy
     assert [len(r["neighbours"]) for r in read_jsonl(tmp / "r.jsonl")] == [2, 2]
 
 
-def test_embed_refuses_non_finite_embeddings_naming_the_input(tmp_path, capsys):
-    """Finite inputs whose embeddings overflow (weights of ones: 4 x 3e38 = inf) are an
-    error naming the input, not a .npy of inf (embed only warned about values > 1)."""
-    from dist_triplet import embed as embed_cli
-    net = build_embedding_net(4, [4], final_relu=False)
-    initialize(net, 0.1, mx.cpu(), seed=0)
-    net[0].weight.set_data(mx.nd.ones((4, 4)))
-    net[0].bias.set_data(mx.nd.zeros(4))
-    export_model(net, str(tmp_path / "model"), mx.cpu(), 4)
-    inp, out = tmp_path / "x.npy", tmp_path / "e.npy"
-    np.save(inp, np.full((3, 4), 3e38, np.float32))
+# ----------------------------------------------------------------------------- issue 17 / 20
+
+def two_spellings(tmp):
+    """The same 2x2 images twice: an IDX directory (class names "0", "1", "2") and a .npz
+    whose classes have words for names (as fashion_mnist vs its IDX files)."""
+    pixels = np.array([(0, 0, 0, 0), (0, 0, 0, 9), (200, 0, 0, 0), (200, 9, 0, 0),
+                       (0, 200, 0, 0), (0, 200, 9, 0)], np.uint8)
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    write_split(tmp / "idx", "t10k", pixels, labels)
+    write_split(tmp / "idx", "train", pixels[:1], labels[:1])
+    np.savez(tmp / "named.npz", x=pixels.reshape(-1, 2, 2), y=labels,
+             classes=np.array(["apple", "boat", "cat"]))
+    return pixels, labels
+
+
+def test_labels_in_two_spellings_are_compared_by_class_id(tmp_path, capsys):
+    """Issue 17 (1): queries labelled "0".."2" against an index of the same data labelled
+    "apple".."cat" printed precision@1 nan and "correct": false everywhere."""
+    pixels, labels = two_spellings(tmp_path)
+    model = export_identity(tmp_path / "model")
+    assert index_cli.main(["--model", model, "--data", f"{tmp_path / 'named.npz'}:all",
+                           "--out", str(tmp_path / "ix")]) == 0
+    out = tmp_path / "r.jsonl"
     capsys.readouterr()
-    assert embed_cli.main(["--model", str(tmp_path / "model"), "--input", str(inp),
-                           "--output", str(out)]) == 2
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
-    assert len(err) == 1 and str(inp) in err[0] and "12 non-finite" in err[0], err
-    assert not out.exists()
+    assert search_cli.main(["--index", str(tmp_path / "ix"), "--query", f"{tmp_path / 'idx'}:test",
+                            "--k", "2", "--out", str(out)]) == 0
+    recs = read_jsonl(out)
+    err = capsys.readouterr().err
+    assert "compared by class id" in err and "precision@1 1.0000" in err
+    # Each query finds itself (distance 0, other id) first: right, and said on stderr.
+    assert [r["correct"] for r in recs] == [True] * 6
+    assert [r["neighbours"][0]["label"] for r in recs] == ["apple", "apple", "boat", "boat",
+                                                         "cat", "cat"]
+    assert "6 of 6 queries are gallery items or exact copies" in err
+    # A query set whose classes match the gallery neither by name nor by count: an error.
+    np.save(tmp_path / "q.npy", pixels.reshape(-1, 2, 2)[:2])
+    np.save(tmp_path / "ql.npy", np.array([7, 8]))
+    assert search_cli.main(["--index", str(tmp_path / "ix"), "--query", str(tmp_path / "q.npy"),
+                            "--labels", str(tmp_path / "ql.npy"), "--k", "1",
+                            "--out", str(tmp_path / "r2.jsonl")]) == 2
+    line = error_line(capsys)
+    assert "no query class is in the gallery" in line and "'apple'" in line and "'7'" in line
 
 
-def test_unlabelled_holdout_file_names_holdout_labels(setup, capsys):
-    """adv1 cosmetic: a --holdout file without labels said "pass --labels"."""
+def test_self_search_without_exclude_self_says_so(setup, capsys):
+    """Issue 17 (3): a gallery searched with its own data printed precision@1 1.0000 and
+    said nothing."""
     tmp, model, data, index_dir = setup
-    hold = tmp / "hold.npy"
-    np.save(hold, np.zeros((3, 4), np.float32))
     capsys.readouterr()
-    assert calibrate_cli.main(["--index", index_dir, "--data", f"{data}:test",
-                               "--holdout", str(hold)]) == 2
-    line = error_line(capsys)
-    assert str(hold) in line and "--holdout-labels" in line
+    assert search_cli.main(["--index", index_dir, "--query", f"{data}:train", "--k", "1",
+                            "--out", str(tmp / "r.jsonl")]) == 0
+    err = capsys.readouterr().err
+    assert "4 of 4 queries are gallery items" in err and "--exclude-self" in err
+    assert search_cli.main(["--index", index_dir, "--query", f"{data}:train", "--k", "1",
+                            "--exclude-self", "--out", str(tmp / "r2.jsonl")]) == 0
+    assert "gallery items" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("where", ["inside_a_file", "proc"])
-def test_index_out_and_embed_output_that_cannot_be_written_name_the_option(setup, capsys,
-                                                                           where):
-    """adv1 cosmetics: ``index --out`` under a file or on /proc named the hidden temp
-    directory; ``embed --output`` inside a file gave "[Errno 17] File exists"."""
-    from dist_triplet import embed as embed_cli
+def test_out_and_grid_follow_the_force_rule_and_make_missing_directories(setup, capsys):
+    """Issue 17 (5): search --out overwrote silently and refused missing directories."""
     tmp, model, data, index_dir = setup
-    if where == "proc":
-        if not os.path.isdir("/proc/self"):
-            pytest.skip("no /proc here")
-        base = "/proc/dist_triplet_test"
-    else:
-        (tmp / "afile").write_text("x")
-        base = str(tmp / "afile")
+    out = tmp / "new" / "dir" / "r.jsonl"
+    args = ["--index", index_dir, "--query", f"{data}:test", "--k", "1", "--out", str(out)]
+    assert search_cli.main(args) == 0 and out.exists()
+    out.write_text("keep me")
     capsys.readouterr()
-    out = f"{base}/ix"
-    assert index_cli.main(["--model", model, "--data", f"{data}:train", "--out", out]) == 2
-    line = error_line(capsys)
-    assert line.startswith(f"error: --out {out}: cannot write there: ") and ".tmp" not in line
-    emb = f"{base}/e.npy"
-    assert embed_cli.main(["--model", model, "--input", str(data / "t10k-images-idx3-ubyte"),
-                           "--output", emb]) == 2
-    line = error_line(capsys)
-    assert line.startswith(f"error: --output {emb}: cannot write there: "), line
+    assert search_cli.main(args) == 2
+    assert "already exists; pass --force" in error_line(capsys) and out.read_text() == "keep me"
+    assert search_cli.main(args + ["--force"]) == 0 and out.read_text() != "keep me"
+    (tmp / "g.png").write_text("x")
+    assert search_cli.main(args + ["--force", "--grid", str(tmp / "g.png")]) == 0
+    assert search_cli.main(args + ["--grid", str(tmp / "g.png")]) == 2
+
+
+def test_out_format_and_the_deprecated_format_alias(setup, capsys):
+    """Issue 20: one spelling per meaning; the old --format still works, with one line."""
+    tmp, model, data, index_dir = setup
+    base = ["--index", index_dir, "--query", f"{data}:test", "--k", "1"]
+    assert search_cli.main(base + ["--out-format", "csv", "--out", str(tmp / "a.csv")]) == 0
+    capsys.readouterr()
+    assert search_cli.main(base + ["--format", "csv", "--out", str(tmp / "b.csv")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err.count("warning: --format is deprecated; use --out-format") == 1
+    assert (tmp / "a.csv").read_text() == (tmp / "b.csv").read_text()
+    assert index_cli.main(["--model", model, "--data", f"{data}:train", "--format", "idx",
+                           "--out", str(tmp / "ix2")]) == 0
+    assert "warning: --format is deprecated; use --data-format" in capsys.readouterr().err
+
+
+def test_grid_draws_queries_from_every_class():
+    """Issue 20: --grid showed only the first class's queries (rows are class-major)."""
+    from dist_triplet.retrieval.search import grid_queries
+    codes = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, -2])
+    assert grid_queries(codes, 10, 5).tolist() == [9, 0, 4, 7, 1]   # each class once first
+    assert grid_queries(None, 10, 3).tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("name", ["index", "search", "calibrate", "embed"])
+def test_usage_names_the_command_as_invoked(name, monkeypatch, capsys):
+    """Issue 20: console scripts printed ``usage: python -m dist_triplet.X``."""
+    import importlib
+    import subprocess
+    import sys
+    main = importlib.import_module(f"dist_triplet.{name}").main
+    monkeypatch.setattr(sys, "argv", [f"/venv/bin/dist-triplet-{name}"])
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith(f"usage: dist-triplet-{name} ")
+    if name == "search":
+        got = subprocess.run([sys.executable, "-m", f"dist_triplet.{name}", "--help"],
+                             capture_output=True, text=True, check=True).stdout
+        assert got.startswith(f"usage: python -m dist_triplet.{name} ")

@@ -23,7 +23,7 @@ from dist_triplet import embed as embed_cli  # noqa: E402
 from dist_triplet import index as index_cli  # noqa: E402
 from dist_triplet import search as search_cli  # noqa: E402
 from dist_triplet.data.images import read_image  # noqa: E402
-from dist_triplet.index import Index  # noqa: E402
+from dist_triplet.retrieval.index import Index  # noqa: E402
 
 CLASSES, PER_CLASS, SIDE = 3, 10, 16
 NAMES = ["apple", "boat", "cat"]
@@ -119,7 +119,7 @@ def test_folder_run_gallery_and_queries_by_path(folder_run, tmp_path, capsys):
     assert all(r["query"].split("/")[0] == r["query_label"] for r in recs)
     # Neighbours: a plain loop over the index's vectors and embed's query embeddings.
     emb = tmp_path / "q.npy"
-    assert embed_cli.main(["--model", str(run), "--input", f"{run}:test", "--output",
+    assert embed_cli.main(["--model", str(run), "--input", f"{run}:test", "--out",
                            str(emb), "--batch-size", "2048"]) == 0
     want = nearest_by_loop(np.load(emb), ix.vectors())
     assert [r["neighbours"][0]["id"] for r in recs] == [ix.ids[j] for j in want]
@@ -151,25 +151,33 @@ def test_explicit_folder_and_csv_specs(folder_run, tmp_path, capsys):
                            "--out", str(tmp_path / "b")]) == 0
     assert Index.load(str(tmp_path / "a")).ids == Index.load(str(tmp_path / "b")).ids
     # :all = every file, in class-folder order; --set split=classes changes nothing there.
-    assert index_cli.main(["--model", model, "--data", f"{tmp / 'shots'}:all", "--format",
+    assert index_cli.main(["--model", model, "--data", f"{tmp / 'shots'}:all", "--data-format",
                            "folder", "--mode", "RGB", "--set", "split=classes",
                            "--out", str(tmp_path / "c")]) == 0
     ix = Index.load(str(tmp_path / "c"))
     assert ix.ids == [os.path.relpath(p, tmp / "shots") for p in paths]
     # A CSV of the same files, paths relative to the CSV: those paths are the ids. Its
-    # ids differ from the folder's, so --exclude-self leaves nothing out: each query's
-    # nearest item is its own file, at distance 0.
+    # ids differ from the folder's: each query's nearest item is its own file, at
+    # distance 0, and stderr says so (issue 17 (3)); --exclude-self, which would leave
+    # nothing out, is an error naming both id forms (issue 17 (1)).
     rows = [(os.path.relpath(p, tmp), lab) for p, lab in
             zip(paths, np.repeat(np.arange(CLASSES), PER_CLASS))]
     write_csv(tmp / "list.csv", rows)
     out = tmp_path / "r.jsonl"
+    capsys.readouterr()
     assert search_cli.main(["--index", str(tmp_path / "c"), "--query",
-                            f"{tmp / 'list.csv'}:all", "--k", "1", "--exclude-self",
-                            "--out", str(out)]) == 0
+                            f"{tmp / 'list.csv'}:all", "--k", "1", "--out", str(out)]) == 0
     recs = read_jsonl(out)
     assert [r["query"] for r in recs] == [p for p, _ in rows]
     assert [r["neighbours"][0]["id"] for r in recs] == [p[len("shots/"):] for p, _ in rows]
     assert all(r["neighbours"][0]["sq_l2"] == 0.0 for r in recs)
+    assert "30 of 30 queries are gallery items or exact copies" in capsys.readouterr().err
+    assert search_cli.main(["--index", str(tmp_path / "c"), "--query",
+                            f"{tmp / 'list.csv'}:all", "--k", "1", "--exclude-self",
+                            "--out", str(tmp_path / "r2.jsonl")]) == 2
+    line = error_line(capsys)
+    assert "--exclude-self" in line and repr(rows[0][0]) in line
+    assert not (tmp_path / "r2.jsonl").exists()
 
 
 def test_features_run(features_run, tmp_path, capsys):
@@ -191,13 +199,13 @@ def test_features_run(features_run, tmp_path, capsys):
     assert index_cli.main(["--model", model, "--data", f"{run}:test",
                            "--out", str(tmp_path / "t")]) == 0
     assert search_cli.main(["--index", str(tmp_path / "t"), "--query", f"{run}:test",
-                            "--k", "1", "--exclude-self", "--out", str(out)]) == 0
+                            "--k", "1", "--exclude-self", "--out", str(out), "--force"]) == 0
     recs = read_jsonl(out)
     final = json.load(open(run / "metrics.json"))["final"]["precision_at_1"]
     assert float(np.mean([r["correct"] for r in recs])) == final
     # A .npy of (N, D) features embeds like the run's rows.
     np.save(tmp_path / "f.npy", x[:5])
-    assert embed_cli.main(["--model", model, "--input", str(tmp_path / "f.npy"), "--output",
+    assert embed_cli.main(["--model", model, "--input", str(tmp_path / "f.npy"), "--out",
                            str(tmp_path / "e.npy")]) == 0
     assert np.load(tmp_path / "e.npy").shape == (5, ix.dim)
 
@@ -224,10 +232,10 @@ def test_query_shapes_are_checked_against_the_models_meta(folder_run, features_r
     np.save(tmp_path / "flat.npy", np.zeros((2, SIDE * SIDE * 3), np.uint8))
     for name in ("ok.npy", "flat.npy"):
         assert embed_cli.main(["--model", model, "--input", str(tmp_path / name),
-                               "--output", str(tmp_path / "e.npy")]) == 0
+                               "--out", str(tmp_path / f"e-{name}")]) == 0
     # The run's own folder resized: the model's images are 16 x 16.
     assert embed_cli.main(["--model", model, "--input", f"{tmp / 'shots'}:all",
-                           "--image-size", "8", "--output", str(tmp_path / "e2.npy")]) == 2
+                           "--image-size", "8", "--out", str(tmp_path / "e2.npy")]) == 2
     line = error_line(capsys)
     assert "8x8x3" in line and "16x16x3" in line and "shots" in line
     assert not (tmp_path / "e2.npy").exists()
@@ -235,7 +243,7 @@ def test_query_shapes_are_checked_against_the_models_meta(folder_run, features_r
     ftmp, frun, _ = features_run
     np.save(tmp_path / "img8.npy", np.zeros((3, 2, 4), np.uint8))
     assert embed_cli.main(["--model", str(frun / "model"), "--input",
-                           str(tmp_path / "img8.npy"), "--output",
+                           str(tmp_path / "img8.npy"), "--out",
                            str(tmp_path / "e3.npy")]) == 2
     line = error_line(capsys)
     assert "img8.npy" in line and "8-D features" in line and "2x4x1 images" in line
@@ -269,6 +277,10 @@ def test_by_class_run_grey_images(tmp_path, capsys):
     recs = read_jsonl(out)
     final = json.load(open(run / "metrics.json"))["final"]["precision_at_1"]
     assert float(np.mean([r["correct"] for r in recs])) == final
+    # Issue 17 (6): the folder itself, without --mode L: the model's meta.json says 1 channel.
+    assert index_cli.main(["--model", model, "--data", f"{tmp_path / 'shots'}:all",
+                           "--out", str(tmp_path / "folder")]) == 0
+    assert Index.load(str(tmp_path / "folder")).images.shape == (30, 12, 12)
 
 
 def test_data_options_need_a_data_path_and_a_moved_run_names_its_config(folder_run, tmp_path,

@@ -82,10 +82,23 @@ def load_cached(source: Source, cache_dir: str, protocol: str, test_fraction: fl
             is left in the cache.
         OSError: ``cache_dir`` cannot be created or written (message names it).
     """
+    created = not os.path.isdir(cache_dir)
     try:
         os.makedirs(cache_dir, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"data.cache_dir={cache_dir!r} cannot be created: {exc}") from None
+    try:
+        return _load_or_write(source, cache_dir, protocol, test_fraction, seed, settings)
+    except BaseException:
+        if created:  # a failed read leaves no trace: not even the directory it made
+            try:
+                os.rmdir(cache_dir)
+            except OSError:     # another process wrote an entry there meanwhile
+                pass
+        raise
+
+
+def _load_or_write(source, cache_dir, protocol, test_fraction, seed, settings):
     entry = entry_path(cache_dir, source, settings)
     if os.path.isfile(os.path.join(entry, _META)):
         return _open_entry(entry)

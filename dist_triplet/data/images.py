@@ -181,8 +181,9 @@ def folder_source(root: str, mode: str = "RGB",
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
-        ValueError: no class folders; an empty class folder; only one class; an
-            unreadable first image (each message names the folder or file).
+        ValueError: no class folders; an empty class folder; an unreadable first image
+            (each message names the folder or file). One class is fine here (a gallery);
+            training needs two (:func:`.split.check_training`).
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root}: image folder does not exist")
@@ -190,9 +191,6 @@ def folder_source(root: str, mode: str = "RGB",
         root) else {"all": root}
     scanned = {name: _scan_classes(d) for name, d in layout.items()}
     names = sorted(set().union(*[set(s) for s in scanned.values()]))
-    if len(names) < 2:
-        raise ValueError(f"{root}: image folder holds one class ({names[0]!r}); triplets need "
-                         "at least 2 class folders (a negative comes from another class)")
     ids = {n: i for i, n in enumerate(names)}
     parts, files_all = {}, []
     for name, classes in scanned.items():

@@ -257,9 +257,11 @@ def _name(class_id: int, class_names) -> str:
 
 def _check_two_classes(split: Split, what: str, classes: np.ndarray) -> None:
     if classes.size < 2:
+        names = [_name(int(c), split.class_names) for c in classes]
         raise ValueError(f"{what} split ({split.source}): triplets need at least 2 classes (a "
                          f"negative must come from another class); found {classes.size} "
-                         f"class(es): {classes.tolist()}")
+                         f"class(es): {classes.tolist()}"
+                         + (f" = {', '.join(names)}" if names != [str(c) for c in classes] else ""))
 
 
 def check_training(split: Split) -> None:

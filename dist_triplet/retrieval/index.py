@@ -1,0 +1,318 @@
+"""A saved nearest-neighbour index over a gallery of embeddings: build, save, load, search
+(the package docstring shows the Python API).
+
+On disk (``INDEX_DIR``), written under a temporary name, fsynced and renamed (a reader
+sees no index or a whole one):
+
+    index.faiss   the faiss index (squared L2; flat, hnsw or ivf: neighbours.build_faiss)
+    labels.npy    (N,) int64 class ids (-1: unknown)
+    ids.json      {"ids": [N item ids], "class_names": [...] or null}
+    images.npy    (N, h, w) or (N, h, w, 3) uint8 thumbnails, at most THUMB pixels a side
+                  (image data only; ``--no-thumbnails`` skips them)
+    meta.json     :class:`IndexMeta`, checked field by field against its types on load
+
+``index_id`` is a sha256 over the content files; a calibrated threshold records it.
+Distances are squared Euclidean distances in embedding units (the triplet margin's).
+Search is :func:`.neighbours.knn`: exact with ties to the lower gallery position for a
+flat index (so leave-one-out over a run's test set reproduces its Precision@1), the
+re-ranked candidates of faiss for hnsw / ivf (recall@10 measured at build time).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..fsutil import atomic_dir, check_can_write
+from .neighbours import build_faiss, knn, recall_at_k
+from .model import sha256_file
+
+__all__ = ["Index", "IndexMeta", "ModelRef", "IndexInputError", "thumbnails", "FORMAT",
+           "THUMB", "check_out"]
+
+FORMAT = "dist_triplet.index/2"
+THUMB = 32                      # thumbnails: at most this many pixels a side
+_CONTENT = ("index.faiss", "labels.npy", "ids.json")      # hashed into index_id
+
+
+class IndexInputError(ValueError):
+    """Bad index directory or request (the message names the file and the value)."""
+
+
+@dataclass
+class ModelRef:
+    """The model an index was built with: its export directory, the sha256 of its
+    parameters file (search and calibrate refuse another) and its input width."""
+
+    dir: str
+    params_sha256: str
+    input_units: int = 0
+
+
+@dataclass
+class IndexMeta:
+    """meta.json of an index directory (module docstring)."""
+
+    kind: str                                  # flat | hnsw | ivf
+    dim: int                                   # D
+    count: int                                 # N
+    model: ModelRef
+    params: Dict[str, int] = field(default_factory=dict)   # hnsw M/efSearch, ivf nlist/nprobe
+    data: str = ""                             # the data spec the gallery came from
+    input: Optional[str] = None                # images | features
+    image_shape: Optional[List[int]] = None    # of the model's input images
+    recall: Optional[Dict[str, float]] = None  # hnsw / ivf: recall_at_k, k, queries
+    time_embed_s: float = 0.0
+    time_build_s: float = 0.0
+    metric: str = "squared L2 (embedding units)"
+    format: str = FORMAT
+    files: Dict[str, str] = field(default_factory=dict)    # name -> sha256
+    index_id: str = ""
+
+    @classmethod
+    def from_json(cls, doc, where: str) -> "IndexMeta":
+        """The meta of ``doc``; IndexInputError naming ``where`` and the key when a key is
+        missing or holds a value of another type (an edited or damaged index)."""
+        return _typed(cls, doc, where, "")
+
+
+def _typed(cls, doc, where: str, prefix: str):
+    """``cls`` (a dataclass) from ``doc``, each field checked against its type hint."""
+    if not isinstance(doc, dict):
+        raise IndexInputError(f"{where}: {prefix.rstrip('.') or 'meta.json'} is not a JSON object")
+    hints, values = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if f.name not in doc:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise IndexInputError(f"{where}: key {key!r} missing: corrupt or edited index; "
+                                      "rebuild it with dist_triplet.index")
+            continue
+        value, hint = doc[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            value = _typed(hint, value, where, key + ".")
+        elif not _fits(value, hint):
+            raise IndexInputError(f"{where}: key {key!r} is {value!r}, expected {hint}: corrupt "
+                                  "or edited index; rebuild it with dist_triplet.index")
+        values[f.name] = value
+    return cls(**values)
+
+
+def _fits(value, hint) -> bool:
+    """Whether a JSON value fits a type hint (int/float/str/bool, Optional, List, Dict)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) and _fits(v, args[1])
+                                               for k, v in value.items())
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+
+
+def thumbnails(x: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
+    """uint8 thumbnails of rows ``x`` (N, F) float32 in [0, 1] of images ``image_shape``
+    ((H, W) or (H, W, C)): (N, h, w[, C]), each side at most ``THUMB``, by averaging
+    f x f pixel blocks, f = ceil(max(H, W) / THUMB) (the last partial blocks dropped)."""
+    shape = tuple(image_shape)
+    img = x.reshape((len(x),) + shape + (() if len(shape) == 3 else (1,)))
+    f = -(-max(shape[:2]) // THUMB)
+    h, w = shape[0] // f, shape[1] // f
+    img = img[:, :h * f, :w * f].reshape(len(x), h, f, w, f, img.shape[3]).mean(axis=(2, 4))
+    out = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
+    return out[..., 0] if out.shape[3] == 1 else out
+
+
+def check_out(out: str, force: bool, what: str = "--out") -> None:
+    """The rule of every command's output: refuse an existing ``out`` without ``force``
+    (and, with it, a directory that is not an index), make missing parent directories,
+    and prove they can be written -- before any work."""
+    if os.path.exists(out) and not force:
+        raise ValueError(f"{what} {out} already exists; pass --force to replace it")
+    check_can_write(out, what)
+
+
+class Index:
+    """A gallery index in memory (module docstring). Attributes: ``meta``
+    (:class:`IndexMeta`), ``faiss``, ``labels`` (N,) int64 (-1 unknown), ``ids`` (N str),
+    ``class_names`` (tuple or None), ``images`` thumbnails or None, ``dir`` once saved or
+    loaded."""
+
+    def __init__(self, meta: IndexMeta, index, labels, ids, class_names, images, path=None):
+        self.meta, self.faiss, self.labels, self.ids = meta, index, labels, list(ids)
+        self.class_names, self.images, self.dir = class_names, images, path
+        self._vectors = None
+
+    def __len__(self) -> int:
+        return int(self.faiss.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.faiss.d)
+
+    @property
+    def index_id(self) -> str:
+        return self.meta.index_id
+
+    @classmethod
+    def build(cls, embeddings, labels=None, ids=None, class_names=None, *, kind: str = "flat",
+              images: Optional[np.ndarray] = None, model: Optional[ModelRef] = None,
+              data: str = "", hnsw_m: int = 32, ef_search: int = 64, nprobe: int = 16,
+              seed: int = 0) -> "Index":
+        """An index over ``embeddings`` (N, D) float32 (:func:`.neighbours.build_faiss`;
+        an approximate kind measures its recall@10 on 1,000 gallery items).
+
+        ``labels`` (N,) int (-1 / None: unknown), ``ids`` N strings (default row
+        numbers), ``class_names`` per class id, ``images`` (N, h, w[, c]) uint8
+        thumbnails or None, ``model`` the :class:`ModelRef` written to meta.json.
+        """
+        import time
+        t0 = time.perf_counter()
+        index, params = build_faiss(embeddings, kind, hnsw_m=hnsw_m, ef_search=ef_search,
+                                    nprobe=nprobe, seed=seed)
+        n = int(index.ntotal)
+        recall = None if kind == "flat" else recall_at_k(index, embeddings, seed=seed)
+        meta = IndexMeta(kind=kind, dim=int(index.d), count=n, params=params, data=data,
+                         model=model or ModelRef("", ""), recall=recall,
+                         time_build_s=round(time.perf_counter() - t0, 3))
+        labels = np.full(n, -1, np.int64) if labels is None else np.asarray(labels, np.int64)
+        ids = [str(i) for i in range(n)] if ids is None else list(ids)
+        if labels.shape != (n,) or len(ids) != n:
+            raise ValueError(f"{n} embeddings but {labels.shape} labels and {len(ids)} ids")
+        return cls(meta, index, labels, ids, None if class_names is None else
+                   tuple(class_names), images)
+
+    def save(self, out: str, force: bool = False) -> "Index":
+        """Write the directory ``out`` atomically (module docstring); an existing one is
+        replaced only with ``force`` and only if it is an index. Sets ``meta.files``,
+        ``meta.index_id`` and ``dir``; returns self."""
+        import faiss
+        if os.path.exists(out) and force and (not os.path.isdir(out) or (
+                os.listdir(out) and not os.path.isfile(os.path.join(out, "index.faiss")))):
+            raise ValueError(f"--out {out} exists and is not an index directory; "
+                             "--force replaces only an index")
+        check_out(out, force)
+        with atomic_dir(out) as tmp:
+            faiss.write_index(self.faiss, os.path.join(tmp, "index.faiss"))
+            np.save(os.path.join(tmp, "labels.npy"), self.labels)
+            with open(os.path.join(tmp, "ids.json"), "w") as fh:
+                json.dump({"ids": self.ids, "class_names": None if self.class_names is None
+                           else list(self.class_names)}, fh)
+            if self.images is not None:
+                np.save(os.path.join(tmp, "images.npy"), self.images)
+            files = {f: sha256_file(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+            self.meta.files = files
+            self.meta.index_id = hashlib.sha256("".join(files[f] for f in _CONTENT)
+                                                .encode()).hexdigest()
+            with open(os.path.join(tmp, "meta.json"), "w") as fh:
+                json.dump(asdict(self.meta), fh, indent=1)
+        self.dir = os.path.abspath(out)
+        return self
+
+    @classmethod
+    def load(cls, path: str) -> "Index":
+        """Load and verify ``path``. Raises IndexInputError naming the file: a missing
+        directory or file, meta.json that is not valid or not of :class:`IndexMeta`'s
+        types, a file whose sha256 differs (corrupt or edited), a count or width that
+        does not match the files."""
+        import faiss
+        if not os.path.isdir(path):
+            raise IndexInputError(f"index directory {path} does not exist (build one with "
+                                  "python -m dist_triplet.index)")
+        meta_path = os.path.join(path, "meta.json")
+        try:
+            with open(meta_path) as fh:
+                doc = json.load(fh)
+        except FileNotFoundError:
+            raise IndexInputError(f"{meta_path} is missing: {path} is not an index "
+                                  "directory") from None
+        except ValueError as exc:
+            raise IndexInputError(f"{meta_path}: not valid JSON ({exc}): corrupt index") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            found = doc.get("format") if isinstance(doc, dict) else doc
+            raise IndexInputError(f"{meta_path}: format {found!r} is not {FORMAT!r}; rebuild "
+                                  "the index with python -m dist_triplet.index")
+        meta = IndexMeta.from_json(doc, meta_path)
+        for name in _CONTENT:
+            if name not in meta.files:
+                raise IndexInputError(f"{meta_path}: lists no {name}: corrupt index")
+        for name, digest in meta.files.items():
+            fpath = os.path.join(path, name)
+            if not os.path.isfile(fpath):
+                raise IndexInputError(f"{fpath} is missing: incomplete index directory")
+            if sha256_file(fpath) != digest:
+                raise IndexInputError(f"{fpath}: sha256 differs from meta.json's: the file is "
+                                      "corrupt or was changed after the index was built")
+        try:
+            index = faiss.read_index(os.path.join(path, "index.faiss"))
+            labels = np.load(os.path.join(path, "labels.npy"), allow_pickle=False)
+            with open(os.path.join(path, "ids.json")) as fh:
+                ids = json.load(fh)
+            images = (np.load(os.path.join(path, "images.npy"), mmap_mode="r")
+                      if "images.npy" in meta.files else None)
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise IndexInputError(f"{path}: cannot read the index: "
+                                  f"{str(exc).splitlines()[0]}") from None
+        n = int(index.ntotal)
+        if (meta.count, meta.dim) != (n, int(index.d)) or labels.shape != (n,) \
+                or len(ids.get("ids", [])) != n:
+            raise IndexInputError(f"{meta_path}: count {meta.count} and dim {meta.dim}, but "
+                                  f"index.faiss holds {n} x {index.d}, labels.npy "
+                                  f"{labels.shape[0]}, ids.json {len(ids.get('ids', []))}: "
+                                  "corrupt or edited index; rebuild it")
+        if meta.kind == "hnsw":
+            index.hnsw.efSearch = int(meta.params.get("efSearch", 64))
+        elif meta.kind == "ivf":
+            index.nprobe = int(meta.params.get("nprobe", 16))
+        names = ids.get("class_names")
+        return cls(meta, index, labels, ids["ids"], None if names is None else tuple(names),
+                   images, os.path.abspath(path))
+
+    def vectors(self) -> np.ndarray:
+        """(N, D) float32 gallery vectors (reconstructed from the faiss index once)."""
+        if self._vectors is None:
+            if self.meta.kind == "ivf":
+                self.faiss.make_direct_map()
+            self._vectors = self.faiss.reconstruct_n(0, len(self))
+        return self._vectors
+
+    def label_name(self, label: int) -> Optional[str]:
+        return None if label < 0 or self.class_names is None else self.class_names[label]
+
+    def search(self, queries, k: int, exclude: Optional[np.ndarray] = None,
+               progress: Optional[str] = None) -> tuple:
+        """Top-``k`` gallery items of each query (:func:`.neighbours.knn`).
+
+        Args:
+            queries: (M, D) float32 embeddings of this index's model.
+            k: 1 <= k <= N (N - 1 when excluding).
+            exclude: (M,) int64 gallery position left out per query (-1: none).
+            progress: title of a progress bar over the search (on a terminal).
+
+        Returns:
+            (dist (M, k) float64 squared L2 in embedding units, pos (M, k) int64 gallery
+            positions, -1 / inf where an approximate index found fewer).
+
+        Raises:
+            IndexInputError: another width than D, or k out of range.
+        """
+        q = np.asarray(queries)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise IndexInputError(f"queries have shape {q.shape}, the index {self.dir} holds "
+                                  f"{self.dim}-wide embeddings")
+        try:
+            return knn(q, self.vectors(), k, exclude=exclude, progress=progress,
+                       index=None if self.meta.kind == "flat" else self.faiss)
+        except ValueError as exc:
+            raise IndexInputError(f"{self.dir}: {exc}") from None

@@ -1,0 +1,101 @@
+"""An exported embedding network (:mod:`dist_triplet.export`), loaded for inference.
+
+meta.json (written by the export) records the model's input: ``input_units`` F, and
+``image_shape`` (H, W, C) for images -- C channels, Pillow mode L (1) or RGB (3) -- or
+null for features; :class:`~.specs.ModelInput` reads it and every data spec is checked
+against it. ``embedding_dim`` D is the output width.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import numpy as np
+
+from ..export import load_model, model_files, mxnet_error_line, read_meta
+from .specs import ModelInput
+
+__all__ = ["Model", "sha256_file", "MAX_SQ_NORM"]
+
+# faiss and the float32 candidate search compute |q|^2 + |x|^2 - 2 q.x: it must stay
+# below float32's largest value (else inf and no neighbour).
+MAX_SQ_NORM = float(np.finfo(np.float32).max) / 8
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Model:
+    """An export directory (or a run directory holding ``model/``), loaded on ``ctx``.
+
+    Attributes: ``dir`` (absolute), ``block`` (``gluon.SymbolBlock``: (B, F) float32 ->
+    (B, D) float32), ``input`` (:class:`ModelInput`), ``dim`` D (or None), ``params_sha256``.
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`dist_triplet.export.load_model`; a
+            meta.json ``input_units`` that is not a positive integer.
+    """
+
+    def __init__(self, path: str, ctx=None):
+        if not os.path.isfile(model_files(path)[0]) and os.path.isfile(
+                model_files(os.path.join(path, "model"))[0]):
+            path = os.path.join(path, "model")            # a run directory
+        self.dir = os.path.abspath(path)
+        self.block = load_model(self.dir, ctx)
+        self.ctx = ctx
+        _, params, meta_path = model_files(self.dir)
+        meta = read_meta(self.dir)
+        units = meta.get("input_units")
+        if units is None:  # exports by other tools: the first 2-D weight's input width
+            units = next((int(p.shape[1]) for p in self.block.collect_params().values()
+                          if p.name.endswith("weight") and len(p.shape) == 2), None)
+        if isinstance(units, bool) or not isinstance(units, int) or units < 1:
+            raise ValueError(f"{meta_path}: expected input_units a positive integer, "
+                             f"found {units!r}")
+        self.input = ModelInput.from_meta(units, meta, meta_path)
+        self.dim = meta.get("embedding_dim")
+        self.params_sha256 = sha256_file(params)
+
+    def embed(self, x: np.ndarray, batch_size: int = 2048, desc: str = "embedding",
+              source: str = "input") -> np.ndarray:
+        """(N, F) float32 -> (N, D) float32 in batches (a tqdm bar on a terminal).
+        ``batch_size`` 2048 = eval.batch_size's default, so the embeddings are the
+        evaluator's. Raises ValueError naming ``source`` when the model fails on the
+        rows or gives non-finite values or squared norms beyond ``MAX_SQ_NORM``."""
+        import mxnet as mx
+        from tqdm import tqdm
+
+        from ..model import embed
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        ctx = self.ctx if self.ctx is not None else mx.cpu()
+        out = []
+        with tqdm(total=len(x), desc=desc, unit="item", disable=not sys.stderr.isatty(),
+                  leave=False) as bar:
+            for start in range(0, len(x), batch_size):
+                try:
+                    out.append(embed(self.block, x[start:start + batch_size], ctx, batch_size))
+                except mx.base.MXNetError as exc:
+                    raise ValueError(f"the model in {self.dir} failed on {source}: "
+                                     f"{mxnet_error_line(exc)}") from None
+                bar.update(len(out[-1]))
+        emb = np.concatenate(out).astype(np.float32, copy=False) if out else \
+            np.zeros((0, self.dim or 0), np.float32)
+        bad = int(np.count_nonzero(~np.isfinite(emb)))
+        if bad:
+            raise ValueError(f"{source}: the model in {self.dir} gave {bad} non-finite "
+                             "embedding values (NaN or infinite): are the inputs scaled as in "
+                             "training (pixels / 255 in [0, 1])?")
+        sq = np.einsum("ij,ij->i", emb.astype(np.float64), emb.astype(np.float64))
+        big = ~(sq <= MAX_SQ_NORM)
+        if big.any():
+            raise ValueError(f"{source}: {int(big.sum())} of {len(sq)} embeddings have squared "
+                             f"norm up to {float(sq.max()):.3g}, beyond {MAX_SQ_NORM:.3g}, where "
+                             "squared distances overflow float32: are the inputs scaled as in "
+                             "training (pixels / 255 in [0, 1])?")
+        return emb

@@ -1,0 +1,292 @@
+"""The one neighbour engine: the k nearest gallery items by squared L2, ties to the lower index.
+
+Everything in the package that ranks neighbours calls :func:`knn`: the evaluation's
+metrics (:mod:`.metrics`), the saved index and search (:mod:`.index`), calibrate and the
+run report. As pytorch-metric-learning's ``utils/inference.py`` (``FaissKNN``), faiss
+proposes the candidates (``IndexFlatL2``: exact; ``hnsw`` / ``ivf``: approximate,
+:func:`build_faiss`); unlike it, the order is defined to the last bit.
+
+The ranking key of a query q and a gallery item x (both taken as float32) is
+``key = sum_d (q_d - x_d)^2`` in float64 (the differences are exact; the squares and the
+sum round by at most (D + 1) 2^-53 relative), set to exactly 0 when it is at most
+``SNAP (||q||^2 + ||x||^2)``: below what a float expansion can tell from 0, so the rows of
+a collapsed network, equal up to a few ulps, tie. Equal keys go to the lower gallery index.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional, Tuple
+
+import numpy as np
+
+__all__ = ["KINDS", "SNAP", "knn", "build_faiss", "recall_at_k", "check_matrix"]
+
+KINDS = ("flat", "hnsw", "ivf")
+SNAP = 1e-10           # keys at or below SNAP (||q||^2 + ||x||^2) are 0 (module docstring)
+_U32, _U64 = 2.0 ** -24, 2.0 ** -53
+_BLOCK = 1 << 22       # values per block of the NumPy pass and of the re-ranking gathers
+
+
+def check_matrix(values, name: str) -> np.ndarray:
+    """``values`` as a finite 2-D float32 array; ValueError naming ``name`` otherwise."""
+    arr = np.asarray(values)
+    if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise ValueError(f"{name} must be a 2-D numeric array (N, D), got shape {arr.shape} "
+                         f"dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    bad = int(np.count_nonzero(~np.isfinite(arr)))
+    if bad:
+        raise ValueError(f"{name} hold {bad} non-finite values (NaN or infinite)")
+    return arr
+
+
+def _pair_keys(q, g, q_sq, g_sq, qi: np.ndarray, gi: np.ndarray) -> np.ndarray:
+    """Ranking keys of the pairs (q[qi], g[gi]): (M,) float64, gathered in blocks; q_sq,
+    g_sq: the rows' float64 squared norms, for the snap to 0."""
+    out = np.empty(len(qi))
+    step = max(1, _BLOCK // q.shape[1])
+    for s in range(0, len(qi), step):
+        a, b = qi[s:s + step], gi[s:s + step]
+        diff = q[a].astype(np.float64) - g[b]
+        d = np.einsum("ij,ij->i", diff, diff)
+        d[d <= SNAP * (q_sq[a] + g_sq[b])] = 0.0
+        out[s:s + step] = d
+    return out
+
+
+def _top_k_ties(keys: np.ndarray, k: int) -> np.ndarray:
+    """The k smallest columns of each row of ``keys`` (B, N), ordered by (key, column).
+
+    ``argpartition`` alone picks an arbitrary subset of the columns tied with the k-th
+    value, so the k-th value t is found and the set rebuilt: every column below t, then
+    the lowest columns equal to t until k. Requires k finite values per row."""
+    b, _ = keys.shape
+    t = np.partition(keys, k - 1, axis=1)[:, k - 1:k]
+    below, equal = keys < t, keys == t
+    need = k - below.sum(axis=1, keepdims=True)
+    cols = np.nonzero(below | (equal & (np.cumsum(equal, axis=1) <= need)))[1].reshape(b, k)
+    order = np.argsort(np.take_along_axis(keys, cols, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(cols, order, axis=1)
+
+
+def _exact_rows(q: np.ndarray, g: np.ndarray, g_sq: np.ndarray, k: int,
+                exclude: np.ndarray) -> np.ndarray:
+    """Exact top k of queries ``q`` (B, D) over the whole gallery, by NumPy (see knn)."""
+    out = np.empty((len(q), k), np.int64)
+    g64 = g.astype(np.float64)
+    step = max(1, _BLOCK // max(len(g), 1))
+    for s in range(0, len(q), step):
+        qb = q[s:s + step].astype(np.float64)
+        q_sq = np.einsum("ij,ij->i", qb, qb)
+        scale = q_sq[:, None] + g_sq[None, :]
+        approx = scale - 2.0 * (qb @ g64.T)
+        err = 2 * (g.shape[1] + 8) * _U64 * scale
+        zero = approx + err <= SNAP * (1 - 1e-9) * scale          # key certainly 0
+        lo = np.where(zero, 0.0, approx - err)
+        hi = np.where(zero, 0.0, approx + err)
+        rows, ex = np.flatnonzero(exclude[s:s + step] >= 0), exclude[s:s + step]
+        lo[rows, ex[rows]] = hi[rows, ex[rows]] = np.inf
+        cand = lo <= np.partition(hi, k - 1, axis=1)[:, k - 1:k]  # may reach the top k
+        keys = np.where(zero & cand, 0.0, np.inf)
+        r, c = np.nonzero(cand & ~zero)
+        keys[r, c] = _pair_keys(q[s:s + step], g, q_sq, g_sq, r, c)
+        out[s:s + step] = _top_k_ties(keys, k)
+    return out
+
+
+def knn(query, gallery, k: int, *, exclude: Optional[np.ndarray] = None, index=None,
+        distances: bool = True, progress: Optional[str] = None
+        ) -> Tuple[Optional[np.ndarray], np.ndarray]:
+    """The k nearest gallery items of each query: squared L2, ties to the lower index.
+
+    Why re-ranking only the uncertain candidates in float64 is exact: faiss's float32
+    distance ``f = ||q||^2 + ||x||^2 - 2 q.x`` lies within
+    ``tol = 2 (D + 8) 2^-24 (||q||^2 + max ||x||^2) + SNAP (...)`` of the key (exact
+    search: q and x centred on the gallery's mean first, which keeps distances and
+    shrinks the norms, hence the bound; the extra 8 u cover that rounding) (a D-term dot
+    product errs by at most gamma_D sum |q_d x_d| <= gamma_D (||q||^2 + ||x||^2) / 2,
+    Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed., 3.1; the snap to 0
+    moves a key by at most SNAP (...)). Sort the m candidates by f. Where two consecutive
+    values differ by more than 2 tol, every key before the gap is below every key after
+    it, including the keys of the items faiss did not return (their f is at least the
+    last candidate's). So the order is certain except inside runs of candidates linked
+    by gaps <= 2 tol: only those get exact keys and are re-sorted by (key, index). A
+    query whose k-th candidate's run reaches the last candidate (a near-collapse, or
+    many exact ties) is searched again over the whole gallery by NumPy: a float64 GEMM
+    bounds every key within 2 (D + 8) 2^-53 (||q||^2 + ||x||^2), pairs that bound puts
+    below the snap are 0 with no more work, and the others that could reach the top k
+    get their exact key. An approximate ``index`` (hnsw, ivf) gets the same re-ranking
+    of what it returns, but may miss items: its result is not exact.
+
+    Args:
+        query: (Q, D) float (taken as float32, as faiss takes it), finite.
+        gallery: (N, D) like ``query``; the rows ``index`` holds, in its order.
+        k: neighbours per query, 1 <= k <= N (N - 1 when anything is excluded).
+        exclude: (Q,) int, a gallery index each query never gets (-1: none); leave-one-out
+            over a set passes ``np.arange(Q)`` with ``query`` the gallery.
+        index: a faiss index over ``gallery`` (:func:`build_faiss`), or None: an exact
+            ``IndexFlatL2`` made here.
+        distances: also return the keys (exact; skipped when only the order is needed,
+            e.g. for the metrics' R nearest neighbours).
+        progress: a tqdm bar with this title over the search (shown on a terminal only).
+
+    Returns:
+        (sq_distances (Q, k) float64 keys or None, indices (Q, k) int64), nearest first;
+        index -1 and distance inf where an approximate index found fewer than k.
+
+    Raises:
+        ValueError: shapes or widths do not fit, non-finite values, k out of range.
+    """
+    import faiss
+    from tqdm import tqdm
+
+    q, g = check_matrix(query, "query"), check_matrix(gallery, "gallery")
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"query rows have {q.shape[1]} columns, gallery rows {g.shape[1]}")
+    ex = np.full(len(q), -1, np.int64) if exclude is None else np.asarray(exclude, np.int64)
+    if ex.shape != (len(q),):
+        raise ValueError(f"exclude must have shape ({len(q)},), got {ex.shape}")
+    n, room = len(g), len(g) - int((ex >= 0).any())
+    if not 1 <= k <= room:
+        raise ValueError(f"k={k} but the gallery has {n} items"
+                         f"{' (one left out per query)' if room < n else ''}: use 1 <= k <= {room}")
+    approximate = index is not None and not isinstance(index, faiss.IndexFlat)
+    g_sq = np.einsum("ij,ij->i", g.astype(np.float64), g.astype(np.float64))
+    q_sq = np.einsum("ij,ij->i", q.astype(np.float64), q.astype(np.float64))
+    snap = SNAP * (q_sq + g_sq.max())
+    if approximate:
+        tol = 2 * (q.shape[1] + 8) * _U32 * (q_sq + g_sq.max()) + snap
+    else:  # centred on the gallery's mean: same distances, smaller norms, tighter bound
+        centre = g.mean(axis=0, dtype=np.float64)
+        qc, gc = (q - centre).astype(np.float32), (g - centre).astype(np.float32)
+        qc_sq = np.einsum("ij,ij->i", qc.astype(np.float64), qc.astype(np.float64))
+        gc_sq = np.einsum("ij,ij->i", gc.astype(np.float64), gc.astype(np.float64))
+        tol = 2 * (q.shape[1] + 8) * _U32 * (qc_sq + gc_sq.max()) + snap
+    m = min(n, k + max(8, k // 4) + int(exclude is not None))
+    dist = np.full((len(q), k), np.inf) if distances else None
+    out = np.full((len(q), k), -1, np.int64)
+    redo = []
+    step = max(1, min(4096, _BLOCK // (m if approximate else n)))
+    with tqdm(total=len(q), desc=progress, unit="query", leave=False,
+              disable=progress is None or not sys.stderr.isatty()) as bar:
+        for s in range(0, len(q), step):
+            qb, eb, tb = q[s:s + step], ex[s:s + step], tol[s:s + step]
+            if approximate:
+                f, cand = index.search(qb, m)
+                f = f.astype(np.float64)
+                f[(cand < 0) | (cand == eb[:, None])] = np.inf   # missing or excluded: last
+                ok = np.ones(len(qb), bool)
+            else:
+                f, cand, ok = _candidates(qc[s:s + step], gc, gc_sq, qc_sq[s:s + step], k,
+                                          eb, tb)
+            _rerank(qb, g, q_sq[s:s + step], g_sq, f, cand, k, tb, out[s:s + step])
+            redo.append(s + np.flatnonzero(~ok))
+            bar.update(len(qb))
+    redo = np.concatenate(redo) if redo else np.zeros(0, np.int64)
+    if redo.size:
+        out[redo] = _exact_rows(q[redo], g, g_sq, k, ex[redo])
+    if distances:
+        r, c = np.nonzero(out >= 0)
+        dist[r, c] = _pair_keys(q, g, q_sq, g_sq, r, out[r, c])
+    return dist, out
+
+
+def _candidates(q, g, g_sq, q_sq, k, ex, tol):
+    """Exact search's candidates for queries ``q`` (B, D): every gallery item whose float32
+    distance f is within 2 tol of the k-th smallest (no other can reach the top k: its
+    key exceeds f - tol > k-th f + tol). Returns (f (B, W) float64 and items (B, W),
+    padded with inf / -1; ok (B,) bool: False where more than 4 k + 64 items are that
+    close -- a near-collapse or many exact ties -- which the NumPy pass then answers)."""
+    f = (q * np.float32(-2)) @ g.T                  # (B, N) float32: the key - ||q||^2
+    f += g_sq.astype(np.float32)
+    rows = np.flatnonzero(ex >= 0)
+    f[rows, ex[rows]] = np.inf
+    t = f.min(axis=1) if k == 1 else np.partition(f, k - 1, axis=1)[:, k - 1]
+    limit = t + 2 * tol
+    limit32 = limit.astype(np.float32)
+    limit32 = np.where(limit32 < limit, np.nextafter(limit32, np.float32(np.inf)), limit32)
+    within = f <= limit32[:, None]
+    count = np.count_nonzero(within, axis=1)
+    ok = count <= 4 * k + 64
+    if not ok.all():
+        count[~ok] = 0
+        within &= ok[:, None]
+    r, c = np.divmod(np.flatnonzero(within), f.shape[1])    # 2-D nonzero: 17x slower
+    pos = np.arange(len(r)) - np.repeat(np.cumsum(count) - count, count)
+    width = max(1, int(count.max()))
+    fc, cand = np.full((len(q), width), np.inf), np.full((len(q), width), -1, np.int64)
+    fc[r, pos] = f[r, c] + q_sq[r]
+    cand[r, pos] = c
+    return fc, cand, ok
+
+
+def _rerank(q, g, q_sq, g_sq, f, cand, k, tol, out) -> None:
+    """Order one block of candidates (f (B, M) float64 distances within ``tol`` of the
+    keys, inf for none; items (B, M)) exactly into ``out`` (B, k) (knn's docstring)."""
+    order = np.argsort(f, axis=1, kind="stable")
+    f, cand = np.take_along_axis(f, order, 1), np.take_along_axis(cand, order, 1)
+    k = min(k, f.shape[1])
+    with np.errstate(invalid="ignore"):
+        linked = f[:, 1:] - f[:, :-1] <= 2 * tol[:, None]        # inf - inf: not linked
+    run = np.concatenate([np.zeros((len(f), 1), np.int64), np.cumsum(~linked, axis=1)], 1)
+    no = np.zeros((len(f), 1), bool)
+    shared = (np.concatenate([no, linked], 1) | np.concatenate([linked, no], 1)) \
+        & (run <= run[:, k - 1:k])                    # runs of >= 2 that reach the top k
+    keys = f.copy()
+    r, c = np.nonzero(shared)
+    keys[r, c] = _pair_keys(q, g, q_sq, g_sq, r, cand[r, c])
+    idx = np.where(np.isfinite(f), cand, np.iinfo(np.int64).max)
+    order = np.lexsort((idx, keys, run), axis=1)[:, :k]
+    out[:, :k] = np.where(np.isfinite(np.take_along_axis(f, order, 1)),
+                          np.take_along_axis(cand, order, 1), -1)
+
+
+def build_faiss(x, kind: str = "flat", *, hnsw_m: int = 32, ef_search: int = 64,
+                nprobe: int = 16, seed: int = 0) -> tuple:
+    """A faiss index over ``x`` (N, D) float32, squared L2. Returns (index, params dict).
+
+    Following the faiss wiki's "Guidelines to choose an index": ``flat`` =
+    ``IndexFlatL2`` (exact); ``hnsw`` = ``IndexHNSWFlat(D, hnsw_m)`` searched with
+    ``efSearch = ef_search``; ``ivf`` = ``IndexIVFFlat`` with nlist = 4 sqrt(N), capped
+    at N / 39 (faiss wants >= 39 training points a list), k-means seeded by ``seed`` on
+    at most 64 nlist rows, ``nprobe`` lists visited (at most nlist).
+    """
+    import faiss
+    x = check_matrix(x, "gallery")
+    n, d = x.shape
+    if kind == "flat":
+        index, params = faiss.IndexFlatL2(d), {}
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, hnsw_m)
+        index.hnsw.efSearch = ef_search
+        params = {"M": hnsw_m, "efSearch": ef_search,
+                  "efConstruction": int(index.hnsw.efConstruction)}
+    elif kind == "ivf":
+        nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
+        index.cp.seed = seed
+        pick = np.random.default_rng(seed).permutation(n)[:64 * nlist]
+        index.train(x[np.sort(pick)])
+        index.nprobe = min(nprobe, nlist)
+        params = {"nlist": nlist, "nprobe": int(index.nprobe)}
+    else:
+        raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
+    index.add(x)
+    return index, params
+
+
+def recall_at_k(index, x, k: int = 10, queries: int = 1000, seed: int = 0) -> dict:
+    """Recall@k of an (approximate) ``index`` over ``x`` against exact search.
+
+    On up to ``queries`` gallery rows (seeded sample) as queries: the share of the k
+    items :func:`knn` returns through ``index`` whose key is at most the exact k-th key
+    (so a tie at the k-th place counts whichever member came back), averaged. A flat
+    index gives 1.0. Returns ``{"recall_at_k", "k", "queries"}``.
+    """
+    x = check_matrix(x, "gallery")
+    k = min(k, len(x))
+    pick = np.sort(np.random.default_rng(seed).choice(len(x), min(queries, len(x)), False))
+    exact, _ = knn(x[pick], x, k)
+    got, _ = knn(x[pick], x, k, index=index)
+    found = int(np.count_nonzero(got <= exact[:, -1:]))
+    return {"recall_at_k": found / (k * len(pick)), "k": int(k), "queries": int(len(pick))}

@@ -1,0 +1,192 @@
+"""Search an index with data: embed the queries, find their neighbours, say what they mean.
+
+The pieces :mod:`.cli`'s ``search`` and :mod:`.calibrate` share: the model check, query
+classes in the gallery's class ids, leave-one-out by item id, the records written per
+query, the Precision@1 printed, and the queries the ``--grid`` picture shows.
+
+Classes. Query labels are compared with the gallery's **by class name**. When no query
+class name is a gallery class name but both number their classes alike (the same data
+in two spellings: IDX "9" vs fashion_mnist "Ankle boot"), they are compared **by class
+id**, and a note says so; when neither matches, it is an error.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from .index import Index, IndexInputError
+from .model import Model
+
+__all__ = ["THRESHOLD_FILE", "check_model", "load_threshold", "query_classes",
+           "search_items", "records", "format_records", "precision_at_1", "grid_queries"]
+
+THRESHOLD_FILE = "threshold.json"
+
+
+def check_model(index: Index, model_path: Optional[str]) -> Model:
+    """The index's model, or ``model_path`` if it is the same model (IndexInputError
+    naming both otherwise: another embedding width or another parameters file)."""
+    ref = index.meta.model
+    model = Model(model_path or ref.dir)
+    if model.dim is not None and int(model.dim) != index.dim:
+        raise IndexInputError(f"model {model.dir} gives {model.dim}-wide embeddings, but the "
+                              f"index {index.dir} holds {index.dim}-wide ones: it was built by "
+                              f"another model ({ref.dir})")
+    if model.params_sha256 != ref.params_sha256:
+        raise IndexInputError(f"model {model.dir} (params sha256 {model.params_sha256[:12]}) is "
+                              f"not the one {index.dir} was built with ({ref.dir}, sha256 "
+                              f"{ref.params_sha256[:12]}); rebuild the index")
+    return model
+
+
+def load_threshold(index: Index, path: Optional[str] = None) -> Optional[dict]:
+    """The calibrated threshold of ``index``: ``path``, else INDEX_DIR/threshold.json,
+    else None. IndexInputError: invalid JSON, no finite ``threshold`` >= 0, or calibrated
+    for another index (both ids named)."""
+    explicit = path is not None
+    path = path if explicit else os.path.join(index.dir, THRESHOLD_FILE)
+    if not os.path.isfile(path):
+        if explicit:
+            raise IndexInputError(f"threshold file {path} does not exist")
+        return None
+    try:
+        with open(path) as fh:
+            doc = json.load(fh)
+    except ValueError as exc:
+        raise IndexInputError(f"{path}: not valid JSON ({exc})") from None
+    thr = doc.get("threshold") if isinstance(doc, dict) else None
+    if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not math.isfinite(thr) \
+            or thr < 0:
+        raise IndexInputError(f"{path}: 'threshold' is {thr!r}; expected a finite squared "
+                              "distance >= 0 (re-run dist_triplet.calibrate)")
+    if doc.get("index_id") != index.index_id:
+        raise IndexInputError(f"{path}: calibrated for index {str(doc.get('index_id'))[:12]}, "
+                              f"but {index.dir} is index {index.index_id[:12]}; calibrate "
+                              "this index (python -m dist_triplet.calibrate)")
+    return doc
+
+
+def query_classes(index: Index, items) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    """(codes (M,) int64 of the queries in the gallery's class ids, -2 for a class the
+    gallery lacks; a note for stderr or None); (None, None) without query labels.
+
+    Raises:
+        IndexInputError: no query class is a gallery class, by name or by id.
+    """
+    if items.labels is None:
+        return None, None
+    g_names, q_names = index.class_names or (), items.class_names or ()
+    by_name = {name: i for i, name in enumerate(g_names)}
+    codes = np.array([by_name.get(q_names[c], -2) for c in items.labels], np.int64)
+    present = set(index.labels[index.labels >= 0].tolist())
+    if np.isin(codes, list(present)).any():
+        lacking = int(np.count_nonzero(~np.isin(codes, list(present))))
+        return codes, (f"note: {lacking} of {len(codes)} queries have a class the gallery "
+                       "lacks (open set: their nearest item is always wrong)" if lacking else None)
+    if len(q_names) == len(g_names) and np.isin(items.labels, list(present)).any():
+        return items.labels.astype(np.int64), (
+            f"note: no query class name ({', '.join(map(repr, q_names[:3]))}, ...) is a "
+            f"gallery class name ({', '.join(map(repr, g_names[:3]))}, ...): both number "
+            f"{len(g_names)} classes, so they are compared by class id")
+    mine = [q_names[c] for c in np.unique(items.labels)[:5]]
+    raise IndexInputError(f"{items.source}: no query class is in the gallery {index.dir} "
+                          f"(query classes {', '.join(map(repr, mine))}; gallery classes "
+                          f"{', '.join(map(repr, g_names[:5]))}): nothing to compare")
+
+
+def search_items(index: Index, model: Model, items, k: int, exclude_self: bool = False,
+                 batch_size: int = 2048) -> tuple:
+    """Embed ``items`` and search ``index``: (dist (M, k) float64 squared L2, pos (M, k)
+    int64, {"embed_s", "search_s"}, notes: lines for stderr).
+
+    ``exclude_self`` leaves out the gallery item whose id is the query's id (leave-one-out);
+    IndexInputError when no query id is a gallery id. Without it, queries that are
+    gallery items (same id, or an exact copy at distance 0) get a note.
+    """
+    t0 = time.perf_counter()
+    emb = model.embed(items.x, batch_size, desc="embedding queries", source=items.source)
+    times = {"embed_s": time.perf_counter() - t0}
+    where = {item: i for i, item in enumerate(index.ids)}
+    same = np.array([where.get(item, -1) for item in items.ids], np.int64)
+    if exclude_self and not (same >= 0).any():
+        raise IndexInputError(f"--exclude-self: no query id of {items.source} is an item id "
+                              f"of {index.dir} (e.g. {items.ids[0]!r} vs {index.ids[0]!r}); "
+                              "index and query the same data spec to leave one out")
+    t0 = time.perf_counter()
+    dist, pos = index.search(emb, k, same if exclude_self else None, progress="searching")
+    times["search_s"] = time.perf_counter() - t0
+    notes = []
+    if not exclude_self:
+        selves = int(np.count_nonzero((same >= 0) | (dist[:, 0] == 0)))
+        if selves:
+            notes.append(f"note: {selves} of {len(emb)} queries are gallery items or exact "
+                         "copies of one (distance 0): each finds itself; pass --exclude-self "
+                         "to leave it out")
+    return dist, pos, times, notes
+
+
+def records(index: Index, items, dist, pos, codes, threshold: Optional[float]) -> List[dict]:
+    """One dict per query: ``{"query", "query_label", "prediction", "no_match",
+    "correct", "neighbours": [{"rank", "id", "label", "sq_l2"}, ...]}``."""
+    out = []
+    for i in range(len(dist)):
+        nb = [{"rank": r + 1, "id": index.ids[p], "label": index.label_name(int(index.labels[p])),
+               "sq_l2": float(d)} for r, (d, p) in enumerate(zip(dist[i], pos[i])) if p >= 0]
+        no_match = threshold is not None and not dist[i, 0] <= threshold
+        correct = None if codes is None else bool(
+            not no_match and pos[i, 0] >= 0 and codes[i] == index.labels[pos[i, 0]])
+        out.append({"query": items.ids[i],
+                    "query_label": None if items.labels is None else
+                    items.class_names[items.labels[i]],
+                    "prediction": None if no_match or not nb else nb[0]["label"],
+                    "no_match": bool(no_match), "correct": correct, "neighbours": nb})
+    return out
+
+
+def format_records(recs: List[dict], fmt: str) -> str:
+    """jsonl (one object a query) or csv (one row a neighbour)."""
+    if fmt == "jsonl":
+        return "".join(json.dumps(r) + "\n" for r in recs)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["query", "query_label", "rank", "id", "label", "sq_l2", "no_match"])
+    for r in recs:
+        for nb in r["neighbours"]:
+            w.writerow([r["query"], r["query_label"] or "", nb["rank"], nb["id"],
+                        nb["label"] or "", repr(nb["sq_l2"]), int(r["no_match"])])
+    return buf.getvalue()
+
+
+def precision_at_1(index: Index, items, codes: np.ndarray, nearest: np.ndarray,
+                   exclude_self: bool) -> Tuple[float, int]:
+    """(share of queries whose nearest item has their class, queries counted): over the
+    queries with another gallery item of their class, as the run's metric counts them."""
+    counts = np.bincount(index.labels[index.labels >= 0], minlength=int(codes.max(initial=0)) + 1)
+    have = np.where(codes >= 0, counts[np.maximum(codes, 0)], 0)
+    if exclude_self:
+        where = {item: i for i, item in enumerate(index.ids)}
+        g = np.array([where.get(item, -1) for item in items.ids])
+        have -= (g >= 0) & (index.labels[np.maximum(g, 0)] == codes)
+    counted = have > 0
+    if not counted.any():
+        return float("nan"), 0
+    return float(np.mean(index.labels[nearest[counted]] == codes[counted])), int(counted.sum())
+
+
+def grid_queries(codes: Optional[np.ndarray], n: int, rows: int) -> np.ndarray:
+    """Which of ``n`` queries the ``--grid`` picture shows: round-robin over the classes
+    ``codes`` (the first query of each class, then the second, ...), else the first ``rows``."""
+    if codes is None:
+        return np.arange(min(rows, n))
+    order = np.lexsort((np.arange(n), codes))                     # by class, then row
+    starts = np.r_[0, np.flatnonzero(np.diff(codes[order])) + 1]
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    return np.lexsort((codes, rank))[:rows]

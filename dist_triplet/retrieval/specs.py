@@ -1,0 +1,278 @@
+"""Data specs: what ``--data``, ``--query`` and ``--input`` accept, read into rows to embed.
+
+A spec is ``BASE[:train|:test|:all]`` (default split ``test``), BASE one of:
+
+* ``RUN_DIR`` (holds ``config.yaml``) or a config ``.yaml``: that config's data section
+  read as the trainer reads it (:func:`dist_triplet.data.load_rows`), so ``RUN:test`` is
+  the run's evaluated test set;
+* ``fashion_mnist`` or ``mnist``: a named data set; a directory of MNIST-format IDX files;
+* a data path as ``data.path`` takes it (image folder, ``.csv``, ``.npz``, a directory
+  with ``train.npz``), with :class:`DataOptions` as ``data.*`` keys; the channel mode of
+  image files is the model's (its meta.json) unless ``--mode`` says otherwise;
+* a file: an IDX images file or a ``.npy`` of (N, F) rows, (N, H, W) or (N, H, W, C)
+  images (uint8 / 255, floats as they are); labels only from ``labels_path``.
+
+``:all`` is every row of a data path or run, without the split or the limits. The
+training class rules do not apply: a gallery may hold one class, or 1-sample classes.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["DataOptions", "ModelInput", "Items", "read_items", "load_array", "SPLITS"]
+
+SPLITS = ("train", "test", "all")
+_NPY = b"\x93NUMPY"
+
+
+@dataclass
+class DataOptions:
+    """``--data-format``, ``--mode``, ``--image-size``, ``--set KEY=VALUE`` as ``data.*``."""
+
+    format: Optional[str] = None
+    mode: Optional[str] = None
+    image_size: Optional[str] = None
+    sets: Sequence[str] = ()
+
+    def overrides(self) -> List[str]:
+        """``data.key=value`` strings for :func:`dist_triplet.config.load_config`."""
+        out = [f"data.{k}={v}" for k, v in (("format", self.format), ("mode", self.mode),
+                                            ("image_size", self.image_size)) if v is not None]
+        for item in self.sets:
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. image_size=32")
+            if "." in key and not key.startswith("data."):
+                raise ValueError(f"--set {item!r}: only data.* keys describe the data")
+            out.append(f"{key if key.startswith('data.') else 'data.' + key}={value}")
+        return out
+
+    def __bool__(self) -> bool:
+        return bool(self.format or self.mode or self.image_size or self.sets)
+
+
+@dataclass
+class ModelInput:
+    """What an exported model takes (its meta.json): ``units`` F values a row; ``kind``
+    ``"images"`` (uint8 / 255, ``image_shape`` (H, W, C); channels 1 = Pillow mode L,
+    3 = RGB), ``"features"``, or None when meta.json does not say; ``where`` names it."""
+
+    units: int
+    kind: Optional[str] = None
+    image_shape: Optional[tuple] = None
+    where: str = "meta.json"
+
+    @classmethod
+    def from_meta(cls, units: int, meta: dict, where: str) -> "ModelInput":
+        if "image_shape" not in meta:
+            return cls(units, None, None, where)
+        shape = meta["image_shape"]
+        return cls(units, "features" if shape is None else "images",
+                   None if shape is None else _hwc(shape), where)
+
+    @property
+    def mode(self) -> Optional[str]:
+        """The Pillow mode of the model's images (L or RGB), or None."""
+        return {1: "L", 3: "RGB"}.get(self.image_shape[2]) if self.kind == "images" else None
+
+    def describe(self) -> str:
+        if self.kind == "images":
+            return f"{'x'.join(map(str, self.image_shape))} images ({self.units} values)"
+        return f"{self.units}-D features" if self.kind == "features" else \
+            f"{self.units} values per row"
+
+
+@dataclass
+class Items:
+    """Rows to embed: ``x`` (N, F) float32 network input; ``labels`` (N,) int64 or None;
+    ``class_names`` per class id; ``ids`` N item ids (file paths relative to the data
+    root, ``<split>/<row>``, or ``<file>#<row>``); ``image_shape`` (H, W) or (H, W, C)
+    when rows are images; ``source`` the spec, for messages; ``kind`` images / features
+    / None; ``shape`` the array as read (messages)."""
+
+    x: np.ndarray
+    labels: Optional[np.ndarray]
+    class_names: Optional[tuple]
+    ids: List[str]
+    image_shape: Optional[tuple]
+    source: str
+    kind: Optional[str] = None
+    shape: Optional[tuple] = None
+
+
+def _hwc(shape) -> Optional[tuple]:
+    """(H, W) -> (H, W, 1); (H, W, C) unchanged."""
+    return None if shape is None else tuple(int(v) for v in shape) + (1,) * (len(shape) == 2)
+
+
+def _check_input(items: Items, model: ModelInput) -> Items:
+    """``items`` if they fit the model's input (one line naming the data, meta.json and
+    both shapes otherwise); flat rows for an image model get the model's image shape."""
+    width, kind = int(items.x.shape[1]), items.kind
+    mine = _hwc(items.image_shape) if kind == "images" else None
+    found = (f"{'x'.join(map(str, mine))} images ({width} values)" if kind == "images"
+             else f"{width}-D features" if kind == "features" else f"rows of {width} values")
+    bad = width != model.units or (model.kind == kind == "images" and mine != model.image_shape)
+    if bad or (model.kind is not None and kind is not None and kind != model.kind):
+        raise ValueError(f"{items.source}: the model takes {model.describe()} ({model.where}), "
+                         f"found {found}" + (f" (shape {items.shape})" if items.shape else ""))
+    if kind is None and model.kind == "images":
+        shape = model.image_shape
+        items.image_shape, items.kind = (shape[:2] if shape[2] == 1 else shape), "images"
+    return items
+
+
+def load_array(path: str, units: int, where: str = "meta.json", what: str = "input") -> tuple:
+    """An IDX images file or a ``.npy`` (by content) as ((N, units) float32, array shape).
+
+    uint8 is divided by 255 (the training input); floats are used as they are (a warning
+    when they exceed 1). Raises FileNotFoundError / ValueError naming ``path`` and, for
+    a width other than ``units``, the model's meta.json (``where``) and the shape found.
+    """
+    from ..data import read_idx
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a directory, not a file: pass an IDX images file "
+                         "or a .npy array")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    with open(path, "rb") as fh:
+        npy = fh.read(len(_NPY)) == _NPY
+    if npy:
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise ValueError(f"{path}: not a numeric .npy array: {exc}") from None
+        if arr.dtype != np.uint8 and not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"{path}: expected uint8 pixels (divided by 255) or floats "
+                             f"(used as they are), found dtype {arr.dtype}")
+    else:
+        arr = read_idx(path)
+        if arr.ndim != 3:
+            raise ValueError(f"{path}: expected an IDX images file (3 dims, magic 2051), "
+                             f"found {arr.ndim} dim(s): a labels file?")
+    if arr.ndim < 2 or arr.shape[0] == 0:
+        raise ValueError(f"{path}: expected (N, {units}) or (N, rows, cols) images with "
+                         f"N >= 1, found shape {arr.shape}")
+    width = int(np.prod(arr.shape[1:]))
+    if width != units:
+        raise ValueError(f"{path}: the model takes {units} values per row ({where}), found "
+                         f"shape {arr.shape} ({width} per row)")
+    flat = arr.reshape(len(arr), width).astype(np.float32)
+    if arr.dtype == np.uint8:
+        flat /= np.float32(255)              # the same float32 division as data.load_split
+    else:
+        bad = int(np.count_nonzero(~np.isfinite(flat)))
+        if bad:
+            raise ValueError(f"{path}: {bad} of {flat.size} values are NaN or infinite; "
+                             "expected finite pixels")
+        if flat.max() > 1.0:
+            print(f"warning: {path}: float values go up to {float(flat.max()):g}, but the "
+                  "model was trained on pixels / 255 in [0, 1]; divide by 255 (or pass uint8 "
+                  "pixels) unless this is intended", file=sys.stderr, flush=True)
+    return flat, tuple(arr.shape)
+
+
+def _read_labels(path: str, n: int) -> np.ndarray:
+    """(n,) int64 labels from an IDX labels file or an integer .npy."""
+    from ..data import read_idx
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"labels file {path} does not exist")
+    with open(path, "rb") as fh:
+        npy = fh.read(len(_NPY)) == _NPY
+    lab = np.load(path, allow_pickle=False) if npy else read_idx(path)
+    if lab.ndim != 1 or not np.issubdtype(lab.dtype, np.integer) or (lab.size and lab.min() < 0):
+        raise ValueError(f"{path}: expected (N,) non-negative integer labels, found shape "
+                         f"{lab.shape} dtype {lab.dtype}")
+    if lab.shape[0] != n:
+        raise ValueError(f"{path}: holds {lab.shape[0]} labels for {n} images")
+    return lab.astype(np.int64)
+
+
+def _from_split(data, split: str, files, where: str, labels_path) -> Items:
+    x = data.images
+    x = x.astype(np.float32) / np.float32(255) if x.dtype == np.uint8 else np.asarray(x, np.float32)
+    shape = data.image_shape
+    shape = None if shape is None else tuple(shape[:2] if shape[2] == 1 else shape)
+    labels = data.labels if labels_path is None else _read_labels(labels_path, len(data.labels))
+    ids = files if files is not None else [f"{split}/{i}" for i in range(len(labels))]
+    return Items(x, labels, tuple(data.class_names), list(ids), shape, where,
+                 "features" if data.image_shape is None else "images")
+
+
+def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
+               options: Optional[DataOptions] = None) -> Items:
+    """The rows of data ``spec`` (module docstring), checked against ``model``'s input.
+
+    Raises:
+        FileNotFoundError / ValueError: missing or invalid files, an unknown split, a row
+            width or image shape other than the model's (the message names the data,
+            meta.json and both shapes), a run whose data moved (names its config).
+    """
+    from ..config import load_config
+    from ..data import FASHION_MNIST_ROOT, is_idx_dir, load_dataset, load_rows
+
+    options = options or DataOptions()
+    base, split = spec, "test"
+    head, sep, tail = spec.rpartition(":")
+    if sep and tail in SPLITS:
+        base, split = head, tail
+    elif sep and not os.path.exists(spec) and (head in ("fashion_mnist", "mnist")
+                                               or os.path.exists(head)):
+        raise ValueError(f"data {spec}: unknown split {tail!r}; use {head}:train, "
+                         f"{head}:test or {head}:all")
+    config = None
+    if os.path.isdir(base) and os.path.isfile(os.path.join(base, "config.yaml")):
+        config = os.path.join(base, "config.yaml")
+    elif os.path.isfile(base) and base.lower().endswith((".yaml", ".yml")):
+        config = base
+    data_path = os.path.isdir(base) or (os.path.isfile(base) and base.lower().endswith(
+        (".npz", ".csv"))) or (os.path.exists(base) and bool(options.format))
+    if config is not None or (data_path and (options or not is_idx_dir(base))):
+        overrides = options.overrides()
+        if config is None and options.mode is None and model.mode is not None:
+            overrides.append(f"data.mode={model.mode}")    # the model's channels
+        try:
+            cfg = load_config(config, overrides if config else [f"data.path={base}"] + overrides)
+            data, files = load_rows(cfg.data, split)
+        except (FileNotFoundError, ValueError) as exc:
+            if config is None or config in str(exc):
+                raise
+            raise type(exc)(f"{config}: {exc}") from None   # the run's data moved
+        where = f"{os.path.abspath(base)}:{split}"
+        return _check_input(_from_split(data, split, files, where, labels_path), model)
+    if options:
+        raise ValueError(f"data {spec}: --data-format/--mode/--image-size/--set describe a "
+                         "data path or a run's data; this spec is a named data set or a file")
+    if base in ("fashion_mnist", "mnist") or os.path.isdir(base):
+        if split == "all":
+            raise ValueError(f"data {spec}: :all is for data paths and runs; use "
+                             f"{base}:train or {base}:test")
+        name = base if base in ("fashion_mnist", "mnist") else "fashion_mnist" if \
+            os.path.realpath(base) == os.path.realpath(FASHION_MNIST_ROOT) else "idx"
+        data = load_dataset(name, None if name == base else base, train=split == "train")
+        if data.images.shape[1] != model.units:
+            raise ValueError(f"{data.source}: the model takes {model.units} values per row "
+                             f"({model.where}), the {split} rows have {data.images.shape[1]}")
+        where = f"{os.path.abspath(base) if os.path.isdir(base) else base}:{split}"
+        return _check_input(_from_split(data, split, None, where, labels_path), model)
+    x, shape = load_array(spec, model.units, model.where)
+    image_shape, kind = None, None
+    if len(shape) in (3, 4):
+        image_shape, kind = shape[1:], "images"
+    elif model.kind is None:
+        side = int(round(np.sqrt(x.shape[1])))
+        image_shape = (side, side) if side * side == x.shape[1] else None
+    labels = class_names = None
+    if labels_path is not None:
+        labels = _read_labels(labels_path, len(x))
+        class_names = tuple(str(i) for i in range(int(labels.max()) + 1))
+    name = os.path.basename(spec)
+    items = Items(x, labels, class_names, [f"{name}#{i}" for i in range(len(x))], image_shape,
+                  os.path.abspath(spec), kind, shape)
+    return _check_input(items, model)

@@ -1,0 +1,126 @@
+"""The neighbour engine (dist_triplet.retrieval.neighbours) against plain-loop neighbour lists."""
+import numpy as np
+import pytest
+
+pytest.importorskip("faiss", reason="the neighbour engine takes candidates from faiss")
+
+from dist_triplet.retrieval.neighbours import build_faiss, knn, recall_at_k  # noqa: E402
+
+
+def loop_key(q, x):
+    """The documented key: the float64 squared distance, 0 at or below 1e-10 (|q|^2 + |x|^2)."""
+    q, x = np.asarray(q, np.float64), np.asarray(x, np.float64)
+    d = float(np.sum((q - x) ** 2))
+    return 0.0 if d <= 1e-10 * (q @ q + x @ x) else d
+
+
+def loop_knn(query, gallery, k, exclude=None):
+    """Each query's k nearest gallery rows sorted by (key, index): a plain loop."""
+    dist, idx = [], []
+    for i, q in enumerate(query):
+        ranked = sorted((loop_key(q, x), j) for j, x in enumerate(gallery)
+                        if exclude is None or j != exclude[i])[:k]
+        dist.append([d for d, _ in ranked])
+        idx.append([j for _, j in ranked])
+    return np.array(dist), np.array(idx)
+
+
+def data_sets():
+    rng = np.random.RandomState(0)
+    yield "random", rng.randn(50, 4).astype(np.float32)
+    # Integer points: exact ties everywhere, at the first rank and beyond.
+    yield "ties", rng.randint(0, 3, size=(60, 2)).astype(np.float32)
+    # 8-bit images (bytes / 255) with duplicates.
+    v = (rng.randint(0, 256, size=(80, 20)) * (rng.rand(80, 20) < 0.4)).astype(np.uint8)
+    v[rng.randint(0, 80, 15)] = v[rng.randint(0, 80, 15)]
+    yield "bytes", v.astype(np.float32) / np.float32(255)
+    # A collapsed embedding: rows a few ulps apart, every key snaps to 0.
+    flat = np.full((30, 3), 0.3, np.float32)
+    for i in range(30):
+        for _ in range(i % 5):
+            flat[i] = np.nextafter(flat[i], np.float32(1))
+    yield "collapsed", flat
+    # Norms ~1e4, neighbours 0.01 apart: float32 cannot order them, the re-ranking must.
+    far = np.zeros((40, 2), np.float32)
+    far[:, 0] = 100.0
+    far[:, 1] = rng.permutation(40).astype(np.float32) * np.float32(0.01)
+    yield "far", far
+
+
+@pytest.mark.parametrize("name, emb", list(data_sets()), ids=[n for n, _ in data_sets()])
+@pytest.mark.parametrize("k", [1, 5])
+def test_leave_one_out_equals_the_loop(name, emb, k):
+    exclude = np.arange(len(emb))
+    dist, idx = knn(emb, emb, k, exclude=exclude)
+    want_d, want_i = loop_knn(emb, emb, k, exclude)
+    assert idx.tolist() == want_i.tolist()
+    np.testing.assert_allclose(dist, want_d, rtol=1e-12, atol=0)
+    if name == "collapsed":
+        assert idx[:, 0].tolist() == [1] + [0] * (len(emb) - 1) and np.all(dist == 0)
+
+
+@pytest.mark.parametrize("name, emb", list(data_sets()), ids=[n for n, _ in data_sets()])
+def test_separate_gallery_equals_the_loop(name, emb):
+    q, g = emb[::3], emb[1::2]
+    dist, idx = knn(q, g, 4)
+    want_d, want_i = loop_knn(q, g, 4)
+    assert idx.tolist() == want_i.tolist()
+    np.testing.assert_allclose(dist, want_d, rtol=1e-12, atol=0)
+
+
+def test_many_ties_beyond_the_candidates_go_to_numpy_and_stay_exact():
+    # 300 copies of one point and a few others: the tie at rank 1 holds far more items than
+    # faiss's candidate list, so the NumPy pass decides (lowest indices first).
+    rng = np.random.RandomState(1)
+    g = np.vstack([rng.randn(5, 3), np.zeros((300, 3)), rng.randn(5, 3)]).astype(np.float32)
+    q = np.zeros((2, 3), np.float32)
+    _, idx = knn(q, g, 20)
+    assert idx.tolist() == [list(range(5, 25))] * 2
+    _, idx = knn(q, g, 3, exclude=np.array([5, 7]))
+    assert idx.tolist() == [[6, 7, 8], [5, 6, 8]]
+
+
+def test_order_only_without_distances_and_k_bounds():
+    emb = np.random.RandomState(2).randn(20, 3).astype(np.float32)
+    dist, idx = knn(emb, emb, 3, exclude=np.arange(20), distances=False)
+    assert dist is None and idx.tolist() == loop_knn(emb, emb, 3, np.arange(20))[1].tolist()
+    with pytest.raises(ValueError, match="k=20 but the gallery has 20 items"):
+        knn(emb, emb, 20, exclude=np.arange(20))
+    with pytest.raises(ValueError, match="non-finite"):
+        knn(np.full((1, 3), np.nan, np.float32), emb, 1)
+    with pytest.raises(ValueError, match="gallery rows 3"):
+        knn(np.zeros((1, 4), np.float32), emb, 1)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_index_re_ranked_and_its_recall(kind):
+    rng = np.random.RandomState(3)
+    emb = rng.randn(2000, 4).astype(np.float32)
+    index, params = build_faiss(emb, kind, nprobe=1000, ef_search=200)
+    _, idx = knn(emb[:20], emb, 5, index=index)
+    assert idx.tolist() == loop_knn(emb[:20], emb, 5)[1].tolist()   # exhaustive enough
+    assert recall_at_k(index, emb)["recall_at_k"] == 1.0
+    weak, _ = build_faiss(emb, kind, nprobe=1, ef_search=1, hnsw_m=4)
+    rec = recall_at_k(weak, emb, k=10, queries=200)
+    # The figure by a loop: the share of returned items within the exact 10th key.
+    pick = np.sort(np.random.default_rng(0).choice(2000, 200, False))
+    got, _ = knn(emb[pick], emb, 10, index=weak)
+    e64 = emb.astype(np.float64)
+    kth = [np.sort(((e64 - e64[i]) ** 2).sum(axis=1))[9] for i in pick]
+    want = sum(int(np.sum(row <= t * (1 + 1e-12))) for row, t in zip(got, kth))
+    assert rec["recall_at_k"] == pytest.approx(want / 2000, abs=1e-12)
+    assert rec["recall_at_k"] < 1.0
+    flat, _ = build_faiss(emb, "flat")
+    assert recall_at_k(flat, emb)["recall_at_k"] == 1.0
+
+
+def test_progress_bar_covers_the_search(monkeypatch, capsys):
+    """Issue 17 (7): the bar covered only the embedding, not the long search."""
+    import sys
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    emb = np.random.RandomState(4).randn(30, 3).astype(np.float32)
+    knn(emb, emb, 2, progress="searching")
+    err = capsys.readouterr().err
+    assert "searching" in err and "0/30 " in err           # a bar over the 30 queries
+    knn(emb, emb, 2)
+    assert capsys.readouterr().err == ""
