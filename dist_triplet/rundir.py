@@ -406,13 +406,13 @@ class Recorder:
                                             if isinstance(v, float)})
         spent = {}
         if cfg.eval.projector:
-            from .projector import export_projector
+            from .projector import LEARNED_TAG, RAW_TAG, export_projector
             t = time.perf_counter()
             n = cfg.eval.projector_points or len(test.labels)
             from .data import as_float
             # Sprites only for images (padded to squares); feature data get none.
             export_projector(os.path.join(self.run_dir, "tensorboard"),
-                             {"origin": as_float(test.images[:n]), "triplet": embeddings[:n]},
+                             {RAW_TAG: as_float(test.images[:n]), LEARNED_TAG: embeddings[:n]},
                              test.labels[:n], test.class_names,
                              images=test.images[:n] if test.is_image else None,
                              image_shape=test.image_shape)
