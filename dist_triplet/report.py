@@ -411,24 +411,23 @@ def neighbour_queries(labels: np.ndarray, cap: int = MAX_QUERY_ROWS) -> tuple:
                   f"(of {len(classes)})")
 
 
-def known_threshold(run_dir: str) -> tuple:
-    """``(threshold, where)`` from ``run_dir/index/threshold.json`` (written by
-    ``python -m dist_triplet.calibrate --index RUN/index``), or ``(None, "")`` when absent
-    or unreadable."""
-    path = os.path.join(run_dir, "index", "threshold.json")
+def known_threshold(index_dir: str) -> tuple:
+    """``(threshold, label)`` from ``index_dir/threshold.json`` (written by ``python -m
+    dist_triplet.calibrate --index INDEX_DIR``), or ``(None, "")`` when it is absent or
+    unreadable; ``label`` names the file for the picture's legend."""
+    path = os.path.join(index_dir, "threshold.json")
     try:
         with open(path) as fh:
-            value = json.load(fh)["threshold"]
-        return float(value), "index/threshold.json"
+            value = float(json.load(fh)["threshold"])
     except (OSError, ValueError, KeyError, TypeError):
         return None, ""
+    return value, os.path.join(os.path.basename(os.path.normpath(index_dir)), "threshold.json")
 
 
 def write_report(run_dir: str, metrics_doc: dict, raw_inputs: np.ndarray, embeddings: np.ndarray,
                  labels: np.ndarray, class_names: Sequence[str],
                  image_shape: Optional[Sequence[int]] = None, *, points: int = 2000,
-                 neighbours: int = 8, seed: int = 0,
-                 threshold: Optional[float] = None) -> str:
+                 neighbours: int = 8, seed: int = 0, index_dir: Optional[str] = None) -> str:
     """Write ``run_dir/report/`` (module docstring) atomically; returns its path.
 
     Rank 0 only; calls no collective.
@@ -442,8 +441,8 @@ def write_report(run_dir: str, metrics_doc: dict, raw_inputs: np.ndarray, embedd
             thumbnails, or None (feature rows: neighbours.png then shows text tiles, test
             row, class and distance, and report.html says why).
         points: rows in the PCA subsample; neighbours: neighbours per query.
-        threshold: squared-L2 match threshold drawn on distances.png; None = the one of
-            ``run_dir/index/threshold.json`` if there is one (:func:`known_threshold`).
+        index_dir: the index whose calibrated match threshold (squared L2) distances.png
+            draws, when it has one (:func:`known_threshold`); default ``run_dir/index``.
 
     The files go into ``run_dir/.report.tmp-<pid>/``, which is renamed to ``report/``
     (:func:`dist_triplet.fsutil.atomic_dir`; an earlier report is replaced). Nothing in
@@ -456,9 +455,7 @@ def write_report(run_dir: str, metrics_doc: dict, raw_inputs: np.ndarray, embedd
     if len(raw_inputs) != n or len(embeddings) != n:
         raise ValueError(f"report: {len(raw_inputs)} inputs, {len(embeddings)} embeddings and "
                          f"{n} labels; expected one per test item")
-    source = "given"
-    if threshold is None:
-        threshold, source = known_threshold(run_dir)
+    threshold, source = known_threshold(index_dir or os.path.join(run_dir, "index"))
     raw_name = "raw pixels" if image_shape is not None else "raw features"
     out = os.path.join(run_dir, "report")
     with atomic_dir(out) as tmp:
@@ -499,7 +496,9 @@ def write_report(run_dir: str, metrics_doc: dict, raw_inputs: np.ndarray, embedd
                        query_ids=None if ids is None else [ids[q] for q in queries],
                        gallery_ids=ids)
         figs = (("curves.png", "training curves, each metric on its own scale"),
-                ("distances.png", "distances: same class against other class"),
+                ("distances.png", "distances between test items, same class against "
+                 "other class; dashed: the calibrated match threshold, when the run's index "
+                 "has one"),
                 ("confusion.png", "nearest-neighbour class confusion"),
                 ("pca_raw.png", "raw inputs, 2-D PCA"),
                 ("pca_learned.png", "learned embeddings, 2-D PCA"),
@@ -516,3 +515,44 @@ def write_report(run_dir: str, metrics_doc: dict, raw_inputs: np.ndarray, embedd
                            warning=worse_than_raw(metrics_doc, raw_name),
                            classes=_class_table(table, class_names), search=search))
     return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m dist_triplet.report RUN [--index DIR]``: draw ``RUN/report/`` again,
+    e.g. after ``calibrate`` to see its threshold among the distances. Embeds the run's
+    test set (``RUN:test``, as the run read it) with the exported model ``RUN/model``;
+    the numbers of the tables come from ``RUN/metrics.json``. Exit 2 with one ``error:``
+    line on a missing or broken file."""
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(
+        prog="python -m dist_triplet.report",
+        description="Draw a run's report (RUN/report/report.html) again from its exported "
+                    "model and test data, with the match threshold of a calibrated index.")
+    parser.add_argument("run", help="the run directory (holds metrics.json, model/)")
+    parser.add_argument("--index", help="index directory whose threshold.json to draw "
+                                        "(default RUN/index)")
+    args = parser.parse_args(argv)
+    metrics = os.path.join(args.run, "metrics.json")
+    if not os.path.isfile(metrics):
+        print(f"error: {metrics} does not exist: {args.run} is not a finished run directory",
+              file=sys.stderr)
+        return 2
+    try:
+        with open(metrics) as fh:
+            doc = json.load(fh)
+        from .index import Model, read_items
+        model = Model(os.path.join(args.run, "model"))
+        items = read_items(f"{args.run}:test", model.input)
+        emb = model.embed(items.x, source=items.source)
+        out = write_report(args.run, doc, items.x, emb, items.labels, items.class_names,
+                           items.image_shape, index_dir=args.index)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(os.path.join(out, "report.html"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -165,6 +165,9 @@ def test_report_draws_the_index_threshold_when_the_run_has_one(tmp_path, monkeyp
     write_report(str(tmp_path), doc, raw, emb, labels, CLASSES, (8, 8))
     assert seen == [(None, "", 20000, 20000), (1.25, "index/threshold.json", 20000, 20000)]
     assert report_mod.known_threshold(str(tmp_path / "nowhere")) == (None, "")
+    (tmp_path / "ix").mkdir()
+    (tmp_path / "ix" / "threshold.json").write_text('{"threshold": "x"}')   # unreadable
+    assert report_mod.known_threshold(str(tmp_path / "ix")) == (None, "")
 
 
 def test_neighbour_queries_take_every_class_up_to_the_cap():
