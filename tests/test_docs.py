@@ -4,7 +4,8 @@ A fresh-clone-like copy of the project (the files git tracks or would track, no 
 .venv) gets a tiny main job first -- ``NP=2 launch/run.sh`` with overrides that make it take
 seconds -- and then the shell blocks (```bash / ```sh) of each document run in one bash
 process per document, in order, with ``set -euo pipefail``, from the copy's top directory,
-so a block may use what an earlier block of the same document set (``$RUN``).
+so a block may use what an earlier block of the same document set (``$RUN``); each
+document starts from its own copy of the state right after the main job.
 
 A block that cannot run here says why, in an HTML comment on the line before it::
 
@@ -123,16 +124,20 @@ def test_every_docs_shell_block_runs_on_a_fresh_copy(tmp_path, capsys):
     assert glob.glob(os.path.join(clone, "runs", "fashion_mnist-*", "model"))
 
     ran, skipped, failures = [], [], []
-    for path in doc_files(clone):
+    for n, path in enumerate(doc_files(clone)):
         blocks = shell_blocks(path, clone)
         skipped += [b for b in blocks if b.skip]
         todo = [b for b in blocks if not b.skip]
         if not todo:
             continue
+        # Each document on its own copy of the state after the main job: a reader may open
+        # any of them first (README's and search.md's first commands both build $RUN/index).
+        here = str(tmp_path / f"doc{n}")
+        shutil.copytree(clone, here, symlinks=True)
         # One script per document; a marker before each block tells which one failed.
         script = "set -euo pipefail\n" + "".join(
             f"echo '@@docs-test {b.path}:{b.line}' >&2\n{b.code}\n" for b in todo)
-        proc = subprocess.run(["bash", "-c", script], cwd=clone, env=env,
+        proc = subprocess.run(["bash", "-c", script], cwd=here, env=dict(env, PYTHONPATH=here),
                               capture_output=True, text=True, timeout=600)
         started = re.findall(r"@@docs-test (\S+)", proc.stderr)
         if proc.returncode != 0:
