@@ -24,8 +24,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["nearest_classes", "nearest_others", "query_rows", "per_class", "confusion", "pair_distances",
-           "sq_dist", "ClassRow", "REPORT_QUERIES", "PAIRS"]
+__all__ = ["nearest_classes", "nearest_others", "query_rows", "per_class", "confusion",
+           "pair_distances", "sq_dist", "class_names_of", "ClassRow", "REPORT_QUERIES", "PAIRS"]
 
 # Queries of the per-class table and confusion matrix: every test item up to this many,
 # else a seeded sample (each search costs one (queries x N x D) product; 10,000 queries of

@@ -467,7 +467,10 @@ def write_report(run_dir: str, metrics_doc: dict, raw_inputs: np.ndarray, embedd
                   f"learned embeddings: 2-D PCA of the same {len(rows)} test items")
         _plot_curves(os.path.join(tmp, "curves.png"), metrics_doc)
         # The class of each query's nearest other test item: per-class P@1, confusion.
-        q = dg.query_rows(labels, seed=seed)
+        # A collapsed embedding ties everywhere: its nearest neighbours say nothing, and
+        # certifying them would cost a full distance matrix per miss. Skipped, and said.
+        collapsed = bool((metrics_doc.get("final") or {}).get("collapsed"))
+        q = np.zeros(0, np.int64) if collapsed else dg.query_rows(labels, seed=seed)
         n_classes = max(len(class_names), int(labels.max(initial=-1)) + 1)
         matrix = dg.confusion(labels[q], dg.nearest_classes(embeddings, labels, q), n_classes)
         table = dg.per_class(matrix)
@@ -510,6 +513,9 @@ def write_report(run_dir: str, metrics_doc: dict, raw_inputs: np.ndarray, embedd
                   + (f"; a seeded sample of the {n:,}" if len(q) < n else "") +
                   "): Precision@1 per class, worst first, and the class its misses go to "
                   "most.</p>")
+        if collapsed:
+            search = ("<p>No per-class statistics: the embedding collapsed (metrics.json "
+                      "final.collapsed), so nearest neighbours are ties.</p>")
         with open(os.path.join(tmp, "report.html"), "w") as fh:
             fh.write(_html(metrics_doc, figs, note=note,
                            warning=worse_than_raw(metrics_doc, raw_name),

@@ -120,6 +120,16 @@ def test_report_names_the_failing_classes_worst_first(tmp_path):
     assert 'id="worse-than-raw"' not in page          # 0.9 learned against 0.55 raw
 
 
+def test_report_of_a_collapsed_embedding_says_why_there_are_no_class_statistics(tmp_path):
+    labels, raw, emb, doc = small_run(tmp_path)
+    doc["final"]["collapsed"] = True
+    out = write_report(str(tmp_path), doc, raw, np.zeros_like(emb), labels, CLASSES, (8, 8))
+    page = open(os.path.join(out, "report.html")).read()
+    assert "No per-class statistics: the embedding collapsed" in page
+    assert re.findall(r"<tr><td>(zero|one|two)</td>", page) == []
+    assert sorted(os.listdir(out)) == sorted(REPORT_FILES)
+
+
 def test_report_says_when_the_embedding_retrieves_worse_than_raw_pixels(tmp_path):
     labels, raw, emb, doc = _confusable_run(tmp_path, 0.7934, raw_p1=0.8092)
     out = write_report(str(tmp_path), doc, raw, emb, labels, CLASSES, (2, 2))
