@@ -20,9 +20,12 @@
 
 The numbers behind distances, classes and confusion: :mod:`dist_triplet.diagnostics`.
 PCA (eigenvectors of the scatter matrix, i.e. a thin SVD) of a fixed random subsample
-(``points``, default 2,000) centred on its mean, so the report costs well under the
-end-of-run budget of 3 s (about 0.6 s CPU plus matplotlib's import; docs/search.md).
-Only the Agg backend is used: no display needed.
+(``points``, default 2,000) centred on its mean. The report is part of the end-of-run
+budget of 3 s (docs/benchmark.md); on the main job's 10,000 test items it costs 3.5-3.7 s
+CPU on the 2 loaded cores here, ~1.7 s by the quiet-machine ratio (docs/search.md has the
+split). Only the Agg backend is used: no display needed.
+
+``python -m dist_triplet.report RUN [--index DIR]`` draws the report again (:func:`main`).
 """
 from __future__ import annotations
 
