@@ -61,7 +61,7 @@ def rows(doc: dict) -> List[common.Row]:
                              f"{doc['epochs']} epochs", f"{doc['images_per_s']:,.0f} images/s "
                              "(median of epochs 2..; "
                              + ", ".join(f"{x:,.0f}" for x in doc["images_per_s_by_epoch"]) + ")"),
-        common.target_row("mining", "recipe / PyTorch + pytorch-metric-learning of issue 12 "
+        common.target_row("mining", "recipe / PyTorch + pytorch-metric-learning, reference figure "
                                     f"({doc['pytorch_pml_issue']:,.0f} images/s)",
                           doc["vs_pytorch_pml"], TARGETS["vs_pytorch_pml"], "{:.2f}x"),
     ]

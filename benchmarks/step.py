@@ -254,7 +254,7 @@ def rows(doc: dict) -> List[common.Row]:
         out.append(R("step", f"PyTorch {t['torch']} seed recipe (benchmarks/torch_seed.py), "
                              f"{t['threads']} threads", f"{k(t['median'])} triplets/s "
                              f"({t['cpu_us_per_item']:.1f} CPU us/triplet)"))
-    out.append(common.target_row("step", "product step / PyTorch seed recipe of issue 12 "
+    out.append(common.target_row("step", "product step / PyTorch seed recipe, reference figure "
                                  f"({k(st['pytorch_seed_recipe_issue'])} triplets/s)",
                                  st["vs_pytorch"], TARGETS["vs_pytorch"], "{:.2f}x"))
     out.append(R("roofline", "FLOPs per triplet", f"{st['flops_per_triplet'] / 1e6:.3f} MFLOP"))

@@ -265,7 +265,7 @@ class EvalConfig:
     # cores, measured (dist_triplet.metrics.EXACT_MAX_GALLERY).
     exact_max_gallery: int = free(250_000, least=0)
     # faiss IVF cells visited per query (approximate search only): recall@100 = 1.0 on
-    # Fashion-MNIST embeddings at 32 of sqrt(60,000) = 244 cells (knn.approximate_recall).
+    # Fashion-MNIST embeddings at 32 of sqrt(60,000) = 244 cells (retrieval.neighbours.recall_at_k).
     nprobe: int = free(32, above=0)
     # Keep the raw-pixel baseline in <dir>/.cache/raw-<hash>.json beside the run
     # directories (<dir> = output.root, or output.dir's parent), keyed by a hash of the

@@ -13,7 +13,7 @@ import time
 
 from .data import Split, as_float
 from .export import export_model
-from .projector import export_projector
+from .projector import LEARNED_TAG, RAW_TAG, export_projector
 from .report import write_report
 
 __all__ = ["finish_run"]
@@ -56,7 +56,7 @@ def finish_run(recorder, final: dict, net, ctx, test: Split, embeddings, extra: 
         n = cfg.eval.projector_points or len(test.labels)
         # Sprites only for images (padded to squares); feature data get none.
         export_projector(os.path.join(run_dir, "tensorboard"),
-                         {"origin": as_float(test.images[:n]), "triplet": embeddings[:n]},
+                         {RAW_TAG: as_float(test.images[:n]), LEARNED_TAG: embeddings[:n]},
                          test.labels[:n], test.class_names,
                          images=test.images[:n] if test.is_image else None,
                          image_shape=test.image_shape)

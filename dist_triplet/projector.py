@@ -32,6 +32,13 @@ import numpy as np
 
 from .fsutil import atomic_write
 
+# Tags (tensor names) of a run's two entries. TensorBoard 2.21's projector opens on the
+# first of its tensors sorted by: with metadata first, then more rows first, then by name
+# (vz-projector-data-panel's sort in tensorboard/plugins/projector/tf_projector_plugin/
+# projector_binary.js; the order in projector_config.pbtxt does not count). Both entries
+# have metadata and the same rows, so the name decides: "learned_embedding" sorts before
+# "raw_pixels", and the projector opens on the learned embedding.
+LEARNED_TAG, RAW_TAG = "learned_embedding", "raw_pixels"
 # TensorBoard's front end loads sprites up to 8192 px a side (tensorboardX#516).
 _MAX_SPRITE_PX = 8192
 # Colour of empty sprite cells and of the padding that makes non-square images square:
@@ -150,19 +157,41 @@ def read_tensor(entry_dir: str) -> np.ndarray:
     raise FileNotFoundError(f"{path}: not named in {log_dir}/projector_config.pbtxt")
 
 
+def metadata_tsv(labels: np.ndarray, class_names: Sequence[str],
+                 ids: Optional[Sequence[str]] = None) -> str:
+    """The projector's metadata: a header row ``id<TAB>class``, then one row per point.
+
+    TensorBoard reads a first line holding a tab as the column names (multi-column
+    metadata; one column takes no header). ``ids`` default to ``test/<row>``, the ids
+    ``python -m dist_triplet.search`` gives the rows of an IDX or .npz test set. Tabs and
+    line breaks inside a cell become spaces.
+    """
+    def cell(text) -> str:
+        return " ".join(str(text).replace("\t", " ").splitlines())
+    if ids is None:
+        ids = [f"test/{i}" for i in range(len(labels))]
+    if len(ids) != len(labels):
+        raise ValueError(f"projector metadata: {len(ids)} ids but {len(labels)} labels")
+    return "id\tclass\n" + "".join(f"{cell(i)}\t{cell(class_names[int(c)])}\n"
+                                   for i, c in zip(ids, labels))
+
+
 def export_projector(log_dir: str, embeddings: dict, labels: np.ndarray,
                      class_names: Sequence[str], images: np.ndarray | None = None,
-                     image_shape: Optional[Sequence[int]] = None) -> list:
+                     image_shape: Optional[Sequence[int]] = None,
+                     ids: Optional[Sequence[str]] = None) -> list:
     """Write one projector entry per item of ``embeddings`` into ``log_dir``.
 
     Rank 0 only; calls no collective.
 
     Args:
         log_dir: TensorBoard log directory (the run's ``tensorboard/``).
-        embeddings: tag -> (N, D) float32 array, e.g. ``{'origin': pixels, 'triplet': emb}``
-            as the seed article (raw pixels beside learned embeddings).
-        labels: (N,) int class ids; metadata holds ``class_names[label]``, one line per point.
-        class_names: names indexed by class id.
+        embeddings: tag -> (N, D) float32 array, e.g. ``{RAW_TAG: pixels, LEARNED_TAG:
+            emb}``: raw pixels beside learned embeddings, as the seed article's ``origin``
+            and ``triplet`` (the tag names choose the entry TensorBoard opens on: see
+            ``LEARNED_TAG``).
+        labels: (N,) int class ids; class_names: names indexed by class id.
+        ids: (N,) item ids for the metadata's ``id`` column (:func:`metadata_tsv`).
         images: thumbnails for the sprite, in any form :func:`make_sprite` takes (e.g.
             (N, H*W) float32 in [0, 1] of square grey images), or None. Left out (with no
             error) if the sprite would exceed TensorBoard's 8192 px limit.
@@ -170,7 +199,8 @@ def export_projector(log_dir: str, embeddings: dict, labels: np.ndarray,
 
     Layout (as tensorboardX's): ``log_dir/projector_config.pbtxt`` and per tag
     ``log_dir/00000/<tag>/`` with tensors.bytes (or tensors.tsv, see the module docstring;
-    :func:`read_tensor` reads either), metadata.tsv and, with images, sprite.png. An
+    :func:`read_tensor` reads either), metadata.tsv (:func:`metadata_tsv`) and, with
+    images, sprite.png. An
     earlier export in ``log_dir`` (a resumed run exporting again) is replaced, not
     appended to.
 
@@ -190,7 +220,7 @@ def export_projector(log_dir: str, embeddings: dict, labels: np.ndarray,
         if cell * per_row <= _MAX_SPRITE_PX:
             sprite, side = make_sprite(images, image_shape)
             png = _png(sprite)          # encoded once, the same file for every tag
-    metadata = "".join(f"{class_names[int(c)]}\n" for c in labels)
+    metadata = metadata_tsv(labels, class_names, ids)
     entries, written = [], []
     for tag, mat in embeddings.items():
         entry = os.path.join(log_dir, "00000", tag)

@@ -2,144 +2,51 @@
 
 :func:`write_report` writes ``RUN/report/`` (rank 0, at the end of a run):
 
+    curves.png       loss, learning rate, seed triplet accuracy, P@1, R-Precision, MAP@R
+                     per epoch, each panel on its own scale; raw-pixel values dashed
+    distances.png    squared L2 of sampled same-class / other-class test pairs, and each
+                     query's nearest-neighbour distance, hit or miss; the calibrated
+                     threshold drawn when ``RUN/index/threshold.json`` exists
+    confusion.png    which class each query class's nearest neighbour comes from
     pca_raw.png      2-D PCA of the raw inputs, coloured by class, legend of class names
     pca_learned.png  the same for the learned embeddings (the seed article's two pictures)
-    curves.png       loss, seed triplet accuracy, P@1, R-Precision, MAP@R per epoch; the
-                     raw-pixel P@1 / R-Precision / MAP@R as horizontal dashed lines
     neighbours.png   fixed test queries (the first test item of each class, up to
                      ``MAX_QUERY_ROWS`` classes; the title says when capped) and their
                      nearest neighbours among the other test items, framed green / red;
                      for feature data (no image shape) text tiles: test row, class, distance
-    report.html      the metrics table and these pictures (relative paths)
+    report.html      the metrics table, a plain sentence when the learned embedding
+                     retrieves worse than the raw pixels, Precision@1 per class (worst
+                     first) and these pictures, all by relative path
 
+The numbers behind distances, classes and confusion: :mod:`dist_triplet.diagnostics`.
 PCA (eigenvectors of the scatter matrix, i.e. a thin SVD) of a fixed random subsample
-(``points``, default 2,000) centred on its mean, so the report costs well under the
-end-of-run budget of 3 s (about 0.6 s CPU plus matplotlib's import; docs/search.md).
-Only the Agg backend is used: no display needed.
+(``points``, default 2,000) centred on its mean. The report is part of the end-of-run
+budget of 3 s (docs/benchmark.md); on the main job's 10,000 test items it costs 3.5-3.7 s
+CPU on the 2 loaded cores here, ~1.7 s by the quiet-machine ratio (docs/search.md has the
+split). Only the Agg backend is used: no display needed.
+
+``python -m dist_triplet.report RUN [--index DIR]`` draws the report again (:func:`main`).
 """
 from __future__ import annotations
 
 import html
+import json
+import math
 import os
+import time
 from typing import Optional, Sequence
 
 import numpy as np
 
 from .fsutil import atomic_dir
+from .pictures import _GREEN, _GREY, _RED, neighbour_grid, pyplot as _pyplot
 
 __all__ = ["neighbour_grid", "neighbour_queries", "pca_2d", "write_report", "REPORT_FILES",
            "MAX_QUERY_ROWS"]
 
-REPORT_FILES = ("pca_raw.png", "pca_learned.png", "curves.png", "neighbours.png",
-                "report.html")
-_GREEN, _RED, _GREY = "#1a9850", "#d73027", "#888888"
+REPORT_FILES = ("curves.png", "distances.png", "confusion.png", "pca_raw.png",
+                "pca_learned.png", "neighbours.png", "report.html")
 MAX_QUERY_ROWS = 12   # rows of neighbours.png: Fashion-MNIST's 10 classes fit, 100 would not
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def neighbour_grid(path: str, query_images: Optional[np.ndarray],
-                   gallery_images: Optional[np.ndarray],
-                   pos: np.ndarray, dist: np.ndarray, query_labels: Optional[np.ndarray],
-                   gallery_labels: Optional[np.ndarray], class_names: Optional[Sequence[str]],
-                   no_match: Optional[Sequence[bool]] = None, title: Optional[str] = None,
-                   query_ids: Optional[Sequence[str]] = None,
-                   gallery_ids: Optional[Sequence[str]] = None) -> str:
-    """Each query (column 0) beside its k neighbours, as thumbnails; writes PNG ``path``.
-
-    Args:
-        query_images: (R, h, w) grey or (R, h, w, 1 | 3) uint8 or float in [0, 1]; None
-            draws label-only tiles. Grey is drawn dark on white (as the seed's pictures).
-        gallery_images: (N, ...) likewise (memory-mapped is fine), or None.
-        pos: (R, k) int64 gallery positions (-1: none); dist: (R, k) squared L2.
-        query_labels: (R,) gallery class ids (-2: a class the gallery lacks) or None; with
-            labels, neighbours are framed green (same class) or red.
-        gallery_labels: (N,) int64 class ids (-1 unknown) or None.
-        no_match: per query, True when its nearest neighbour is beyond the threshold.
-        query_ids, gallery_ids: item ids, written on label-only tiles (no images).
-    """
-    plt = _pyplot()
-    rows, k = pos.shape
-    h, w = _tile_shape(query_images, gallery_images)
-    pad, gap, text_h = 2, 3, 18          # frame, gap between tiles, text lines (pixels)
-    cell_h, cell_w = h + 2 * pad + text_h, w + 2 * pad + gap
-    mosaic = np.ones((rows * cell_h, (k + 1) * cell_w, 3), np.float32)
-    labels_at = []
-
-    def name(c):
-        if class_names is None or c is None or c < 0:
-            return "?"
-        return str(class_names[c])
-
-    def put(r, j, img, colour, text):
-        y, x = r * cell_h, j * cell_w
-        mosaic[y:y + h + 2 * pad, x:x + w + 2 * pad] = _rgb(colour)
-        tile = np.ones((h, w, 3), np.float32)
-        if img is not None:
-            img = np.asarray(img)
-            v = img.astype(np.float32) / (255.0 if img.dtype == np.uint8 else 1.0)
-            if v.ndim == 3 and v.shape[2] == 3:
-                tile = v                                    # colour: as it is
-            else:                                           # grey: dark ink on white
-                tile = np.repeat(1.0 - v.reshape(h, w)[:, :, None], 3, axis=2)
-        mosaic[y + pad:y + pad + h, x + pad:x + pad + w] = np.clip(tile, 0, 1)
-        labels_at.append((x + pad + w / 2, y + 2 * pad + h + 1, text))
-
-    for r in range(rows):
-        q_lab = None if query_labels is None else int(query_labels[r])
-        q_text = "query" + (f"\n{name(q_lab)}" if q_lab is not None else "")
-        if no_match is not None and no_match[r]:
-            q_text = "query, no match" + (f"\n{name(q_lab)}" if q_lab is not None else "")
-        if query_images is None and query_ids is not None:
-            q_text = f"{_short(query_ids[r])}\n{q_text}"
-        put(r, 0, None if query_images is None else query_images[r], "#000000", q_text)
-        for j in range(k):
-            p = int(pos[r, j])
-            if p < 0:
-                continue
-            g_lab = None if gallery_labels is None else int(gallery_labels[p])
-            colour = _GREY
-            if q_lab is not None and g_lab is not None and g_lab >= 0:
-                colour = _GREEN if g_lab == q_lab else _RED
-            text = f"{dist[r, j]:.3g}" + (f"\n{name(g_lab)}" if g_lab is not None else "")
-            if gallery_images is None and gallery_ids is not None:
-                text = f"{_short(gallery_ids[p])}\n{text}"
-            put(r, j + 1, None if gallery_images is None else gallery_images[p], colour, text)
-    # One image and a text per tile: 10x faster than an axes per tile (subplots).
-    scale = 2.2                           # output pixels per mosaic pixel at dpi 100
-    fig = plt.figure(figsize=(mosaic.shape[1] * scale / 100, (mosaic.shape[0] + 14) * scale / 100))
-    ax = fig.add_axes((0, 0, 1, mosaic.shape[0] / (mosaic.shape[0] + 14)))
-    ax.imshow(mosaic, interpolation="nearest")
-    ax.axis("off")
-    for x, y, text in labels_at:
-        ax.text(x, y, text, ha="center", va="top", fontsize=5.5, linespacing=1.0)
-    fig.suptitle(title or "queries (left) and nearest neighbours; squared L2 distance under each",
-                 fontsize=7, y=0.998, va="top")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _short(item_id: str, width: int = 14) -> str:
-    """An id cut to ``width`` characters from the end (a path's file name survives)."""
-    item_id = str(item_id)
-    return item_id if len(item_id) <= width else "…" + item_id[-(width - 1):]
-
-
-def _rgb(colour: str) -> np.ndarray:
-    return np.array([int(colour[i:i + 2], 16) / 255.0 for i in (1, 3, 5)], np.float32)
-
-
-def _tile_shape(query_images, gallery_images) -> tuple:
-    for imgs in (query_images, gallery_images):
-        if imgs is not None:
-            return tuple(int(v) for v in np.asarray(imgs[0]).shape[:2])
-    return (14, 36)  # label-only tiles
 
 
 def pca_2d(x: np.ndarray, points: int = 2000, seed: int = 0) -> tuple:
@@ -193,51 +100,107 @@ def _plot_pca(path: str, coords, labels, class_names, title: str) -> None:
     plt.close(fig)
 
 
-_CURVES = (("seed_accuracy", "seed triplet accuracy"), ("precision_at_1", "Precision@1"),
+# Panels of curves.png: (metrics.json key, title); each on its own scale, so that a P@1
+# moving from 0.75 to 0.79 is not flattened on a 0-1 axis shared with MAP@R 0.3.
+_CURVES = (("loss", "training loss (mean triplet loss)"), ("lr", "learning rate"),
+           ("seed_accuracy", "seed triplet accuracy"), ("precision_at_1", "Precision@1"),
            ("r_precision", "R-Precision"), ("map_at_r", "MAP@R"))
 
 
 def _plot_curves(path: str, doc: dict) -> None:
+    """Six small panels, one per key of ``_CURVES``, each scaled to its own values and
+    the raw-pixel value (dashed) when metrics.json has one."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
     rows = doc.get("epochs") or []
     raw = doc.get("raw_pixels") or {}
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    ep = [r["epoch"] for r in rows if "loss" in r]
-    a1.plot(ep, [r["loss"] for r in rows if "loss" in r], "o-", ms=3, color="black")
-    from matplotlib.ticker import MaxNLocator
-    for ax in (a1, a2):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # epochs: no 1.5
-    a1.set_xlabel("epoch")
-    a1.set_ylabel("mean triplet loss")
-    a1.set_title("training loss", fontsize=9)
-    colours = ("#7570b3", "#1b9e77", "#d95f02", "#e7298a")
-    for (key, label), colour in zip(_CURVES, colours):
-        pts = [(r["epoch"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    fig, axes = plt.subplots(2, 3, figsize=(11, 5.6), sharex=True)
+    epochs = [r["epoch"] for r in rows if isinstance(r.get("epoch"), int)]
+    if epochs:      # every panel spans every epoch, also R-Precision's single last point
+        axes[0, 0].set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    for ax, (key, title) in zip(axes.ravel(), _CURVES):
+        pts = [(r["epoch"], r[key]) for r in rows
+               if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
         if pts:
-            a2.plot(*zip(*pts), "o-", ms=3, color=colour, label=label)
+            ax.plot(*zip(*pts), "o-", ms=3, color="#1b9e77" if key != "loss" else "black",
+                    label="learned")
         if isinstance(raw.get(key), (int, float)):
-            a2.axhline(raw[key], color=colour, ls="--", lw=1, label=f"{label}, raw pixels")
-    a2.set_xlabel("epoch")
-    a2.set_ylim(0, 1.02)
-    a2.set_title("test-set metrics (dashed: raw pixels)", fontsize=9)
-    # Beside the axes, at a readable size: inside, seven entries hid the curves.
-    a2.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
-    fig.subplots_adjust(left=0.07, right=0.72, bottom=0.14, top=0.91, wspace=0.22)
-    fig.savefig(path, dpi=80, bbox_inches="tight", pad_inches=0.1)
+            ax.axhline(raw[key], color="#d95f02", ls="--", lw=1.2,
+                       label=f"raw pixels {raw[key]:.4f}")
+            ax.legend(fontsize=7, loc="best", frameon=False)
+        if not pts and key not in raw:
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center",
+                    transform=ax.transAxes, color=_GREY)
+        ax.set_title(title, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # epochs: no 1.5
+        ax.tick_params(labelsize=7)
+        ax.margins(y=0.15)
+    for ax in axes[1]:
+        ax.set_xlabel("epoch", fontsize=8)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.09, top=0.93, hspace=0.38,
+                        wspace=0.25)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
-def _nearest_others(emb: np.ndarray, queries: np.ndarray, k: int) -> tuple:
-    """Exact k nearest other rows of each query row: (dist (R, k) float32 squared L2,
-    pos (R, k) int64), ties by lower row (the rule of metrics.retrieval_metrics)."""
-    x = emb.astype(np.float64)
-    q = x[queries]
-    d = (np.einsum("ij,ij->i", q, q)[:, None] + np.einsum("ij,ij->i", x, x)[None, :]
-         - 2.0 * q @ x.T)
-    d = np.maximum(d, 0.0).astype(np.float32)
-    d[np.arange(len(queries)), queries] = np.inf
-    pos = np.stack([np.lexsort((np.arange(len(x)), row))[:k] for row in d])
-    return np.take_along_axis(d, pos, 1), pos
+def _plot_distances(path: str, same: np.ndarray, other: np.ndarray,
+                    threshold: Optional[float], source: str) -> None:
+    """Histograms of squared L2 between sampled same-class and other-class test pairs,
+    with the calibrated threshold (``calibrate``: "nearest within it => same class")."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    every = np.concatenate([same, other])
+    top = float(np.percentile(every, 99.5)) if len(every) else 1.0
+    if threshold is not None:
+        top = max(top, 1.1 * threshold)
+    bins = np.linspace(0.0, top if top > 0 else 1.0, 61)
+    for values, label, colour in ((same, "same class", _GREEN), (other, "other class", _RED)):
+        if len(values):
+            ax.hist(np.clip(values, 0, bins[-1]), bins=bins, histtype="stepfilled",
+                    alpha=0.45, color=colour, density=True,
+                    label=f"{label} ({len(values):,} pairs)")
+    if threshold is not None:
+        ax.axvline(threshold, color="black", ls="--", lw=1.2,
+                   label=f"match threshold {threshold:.4g}" + (f" ({source})" if source else ""))
+    ax.set_title("distances between test items: the more the two overlap, the less a "
+                 "distance says", fontsize=9)
+    ax.set_xlabel("squared L2 distance in embedding units (last bin: beyond)", fontsize=8)
+    ax.set_ylabel("density", fontsize=8)
+    ax.legend(fontsize=7, frameon=False)
+    ax.tick_params(labelsize=7)
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.14, top=0.9)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _plot_confusion(path: str, matrix: np.ndarray, class_names: Sequence[str]) -> None:
+    """Row-normalised (C, C) matrix: row = query class, column = class of its nearest
+    other test item; percentages in the cells up to 15 classes, names up to 40."""
+    plt = _pyplot()
+    c = matrix.shape[0]
+    share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    side = min(9.0, 3.0 + 0.45 * c)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    if c <= 40:
+        names = [str(n) for n in class_names[:c]]
+        ax.set_xticks(range(c), names, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(c), names, fontsize=7)
+    if c <= 15:
+        for i in range(c):
+            for j in range(c):
+                if matrix[i, j]:
+                    pct = 100 * share[i, j]
+                    ax.text(j, i, f"{pct:.0f}" if pct >= 0.5 else "<1",
+                            ha="center", va="center", fontsize=6.5,
+                            color="white" if share[i, j] > 0.6 else "black")
+    ax.set_xlabel("class of the nearest other test item", fontsize=8)
+    ax.set_ylabel("query class", fontsize=8)
+    ax.set_title("where each class's nearest neighbour comes from (% of the row)",
+                 fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    fig.savefig(path, dpi=80, bbox_inches="tight", pad_inches=0.1)
+    plt.close(fig)
 
 
 def _fmt(v, key: str = "") -> str:
@@ -252,7 +215,39 @@ def _fmt(v, key: str = "") -> str:
     return html.escape(str(v))
 
 
-def _html(doc: dict, images: Sequence[tuple], note: str = "") -> str:
+def worse_than_raw(doc: dict, raw_name: str = "raw pixels") -> str:
+    """The sentence saying that the learned embedding retrieves worse than the raw inputs
+    (final Precision@1 below metrics.json's ``raw_pixels`` one), or "" when it does not."""
+    learned = (doc.get("final") or {}).get("precision_at_1")
+    raw = (doc.get("raw_pixels") or {}).get("precision_at_1")
+    if not all(isinstance(v, float) and math.isfinite(v) for v in (learned, raw)) \
+            or learned >= raw:
+        return ""
+    return (f"The learned embedding retrieves worse than the {raw_name}: Precision@1 "
+            f"{learned:.4f} against {raw:.4f} for a nearest-neighbour search on the "
+            f"{raw_name} themselves, so for finding an item of the same class this model "
+            "is not yet better than no model. Other metrics (R-Precision, MAP@R, the seed "
+            "triplet accuracy) can still be higher; train longer or with online mining "
+            "(sampler.kind: pk, e.g. configs/fashion_mnist_mining.yaml).")
+
+
+def _class_table(rows: Sequence, class_names: Sequence[str], shown: int = 20) -> str:
+    """The per-class table (diagnostics.ClassRow, worst first), at most ``shown`` lines."""
+    from .diagnostics import class_names_of
+    lines = "\n".join(
+        f"<tr><td>{html.escape(class_names_of(class_names, r.label))}</td><td>{r.queries}</td>"
+        f"<td>{r.precision_at_1:.4f}</td><td>"
+        + (f"{html.escape(class_names_of(class_names, r.confused_with))} "
+           f"({r.confused_share:.1%})" if r.confused_with is not None else "")
+        + "</td></tr>" for r in rows[:shown])
+    more = (f"<p>… and {len(rows) - shown} more classes (the {shown} worst are shown).</p>"
+            if len(rows) > shown else "")
+    return ("<table id=\"per-class\"><tr><th>class</th><th>queries</th><th>Precision@1</th>"
+            f"<th>most misses go to (share of queries)</th></tr>\n{lines}\n</table>{more}")
+
+
+def _html(doc: dict, images: Sequence[tuple], *, note: str = "", warning: str = "",
+          classes: str = "", search: str = "") -> str:
     final = doc.get("final") or {}
     raw = doc.get("raw_pixels") or {}
     keys = [("seed_accuracy", "seed triplet accuracy"), ("precision_at_1", "Precision@1"),
@@ -266,22 +261,31 @@ def _html(doc: dict, images: Sequence[tuple], note: str = "") -> str:
     figs = "\n".join(f'<figure><img src="{html.escape(f)}" alt="{html.escape(cap)}">'
                      f"<figcaption>{html.escape(cap)}</figcaption></figure>"
                      for f, cap in images)
-    run = html.escape(str(doc.get("run_dir", "")))
     note = f"<p>{html.escape(note)}</p>" if note else ""
+    warning = f'<p class="warn" id="worse-than-raw">{html.escape(warning)}</p>' if warning else ""
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>dist_triplet report: {run}</title>
+<html lang="en"><head><meta charset="utf-8"><title>dist_triplet run report</title>
 <style>body{{font-family:sans-serif;margin:1.5em;max-width:70em}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:right}}
+table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:right}}
 td:first-child{{text-align:left}}figure{{display:inline-block;margin:.5em;vertical-align:top}}
-img{{max-width:100%}}</style></head>
-<body><h1>dist_triplet run report</h1><p>{run}</p>
+img{{max-width:100%}}.warn{{background:#fde0dc;padding:.5em;border-left:4px solid #d73027}}</style></head>
+<body><h1>dist_triplet run report</h1>
+<p>Written {when} at the end of the run, in the run directory's <code>report/</code>
+folder: <a href="../metrics.json">metrics.json</a> holds these numbers and every epoch's,
+<a href="../config.yaml">config.yaml</a> the run's settings. Every metric is defined in
+the project's docs/metrics.md.</p>
 <h2>Metrics on the test set</h2>
+{warning}
 <table><tr><th>metric</th><th>learned embedding</th><th>raw pixels</th></tr>
 {rows}
 </table>
-<p>Precision@1, R-Precision, MAP@R: leave-one-out retrieval by squared L2 (Musgrave et
-al. 2020). Seed triplet accuracy: share of fixed test triplets whose margin-0 triplet loss
-is 0 (the seed article's metric).</p>
+<p>Precision@1, R-Precision, MAP@R: retrieval by squared L2 (Musgrave et al. 2020), each
+test item a query. Seed triplet accuracy: share of fixed test triplets whose margin-0
+triplet loss is 0 (the seed article's metric).</p>
+<h2>Which classes fail</h2>
+{search}
+{classes}
 <h2>Pictures</h2>
 {figs}
 {note}
@@ -304,10 +308,23 @@ def neighbour_queries(labels: np.ndarray, cap: int = MAX_QUERY_ROWS) -> tuple:
                   f"(of {len(classes)})")
 
 
+def known_threshold(index_dir: str) -> tuple:
+    """``(threshold, label)`` from ``index_dir/threshold.json`` (written by ``python -m
+    dist_triplet.calibrate --index INDEX_DIR``), or ``(None, "")`` when it is absent or
+    unreadable; ``label`` names the file for the picture's legend."""
+    path = os.path.join(index_dir, "threshold.json")
+    try:
+        with open(path) as fh:
+            value = float(json.load(fh)["threshold"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, ""
+    return value, os.path.join(os.path.basename(os.path.normpath(index_dir)), "threshold.json")
+
+
 def write_report(run_dir: str, metrics_doc: dict, raw_inputs: np.ndarray, embeddings: np.ndarray,
                  labels: np.ndarray, class_names: Sequence[str],
                  image_shape: Optional[Sequence[int]] = None, *, points: int = 2000,
-                 neighbours: int = 8, seed: int = 0) -> str:
+                 neighbours: int = 8, seed: int = 0, index_dir: Optional[str] = None) -> str:
     """Write ``run_dir/report/`` (module docstring) atomically; returns its path.
 
     Rank 0 only; calls no collective.
@@ -321,16 +338,22 @@ def write_report(run_dir: str, metrics_doc: dict, raw_inputs: np.ndarray, embedd
             thumbnails, or None (feature rows: neighbours.png then shows text tiles, test
             row, class and distance, and report.html says why).
         points: rows in the PCA subsample; neighbours: neighbours per query.
+        index_dir: the index whose calibrated match threshold (squared L2) distances.png
+            draws, when it has one (:func:`known_threshold`); default ``run_dir/index``.
 
     The files go into ``run_dir/.report.tmp-<pid>/``, which is renamed to ``report/``
-    (:func:`dist_triplet.fsutil.atomic_dir`; an earlier report is replaced).
+    (:func:`dist_triplet.fsutil.atomic_dir`; an earlier report is replaced). Nothing in
+    them names ``run_dir``: the page reads the same after the run directory is moved.
     Raises ValueError on mismatched row counts, before anything is written.
     """
+    from . import diagnostics as dg
     labels = np.asarray(labels)
     n = len(labels)
     if len(raw_inputs) != n or len(embeddings) != n:
         raise ValueError(f"report: {len(raw_inputs)} inputs, {len(embeddings)} embeddings and "
                          f"{n} labels; expected one per test item")
+    threshold, source = known_threshold(index_dir or os.path.join(run_dir, "index"))
+    raw_name = "raw pixels" if image_shape is not None else "raw features"
     out = os.path.join(run_dir, "report")
     with atomic_dir(out) as tmp:
         raw_xy, rows = pca_2d(raw_inputs, points, seed)
@@ -340,9 +363,21 @@ def write_report(run_dir: str, metrics_doc: dict, raw_inputs: np.ndarray, embedd
         _plot_pca(os.path.join(tmp, "pca_learned.png"), emb_xy, labels[rows], class_names,
                   f"learned embeddings: 2-D PCA of the same {len(rows)} test items")
         _plot_curves(os.path.join(tmp, "curves.png"), metrics_doc)
+        # The class of each query's nearest other test item: per-class P@1, confusion.
+        # A collapsed embedding ties everywhere: its nearest neighbours say nothing, and
+        # certifying them would cost a full distance matrix per miss. Skipped, and said.
+        collapsed = bool((metrics_doc.get("final") or {}).get("collapsed"))
+        q = np.zeros(0, np.int64) if collapsed else dg.query_rows(labels, seed=seed)
+        n_classes = max(len(class_names), int(labels.max(initial=-1)) + 1)
+        matrix = dg.confusion(labels[q], dg.nearest_classes(embeddings, labels, q), n_classes)
+        table = dg.per_class(matrix)
+        same, other = dg.pair_distances(embeddings, labels, seed=seed)
+        _plot_distances(os.path.join(tmp, "distances.png"), same, other, threshold, source)
+        _plot_confusion(os.path.join(tmp, "confusion.png"), matrix, class_names)
         queries, which = neighbour_queries(labels)
         k = max(1, min(neighbours, n - 1))
-        dist, pos = _nearest_others(embeddings, queries, k)
+        pos = dg.nearest_others(embeddings, queries, k)
+        dist = dg.sq_dist(embeddings, np.repeat(queries, k), pos.ravel()).reshape(pos.shape)
         imgs = ids = None
         note = ""
         if image_shape is not None:
@@ -360,10 +395,67 @@ def write_report(run_dir: str, metrics_doc: dict, raw_inputs: np.ndarray, embedd
                        labels[queries], labels, class_names, title=title,
                        query_ids=None if ids is None else [ids[q] for q in queries],
                        gallery_ids=ids)
-        figs = (("pca_raw.png", "raw inputs, 2-D PCA"),
+        figs = (("curves.png", "training curves, each metric on its own scale"),
+                ("distances.png", "distances between test items, same class against "
+                 "other class; dashed: the calibrated match threshold, when the run's index "
+                 "has one"),
+                ("confusion.png", "nearest-neighbour class confusion"),
+                ("pca_raw.png", "raw inputs, 2-D PCA"),
                 ("pca_learned.png", "learned embeddings, 2-D PCA"),
-                ("curves.png", "training curves"),
                 ("neighbours.png", f"{which} and its nearest neighbours"))
+        hits = int(sum(r.hits for r in table))
+        search = (f"<p>Each of {len(q):,} test items searched among the other test items "
+                  f"(leave-one-out, squared L2; {hits:,} hits, Precision@1 "
+                  f"{hits / max(len(q), 1):.4f}"
+                  + (f"; a seeded sample of the {n:,}" if len(q) < n else "") +
+                  "): Precision@1 per class, worst first, and the class its misses go to "
+                  "most.</p>")
+        if collapsed:
+            search = ("<p>No per-class statistics: the embedding collapsed (metrics.json "
+                      "final.collapsed), so nearest neighbours are ties.</p>")
         with open(os.path.join(tmp, "report.html"), "w") as fh:
-            fh.write(_html(metrics_doc, figs, note))
+            fh.write(_html(metrics_doc, figs, note=note,
+                           warning=worse_than_raw(metrics_doc, raw_name),
+                           classes=_class_table(table, class_names), search=search))
     return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m dist_triplet.report RUN [--index DIR]``: draw ``RUN/report/`` again,
+    e.g. after ``calibrate`` to see its threshold among the distances. Embeds the run's
+    test set (``RUN:test``, as the run read it) with the exported model ``RUN/model``;
+    the numbers of the tables come from ``RUN/metrics.json``. Exit 2 with one ``error:``
+    line on a missing or broken file."""
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(
+        prog="python -m dist_triplet.report",
+        description="Draw a run's report (RUN/report/report.html) again from its exported "
+                    "model and test data, with the match threshold of a calibrated index.")
+    parser.add_argument("run", help="the run directory (holds metrics.json, model/)")
+    parser.add_argument("--index", help="index directory whose threshold.json to draw "
+                                        "(default RUN/index)")
+    args = parser.parse_args(argv)
+    metrics = os.path.join(args.run, "metrics.json")
+    if not os.path.isfile(metrics):
+        print(f"error: {metrics} does not exist: {args.run} is not a finished run directory",
+              file=sys.stderr)
+        return 2
+    try:
+        with open(metrics) as fh:
+            doc = json.load(fh)
+        from .retrieval import Model, read_items
+        model = Model(os.path.join(args.run, "model"))
+        items = read_items(f"{args.run}:test", model.input)
+        emb = model.embed(items.x, source=items.source)
+        out = write_report(args.run, doc, items.x, emb, items.labels, items.class_names,
+                           items.image_shape, index_dir=args.index)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(os.path.join(out, "report.html"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -20,7 +20,7 @@ import pytest
 
 from _data_util import make_images, write_folder
 from _hvd import HOROVODRUN_2, ROOT, child_env, require_horovod
-from dist_triplet.projector import read_tensor
+from dist_triplet.projector import RAW_TAG, read_tensor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSES, PER_CLASS = 6, 10
@@ -82,9 +82,11 @@ def test_folder_run_evaluates(folder_run):
 def test_folder_projector_has_rgb_sprite_of_test_images(folder_run):
     from PIL import Image
     _, run_dir, images, labels = folder_run
-    entry = run_dir / "tensorboard" / "00000" / "origin"
-    metadata = (entry / "metadata.tsv").read_text().splitlines()
+    entry = run_dir / "tensorboard" / "00000" / RAW_TAG
+    header, *metadata = (entry / "metadata.tsv").read_text().splitlines()
+    metadata = [line.split("\t")[1] for line in metadata]   # id<TAB>class
     n = CLASSES * 3
+    assert header == "id\tclass"
     assert len(metadata) == n and sorted(set(metadata)) == [f"sku-{c}" for c in range(CLASSES)]
     tensors = read_tensor(entry)
     assert tensors.shape == (n, 32 * 32 * 3)
@@ -115,12 +117,13 @@ def test_features_train_without_sprite(features_run):
     _same_parameters(tmp)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["final"]["queries"] == CLASSES * 3
-    entry = run_dir / "tensorboard" / "00000" / "origin"
+    entry = run_dir / "tensorboard" / "00000" / RAW_TAG
     tensors = read_tensor(entry)
     assert tensors.shape == (CLASSES * 3, 24)
-    # The 'origin' points are test rows of x, as they are (features are not scaled).
+    # The raw points are test rows of x, as they are (features are not scaled).
     gap = np.abs(tensors[:, None, :] - x.astype(np.float32)[None]).max(axis=2).min(axis=1)
     assert gap.max() < 1e-6
     assert not (entry / "sprite.png").exists()
-    assert sorted(set((entry / "metadata.tsv").read_text().splitlines())) == [
+    rows = (entry / "metadata.tsv").read_text().splitlines()[1:]   # after the header
+    assert sorted({line.split("\t")[1] for line in rows}) == [
         f"spk{c}" for c in range(CLASSES)]

@@ -18,7 +18,7 @@ import yaml
 
 from _hvd import HOROVODRUN_2, ROOT, child_env, require_horovod
 from dist_triplet.data import write_idx
-from dist_triplet.projector import read_tensor
+from dist_triplet.projector import LEARNED_TAG, RAW_TAG, read_tensor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 10, 20, 10
@@ -79,14 +79,15 @@ def test_run_files(run):
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch-0002"]   # after "epoch 2/2"
 
 
-@pytest.mark.parametrize("tag,dim", [("origin", 28 * 28), ("triplet", 128)])
+@pytest.mark.parametrize("tag,dim", [(RAW_TAG, 28 * 28), (LEARNED_TAG, 128)])
 def test_projector_one_line_per_point(run, tag, dim):
     _, _, run_dir = run
     points = CLASSES * TEST_PER_CLASS
     entry = run_dir / "tensorboard" / "00000" / tag
-    metadata = (entry / "metadata.tsv").read_text().splitlines()
-    assert len(metadata) == points
-    assert sorted(set(metadata)) == [str(c) for c in range(CLASSES)]
+    header, *metadata = (entry / "metadata.tsv").read_text().splitlines()
+    assert header == "id\tclass" and len(metadata) == points
+    assert [line.split("\t")[0] for line in metadata] == [f"test/{i}" for i in range(points)]
+    assert sorted({line.split("\t")[1] for line in metadata}) == [str(c) for c in range(CLASSES)]
     tensors = read_tensor(entry)
     assert tensors.shape == (points, dim)
     assert (entry / "sprite.png").stat().st_size > 0

@@ -19,7 +19,9 @@ def test_projector_files_and_metadata(tmp_path):
     written, emb = _export(tmp_path)
     assert [p.rsplit("/", 1)[-1] for p in written] == ["origin", "triplet"]
     meta = (tmp_path / "00000" / "triplet" / "metadata.tsv").read_text().splitlines()
-    assert meta == ["cat", "dog", "bird"] * 3
+    # A header row (two tab-separated columns), then the item id and class of each point.
+    assert meta == ["id\tclass"] + [f"test/{i}\t{name}" for i, name in
+                                     enumerate(["cat", "dog", "bird"] * 3)]
     tensors = read_tensor(tmp_path / "00000" / "triplet")
     np.testing.assert_allclose(tensors, emb, rtol=1e-6, atol=1e-6)
     assert (tmp_path / "00000" / "origin" / "sprite.png").is_file()
@@ -31,8 +33,17 @@ def test_second_export_replaces_the_first(tmp_path):
     _export(tmp_path, n=6, images=False)
     config = (tmp_path / "projector_config.pbtxt").read_text()
     assert config.count("embeddings {") == 2
-    assert len((tmp_path / "00000" / "origin" / "metadata.tsv").read_text().splitlines()) == 6
+    assert len((tmp_path / "00000" / "origin" / "metadata.tsv").read_text().splitlines()) == 7
     assert not (tmp_path / "00000" / "origin" / "sprite.png").exists()
+
+
+def test_metadata_ids_are_given_or_test_rows_and_cells_hold_no_tabs():
+    from dist_triplet.projector import metadata_tsv
+    text = metadata_tsv(np.array([1, 0]), ("a\tb", "c\nd"), ids=["x/1.png", "y\t2"])
+    assert text == "id\tclass\nx/1.png\tc d\ny 2\ta b\n"
+    assert metadata_tsv(np.array([0]), ("a",)) == "id\tclass\ntest/0\ta\n"
+    with pytest.raises(ValueError, match="1 ids but 2 labels"):
+        metadata_tsv(np.array([0, 0]), ("a",), ids=["one"])
 
 
 def test_row_count_mismatch_is_an_error(tmp_path):

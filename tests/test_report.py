@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -72,23 +73,111 @@ def test_pca_of_rows_wider_than_tall_matches_the_svd():
     assert np.array_equal(pca_2d(flat)[0], np.zeros((5, 2)))
 
 
-def test_write_report_writes_five_files_and_replaces_an_old_report(tmp_path):
+def test_write_report_writes_its_files_and_replaces_an_old_report(tmp_path):
     labels, raw, emb, doc = small_run(tmp_path)
     out = write_report(str(tmp_path), doc, raw, emb, labels, CLASSES, (8, 8))
     assert out == str(tmp_path / "report")
     assert sorted(os.listdir(out)) == sorted(REPORT_FILES)
     page = open(os.path.join(out, "report.html")).read()
-    assert re.findall(r'<img src="([^"]+)"', page) == list(REPORT_FILES[:4])
+    assert re.findall(r'<img src="([^"]+)"', page) == list(REPORT_FILES[:-1])
     # The metrics table: learned and raw-pixel P@1 side by side.
     assert "<td>Precision@1</td><td>0.7000</td><td>0.5500</td>" in page
     from PIL import Image
-    for name in REPORT_FILES[:4]:
+    for name in REPORT_FILES[:-1]:
         with Image.open(os.path.join(out, name)) as im:
             assert im.format == "PNG" and im.width > 200 and im.height > 100
     (tmp_path / "report" / "stale.txt").write_text("from an earlier report")
     write_report(str(tmp_path), doc, raw, emb, labels, CLASSES, None)  # no thumbnails
     assert sorted(os.listdir(out)) == sorted(REPORT_FILES)
     assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == []
+
+
+def _confusable_run(tmp_path, learned_p1, raw_p1=0.55):
+    """Three classes on a line: 'zero' and 'one' interleave (their items alternate at unit
+    spacing), 'two' sits far away. Leave-one-out, every 'zero' and 'one' item's nearest
+    neighbour is one of the other class (distance 1, ties to the lower index), every
+    'two' item's is its own class."""
+    labels = np.array([0, 1] * 10 + [2] * 10)
+    x = np.concatenate([np.arange(20), 100 + 3 * np.arange(10)]).astype(np.float32)
+    emb = np.stack([x, np.zeros_like(x)], 1)
+    doc = {"run_dir": str(tmp_path), "epochs": [{"epoch": 1, "loss": 0.5}],
+           "final": {"precision_at_1": learned_p1}, "raw_pixels": {"precision_at_1": raw_p1}}
+    return labels, np.zeros((30, 4), np.float32), emb, doc
+
+
+def test_report_names_the_failing_classes_worst_first(tmp_path):
+    labels, raw, emb, doc = _confusable_run(tmp_path, 0.9)
+    out = write_report(str(tmp_path), doc, raw, emb, labels, CLASSES, (2, 2))
+    page = open(os.path.join(out, "report.html")).read()
+    table = re.search(r'<table id="per-class">(.*?)</table>', page, re.S).group(1)
+    cells = re.findall(r"<tr><td>([^<]*)</td><td>(\d+)</td><td>([\d.]+)</td><td>([^<]*)</td>",
+                       table)
+    # 'zero' and 'one' miss every query (to each other), 'two' hits all; worst first.
+    assert cells == [("zero", "10", "0.0000", "one (100.0%)"),
+                     ("one", "10", "0.0000", "zero (100.0%)"),
+                     ("two", "10", "1.0000", "")]
+    assert "Each of 30 test items searched" in page and "Precision@1 0.3333" in page
+    assert 'id="worse-than-raw"' not in page          # 0.9 learned against 0.55 raw
+
+
+def test_report_of_a_collapsed_embedding_says_why_there_are_no_class_statistics(tmp_path):
+    labels, raw, emb, doc = small_run(tmp_path)
+    doc["final"]["collapsed"] = True
+    out = write_report(str(tmp_path), doc, raw, np.zeros_like(emb), labels, CLASSES, (8, 8))
+    page = open(os.path.join(out, "report.html")).read()
+    assert "No per-class statistics: the embedding collapsed" in page
+    assert re.findall(r"<tr><td>(zero|one|two)</td>", page) == []
+    assert sorted(os.listdir(out)) == sorted(REPORT_FILES)
+
+
+def test_report_says_when_the_embedding_retrieves_worse_than_raw_pixels(tmp_path):
+    labels, raw, emb, doc = _confusable_run(tmp_path, 0.7934, raw_p1=0.8092)
+    out = write_report(str(tmp_path), doc, raw, emb, labels, CLASSES, (2, 2))
+    page = open(os.path.join(out, "report.html")).read()
+    sentence = re.search(r'<p class="warn" id="worse-than-raw">([^<]*)</p>', page).group(1)
+    assert sentence.startswith("The learned embedding retrieves worse than the raw pixels: "
+                               "Precision@1 0.7934 against 0.8092")
+    assert sentence == report_mod.worse_than_raw(doc)
+    assert "worse than the raw features" in report_mod.worse_than_raw(doc, "raw features")
+    for learned, raw_p1 in ((0.8092, 0.8092), (0.9, 0.8), (float("nan"), 0.8)):
+        assert report_mod.worse_than_raw({"final": {"precision_at_1": learned},
+                                          "raw_pixels": {"precision_at_1": raw_p1}}) == ""
+    assert report_mod.worse_than_raw({"final": {"precision_at_1": 0.5}}) == ""   # no raw
+
+
+def test_report_names_no_absolute_path_and_reads_after_a_move(tmp_path):
+    labels, raw, emb, doc = small_run(tmp_path / "run")
+    os.makedirs(tmp_path / "run")
+    write_report(str(tmp_path / "run"), doc, raw, emb, labels, CLASSES, (8, 8))
+    page = (tmp_path / "run" / "report" / "report.html").read_text()
+    assert str(tmp_path) not in page
+    for ref in re.findall(r'(?:src|href)="([^"]+)"', page):
+        assert not os.path.isabs(ref) and "://" not in ref, ref
+    assert 'href="../metrics.json"' in page and 'href="../config.yaml"' in page
+    shutil.move(str(tmp_path / "run"), str(tmp_path / "moved"))
+    for ref in re.findall(r'<img src="([^"]+)"', page):
+        assert (tmp_path / "moved" / "report" / ref).is_file()
+
+
+def test_report_draws_the_index_threshold_when_the_run_has_one(tmp_path, monkeypatch):
+    labels, raw, emb, doc = small_run(tmp_path)
+    seen = []
+    real = report_mod._plot_distances
+
+    def spy(path, same, other, threshold, source):
+        seen.append((threshold, source, len(same), len(other)))
+        return real(path, same, other, threshold, source)
+
+    monkeypatch.setattr(report_mod, "_plot_distances", spy)
+    write_report(str(tmp_path), doc, raw, emb, labels, CLASSES, (8, 8))
+    os.makedirs(tmp_path / "index")
+    (tmp_path / "index" / "threshold.json").write_text('{"threshold": 1.25, "rule": "best-f1"}')
+    write_report(str(tmp_path), doc, raw, emb, labels, CLASSES, (8, 8))
+    assert seen == [(None, "", 20000, 20000), (1.25, "index/threshold.json", 20000, 20000)]
+    assert report_mod.known_threshold(str(tmp_path / "nowhere")) == (None, "")
+    (tmp_path / "ix").mkdir()
+    (tmp_path / "ix" / "threshold.json").write_text('{"threshold": "x"}')   # unreadable
+    assert report_mod.known_threshold(str(tmp_path / "ix")) == (None, "")
 
 
 def test_neighbour_queries_take_every_class_up_to_the_cap():
@@ -192,7 +281,7 @@ def test_report_page_loads_every_image_in_headless_chromium(tmp_path):
     assert found, f"no image report in chromium's DOM; stderr: {proc.stderr[-2000:]}"
     sizes = dict(item.split("=") for item in found.group(1).split(";"))
     from PIL import Image
-    assert sorted(sizes) == sorted(REPORT_FILES[:4])
+    assert sorted(sizes) == sorted(REPORT_FILES[:-1])
     for name, size in sizes.items():
         assert not size.startswith("0x"), f"{name} did not load in chromium ({size})"
         with Image.open(os.path.join(out, name)) as im:
@@ -210,21 +299,64 @@ def get(url, timeout=5):
         return resp.read()
 
 
-def test_board_serves_both_projector_embeddings(tmp_path):
+class _LoggingProxy:
+    """A local HTTP proxy in front of TensorBoard that records every path requested: the
+    projector page fetches ``/tensor?...&name=T`` for the tensor it opens on."""
+
+    def __init__(self, upstream_port: int):
+        import http.server
+        import threading
+        self.paths = []
+        paths = self.paths
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                paths.append(self.path)
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{upstream_port}{self.path}",
+                                                timeout=30) as resp:
+                        body, ctype, code = resp.read(), resp.headers.get("Content-Type"), 200
+                except urllib.error.HTTPError as exc:
+                    body, ctype, code = exc.read(), exc.headers.get("Content-Type"), exc.code
+                self.send_response(code)
+                if ctype:
+                    self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_board_serves_both_projector_embeddings_and_opens_on_the_learned_one(tmp_path):
+    """launch/board.sh over a run's projector export: the projector lists both entries,
+    serves the embedding values and id/class metadata; and TensorBoard's own projector page,
+    loaded in headless chromium, fetches the learned embedding first (the one it shows)."""
     try:
         import tensorboard  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"tensorboard does not import ({exc}); pip install -e .[board]")
-    from dist_triplet.projector import export_projector
+    from dist_triplet.projector import LEARNED_TAG, RAW_TAG, export_projector
     labels, raw, emb, _ = small_run(tmp_path)
     run = tmp_path / "run"
-    export_projector(str(run / "tensorboard"), {"origin": raw, "triplet": emb}, labels,
+    # The raw pixels first, as the seed article did: the order must not matter.
+    export_projector(str(run / "tensorboard"), {RAW_TAG: raw, LEARNED_TAG: emb}, labels,
                      CLASSES, images=raw)
     port = free_port()
     proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "board.sh"), str(run)],
                             env=child_env(PORT=str(port)), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
     base = f"http://127.0.0.1:{port}/data/plugin/projector"
+    proxy = None
     try:
         deadline, runs = time.time() + 90, None
         while time.time() < deadline:
@@ -239,13 +371,33 @@ def test_board_serves_both_projector_embeddings(tmp_path):
         assert runs == ["."], runs
         info = json.loads(get(f"{base}/info?run=."))
         names = sorted(e["tensorName"] for e in info["embeddings"])
-        assert names == ["origin:00000", "triplet:00000"]
+        learned = f"{LEARNED_TAG}:00000"
+        assert names == [learned, f"{RAW_TAG}:00000"]
         shapes = {e["tensorName"]: e["tensorShape"] for e in info["embeddings"]}
-        assert shapes["triplet:00000"] == ["60", "3"] or shapes["triplet:00000"] == [60, 3]
+        assert shapes[learned] in (["60", "3"], [60, 3])
         # The tensor endpoint serves the embeddings themselves, float32 row-major.
-        got = np.frombuffer(get(f"{base}/tensor?run=.&name=triplet:00000"), np.float32)
+        got = np.frombuffer(get(f"{base}/tensor?run=.&name={learned}"), np.float32)
         np.testing.assert_allclose(got.reshape(60, 3), emb, rtol=1e-6)
+        meta = get(f"{base}/metadata?run=.&name={learned}").decode().splitlines()
+        assert meta[:3] == ["id\tclass", "test/0\tzero", "test/1\tzero"]
+        assert len(meta) == 61 and meta[-1] == "test/59\ttwo"
+        if CHROMIUM is None:
+            return      # the page check below needs a browser
+        proxy = _LoggingProxy(port)
+        subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--use-angle=swiftshader",
+             "--enable-unsafe-swiftshader", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'chromium-profile'}",
+             "--virtual-time-budget=20000", "--dump-dom",
+             f"http://127.0.0.1:{proxy.port}/#projector"],
+            capture_output=True, text=True, timeout=180)
+        fetched = [re.search(r"name=([^&]+)", p).group(1) for p in proxy.paths
+                   if p.startswith("/data/plugin/projector/tensor?")]
+        assert fetched and fetched[0] == learned, proxy.paths
     finally:
+        if proxy is not None:
+            proxy.close()
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
         proc.stdout.close()
@@ -269,7 +421,7 @@ def test_neighbour_grid_draws_colour_thumbnails_as_they_are(tmp_path):
 
 def test_training_run_writes_the_report_unless_eval_report_is_false(tmp_path):
     """A tiny local training run (4 classes of 28x28 images, 1 epoch) ends with RUN/report/
-    holding the five files, its table showing metrics.json's final P@1 and raw-pixel P@1."""
+    holding its files, its table showing metrics.json's final P@1 and raw-pixel P@1."""
     pytest.importorskip("mxnet", reason="training runs on MXNet")
     from dist_triplet.config import load_config
     from dist_triplet.data import write_idx

@@ -187,7 +187,7 @@ def _search(args) -> int:
                      f"neighbours: the {index.meta.kind} index returned fewer candidates "
                      "(raise efSearch / nprobe when building it)")
     if args.grid:
-        from ..report import neighbour_grid
+        from ..pictures import neighbour_grid
         rows = s.grid_queries(codes, len(recs), args.grid_rows)
         pictures = items.image_shape is not None and index.images is not None
         neighbour_grid(args.grid, thumbnails(items.x[rows], items.image_shape) if pictures
