@@ -48,7 +48,7 @@ def test_table_parser_reads_key_and_scalar_columns():
 def test_every_metrics_json_key_and_scalar_of_a_run_is_documented(tmp_path):
     pytest.importorskip("mxnet", reason="training runs on MXNet")
     from dist_triplet.config import load_config
-    from dist_triplet.train import train
+    from dist_triplet.loop import train
     data = write_dataset(tmp_path / "data", classes=3, per_class=12, test_per_class=6, side=6)
     run = tmp_path / "run"
     cfg = load_config(None, [
