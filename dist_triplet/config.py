@@ -136,13 +136,36 @@ class DataConfig:
     limit_test: int = field(default=0, metadata=FREE)
 
 
+# The names mxnet.gluon.model_zoo.vision.get_model accepts (MXNet 1.9.1), listed here so
+# that config validation needs no MXNet; tests/test_backbone.py checks they all exist.
+ZOO = ("resnet18_v1", "resnet34_v1", "resnet50_v1", "resnet101_v1", "resnet152_v1",
+       "resnet18_v2", "resnet34_v2", "resnet50_v2", "resnet101_v2", "resnet152_v2",
+       "vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn",
+       "alexnet", "densenet121", "densenet161", "densenet169", "densenet201",
+       "squeezenet1.0", "squeezenet1.1", "inceptionv3",
+       "mobilenet1.0", "mobilenet0.75", "mobilenet0.5", "mobilenet0.25",
+       "mobilenetv2_1.0", "mobilenetv2_0.75", "mobilenetv2_0.5", "mobilenetv2_0.25")
+BACKBONES = ("mlp", "convnet") + ZOO
+
+
 @dataclass
 class ModelConfig:
-    """The embedding MLP (section ``model``)."""
+    """The embedding network (section ``model``; dist_triplet/backbone.py)."""
 
-    # Widths of the Dense layers; the last one is the embedding size D.
-    # Seed article: Dense(256, relu) -> Dense(128, relu).
+    # 'mlp' (the seed's network on the flat rows), 'convnet' (model.channels Conv3x3-BN-
+    # ReLU-MaxPool blocks, global average pooling) or a mxnet.gluon.model_zoo.vision name
+    # ('resnet18_v1', 'mobilenetv2_1.0', ...; its features, classifier dropped). Images only
+    # for the convolutional ones.
+    backbone: str = field(default="mlp", metadata=FIXED)
+    # Dense widths after the backbone (for 'mlp': on the raw rows); the last one is the
+    # embedding size D. Seed article: Dense(256, relu) -> Dense(128, relu).
     hidden: List[int] = field(default_factory=lambda: [256, 128], metadata=FIXED)
+    # 'convnet' only: output channels of each Conv3x3 block; a 2x2 max-pool follows every
+    # block but the last, so images need H, W >= 2 ** (len - 1).
+    channels: List[int] = field(default_factory=lambda: [32, 64, 128], metadata=FIXED)
+    # A Gluon .params file (Block.save_parameters) to start the backbone from, e.g. a
+    # model-zoo net's weights you have; nothing is ever downloaded. null = initialise.
+    weights: Optional[str] = field(default=None, metadata=FIXED)
     # ReLU after the last layer too, as the seed. Set false with normalize: true, so the
     # embedding can point anywhere on the sphere rather than in the positive orthant.
     final_relu: bool = field(default=True, metadata=FIXED)
@@ -347,6 +370,7 @@ def flat_dict(config: dict) -> dict:
 
 _CHOICES = {
     "data.dataset": ("fashion_mnist", "mnist", "idx"),
+    "model.backbone": BACKBONES,
     "data.format": ("auto", "idx", "npz", "folder", "csv"),
     "data.mode": ("L", "RGB"),
     "data.split": ("fraction", "classes"),
@@ -463,6 +487,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.init_scale={flat['model.init_scale']!r} must be > 0")
     if not cfg.model.hidden or any(w <= 0 for w in cfg.model.hidden):
         raise ConfigError(f"model.hidden={cfg.model.hidden!r} must be a non-empty list of "
+                          "positive widths")
+    if not cfg.model.channels or any(w <= 0 for w in cfg.model.channels):
+        raise ConfigError(f"model.channels={cfg.model.channels!r} must be a non-empty list of "
                           "positive widths")
     if cfg.sampler.kind == "pk" and cfg.sampler.k < 2:
         raise ConfigError(f"sampler.k={cfg.sampler.k} must be >= 2: a P x K batch needs a "

@@ -176,7 +176,7 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
     from .dist import decide_on_rank0, make_backend
     from .engine import run_epoch
     from .evaluate import Evaluator
-    from .model import build_embedding_net, initialize
+    from .backbone import build_network, initialize_network
     from .rundir import Recorder, resolve_resume, resolve_run_dir, timing_text
 
     backend = make_backend(cfg.distributed.backend, cfg.distributed.device,
@@ -201,9 +201,9 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
                             "resume_meta") if resume_path else None)
 
     # --- model, on every device; rank 0's initial parameters everywhere
-    net = build_embedding_net(train_split.images.shape[1], cfg.model.hidden,
-                              final_relu=cfg.model.final_relu, normalize=cfg.model.normalize)
-    initialize(net, cfg.model.init_scale, backend.contexts, cfg.train.seed)
+    in_units = train_split.images.shape[1]
+    net = build_network(cfg.model, in_units, train_split.image_shape)
+    initialize_network(net, cfg.model, backend.contexts, cfg.train.seed, in_units)
     backend.broadcast_parameters(net.collect_params())  # Horovod: identical start on all ranks
     stepper = build_step(cfg, backend, net, train_split.images, train_split.labels)
     trainer = stepper.trainer
