@@ -194,7 +194,9 @@ class SamplerConfig:
     kind: str = field(default="offline", metadata=FIXED)
     p: int = field(default=16, metadata=FIXED)              # classes per P x K batch
     k: int = field(default=8, metadata=FIXED)               # samples per class in a P x K batch
-    # Online miner for kind 'pk': 'batch_hard' (Hermans et al. 2017) or 'semi_hard' (FaceNet).
+    # Online miner for kind 'pk': 'batch_hard' (Hermans et al. 2017), 'semi_hard' (FaceNet),
+    # or 'distance_weighted' (Wu et al. 2017: negatives drawn by inverse distance density;
+    # needs model.normalize: true).
     miner: str = field(default="semi_hard", metadata=FIXED)
     # P x K batches per epoch per worker; 0 = as many as cover the training set once.
     steps_per_epoch: int = field(default=0, metadata=FIXED)
@@ -203,6 +205,24 @@ class SamplerConfig:
     # of every worker are gathered, and triplets are mined over the whole global batch of
     # workers x p x k; the update equals one process's on that batch (issue 13).
     scope: str = field(default="local", metadata=FIXED)
+    # Cross-batch memory (XBM, Wang et al. CVPR 2020): keep the embeddings and labels of
+    # the last N global batches and mine each anchor's negatives in the batch and in them
+    # (positives in the batch). Needs scope 'global' (the memory holds every worker's
+    # batch). 0 = off. Not checkpointed: a resumed run refills it in N steps.
+    memory: int = field(default=0, metadata=FIXED)
+
+
+@dataclass
+class AugmentConfig:
+    """Image augmentation inside the training step (section ``augment``; augment.py).
+    Off by default. Random numbers come from (train.seed, epoch, worker), so a resumed
+    run augments exactly as an uninterrupted one."""
+
+    # Random crop with zero padding: shift each image by up to this many pixels in each
+    # direction (He et al. 2016 use 4 on 32x32 CIFAR). 0 = no crop.
+    pad: int = field(default=0, metadata=FIXED)
+    # Mirror each image left-right with probability 1/2 (for data where that keeps the class).
+    flip: bool = field(default=False, metadata=FIXED)
 
 
 @dataclass
@@ -336,6 +356,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -375,7 +396,7 @@ _CHOICES = {
     "data.mode": ("L", "RGB"),
     "data.split": ("fraction", "classes"),
     "sampler.kind": ("offline", "pk"),
-    "sampler.miner": ("batch_hard", "semi_hard"),
+    "sampler.miner": ("batch_hard", "semi_hard", "distance_weighted"),
     "sampler.scope": ("local", "global"),
     "optim.optimizer": ("sgd", "adam"),
     "optim.schedule": ("constant", "cosine"),
@@ -390,7 +411,7 @@ _NON_NEGATIVE = ("data.limit_train", "data.limit_test", "loss.margin", "optim.mo
                  "optim.wd", "optim.warmup_epochs", "sampler.steps_per_epoch",
                  "eval.collapse_eps", "eval.projector_points", "checkpoint.keep",
                  "eval.full_every", "eval.max_queries", "eval.query_seed",
-                 "eval.exact_max_gallery")
+                 "eval.exact_max_gallery", "sampler.memory", "augment.pad")
 
 
 def _field_types(cls) -> dict:
@@ -497,6 +518,13 @@ def _validate(cfg: Config) -> None:
     if cfg.sampler.kind == "pk" and cfg.sampler.p < 2:
         raise ConfigError(f"sampler.p={cfg.sampler.p} must be >= 2: a P x K batch needs a "
                           "negative (another class) for every anchor")
+    if cfg.sampler.memory and cfg.sampler.scope != "global":
+        raise ConfigError(f"sampler.memory={cfg.sampler.memory} needs sampler.scope='global' "
+                          "(the memory holds every worker's batch)")
+    if (cfg.sampler.kind == "pk" and cfg.sampler.miner == "distance_weighted"
+            and not cfg.model.normalize):
+        raise ConfigError("sampler.miner='distance_weighted' weights negatives by the density "
+                          "of distances on the unit sphere; set model.normalize=true")
     if cfg.sampler.scope == "global" and cfg.sampler.kind != "pk":
         raise ConfigError(f"sampler.scope='global' needs sampler.kind='pk' (online mining), "
                           f"found sampler.kind={cfg.sampler.kind!r}")

@@ -11,6 +11,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .augment import draw
+
 
 def optimizer_params(optim) -> dict:
     """Gluon optimizer arguments for config section ``optim`` (an ``OptimConfig``): the
@@ -42,6 +44,9 @@ class DataParallelStep:
             memory map is fine: it is not copied on cpu(0)); labels: (N,) integer labels.
         strategy: the sampler kind's ``strategies.Strategy`` (its ``net`` is trained;
             its ``uint8`` must match ``pixels``).
+        seed: the run seed (``train.seed``): the random columns of a step's index vector
+            (augmentation, miner uniforms) come from (seed, epoch, worker) alone
+            (``augment.draw``).
 
     It returns the per-device loss sums (NDArrays, no host synchronisation) and the
     number of loss terms they sum over.
@@ -51,7 +56,8 @@ class DataParallelStep:
             ``pixels`` of another dtype than the strategy expects.
     """
 
-    def __init__(self, backend, trainer, pixels: np.ndarray, labels: np.ndarray, strategy):
+    def __init__(self, backend, trainer, pixels: np.ndarray, labels: np.ndarray, strategy,
+                 seed: int = 0):
         import mxnet as mx
 
         self.mx = mx
@@ -60,6 +66,7 @@ class DataParallelStep:
         self.strategy = strategy
         self.net = strategy.net
         self.trainer = trainer
+        self.seed = seed
         # Indices travel as float32 (what F.take wants); exact for row ids below 2**24.
         if len(pixels) >= 2 ** 24:
             raise ValueError(f"{len(pixels)} training rows: indices above 2**24 are not exact "
@@ -84,9 +91,12 @@ class DataParallelStep:
             return mx.nd.from_numpy(host.view(), zero_copy=True)  # marks only the view read-only
         return mx.nd.array(pixels, ctx=ctx, dtype=dtype)
 
-    def epoch_indices(self, batches: np.ndarray) -> list:
+    def epoch_indices(self, batches: np.ndarray, epoch: int = 0) -> list:
         """Indices of ``steps`` batches on the devices in one copy: per device a
-        (steps, L) float32 NDArray (``strategy.layout`` of the device's share).
+        (steps, L) float32 NDArray (``strategy.layout`` of the device's share), or
+        (steps, c * L) when the strategy's input has c > 1 columns: the indices, then the
+        random columns of worker ``backend.worker_rank(d)`` for ``epoch``
+        (``model.StepInput``), drawn here for the whole epoch.
 
         ``mx.nd.array`` from host memory waits until MXNet's queue is empty, so copying
         indices every step stalls the host once per step (measured: benchmark section 2);
@@ -102,12 +112,23 @@ class DataParallelStep:
                              f"{n} devices; every device must get the same number so that "
                              "each step's gradient is the mean over the global batch")
         parts = np.split(batches, n, axis=1) if n > 1 else [batches]
-        return [self.mx.nd.array(self.strategy.layout(part), ctx=ctx, dtype="float32")
-                for part, ctx in zip(parts, self.ctxs)]
+        inp = self.strategy.input
+        out = []
+        for d, (part, ctx) in enumerate(zip(parts, self.ctxs)):
+            idx = self.strategy.layout(part)                         # (steps, L)
+            if inp.columns > 1:
+                steps, rows = idx.shape
+                u = draw(self.seed, epoch, self.backend.worker_rank(d),
+                         (steps, inp.columns - 1, rows))
+                idx = np.concatenate([idx[:, None, :], inp.host_columns(u)],
+                                     axis=1).reshape(steps, -1)
+            out.append(self.mx.nd.array(idx, ctx=ctx, dtype="float32"))
+        return out
 
-    def device_batches(self, batch: np.ndarray) -> list:
-        """One batch's indices on the devices: per device the (L,) float32 NDArray."""
-        return [d[0] for d in self.epoch_indices(batch[None])]
+    def device_batches(self, batch: np.ndarray, epoch: int = 0) -> list:
+        """One batch's indices on the devices: per device the (L,) float32 NDArray (or
+        (c * L,) with random columns: those of step 0 of ``epoch``)."""
+        return [d[0] for d in self.epoch_indices(batch[None], epoch)]
 
     def step(self, batch: np.ndarray, idx: Optional[list] = None):
         """One optimizer update from ``batch``; returns (loss sums per device, terms).
@@ -157,7 +178,7 @@ def run_epoch(stepper: DataParallelStep, batches: np.ndarray, epoch: int, *,
     """
     import mxnet as mx
     steps = len(batches)
-    dev_idx = stepper.epoch_indices(batches)                 # one host->device copy per epoch
+    dev_idx = stepper.epoch_indices(batches, epoch)          # one host->device copy per epoch
     ctx0 = stepper.ctxs[0]
     step_sums = []
     wait = 0.0

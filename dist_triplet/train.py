@@ -152,7 +152,8 @@ def build_sampler(cfg: Config, backend, labels: np.ndarray) -> EpochSampler:
                         num_workers=backend.num_workers, scope=s.scope)
 
 
-def build_step(cfg: Config, backend, net, pixels: np.ndarray, labels: np.ndarray):
+def build_step(cfg: Config, backend, net, pixels: np.ndarray, labels: np.ndarray,
+               image_shape=None):
     """The ``engine.DataParallelStep`` for ``cfg``: the sampler kind's strategy
     (``strategies.make_strategy``) and the trainer ``backend`` makes
     (``Backend.make_trainer``, optimizer arguments from ``engine.optimizer_params``)."""
@@ -160,8 +161,31 @@ def build_step(cfg: Config, backend, net, pixels: np.ndarray, labels: np.ndarray
     from .strategies import make_strategy
     trainer = backend.make_trainer(net.collect_params(), cfg.optim.optimizer,
                                    optimizer_params(cfg.optim))
-    strategy = make_strategy(cfg.sampler, cfg.loss.margin, net, backend, is_uint8(pixels))
-    return DataParallelStep(backend, trainer, pixels, labels, strategy)
+    strategy = make_strategy(cfg.sampler, cfg.loss.margin, net, backend, is_uint8(pixels),
+                             augment=augmentation(cfg, image_shape))
+    return DataParallelStep(backend, trainer, pixels, labels, strategy, seed=cfg.train.seed)
+
+
+def augmentation(cfg: Config, image_shape):
+    """The ``augment.Augment`` of section ``augment`` for rows of ``image_shape`` (H, W, C),
+    or None when it is off.
+
+    Raises:
+        ValueError: augmentation asked for on feature rows (``image_shape`` None), or a
+            crop padding not smaller than the image.
+    """
+    from .augment import Augment
+    a = cfg.augment
+    if not (a.pad or a.flip):
+        return None
+    if image_shape is None:
+        raise ValueError(f"augment.pad={a.pad} / augment.flip={a.flip} need image data; the "
+                         "training rows are feature vectors (set augment.pad=0 augment.flip="
+                         "false)")
+    if a.pad >= min(image_shape[:2]):
+        raise ValueError(f"augment.pad={a.pad} must be smaller than the images "
+                         f"({image_shape[0]}x{image_shape[1]})")
+    return Augment(tuple(int(v) for v in image_shape), a.pad, a.flip)
 
 
 def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
@@ -206,7 +230,8 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
     net = build_network(cfg.model, in_units, train_split.image_shape)
     initialize_network(net, cfg.model, backend.contexts, cfg.train.seed, in_units)
     backend.broadcast_parameters(net.collect_params())  # Horovod: identical start on all ranks
-    stepper = build_step(cfg, backend, net, train_split.images, train_split.labels)
+    stepper = build_step(cfg, backend, net, train_split.images, train_split.labels,
+                         train_split.image_shape)
     trainer = stepper.trainer
     start_epoch = 0
     if resume_path:
