@@ -287,7 +287,8 @@ class GlobalMinedTripletStep:
                 out_emb.append(mx.nd.slice_axis(here, axis=1, begin=0, end=dim))
                 out_lab.append(mx.nd.slice_axis(here, axis=1, begin=dim, end=dim + 1)
                                .reshape((-1,)))
-                out_u.append(mx.nd.slice_axis(here, axis=1, begin=dim + 1, end=None))
+                if noise:
+                    out_u.append(mx.nd.slice_axis(here, axis=1, begin=dim + 1, end=None))
         return out_emb, out_lab, (out_u if noise else None)
 
     def forward_own(self, pixels, idx) -> tuple:
