@@ -198,10 +198,13 @@ def initialize_network(net, model_cfg, ctx, seed: int, in_units: int) -> None:
 
     The MLP keeps the seed's init (``model.initialize``: Uniform(``model.init_scale``)).
     A convolutional network gets He init (Xavier gaussian, fan-in, magnitude 2: He et al.
-    2015) for its weights (BatchNorm and biases keep their own ones / zeros), and one
-    forward of a zero row outside ``autograd.record`` (running statistics untouched)
-    settles the shapes model-zoo layers leave deferred, so that every parameter exists
-    before Horovod's broadcast.
+    2015) for its weights (BatchNorm and biases keep their own ones / zeros). Model-zoo
+    layers leave input channels deferred: shape inference on a (1, in_units) row settles
+    them, then the parameters are initialised again from the same seed, now with their
+    data, so that every parameter exists before Horovod's broadcast. No forward pass runs
+    here: in inference mode MXNet's oneDNN convolution reorders its weight in place into
+    a blocked layout, which Horovod's broadcast cannot read ("can't generate TBlob for
+    MKLDNN data").
 
     Raises:
         ValueError: :func:`load_weights`' errors.
@@ -210,11 +213,12 @@ def initialize_network(net, model_cfg, ctx, seed: int, in_units: int) -> None:
     if model_cfg.backbone == "mlp":
         initialize(net, model_cfg.init_scale, ctx, seed)
     else:
+        init = mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2)
         mx.random.seed(seed)
-        net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2),
-                       ctx=ctx, force_reinit=True)
-        first = ctx[0] if isinstance(ctx, (list, tuple)) else ctx
-        net(mx.nd.zeros((1, in_units), ctx=first))
+        net.initialize(init, ctx=ctx, force_reinit=True)
+        net.infer_shape(mx.nd.zeros((1, in_units)))
+        mx.random.seed(seed)
+        net.initialize(init, ctx=ctx, force_reinit=True)
     if model_cfg.weights:
         load_weights(net, model_cfg.weights, model_cfg.backbone)
 

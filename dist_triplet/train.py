@@ -159,7 +159,10 @@ def build_step(cfg: Config, backend, net, pixels: np.ndarray, labels: np.ndarray
     (``Backend.make_trainer``, optimizer arguments from ``engine.optimizer_params``)."""
     from .engine import DataParallelStep, is_uint8, optimizer_params
     from .strategies import make_strategy
-    trainer = backend.make_trainer(net.collect_params(), cfg.optim.optimizer,
+    # Only parameters with a gradient: a kvstore Trainer would otherwise broadcast device 0's
+    # BatchNorm running statistics over the other devices' at its first step.
+    trainable = {n: p for n, p in net.collect_params().items() if p.grad_req != "null"}
+    trainer = backend.make_trainer(trainable, cfg.optim.optimizer,
                                    optimizer_params(cfg.optim))
     strategy = make_strategy(cfg.sampler, cfg.loss.margin, net, backend, is_uint8(pixels),
                              augment=augmentation(cfg, image_shape))
