@@ -39,14 +39,14 @@ def load_data(synthetic: bool, train_size: int = 0, train: bool = True,
     """The benchmarks' data: (images (N, F) float32, labels (N,) int64, source str).
 
     Fashion-MNIST from ``root`` unless ``synthetic`` or the directory is missing, in which
-    case synthetic data of the same shape; ``train_size`` > 0 keeps the first rows only
-    (the test split keeps train_size // 6, as 10,000 / 60,000).
+    case synthetic data of the same shape; ``train_size`` > 0 keeps a seeded sample of
+    that many rows (the test split keeps train_size // 6, as 10,000 / 60,000).
     """
     full = TRAIN_ROWS if train else TEST_ROWS
     limit = train_size if train else (max(train_size // 6, 2 * CLASSES) if train_size else 0)
     if not synthetic and os.path.isdir(root):
         from dist_triplet.data import load_dataset, subset
-        split = subset(load_dataset("fashion_mnist", root, train=train), limit)
+        split = subset(load_dataset("fashion_mnist", root, train=train), limit, seed=0)
         return split.images, split.labels, f"Fashion-MNIST ({root})"
     rows = limit or full
     images, labels = synthetic_split(rows, seed=0 if train else 1)
@@ -66,7 +66,7 @@ def make_cfg(overrides: Sequence[str] = (), config: Optional[str] = None):
 
 @dataclass
 class Product:
-    """What ``train.train`` builds before its epoch loop, built by the same functions."""
+    """What ``loop.train`` builds before its epoch loop, built by the same functions."""
     cfg: object
     backend: object
     net: object
@@ -81,12 +81,13 @@ class Product:
 
 
 def build_product(cfg, images: np.ndarray, labels: np.ndarray) -> Product:
-    """The backend, network, step, sampler and schedule of ``cfg``, as ``train.train``
-    makes them (``train.build_sampler``, ``train.build_step``, ``schedule.from_config``)."""
+    """The backend, network, step, sampler and schedule of ``cfg``, as ``loop.train``
+    makes them (``plan.build_sampler``, ``engine.build_step``, ``schedule.from_config``)."""
     from dist_triplet import schedule
     from dist_triplet.dist import make_backend
     from dist_triplet.model import build_embedding_net, initialize
-    from dist_triplet.train import build_sampler, build_step
+    from dist_triplet.engine import build_step
+    from dist_triplet.plan import build_sampler
 
     backend = make_backend(cfg.distributed.backend, cfg.distributed.device,
                            cfg.distributed.devices)

@@ -6,7 +6,7 @@
 ``horovodrun -np N -H localhost:N --gloo`` with N = 1 and 2, one thread per rank
 (OMP_NUM_THREADS=1 and MXNET_CPU_WORKER_NTHREADS=1, so two ranks do not oversubscribe two
 cores), each rank running ``engine.run_epoch`` over the product's step (built by
-``train.build_step`` from the default config with ``distributed.backend=horovod``) on its
+``engine.build_step`` from the default config with ``distributed.backend=horovod``) on its
 shard, ``--batch-size`` triplets per rank and step. Efficiency = total(2) / (2 x
 total(1)). The reference for what the cores give is two independent one-thread processes
 of the same loop (local backend) run at once; the target is the 2-rank efficiency >= 80%

@@ -6,7 +6,7 @@ Three measurements, each in a subprocess of its own (thread pools are sized when
 and NumPy load):
 
 1. **Product step** (triplets/s): ``engine.run_epoch`` over ``engine.DataParallelStep``
-   built by ``train.build_step`` / ``train.build_sampler`` from the default config (the
+   built by ``engine.build_step`` / ``plan.build_sampler`` from the default config (the
    seed's MLP 784 -> 256 -> 128, SGD lr 0.05) at ``--batch-size``, local backend, CPU,
    ``--threads`` threads. Median of windows (each a slice of an epoch's batches handed to
    ``run_epoch``, which ends with its host wait), plus CPU microseconds per triplet, a
@@ -174,7 +174,7 @@ def worker_product(args) -> None:
     images, labels, source = common.load_data(args.synthetic, args.train_size)
     cfg = common.make_cfg([f"train.batch_size={args.batch_size}"])
     product = common.build_product(cfg, images, labels)
-    del images                                  # as train.train: the step holds the pixels
+    del images                                  # as loop.train: the step holds the pixels
     res = common.time_windows({"product": common.EpochRunner(product).run},
                               product.per_step, args.warmup, args.windows,
                               args.window_steps)["product"]

@@ -24,7 +24,7 @@ from typing import Tuple
 
 import numpy as np
 
-__all__ = ["Augment", "draw", "crop_flip", "AUG_COLUMNS"]
+__all__ = ["Augment", "augmentation", "draw", "crop_flip", "AUG_COLUMNS"]
 
 _NOISE_STREAM = 0x4E4F4953  # "NOIS": independent of the samplers' streams
 AUG_COLUMNS = 3             # dy, dx, flip
@@ -50,6 +50,26 @@ class Augment:
         shift = np.floor(u[..., :2] * span) - self.pad
         flip = (u[..., 2:3] < 0.5) if self.flip else np.zeros_like(u[..., 2:3])
         return np.concatenate([shift, flip], axis=-1).astype(np.float32)
+
+
+def augmentation(section, image_shape):
+    """The ``augment.Augment`` of config section ``augment`` for rows of ``image_shape``
+    (H, W, C), or None when it is off.
+
+    Raises:
+        ValueError: augmentation asked for on feature rows (``image_shape`` None), or a
+            crop padding not smaller than the image.
+    """
+    if not (section.pad or section.flip):
+        return None
+    if image_shape is None:
+        raise ValueError(f"augment.pad={section.pad} / augment.flip={section.flip} need image "
+                         "data; the training rows are feature vectors (set augment.pad=0 "
+                         "augment.flip=false)")
+    if section.pad >= min(image_shape[:2]):
+        raise ValueError(f"augment.pad={section.pad} must be smaller than the images "
+                         f"({image_shape[0]}x{image_shape[1]})")
+    return Augment(tuple(int(v) for v in image_shape), section.pad, section.flip)
 
 
 def draw(seed: int, epoch: int, worker: int, shape: tuple) -> np.ndarray:

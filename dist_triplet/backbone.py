@@ -36,6 +36,9 @@ when the file has it with the right shape and initialised otherwise, and the fil
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import logging
 from typing import Optional, Sequence, Tuple
 
@@ -48,7 +51,7 @@ from .model import L2Normalize, build_embedding_net
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConvEmbedding", "build_network", "initialize_network",
+__all__ = ["check_network", "ConvEmbedding", "build_network", "initialize_network",
            "load_weights", "check_backbone"]
 
 HEAD = "head."          # structural-name prefix of the embedding head
@@ -146,7 +149,8 @@ def _feature_shape(features, image_shape) -> tuple:
     """Output shape of ``features`` for one (C, H, W) image, by MXNet's shape inference;
     raises MXNetError when the image is too small for one of its layers."""
     h, w, c = image_shape
-    _, out, _ = features(mx.sym.var("data")).infer_shape(data=(1, c, h, w))
+    with contextlib.redirect_stdout(io.StringIO()):  # MXNet prints the arguments on failure
+        _, out, _ = features(mx.sym.var("data")).infer_shape(data=(1, c, h, w))
     return tuple(out[0])
 
 
@@ -183,7 +187,9 @@ def check_backbone(model_cfg, image_shape) -> None:
         return
     from mxnet.gluon.model_zoo import vision
     try:
-        _feature_shape(vision.get_model(name, pretrained=False).features, image_shape)
+        # A fixed prefix: MXNet names the failing layer, the same in every process.
+        _feature_shape(vision.get_model(name, pretrained=False, prefix=f"{name}_").features,
+                       image_shape)
     except mx.base.MXNetError as exc:
         from .export import mxnet_error_line
         raise ValueError(f"model.backbone={name!r}: the {h}x{w}x{c} images are too small for "
@@ -295,3 +301,20 @@ def load_weights(net, path: str, backbone: str, *, apply: bool = True) -> list:
         log.info("loaded %d parameters from %s%s", len(ours) - len(fresh), path,
                  f"; head initialised: {', '.join(fresh)}" if fresh else "")
     return fresh
+
+
+def check_network(model_cfg, in_units: int, image_shape) -> None:
+    """Everything about ``model_cfg`` that can fail before training, as training would
+    fail (``dist_triplet.check`` calls it before any rank starts): :func:`check_backbone`
+    and, with ``model.weights``, the file against a network built and initialised on the
+    CPU (:func:`load_weights` without applying).
+
+    Raises:
+        ValueError: one line naming the key, value, parameter and shapes.
+    """
+    check_backbone(model_cfg, image_shape)
+    if model_cfg.weights:
+        net = build_network(model_cfg, in_units, image_shape)
+        initialize_network(net, dataclasses.replace(model_cfg, weights=None), mx.cpu(), 0,
+                           in_units)
+        load_weights(net, model_cfg.weights, model_cfg.backbone, apply=False)

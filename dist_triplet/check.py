@@ -5,97 +5,66 @@ the ranks will get. Under horovodrun a bad config or a broken data file would ot
 reported by every rank, followed by horovodrun's own traceback (exit status 1); here it is
 one line, ``error: ...`` naming the file, key or value, and exit status 2 (issue 14).
 
-It checks, with the same functions ``train.train`` uses, everything that fails before a
+It checks, with the same plan step training uses (plan.py), everything that fails before a
 run writes anything: the config (keys, types, ranges), both data splits (IDX headers and
 payloads, labels, at least 2 classes of at least 2 samples, one image size), that a batch
 fits each worker's shard at the given world size (offline and P x K samplers),
-``output.dir`` / ``output.root`` not being files, and, for ``checkpoint.resume``, the
-checkpoint it would continue from (complete, same computation, same world size). It
-writes nothing and imports neither MXNet nor Horovod (about 0.1 s plus reading the data),
-so it cannot check devices (GPUs); the ranks still do, and still validate everything
-again. On several hosts it sees the launching host's files only.
+``output.dir`` / ``output.root`` not being files, for ``checkpoint.resume``, the
+checkpoint it would continue from (complete, same computation, same world size), and the
+network against the data (``augment`` on images only; a convolutional backbone on images
+large enough for its downsampling; ``model.weights`` shapes, naming the parameter and both
+shapes). It writes nothing and imports neither MXNet nor Horovod (about 0.1 s plus reading
+the data) -- except for a convolutional backbone or a weights file, whose checks need
+MXNet's shape inference (~1 s more). It cannot check devices (GPUs); the ranks still do,
+and still validate everything again. On several hosts it sees the launching host's files only.
 
 Exit status: 0 (one line on stderr saying what was checked), 2 on bad input.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional, Sequence
 
-from .config import Config, ConfigError, load_config, parse_devices
+from .augment import augmentation
+from .config import ConfigError, load_config
+from .plan import make_plan, read_resume_meta
+from .rundir import check_dir_path, resume_for
 
 
-class PlannedJob:
-    """The shape of a job not started yet, as ``train``'s helpers read it from a
-    ``dist.Backend``: rank 0 of ``num_processes`` processes with ``devices`` devices each.
-    ``contexts`` holds placeholders: the devices themselves are chosen by the ranks."""
-
-    rank = 0
-
-    def __init__(self, num_processes: int, devices: int):
-        self.num_processes = num_processes
-        self.contexts = [None] * devices
-        self.num_workers = num_processes * devices
-
-    def worker_rank(self, device: int) -> int:
-        return self.rank * len(self.contexts) + device
-
-
-def devices_per_process(cfg: Config) -> Optional[int]:
-    """Devices each process drives, when known without MXNet: 1 for local and horovod, N
-    for kvstore 'cpu:N' or N GPU ids; None for kvstore 'all' (the GPU count of a host).
-
-    Raises:
-        ValueError: a malformed ``distributed.devices`` (``config.parse_devices``).
-    """
-    if cfg.distributed.backend != "kvstore":
-        return 1
-    kind, value = parse_devices(cfg.distributed.devices)
-    if kind == "cpu":
-        return value
-    return len(value) if value else None  # 'all' (None) or no ids: the host decides
-
-
-def preflight(cfg: Config, processes: int = 1) -> str:
+def preflight(cfg, processes: int = 1) -> str:
     """Validate ``cfg`` and its data for a job of ``processes`` processes; write nothing.
 
-    The checks are ``train.train``'s own, up to the point where it would create the run
-    directory: ``train.load_splits``, ``train.build_sampler`` and
-    ``train.read_resume_meta`` with a :class:`PlannedJob` in place of the backend, and
-    ``rundir.requested_run_dir`` / ``find_resume`` as rank 0 would call them.
+    The checks are training's own, up to the point where it would create the run
+    directory: ``plan.make_plan`` (backend, data, sampler) for a launcher of
+    ``processes`` processes, and, as rank 0 would, ``rundir.check_dir_path``,
+    ``rundir.resume_for`` and ``plan.read_resume_meta``.
 
     Returns:
         A one-line summary of what was checked.
 
     Raises:
-        ValueError / FileNotFoundError with the message ``train.train`` would give
+        ValueError / FileNotFoundError with the message training would give
         (``ConfigError`` is a ValueError).
     """
-    from .rundir import _check_dir_path, find_resume, requested_run_dir
-    from .train import build_sampler, load_splits, read_resume_meta
-
-    if processes < 1:
-        raise ValueError(f"--processes={processes} must be >= 1")
-    train_split, test_split = load_splits(cfg)
-    devices = devices_per_process(cfg)
-    job = PlannedJob(processes, devices) if devices is not None else None
-    sampler = build_sampler(cfg, job, train_split.labels) if job else None
-    steps = sampler.steps if sampler else None
-
-    run_dir = requested_run_dir(cfg)
-    if run_dir is None:
-        _check_dir_path(cfg.output.root)  # a new timestamped directory under it
+    plan = make_plan(cfg, processes=processes)
+    image_shape = plan.train.image_shape
+    augmentation(cfg.augment, image_shape)
+    if cfg.model.backbone != "mlp" or cfg.model.weights:
+        # The network's own checks need MXNet (shape inference, the weights file): imported
+        # for convolutional backbones and weight files only.
+        from .backbone import check_network
+        check_network(cfg.model, plan.train.width, image_shape)
+    if plan.run_dir is None:
+        check_dir_path(cfg.output.root)  # a new timestamped directory under it
     else:
-        _check_dir_path(run_dir)
-        resume = find_resume(cfg.checkpoint.resume, os.path.join(run_dir, "checkpoints"),
-                             cfg.to_dict())
-        if resume and job:
-            read_resume_meta(cfg, resume, job, steps, sampler.per_step * processes)
-    return (f"check: config and data ok ({len(train_split)} train / {len(test_split)} test "
+        check_dir_path(plan.run_dir)
+        resume = resume_for(cfg, plan.run_dir)
+        if resume and plan.job:
+            read_resume_meta(cfg, resume, plan.job, plan.steps, plan.global_batch)
+    return (f"check: config and data ok ({len(plan.train)} train / {len(plan.test)} test "
             f"images, {processes} process(es)"
-            + (f", {steps} steps per epoch" if steps is not None else "") + ")")
+            + (f", {plan.steps} steps per epoch" if plan.steps is not None else "") + ")")
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

@@ -7,7 +7,7 @@ Layout of ``<run>/checkpoints/epoch-0003/`` (the checkpoint of the 4th epoch, 0-
   counts) and its per-parameter state (momentum, Adam's moments)
 * ``meta.json``       a :class:`CheckpointMeta`: epoch (0-based), steps per epoch, world
   size (workers = processes x devices), the resolved config and a copy of the metrics
-  history up to this epoch (the run's ``rundir.Recorder`` owns the history; the copy lets
+  history up to this epoch (the run's ``recorder.Recorder`` owns the history; the copy lets
   a resumed run continue metrics.json); written last
 
 This module is storage only. Which config keys may change on resume is declared beside

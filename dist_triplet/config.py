@@ -24,20 +24,22 @@ Batch-size and learning-rate semantics (the same for every backend):
 
 Resume policy: every field declares in its metadata what a resumed run may do with it
 (``checkpoint.check_compatible`` reads it through :func:`resume_policies`; a test checks
-that every field has one). New keys use the same form::
+that every field has one). A field is declared with its policy, its default and the checks
+of its value (choices, bounds), in one place::
 
-    name: int = field(default=0, metadata=FIXED)
+    name: int = fixed(0, least=0)            # or scheduled(...), free(...)
+    kind: str = fixed("a", choices=("a", "b"))
 
-* ``FIXED`` (``{"resume": "fixed"}``): must equal the checkpoint's value. The key changes
+* ``fixed``: must equal the checkpoint's value. The key changes
   the parameters' shapes, what a step computes, the optimizer state's meaning (momentum
   and wd are pickled with the optimizer in trainer.states, so a new value would be
   silently ignored), or which triplets each worker draws.
-* ``SCHEDULE`` (``{"resume": "schedule"}``): may change. The learning rate of every step
+* ``scheduled`` (policy "schedule"): may change. The learning rate of every step
   is recomputed from the current config (``schedule.learning_rate``), so lowering optim.lr
   after a divergence, or extending train.epochs, works. An info line names the changed
   keys; a warning (the run then differs from an uninterrupted one with the old values)
   follows only when a remaining step's learning rate differs (``train.read_resume_meta``).
-* ``FREE`` (``{"resume": "free"}``): may change silently (evaluation, output, progress,
+* ``free``: may change silently (evaluation, output, progress,
   devices: the world size itself is checked from the checkpoint's processes x devices).
 
 Why not OmegaConf structured configs: OmegaConf is not installed in the project's
@@ -64,11 +66,32 @@ import yaml
 from .fsutil import atomic_write
 
 
-# Resume policies (see the module docstring), used as ``field(..., metadata=FIXED)``.
-FIXED = {"resume": "fixed"}
-SCHEDULE = {"resume": "schedule"}
-FREE = {"resume": "free"}
 RESUME_POLICIES = ("fixed", "schedule", "free")
+
+
+def _key(policy: str, default=dataclasses.MISSING, *, factory=dataclasses.MISSING,
+         choices: Optional[Tuple] = None, least=None, above=None, below=None):
+    """A config field whose metadata carries its resume policy (module docstring) and
+    the checks :func:`load_config` applies to its value: one of ``choices``; ``>= least``;
+    ``> above``; ``< below``."""
+    checks = {"choices": choices, "least": least, "above": above, "below": below}
+    metadata = {"resume": policy, **{k: v for k, v in checks.items() if v is not None}}
+    return field(default=default, default_factory=factory, metadata=metadata)
+
+
+def fixed(default=dataclasses.MISSING, **checks):
+    """A key a resumed run must keep (policy ``fixed``); ``checks`` as :func:`_key`."""
+    return _key("fixed", default, **checks)
+
+
+def scheduled(default=dataclasses.MISSING, **checks):
+    """A key of the learning-rate schedule (policy ``schedule``): may change on resume."""
+    return _key("schedule", default, **checks)
+
+
+def free(default=dataclasses.MISSING, **checks):
+    """A key that may change on resume without a word (policy ``free``)."""
+    return _key("free", default, **checks)
 
 
 class ConfigError(ValueError):
@@ -95,45 +118,46 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Where the data come from and how they are split (section ``data``; docs/data.md)."""
 
     # Named MNIST-format data set, used when data.path is null: 'fashion_mnist' (Debian's
     # dataset-fashion-mnist), 'mnist' (MXNet downloads it when root is null and the network
     # allows) or 'idx' (any MNIST-format directory in root).
-    dataset: str = field(default="fashion_mnist", metadata=FIXED)
+    dataset: str = fixed("fashion_mnist", choices=("fashion_mnist", "mnist", "idx"))
     # Directory holding the four IDX files (gzip or raw); null = the data set's default place.
-    root: Optional[str] = field(default=None, metadata=FREE)
+    root: Optional[str] = free(None)
     # Your own data: a file or directory (then data.dataset and data.root are not used).
     # Free on resume like data.root (the same data may move); which data it is, is yours.
-    path: Optional[str] = field(default=None, metadata=FREE)
+    path: Optional[str] = free(None)
     # Format of data.path: 'auto' (from the name/content where unambiguous), 'idx' (a
     # directory of the four MNIST-format files, any rows x cols), 'npz' (x, y[, classes];
     # or a directory with train.npz[, test.npz]), 'folder' (ROOT/<class>/*.png|jpg, or
     # ROOT/train + ROOT/test), 'csv' (path,label[,split], the open-metric-learning layout).
-    format: str = field(default="auto", metadata=FIXED)
+    format: str = fixed("auto", choices=("auto", "idx", "npz", "folder", "csv"))
     # Image files (folder, csv): Pillow mode 'L' (1 channel) or 'RGB' (3 channels).
-    mode: str = field(default="RGB", metadata=FIXED)
+    mode: str = fixed("RGB", choices=("L", "RGB"))
     # Image files: resize every image to [H, W] (one int = square); null = all images must
     # share one size. Pillow's bilinear filter.
-    image_size: Optional[List[int]] = field(default=None, metadata=FIXED)
+    image_size: Optional[List[int]] = fixed(None)
     # Data without a test split: 'fraction' = stratified per class (data.test_fraction of
     # each class to test), or 'classes' = the last data.test_fraction of the classes are test
     # classes, never seen in training (CUB-200 / Cars196 / SOP protocol; 1-sample classes
     # become test queries). Also decides whether a 1-sample test class is allowed.
-    split: str = field(default="fraction", metadata=FIXED)
+    split: str = fixed("fraction", choices=("fraction", "classes"))
     # In (0, 1): the share of each class (fraction), or of the classes (classes), to test.
-    test_fraction: float = field(default=0.2, metadata=FIXED)
+    test_fraction: float = fixed(0.2, above=0, below=1)
     # Seed of the stratified split; not train.seed, so a new run seed keeps the split.
-    split_seed: int = field(default=0, metadata=FIXED)
+    split_seed: int = fixed(0, least=0)
     # Directory for the shared uint8 .npy cache: the first process of a host decodes the
     # data once, every process memory-maps it (one copy per host). null = each process
     # reads the data into its own memory (fine for small data such as Fashion-MNIST).
-    cache_dir: Optional[str] = field(default=None, metadata=FREE)
-    # Use only the first N training / test samples (0 = all). For debug runs and tests.
-    limit_train: int = field(default=0, metadata=FIXED)
-    limit_test: int = field(default=0, metadata=FREE)
+    cache_dir: Optional[str] = free(None)
+    # Use only N training / test samples (0 = all), a sample seeded by data.split_seed and
+    # balanced over the classes (data/split.py limit_rows; docs/data.md). For quick runs.
+    limit_train: int = fixed(0, least=0)
+    limit_test: int = free(0, least=0)
 
 
 # The names mxnet.gluon.model_zoo.vision.get_model accepts (MXNet 1.9.1), listed here so
@@ -148,207 +172,210 @@ ZOO = ("resnet18_v1", "resnet34_v1", "resnet50_v1", "resnet101_v1", "resnet152_v
 BACKBONES = ("mlp", "convnet") + ZOO
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """The embedding network (section ``model``; dist_triplet/backbone.py)."""
 
     # 'mlp' (the seed's network on the flat rows), 'convnet' (model.channels Conv3x3-BN-
-    # ReLU-MaxPool blocks, global average pooling) or a mxnet.gluon.model_zoo.vision name
-    # ('resnet18_v1', 'mobilenetv2_1.0', ...; its features, classifier dropped). Images only
-    # for the convolutional ones.
-    backbone: str = field(default="mlp", metadata=FIXED)
+    # ReLU blocks, 2x2 max-pools between them, global average pooling) or a
+    # mxnet.gluon.model_zoo.vision name ('resnet18_v1', 'mobilenetv2_1.0', ...: its
+    # features, classifier dropped, built offline). The convolutional ones need images.
+    backbone: str = fixed("mlp", choices=BACKBONES)
     # Dense widths after the backbone (for 'mlp': on the raw rows); the last one is the
     # embedding size D. Seed article: Dense(256, relu) -> Dense(128, relu).
-    hidden: List[int] = field(default_factory=lambda: [256, 128], metadata=FIXED)
+    hidden: List[int] = fixed(factory=lambda: [256, 128])
     # 'convnet' only: output channels of each Conv3x3 block; a 2x2 max-pool follows every
     # block but the last, so images need H, W >= 2 ** (len - 1).
-    channels: List[int] = field(default_factory=lambda: [32, 64, 128], metadata=FIXED)
-    # A Gluon .params file (Block.save_parameters) to start the backbone from, e.g. a
-    # model-zoo net's weights you have; nothing is ever downloaded. null = initialise.
-    weights: Optional[str] = field(default=None, metadata=FIXED)
+    channels: List[int] = fixed(factory=lambda: [32, 64, 128])
+    # A Gluon .params file (Block.save_parameters: features.0.weight, ...) to start the
+    # network from, e.g. model-zoo weights you have; never downloaded. Every backbone
+    # parameter must be in it with its shape; the head is loaded when it fits, else
+    # initialised; a model-zoo classifier (output.*) is ignored. null = initialise.
+    weights: Optional[str] = fixed(None)
     # ReLU after the last layer too, as the seed. Set false with normalize: true, so the
     # embedding can point anywhere on the sphere rather than in the positive orthant.
-    final_relu: bool = field(default=True, metadata=FIXED)
+    final_relu: bool = fixed(True)
     # L2-normalise embeddings (FaceNet, Schroff et al. 2015). Squared distances are then
     # in [0, 4], and the margin is in those units.
-    normalize: bool = field(default=False, metadata=FIXED)
+    normalize: bool = fixed(False)
     # Uniform(-init_scale, init_scale) weight init, as the seed's mx.init.Uniform(0.1).
-    init_scale: float = field(default=0.1, metadata=FREE)
+    init_scale: float = free(0.1, above=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossConfig:
     """The triplet loss (section ``loss``)."""
 
     # Triplet margin, in squared-L2 units as gluon.loss.TripletLoss:
     # loss = max(0, ||a-p||^2 - ||a-n||^2 + margin). Default 1: Gluon's default, used by the seed.
-    margin: float = field(default=1.0, metadata=FIXED)
+    margin: float = fixed(1.0, least=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplerConfig:
     """How triplets are drawn: offline create_pairs or P x K online mining (section ``sampler``)."""
 
     # 'offline': the seed's create_pairs triplets, made per rank each epoch (default).
     # 'pk': class-balanced batches of p classes x k samples with online mining.
-    kind: str = field(default="offline", metadata=FIXED)
-    p: int = field(default=16, metadata=FIXED)              # classes per P x K batch
-    k: int = field(default=8, metadata=FIXED)               # samples per class in a P x K batch
+    kind: str = fixed("offline", choices=("offline", "pk"))
+    p: int = fixed(16, above=0)              # classes per P x K batch
+    k: int = fixed(8, above=0)               # samples per class in a P x K batch
     # Online miner for kind 'pk': 'batch_hard' (Hermans et al. 2017), 'semi_hard' (FaceNet),
-    # or 'distance_weighted' (Wu et al. 2017: negatives drawn by inverse distance density;
-    # needs model.normalize: true).
-    miner: str = field(default="semi_hard", metadata=FIXED)
+    # or 'distance_weighted' (Wu et al. 2017: negatives drawn by the inverse density of
+    # distances on the unit sphere; needs model.normalize: true).
+    miner: str = fixed("semi_hard", choices=("batch_hard", "semi_hard", "distance_weighted"))
     # P x K batches per epoch per worker; 0 = as many as cover the training set once.
-    steps_per_epoch: int = field(default=0, metadata=FIXED)
+    steps_per_epoch: int = fixed(0, least=0)
     # What the miner sees (kind 'pk'). 'local': each worker mines inside its own P x K
     # batch. 'global': all workers draw the same p classes (k images each), the embeddings
     # of every worker are gathered, and triplets are mined over the whole global batch of
     # workers x p x k; the update equals one process's on that batch (issue 13).
-    scope: str = field(default="local", metadata=FIXED)
+    scope: str = fixed("local", choices=("local", "global"))
     # Cross-batch memory (XBM, Wang et al. CVPR 2020): keep the embeddings and labels of
     # the last N global batches and mine each anchor's negatives in the batch and in them
     # (positives in the batch). Needs scope 'global' (the memory holds every worker's
     # batch). 0 = off. Not checkpointed: a resumed run refills it in N steps.
-    memory: int = field(default=0, metadata=FIXED)
+    memory: int = fixed(0, least=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AugmentConfig:
     """Image augmentation inside the training step (section ``augment``; augment.py).
-    Off by default. Random numbers come from (train.seed, epoch, worker), so a resumed
+    Off by default. Its random numbers come from (train.seed, epoch, worker), so a resumed
     run augments exactly as an uninterrupted one."""
 
     # Random crop with zero padding: shift each image by up to this many pixels in each
     # direction (He et al. 2016 use 4 on 32x32 CIFAR). 0 = no crop.
-    pad: int = field(default=0, metadata=FIXED)
+    pad: int = fixed(0, least=0)
     # Mirror each image left-right with probability 1/2 (for data where that keeps the class).
-    flip: bool = field(default=False, metadata=FIXED)
+    flip: bool = fixed(False)
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     """Optimizer and learning-rate schedule (section ``optim``)."""
 
-    optimizer: str = field(default="sgd", metadata=FIXED)   # 'sgd' (seed) or 'adam'
+    optimizer: str = fixed("sgd", choices=("sgd", "adam"))   # 'sgd' (seed) or 'adam'
     # Learning rate of the global batch (see the module docstring). Seed: 0.05.
-    lr: float = field(default=0.05, metadata=SCHEDULE)
-    momentum: float = field(default=0.0, metadata=FIXED)    # sgd only
-    wd: float = field(default=0.0, metadata=FIXED)          # L2 weight decay
+    lr: float = scheduled(0.05, above=0)
+    momentum: float = fixed(0.0, least=0)    # sgd only
+    wd: float = fixed(0.0, least=0)          # L2 weight decay
     # 'constant' (seed) or 'cosine' (decays per step to 0 over the run, after warm-up).
-    schedule: str = field(default="constant", metadata=SCHEDULE)
+    schedule: str = scheduled("constant", choices=("constant", "cosine"))
     # Linear warm-up from 0, in epochs.
-    warmup_epochs: float = field(default=0.0, metadata=SCHEDULE)
+    warmup_epochs: float = scheduled(0.0, least=0)
     # Linear scaling rule: lr * global_batch / base_batch (Goyal et al. 2017).
-    scale_lr: bool = field(default=False, metadata=SCHEDULE)
-    base_batch: int = field(default=256, metadata=SCHEDULE)
+    scale_lr: bool = scheduled(False)
+    base_batch: int = scheduled(256, above=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Epochs, per-worker batch and run seed (section ``train``)."""
 
-    epochs: int = field(default=10, metadata=SCHEDULE)         # seed: 10
+    epochs: int = scheduled(10, above=0)         # seed: 10
     # Triplets per worker per step (offline sampler). Global batch = world size x batch_size.
-    batch_size: int = field(default=256, metadata=FIXED)
+    batch_size: int = fixed(256, above=0)
     # Run seed: triplets are a function of (seed, epoch, rank); parameters init from it.
-    seed: int = field(default=42, metadata=FIXED)
+    seed: int = fixed(42, least=0)
     # Progress bar on rank 0 (tqdm), shown only when stderr is a terminal (debug and kvstore
     # runs): horovodrun pipes every rank's output, where a bar would garble the log.
-    progress: bool = field(default=True, metadata=FREE)
+    progress: bool = free(True)
     # Every this many steps the host waits for the device once (bounds MXNet's async
     # queue and refreshes the progress bar's loss). Not a per-step sync.
-    sync_every: int = field(default=50, metadata=FREE)
+    sync_every: int = free(50, above=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistributedConfig:
     """Backend and devices (section ``distributed``)."""
 
+    # 'auto': 'horovod' when horovodrun or mpirun started this process as one of several
+    # (HOROVOD_SIZE, OMPI_COMM_WORLD_SIZE or PMI_SIZE > 1), else 'local' (launcher.py).
     # 'local': one process, one device (the single-GPU debug mode; no Horovod import).
     # 'horovod': one process per device under horovodrun. 'kvstore': one process, several
-    # devices, gluon.Trainer(kvstore='device'). The launch scripts set it (launch/*.sh);
-    # the configs in configs/ do not.
-    backend: str = field(default="local", metadata=FREE)
+    # devices, gluon.Trainer(kvstore='device'). The configs in configs/ leave it 'auto'.
+    backend: str = free("auto", choices=("auto", "local", "horovod", "kvstore"))
     # 'auto': GPU when MXNet sees one, else CPU (logged). 'gpu': GPU or fail. 'cpu': CPU.
-    device: str = field(default="auto", metadata=FREE)
+    device: str = free("auto", choices=("auto", "cpu", "gpu"))
     # kvstore only: 'all' (every GPU), a list of GPU ids like '0,1', or 'cpu:N' for N CPU contexts.
-    devices: str = field(default="all", metadata=FREE)
+    devices: str = free("all")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     """Rank-0 evaluation, projector export and run report (section ``eval``)."""
 
     # Seed of the fixed test triplets (made once from the test set; 9,990 on Fashion-MNIST).
-    triplet_seed: int = field(default=0, metadata=FREE)
+    triplet_seed: int = free(0, least=0)
     # Rows per forward pass when embedding the test set.
-    batch_size: int = field(default=2048, metadata=FREE)
+    batch_size: int = free(2048, above=0)
     # Evaluate every N epochs (and always after the last).
-    every: int = field(default=1, metadata=FREE)
+    every: int = free(1, above=0)
     # R-Precision and MAP@R (the R nearest neighbours of every query) every N epochs; 0 =
     # only after the last epoch. Other evaluations compute Precision@1 (exact, one GEMM),
     # the triplet accuracy and the collapse check. Default 0: at 10k test items, 128-D, the
     # full set takes 1-3 s against ~0.15 s for P@1 alone, and an epoch of the main job
     # trains in ~1.45 s (issue 12: evaluation <= 15% of it).
-    full_every: int = field(default=0, metadata=FREE)
+    full_every: int = free(0, least=0)
     # Items searched for each test query: 'test' = the other test items (leave-one-out, as
     # pytorch-metric-learning's AccuracyCalculator); 'train' = the training set, which
     # makes P@1 the 1-nearest-neighbour accuracy (embeds the training set each evaluation;
     # P@1 ~12x the search cost on Fashion-MNIST, the full set at R = 6,000 per query ~200x:
     # 26 s / 555 s wall measured on a loaded machine; eval.max_queries bounds both).
     # Default 'test': the seed-compatible protocol.
-    gallery: str = field(default="test", metadata=FREE)
+    gallery: str = free("test", choices=("test", "train"))
     # Test queries per evaluation: 0 = all; else a uniform sample of this many (seeded by
     # query_seed, the same every epoch) against the full gallery, for large test sets.
-    max_queries: int = field(default=0, metadata=FREE)
-    query_seed: int = field(default=0, metadata=FREE)
+    max_queries: int = free(0, least=0)
+    query_seed: int = free(0, least=0, below=2**32)
     # Largest gallery searched exactly (items); beyond it faiss IVF (approximate, flagged
     # 'approximate' in the results). Default: 10k queries x 250k items ~ 11 s for P@1 on 2
     # cores, measured (dist_triplet.metrics.EXACT_MAX_GALLERY).
-    exact_max_gallery: int = field(default=250_000, metadata=FREE)
+    exact_max_gallery: int = free(250_000, least=0)
     # faiss IVF cells visited per query (approximate search only): recall@100 = 1.0 on
     # Fashion-MNIST embeddings at 32 of sqrt(60,000) = 244 cells (knn.approximate_recall).
-    nprobe: int = field(default=32, metadata=FREE)
+    nprobe: int = free(32, above=0)
     # Keep the raw-pixel baseline in <dir>/.cache/raw-<hash>.json beside the run
     # directories (<dir> = output.root, or output.dir's parent), keyed by a hash of the
     # test (and gallery) pixels and labels and the keys above that change it: a later run
     # on the same data skips the search (0.9 CPU s for P@1, 2.8 for the full set on
     # Fashion-MNIST's test set). false: compute it every run, write nothing there.
-    raw_cache: bool = field(default=True, metadata=FREE)
+    raw_cache: bool = free(True)
     # Spread sqrt(mean ||e - mean e||^2) at or below this marks the embedding as collapsed.
-    collapse_eps: float = field(default=1e-4, metadata=FREE)
+    collapse_eps: float = free(1e-4, least=0)
     # Export the TensorBoard projector at the end (rank 0).
-    projector: bool = field(default=True, metadata=FREE)
-    projector_points: int = field(default=0, metadata=FREE)  # 0 = the whole test set
+    projector: bool = free(True)
+    projector_points: int = free(0, least=0)  # 0 = the whole test set
     # Write RUN/report/ at the end (rank 0): report.html with the metrics table, PCA of raw
     # inputs and embeddings, training curves and test neighbours (dist_triplet.report).
-    report: bool = field(default=True, metadata=FREE)
+    report: bool = free(True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     """Epoch checkpoints and resume (section ``checkpoint``)."""
 
     # Keep the last K epoch checkpoints (0 = never write any).
-    keep: int = field(default=3, metadata=FREE)
+    keep: int = free(3, least=0)
     # Resume: null (start fresh), 'auto' (latest checkpoint in output.dir if any) or a path
     # to a checkpoint directory.
-    resume: Optional[str] = field(default=None, metadata=FREE)
+    resume: Optional[str] = free(None)
 
 
-@dataclass
+@dataclass(frozen=True)
 class OutputConfig:
     """Where a run writes (section ``output``)."""
 
     # Run directory. null = <root>/<name>-<timestamp>, chosen by rank 0 and shared with all ranks.
-    dir: Optional[str] = field(default=None, metadata=FREE)
+    dir: Optional[str] = free(None)
     # Prefix of generated run directories; null = the config file's stem (e.g. fashion_mnist),
     # or the data set's name without a config file.
-    name: Optional[str] = field(default=None, metadata=FREE)
-    root: str = field(default="runs", metadata=FREE)
+    name: Optional[str] = free(None)
+    root: str = free("runs")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     """The whole run configuration; each section is one dataclass above, every key documented where declared."""
 
@@ -366,6 +393,12 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Section name -> its dataclass.
+_SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+# Bounds spelled as in the docs.
+_BOUND_NAMES = {2 ** 32: "2**32"}  # eval.query_seed: numpy.random.RandomState's seed range
 
 
 def resume_policies() -> dict:
@@ -387,31 +420,6 @@ def flat_dict(config: dict) -> dict:
     """``{"section.key": value}`` from a ``Config.to_dict()``-shaped mapping."""
     return {f"{s}.{k}": v for s, sub in config.items() if isinstance(sub, dict)
             for k, v in sub.items()}
-
-
-_CHOICES = {
-    "data.dataset": ("fashion_mnist", "mnist", "idx"),
-    "model.backbone": BACKBONES,
-    "data.format": ("auto", "idx", "npz", "folder", "csv"),
-    "data.mode": ("L", "RGB"),
-    "data.split": ("fraction", "classes"),
-    "sampler.kind": ("offline", "pk"),
-    "sampler.miner": ("batch_hard", "semi_hard", "distance_weighted"),
-    "sampler.scope": ("local", "global"),
-    "optim.optimizer": ("sgd", "adam"),
-    "optim.schedule": ("constant", "cosine"),
-    "distributed.backend": ("local", "horovod", "kvstore"),
-    "distributed.device": ("auto", "cpu", "gpu"),
-    "eval.gallery": ("test", "train"),
-}
-_POSITIVE = ("train.epochs", "train.batch_size", "train.sync_every", "sampler.p", "sampler.k",
-             "eval.batch_size", "eval.every", "optim.base_batch", "eval.nprobe")
-_NON_NEGATIVE = ("data.limit_train", "data.limit_test", "loss.margin", "optim.momentum",
-                 "train.seed", "eval.triplet_seed", "data.split_seed",  # SeedSequence entropy must be >= 0
-                 "optim.wd", "optim.warmup_epochs", "sampler.steps_per_epoch",
-                 "eval.collapse_eps", "eval.projector_points", "checkpoint.keep",
-                 "eval.full_every", "eval.max_queries", "eval.query_seed",
-                 "eval.exact_max_gallery", "sampler.memory", "augment.pad")
 
 
 def _field_types(cls) -> dict:
@@ -463,18 +471,19 @@ def _parse(value: Any, tp: Any, key: str, where: str) -> Any:
     raise ConfigError(f"{where}: {key} has unsupported type {tp}")  # pragma: no cover
 
 
-def _set(cfg: Config, key: str, value: Any, where: str) -> None:
+def _set(values: dict, key: str, value: Any, where: str) -> None:
+    """Parse ``value`` for ``key`` (``section.name``) and store it in ``values``
+    (``{section: {name: value}}``, what :func:`_build` makes the frozen Config from)."""
     parts = key.split(".")
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
     if len(parts) != 2:
         raise ConfigError(f"{where}: {key!r} is not a known key; keys look like section.name, "
-                          f"sections: {', '.join(f.name for f in dataclasses.fields(Config))}")
+                          f"sections: {', '.join(sections)}")
     section, name = parts
-    sections = {f.name for f in dataclasses.fields(Config)}
     if section not in sections:
         raise ConfigError(f"{where}: unknown section {section!r} in key {key!r}; "
                           f"known sections: {', '.join(sorted(sections))}")
-    sub = getattr(cfg, section)
-    types = _field_types(type(sub))
+    types = _field_types(_SECTIONS[section])
     if name not in types:
         raise ConfigError(f"{where}: unknown key {key!r}; keys of {section}: "
                           f"{', '.join(sorted(types))}")
@@ -486,31 +495,39 @@ def _set(cfg: Config, key: str, value: Any, where: str) -> None:
             probe = value  # _parse reports it
         if isinstance(probe, int) and not isinstance(probe, bool):
             value = [probe, probe]
-    setattr(sub, name, _parse(value, types[name], key, where))
+    values.setdefault(section, {})[name] = _parse(value, types[name], key, where)
+
+
+def _build(values: dict) -> Config:
+    """The frozen Config of ``values`` (``{section: {name: value}}``; the rest default)."""
+    return Config(**{section: cls(**values.get(section, {}))
+                     for section, cls in _SECTIONS.items()})
+
+
+def _check_fields(cfg: Config) -> None:
+    """Each value against the checks declared with its field (:func:`_key`)."""
+    for section in dataclasses.fields(Config):
+        sub = getattr(cfg, section.name)
+        for f in dataclasses.fields(sub):
+            key, value, md = f"{section.name}.{f.name}", getattr(sub, f.name), f.metadata
+            if "choices" in md and value not in md["choices"]:
+                raise ConfigError(f"{key}={value!r} is not one of {', '.join(md['choices'])}")
+            if "least" in md and value < md["least"]:
+                raise ConfigError(f"{key}={value!r} must be >= {md['least']}")
+            low, high = md.get("above"), md.get("below")
+            if low is not None and high is not None and not low < value < high:
+                raise ConfigError(f"{key}={value!r} must lie strictly between {low} and {high}")
+            if low is not None and not value > low:
+                raise ConfigError(f"{key}={value!r} must be > {low}")
+            if high is not None and not value < high:
+                raise ConfigError(f"{key}={value!r} must be < {_BOUND_NAMES.get(high, high)}")
 
 
 def _validate(cfg: Config) -> None:
-    flat = flat_dict(cfg.to_dict())
-    for key, choices in _CHOICES.items():
-        if flat[key] not in choices:
-            raise ConfigError(f"{key}={flat[key]!r} is not one of {', '.join(choices)}")
-    for key in _POSITIVE:
-        if flat[key] <= 0:
-            raise ConfigError(f"{key}={flat[key]!r} must be > 0")
-    for key in _NON_NEGATIVE:
-        if flat[key] < 0:
-            raise ConfigError(f"{key}={flat[key]!r} must be >= 0")
-    if flat["eval.query_seed"] >= 2 ** 32:  # numpy.random.RandomState's seed range
-        raise ConfigError(f"eval.query_seed={flat['eval.query_seed']!r} must be < 2**32")
-    if not flat["optim.lr"] > 0:
-        raise ConfigError(f"optim.lr={flat['optim.lr']!r} must be > 0")
-    if not flat["model.init_scale"] > 0:
-        raise ConfigError(f"model.init_scale={flat['model.init_scale']!r} must be > 0")
+    """The checks of each field (:func:`_check_fields`), then those that relate keys."""
+    _check_fields(cfg)
     if not cfg.model.hidden or any(w <= 0 for w in cfg.model.hidden):
         raise ConfigError(f"model.hidden={cfg.model.hidden!r} must be a non-empty list of "
-                          "positive widths")
-    if not cfg.model.channels or any(w <= 0 for w in cfg.model.channels):
-        raise ConfigError(f"model.channels={cfg.model.channels!r} must be a non-empty list of "
                           "positive widths")
     if cfg.sampler.kind == "pk" and cfg.sampler.k < 2:
         raise ConfigError(f"sampler.k={cfg.sampler.k} must be >= 2: a P x K batch needs a "
@@ -518,6 +535,9 @@ def _validate(cfg: Config) -> None:
     if cfg.sampler.kind == "pk" and cfg.sampler.p < 2:
         raise ConfigError(f"sampler.p={cfg.sampler.p} must be >= 2: a P x K batch needs a "
                           "negative (another class) for every anchor")
+    if not cfg.model.channels or any(w <= 0 for w in cfg.model.channels):
+        raise ConfigError(f"model.channels={cfg.model.channels!r} must be a non-empty list of "
+                          "positive widths")
     if cfg.sampler.memory and cfg.sampler.scope != "global":
         raise ConfigError(f"sampler.memory={cfg.sampler.memory} needs sampler.scope='global' "
                           "(the memory holds every worker's batch)")
@@ -528,8 +548,8 @@ def _validate(cfg: Config) -> None:
     if cfg.sampler.scope == "global" and cfg.sampler.kind != "pk":
         raise ConfigError(f"sampler.scope='global' needs sampler.kind='pk' (online mining), "
                           f"found sampler.kind={cfg.sampler.kind!r}")
-    for key in ("output.dir", "output.root", "output.name"):
-        value = flat[key]
+    for key, value in (("output.dir", cfg.output.dir), ("output.root", cfg.output.root),
+                       ("output.name", cfg.output.name)):
         if value is not None and not value.strip():
             raise ConfigError(f"{key}={value!r} is empty; give a directory"
                               + (" or null for a new timestamped one" if key == "output.dir"
@@ -547,9 +567,6 @@ def _validate(cfg: Config) -> None:
     if not d.path and d.format != "auto":
         raise ConfigError(f"data.format={d.format!r} needs data.path (your data's file or "
                           "directory)")
-    if not 0.0 < d.test_fraction < 1.0:
-        raise ConfigError(f"data.test_fraction={d.test_fraction!r} must lie strictly between "
-                          "0 and 1")
     if d.image_size is not None and (len(d.image_size) != 2 or min(d.image_size) < 1):
         raise ConfigError(f"data.image_size={d.image_size!r} must be [H, W] or one int, each "
                           ">= 1 (or null)")
@@ -618,68 +635,104 @@ def _key_lines(node) -> dict:
     return lines
 
 
+def _read_yaml(path: str) -> tuple:
+    """``(mapping, key lines)`` of the YAML config file ``path`` (lines as
+    :func:`_key_lines`). Raises ConfigError / FileNotFoundError naming the file."""
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path!r} is a directory; pass a YAML file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            loader = _UniqueKeyLoader(fh)
+            loader.name = path
+            try:
+                node = loader.get_single_node()
+                doc = (loader.construct_document(node) if node is not None else None) or {}
+                lines = _key_lines(node)
+            finally:
+                loader.dispose()
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: "
+                              f"{exc.reason}); save the config as UTF-8") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got "
+                          f"{type(doc).__name__}")
+    return doc, lines
+
+
+def _apply_file(values: dict, path: str, chain: Tuple[str, ...] = ()) -> None:
+    """Set the keys of the YAML file ``path`` in ``values``, after those of its ``base``
+    file (a top-level ``base: other.yaml``, relative to ``path``'s directory; bases may
+    have bases). ``chain``: the files that include this one (a cycle is refused)."""
+    chain = chain + (os.path.realpath(path),)
+    doc, lines = _read_yaml(path)
+
+    def at(*keys):
+        line = lines.get(tuple(str(k) for k in keys))
+        return path if line is None else f"{path}: line {line}"
+
+    base = doc.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"{at('base')}: base must name a YAML file, got {base!r}")
+        base_path = os.path.join(os.path.dirname(path), base)
+        if not os.path.isfile(base_path):
+            raise ConfigError(f"{at('base')}: base file {base!r} not found ({base_path})")
+        if os.path.realpath(base_path) in chain:
+            names = " -> ".join(os.path.basename(p) for p in chain + (base_path,))
+            raise ConfigError(f"{at('base')}: base files include each other ({names}); "
+                              "remove one base")
+        _apply_file(values, base_path, chain)
+    for section, items in doc.items():
+        if not isinstance(items, dict):
+            raise ConfigError(f"{at(section)}: section {section!r} must be a mapping of keys")
+        for name, value in items.items():
+            _set(values, f"{section}.{name}", value, at(section, name))
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
-    """Build the run's config: defaults, then the YAML file at ``path``, then overrides.
+    """Build the run's config: defaults, then the YAML file at ``path`` (after its base
+    files), then overrides; validated and frozen (assigning a key raises).
 
     Args:
         path: YAML file with a mapping ``section: {key: value}``; only keys that differ
-            from the defaults need to appear. ``None`` = defaults only.
+            from the defaults need to appear. A top-level ``base: FILE`` (relative to
+            ``path``) applies FILE's keys first, so a recipe holds only what differs from
+            the one it builds on. ``None`` = defaults only.
         overrides: strings ``section.key=value``; values use YAML syntax
             (``model.hidden=[512,128]``, ``checkpoint.resume=null``); whitespace around
             the value is dropped.
 
     Returns:
-        The validated ``Config``.
+        The validated, frozen ``Config``.
 
     Raises:
         ConfigError: unknown section or key, a value of the wrong type, a value out of range
-            or not among the choices; the message names the key (and the file).
+            or not among the choices, a missing or cyclic base file; the message names the
+            key (and the file and line).
         FileNotFoundError: ``path`` does not exist.
     """
-    cfg = Config()
+    values: dict = {}
     if path is not None:
-        if os.path.isdir(path):
-            raise ConfigError(f"config file {path!r} is a directory; pass a YAML file")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file {path!r} does not exist")
-        with open(path, encoding="utf-8") as fh:
-            try:
-                loader = _UniqueKeyLoader(fh)
-                loader.name = path
-                try:
-                    node = loader.get_single_node()
-                    doc = (loader.construct_document(node) if node is not None else None) or {}
-                    lines = _key_lines(node)
-                finally:
-                    loader.dispose()
-            except UnicodeDecodeError as exc:
-                raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: "
-                                  f"{exc.reason}); save the config as UTF-8") from None
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
-        if not isinstance(doc, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections, got "
-                              f"{type(doc).__name__}")
-        def at(*keys):
-            line = lines.get(tuple(str(k) for k in keys))
-            return path if line is None else f"{path}: line {line}"
-
-        for section, values in doc.items():
-            if not isinstance(values, dict):
-                raise ConfigError(f"{at(section)}: section {section!r} must be a mapping of keys")
-            for name, value in values.items():
-                _set(cfg, f"{section}.{name}", value, at(section, name))
+        _apply_file(values, path)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"command line: override {item!r} must look like section.key=value")
         key, value = item.split("=", 1)
         # Surrounding whitespace of a command-line value is dropped (as YAML does for a
         # plain scalar in a file): output.dir=" runs/a " means runs/a.
-        _set(cfg, key.strip(), value.strip(), "command line")
-    if cfg.output.name is None:
-        cfg.output.name = (os.path.splitext(os.path.basename(path))[0] if path
-                           else os.path.splitext(os.path.basename(os.path.normpath(
-                               cfg.data.path)))[0] if cfg.data.path else cfg.data.dataset)
+        _set(values, key.strip(), value.strip(), "command line")
+    output = values.setdefault("output", {})
+    if output.get("name") is None:
+        data_path = values.get("data", {}).get("path")
+        output["name"] = (os.path.splitext(os.path.basename(path))[0] if path
+                          else os.path.splitext(os.path.basename(os.path.normpath(
+                              data_path)))[0] if data_path
+                          else values.get("data", {}).get("dataset", DataConfig.dataset))
+    cfg = _build(values)
     try:
         _validate(cfg)
     except ConfigError as exc:
@@ -687,16 +740,21 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
     return cfg
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as a YAML document (every key, in declaration order)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config as YAML, atomically (``fsutil.atomic_write``)."""
     with atomic_write(path) as fh:
-        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+        fh.write(config_yaml(cfg))
 
 
 def config_from_dict(doc: dict) -> Config:
     """Rebuild a Config from ``Config.to_dict()`` output (e.g. a checkpoint's copy)."""
-    cfg = Config()
-    for section, values in doc.items():
-        for name, value in values.items():
-            _set(cfg, f"{section}.{name}", value, "saved config")
-    return cfg
+    values: dict = {}
+    for section, items in doc.items():
+        for name, value in items.items():
+            _set(values, f"{section}.{name}", value, "saved config")
+    return _build(values)

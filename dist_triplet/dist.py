@@ -23,13 +23,13 @@ every mode (the pattern of detectron2's ``utils/comm.py``).
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Callable, List, Optional, Sequence
 
 import mxnet as mx
 import numpy as np
 
 from .config import parse_devices
+from .launcher import choose_backend
 
 log = logging.getLogger(__name__)
 
@@ -312,33 +312,17 @@ def decide_on_rank0(backend: Backend, fn: Callable[[], Any], name: str) -> Any:
     return value
 
 
-def launcher_size(environ=None) -> int:
-    """Processes the launcher started (``HOROVOD_SIZE``, set by horovodrun on every rank;
-    ``OMPI_COMM_WORLD_SIZE`` under mpirun); 1 when not launched by one."""
-    environ = os.environ if environ is None else environ
-    for var in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE"):
-        try:
-            return max(1, int(environ[var]))
-        except (KeyError, ValueError):
-            continue
-    return 1
-
-
 def make_backend(backend: str, device: str = "auto", devices: str = "all") -> Backend:
-    """Create the backend named in ``distributed.backend`` (initialising Horovod if asked).
+    """Create the backend named in ``distributed.backend`` (initialising Horovod if asked;
+    ``auto`` as ``launcher.choose_backend`` resolves it).
 
     Raises:
         ValueError: unknown backend; a device choice ``choose_contexts`` rejects; or
             backend 'local' / 'kvstore' in a process that horovodrun (or mpirun) started
-            as one of several: each would be an independent "rank 0" writing the same run
-            directory.
+            as one of several (``launcher.choose_backend``).
         RuntimeError: backend 'horovod' without a working Horovod installation.
     """
-    n = launcher_size()
-    if backend in ("local", "kvstore") and n > 1:
-        raise ValueError(f"distributed.backend={backend} but this process is one of {n} "
-                         "started by horovodrun/mpirun (HOROVOD_SIZE): each would train alone "
-                         "and write the same run directory; add distributed.backend=horovod")
+    backend = choose_backend(backend)  # 'auto': horovod under a launcher, else local
     if backend == "local":
         return LocalBackend(choose_contexts("local", device, devices))
     if backend == "kvstore":

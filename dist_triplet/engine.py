@@ -1,17 +1,21 @@
 """The distributed training step and the epoch loop: the core every backend shares.
 
 ``DataParallelStep`` is one optimizer update over this process's share of the global
-batch; ``run_epoch`` runs an epoch of them with a per-step hook. ``train.train`` drives
-them, and so do the benchmarks and tests/equivalence_worker.py, so no loop is copied.
+batch, the same for every sampler kind (what differs is the strategy, strategies.py);
+``build_step`` makes it from the config; ``run_epoch`` runs an epoch of them with a
+per-step hook. ``loop.train`` drives them, and so do the benchmarks and
+tests/equivalence_worker.py, so no loop is copied.
 """
 from __future__ import annotations
 
 import time
 from typing import Callable, Optional
 
+import mxnet as mx
 import numpy as np
 
-from .augment import draw
+from .augment import augmentation, draw
+from .strategies import make_strategy
 
 
 def optimizer_params(optim) -> dict:
@@ -44,9 +48,6 @@ class DataParallelStep:
             memory map is fine: it is not copied on cpu(0)); labels: (N,) integer labels.
         strategy: the sampler kind's ``strategies.Strategy`` (its ``net`` is trained;
             its ``uint8`` must match ``pixels``).
-        seed: the run seed (``train.seed``): the random columns of a step's index vector
-            (augmentation, miner uniforms) come from (seed, epoch, worker) alone
-            (``augment.draw``).
 
     It returns the per-device loss sums (NDArrays, no host synchronisation) and the
     number of loss terms they sum over.
@@ -54,19 +55,19 @@ class DataParallelStep:
     Raises:
         ValueError: 2**24 training rows or more (indices travel as float32), or
             ``pixels`` of another dtype than the strategy expects.
+
+    ``seed``: the run seed (``train.seed``); the random columns of a step's index vector
+    (augmentation, miner uniforms) come from (seed, epoch, worker) alone (``augment.draw``).
     """
 
     def __init__(self, backend, trainer, pixels: np.ndarray, labels: np.ndarray, strategy,
                  seed: int = 0):
-        import mxnet as mx
-
-        self.mx = mx
+        self.seed = seed
         self.backend = backend
         self.ctxs = backend.contexts
         self.strategy = strategy
         self.net = strategy.net
         self.trainer = trainer
-        self.seed = seed
         # Indices travel as float32 (what F.take wants); exact for row ids below 2**24.
         if len(pixels) >= 2 ** 24:
             raise ValueError(f"{len(pixels)} training rows: indices above 2**24 are not exact "
@@ -84,7 +85,6 @@ class DataParallelStep:
         memory map of the shared data cache (data.cache_dir), so a host's processes hold
         the training set once between them (benchmarks/scale.py); the caller must not
         modify ``pixels`` afterwards. Other devices get a copy."""
-        mx = self.mx
         dtype = np.uint8 if self.uint8 else np.float32
         if ctx == mx.cpu(0):
             host = np.ascontiguousarray(pixels, dtype=dtype)
@@ -122,7 +122,7 @@ class DataParallelStep:
                          (steps, inp.columns - 1, rows))
                 idx = np.concatenate([idx[:, None, :], inp.host_columns(u)],
                                      axis=1).reshape(steps, -1)
-            out.append(self.mx.nd.array(idx, ctx=ctx, dtype="float32"))
+            out.append(mx.nd.array(idx, ctx=ctx, dtype="float32"))
         return out
 
     def device_batches(self, batch: np.ndarray, epoch: int = 0) -> list:
@@ -136,7 +136,6 @@ class DataParallelStep:
         ``idx``: this step's rows of :meth:`epoch_indices` (one NDArray per device); when
         given, the indices are not copied again (``batch`` still gives the batch size).
         """
-        mx = self.mx
         if idx is None:
             idx = self.device_batches(batch)
         with mx.autograd.record():
@@ -150,6 +149,21 @@ class DataParallelStep:
 def is_uint8(pixels) -> bool:
     """True when the training rows are uint8 image bytes (a memory map counts)."""
     return np.asarray(pixels[:0]).dtype == np.uint8
+
+
+def build_step(cfg, backend, net, pixels: np.ndarray, labels: np.ndarray,
+               image_shape=None) -> DataParallelStep:
+    """The :class:`DataParallelStep` for config ``cfg``: the sampler kind's strategy
+    (``strategies.make_strategy``, with section ``augment`` for rows of ``image_shape``
+    (H, W, C)) and the trainer ``backend`` makes (``Backend.make_trainer``, optimizer
+    arguments from :func:`optimizer_params`)."""
+    # Only parameters with a gradient: a kvstore Trainer would otherwise broadcast device 0's
+    # BatchNorm running statistics over the other devices' at its first step.
+    trainable = {n: p for n, p in net.collect_params().items() if p.grad_req != "null"}
+    trainer = backend.make_trainer(trainable, cfg.optim.optimizer, optimizer_params(cfg.optim))
+    strategy = make_strategy(cfg.sampler, cfg.loss.margin, net, backend, is_uint8(pixels),
+                             augment=augmentation(cfg.augment, image_shape))
+    return DataParallelStep(backend, trainer, pixels, labels, strategy, seed=cfg.train.seed)
 
 
 def run_epoch(stepper: DataParallelStep, batches: np.ndarray, epoch: int, *,
@@ -176,7 +190,6 @@ def run_epoch(stepper: DataParallelStep, batches: np.ndarray, epoch: int, *,
     stay on the device as a list and are fetched once: a small op per step costs ~0.2 ms
     of a ~5 ms CPU step (docs/benchmark.md).
     """
-    import mxnet as mx
     steps = len(batches)
     dev_idx = stepper.epoch_indices(batches, epoch)          # one host->device copy per epoch
     ctx0 = stepper.ctxs[0]

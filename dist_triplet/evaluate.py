@@ -1,7 +1,7 @@
 """Rank-0 evaluation: Precision@1 every evaluation, R-Precision and MAP@R when full, the
 seed article's triplet accuracy, the collapse check, and the raw-pixel baseline.
 
-Called by the training loop (``train.train``) every ``eval.every`` epochs and after the
+Called by the training loop (``loop.train``) every ``eval.every`` epochs and after the
 last; it calls no collective. The metric definitions are :mod:`dist_triplet.metrics`,
 the neighbour search :mod:`dist_triplet.knn`.
 """

@@ -293,7 +293,7 @@ def read_items(spec: str, model, labels_path: Optional[str] = None,
     """
     from .config import load_config
     from .data import FASHION_MNIST_ROOT, load_dataset, load_rows
-    from .data import _idx_dir
+    from .data import is_idx_dir
     from .embed import load_images
 
     model = model if isinstance(model, ModelInput) else ModelInput(int(model))
@@ -308,7 +308,7 @@ def read_items(spec: str, model, labels_path: Optional[str] = None,
                          f"{head}:test or {head}:all")
     config = _config_file(base)
     data_path = os.path.exists(base) and (_is_data_path(base) or bool(options.format))
-    if config is not None or (data_path and (options or not _idx_dir(base))):
+    if config is not None or (data_path and (options or not is_idx_dir(base))):
         overrides = options.overrides()
         try:
             if config is not None:

@@ -43,14 +43,14 @@ def run(backend, opt: str, steps: int = STEPS, rank: int = 0, world_size: int = 
     Returns ``{"params": [step][name] -> (contexts, ...) float32 array, "num_update":
     [step] -> int}``; step 0 is the initial state.
     """
-    from dist_triplet.config import Config
+    from dist_triplet.config import load_config
     from dist_triplet.model import build_embedding_net, initialize
-    from dist_triplet.train import build_step
+    from dist_triplet.engine import build_step
 
     pixels, labels, batches = problem()
-    cfg = Config()
-    cfg.optim.optimizer, hyper = OPTIMIZERS[opt]
-    cfg.optim.lr, cfg.optim.momentum = hyper["lr"], hyper["momentum"]
+    name, hyper = OPTIMIZERS[opt]
+    cfg = load_config(None, [f"optim.optimizer={name}", f"optim.lr={hyper['lr']}",
+                             f"optim.momentum={hyper['momentum']}"])
     # L2-normalised output: without it the last bias has an identically zero gradient (it
     # cancels in a - p and a - n), and Adam turns the round-off in that zero into +-lr
     # steps that depend on summation order, not on the mode. Init 0.5 so one step moves
@@ -81,10 +81,10 @@ def conv_net(backend):
     """convnet [4, 8] (Conv-BN-ReLU, pool, Conv-BN-ReLU, global pool) -> Dense 4 -> L2,
     He-initialised from seed 1 on every context (backbone.initialize_network)."""
     from dist_triplet.backbone import build_network, initialize_network
-    from dist_triplet.config import Config
-    cfg = Config().model
-    cfg.backbone, cfg.channels, cfg.hidden = "convnet", [4, 8], [4]
-    cfg.final_relu, cfg.normalize = False, True
+    from dist_triplet.config import load_config
+    cfg = load_config(None, ["model.backbone=convnet", "model.channels=[4, 8]",
+                             "model.hidden=[4]", "model.final_relu=false",
+                             "model.normalize=true"]).model
     units = int(np.prod(CONV_SHAPE))
     net = build_network(cfg, units, CONV_SHAPE)
     initialize_network(net, cfg, backend.contexts, 1, units)
@@ -103,14 +103,14 @@ def run_conv(backend, opt: str, rank: int = 0, world_size: int = 1, ghost: int =
     and ``{"aux": ...}`` for BatchNorm's running statistics (no gradient), step 0 first.
     """
     import mxnet as mx
-    from dist_triplet.config import Config
-    from dist_triplet.train import build_step
+    from dist_triplet.config import load_config
+    from dist_triplet.engine import build_step
 
     pixels, labels, batches = problem()
     pixels = pixels @ np.random.default_rng(1).random((16, 36), dtype=np.float32) / 4
-    cfg = Config()
-    cfg.optim.optimizer, hyper = OPTIMIZERS[opt]
-    cfg.optim.lr, cfg.optim.momentum = hyper["lr"], hyper["momentum"]
+    name, hyper = OPTIMIZERS[opt]
+    cfg = load_config(None, [f"optim.optimizer={name}", f"optim.lr={hyper['lr']}",
+                             f"optim.momentum={hyper['momentum']}"])
     net = conv_net(backend)
     backend.broadcast_parameters(net.collect_params())
     stepper = build_step(cfg, backend, net, pixels.astype(np.float32), labels, CONV_SHAPE)

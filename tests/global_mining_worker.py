@@ -57,20 +57,18 @@ def global_batches(labels) -> np.ndarray:
 MEMORY = 2  # global batches in the cross-batch memory of the memory runs (24 rows)
 
 
-def config(opt: str, miner: str, scope: str, memory: int = 0, workers: int = WORKERS):
-    """``memory``: the cross-batch memory's global batches (scope 'global'); with
-    ``workers=1`` it is the one-process reference, k = W x K."""
-    from dist_triplet.config import Config
-    cfg = Config()
-    cfg.optim.optimizer, hyper = OPTIMIZERS[opt]
-    cfg.optim.lr, cfg.optim.momentum = hyper["lr"], hyper["momentum"]
-    cfg.sampler.kind, cfg.sampler.p, cfg.sampler.miner = "pk", P, miner
-    cfg.sampler.scope = scope
-    # The reference mines the concatenation as one P x (W K) batch.
-    cfg.sampler.k = K if scope == "global" and workers > 1 else K * WORKERS
-    cfg.sampler.memory = memory
-    cfg.loss.margin = MARGIN
-    return cfg
+def config(opt: str, miner: str, scope: str, k: int = 0, memory: int = 0,
+           workers: int = WORKERS):
+    """The test's config; ``k`` 0: K per worker (global), or the reference's W K (local,
+    or a one-worker memory run: it mines the concatenation as one P x (W K) batch).
+    ``memory``: the cross-batch memory's global batches (scope 'global')."""
+    from dist_triplet.config import load_config
+    name, hyper = OPTIMIZERS[opt]
+    k = k or (K if scope == "global" and workers > 1 else K * WORKERS)
+    return load_config(None, [
+        f"optim.optimizer={name}", f"optim.lr={hyper['lr']}", f"optim.momentum={hyper['momentum']}",
+        "sampler.kind=pk", f"sampler.p={P}", f"sampler.miner={miner}", f"sampler.scope={scope}",
+        f"sampler.k={k}", f"loss.margin={MARGIN}", f"sampler.memory={memory}"])
 
 
 def mined(emb, labels, miner: str, rows) -> list:
@@ -106,7 +104,7 @@ def run(backend, opt: str, miner: str, scope: str, steps: int = STEPS, memory: i
     """
     import mxnet as mx
     from dist_triplet.model import build_embedding_net, initialize
-    from dist_triplet.train import build_step
+    from dist_triplet.engine import build_step
 
     pixels, labels = problem()
     batches = global_batches(labels)

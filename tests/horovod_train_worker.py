@@ -12,7 +12,8 @@ import sys
 import numpy as np
 
 from dist_triplet.config import load_config
-from dist_triplet.train import parse_args, train
+from dist_triplet.loop import train
+from dist_triplet.train import parse_args
 
 
 def main(argv) -> None:

@@ -74,7 +74,7 @@ def file_audit(root: str):
 
 
 def pause_hook(spec: str, report_dir: str):
-    """The ``on_step(epoch, step)`` hook (0-based; ``train.train`` calls it before every
+    """The ``on_step(epoch, step)`` hook (0-based; ``loop.train`` calls it before every
     optimizer step) that stops this rank as ``spec`` says (see the module docstring), or
     None when ``spec`` names another host."""
     opts = dict(item.split("=", 1) for item in spec.split(",") if item)
@@ -99,7 +99,8 @@ def main(argv) -> int:
 
     from dist_triplet import dist
     from dist_triplet.config import load_config
-    from dist_triplet.train import parse_args, train
+    from dist_triplet.loop import train
+    from dist_triplet.train import parse_args
 
     args = parse_args(rest)
     cfg = load_config(args.config, args.overrides)

@@ -11,13 +11,11 @@ from dist_triplet.config import ZOO, Config  # noqa: E402
 
 
 def model_cfg(backbone, **kw):
+    """Section ``model`` for ``backbone``, Dense 8 head, L2-normalised, keys ``kw``."""
+    import dataclasses
     cfg = Config().model
-    cfg.backbone = backbone
-    cfg.hidden = [8]
-    cfg.final_relu, cfg.normalize = False, True
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
+    return dataclasses.replace(cfg, backbone=backbone, hidden=[8], final_relu=False,
+                               normalize=True, **kw)
 
 
 def built(cfg, shape, seed=1):

@@ -360,11 +360,12 @@ def test_fresh_run_into_a_directory_holding_a_run_is_refused(data, tmp_path, cap
 def test_generated_run_dirs_started_in_the_same_second_differ(tmp_path, monkeypatch):
     from dist_triplet import rundir
     from dist_triplet.config import load_config
-    from dist_triplet.dist import make_backend
+    from dist_triplet.dist import decide_on_rank0, make_backend
     monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20240101-000000")
     cfg = load_config(None, [f"output.root={tmp_path}", "output.name=x"])
     backend = make_backend("local", "cpu")
-    dirs = [rundir.resolve_run_dir(cfg, backend) for _ in range(3)]
+    dirs = [decide_on_rank0(backend, lambda: rundir.make_run_dir(cfg), "run_dir")
+            for _ in range(3)]
     assert dirs == [str(tmp_path / "x-20240101-000000"), str(tmp_path / "x-20240101-000000-2"),
                     str(tmp_path / "x-20240101-000000-3")]
     assert all(os.path.isdir(d) for d in dirs)
@@ -378,9 +379,13 @@ def test_non_horovod_backend_under_horovodrun_is_refused(backend, data, tmp_path
     monkeypatch.setenv("HOROVOD_RANK", "0")
     out = tmp_path / "run"
     extra = ["distributed.backend=kvstore", "distributed.devices=cpu:1"] if backend == "kvstore" \
-        else []
+        else ["distributed.backend=local"]
     fails(capsys, run_args(data, out, *extra), f"distributed.backend={backend}", "one of 2",
           "add distributed.backend=horovod", out_dir=out)
+    # The other ranks find the same error and exit with the same status, silently.
+    monkeypatch.setenv("HOROVOD_RANK", "1")
+    assert main(run_args(data, out, *extra)) == 2
+    assert capsys.readouterr().err == ""
 
 
 # ----------------------------------------------------------------------------- P x K, seeds

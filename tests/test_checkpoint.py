@@ -29,6 +29,7 @@ from _ckpt_util import (FAULT_TRAIN, digest_tree, load_params, max_abs_diff,  # 
                         net_params, run_args, subprocess_env, write_dataset)
 from _ckpt_util import _fresh_logging  # noqa: E402,F401  (autouse fixture)
 from dist_triplet import checkpoint as ckpt  # noqa: E402
+from dist_triplet import loop  # noqa: E402
 from dist_triplet import rundir  # noqa: E402
 from dist_triplet import train as train_mod  # noqa: E402
 from dist_triplet.config import load_config  # noqa: E402
@@ -55,7 +56,7 @@ def reference(data_root, tmp_path_factory):
     out = {}
     for name, opt in OPTIMIZERS.items():
         run_dir = str(tmp_path_factory.mktemp(f"ref_{name}"))
-        result = train_mod.train(load_config(None, run_args(data_root, run_dir, *opt)))
+        result = loop.train(load_config(None, run_args(data_root, run_dir, *opt)))
         out[name] = (run_dir, net_params(result.net))
     return out
 
@@ -283,12 +284,12 @@ def test_resume_after_interrupt_in_epoch_3_matches_uninterrupted(opt, data_root,
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        train_mod.train(load_config(None, args), on_step=interrupt)
+        loop.train(load_config(None, args), on_step=interrupt)
     ck_dir = os.path.join(run_dir, "checkpoints")
     assert [e for e, _ in ckpt.list_checkpoints(ck_dir)] == [0, 1]
     assert [r["epoch"] for r in _history(run_dir)] == [1, 2]
 
-    result = train_mod.train(load_config(None, args + ["checkpoint.resume=auto"]))
+    result = loop.train(load_config(None, args + ["checkpoint.resume=auto"]))
     ref_dir, ref_params = reference[opt]
     assert max_abs_diff(net_params(result.net), ref_params) <= TOL
     _assert_same_run(run_dir, ref_dir, ref_params)
@@ -383,12 +384,12 @@ def test_resume_with_incompatible_config_is_refused(change, named, two_epoch_run
 ])
 def test_resume_warns_only_when_a_remaining_step_rate_changes(change, first_step, two_epoch_run,
                                                               data_root, caplog):
-    from dist_triplet.check import PlannedJob
+    from dist_triplet.plan import JobShape, read_resume_meta
     cfg = load_config(None, run_args(data_root, two_epoch_run, "checkpoint.resume=auto",
                                      *change))
     path = ckpt.latest_checkpoint(os.path.join(two_epoch_run, "checkpoints"))
     caplog.set_level(logging.INFO, logger="dist_triplet")
-    meta = train_mod.read_resume_meta(cfg, path, PlannedJob(1, 1), 10, 8)
+    meta = read_resume_meta(cfg, path, JobShape(1, 1), 10, 8)
     assert meta.epoch == 1
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -427,7 +428,7 @@ def test_fresh_run_into_a_directory_with_checkpoints_is_refused(two_epoch_run, d
 def test_resume_of_a_finished_run_does_nothing_new(two_epoch_run, data_root, tmp_path):
     """Resuming after the last epoch trains nothing and leaves the checkpoints alone."""
     before = {k: v for k, v in digest_tree(two_epoch_run).items() if k.startswith("checkpoints")}
-    res = train_mod.train(load_config(None, run_args(data_root, two_epoch_run, "train.epochs=2",
+    res = loop.train(load_config(None, run_args(data_root, two_epoch_run, "train.epochs=2",
                                                      "checkpoint.resume=auto")))
     after = {k: v for k, v in digest_tree(two_epoch_run).items() if k.startswith("checkpoints")}
     assert after == before

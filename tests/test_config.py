@@ -1,8 +1,12 @@
 """Config loading (dist_triplet/config.py): what the YAML loader refuses and how it says so.
 Bad values through the command line are in tests/test_bad_input.py."""
+import dataclasses
+import os
+import re
+
 import pytest
 
-from dist_triplet.config import ConfigError, load_config
+from dist_triplet.config import Config, ConfigError, load_config
 
 
 @pytest.mark.parametrize("text, key, line, first", [
@@ -95,16 +99,100 @@ def test_resume_policy_of_each_key_is_enforced(key, policy):
     from dist_triplet.checkpoint import check_compatible
     from dist_triplet.config import Config
     old = Config()
-    new = Config()
     section, name = key.split(".")
     value = getattr(getattr(old, section), name)
     changed = {bool: lambda v: not v, int: lambda v: v + 7, float: lambda v: v + 0.5,
                str: lambda v: v + "x", list: lambda v: v + [3], type(None): lambda v: "x"}
-    setattr(getattr(new, section), name, changed[type(value)](value))
+    new = old.to_dict()
+    new[section][name] = changed[type(value)](value)
     if policy == "fixed":
         with pytest.raises(ValueError, match=f"cannot resume from ck: {key} was "):
-            check_compatible(_meta_for(old), new.to_dict(), "ck", processes=1, devices=1)
+            check_compatible(_meta_for(old), new, "ck", processes=1, devices=1)
     else:
-        warned = check_compatible(_meta_for(old), new.to_dict(), "ck", processes=1, devices=1)
-        expect = [f"{key}: {value!r} -> {getattr(getattr(new, section), name)!r}"]
+        warned = check_compatible(_meta_for(old), new, "ck", processes=1, devices=1)
+        expect = [f"{key}: {value!r} -> {new[section][name]!r}"]
         assert warned == (expect if policy == "schedule" else [])
+
+
+# ----------------------------------------------------------------------------- declared checks
+
+@pytest.mark.parametrize("override, needle", [
+    ("optim.optimizer=rmsprop", "optim.optimizer='rmsprop' is not one of sgd, adam"),
+    ("distributed.backend=mpi", "is not one of auto, local, horovod, kvstore"),
+    ("train.epochs=0", "train.epochs=0 must be > 0"),
+    ("optim.lr=0", "optim.lr=0.0 must be > 0"),
+    ("data.test_fraction=1", "data.test_fraction=1.0 must lie strictly between 0 and 1"),
+    ("eval.query_seed=4294967296", "eval.query_seed=4294967296 must be < 2**32"),
+    ("data.limit_train=-1", "data.limit_train=-1 must be >= 0"),
+])
+def test_choices_and_bounds_come_from_the_fields(override, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(None, [override])
+
+
+def test_every_choice_and_bound_is_declared_on_its_field():
+    fields = dict(_flat_fields())
+    assert fields["sampler.kind"].metadata["choices"] == ("offline", "pk")
+    assert fields["train.batch_size"].metadata["above"] == 0
+    assert fields["checkpoint.keep"].metadata["least"] == 0
+    # Every declared default passes its own checks.
+    for key, f in fields.items():
+        md, value = f.metadata, Config().to_dict()[key.split(".")[0]][key.split(".")[1]]
+        assert "choices" not in md or value in md["choices"], key
+        assert "least" not in md or value >= md["least"], key
+        assert "above" not in md or value > md["above"], key
+
+
+def test_config_is_frozen_after_load():
+    cfg = load_config(None, ["optim.lr=0.01"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.lr = 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim = None
+    assert cfg.optim.lr == 0.01
+
+
+# ----------------------------------------------------------------------------- base files
+
+def test_base_file_applies_first_and_the_file_wins(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "base.yaml").write_text("optim: {lr: 0.2, optimizer: adam}\n"
+                                                "train: {epochs: 3}\n")
+    (tmp_path / "mid.yaml").write_text("base: sub/base.yaml\ntrain: {epochs: 4}\n")
+    (tmp_path / "top.yaml").write_text("base: mid.yaml\noptim: {lr: 0.3}\n")
+    cfg = load_config(str(tmp_path / "top.yaml"), ["train.batch_size=8"])
+    assert (cfg.optim.lr, cfg.optim.optimizer, cfg.train.epochs, cfg.train.batch_size) \
+        == (0.3, "adam", 4, 8)
+    assert cfg.output.name == "top"                     # named after the file given
+
+
+def test_base_errors_name_file_and_line(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("train: {epochs: 2}\nbase: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: line 2: base files include each other \(a.yaml -> b.yaml -> "
+                                          r"a.yaml\)"):
+        load_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("train: {epochs: 2}\nbase: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: line 2: base file 'missing.yaml' not found"):
+        load_config(str(tmp_path / "c.yaml"))
+    (tmp_path / "d.yaml").write_text("base: c2.yaml\n")
+    (tmp_path / "c2.yaml").write_text("train:\n  epochs: two\n")
+    with pytest.raises(ConfigError, match=r"c2.yaml: line 2: train.epochs must be an integer"):
+        load_config(str(tmp_path / "d.yaml"))
+
+
+def test_shipped_configs_hold_only_what_differs_from_their_base():
+    """configs/*.yaml: each key differs from what the defaults (and the base) give."""
+    import glob
+    import yaml
+    from dist_triplet.config import flat_dict
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    for path in sorted(glob.glob(os.path.join(root, "*.yaml"))):
+        with open(path) as fh:
+            doc = yaml.safe_load(fh) or {}
+        base = doc.pop("base", None)
+        below = (load_config(os.path.join(root, base)) if base else Config()).to_dict()
+        for key, value in flat_dict(doc).items():
+            section, name = key.split(".")
+            assert below[section][name] != value, (path, key, value)
+        load_config(path)

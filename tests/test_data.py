@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from dist_triplet import data
-from dist_triplet.data import (FASHION_MNIST_CLASSES, MNIST_CLASSES, Split, as_float,
-                               load_dataset, load_split, read_idx, subset, write_idx)
+from dist_triplet.data import (FASHION_MNIST_CLASSES, Split, as_float, load_dataset,
+                               read_idx, subset, write_idx)
 
 
 def _images(n=3, rows=2, cols=3):
@@ -126,13 +126,20 @@ def test_corrupt_gzip(tmp_path):
     _assert_value_error(garbled, "gzip")
 
 
-def test_load_split_pixels_and_labels(tmp_path):
+def _write_pair(root, images, labels, images_name="train-images-idx3-ubyte",
+                labels_name="train-labels-idx1-ubyte"):
+    root.mkdir(parents=True, exist_ok=True)
+    write_idx(root / images_name, images)
+    write_idx(root / labels_name, np.asarray(labels, dtype=np.uint8))
+    return str(root)
+
+
+def test_load_dataset_pixels_and_labels(tmp_path):
     imgs = np.zeros((2, 2, 2), dtype=np.uint8)
     imgs[0, 0, 1] = 51
     imgs[1, 1, 1] = 255
-    write_idx(tmp_path / "i", imgs)
-    write_idx(tmp_path / "l", np.array([1, 0], dtype=np.uint8))
-    split = load_split(tmp_path / "i", tmp_path / "l", ("a", "b"))
+    root = _write_pair(tmp_path / "d", imgs, [1, 0])
+    split = load_dataset("idx", root)
     # uint8 in memory (a quarter of float32's bytes); scaled by 1/255 where used.
     assert split.images.dtype == np.uint8 and split.images.shape == (2, 4)
     assert split.image_shape == (2, 2, 1) and split.is_image and split.width == 4
@@ -141,35 +148,35 @@ def test_load_split_pixels_and_labels(tmp_path):
     assert pixels[1, 3] == 1.0 and pixels.min() == 0.0
     assert split.labels.dtype == np.int64
     np.testing.assert_array_equal(split.labels, [1, 0])
-    assert split.class_names == ("a", "b") and split.source == str(tmp_path)
+    assert split.class_names == ("0", "1") and split.source == root
     assert len(split) == 2
 
 
 def test_count_mismatch(tmp_path):
-    write_idx(tmp_path / "i", _images(3))
-    write_idx(tmp_path / "l", np.array([0, 1], dtype=np.uint8))
+    root = _write_pair(tmp_path, _images(3), [0, 1])
     with pytest.raises(ValueError) as excinfo:
-        load_split(tmp_path / "i", tmp_path / "l", MNIST_CLASSES)
+        load_dataset("mnist", root)
     msg = str(excinfo.value)
-    assert str(tmp_path / "i") in msg and str(tmp_path / "l") in msg
+    assert "train-images-idx3-ubyte" in msg and "train-labels-idx1-ubyte" in msg
     assert "3 images" in msg and "2 labels" in msg
 
 
 def test_label_out_of_range(tmp_path):
-    write_idx(tmp_path / "i", _images(3))
-    write_idx(tmp_path / "l", np.array([0, 7, 1], dtype=np.uint8))
+    root = _write_pair(tmp_path, _images(3), [0, 17, 1])
     with pytest.raises(ValueError) as excinfo:
-        load_split(tmp_path / "i", tmp_path / "l", ("x", "y", "z"))
+        load_dataset("mnist", root)
     msg = str(excinfo.value)
-    assert str(tmp_path / "l") in msg and "label 7" in msg and "3 classes" in msg
+    assert str(tmp_path / "train-labels-idx1-ubyte") in msg and "label 17" in msg
+    assert "10 classes" in msg
 
 
 def test_images_and_labels_swapped(tmp_path):
-    write_idx(tmp_path / "i", _images(3))
-    write_idx(tmp_path / "l", np.array([0, 1, 2], dtype=np.uint8))
+    root = _write_pair(tmp_path, _images(3), [0, 1, 2], images_name="train-labels-idx1-ubyte",
+                       labels_name="train-images-idx3-ubyte")
     with pytest.raises(ValueError) as excinfo:
-        load_split(tmp_path / "l", tmp_path / "i", MNIST_CLASSES)
-    assert str(tmp_path / "l") in str(excinfo.value) and "2051" in str(excinfo.value)
+        load_dataset("mnist", root)
+    msg = str(excinfo.value)
+    assert str(tmp_path / "train-images-idx3-ubyte") in msg and "2051" in msg
 
 
 @pytest.mark.parametrize("gz", [False, True])
@@ -232,16 +239,19 @@ def test_default_root_is_debian_package_path():
     assert data.FASHION_MNIST_ROOT == "/usr/share/datasets/fashion-mnist"
 
 
-def test_subset():
+def test_subset_is_a_seeded_sample_in_order():
     split = Split(images=np.arange(12, dtype=np.float32).reshape(6, 2),
                   labels=np.arange(6, dtype=np.int64), class_names=tuple("012345"), source="s")
-    small = subset(split, 4)
-    np.testing.assert_array_equal(small.labels, [0, 1, 2, 3])
-    np.testing.assert_array_equal(small.images, split.images[:4])
+    small = subset(split, 4, seed=0)
+    rows = small.labels                    # one row per class: the labels are the rows
+    assert len(rows) == 4 and len(set(rows.tolist())) == 4 and np.all(np.diff(rows) > 0)
+    np.testing.assert_array_equal(small.images, split.images[rows])
+    np.testing.assert_array_equal(subset(split, 4, seed=0).labels, rows)   # reproducible
+    assert any(not np.array_equal(subset(split, 4, seed=s).labels, rows) for s in range(1, 9))
     assert small.class_names == split.class_names
-    assert subset(split, 0) is split and len(subset(split, 100)) == 6
+    assert subset(split, 0, 0) is split and len(subset(split, 100, 0)) == 6
     with pytest.raises(ValueError, match="-1"):
-        subset(split, -1)
+        subset(split, -1, 0)
 
 
 def test_write_idx_rejects_bad_arrays(tmp_path):
@@ -253,18 +263,17 @@ def test_write_idx_rejects_bad_arrays(tmp_path):
 
 @pytest.mark.parametrize("rows, cols", [(0, 0), (0, 3), (3, 0)])
 def test_images_of_zero_pixels_are_rejected(tmp_path, rows, cols):
-    path = tmp_path / "img"
+    path = tmp_path / "train-images-idx3-ubyte"
     path.write_bytes(struct.pack(">IIII", 2051, 2, rows, cols))
     _assert_value_error(path, f"{rows}x{cols}", "at least 1x1")
-    write_idx(tmp_path / "lab", np.zeros(2, np.uint8))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(2, np.uint8))
     with pytest.raises(ValueError, match="at least 1x1") as excinfo:
-        load_split(path, tmp_path / "lab", MNIST_CLASSES)
+        load_dataset("mnist", str(tmp_path))
     assert str(path) in str(excinfo.value)
 
 
 def test_images_file_with_no_images_is_rejected(tmp_path):
-    write_idx(tmp_path / "img", np.zeros((0, 28, 28), np.uint8))
-    write_idx(tmp_path / "lab", np.zeros(0, np.uint8))
+    _write_pair(tmp_path, np.zeros((0, 28, 28), np.uint8), [])
     with pytest.raises(ValueError, match="holds 0 images") as excinfo:
-        load_split(tmp_path / "img", tmp_path / "lab", MNIST_CLASSES)
-    assert str(tmp_path / "img") in str(excinfo.value)
+        load_dataset("mnist", str(tmp_path))
+    assert str(tmp_path / "train-images-idx3-ubyte") in str(excinfo.value)

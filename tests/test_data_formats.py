@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from _data_util import data_cfg, make_images, write_csv, write_folder, write_png
-from dist_triplet.data import (as_float, detect_format, load_data, write_idx)
+from dist_triplet.data import (as_float, detect_format, load_data, load_rows, write_idx)
 
 PIL = pytest.importorskip("PIL")
 
@@ -167,6 +167,31 @@ def test_folder_with_train_and_test(tmp_path):
     np.testing.assert_array_equal(train.labels, [0, 0, 1, 1])
     np.testing.assert_array_equal(test.labels, [1, 1, 2, 2])
     np.testing.assert_array_equal(test.images, images[2:].reshape(4, -1))
+
+
+def test_folder_limit_keeps_every_class(tmp_path):
+    """Folder rows are class-major: data.limit_train keeps a seeded sample of the rows
+    (data.split_seed), not the first ones (which would be one class), and load_rows names
+    the same rows' files."""
+    images, labels = make_images(10, 4, 5, 5, 3)
+    paths = write_folder(tmp_path / "train", images, labels)
+    write_folder(tmp_path / "test", images[::5], labels[::5])
+    cfg = data_cfg(path=str(tmp_path), limit_train=12, limit_test=4 * 2)
+    train, test = load_data(cfg)
+    assert len(train) == 12 and len(test) == 8
+    # The first 12 rows hold 2 classes; the limit keeps 3 of each of the 4.
+    np.testing.assert_array_equal(np.bincount(train.labels), [3, 3, 3, 3])
+    _rows_match(train, images.reshape(40, -1), labels)
+    again, _ = load_data(cfg)                        # the same rows on every rank and run
+    np.testing.assert_array_equal(again.images, train.images)
+    other, _ = load_data(data_cfg(path=str(tmp_path), limit_train=12, split_seed=1))
+    assert not np.array_equal(other.images, train.images)
+    rows, files = load_rows(cfg, "train")
+    np.testing.assert_array_equal(rows.images, train.images)
+    assert len(files) == 12
+    for row, f in zip(rows.images, files):
+        i = paths.index(os.path.join(str(tmp_path), f))
+        np.testing.assert_array_equal(row, images[i].reshape(-1))
 
 
 # ----------------------------------------------------------------------------- csv

@@ -12,7 +12,7 @@ from dist_triplet.config import load_config  # noqa: E402
 from dist_triplet.data import write_idx  # noqa: E402
 from dist_triplet.export import export_model, load_model, model_files, read_meta  # noqa: E402
 from dist_triplet.model import build_embedding_net, embed, initialize  # noqa: E402
-from dist_triplet.train import train  # noqa: E402
+from dist_triplet.loop import train  # noqa: E402
 
 CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 4, 12, 5
 

@@ -17,8 +17,9 @@ import pytest
 from _hvd import run_two_rank_worker
 import equivalence_worker as worker
 from dist_triplet import dist
-from dist_triplet.config import Config
-from dist_triplet.train import build_sampler, build_step
+from dist_triplet.config import Config, load_config
+from dist_triplet.engine import build_step
+from dist_triplet.plan import build_sampler
 
 OPTS = list(worker.OPTIMIZERS)
 
@@ -113,10 +114,8 @@ def EpochSampler(cfg, labels, rank, world_size, devices):
 
 
 def pk_config() -> Config:
-    cfg = Config()
-    cfg.sampler.kind, cfg.sampler.p, cfg.sampler.k, cfg.sampler.miner = "pk", 3, 3, "batch_hard"
-    cfg.optim.lr = 0.1
-    return cfg
+    return load_config(None, ["sampler.kind=pk", "sampler.p=3", "sampler.k=3",
+                              "sampler.miner=batch_hard", "optim.lr=0.1"])
 
 
 def test_pk_kvstore_devices_sample_as_horovod_ranks():

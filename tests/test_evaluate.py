@@ -143,7 +143,7 @@ def idx_dir(tmp_path):
 
 def test_run_rows_log_line_and_metrics_json(idx_dir, tmp_path, capsys):
     from dist_triplet.data import load_dataset
-    from dist_triplet.train import train
+    from dist_triplet.loop import train
     run_dir = tmp_path / "run"
     cfg = local_run_config(idx_dir, run_dir, epochs=3)
     result = train(cfg)

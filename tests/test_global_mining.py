@@ -139,7 +139,7 @@ def test_pk_global_batches_same_classes_disjoint_images():
 def sampler(cfg, labels, rank, processes, devices):
     """The sampler of process ``rank`` of ``processes`` with ``devices`` devices (a plain
     ``dist.Backend`` of that shape; no collective is used)."""
-    from dist_triplet.train import build_sampler
+    from dist_triplet.plan import build_sampler
     backend = dist.Backend([mx.cpu(d) for d in range(devices)], rank=rank,
                            num_processes=processes)
     return build_sampler(cfg, backend, labels)
@@ -276,13 +276,12 @@ def test_local_scope_mines_inside_each_worker_batch(reference):
     """Local scope is today's: a kvstore step on two P x K batches applies the mean of
     the two single-device updates, and differs from global mining on the same rows."""
     from dist_triplet.model import build_embedding_net, initialize
-    from dist_triplet.train import build_step
+    from dist_triplet.engine import build_step
     pixels, labels = worker.problem()
     rows = worker.global_batches(labels)[0]                              # (2, P*K)
 
     def one_step(backend, scope, batch):
-        cfg = worker.config("sgd", "semi_hard", scope)
-        cfg.sampler.k = worker.K
+        cfg = worker.config("sgd", "semi_hard", scope, k=worker.K)
         net = build_embedding_net(pixels.shape[1], [8, 4], final_relu=False, normalize=True)
         initialize(net, 0.5, backend.contexts, seed=1)
         build_step(cfg, backend, net, pixels, labels).step(batch)

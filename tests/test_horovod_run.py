@@ -1,7 +1,7 @@
 """A real 2-rank ``horovodrun --gloo`` run of the debug config, end to end (issue 2).
 
 The test writes a tiny MNIST-format data set (10 classes, 200 train / 100 test images of
-28 x 28), trains 2 epochs on 2 Gloo ranks through ``dist_triplet.train.train`` and checks
+28 x 28), trains 2 epochs on 2 Gloo ranks through ``dist_triplet.loop.train`` and checks
 what the run leaves: both ranks end with the same parameters, and rank 0 wrote
 config.yaml, metrics.json and the projector (one metadata line per point).
 """

@@ -6,7 +6,7 @@ itself (tests/_sshd.py: own config, keys and port, stopped afterwards; nothing i
 ~/.ssh is touched). So ranks 2-3 get only what horovodrun carries to a remote host (its
 ``env VAR=...`` command line and ``cd``), rank != local rank, and cross rank 1, as on a real
 second machine. Every rank runs tests/multihost_worker.py, which trains through
-``dist_triplet.train.train`` and reports what it saw.
+``dist_triplet.loop.train`` and reports what it saw.
 
 Asserted:
 

@@ -273,7 +273,7 @@ def test_training_run_writes_the_report_unless_eval_report_is_false(tmp_path):
     pytest.importorskip("mxnet", reason="training runs on MXNet")
     from dist_triplet.config import load_config
     from dist_triplet.data import write_idx
-    from dist_triplet.train import train
+    from dist_triplet.loop import train
 
     rng = np.random.default_rng(0)
     root = tmp_path / "data"

@@ -31,7 +31,7 @@ NAMES = ["apple", "boat", "cat"]
 
 def _train(tmp, name, *data_keys):
     from dist_triplet.config import load_config
-    from dist_triplet.train import train
+    from dist_triplet.loop import train
     run = tmp / name
     cfg = load_config(None, [
         *data_keys, f"output.dir={run}", "distributed.backend=local",

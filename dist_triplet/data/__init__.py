@@ -17,227 +17,29 @@ features stay float32. Without a test split the data are split by ``data.split``
 ``data.cache_dir`` the arrays are one memory-mapped copy per host (:mod:`.cache`).
 docs/data.md is the user's guide.
 
+Modules: :mod:`.formats` (which reader), :mod:`.idx`, :mod:`.npz`, :mod:`.images` (one
+reader per format), :mod:`.source` (the one pass over the pixels), :mod:`.split` (split
+protocols, limits and class rules), :mod:`.cache` (the shared cache), :mod:`.load`
+(:func:`load_data`, :func:`load_rows`). This file only names the public API.
+
 Needs NumPy (and Pillow for image files); no MXNet.
 """
 from __future__ import annotations
 
-import os
-from typing import List, Optional, Tuple
-
-import numpy as np
-
-from .cache import load_cached
+from .formats import FORMATS, detect_format, is_idx_dir, open_source
 from .idx import (DATASET_NAMES, FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, MNIST_CLASSES,
-                  idx_source, load_dataset, load_split, named_source, read_idx, write_idx)
-from .images import MODES, csv_source, folder_source
-from .npz import NPZ_TRAIN, npz_source
-from .source import Source, _check_parts, materialize, plan
+                  load_dataset, read_idx, write_idx)
+from .images import MODES
+from .load import ROW_SPLITS, load_data, load_rows
 from .split import (SPLIT_PROTOCOLS, Split, anchor_rows, as_float, check_pair,
                     check_sampler_classes, check_test, check_training, class_split, describe,
-                    stratified_split, subset)
+                    limit_rows, stratified_split, subset)
 
 __all__ = [
     "FASHION_MNIST_CLASSES", "MNIST_CLASSES", "DATASET_NAMES", "FASHION_MNIST_ROOT", "FORMATS",
-    "SPLIT_PROTOCOLS", "MODES", "Split", "read_idx", "write_idx", "load_split", "load_dataset",
-    "subset", "as_float", "anchor_rows", "detect_format", "open_source", "load_data",
-    "load_rows", "ROW_SPLITS",
+    "SPLIT_PROTOCOLS", "MODES", "Split", "read_idx", "write_idx", "load_dataset",
+    "subset", "limit_rows", "as_float", "anchor_rows", "detect_format", "is_idx_dir", "open_source",
+    "load_data", "load_rows", "ROW_SPLITS",
     "check_training", "check_test", "check_pair", "check_sampler_classes",
     "stratified_split", "class_split", "describe",
 ]
-
-FORMATS = ("auto", "idx", "npz", "folder", "csv")
-
-_IDX_IMAGES = "train-images-idx3-ubyte"
-
-
-def _idx_dir(path: str) -> bool:
-    return any(os.path.isfile(os.path.join(path, _IDX_IMAGES + s)) for s in ("", ".gz"))
-
-
-def detect_format(path: str) -> str:
-    """The format of ``path`` (``data.format: auto``).
-
-    A file: ``.npz`` (or a zip archive) -> npz, ``.csv`` -> csv. A directory: with
-    ``train.npz`` -> npz; with ``train-images-idx3-ubyte[.gz]`` -> idx; with sub-folders
-    -> folder. A directory matching more than one of these is ambiguous.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the format cannot be told, or is ambiguous (the message lists what
-            matched and asks for ``data.format``).
-    """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"data.path={path!r} does not exist")
-    if os.path.isfile(path):
-        lower = path.lower()
-        if lower.endswith(".npz"):
-            return "npz"
-        if lower.endswith(".csv"):
-            return "csv"
-        with open(path, "rb") as fh:
-            if fh.read(4) == b"PK\x03\x04":
-                return "npz"
-        raise ValueError(f"data.path={path!r}: cannot tell its format from the name or content "
-                         "(expected a .npz or .csv file, or a directory); set data.format to "
-                         f"one of {', '.join(FORMATS[1:])}")
-    found = []
-    if os.path.isfile(os.path.join(path, NPZ_TRAIN)):
-        found.append(f"npz ({NPZ_TRAIN})")
-    if _idx_dir(path):
-        found.append(f"idx ({_IDX_IMAGES})")
-    if any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(path)):
-        found.append("folder (sub-folders)")
-    if len(found) == 1:
-        return found[0].split()[0]
-    if not found:
-        raise ValueError(f"data.path={path!r}: directory holds neither {NPZ_TRAIN}, IDX files "
-                         "nor class folders; set data.format or point data.path at the data")
-    raise ValueError(f"data.path={path!r}: format is ambiguous, the directory matches "
-                     f"{' and '.join(found)}; set data.format to one of them")
-
-
-def open_source(cfg) -> Source:
-    """Open the data the ``data`` config section names (``cfg``: a DataConfig or any
-    object with its attributes); labels read, pixels not yet.
-
-    Raises:
-        FileNotFoundError / ValueError: from the format's reader, naming the format and
-            the file, key or value.
-    """
-    if not cfg.path:
-        return named_source(cfg.dataset, cfg.root)
-    fmt = detect_format(cfg.path) if cfg.format == "auto" else cfg.format
-    if fmt not in FORMATS[1:]:
-        raise ValueError(f"data.format={cfg.format!r} is not one of {', '.join(FORMATS)}")
-    if not os.path.exists(cfg.path):
-        raise FileNotFoundError(f"data.path={cfg.path!r} does not exist")
-    try:
-        if fmt == "idx":
-            if not os.path.isdir(cfg.path):
-                raise ValueError("expected a directory of the four MNIST-format files")
-            return idx_source(cfg.path)
-        if fmt == "npz":
-            return npz_source(cfg.path)
-        if fmt == "folder":
-            return folder_source(cfg.path, cfg.mode, cfg.image_size)
-        return csv_source(cfg.path, cfg.mode, cfg.image_size)
-    except (ValueError, FileNotFoundError) as exc:
-        msg = str(exc)
-        prefix = f"data.format={fmt}: " if not msg.startswith("data.") else ""
-        if cfg.path not in msg:
-            msg = f"{cfg.path}: {msg}"
-        raise type(exc)(prefix + msg) from None
-
-
-def _settings(cfg, source: Source) -> dict:
-    settings = {}
-    if source.image and source.fmt in ("folder", "csv"):
-        settings.update(mode=cfg.mode, image_size=list(cfg.image_size or []))
-    if "all" in source.parts:
-        settings.update(split=cfg.split, test_fraction=cfg.test_fraction)
-        if cfg.split == "fraction":
-            settings["split_seed"] = cfg.split_seed
-    return settings
-
-
-def _read(cfg) -> Tuple[Source, Split, Split]:
-    """Open, split, read (cache) and limit the data ``cfg`` names; no class rules."""
-    source = open_source(cfg)
-    settings = _settings(cfg, source)
-    if cfg.cache_dir:
-        train, test = load_cached(source, cfg.cache_dir, cfg.split, cfg.test_fraction,
-                                  cfg.split_seed, settings)
-    else:
-        train, test = materialize(source, cfg.split, cfg.test_fraction, cfg.split_seed)
-    return source, subset(train, cfg.limit_train), subset(test, cfg.limit_test)
-
-
-def load_data(cfg) -> Tuple[Split, Split]:
-    """Load, split and check the train and test splits the ``data`` config names.
-
-    Steps: open the source (headers and labels), split it when it has no test split
-    (``data.split``, ``data.test_fraction``, ``data.split_seed``), read the pixels once
-    into process memory or the shared cache (``data.cache_dir``), apply
-    ``data.limit_train`` / ``data.limit_test`` (views), then check the class rules of
-    :mod:`.split` and that both splits have one width.
-
-    Returns:
-        (train, test) :class:`Split`: images (N, F) uint8 with ``image_shape`` (H, W, C),
-        or features (N, D) float32 with ``image_shape`` None; labels (N,) int64.
-
-    Raises:
-        FileNotFoundError / ValueError: one line naming the format and the file, key or
-            value; nothing is written (a cache entry is made only from good data).
-    """
-    _, train, test = _read(cfg)
-    check_pair(train, test)
-    check_training(train)
-    check_test(test, cfg.split)
-    return train, test
-
-
-ROW_SPLITS = ("train", "test", "all")
-
-
-def _relative(files: List[str], root: str) -> List[str]:
-    """Each path relative to ``root`` (a path outside it stays absolute)."""
-    out = []
-    for f in files:
-        rel = os.path.relpath(os.path.abspath(f), root)
-        out.append(f if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel)
-    return out
-
-
-def load_rows(cfg, split: str) -> Tuple[Split, Optional[List[str]]]:
-    """One split of the data the ``data`` config names, for embedding (index, search).
-
-    ``split`` ``train`` / ``test``: the rows the trainer trains / evaluates on (same
-    files, format, mode, image size, split protocol, seed and limits, cache if
-    ``data.cache_dir``). ``all``: every row of the data in the source's order (a train
-    part, then a test part), without the split and the limits. The training class rules
-    are not applied: a gallery or a query set may hold 1-sample classes.
-
-    Returns:
-        (split, files): files are the image file of each row, relative to the data root
-        (the folder, or the CSV's directory; a path outside it stays absolute) for
-        image folders and CSV, else None.
-
-    Raises:
-        FileNotFoundError / ValueError: as :func:`load_data`; ``split`` not one of
-            ``ROW_SPLITS``.
-    """
-    if split not in ROW_SPLITS:
-        raise ValueError(f"split {split!r} is not one of {', '.join(ROW_SPLITS)}")
-    if split == "all":
-        source = open_source(cfg)
-        _check_parts(source)
-        arrays, labels, files = [], [], []
-        for part in source.parts.values():
-            out = np.empty((part.n, part.width), part.dtype)
-            part.fill([(out, np.arange(part.n, dtype=np.int64))])
-            arrays.append(out)
-            labels.append(part.labels)
-            files.append(part.files)
-        row_shape = next(iter(source.parts.values())).row_shape
-        rows = Split(images=np.concatenate(arrays) if len(arrays) > 1 else arrays[0],
-                     labels=np.concatenate(labels), class_names=source.class_names,
-                     source=f"{source.where} [all rows]",
-                     image_shape=tuple(int(v) for v in row_shape) if source.image else None)
-        got = None if any(f is None for f in files) else [f for fs in files for f in fs]
-    else:
-        source, train, test = _read(cfg)
-        rows = train if split == "train" else test
-        got = None
-        parts = source.parts
-        if all(p.files is not None for p in parts.values()):
-            if "all" in parts:
-                layout = dict(plan(source, cfg.split, cfg.test_fraction, cfg.split_seed)["all"])
-                got = [parts["all"].files[r] for r in layout[split]]
-            else:
-                got = list(parts[split].files)
-            got = got[:len(rows)]  # data.limit_train / limit_test: the first rows
-    if got is not None:
-        root = source.where if os.path.isdir(source.where) else os.path.dirname(
-            os.path.abspath(source.where))
-        got = _relative(got, os.path.abspath(root))
-    return rows, got

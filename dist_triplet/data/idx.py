@@ -30,7 +30,7 @@ import zlib
 
 import numpy as np
 
-from .source import CHUNK_BYTES, Part, Source, scatter_rows
+from .source import CHUNK_BYTES, Part, Source, read_part, scatter_rows
 from .split import Split
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
     "FASHION_MNIST_ROOT",
     "read_idx",
     "write_idx",
-    "load_split",
     "load_dataset",
     "idx_source",
     "named_source",
@@ -75,23 +74,6 @@ def _bad_gzip(path: str, exc: BaseException) -> ValueError:
     """The one error for a corrupt or cut gzip stream, naming ``path``."""
     return ValueError(f"{path}: expected a valid gzip stream (file starts with gzip magic "
                       f"1f 8b), found a corrupt or truncated one: {exc}")
-
-
-def _read_bytes(path: str) -> bytes:
-    """Return the file's bytes, gunzipped when the content starts with 1f 8b.
-
-    Raises ValueError naming ``path`` when the gzip stream is corrupt or cut.
-    """
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] != _GZIP_MAGIC:
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as exc:
-        # gzip raises BadGzipFile (an OSError), EOFError for a cut stream, or
-        # zlib.error for bad deflate data; callers only need one error type.
-        raise _bad_gzip(path, exc) from exc
 
 
 def _parse_header(data: bytes, path: str) -> tuple:
@@ -146,7 +128,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             (truncated or trailing bytes).
     """
     path = os.fspath(path)
-    data = _read_bytes(path)
+    stream, raw = _open_stream(path)
+    try:
+        data = _stream_read(stream, -1, path)
+    finally:
+        stream.close()
+        raw.close()
     dims, header_len = _parse_header(data, path)
     expected = math.prod(int(d) for d in dims)  # Python ints: a huge header cannot overflow
     found = len(data) - header_len
@@ -192,56 +179,6 @@ def _gzip_compress(payload: bytes) -> bytes:
     return gzip.compress(payload, mtime=0)
 
 
-def load_split(images_path: str | os.PathLike, labels_path: str | os.PathLike,
-               class_names: tuple[str, ...] | list[str], source: str | None = None) -> Split:
-    """Read an images IDX file and its labels IDX file into a :class:`Split`.
-
-    Args:
-        images_path: IDX images file (magic 2051), gzip or raw.
-        labels_path: IDX labels file (magic 2049), gzip or raw.
-        class_names: name of each class id; every label must be below its length.
-        source: recorded in ``Split.source``; defaults to the images' directory.
-
-    Returns:
-        Split with images (N, rows*cols) uint8 (the file's bytes; scaled by 1/255
-        where used, see :func:`dist_triplet.data.as_float`), ``image_shape``
-        (rows, cols, 1) and labels (N,) int64.
-
-    Raises:
-        ValueError: a file is not a valid IDX file of the expected kind (see
-            :func:`read_idx`); the images file holds 0 images; the two files
-            hold different counts (message names both files and both counts); a
-            label is >= len(class_names) (message names the labels file, the
-            label and the class count).
-    """
-    images_path, labels_path = os.fspath(images_path), os.fspath(labels_path)
-    images = read_idx(images_path)
-    labels = read_idx(labels_path)
-    if images.ndim != 3:
-        raise ValueError(f"{images_path}: expected an images file (magic {IMAGES_MAGIC}, "
-                         f"3 dims), found {images.ndim} dims")
-    if labels.ndim != 1:
-        raise ValueError(f"{labels_path}: expected a labels file (magic {LABELS_MAGIC}, "
-                         f"1 dim), found {labels.ndim} dims")
-    if images.shape[0] == 0:
-        raise ValueError(f"{images_path}: holds 0 images; expected at least 1")
-    if images.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"count mismatch: {images_path} holds {images.shape[0]} images but "
-            f"{labels_path} holds {labels.shape[0]} labels")
-    class_names = tuple(class_names)
-    if labels.size and int(labels.max()) >= len(class_names):
-        bad = int(labels.max())
-        raise ValueError(
-            f"{labels_path}: expected labels in [0, {len(class_names)}) for "
-            f"{len(class_names)} classes, found label {bad}")
-    n = images.shape[0]
-    return Split(images=images.reshape(n, -1), labels=labels.astype(np.int64),
-                 class_names=class_names,
-                 source=source if source is not None else os.path.dirname(images_path),
-                 image_shape=(int(images.shape[1]), int(images.shape[2]), 1))
-
-
 def _find_file(root: str, stem: str) -> str:
     """Return root/stem or root/stem.gz, whichever exists (the raw one first)."""
     for name in (stem, stem + ".gz"):
@@ -253,14 +190,6 @@ def _find_file(root: str, stem: str) -> str:
     raise FileNotFoundError(
         f"{os.path.join(root, stem)}[.gz]: expected an IDX file in {root}, found neither "
         f"{stem} nor {stem}.gz")
-
-
-def _load_dir(root: str, train: bool, class_names, how_to_get: str) -> Split:
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"data directory {root} does not exist; {how_to_get}")
-    images_stem, labels_stem = _FILE_STEMS[train]
-    return load_split(_find_file(root, images_stem), _find_file(root, labels_stem),
-                      class_names, source=root)
 
 
 _ANY_ROOT_HINT = ("pass data.root=DIR naming a directory with the MNIST-format files "
@@ -278,54 +207,6 @@ def _mxnet_mnist_root(train: bool) -> str:
             f"could not get MNIST through mxnet.gluon.data.vision.MNIST "
             f"(download to ~/.mxnet/datasets/mnist failed: {exc}); {_ANY_ROOT_HINT}") from exc
     return dataset._root  # the files MXNet checked; read them again with our validating reader
-
-
-def load_dataset(name: str, root: str | None = None, train: bool = True) -> Split:
-    """Load the train or test split of a named MNIST-format data set.
-
-    Args:
-        name: ``fashion_mnist`` (default root ``/usr/share/datasets/fashion-mnist``,
-            as installed by Debian's ``dataset-fashion-mnist``; classes from the
-            Fashion-MNIST README); ``mnist`` (root any directory with the IDX
-            files; when None, ``mxnet.gluon.data.vision.MNIST`` downloads them to
-            ~/.mxnet/datasets/mnist, as in the seed article); or ``idx`` (root
-            required; class names ``str(i)`` for i up to the largest label).
-        root: directory holding ``train-images-idx3-ubyte``,
-            ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and
-            ``t10k-labels-idx1-ubyte``, each with or without ``.gz``.
-        train: the train split when True, else the test (t10k) split.
-
-    Returns:
-        Split: images (N, rows*cols) uint8, image_shape (rows, cols, 1), labels (N,) int64.
-
-    Raises:
-        ValueError: unknown ``name`` (message lists the valid names); ``idx``
-            without ``root``; invalid files (see :func:`load_split`).
-        FileNotFoundError: the directory is missing (message says how to get
-            the data) or a file is missing in it (message names the path tried);
-            MXNet could not download MNIST.
-    """
-    if name == "fashion_mnist":
-        root = FASHION_MNIST_ROOT if root is None else root
-        hint = ("install Debian's package with `apt-get install dataset-fashion-mnist` "
-                "(launch/setup.sh does it), or " + _ANY_ROOT_HINT)
-        return _load_dir(root, train, FASHION_MNIST_CLASSES, hint)
-    if name == "mnist":
-        if root is None:
-            root = _mxnet_mnist_root(train)
-        return _load_dir(root, train, MNIST_CLASSES, _ANY_ROOT_HINT)
-    if name == "idx":
-        if root is None:
-            raise ValueError(f"data set 'idx' needs an explicit directory: {_ANY_ROOT_HINT}")
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"data directory {root} does not exist; {_ANY_ROOT_HINT}")
-        images_stem, labels_stem = _FILE_STEMS[train]
-        labels_path = _find_file(root, labels_stem)
-        labels = read_idx(labels_path)
-        n_classes = int(labels.max()) + 1 if labels.size else 0
-        return load_split(_find_file(root, images_stem), labels_path,
-                          tuple(str(i) for i in range(n_classes)), source=root)
-    raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(DATASET_NAMES)}")
 
 
 def _open_stream(path: str):
@@ -396,6 +277,50 @@ def _idx_fill(path: str, dims: tuple):
     return fill
 
 
+def _idx_part(root: str, train: bool) -> tuple:
+    """The train (or t10k) part of the IDX directory ``root``: ``(Part, (images_path,
+    labels_path))``, labels read, images only as far as their header. Class names are checked later.
+
+    Raises:
+        FileNotFoundError: a file is missing (message names the path tried).
+        ValueError: a bad header or labels file; image and label counts differ.
+    """
+    images_stem, labels_stem = _FILE_STEMS[train]
+    images_path = _find_file(root, images_stem)
+    labels_path = _find_file(root, labels_stem)
+    dims = read_idx_header(images_path)
+    labels = read_idx(labels_path)
+    if labels.ndim != 1:
+        raise ValueError(f"{labels_path}: expected a labels file (magic {LABELS_MAGIC}, "
+                         f"1 dim), found {labels.ndim} dims")
+    if dims[0] != labels.shape[0]:
+        raise ValueError(
+            f"count mismatch: {images_path} holds {dims[0]} images but "
+            f"{labels_path} holds {labels.shape[0]} labels")
+    part = Part(labels=labels.astype(np.int64), row_shape=(dims[1], dims[2], 1),
+                dtype=np.dtype(np.uint8), fill=_idx_fill(images_path, dims), where=root)
+    return part, (images_path, labels_path)
+
+
+def _class_names(found: dict, class_names) -> tuple:
+    """``class_names`` (None = ``str(i)`` up to the largest label), checked against the
+    labels of every part in ``found`` (name -> (Part, (images_path, labels_path))).
+
+    Raises:
+        ValueError: a label beyond the class names (names the labels file).
+    """
+    if class_names is None:
+        top = max(int(part.labels.max()) for part, _ in found.values())
+        class_names = tuple(str(i) for i in range(top + 1))
+    class_names = tuple(class_names)
+    for part, (_, labels_path) in found.values():
+        if int(part.labels.max()) >= len(class_names):
+            raise ValueError(
+                f"{labels_path}: expected labels in [0, {len(class_names)}) for "
+                f"{len(class_names)} classes, found label {int(part.labels.max())}")
+    return class_names
+
+
 def idx_source(root: str, class_names=None, fmt: str = "idx") -> Source:
     """Open a directory of MNIST-format files (train and t10k, each raw or ``.gz``).
 
@@ -412,41 +337,22 @@ def idx_source(root: str, class_names=None, fmt: str = "idx") -> Source:
         ValueError: a bad header or labels file; image and label counts differ; a label
             beyond ``class_names`` (each message names the file).
     """
-    parts, files, found = {}, [], {}
-    for train in (True, False):
-        images_stem, labels_stem = _FILE_STEMS[train]
-        images_path = _find_file(root, images_stem)
-        labels_path = _find_file(root, labels_stem)
-        dims = read_idx_header(images_path)
-        labels = read_idx(labels_path)
-        if labels.ndim != 1:
-            raise ValueError(f"{labels_path}: expected a labels file (magic {LABELS_MAGIC}, "
-                             f"1 dim), found {labels.ndim} dims")
-        if dims[0] != labels.shape[0]:
-            raise ValueError(
-                f"count mismatch: {images_path} holds {dims[0]} images but "
-                f"{labels_path} holds {labels.shape[0]} labels")
-        found[train] = (images_path, labels_path, dims, labels.astype(np.int64))
-        files += [images_path, labels_path]
-    if class_names is None:
-        top = max(int(v[3].max()) for v in found.values())
-        class_names = tuple(str(i) for i in range(top + 1))
-    class_names = tuple(class_names)
-    for train, (images_path, labels_path, dims, labels) in found.items():
-        if int(labels.max()) >= len(class_names):
-            raise ValueError(
-                f"{labels_path}: expected labels in [0, {len(class_names)}) for "
-                f"{len(class_names)} classes, found label {int(labels.max())}")
-        parts["train" if train else "test"] = Part(
-            labels=labels, row_shape=(dims[1], dims[2], 1), dtype=np.dtype(np.uint8),
-            fill=_idx_fill(images_path, dims), where=root)
-    return Source(fmt=fmt, parts=parts, class_names=class_names, image=True, files=files,
-                  where=root)
+    found = {"train" if train else "test": _idx_part(root, train) for train in (True, False)}
+    class_names = _class_names(found, class_names)
+    files = [path for _, paths in found.values() for path in paths]
+    return Source(fmt=fmt, parts={name: part for name, (part, _) in found.items()},
+                  class_names=class_names, image=True, files=files, where=root)
 
 
-def named_source(name: str, root: str | None) -> Source:
-    """The :class:`Source` of a named data set (``data.dataset``): fashion_mnist, mnist or
-    idx, with the directories and errors of :func:`load_dataset`."""
+def _dataset_root(name: str, root, splits) -> tuple:
+    """``(root, class_names)`` of a named data set (``data.dataset``), for the ``splits``
+    (train: True, test: False) about to be read; class names None for ``idx``.
+
+    Raises:
+        ValueError: unknown ``name`` (lists the valid names); ``idx`` without ``root``.
+        FileNotFoundError: the directory is missing (says how to get the data); MXNet
+            could not download MNIST.
+    """
     if name == "fashion_mnist":
         root = FASHION_MNIST_ROOT if root is None else root
         hint = ("install Debian's package with `apt-get install dataset-fashion-mnist` "
@@ -454,8 +360,7 @@ def named_source(name: str, root: str | None) -> Source:
         classes = FASHION_MNIST_CLASSES
     elif name == "mnist":
         if root is None:
-            root = _mxnet_mnist_root(True)
-            _mxnet_mnist_root(False)
+            root = [_mxnet_mnist_root(train) for train in splits][0]
         hint, classes = _ANY_ROOT_HINT, MNIST_CLASSES
     elif name == "idx":
         if root is None:
@@ -465,4 +370,34 @@ def named_source(name: str, root: str | None) -> Source:
         raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data directory {root} does not exist; {hint}")
+    return root, classes
+
+
+def named_source(name: str, root: str | None) -> Source:
+    """The :class:`Source` of a named data set (``data.dataset``): fashion_mnist
+    (default root ``/usr/share/datasets/fashion-mnist``, Debian's
+    ``dataset-fashion-mnist``; classes from the Fashion-MNIST README), mnist (root any
+    directory with the IDX files; None = ``mxnet.gluon.data.vision.MNIST`` downloads them
+    to ~/.mxnet/datasets/mnist, as in the seed article) or idx (root required; class
+    names ``str(i)``). Errors as :func:`_dataset_root` and :func:`idx_source`."""
+    root, classes = _dataset_root(name, root, (True, False))
     return idx_source(root, classes, fmt=f"idx ({name})" if name != "idx" else "idx")
+
+
+def load_dataset(name: str, root: str | None = None, train: bool = True) -> Split:
+    """The train or test split of a named MNIST-format data set, read alone (the other
+    split's files need not exist), through the same reader as :func:`named_source`.
+
+    Returns:
+        Split: images (N, rows*cols) uint8, image_shape (rows, cols, 1), labels (N,)
+        int64; for ``idx`` class names ``str(i)`` up to this split's largest label.
+
+    Raises:
+        ValueError / FileNotFoundError: as :func:`named_source`; the images file holds 0
+            images.
+    """
+    root, classes = _dataset_root(name, root, (train,))
+    found = {"split": _idx_part(root, train)}
+    return read_part(found["split"][0], _class_names(found, classes), image=True)
+
+

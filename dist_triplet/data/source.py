@@ -16,7 +16,7 @@ import numpy as np
 
 from .split import Split, class_split, stratified_split, width_mismatch
 
-__all__ = ["Part", "Source", "materialize", "scatter_rows", "CHUNK_BYTES"]
+__all__ = ["Part", "Source", "materialize", "read_part", "scatter_rows", "CHUNK_BYTES"]
 
 # Rows are read and written in chunks of about this many bytes.
 CHUNK_BYTES = 64 * 2**20
@@ -91,7 +91,22 @@ def scatter_rows(chunk: np.ndarray, start: int, targets: Sequence[Target],
             cursors[i] = end
 
 
-def _check_parts(source: Source) -> None:
+def read_part(part: Part, class_names, image: bool) -> Split:
+    """All rows of one part, read in one pass into process memory, as a :class:`Split`
+    (``image``: uint8 rows with ``image_shape`` = the part's row shape; else features).
+
+    Raises:
+        ValueError: bad content found while reading (the reader names the file).
+    """
+    out = np.empty((part.n, part.width), part.dtype)
+    part.fill([(out, np.arange(part.n, dtype=np.int64))])
+    return Split(images=out, labels=part.labels, class_names=tuple(class_names),
+                 source=part.where,
+                 image_shape=tuple(int(v) for v in part.row_shape) if image else None)
+
+
+def check_parts(source: Source) -> None:
+    """Raise ValueError when a source's train and test parts differ in row shape."""
     if "all" in source.parts:
         return
     train, test = source.parts["train"], source.parts["test"]
@@ -137,7 +152,7 @@ def materialize(source: Source, protocol: str, test_fraction: float, seed: int,
             (:mod:`dist_triplet.data.split`); bad content found while reading (the reader
             names the file).
     """
-    _check_parts(source)
+    check_parts(source)
     alloc = alloc or (lambda name, shape, dtype: np.empty(shape, dtype))
     layout = plan(source, protocol, test_fraction, seed)
     arrays, labels, wheres = {}, {}, {}

@@ -91,21 +91,47 @@ def as_float(rows: np.ndarray) -> np.ndarray:
     return rows.astype(np.float32, copy=False)
 
 
-def subset(split: Split, n: int) -> Split:
-    """Return the first ``n`` rows of ``split`` (all of it when n is 0 or >= N).
+def limit_rows(labels: np.ndarray, n: int, seed: int) -> Optional[np.ndarray]:
+    """The rows ``data.limit_*`` keeps of a split with (N,) ``labels``: (n,) int64,
+    ascending; None (all rows) when n is 0 or >= N.
 
-    A view, never a copy (a memory-mapped split stays mapped). Used by debug configs
-    (``data.limit_train``, ``data.limit_test``) to train on a small prefix.
+    A seeded sample (``seed`` = ``data.split_seed``), balanced over the classes: rows are
+    shuffled, then taken round-robin over the classes (each class's first row in the
+    shuffled order, then each one's second, ...), so n rows hold about n / classes of each
+    class while the classes last. Not the first n rows: image folders are class-major,
+    and a prefix would keep one class.
 
     Raises:
         ValueError: when ``n`` is negative.
     """
+    total = len(labels)
     if n < 0:
         raise ValueError(f"subset size must be >= 0 (0 means all), found {n}")
-    if n == 0 or n >= len(split):
+    if n == 0 or n >= total:
+        return None
+    perm = np.random.default_rng(seed).permutation(total)
+    shuffled = np.asarray(labels)[perm]
+    by_class = np.argsort(shuffled, kind="stable")          # each class's rows, shuffled
+    sorted_labels = shuffled[by_class]
+    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    turn = np.empty(total, np.int64)                         # position within its class
+    turn[by_class] = np.arange(total) - np.repeat(starts, np.diff(np.r_[starts, total]))
+    return np.sort(perm[np.argsort(turn, kind="stable")[:n]]).astype(np.int64)
+
+
+def subset(split: Split, n: int, seed: int) -> Split:
+    """The rows of ``split`` that :func:`limit_rows` keeps (all of it, the same object,
+    when n is 0 or >= N), in their order, copied: what ``data.limit_train`` /
+    ``data.limit_test`` keep, with ``seed`` = ``data.split_seed``.
+
+    Raises:
+        ValueError: when ``n`` is negative.
+    """
+    rows = limit_rows(split.labels, n, seed)
+    if rows is None:
         return split
-    return replace(split, images=split.images[:n], labels=split.labels[:n],
-                   source=f"{split.source} (first {n})")
+    return replace(split, images=split.images[rows], labels=split.labels[rows],
+                   source=f"{split.source} ({n} of {len(split)} rows, data.split_seed={seed})")
 
 
 def _class_table(labels: np.ndarray):

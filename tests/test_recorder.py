@@ -1,5 +1,6 @@
-"""The rank-0 Recorder (dist_triplet/rundir.py): a no-op off rank 0, never changes the
-rows it is given, owns the metrics history and stores a copy of it in each checkpoint."""
+"""The rank-0 Recorder (dist_triplet/recorder.py): a null recorder off rank 0, never
+changes the rows it is given, owns the metrics history and stores a copy of it in each
+checkpoint."""
 import copy
 import json
 import logging
@@ -9,7 +10,7 @@ import mxnet as mx
 
 from dist_triplet import checkpoint as ckpt
 from dist_triplet.config import load_config
-from dist_triplet.rundir import Recorder, timing_text
+from dist_triplet.recorder import NullRecorder, Recorder, make_recorder, timing_text
 
 
 def _row(epoch):
@@ -19,18 +20,26 @@ def _row(epoch):
 
 def test_off_rank_0_nothing_is_written(tmp_path):
     run_dir = str(tmp_path / "run")
-    rec = Recorder(False, run_dir, load_config(None, ["checkpoint.keep=2"]))
+    rec = make_recorder(False, run_dir, load_config(None, ["checkpoint.keep=2"]))
+    assert isinstance(rec, NullRecorder)
     rec.record_epoch(0, _row(0), "[timing")
     rec.save_checkpoint(0, None, None, steps_per_epoch=3, processes=2, devices=1)
-    assert rec.finish({"epoch": 1}, None, None, None, None, {}) == {}
+    assert rec.write_metrics({"epoch": 1}) == {}
+    rec.close()
     assert not os.path.exists(run_dir) and rec.history == []
+
+
+def test_null_recorder_has_every_public_method_of_the_recorder():
+    public = {n for n in dir(Recorder) if not n.startswith("_")}
+    assert public <= set(dir(NullRecorder)), public - set(dir(NullRecorder))
 
 
 def test_rows_are_kept_unchanged_and_copied_into_checkpoints(tmp_path):
     run_dir = str(tmp_path / "run")
     cfg = load_config(None, ["checkpoint.keep=2"])
     earlier = [_row(0)]
-    rec = Recorder(True, run_dir, cfg, history=earlier)
+    rec = make_recorder(True, run_dir, cfg, history=earlier)
+    assert isinstance(rec, Recorder)
     net = mx.gluon.nn.Dense(2, in_units=3)
     net.initialize()
     trainer = mx.gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1})
@@ -56,7 +65,7 @@ def test_epoch_log_line_names_its_fields(tmp_path, caplog):
     """The epoch line spells out what its numbers are (seed-acc with its triplet count,
     host-wait, throughput with thousands separators); the Recorder docstring lists them."""
     cfg = load_config(None, ["train.epochs=10", "eval.full_every=0"])
-    rec = Recorder(True, str(tmp_path / "run"), cfg, baseline={"precision_at_1": 0.8092})
+    rec = Recorder(str(tmp_path / "run"), cfg, baseline={"precision_at_1": 0.8092})
     row = dict(_row(2), triplets_per_s=24665.0313, seed_accuracy=9041 / 9990, correct=9041,
                total=9990, collapsed=False, precision_at_1=0.796, time_eval_s=0.523)
     caplog.set_level(logging.INFO, logger="dist_triplet")
