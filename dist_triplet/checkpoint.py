@@ -1,6 +1,8 @@
 """Epoch checkpoints: atomic writes by rank 0, last-K retention, and resume on every rank.
 
-Layout of ``<run>/checkpoints/epoch-0003/`` (the checkpoint of the 4th epoch, 0-based 3):
+Layout of ``<run>/checkpoints/epoch-0003/`` (the checkpoint after "epoch 3/N" of the log,
+0-based epoch 2; runs written before the names matched the log used the 0-based number,
+``epoch-0002``, and still resume: a checkpoint's epoch is the one in its meta.json):
 
 * ``params``          ``net.save_parameters``
 * ``trainer.states``  ``Trainer.save_states``: the pickled optimizer (learning rate, update
@@ -52,12 +54,23 @@ _TMP = re.compile(r"^\.epoch-\d{4,}\.(tmp|old)-\d+$")
 FILES = ("params", "trainer.states", "meta.json")
 
 def checkpoint_name(epoch: int) -> str:
-    """Directory name of the checkpoint of 0-based ``epoch``: ``epoch-0003``."""
-    return f"epoch-{epoch:04d}"
+    """Directory name of the checkpoint of 0-based ``epoch``, numbered as the log's
+    "epoch 3/N" line: ``epoch-0003`` for 0-based 2."""
+    return f"epoch-{epoch + 1:04d}"
+
+
+def _epoch_of(path: str, number: int) -> int:
+    """The 0-based epoch of checkpoint directory ``path`` from its meta.json; the name's
+    ``number`` minus 1 when meta.json cannot be read (``read_meta`` then says why)."""
+    try:
+        with open(os.path.join(path, "meta.json")) as fh:
+            return int(json.load(fh)["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return number - 1
 
 
 def list_checkpoints(ckpt_dir: str) -> List[Tuple[int, str]]:
-    """Complete checkpoints in ``ckpt_dir`` as (epoch, path), oldest first.
+    """Complete checkpoints in ``ckpt_dir`` as (0-based epoch, path), oldest first.
 
     Skips temporary directories of an interrupted save (``.epoch-0003.tmp-123``) and
     ``epoch-NNNN`` directories missing any of ``FILES``. A missing ``ckpt_dir`` gives [].
@@ -69,7 +82,7 @@ def list_checkpoints(ckpt_dir: str) -> List[Tuple[int, str]]:
         m = _NAME.match(name)
         path = os.path.join(ckpt_dir, name)
         if m and all(os.path.isfile(os.path.join(path, f)) for f in FILES):
-            found.append((int(m.group(1)), path))
+            found.append((_epoch_of(path, int(m.group(1))), path))
     return sorted(found)
 
 
@@ -225,10 +238,11 @@ def read_meta(path: str) -> CheckpointMeta:
             raise ValueError(f"{meta_path}: not valid JSON: {exc}") from None
     meta = CheckpointMeta.from_json(doc, meta_path)
     m = _NAME.match(os.path.basename(os.path.normpath(path)))
-    if m and int(m.group(1)) != meta.epoch:
-        raise ValueError(f"{meta_path}: epoch {meta.epoch} does not match the directory "
-                         f"name {m.group(0)} (epoch {int(m.group(1))}); the checkpoint was "
-                         "renamed or edited: resume from another checkpoint")
+    # The name is the log's 1-based epoch; before that it was the 0-based one.
+    if m and int(m.group(1)) not in (meta.epoch + 1, meta.epoch):
+        raise ValueError(f"{meta_path}: epoch {meta.epoch} (0-based) does not match the "
+                         f"directory name {m.group(0)}; the checkpoint was renamed or "
+                         "edited: resume from another checkpoint")
     return meta
 
 

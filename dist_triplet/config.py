@@ -38,7 +38,7 @@ of its value (choices, bounds), in one place::
   is recomputed from the current config (``schedule.learning_rate``), so lowering optim.lr
   after a divergence, or extending train.epochs, works. An info line names the changed
   keys; a warning (the run then differs from an uninterrupted one with the old values)
-  follows only when a remaining step's learning rate differs (``train.read_resume_meta``).
+  follows only when a remaining step's learning rate differs (``plan.read_resume_meta``).
 * ``free``: may change silently (evaluation, output, progress,
   devices: the world size itself is checked from the checkpoint's processes x devices).
 
@@ -55,7 +55,6 @@ nested sections or interpolation.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -63,6 +62,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from .configfile import ConfigError, parse_value, read_yaml
 from .fsutil import atomic_write
 
 
@@ -92,30 +92,6 @@ def scheduled(default=dataclasses.MISSING, **checks):
 def free(default=dataclasses.MISSING, **checks):
     """A key that may change on resume without a word (policy ``free``)."""
     return _key("free", default, **checks)
-
-
-class ConfigError(ValueError):
-    """A config file, key or value is invalid; the message names it."""
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping: plain YAML keeps the last
-    one, so a second ``train:`` section would silently drop the first."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first = seen.get(key)
-            except TypeError:  # an unhashable key; the base class reports it
-                continue
-            if first is not None:
-                raise ConfigError(
-                    f"{self.name}: line {key_node.start_mark.line + 1}: duplicate key {key!r} "
-                    f"(first given on line {first}); merge the two into one")
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
 
 
 @dataclass(frozen=True)
@@ -426,51 +402,6 @@ def _field_types(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def _parse(value: Any, tp: Any, key: str, where: str) -> Any:
-    """Coerce ``value`` (from YAML or a command-line string) to the declared type ``tp``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union and type(None) in args:  # Optional[X]
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
-            return None
-        return _parse(value, next(a for a in args if a is not type(None)), key, where)
-    if isinstance(value, str) and tp is not str:
-        try:  # command-line values are strings; YAML gives them the same syntax as in a file
-            value = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: {key}={value!r} is not valid YAML: "
-                              f"{_yaml_problem(exc)}") from None
-    if origin in (list, List):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
-        return [_parse(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads 1e-3 and 1e30 (no dot, no exponent sign) as strings.
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
-        return str(value)
-    raise ConfigError(f"{where}: {key} has unsupported type {tp}")  # pragma: no cover
-
-
 def _set(values: dict, key: str, value: Any, where: str) -> None:
     """Parse ``value`` for ``key`` (``section.name``) and store it in ``values``
     (``{section: {name: value}}``, what :func:`_build` makes the frozen Config from)."""
@@ -492,10 +423,10 @@ def _set(values: dict, key: str, value: Any, where: str) -> None:
         try:
             probe = yaml.safe_load(value) if isinstance(value, str) else value
         except yaml.YAMLError:
-            probe = value  # _parse reports it
+            probe = value  # parse_value reports it
         if isinstance(probe, int) and not isinstance(probe, bool):
             value = [probe, probe]
-    values.setdefault(section, {})[name] = _parse(value, types[name], key, where)
+    values.setdefault(section, {})[name] = parse_value(value, types[name], key, where)
 
 
 def _build(values: dict) -> Config:
@@ -608,67 +539,12 @@ def parse_devices(devices: str) -> Tuple[str, Union[int, List[int], None]]:
                          "GPU ids like '0,1'") from None
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """One line for a YAML error: ``line L, column C: problem`` (1-based), as PyYAML's
-    multi-line message would say it."""
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    if mark is None:
-        return " ".join(str(exc).split())
-    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
-
-
-def _key_lines(node) -> dict:
-    """1-based line of each section key ``(section,)`` and key ``(section, name)`` of a
-    composed YAML document (scalar keys only; others are left out)."""
-    lines = {}
-    if not isinstance(node, yaml.MappingNode):
-        return lines
-    for key, value in node.value:
-        if not isinstance(key, yaml.ScalarNode):
-            continue
-        lines[(key.value,)] = key.start_mark.line + 1
-        if isinstance(value, yaml.MappingNode):
-            for sub, _ in value.value:
-                if isinstance(sub, yaml.ScalarNode):
-                    lines[(key.value, sub.value)] = sub.start_mark.line + 1
-    return lines
-
-
-def _read_yaml(path: str) -> tuple:
-    """``(mapping, key lines)`` of the YAML config file ``path`` (lines as
-    :func:`_key_lines`). Raises ConfigError / FileNotFoundError naming the file."""
-    if os.path.isdir(path):
-        raise ConfigError(f"config file {path!r} is a directory; pass a YAML file")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            loader = _UniqueKeyLoader(fh)
-            loader.name = path
-            try:
-                node = loader.get_single_node()
-                doc = (loader.construct_document(node) if node is not None else None) or {}
-                lines = _key_lines(node)
-            finally:
-                loader.dispose()
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: "
-                              f"{exc.reason}); save the config as UTF-8") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections, got "
-                          f"{type(doc).__name__}")
-    return doc, lines
-
-
 def _apply_file(values: dict, path: str, chain: Tuple[str, ...] = ()) -> None:
     """Set the keys of the YAML file ``path`` in ``values``, after those of its ``base``
     file (a top-level ``base: other.yaml``, relative to ``path``'s directory; bases may
     have bases). ``chain``: the files that include this one (a cycle is refused)."""
     chain = chain + (os.path.realpath(path),)
-    doc, lines = _read_yaml(path)
+    doc, lines = read_yaml(path)
 
     def at(*keys):
         line = lines.get(tuple(str(k) for k in keys))

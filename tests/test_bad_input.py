@@ -297,7 +297,7 @@ def test_output_dir_that_cannot_be_created_is_one_line_before_the_model(out, dat
     """adv1 finding: an output.dir that cannot be made (here: under /proc or /sys, where
     mkdir fails for root too) was a PermissionError traceback from the Recorder, after the
     model was built and the raw-pixel baseline evaluated. Rank 0 now makes the directory
-    in resolve_run_dir (dist.decide_on_rank0), so every rank gets the same one line."""
+    in rundir.make_run_dir (shared by dist.decide_on_rank0), so every rank gets the same one line."""
     top = "/" + out.split("/")[1]
     if not os.path.isdir(top):
         pytest.skip(f"{top} does not exist here")

@@ -170,4 +170,4 @@ def test_horovod_sh_good_input_trains(data, tmp_path):
     text = proc.stdout + proc.stderr
     assert text.count("check: config and data ok (84 train / 40 test images, 2 process(es), "
                       "5 steps per epoch)") == 1
-    assert (out / "checkpoints" / "epoch-0000" / "meta.json").is_file()
+    assert (out / "checkpoints" / "epoch-0001" / "meta.json").is_file()

@@ -68,17 +68,17 @@ def _history(run_dir):
 
 def _assert_same_run(run_dir, ref_dir, ref_params):
     """The resumed run's final checkpoint and metrics equal the uninterrupted run's."""
-    final = os.path.join(run_dir, "checkpoints", "epoch-0003")
+    final = os.path.join(run_dir, "checkpoints", "epoch-0004")    # after "epoch 4/4"
     assert max_abs_diff(load_params(final), ref_params) <= TOL
     assert max_abs_diff(load_params(final), load_params(
-        os.path.join(ref_dir, "checkpoints", "epoch-0003"))) <= TOL
+        os.path.join(ref_dir, "checkpoints", "epoch-0004"))) <= TOL
     hist, ref_hist = _history(run_dir), _history(ref_dir)
     assert [r["epoch"] for r in hist] == [1, 2, 3, 4]
     np.testing.assert_allclose([r["loss"] for r in hist], [r["loss"] for r in ref_hist],
                                rtol=0, atol=TOL)
     np.testing.assert_allclose([r["lr"] for r in hist], [r["lr"] for r in ref_hist], rtol=1e-12)
     meta = ckpt.read_meta(final).to_json()
-    ref_meta = ckpt.read_meta(os.path.join(ref_dir, "checkpoints", "epoch-0003")).to_json()
+    ref_meta = ckpt.read_meta(os.path.join(ref_dir, "checkpoints", "epoch-0004")).to_json()
     assert meta["epoch"] == 3 and [r["epoch"] for r in meta["history"]] == [1, 2, 3, 4]
     for key in ("world_size", "processes", "devices", "steps"):
         assert meta[key] == ref_meta[key], key
@@ -118,8 +118,9 @@ def test_list_checkpoints_ignores_incomplete(tmp_path):
         (d / name).mkdir(parents=True)
         for f in files:
             (d / name / f).write_text("{}")
-    assert ckpt.list_checkpoints(str(d)) == [(1, str(d / "epoch-0001")),
-                                             (2, str(d / "epoch-0002"))]
+    # 0-based epochs: meta.json "{}" has none, so the name's number minus 1.
+    assert ckpt.list_checkpoints(str(d)) == [(0, str(d / "epoch-0001")),
+                                             (1, str(d / "epoch-0002"))]
     assert ckpt.latest_checkpoint(str(d)) == str(d / "epoch-0002")
     assert ckpt.latest_checkpoint(str(tmp_path / "missing")) is None
 
@@ -130,9 +131,9 @@ def test_save_keeps_last_k_and_cleans_leftovers(tmp_path):
     os.makedirs(os.path.join(d, ".epoch-0000.tmp-99999"))  # a killed save's leftover
     for epoch in range(5):
         path = ckpt.save_checkpoint(d, net, trainer, _meta(epoch), keep=2)
-        assert path == os.path.join(d, f"epoch-{epoch:04d}")
-    assert sorted(os.listdir(d)) == ["epoch-0003", "epoch-0004"]
-    meta = ckpt.read_meta(os.path.join(d, "epoch-0004")).to_json()
+        assert path == os.path.join(d, f"epoch-{epoch + 1:04d}")  # the log's "epoch 1/N"
+    assert sorted(os.listdir(d)) == ["epoch-0004", "epoch-0005"]
+    meta = ckpt.read_meta(os.path.join(d, "epoch-0005")).to_json()
     assert meta == {"config": {}, "world_size": 1, "epoch": 4}
 
 
@@ -145,7 +146,7 @@ def test_save_replaces_epoch_and_drops_abandoned_later_ones(tmp_path):
     # (a continuation that was abandoned) must not outlive it for resume=auto.
     ckpt.save_checkpoint(d, net, trainer, _meta(2, line="new"), keep=5)
     assert [e for e, _ in ckpt.list_checkpoints(d)] == [0, 1, 2]
-    assert ckpt.read_meta(os.path.join(d, "epoch-0002")).history == [{"line": "new"}]
+    assert ckpt.read_meta(os.path.join(d, "epoch-0003")).history == [{"line": "new"}]
     assert not [n for n in os.listdir(d) if n.startswith(".")]
 
 
@@ -164,10 +165,10 @@ def test_save_interrupted_mid_write_leaves_no_checkpoint(tmp_path):
 
     with pytest.raises(_Interrupt):
         ckpt.save_checkpoint(d, net, Dying(), _meta(1), keep=3)
-    assert [n for n in os.listdir(d) if n.startswith(".epoch-0001.tmp-")]
+    assert [n for n in os.listdir(d) if n.startswith(".epoch-0002.tmp-")]
     assert ckpt.latest_checkpoint(d) == first
     ckpt.save_checkpoint(d, net, trainer, _meta(1), keep=3)
-    assert sorted(os.listdir(d)) == ["epoch-0000", "epoch-0001"]
+    assert sorted(os.listdir(d)) == ["epoch-0001", "epoch-0002"]
 
 
 def test_save_load_round_trip_restores_params_and_optimizer(tmp_path):
@@ -203,7 +204,7 @@ def test_read_meta_errors_name_the_path(tmp_path):
     ({"epoch": 1, "config": {}, "world_size": "2"}, "world_size must be an integer >= 1"),
     ({"epoch": 1, "config": {}, "world_size": 1, "history": {}}, "history must be a list"),
     ({"epoch": 5, "config": {}, "world_size": 1},
-     "epoch 5 does not match the directory name epoch-0001"),
+     "epoch 5 (0-based) does not match the directory name epoch-0001"),
 ])
 def test_read_meta_rejects_wrong_types_naming_file_and_key(meta, needle, tmp_path):
     bad = tmp_path / "epoch-0001"
@@ -267,7 +268,7 @@ def test_find_resume(tmp_path):
                                          r"checkpoint of output.dir '.*run', which holds"):
         rundir.find_resume("/elsewhere/epoch-0001", d)
     with pytest.raises(ValueError, match=r"output.dir '.*run' already holds checkpoints "
-                                         r"\(latest .*epoch-0000\); pass checkpoint.resume=auto"):
+                                         r"\(latest .*epoch-0001\); pass checkpoint.resume=auto"):
         rundir.find_resume(None, d)
 
 
@@ -322,7 +323,7 @@ def test_resume_after_external_sigkill_matches_uninterrupted(data_root, referenc
     proc = subprocess.Popen([sys.executable, FAULT_TRAIN, *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True,
                             env=subprocess_env(DIST_TRIPLET_FAULT="sleep=0.05"))
-    marker = os.path.join(run_dir, "checkpoints", "epoch-0001", "meta.json")
+    marker = os.path.join(run_dir, "checkpoints", "epoch-0002", "meta.json")
     try:
         deadline = time.monotonic() + 120
         while not os.path.exists(marker) and proc.poll() is None and time.monotonic() < deadline:
@@ -441,7 +442,7 @@ def test_resume_from_a_corrupt_checkpoint_names_the_file(two_epoch_run, data_roo
                                                          capsys):
     run_dir = str(tmp_path / "run")
     shutil.copytree(two_epoch_run, run_dir)
-    params = os.path.join(run_dir, "checkpoints", "epoch-0001", "params")
+    params = os.path.join(run_dir, "checkpoints", "epoch-0002", "params")
     with open(params, "r+b") as fh:  # a disk that filled up during the save
         fh.truncate(100)
     assert train_mod.main(run_args(data_root, run_dir, "checkpoint.resume=auto")) == 2
@@ -486,7 +487,7 @@ def test_resume_of_another_runs_checkpoint_into_a_run_with_checkpoints_is_refuse
     other = str(tmp_path / "other")
     assert train_mod.main(run_args(data_root, other, "train.epochs=4")) == 0
     before = digest_tree(other)
-    src = os.path.join(two_epoch_run, "checkpoints", "epoch-0000")
+    src = os.path.join(two_epoch_run, "checkpoints", "epoch-0001")
     capsys.readouterr()
     assert train_mod.main(run_args(data_root, other, f"checkpoint.resume={src}")) == 2
     err = capsys.readouterr().err
@@ -526,3 +527,26 @@ def test_key_added_after_the_checkpoint_counts_as_its_default():
                               "sampler.scope=global"]).to_dict()
     with pytest.raises(ValueError, match=r"sampler.scope was 'local' there, is 'global' now"):
         ckpt.check_compatible(meta, glob, "ck", processes=1, devices=1, steps=10)
+
+
+def test_runs_with_0_based_checkpoint_names_still_resume(two_epoch_run, data_root, tmp_path):
+    """Checkpoints written before the names matched the log (epoch-0000 after "epoch 1/N")
+    resume as before: the epoch comes from meta.json, and the next save is named as the log
+    numbers it."""
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(two_epoch_run, run_dir)
+    d = os.path.join(run_dir, "checkpoints")
+    assert sorted(os.listdir(d)) == ["epoch-0001", "epoch-0002"]
+    for name in sorted(os.listdir(d)):          # back to the old names: epoch-0000, epoch-0001
+        os.rename(os.path.join(d, name), os.path.join(d, f"epoch-{int(name[6:]) - 1:04d}"))
+    assert [e for e, _ in ckpt.list_checkpoints(d)] == [0, 1]
+    assert ckpt.latest_checkpoint(d) == os.path.join(d, "epoch-0001")
+    assert ckpt.read_meta(os.path.join(d, "epoch-0001")).epoch == 1
+    res = loop.train(load_config(None, run_args(data_root, run_dir, "train.epochs=3",
+                                                "checkpoint.resume=auto")))
+    assert res.metrics["epoch"] == 3
+    assert [r["epoch"] for r in _history(run_dir)] == [1, 2, 3]
+    # keep=3: the two old checkpoints and the new epoch-0003, in epoch order.
+    assert [os.path.basename(p) for _, p in ckpt.list_checkpoints(d)] == [
+        "epoch-0000", "epoch-0001", "epoch-0003"]
+    assert ckpt.read_meta(os.path.join(d, "epoch-0003")).epoch == 2

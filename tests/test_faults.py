@@ -71,22 +71,22 @@ def test_dying_rank_stops_the_job_and_resume_completes(fault, code, data_root, u
 
     # The last checkpoint is the one of epoch 1, complete and usable; nothing later.
     assert [e for e, _ in ckpt.list_checkpoints(ck_dir)] == [0]
-    assert [n for n in os.listdir(ck_dir) if not n.startswith(".")] == ["epoch-0000"]
-    good = os.path.join(ck_dir, "epoch-0000")
+    assert [n for n in os.listdir(ck_dir) if not n.startswith(".")] == ["epoch-0001"]
+    good = os.path.join(ck_dir, "epoch-0001")
     meta = ckpt.read_meta(good).to_json()
     assert (meta["epoch"], meta["world_size"], meta["processes"], meta["steps"]) == (0, 2, 2, 10)
     params = load_params(good)
     assert all(np.isfinite(v).all() for v in params.values())
-    ref_ep1 = load_params(os.path.join(uninterrupted, "checkpoints", "epoch-0000"))
+    ref_ep1 = load_params(os.path.join(uninterrupted, "checkpoints", "epoch-0001"))
     assert max_abs_diff(params, ref_ep1) <= 1e-6
 
     proc = horovodrun(["-m", "dist_triplet.train"], data_root, out, "checkpoint.resume=auto")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resuming after epoch 1" in proc.stderr
     assert [e for e, _ in ckpt.list_checkpoints(ck_dir)] == [0, 1, 2]
-    final = load_params(os.path.join(ck_dir, "epoch-0002"))
+    final = load_params(os.path.join(ck_dir, "epoch-0003"))
     assert max_abs_diff(final, load_params(
-        os.path.join(uninterrupted, "checkpoints", "epoch-0002"))) <= 1e-6
+        os.path.join(uninterrupted, "checkpoints", "epoch-0003"))) <= 1e-6
     with open(os.path.join(out, "metrics.json")) as fh:
         assert [r["epoch"] for r in json.load(fh)["epochs"]] == [1, 2, 3]
 

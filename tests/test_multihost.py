@@ -175,7 +175,7 @@ def test_ranks_end_with_identical_parameters(uninterrupted):
         for name in params[0]:
             assert np.array_equal(params[r][name], params[0][name]), (r, name)
     # ... and they are the ones rank 0 checkpointed last.
-    last = load_params(os.path.join(uninterrupted[1], "checkpoints", f"epoch-{EPOCHS - 1:04d}"))
+    last = load_params(os.path.join(uninterrupted[1], "checkpoints", f"epoch-{EPOCHS:04d}"))
     assert max_abs_diff(last, {k: params[0][k] for k in last}) == 0.0
 
 
@@ -183,8 +183,8 @@ def test_only_rank0_writes_the_run_directory(uninterrupted):
     rep = reports(uninterrupted[0])
     run_dir = rep[0]["run_dir"]
     written = {os.path.relpath(p, run_dir) for p in rep[0]["writes"]}
-    for must in ("config.yaml", "metrics.json", "checkpoints/epoch-0000",
-                 f"checkpoints/epoch-{EPOCHS - 1:04d}"):
+    for must in ("config.yaml", "metrics.json", "checkpoints/epoch-0001",
+                 f"checkpoints/epoch-{EPOCHS:04d}"):
         assert must in written, sorted(written)
     for r in (1, 2, 3):
         assert rep[r]["writes"] == [], (r, rep[r]["writes"][:5])
@@ -226,7 +226,7 @@ def test_host_dies_mid_epoch_then_resume_matches(uninterrupted, ssh_host, data_r
     # Host A's ranks are in epoch 2, which they cannot finish without host B's step-3
     # gradients: wait for rank 0's checkpoint of epoch 1 (written after the epoch's
     # allreduce, so possibly after host B paused; MXNet runs steps asynchronously) ...
-    _wait_for([os.path.join(ck_dir, "epoch-0000", "meta.json")], proc, log)
+    _wait_for([os.path.join(ck_dir, "epoch-0001", "meta.json")], proc, log)
     assert [e for e, _ in ckpt.list_checkpoints(ck_dir)] == [0]
     for r in (2, 3):                                     # ... when host B dies
         os.kill(pids[r], signal.SIGKILL)
@@ -242,14 +242,14 @@ def test_host_dies_mid_epoch_then_resume_matches(uninterrupted, ssh_host, data_r
     assert not [r for r, p in pids.items() if _alive(p)], "ranks left running"
 
     # The last checkpoint is epoch 1's, complete, finite, equal to the uninterrupted run's.
-    assert [n for n in os.listdir(ck_dir) if not n.startswith(".")] == ["epoch-0000"]
-    good = os.path.join(ck_dir, "epoch-0000")
+    assert [n for n in os.listdir(ck_dir) if not n.startswith(".")] == ["epoch-0001"]
+    good = os.path.join(ck_dir, "epoch-0001")
     meta = ckpt.read_meta(good)
     assert (meta.epoch, meta.world_size, meta.processes, meta.steps_per_epoch) == (0, 4, 4, STEPS)
     params = load_params(good)
     assert all(np.isfinite(v).all() for v in params.values())
     ref_dir = os.path.join(uninterrupted[1], "checkpoints")
-    assert max_abs_diff(params, load_params(os.path.join(ref_dir, "epoch-0000"))) <= TOL
+    assert max_abs_diff(params, load_params(os.path.join(ref_dir, "epoch-0001"))) <= TOL
 
     # The same command with checkpoint.resume=auto completes and matches.
     resumed = tmp_path / "report_resumed"
