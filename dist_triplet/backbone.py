@@ -46,7 +46,7 @@ import mxnet as mx
 from mxnet import gluon
 from mxnet.gluon import nn
 
-from .config import BACKBONES, ZOO
+from .zoo import BACKBONES, ZOO
 from .model import L2Normalize, build_embedding_net
 
 log = logging.getLogger(__name__)

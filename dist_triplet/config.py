@@ -64,6 +64,7 @@ import yaml
 
 from .configfile import ConfigError, parse_value, read_yaml
 from .fsutil import atomic_write
+from .zoo import BACKBONES
 
 
 RESUME_POLICIES = ("fixed", "schedule", "free")
@@ -136,38 +137,17 @@ class DataConfig:
     limit_test: int = free(0, least=0)
 
 
-# The names mxnet.gluon.model_zoo.vision.get_model accepts (MXNet 1.9.1), listed here so
-# that config validation needs no MXNet; tests/test_backbone.py checks they all exist.
-ZOO = ("resnet18_v1", "resnet34_v1", "resnet50_v1", "resnet101_v1", "resnet152_v1",
-       "resnet18_v2", "resnet34_v2", "resnet50_v2", "resnet101_v2", "resnet152_v2",
-       "vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn",
-       "alexnet", "densenet121", "densenet161", "densenet169", "densenet201",
-       "squeezenet1.0", "squeezenet1.1", "inceptionv3",
-       "mobilenet1.0", "mobilenet0.75", "mobilenet0.5", "mobilenet0.25",
-       "mobilenetv2_1.0", "mobilenetv2_0.75", "mobilenetv2_0.5", "mobilenetv2_0.25")
-BACKBONES = ("mlp", "convnet") + ZOO
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     """The embedding network (section ``model``; dist_triplet/backbone.py)."""
 
-    # 'mlp' (the seed's network on the flat rows), 'convnet' (model.channels Conv3x3-BN-
-    # ReLU blocks, 2x2 max-pools between them, global average pooling) or a
-    # mxnet.gluon.model_zoo.vision name ('resnet18_v1', 'mobilenetv2_1.0', ...: its
-    # features, classifier dropped, built offline). The convolutional ones need images.
+    # mlp (the seed's), convnet (Conv-BN-ReLU blocks) or a model_zoo name; see backbone.py
     backbone: str = fixed("mlp", choices=BACKBONES)
-    # Dense widths after the backbone (for 'mlp': on the raw rows); the last one is the
+    # Dense widths after the backbone (mlp: on the raw rows); the last one is the
     # embedding size D. Seed article: Dense(256, relu) -> Dense(128, relu).
     hidden: List[int] = fixed(factory=lambda: [256, 128])
-    # 'convnet' only: output channels of each Conv3x3 block; a 2x2 max-pool follows every
-    # block but the last, so images need H, W >= 2 ** (len - 1).
-    channels: List[int] = fixed(factory=lambda: [32, 64, 128])
-    # A Gluon .params file (Block.save_parameters: features.0.weight, ...) to start the
-    # network from, e.g. model-zoo weights you have; never downloaded. Every backbone
-    # parameter must be in it with its shape; the head is loaded when it fits, else
-    # initialised; a model-zoo classifier (output.*) is ignored. null = initialise.
-    weights: Optional[str] = fixed(None)
+    channels: List[int] = fixed(factory=lambda: [32, 64, 128])  # convnet: Conv3x3 widths
+    weights: Optional[str] = fixed(None)  # .params to start from (backbone.load_weights)
     # ReLU after the last layer too, as the seed. Set false with normalize: true, so the
     # embedding can point anywhere on the sphere rather than in the positive orthant.
     final_relu: bool = fixed(True)
@@ -196,9 +176,7 @@ class SamplerConfig:
     kind: str = fixed("offline", choices=("offline", "pk"))
     p: int = fixed(16, above=0)              # classes per P x K batch
     k: int = fixed(8, above=0)               # samples per class in a P x K batch
-    # Online miner for kind 'pk': 'batch_hard' (Hermans et al. 2017), 'semi_hard' (FaceNet),
-    # or 'distance_weighted' (Wu et al. 2017: negatives drawn by the inverse density of
-    # distances on the unit sphere; needs model.normalize: true).
+    # Miner (kind pk): batch_hard (Hermans 2017), semi_hard (FaceNet), distance_weighted (Wu 2017)
     miner: str = fixed("semi_hard", choices=("batch_hard", "semi_hard", "distance_weighted"))
     # P x K batches per epoch per worker; 0 = as many as cover the training set once.
     steps_per_epoch: int = fixed(0, least=0)
@@ -207,24 +185,16 @@ class SamplerConfig:
     # of every worker are gathered, and triplets are mined over the whole global batch of
     # workers x p x k; the update equals one process's on that batch (issue 13).
     scope: str = fixed("local", choices=("local", "global"))
-    # Cross-batch memory (XBM, Wang et al. CVPR 2020): keep the embeddings and labels of
-    # the last N global batches and mine each anchor's negatives in the batch and in them
-    # (positives in the batch). Needs scope 'global' (the memory holds every worker's
-    # batch). 0 = off. Not checkpointed: a resumed run refills it in N steps.
+    # Cross-batch memory (XBM, Wang 2020): mine negatives in the last N global batches too.
     memory: int = fixed(0, least=0)
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Image augmentation inside the training step (section ``augment``; augment.py).
-    Off by default. Its random numbers come from (train.seed, epoch, worker), so a resumed
-    run augments exactly as an uninterrupted one."""
+    """Image augmentation in the step, off by default (section ``augment``; augment.py)."""
 
-    # Random crop with zero padding: shift each image by up to this many pixels in each
-    # direction (He et al. 2016 use 4 on 32x32 CIFAR). 0 = no crop.
-    pad: int = fixed(0, least=0)
-    # Mirror each image left-right with probability 1/2 (for data where that keeps the class).
-    flip: bool = fixed(False)
+    pad: int = fixed(0, least=0)   # random crop: shift by up to pad pixels, zero fill
+    flip: bool = fixed(False)      # mirror left-right with probability 1/2
 
 
 @dataclass(frozen=True)
@@ -457,25 +427,19 @@ def _check_fields(cfg: Config) -> None:
 def _validate(cfg: Config) -> None:
     """The checks of each field (:func:`_check_fields`), then those that relate keys."""
     _check_fields(cfg)
-    if not cfg.model.hidden or any(w <= 0 for w in cfg.model.hidden):
-        raise ConfigError(f"model.hidden={cfg.model.hidden!r} must be a non-empty list of "
-                          "positive widths")
+    for key, ws in (("model.hidden", cfg.model.hidden), ("model.channels", cfg.model.channels)):
+        if not ws or any(w <= 0 for w in ws):
+            raise ConfigError(f"{key}={ws!r} must be a non-empty list of positive widths")
     if cfg.sampler.kind == "pk" and cfg.sampler.k < 2:
         raise ConfigError(f"sampler.k={cfg.sampler.k} must be >= 2: a P x K batch needs a "
                           "positive for every anchor")
     if cfg.sampler.kind == "pk" and cfg.sampler.p < 2:
         raise ConfigError(f"sampler.p={cfg.sampler.p} must be >= 2: a P x K batch needs a "
                           "negative (another class) for every anchor")
-    if not cfg.model.channels or any(w <= 0 for w in cfg.model.channels):
-        raise ConfigError(f"model.channels={cfg.model.channels!r} must be a non-empty list of "
-                          "positive widths")
     if cfg.sampler.memory and cfg.sampler.scope != "global":
-        raise ConfigError(f"sampler.memory={cfg.sampler.memory} needs sampler.scope='global' "
-                          "(the memory holds every worker's batch)")
-    if (cfg.sampler.kind == "pk" and cfg.sampler.miner == "distance_weighted"
-            and not cfg.model.normalize):
-        raise ConfigError("sampler.miner='distance_weighted' weights negatives by the density "
-                          "of distances on the unit sphere; set model.normalize=true")
+        raise ConfigError(f"sampler.memory={cfg.sampler.memory} needs sampler.scope='global'")
+    if cfg.sampler.miner == "distance_weighted" and not cfg.model.normalize:
+        raise ConfigError("sampler.miner='distance_weighted' needs model.normalize=true")
     if cfg.sampler.scope == "global" and cfg.sampler.kind != "pk":
         raise ConfigError(f"sampler.scope='global' needs sampler.kind='pk' (online mining), "
                           f"found sampler.kind={cfg.sampler.kind!r}")

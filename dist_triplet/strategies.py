@@ -174,8 +174,7 @@ def make_strategy(sampler, margin: float, net, backend, uint8: bool,
     ``augment.Augment`` for image rows, or None.
 
     Raises:
-        ValueError: an unknown ``sampler.kind`` or ``sampler.scope`` (names the value), or
-            ``sampler.memory`` without scope 'global'.
+        ValueError: an unknown ``sampler.kind`` or ``sampler.scope`` (names the value).
     """
     if sampler.kind == "offline":
         return Offline(net, backend, margin=margin, uint8=uint8, augment=augment)
@@ -184,10 +183,7 @@ def make_strategy(sampler, margin: float, net, backend, uint8: bool,
     kinds = {"local": LocalMined, "global": GlobalMined}
     if sampler.scope not in kinds:
         raise ValueError(f"sampler.scope={sampler.scope!r}: expected 'local' or 'global'")
-    memory = sampler.memory
-    if memory and sampler.scope != "global":
-        raise ValueError(f"sampler.memory={memory} needs sampler.scope='global' (the memory "
-                         "holds every worker's batch)")
+    memory = sampler.memory  # config.py ensures scope 'global'
     kind = MemoryMined if memory else kinds[sampler.scope]
     return kind(net, backend, margin=margin, uint8=uint8, miner=sampler.miner, k=sampler.k,
                 augment=augment, memory=memory)

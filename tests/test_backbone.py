@@ -7,7 +7,8 @@ import pytest
 mx = pytest.importorskip("mxnet", reason="backbones are MXNet networks")
 
 from dist_triplet.backbone import build_network, check_backbone, initialize_network, load_weights  # noqa: E402
-from dist_triplet.config import ZOO, Config  # noqa: E402
+from dist_triplet.config import Config  # noqa: E402
+from dist_triplet.zoo import ZOO  # noqa: E402
 
 
 def model_cfg(backbone, **kw):
@@ -144,3 +145,32 @@ def test_unknown_backbone_is_a_config_error():
     from dist_triplet.config import ConfigError, load_config
     with pytest.raises(ConfigError, match=r"model\.backbone='resnet19' is not one of mlp, convnet"):
         load_config(None, ["model.backbone=resnet19"])
+
+
+def test_conv_run_with_augmentation_exports_a_model_embed_reads(tmp_path):
+    """End to end on a tiny 4x4 IDX set: a convnet run with crop and flip trains (finite
+    loss, P@1 computed), and its export embeds the test images exactly as the trained
+    network does, from (B, 16) rows; meta.json names the backbone and the image shape."""
+    from _ckpt_util import run_args, write_dataset
+    from dist_triplet.config import load_config
+    from dist_triplet.export import load_model, read_meta
+    from dist_triplet.loop import train
+    from dist_triplet.model import embed
+    from dist_triplet.data import load_data
+    data = write_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    cfg = load_config(None, run_args(data, str(out), "model.backbone=convnet",
+                                     "model.channels=[4,8]", "model.hidden=[8]",
+                                     "augment.pad=1", "augment.flip=true", "train.epochs=2",
+                                     "eval.report=false", "checkpoint.keep=0",
+                                     "distributed.backend=local", "distributed.device=cpu"))
+    result = train(cfg)
+    assert np.isfinite(result.metrics["loss"]) and 0 <= result.metrics["precision_at_1"] <= 1
+    meta = read_meta(str(out / "model"))
+    assert meta["backbone"] == "convnet" and meta["image_shape"] == [4, 4, 1]
+    assert meta["input_units"] == 16
+    _, test = load_data(cfg.data)
+    exported = load_model(str(out / "model"))
+    want = embed(result.net, test.images, mx.cpu())
+    np.testing.assert_allclose(embed(exported, test.images, mx.cpu()), want, rtol=1e-5,
+                               atol=1e-6)
