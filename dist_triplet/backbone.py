@@ -46,8 +46,8 @@ import mxnet as mx
 from mxnet import gluon
 from mxnet.gluon import nn
 
-from .zoo import BACKBONES, ZOO
 from .model import L2Normalize, build_embedding_net
+from .zoo import BACKBONES, ZOO
 
 log = logging.getLogger(__name__)
 

@@ -142,21 +142,18 @@ def run_conv(backend, opt: str, rank: int = 0, world_size: int = 1, ghost: int =
 
 
 def main(out_dir: str) -> None:
+    from _hvd import store_steps
     from dist_triplet import dist
     backend = dist.make_backend("horovod", device="cpu")
     arrays = {}
     for opt in OPTIMIZERS:
         res = run_conv(backend, opt, rank=backend.rank, world_size=backend.world_size)
         for key in ("params", "aux"):
-            for step, values in enumerate(res[key]):
-                for name, value in values.items():
-                    arrays[f"conv:{opt}:{key}:{step}:{name}"] = value
+            store_steps(arrays, f"conv:{opt}:{key}:", res[key])
     for opt in OPTIMIZERS:
         res = run(backend, opt, rank=backend.rank, world_size=backend.world_size)
         arrays[f"{opt}:num_update"] = np.asarray(res["num_update"])
-        for step, params in enumerate(res["params"]):
-            for name, value in params.items():
-                arrays[f"{opt}:{step}:{name}"] = value
+        store_steps(arrays, f"{opt}:", res["params"])
     np.savez(os.path.join(out_dir, f"rank{backend.rank}.npz"), **arrays)
 
 

@@ -146,6 +146,7 @@ def run(backend, opt: str, miner: str, scope: str, steps: int = STEPS, memory: i
 
 
 def main(out_dir: str) -> None:
+    from _hvd import store_steps
     from dist_triplet import dist
     backend = dist.make_backend("horovod", device="cpu")
     arrays = {}
@@ -156,14 +157,10 @@ def main(out_dir: str) -> None:
             arrays[f"{opt}:{miner}:emb"] = np.asarray(res["emb"])
             # (steps, T, 3): a full P x K batch gives every step the same triplet count.
             arrays[f"{opt}:{miner}:triplets"] = np.asarray(res["triplets"], dtype=np.int64)
-            for step, params in enumerate(res["params"]):
-                for name, value in params.items():
-                    arrays[f"{opt}:{miner}:{step}:{name}"] = value
+            store_steps(arrays, f"{opt}:{miner}:", res["params"])
             res = run(backend, opt, miner, "global", memory=MEMORY)
             arrays[f"mem:{opt}:{miner}:loss"] = np.asarray(res["loss"])
-            for step, params in enumerate(res["params"]):
-                for name, value in params.items():
-                    arrays[f"mem:{opt}:{miner}:{step}:{name}"] = value
+            store_steps(arrays, f"mem:{opt}:{miner}:", res["params"])
     np.savez(os.path.join(out_dir, f"rank{backend.rank}.npz"), **arrays)
 
 
