@@ -80,23 +80,24 @@ class Product:
         return self.sampler.per_step
 
 
-def build_product(cfg, images: np.ndarray, labels: np.ndarray) -> Product:
+def build_product(cfg, images: np.ndarray, labels: np.ndarray, image_shape=None) -> Product:
     """The backend, network, step, sampler and schedule of ``cfg``, as ``loop.train``
-    makes them (``plan.build_sampler``, ``engine.build_step``, ``schedule.from_config``)."""
+    makes them (``plan.build_sampler``, ``backbone.build_network``, ``engine.build_step``,
+    ``schedule.from_config``); ``image_shape`` (H, W, C) of the rows, for a convolutional
+    ``model.backbone``."""
     from dist_triplet import schedule
+    from dist_triplet.backbone import build_network, initialize_network
     from dist_triplet.dist import make_backend
-    from dist_triplet.model import build_embedding_net, initialize
     from dist_triplet.engine import build_step
     from dist_triplet.plan import build_sampler
 
     backend = make_backend(cfg.distributed.backend, cfg.distributed.device,
                            cfg.distributed.devices)
     sampler = build_sampler(cfg, backend, labels)
-    net = build_embedding_net(images.shape[1], cfg.model.hidden, final_relu=cfg.model.final_relu,
-                              normalize=cfg.model.normalize)
-    initialize(net, cfg.model.init_scale, backend.contexts, cfg.train.seed)
+    net = build_network(cfg.model, images.shape[1], image_shape)
+    initialize_network(net, cfg.model, backend.contexts, cfg.train.seed, images.shape[1])
     backend.broadcast_parameters(net.collect_params())
-    stepper = build_step(cfg, backend, net, images, labels)
+    stepper = build_step(cfg, backend, net, images, labels, image_shape)
     lr_at = schedule.from_config(cfg.optim, cfg.train.epochs, sampler.steps,
                                  sampler.per_step * backend.num_processes)
     return Product(cfg, backend, net, stepper, sampler, lr_at)

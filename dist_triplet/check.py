@@ -9,11 +9,14 @@ It checks, with the same plan step training uses (plan.py), everything that fail
 run writes anything: the config (keys, types, ranges), both data splits (IDX headers and
 payloads, labels, at least 2 classes of at least 2 samples, one image size), that a batch
 fits each worker's shard at the given world size (offline and P x K samplers),
-``output.dir`` / ``output.root`` not being files, and, for ``checkpoint.resume``, the
-checkpoint it would continue from (complete, same computation, same world size). It
-writes nothing and imports neither MXNet nor Horovod (about 0.1 s plus reading the data),
-so it cannot check devices (GPUs); the ranks still do, and still validate everything
-again. On several hosts it sees the launching host's files only.
+``output.dir`` / ``output.root`` not being files, for ``checkpoint.resume``, the
+checkpoint it would continue from (complete, same computation, same world size), and the
+network against the data (``augment`` on images only; a convolutional backbone on images
+large enough for its downsampling; ``model.weights`` shapes, naming the parameter and both
+shapes). It writes nothing and imports neither MXNet nor Horovod (about 0.1 s plus reading
+the data) -- except for a convolutional backbone or a weights file, whose checks need
+MXNet's shape inference (~1 s more). It cannot check devices (GPUs); the ranks still do,
+and still validate everything again. On several hosts it sees the launching host's files only.
 
 Exit status: 0 (one line on stderr saying what was checked), 2 on bad input.
 """
@@ -23,6 +26,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from .augment import augmentation
 from .config import ConfigError, load_config
 from .plan import make_plan, read_resume_meta
 from .rundir import check_dir_path, resume_for
@@ -44,6 +48,13 @@ def preflight(cfg, processes: int = 1) -> str:
         (``ConfigError`` is a ValueError).
     """
     plan = make_plan(cfg, processes=processes)
+    image_shape = plan.train.image_shape
+    augmentation(cfg.augment, image_shape)
+    if cfg.model.backbone != "mlp" or cfg.model.weights:
+        # The network's own checks need MXNet (shape inference, the weights file): imported
+        # for convolutional backbones and weight files only.
+        from .backbone import check_network
+        check_network(cfg.model, plan.train.width, image_shape)
     if plan.run_dir is None:
         check_dir_path(cfg.output.root)  # a new timestamped directory under it
     else:

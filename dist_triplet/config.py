@@ -64,6 +64,7 @@ import yaml
 
 from .configfile import ConfigError, parse_value, read_yaml
 from .fsutil import atomic_write
+from .zoo import BACKBONES
 
 
 RESUME_POLICIES = ("fixed", "schedule", "free")
@@ -138,11 +139,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The embedding MLP (section ``model``)."""
+    """The embedding network (section ``model``; dist_triplet/backbone.py)."""
 
-    # Widths of the Dense layers; the last one is the embedding size D.
-    # Seed article: Dense(256, relu) -> Dense(128, relu).
+    # mlp (the seed's), convnet (Conv-BN-ReLU blocks) or a model_zoo name; see backbone.py
+    backbone: str = fixed("mlp", choices=BACKBONES)
+    # Dense widths after the backbone (mlp: on the raw rows); the last one is the
+    # embedding size D. Seed article: Dense(256, relu) -> Dense(128, relu).
     hidden: List[int] = fixed(factory=lambda: [256, 128])
+    channels: List[int] = fixed(factory=lambda: [32, 64, 128])  # convnet: Conv3x3 widths
+    weights: Optional[str] = fixed(None)  # .params to start from (backbone.load_weights)
     # ReLU after the last layer too, as the seed. Set false with normalize: true, so the
     # embedding can point anywhere on the sphere rather than in the positive orthant.
     final_relu: bool = fixed(True)
@@ -171,8 +176,8 @@ class SamplerConfig:
     kind: str = fixed("offline", choices=("offline", "pk"))
     p: int = fixed(16, above=0)              # classes per P x K batch
     k: int = fixed(8, above=0)               # samples per class in a P x K batch
-    # Online miner for kind 'pk': 'batch_hard' (Hermans et al. 2017) or 'semi_hard' (FaceNet).
-    miner: str = fixed("semi_hard", choices=("batch_hard", "semi_hard"))
+    # Miner (kind pk): batch_hard (Hermans 2017), semi_hard (FaceNet), distance_weighted (Wu 2017)
+    miner: str = fixed("semi_hard", choices=("batch_hard", "semi_hard", "distance_weighted"))
     # P x K batches per epoch per worker; 0 = as many as cover the training set once.
     steps_per_epoch: int = fixed(0, least=0)
     # What the miner sees (kind 'pk'). 'local': each worker mines inside its own P x K
@@ -180,6 +185,16 @@ class SamplerConfig:
     # of every worker are gathered, and triplets are mined over the whole global batch of
     # workers x p x k; the update equals one process's on that batch (issue 13).
     scope: str = fixed("local", choices=("local", "global"))
+    # Cross-batch memory (XBM, Wang 2020): mine negatives in the last N global batches too.
+    memory: int = fixed(0, least=0)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Image augmentation in the step, off by default (section ``augment``; augment.py)."""
+
+    pad: int = fixed(0, least=0)   # random crop: shift by up to pad pixels, zero fill
+    flip: bool = fixed(False)      # mirror left-right with probability 1/2
 
 
 @dataclass(frozen=True)
@@ -314,6 +329,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -411,15 +427,19 @@ def _check_fields(cfg: Config) -> None:
 def _validate(cfg: Config) -> None:
     """The checks of each field (:func:`_check_fields`), then those that relate keys."""
     _check_fields(cfg)
-    if not cfg.model.hidden or any(w <= 0 for w in cfg.model.hidden):
-        raise ConfigError(f"model.hidden={cfg.model.hidden!r} must be a non-empty list of "
-                          "positive widths")
+    for key, ws in (("model.hidden", cfg.model.hidden), ("model.channels", cfg.model.channels)):
+        if not ws or any(w <= 0 for w in ws):
+            raise ConfigError(f"{key}={ws!r} must be a non-empty list of positive widths")
     if cfg.sampler.kind == "pk" and cfg.sampler.k < 2:
         raise ConfigError(f"sampler.k={cfg.sampler.k} must be >= 2: a P x K batch needs a "
                           "positive for every anchor")
     if cfg.sampler.kind == "pk" and cfg.sampler.p < 2:
         raise ConfigError(f"sampler.p={cfg.sampler.p} must be >= 2: a P x K batch needs a "
                           "negative (another class) for every anchor")
+    if cfg.sampler.memory and cfg.sampler.scope != "global":
+        raise ConfigError(f"sampler.memory={cfg.sampler.memory} needs sampler.scope='global'")
+    if cfg.sampler.miner == "distance_weighted" and not cfg.model.normalize:
+        raise ConfigError("sampler.miner='distance_weighted' needs model.normalize=true")
     if cfg.sampler.scope == "global" and cfg.sampler.kind != "pk":
         raise ConfigError(f"sampler.scope='global' needs sampler.kind='pk' (online mining), "
                           f"found sampler.kind={cfg.sampler.kind!r}")

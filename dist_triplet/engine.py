@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import mxnet as mx
 import numpy as np
 
+from .augment import augmentation, draw
 from .strategies import make_strategy
 
 
@@ -54,9 +55,14 @@ class DataParallelStep:
     Raises:
         ValueError: 2**24 training rows or more (indices travel as float32), or
             ``pixels`` of another dtype than the strategy expects.
+
+    ``seed``: the run seed (``train.seed``); the random columns of a step's index vector
+    (augmentation, miner uniforms) come from (seed, epoch, worker) alone (``augment.draw``).
     """
 
-    def __init__(self, backend, trainer, pixels: np.ndarray, labels: np.ndarray, strategy):
+    def __init__(self, backend, trainer, pixels: np.ndarray, labels: np.ndarray, strategy,
+                 seed: int = 0):
+        self.seed = seed
         self.backend = backend
         self.ctxs = backend.contexts
         self.strategy = strategy
@@ -85,9 +91,12 @@ class DataParallelStep:
             return mx.nd.from_numpy(host.view(), zero_copy=True)  # marks only the view read-only
         return mx.nd.array(pixels, ctx=ctx, dtype=dtype)
 
-    def epoch_indices(self, batches: np.ndarray) -> list:
+    def epoch_indices(self, batches: np.ndarray, epoch: int = 0) -> list:
         """Indices of ``steps`` batches on the devices in one copy: per device a
-        (steps, L) float32 NDArray (``strategy.layout`` of the device's share).
+        (steps, L) float32 NDArray (``strategy.layout`` of the device's share), or
+        (steps, c * L) when the strategy's input has c > 1 columns: the indices, then the
+        random columns of worker ``backend.worker_rank(d)`` for ``epoch``
+        (``model.StepInput``), drawn here for the whole epoch.
 
         ``mx.nd.array`` from host memory waits until MXNet's queue is empty, so copying
         indices every step stalls the host once per step (measured: benchmark section 2);
@@ -103,12 +112,23 @@ class DataParallelStep:
                              f"{n} devices; every device must get the same number so that "
                              "each step's gradient is the mean over the global batch")
         parts = np.split(batches, n, axis=1) if n > 1 else [batches]
-        return [mx.nd.array(self.strategy.layout(part), ctx=ctx, dtype="float32")
-                for part, ctx in zip(parts, self.ctxs)]
+        inp = self.strategy.input
+        out = []
+        for d, (part, ctx) in enumerate(zip(parts, self.ctxs)):
+            idx = self.strategy.layout(part)                         # (steps, L)
+            if inp.columns > 1:
+                steps, rows = idx.shape
+                u = draw(self.seed, epoch, self.backend.worker_rank(d),
+                         (steps, inp.columns - 1, rows))
+                idx = np.concatenate([idx[:, None, :], inp.host_columns(u)],
+                                     axis=1).reshape(steps, -1)
+            out.append(mx.nd.array(idx, ctx=ctx, dtype="float32"))
+        return out
 
-    def device_batches(self, batch: np.ndarray) -> list:
-        """One batch's indices on the devices: per device the (L,) float32 NDArray."""
-        return [d[0] for d in self.epoch_indices(batch[None])]
+    def device_batches(self, batch: np.ndarray, epoch: int = 0) -> list:
+        """One batch's indices on the devices: per device the (L,) float32 NDArray (or
+        (c * L,) with random columns: those of step 0 of ``epoch``)."""
+        return [d[0] for d in self.epoch_indices(batch[None], epoch)]
 
     def step(self, batch: np.ndarray, idx: Optional[list] = None):
         """One optimizer update from ``batch``; returns (loss sums per device, terms).
@@ -131,14 +151,19 @@ def is_uint8(pixels) -> bool:
     return np.asarray(pixels[:0]).dtype == np.uint8
 
 
-def build_step(cfg, backend, net, pixels: np.ndarray, labels: np.ndarray) -> DataParallelStep:
+def build_step(cfg, backend, net, pixels: np.ndarray, labels: np.ndarray,
+               image_shape=None) -> DataParallelStep:
     """The :class:`DataParallelStep` for config ``cfg``: the sampler kind's strategy
-    (``strategies.make_strategy``) and the trainer ``backend`` makes
-    (``Backend.make_trainer``, optimizer arguments from :func:`optimizer_params`)."""
-    trainer = backend.make_trainer(net.collect_params(), cfg.optim.optimizer,
-                                   optimizer_params(cfg.optim))
-    strategy = make_strategy(cfg.sampler, cfg.loss.margin, net, backend, is_uint8(pixels))
-    return DataParallelStep(backend, trainer, pixels, labels, strategy)
+    (``strategies.make_strategy``, with section ``augment`` for rows of ``image_shape``
+    (H, W, C)) and the trainer ``backend`` makes (``Backend.make_trainer``, optimizer
+    arguments from :func:`optimizer_params`)."""
+    # Only parameters with a gradient: a kvstore Trainer would otherwise broadcast device 0's
+    # BatchNorm running statistics over the other devices' at its first step.
+    trainable = {n: p for n, p in net.collect_params().items() if p.grad_req != "null"}
+    trainer = backend.make_trainer(trainable, cfg.optim.optimizer, optimizer_params(cfg.optim))
+    strategy = make_strategy(cfg.sampler, cfg.loss.margin, net, backend, is_uint8(pixels),
+                             augment=augmentation(cfg.augment, image_shape))
+    return DataParallelStep(backend, trainer, pixels, labels, strategy, seed=cfg.train.seed)
 
 
 def run_epoch(stepper: DataParallelStep, batches: np.ndarray, epoch: int, *,
@@ -166,7 +191,7 @@ def run_epoch(stepper: DataParallelStep, batches: np.ndarray, epoch: int, *,
     of a ~5 ms CPU step (docs/benchmark.md).
     """
     steps = len(batches)
-    dev_idx = stepper.epoch_indices(batches)                 # one host->device copy per epoch
+    dev_idx = stepper.epoch_indices(batches, epoch)          # one host->device copy per epoch
     ctx0 = stepper.ctxs[0]
     step_sums = []
     wait = 0.0

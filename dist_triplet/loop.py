@@ -29,7 +29,7 @@ from .dist import decide_on_rank0, make_backend
 from .engine import build_step, run_epoch
 from .evaluate import Evaluator
 from .launcher import local_size
-from .model import build_embedding_net, initialize
+from .backbone import build_network, initialize_network
 from .plan import batch_note, make_plan, read_resume_meta
 from .outputs import finish_run
 from .recorder import make_recorder, timing_text
@@ -131,11 +131,12 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
                             "resume_meta") if resume_path else None)
 
     # --- model, on every device; rank 0's initial parameters everywhere
-    net = build_embedding_net(train_split.images.shape[1], cfg.model.hidden,
-                              final_relu=cfg.model.final_relu, normalize=cfg.model.normalize)
-    initialize(net, cfg.model.init_scale, backend.contexts, cfg.train.seed)
+    in_units = train_split.images.shape[1]
+    net = build_network(cfg.model, in_units, train_split.image_shape)
+    initialize_network(net, cfg.model, backend.contexts, cfg.train.seed, in_units)
     backend.broadcast_parameters(net.collect_params())  # Horovod: identical start on all ranks
-    stepper = build_step(cfg, backend, net, train_split.images, train_split.labels)
+    stepper = build_step(cfg, backend, net, train_split.images, train_split.labels,
+                         train_split.image_shape)
     trainer = stepper.trainer
     start_epoch = 0
     if resume_path:

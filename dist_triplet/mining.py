@@ -38,46 +38,78 @@ __all__ = [
     "MinedTripletLoss",
     "splice_own_rows",
     "GlobalMinedTripletLoss",
+    "MemoryMinedTripletLoss",
+    "distance_weighted",
 ]
 
-MINERS = ("batch_hard", "semi_hard")
+MINERS = ("batch_hard", "semi_hard", "distance_weighted")
+# Wu et al. 2017 (and MXNet's example/gluon/embedding_learning): distances are clipped
+# below at 0.5 before weighting, and negatives at 1.4 or farther are never drawn.
+DW_CUTOFF = 0.5
+DW_NONZERO_LOSS_CUTOFF = 1.4
 
 
-def _row_index(F, x):
-    """(B,) float32 0..B-1 for the rows of ``x``, without knowing B (works for mx.sym)."""
-    return F.contrib.arange_like(x, axis=0)
+def _row_index(F, x, axis=0):
+    """(n,) float32 0..n-1 along ``axis`` of ``x``, without knowing n (works for mx.sym)."""
+    return F.contrib.arange_like(x, axis=axis)
+
+
+def _eye(F, d):
+    """(A, N) float32, 1 where column j is anchor i itself (j == i), for a distance matrix
+    ``d`` whose first A columns are the anchors."""
+    return F.broadcast_equal(F.expand_dims(_row_index(F, d, 0), axis=1),
+                             F.expand_dims(_row_index(F, d, 1), axis=0))
+
+
+def _same(F, labels, cand_labels):
+    """(A, N) float32 0/1: anchor i and candidate j share a label."""
+    labels = F.cast(labels, dtype="float32")  # int labels would not broadcast with floats
+    cand_labels = F.cast(cand_labels, dtype="float32")
+    return F.broadcast_equal(F.expand_dims(labels, axis=1), F.expand_dims(cand_labels, axis=0))
 
 
 def _label_masks(F, labels, like):
     """(same, eye) masks, each (B, B) float32 of 0/1, from (B,) labels."""
-    labels = F.cast(labels, dtype="float32")  # int labels would not broadcast with floats
-    same = F.broadcast_equal(F.expand_dims(labels, axis=1), F.expand_dims(labels, axis=0))
-    idx = _row_index(F, like)
-    eye = F.broadcast_equal(F.expand_dims(idx, axis=1), F.expand_dims(idx, axis=0))
-    return same, eye
+    same = _same(F, labels, labels)
+    return same, _eye(F, same)
 
 
-def pairwise_sq_dist(F, emb):
-    """Squared Euclidean distance between all rows of ``emb``.
+def pairwise_sq_dist(F, emb, cand=None):
+    """Squared Euclidean distance from every row of ``emb`` to every row of ``cand``.
 
-    ``d[i, j] = ||e_i||^2 + ||e_j||^2 - 2 e_i.e_j``, clipped at 0 (the expansion can go
-    slightly negative in float32) and with an exactly-zero diagonal (where rounding would
-    otherwise leave noise). Differentiable; the miners wrap it in ``BlockGrad``.
+    ``d[i, j] = ||e_i||^2 + ||c_j||^2 - 2 e_i.c_j``, clipped at 0 (the expansion can go
+    slightly negative in float32) and exactly 0 at (i, i) (where rounding would otherwise
+    leave noise; ``cand``'s first rows are ``emb``'s when given). Differentiable; the
+    miners wrap it in ``BlockGrad``.
 
     Args:
         F: ``mx.nd`` or ``mx.sym``.
-        emb: (B, D) float32 embeddings.
+        emb: (A, D) float32 embeddings.
+        cand: (N, D) float32 candidates, N >= A, whose first A rows are ``emb`` (the
+            cross-batch memory appends rows); None = ``emb`` itself.
 
     Returns:
-        (B, B) float32, in squared embedding units, as ``gluon.loss.TripletLoss``.
+        (A, N) float32, in squared embedding units, as ``gluon.loss.TripletLoss``.
     """
-    sq = F.sum(F.square(emb), axis=1)  # (B,)
-    dot = F.dot(emb, emb, transpose_b=True)  # (B, B)
-    d = F.broadcast_add(F.expand_dims(sq, axis=1), F.expand_dims(sq, axis=0)) - 2.0 * dot
+    cand = emb if cand is None else cand
+    sq = F.sum(F.square(emb), axis=1)  # (A,)
+    sq_c = F.sum(F.square(cand), axis=1)  # (N,)
+    dot = F.dot(emb, cand, transpose_b=True)  # (A, N)
+    d = F.broadcast_add(F.expand_dims(sq, axis=1), F.expand_dims(sq_c, axis=0)) - 2.0 * dot
     d = F.relu(d)
-    idx = _row_index(F, emb)
-    eye = F.broadcast_equal(F.expand_dims(idx, axis=1), F.expand_dims(idx, axis=0))
-    return d * (1.0 - eye)
+    return d * (1.0 - _eye(F, d))
+
+
+def _hard(F, d, pos, neg):
+    """Batch-hard choice on a (A, N) distance matrix with 0/1 masks ``pos`` (positives,
+    not the anchor) and ``neg`` (negatives): (p, n, weight), each (A,) float32."""
+    # d >= 0, so pushing non-positives to -1 keeps them below every positive.
+    p = F.argmax(d * pos + (pos - 1.0), axis=1)
+    # Non-negatives get max(d) + 1, above every negative.
+    big = F.max(d) + 1.0
+    n = F.argmin(d + F.broadcast_mul(1.0 - neg, big), axis=1)
+    weight = (F.sum(pos, axis=1) > 0) * (F.sum(neg, axis=1) > 0)
+    return p, n, weight
 
 
 def batch_hard(F, emb, labels):
@@ -97,16 +129,8 @@ def batch_hard(F, emb, labels):
     """
     d = F.BlockGrad(pairwise_sq_dist(F, emb))
     same, eye = _label_masks(F, labels, emb)
-    pos = same - eye  # same label, not the anchor itself
-    neg = 1.0 - same
-    # d >= 0, so pushing non-positives to -1 keeps them below every positive.
-    p = F.argmax(d * pos + (pos - 1.0), axis=1)
-    # Non-negatives get max(d) + 1, above every negative.
-    big = F.max(d) + 1.0
-    n = F.argmin(d + F.broadcast_mul(1.0 - neg, big), axis=1)
-    weight = (F.sum(pos, axis=1) > 0) * (F.sum(neg, axis=1) > 0)
-    a = _row_index(F, emb)
-    return a, p, n, F.BlockGrad(weight)
+    p, n, weight = _hard(F, d, same - eye, 1.0 - same)
+    return _row_index(F, emb), p, n, F.BlockGrad(weight)
 
 
 def semi_hard(F, emb, labels, margin, positives=None):
@@ -174,38 +198,50 @@ def semi_hard(F, emb, labels, margin, positives=None):
 
 
 def _semi_hard_pairs(F, emb, labels, m):
-    """:func:`semi_hard` over each anchor's first ``m`` positives: (B*m,) each.
-
-    Only one (B, m, B) tensor is reduced (an argmin); sums and look-ups go through flat
-    ``take``: MXNet's CPU reductions cost ~15 ns per element, so they decide the speed.
-    """
+    """:func:`semi_hard` over each anchor's first ``m`` positives: (B*m,) each."""
     d = F.BlockGrad(pairwise_sq_dist(F, emb))  # (B, B)
     same, eye = _label_masks(F, labels, emb)
-    pos = same - eye
-    neg = 1.0 - same
-    idx = _row_index(F, emb)                                        # (B,) 0..B-1
-    b = F.max(idx) + 1.0                                            # (1,) B
-    # Positives score B - j (> 0, larger for lower j), others 0: topk gives the first m.
-    score = F.broadcast_mul(pos, F.expand_dims(F.broadcast_sub(b, idx), axis=0))
-    p = F.topk(score, axis=1, k=m, ret_typ="indices", dtype="float32")  # (B, m)
-    a = F.broadcast_like(F.expand_dims(idx, axis=1), p)             # (B, m)
+    return _semi_hard(F, d, same - eye, 1.0 - same, m)
 
-    def at(mat, rows, cols):  # mat[rows, cols] elementwise, through the flat matrix
-        return F.take(F.reshape(mat, shape=(-1,)), F.broadcast_add(F.broadcast_mul(rows, b), cols))
 
-    d_ap = at(d, a, p)                                              # (B, m)
-    is_pos = at(pos, a, p)                                          # (B, m): 0 if padding
-    d_an = F.expand_dims(d, axis=1)                                 # (B, 1, B): [a, ., n]
+def _first_positives(F, pos, m):
+    """(a, p, is_pos, ncols): each (A, m) but ncols (1,); row i pairs anchor i with the
+    first ``m`` columns (in column order) where ``pos`` is 1; padding pairs (fewer
+    positives) have is_pos 0."""
+    col = _row_index(F, pos, 1)                                     # (N,) 0..N-1
+    ncols = F.max(col) + 1.0                                        # (1,) N
+    # Positives score N - j (> 0, larger for lower j), others 0: topk gives the first m.
+    score = F.broadcast_mul(pos, F.expand_dims(F.broadcast_sub(ncols, col), axis=0))
+    p = F.topk(score, axis=1, k=m, ret_typ="indices", dtype="float32")  # (A, m)
+    a = F.broadcast_like(F.expand_dims(_row_index(F, pos, 0), axis=1), p)
+    return a, p, _at(F, pos, a, p, ncols), ncols
+
+
+def _at(F, mat, rows, cols, ncols):
+    """mat[rows, cols] elementwise, through the flat (A, N) matrix."""
+    return F.take(F.reshape(mat, shape=(-1,)), F.broadcast_add(F.broadcast_mul(rows, ncols), cols))
+
+
+def _semi_hard(F, d, pos, neg, m):
+    """Semi-hard choice on a (A, N) distance matrix for each anchor's first ``m``
+    positives: ``(a, p, n, weight)``, each (A*m,) float32.
+
+    Only one (A, m, N) tensor is reduced (an argmin); sums and look-ups go through flat
+    ``take``: MXNet's CPU reductions cost ~15 ns per element, so they decide the speed.
+    """
+    a, p, is_pos, ncols = _first_positives(F, pos, m)               # (A, m)
+    d_ap = _at(F, d, a, p, ncols)                                   # (A, m)
+    d_an = F.expand_dims(d, axis=1)                                 # (A, 1, N): [a, ., n]
     farther = F.broadcast_mul(F.broadcast_greater(d_an, F.expand_dims(d_ap, axis=2)),
-                              F.expand_dims(neg, axis=1))           # (B, m, B): [a, j, n]
+                              F.expand_dims(neg, axis=1))           # (A, m, N): [a, j, n]
     big = F.max(d) + 1.0
     n_semi = F.argmin(F.broadcast_add(F.broadcast_mul(1.0 - farther, big), d_an), axis=2)
     # The argmin is semi-hard iff it is a negative farther than the positive; if none is,
     # it lands on a non-candidate and the farthest negative is taken instead.
-    has_semi = at(neg, a, n_semi) * (at(d, a, n_semi) > d_ap)       # (B, m)
-    n_far = F.argmax(d * neg + (neg - 1.0), axis=1)                 # (B,): farthest negative
+    has_semi = _at(F, neg, a, n_semi, ncols) * (_at(F, d, a, n_semi, ncols) > d_ap)
+    n_far = F.argmax(d * neg + (neg - 1.0), axis=1)                 # (A,): farthest negative
     n = F.where(has_semi, n_semi, F.broadcast_like(F.expand_dims(n_far, axis=1), d_ap))
-    has_neg = F.expand_dims(F.sum(neg, axis=1) > 0, axis=1)         # (B, 1)
+    has_neg = F.expand_dims(F.sum(neg, axis=1) > 0, axis=1)         # (A, 1)
     weight = F.broadcast_mul(is_pos, has_neg)
 
     def flat(x):
@@ -214,30 +250,126 @@ def _semi_hard_pairs(F, emb, labels, m):
     return flat(a), flat(p), flat(n), F.BlockGrad(flat(weight))
 
 
-def _mine(F, emb, labels, margin, miner, positives=None):
+def _distance_weighted(F, d, pos, neg, m, u, dim_like, cutoff=DW_CUTOFF,
+                       nonzero_loss_cutoff=DW_NONZERO_LOSS_CUTOFF):
+    """Distance-weighted negatives (Wu et al. 2017) on a (A, N) *squared* distance
+    matrix of unit-length embeddings, one per pair of each anchor's first ``m``
+    positives, drawn by inverse CDF from the uniforms ``u`` (A, m) in (0, 1):
+    ``(a, p, n, weight)``, each (A*m,) float32. ``dim_like``: a (1, D) row, for D."""
+    a, p, is_pos, _ = _first_positives(F, pos, m)                   # (A, m)
+    dist = F.maximum(F.sqrt(d), cutoff)                             # (A, N) Euclidean
+    dim = F.sum(F.ones_like(dim_like))                              # (1,) D
+    # log q(d)^-1 for points uniform on the unit sphere in R^D (Wu et al. eq. 3).
+    log_w = (F.broadcast_mul(2.0 - dim, F.log(dist))
+             - F.broadcast_mul((dim - 3.0) / 2.0,
+                               F.log(F.maximum(1.0 - 0.25 * F.square(dist), 1e-8))))
+    cand = neg * (dist < nonzero_loss_cutoff)
+    top = F.max(F.where(cand > 0, log_w, F.ones_like(log_w) * -1e30), axis=1, keepdims=True)
+    w = F.exp(F.minimum(F.broadcast_sub(log_w, top), 0.0)) * cand   # (A, N), max 1 per row
+    # No candidate within the cutoff: uniform over the negatives (as MXNet's example).
+    w = F.where(F.broadcast_like(F.sum(w, axis=1, keepdims=True) > 0, w), w, neg)
+    col = _row_index(F, d, 1)
+    upper = F.broadcast_lesser_equal(F.expand_dims(col, axis=1), F.expand_dims(col, axis=0))
+    cdf = F.dot(w, upper)                                           # (A, N) running sums
+    target = F.broadcast_mul(u, F.slice_axis(cdf, axis=1, begin=-1, end=None))  # (A, m)
+    # The first column whose running sum reaches the target: a weighted draw.
+    n = F.sum(F.broadcast_lesser(F.expand_dims(cdf, axis=1), F.expand_dims(target, axis=2)),
+              axis=2)                                               # (A, m)
+    has_neg = F.expand_dims(F.sum(neg, axis=1) > 0, axis=1)
+    weight = F.broadcast_mul(is_pos, has_neg)
+
+    def flat(x):
+        return F.reshape(x, shape=(-1,))
+
+    return flat(a), flat(p), flat(n), F.BlockGrad(flat(weight))
+
+
+def distance_weighted(F, emb, labels, positives, u):
+    """Distance-weighted negative sampling (Wu, Manmatha, Smola, Krahenbuhl, "Sampling
+    Matters in Deep Embedding Learning", ICCV 2017; MXNet's
+    ``example/gluon/embedding_learning``): for each (anchor, positive) pair of the
+    anchor's first ``positives`` positives, a negative drawn with probability
+    proportional to ``q(d)^-1``, the inverse density of distances between points
+    uniform on the unit sphere in R^D, ``q(d) = d^(D-2) (1 - d^2/4)^((D-3)/2)``, with d
+    clipped below at 0.5 (:data:`DW_CUTOFF`) and negatives at d >= 1.4
+    (:data:`DW_NONZERO_LOSS_CUTOFF`, beyond any margin) never drawn; uniform over the
+    negatives when none is nearer. Needs L2-normalised embeddings (``model.normalize``).
+
+    The draw is an inverse-CDF look-up of the uniforms ``u``, drawn on the host
+    (``augment.draw``), so a step is deterministic. Triplets go to
+    ``gluon.loss.TripletLoss`` (the paper pairs the sampler with its margin loss).
+
+    Args:
+        F: ``mx.nd`` or ``mx.sym``.
+        emb: (B, D) float32 unit-length embeddings.
+        labels: (B,) float32 class labels.
+        positives: int m >= 1 positives per anchor (K - 1 in a P x K batch).
+        u: (B, m) float32 uniforms in (0, 1).
+
+    Returns:
+        ``(a, p, n, weight)``, each (B*m,) float32, row ``a * m + j`` for the anchor's
+        j-th positive; ``weight`` 1 for a true pair with at least one negative. No gradient.
+    """
+    d = F.BlockGrad(pairwise_sq_dist(F, emb))
+    same, eye = _label_masks(F, labels, emb)
+    return _distance_weighted(F, d, same - eye, 1.0 - same, int(positives), u,
+                              F.slice_axis(emb, axis=0, begin=0, end=1))
+
+
+def _mine(F, emb, labels, margin, miner, positives=None, u=None, memory=None):
+    """The chosen miner's ``(a, p, n, weight, cand)``: indices into ``cand``, the rows
+    triplets are gathered from (``emb``, or ``emb`` followed by the memory's rows)."""
+    if memory is None:
+        if miner == "batch_hard":
+            return batch_hard(F, emb, labels) + (emb,)
+        if miner == "semi_hard":
+            return semi_hard(F, emb, labels, margin, positives) + (emb,)
+        if miner == "distance_weighted":
+            return distance_weighted(F, emb, labels, positives, u) + (emb,)
+        raise ValueError(f"miner must be one of {MINERS}, got {miner!r}")
+    mem_emb, mem_labels, mem_valid = memory
+    cand = F.concat(emb, mem_emb, dim=0)                                  # (A + M, D)
+    d = F.BlockGrad(pairwise_sq_dist(F, emb, cand))                       # (A, A + M)
+    same = _same(F, labels, F.concat(labels, mem_labels, dim=0))
+    ones = F.ones_like(F.cast(labels, dtype="float32"))                   # (A,)
+    # Positives from the current batch only (fresh embeddings), negatives from both.
+    current = F.concat(ones, F.zeros_like(mem_valid), dim=0)              # (A + M,)
+    valid = F.concat(ones, mem_valid, dim=0)
+    pos = F.broadcast_mul(same, F.expand_dims(current, axis=0)) - _eye(F, d)
+    neg = F.broadcast_mul(1.0 - same, F.expand_dims(valid, axis=0))
     if miner == "batch_hard":
-        return batch_hard(F, emb, labels)
+        p, n, weight = _hard(F, d, pos, neg)
+        return _row_index(F, emb), p, n, F.BlockGrad(weight), cand
     if miner == "semi_hard":
-        return semi_hard(F, emb, labels, margin, positives)
+        return _semi_hard(F, d, pos, neg, int(positives)) + (cand,)
+    if miner == "distance_weighted":
+        return _distance_weighted(F, d, pos, neg, int(positives), u,
+                                  F.slice_axis(emb, axis=0, begin=0, end=1)) + (cand,)
     raise ValueError(f"miner must be one of {MINERS}, got {miner!r}")
 
 
-def mined_triplet_loss(F, emb, labels, margin, miner, loss_fn=None, positives=None):
+def mined_triplet_loss(F, emb, labels, margin, miner, loss_fn=None, positives=None, u=None,
+                       memory=None):
     """Per-triplet ``gluon.loss.TripletLoss`` over the triplets one miner selects.
 
     Args:
         F: ``mx.nd`` or ``mx.sym``.
-        emb: (B, D) float32 embeddings.
+        emb: (B, D) float32 embeddings (the anchors).
         labels: (B,) class labels, float32.
         margin: float >= 0, squared-L2 units (``gluon.loss.TripletLoss``).
-        miner: ``"batch_hard"`` or ``"semi_hard"``.
+        miner: ``"batch_hard"``, ``"semi_hard"`` or ``"distance_weighted"``.
         loss_fn: a ``gluon.loss.TripletLoss`` to reuse (a block's child); a new one with
             ``margin`` if None.
-        positives: semi-hard only: positives per anchor (see :func:`semi_hard`).
+        positives: semi-hard and distance-weighted: positives per anchor (see
+            :func:`semi_hard`; required by distance-weighted and with ``memory``).
+        u: distance-weighted only: (B, positives) float32 uniforms in (0, 1).
+        memory: None, or ``(mem_emb (M, D), mem_labels (M,), mem_valid (M,))`` float32
+            constants (the cross-batch memory, xbm.py): negatives are then mined over the
+            batch and the memory's valid rows, positives in the batch only.
 
     Returns:
         ``(loss, weight)``: (T,) float32 each, T = B for batch-hard and B*B (or
-        B*positives) for semi-hard; ``loss`` is differentiable with respect to ``emb``;
+        B*positives) otherwise; ``loss`` is differentiable with respect to ``emb``;
         ``weight`` is 0/1 without gradient.
 
     Raises:
@@ -245,30 +377,34 @@ def mined_triplet_loss(F, emb, labels, margin, miner, loss_fn=None, positives=No
     """
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
-    a, p, n, weight = _mine(F, emb, labels, margin, miner, positives)
+    a, p, n, weight, cand = _mine(F, emb, labels, margin, miner, positives, u, memory)
     if loss_fn is None:
         loss_fn = gluon.loss.TripletLoss(margin=margin)
-    loss = loss_fn(F.take(emb, a), F.take(emb, p), F.take(emb, n))
+    loss = loss_fn(F.take(emb, a), F.take(cand, p), F.take(cand, n))
     return loss, weight
 
 
 class MinedTripletLoss(gluon.HybridBlock):
     """Mean ``gluon.loss.TripletLoss`` over the triplets mined in a P x K batch.
 
-    ``forward(emb, labels)`` with emb (B, D) float32 and labels (B,) float32 returns a
-    (1,) float32 scalar ``sum(loss * w) / max(sum(w), 1)``: the mean over valid triplets,
-    and 0 (not NaN) when the batch has none. Hybridizable
-    (``hybridize(static_alloc=True, static_shape=True)``).
+    ``forward(emb, labels[, u])`` with emb (B, D) float32 and labels (B,) float32 (and,
+    for distance-weighted, u (B, K - 1) float32 uniforms) returns a (1,) float32 scalar
+    ``sum(loss * w) / max(sum(w), 1)``: the mean over valid triplets, and 0 (not NaN)
+    when the batch has none. Hybridizable (``hybridize(static_alloc=True,
+    static_shape=True)``).
 
     Args:
         margin: float >= 0, squared-L2 units as ``gluon.loss.TripletLoss``.
-        miner: ``"batch_hard"`` (Hermans et al. 2017) or ``"semi_hard"`` (FaceNet).
+        miner: ``"batch_hard"`` (Hermans et al. 2017), ``"semi_hard"`` (FaceNet) or
+            ``"distance_weighted"`` (Wu et al. 2017; needs ``k``).
         k: samples per class of the P x K batches, or None. With ``k``, semi-hard pairs
             each anchor with its K - 1 positives only (the same triplets as all pairs,
-            O(B^2 K) instead of O(B^3); see :func:`semi_hard`). Ignored by batch-hard.
+            O(B^2 K) instead of O(B^3); see :func:`semi_hard`), as does distance-weighted.
+            Ignored by batch-hard.
 
     Raises:
-        ValueError: on an unknown ``miner``, ``margin < 0`` or ``k < 2``.
+        ValueError: on an unknown ``miner``, ``margin < 0``, ``k < 2``, or
+            distance-weighted without ``k``.
     """
 
     def __init__(self, margin: float, miner: str = "batch_hard", k=None, **kwargs):
@@ -279,16 +415,27 @@ class MinedTripletLoss(gluon.HybridBlock):
             raise ValueError(f"margin must be >= 0, got {margin}")
         if k is not None and int(k) < 2:
             raise ValueError(f"k must be >= 2 (a positive per anchor), got {k}")
+        if miner == "distance_weighted" and k is None:
+            raise ValueError("distance_weighted mining needs k (samples per class)")
         self._margin = float(margin)
         self._miner = miner
-        self._positives = int(k) - 1 if k is not None and miner == "semi_hard" else None
+        self._positives = int(k) - 1 if k is not None and miner != "batch_hard" else None
         with self.name_scope():
             self.triplet = gluon.loss.TripletLoss(margin=self._margin)
 
-    def hybrid_forward(self, F, emb, labels):
+    @property
+    def noise_columns(self) -> int:
+        """Uniforms per anchor the miner needs (distance-weighted: K - 1), else 0."""
+        return self._positives if self._miner == "distance_weighted" else 0
+
+    def mean_loss(self, F, emb, labels, u=None, memory=None):
         loss, weight = mined_triplet_loss(F, emb, labels, self._margin, self._miner,
-                                          loss_fn=self.triplet, positives=self._positives)
+                                          loss_fn=self.triplet, positives=self._positives,
+                                          u=u, memory=memory)
         return F.sum(loss * weight) / F.maximum(F.sum(weight), 1.0)
+
+    def hybrid_forward(self, F, emb, labels, u=None):
+        return self.mean_loss(F, emb, labels, u)
 
 
 def splice_own_rows(F, own, gathered, slot):
@@ -338,6 +485,26 @@ class GlobalMinedTripletLoss(MinedTripletLoss):
             k - 1 positives in the global batch.
     """
 
-    def hybrid_forward(self, F, own, gathered, labels, slot):
+    def hybrid_forward(self, F, own, gathered, labels, slot, u=None):
         emb = splice_own_rows(F, own, gathered, slot)                # (G, D)
-        return super().hybrid_forward(F, emb, labels)
+        return self.mean_loss(F, emb, labels, u)
+
+
+class MemoryMinedTripletLoss(GlobalMinedTripletLoss):
+    """:class:`GlobalMinedTripletLoss` with a cross-batch memory (XBM, Wang et al. CVPR
+    2020; ``model.MemoryMinedTripletStep`` keeps the queue).
+
+    ``forward(own, gathered, labels, slot, mem_emb, mem_labels, mem_valid[, u])``: as
+    :class:`GlobalMinedTripletLoss`, and the memory's (M, D) embeddings, (M,) labels and
+    (M,) 0/1 validity (rows not filled yet are 0), all float32 constants. Every anchor of
+    the global batch is mined with its positives in the batch and its negatives in the
+    batch and the memory's valid rows; the loss is the mean over the mined triplets,
+    differentiable towards ``own`` only. Cost: O(G (G + M)) for batch-hard, O(G m (G + M))
+    for semi-hard and distance-weighted (m positives per anchor).
+    """
+
+    def hybrid_forward(self, F, own, gathered, labels, slot, mem_emb, mem_labels, mem_valid,
+                       u=None):
+        emb = splice_own_rows(F, own, gathered, slot)                # (G, D)
+        return self.mean_loss(F, emb, labels, u, memory=(F.BlockGrad(mem_emb), mem_labels,
+                                                         mem_valid))

@@ -15,7 +15,8 @@ import mxnet as mx
 from mxnet import gluon
 from mxnet.gluon import nn
 
-from .mining import GlobalMinedTripletLoss, MinedTripletLoss
+from .augment import AUG_COLUMNS, crop_flip
+from .mining import GlobalMinedTripletLoss, MemoryMinedTripletLoss, MinedTripletLoss
 
 
 class L2Normalize(nn.HybridBlock):
@@ -71,24 +72,81 @@ def gather_rows(F, pixels, idx, uint8: bool):
     return F.cast(x, dtype="float32") / 255.0 if uint8 else x
 
 
+class StepInput:
+    """How a step's per-device index vector is laid out and read (no parameters).
+
+    The vector is ``columns`` segments of L values each: the L row indices, then, when
+    ``augment`` is active, each row's (dy, dx, flip) (``augment.Augment.columns``), then
+    ``noise`` uniforms per row for the miner (distance-weighted). Everything a step
+    draws at random thus arrives from the host with the rows (``augment.draw``).
+
+    Args:
+        uint8: the resident rows are uint8 image bytes (scaled in :func:`gather_rows`).
+        augment: an ``augment.Augment`` or None.
+        noise: the miner's uniforms per row (``MinedTripletLoss.noise_columns``).
+    """
+
+    def __init__(self, uint8: bool = False, augment=None, noise: int = 0):
+        self.uint8 = uint8
+        self.augment = augment if augment is not None and augment.active else None
+        self.noise = int(noise)
+        self.columns = 1 + (AUG_COLUMNS if self.augment else 0) + self.noise
+
+    def host_columns(self, u):
+        """The (steps, columns - 1, L) float32 values after the row indices, from
+        uniforms ``u`` of that shape (``augment.draw``): augmentation columns, then the
+        miner's uniforms moved into [1e-7, 1) (0 would select a zero-weight column)."""
+        import numpy as np
+        out = []
+        if self.augment:
+            cells = u.shape[2] * int(np.prod(self.augment.image_shape))
+            if cells >= 2 ** 24:
+                # crop_flip gathers through float32 flat indices.
+                raise ValueError(f"augmentation of {u.shape[2]} rows of "
+                                 f"{self.augment.image_shape} images per step: {cells} pixels "
+                                 "exceed float32's exact integers (2**24); use a smaller batch")
+            out.append(self.augment.columns(u[:, :AUG_COLUMNS].transpose(0, 2, 1))
+                       .transpose(0, 2, 1))
+            u = u[:, AUG_COLUMNS:]
+        out.append(np.maximum(u, 1e-7))
+        return np.concatenate(out, axis=1).astype(np.float32)
+
+    def read(self, F, pixels, idx):
+        """``(rows, x, u)``: the (L,) row indices, the (L, F) float32 network input
+        (augmented when asked) and the (L, noise) uniforms (None without)."""
+        if self.columns == 1:
+            return idx, gather_rows(F, pixels, idx, self.uint8), None
+        cols = F.split(F.reshape(idx, shape=(self.columns, -1)), num_outputs=self.columns,
+                       axis=0, squeeze_axis=True)                   # each (L,)
+        rows, rest = cols[0], list(cols[1:])
+        x = gather_rows(F, pixels, rows, self.uint8)
+        if self.augment:
+            a = self.augment
+            x = crop_flip(F, x, rest[0], rest[1], rest[2], a.image_shape, a.pad)
+            rest = rest[AUG_COLUMNS:]
+        return rows, x, (F.stack(*rest, axis=1) if rest else None)
+
+
 class OfflineTripletStep(nn.HybridBlock):
     """Per-sample triplet loss of a batch of index triplets.
 
     forward(pixels, idx) -> loss
         pixels: (N, F) the whole training set resident on this device: float32 features,
             or uint8 image bytes when ``uint8`` (scaled by 1/255 in :func:`gather_rows`).
-        idx: (3B,) float32 row indices laid out [anchors (B); positives (B); negatives (B)].
+        idx: (3B,) float32 row indices laid out [anchors (B); positives (B); negatives (B)]
+            (followed by their augmentation columns with ``augment``: :class:`StepInput`).
         loss: (B,) float32, ``max(0, ||a-p||^2 - ||a-n||^2 + margin)`` (gluon.loss.TripletLoss).
     """
 
-    def __init__(self, net: nn.Block, margin: float, uint8: bool = False, **kwargs):
+    def __init__(self, net: nn.Block, margin: float, uint8: bool = False, augment=None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.net = net
-        self.uint8 = uint8
+        self.input = StepInput(uint8, augment)
         self.loss = gluon.loss.TripletLoss(margin=margin)
 
     def hybrid_forward(self, F, pixels, idx):
-        x = gather_rows(F, pixels, idx, self.uint8)  # (3B, F) float32
+        _, x, _ = self.input.read(F, pixels, idx)    # (3B, F) float32
         emb = self.net(x)                            # (3B, D): one stacked forward
         a, p, n = F.split(emb, num_outputs=3, axis=0)  # (B, D) each
         return self.loss(a, p, n)                    # (B,)
@@ -100,7 +158,8 @@ class MinedTripletStep(nn.HybridBlock):
     forward(pixels, labels, idx) -> loss
         pixels: (N, F) resident training set, float32 or uint8 (``uint8``, as
             :class:`OfflineTripletStep`); labels: (N,) float32 class ids.
-        idx: (P*K,) float32 row indices of the batch, class-major.
+        idx: (P*K,) float32 row indices of the batch, class-major, followed by the
+            augmentation and miner columns (:class:`StepInput`) when there are any.
         loss: (1,) float32, the mean over the mined triplets (see mining.MinedTripletLoss).
 
     ``k``: samples per class of the batches (sampler.k); semi-hard mining then pairs each
@@ -108,28 +167,36 @@ class MinedTripletStep(nn.HybridBlock):
     """
 
     def __init__(self, net: nn.Block, margin: float, miner: str, k=None, uint8: bool = False,
-                 **kwargs):
+                 augment=None, **kwargs):
         super().__init__(**kwargs)
         self.net = net
-        self.uint8 = uint8
         self.loss = MinedTripletLoss(margin=margin, miner=miner, k=k)
+        self.input = StepInput(uint8, augment, self.loss.noise_columns)
 
     def hybrid_forward(self, F, pixels, labels, idx):
-        emb = self.net(gather_rows(F, pixels, idx, self.uint8))  # (B, D)
-        return self.loss(emb, F.take(labels, idx))   # (1,)
+        rows, x, u = self.input.read(F, pixels, idx)
+        emb = self.net(x)                            # (B, D)
+        if u is None:
+            return self.loss(emb, F.take(labels, rows))  # (1,)
+        return self.loss(emb, F.take(labels, rows), u)
 
 
 class EmbedRows(nn.HybridBlock):
-    """forward(pixels, idx) -> net(pixels[idx]): (N, F) float32 (or uint8 image bytes when
-    ``uint8``, scaled as in :func:`gather_rows`), (B,) float32 -> (B, D)."""
+    """forward(pixels, idx) -> (net(x), rows, u): the (B, D) embeddings of the rows
+    ``idx`` names (laid out as :class:`StepInput` ``input`` says; float32 features or
+    uint8 image bytes scaled as in :func:`gather_rows`), with the (B,) row indices and
+    the (B, noise) miner uniforms (omitted without noise)."""
 
-    def __init__(self, net: nn.Block, uint8: bool = False, **kwargs):
+    def __init__(self, net: nn.Block, uint8: bool = False, augment=None, noise: int = 0,
+                 **kwargs):
         super().__init__(**kwargs)
         self.net = net
-        self.uint8 = uint8
+        self.input = StepInput(uint8, augment, noise)
 
     def hybrid_forward(self, F, pixels, idx):
-        return self.net(gather_rows(F, pixels, idx, self.uint8))
+        rows, x, u = self.input.read(F, pixels, idx)
+        emb = self.net(x)
+        return (emb, rows) if u is None else (emb, rows, u)
 
 
 class GlobalMinedTripletStep:
@@ -164,7 +231,7 @@ class GlobalMinedTripletStep:
     """
 
     def __init__(self, net, margin: float, miner: str, k: int, contexts, worker_ranks,
-                 num_workers: int, allgather, uint8: bool = False):
+                 num_workers: int, allgather, uint8: bool = False, augment=None):
         self.contexts = list(contexts)
         self.worker_ranks = [int(w) for w in worker_ranks]
         first = self.worker_ranks[0]
@@ -173,14 +240,18 @@ class GlobalMinedTripletStep:
                              "be consecutive: the gathered global batch is in worker order")
         self.num_workers = int(num_workers)
         self.allgather = allgather
-        self.embed = EmbedRows(net, uint8=uint8)
-        self.embed.hybridize(static_alloc=True, static_shape=True)
-        self.loss = GlobalMinedTripletLoss(margin=margin, miner=miner,
-                                           k=int(k) * self.num_workers)
+        self.loss = self.make_loss(margin, miner, int(k) * self.num_workers)
         self.loss.hybridize(static_alloc=True, static_shape=True)
+        self.embed = EmbedRows(net, uint8=uint8, augment=augment, noise=self.loss.noise_columns)
+        self.embed.hybridize(static_alloc=True, static_shape=True)
+        self.input = self.embed.input
         # Undo the mean over workers: the workers' gradients must be summed (see above).
         self.head_grads = [mx.nd.full((1,), self.num_workers, ctx=c) for c in self.contexts]
         self._slots = {}
+
+    def make_loss(self, margin, miner, k):
+        """The loss block over the global batch (k: samples per class in it)."""
+        return GlobalMinedTripletLoss(margin=margin, miner=miner, k=k)
 
     def slots(self, rows: int) -> list:
         """Per device the (G,) float32 ``slot`` of :func:`mining.splice_own_rows` for
@@ -195,24 +266,37 @@ class GlobalMinedTripletStep:
             self._slots[rows] = out
         return self._slots[rows]
 
-    def gather(self, own, labels, idx) -> tuple:
-        """Every worker's embeddings and labels, on every device of this process, without
-        gradient: ``([(G, D)] per device, [(G,)] per device)``. A collective under Horovod."""
+    def gather(self, own, labels, rows, noise=None) -> tuple:
+        """Every worker's embeddings, labels and miner uniforms, on every device of this
+        process, without gradient: ``([(G, D)], [(G,)], [(G, m)] or None)``, one per
+        device. ``own``, ``rows`` (and ``noise``): per device the worker's (B, D)
+        embeddings, (B,) row indices (and (B, m) uniforms). A collective under Horovod."""
         with mx.autograd.pause():
-            rows = [mx.nd.concat(o.detach(), mx.nd.take(y, i).expand_dims(axis=1), dim=1)
-                    for o, y, i in zip(own, labels, idx)]              # (B, D + 1) each
+            parts = [[o.detach(), mx.nd.take(y, r).expand_dims(axis=1)]
+                     + ([u] if noise else []) for o, y, r, u in
+                     zip(own, labels, rows, noise or [None] * len(own))]
+            mine = [mx.nd.concat(*p, dim=1) for p in parts]            # (B, D + 1 [+ m])
             ctx0 = self.contexts[0]
-            mine = rows[0] if len(rows) == 1 else mx.nd.concat(
-                *[r.as_in_context(ctx0) for r in rows], dim=0)        # (devices * B, D + 1)
-            everyone = self.allgather(mine)                          # (G, D + 1), worker order
+            mine = mine[0] if len(mine) == 1 else mx.nd.concat(
+                *[r.as_in_context(ctx0) for r in mine], dim=0)        # (devices * B, ...)
+            everyone = self.allgather(mine)                          # (G, ...), worker order
             dim = own[0].shape[1]
-            out_emb, out_lab = [], []
+            out_emb, out_lab, out_u = [], [], []
             for ctx in self.contexts:
                 here = everyone.as_in_context(ctx)
                 out_emb.append(mx.nd.slice_axis(here, axis=1, begin=0, end=dim))
                 out_lab.append(mx.nd.slice_axis(here, axis=1, begin=dim, end=dim + 1)
                                .reshape((-1,)))
-        return out_emb, out_lab
+                if noise:
+                    out_u.append(mx.nd.slice_axis(here, axis=1, begin=dim + 1, end=None))
+        return out_emb, out_lab, (out_u if noise else None)
+
+    def forward_own(self, pixels, idx) -> tuple:
+        """Per device ``(own, rows, noise)``: the worker's (B, D) embeddings (with
+        gradient), (B,) row indices and (B, m) miner uniforms (None without)."""
+        out = [self.embed(x, i) for x, i in zip(pixels, idx)]
+        own, rows = [o[0] for o in out], [o[1] for o in out]
+        return own, rows, ([o[2] for o in out] if self.input.noise else None)
 
     def __call__(self, pixels, labels, idx) -> list:
         """Per device the (1,) float32 mean mined loss of the global batch (the same
@@ -221,12 +305,73 @@ class GlobalMinedTripletStep:
 
         pixels, labels: per device (N, F) resident training set (float32, or uint8 with
             ``uint8``) and (N,) float32 labels.
-        idx: per device (P*K,) float32 row indices of the worker's batch.
+        idx: per device the worker's index vector (:class:`StepInput`: its P*K row
+            indices, then augmentation and miner columns if any).
         """
-        own = [self.embed(x, i) for x, i in zip(pixels, idx)]          # (B, D) each
-        emb, lab = self.gather(own, labels, idx)
+        own, rows, noise = self.forward_own(pixels, idx)               # (B, D) each
+        emb, lab, u = self.gather(own, labels, rows, noise)
         slots = self.slots(own[0].shape[0])
-        return [self.loss(o, e, y, s) for o, e, y, s in zip(own, emb, lab, slots)]
+        extra = [[x] for x in u] if u else [[]] * len(own)
+        return [self.loss(o, e, y, s, *x) for o, e, y, s, x in zip(own, emb, lab, slots, extra)]
+
+
+class MemoryMinedTripletStep(GlobalMinedTripletStep):
+    """:class:`GlobalMinedTripletStep` with a cross-batch memory (XBM: Wang, Zhang, Huang,
+    Scott, "Cross-Batch Memory for Embedding Learning", CVPR 2020).
+
+    Every device keeps the same queue of the last ``memory`` global batches'
+    embeddings and labels (``memory x G`` rows, filled in step order from the gathered
+    global batch, so all workers hold the same matrix). Each anchor of the global batch
+    is mined against the global batch and the memory (:class:`mining.MemoryMinedTripletLoss`:
+    positives from the batch, negatives from both); gradients flow only through the
+    current batch (the memory holds constants). After the forward, the global batch is
+    enqueued, replacing the oldest. As the global batch, the memory does not depend on
+    how the batch is split, so W workers equal one process on the concatenated batch.
+
+    The queue is not checkpointed: a resumed run starts with it empty, as the run did at
+    its first step (it is full again after ``memory`` steps).
+
+    Args: as :class:`GlobalMinedTripletStep`, and ``memory``: past global batches kept (>= 1).
+    """
+
+    def __init__(self, *args, memory: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.memory = int(memory)
+        self.filled = 0                  # global batches enqueued so far
+        self.queue = None                # per device [emb (M, D), labels (M,), valid (M,)]
+
+    def make_loss(self, margin, miner, k):
+        return MemoryMinedTripletLoss(margin=margin, miner=miner, k=k)
+
+    def allocate(self, rows: int, dim: int) -> None:
+        """An empty queue for global batches of ``rows`` x ``dim`` on every device."""
+        m = self.memory * rows
+        self.queue = [[mx.nd.zeros((m, dim), ctx=c), mx.nd.zeros((m,), ctx=c),
+                       mx.nd.zeros((m,), ctx=c)] for c in self.contexts]
+        self.filled = 0
+
+    def enqueue(self, emb: list, lab: list) -> None:
+        """Write the gathered global batch (per device (G, D), (G,)) over the oldest."""
+        g = emb[0].shape[0]
+        at = (self.filled % self.memory) * g
+        with mx.autograd.pause():
+            for (m_emb, m_lab, m_valid), e, y in zip(self.queue, emb, lab):
+                m_emb[at:at + g] = e
+                m_lab[at:at + g] = y
+                m_valid[at:at + g] = 1.0
+        self.filled += 1
+
+    def __call__(self, pixels, labels, idx) -> list:
+        own, rows, noise = self.forward_own(pixels, idx)
+        emb, lab, u = self.gather(own, labels, rows, noise)
+        if self.queue is None:
+            self.allocate(*emb[0].shape)
+        slots = self.slots(own[0].shape[0])
+        extra = [[x] for x in u] if u else [[]] * len(own)
+        losses = [self.loss(o, e, y, s, *q, *x) for o, e, y, s, q, x in
+                  zip(own, emb, lab, slots, self.queue, extra)]
+        self.enqueue(emb, lab)           # after the reads above (MXNet orders them)
+        return losses
 
 
 def embed(net: nn.Block, pixels, ctx, batch_size: int = 2048):

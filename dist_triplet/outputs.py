@@ -23,7 +23,8 @@ log = logging.getLogger("dist_triplet")
 
 def input_meta(test: Split) -> dict:
     """What the exported model's input is: uint8 images scaled by 1/255 (with their
-    (H, W, C)), or features used as they are."""
+    (H, W, C)), or features used as they are. Every backbone takes the flat (B, H*W*C)
+    rows; a convolutional one reshapes them to (B, C, H, W) inside its graph."""
     if test.is_image:
         return {"image_shape": list(test.image_shape)}
     return {"input_scaling": "none (features, used as they are)", "image_shape": None}
@@ -64,7 +65,8 @@ def finish_run(recorder, final: dict, net, ctx, test: Split, embeddings, extra: 
     t = time.perf_counter()
     model_dir = export_model(net, os.path.join(run_dir, "model"), ctx, test.images.shape[1],
                              meta={"run_dir": os.path.abspath(run_dir),
-                                   "epochs": cfg.train.epochs, **input_meta(test)})
+                                   "epochs": cfg.train.epochs, "backbone": cfg.model.backbone,
+                                   **input_meta(test)})
     spent["export_s"] = time.perf_counter() - t
     if cfg.eval.report:
         t = time.perf_counter()

@@ -29,9 +29,10 @@ from typing import List, Optional
 
 import numpy as np
 
-from .model import GlobalMinedTripletStep, MinedTripletStep, OfflineTripletStep
+from .model import (GlobalMinedTripletStep, MemoryMinedTripletStep, MinedTripletStep,
+                    OfflineTripletStep)
 
-__all__ = ["Strategy", "Offline", "LocalMined", "GlobalMined", "make_strategy"]
+__all__ = ["Strategy", "Offline", "LocalMined", "GlobalMined", "MemoryMined", "make_strategy"]
 
 
 class Strategy:
@@ -44,17 +45,23 @@ class Strategy:
         margin: triplet margin in squared-L2 units (``loss.margin``).
         uint8: the resident training rows are uint8 image bytes (scaled by 1/255 on the
             device), else float32 features.
+        augment: an ``augment.Augment`` for image rows, or None.
+
+    Attribute ``input`` (a ``model.StepInput``, set by subclasses) says which columns
+    follow the row indices in each step's index vector (augmentation, miner uniforms);
+    ``engine.DataParallelStep.epoch_indices`` draws and appends them.
     """
 
     #: Seeds of ``autograd.backward`` per device, or None for ones.
     head_grads: Optional[list] = None
 
-    def __init__(self, net, backend, *, margin: float, uint8: bool):
+    def __init__(self, net, backend, *, margin: float, uint8: bool, augment=None):
         self.net = net
         self.backend = backend
         self.ctxs = backend.contexts
         self.margin = margin
         self.uint8 = uint8
+        self.augment = augment
 
     def layout(self, part: np.ndarray) -> np.ndarray:
         """One device's share of ``steps`` batches, ``(steps, rows, ...)`` int64, as the
@@ -81,10 +88,11 @@ class Offline(Strategy):
     stacked batch ``model.OfflineTripletStep`` pushes through the network once.
     """
 
-    def __init__(self, net, backend, *, margin: float, uint8: bool):
-        super().__init__(net, backend, margin=margin, uint8=uint8)
-        self.block = OfflineTripletStep(net, margin, uint8=uint8)
+    def __init__(self, net, backend, *, margin: float, uint8: bool, augment=None):
+        super().__init__(net, backend, margin=margin, uint8=uint8, augment=augment)
+        self.block = OfflineTripletStep(net, margin, uint8=uint8, augment=augment)
         self.block.hybridize(static_alloc=True, static_shape=True)
+        self.input = self.block.input
 
     def layout(self, part):
         return part.transpose(0, 2, 1).reshape(len(part), -1)   # (steps, 3B) [a; p; n]
@@ -104,13 +112,16 @@ class LocalMined(Strategy):
     k: samples per class in a worker's batch (``sampler.k``).
     """
 
-    def __init__(self, net, backend, *, margin: float, uint8: bool, miner: str, k: int):
-        super().__init__(net, backend, margin=margin, uint8=uint8)
-        self.miner, self.k = miner, k
+    def __init__(self, net, backend, *, margin: float, uint8: bool, miner: str, k: int,
+                 augment=None, memory: int = 0):
+        super().__init__(net, backend, margin=margin, uint8=uint8, augment=augment)
+        self.miner, self.k, self.memory = miner, k, memory
         self.block = self.make_block()
+        self.input = self.block.input
 
     def make_block(self):
-        block = MinedTripletStep(self.net, self.margin, self.miner, k=self.k, uint8=self.uint8)
+        block = MinedTripletStep(self.net, self.margin, self.miner, k=self.k, uint8=self.uint8,
+                                 augment=self.augment)
         block.hybridize(static_alloc=True, static_shape=True)
         return block
 
@@ -130,12 +141,16 @@ class GlobalMined(LocalMined):
     the world size W (``model.GlobalMinedTripletStep`` says why). The batches must come
     from ``EpochSampler(scope='global')``. ``losses`` is a collective under Horovod."""
 
+    step_class = GlobalMinedTripletStep
+
     def make_block(self):
         backend = self.backend
-        return GlobalMinedTripletStep(
+        extra = {"memory": self.memory} if self.memory else {}
+        return self.step_class(
             self.net, self.margin, self.miner, self.k, self.ctxs,
             worker_ranks=[backend.worker_rank(d) for d in range(len(self.ctxs))],
-            num_workers=backend.num_workers, allgather=backend.allgather, uint8=self.uint8)
+            num_workers=backend.num_workers, allgather=backend.allgather, uint8=self.uint8,
+            augment=self.augment, **extra)
 
     @property
     def head_grads(self) -> List:
@@ -145,18 +160,30 @@ class GlobalMined(LocalMined):
         return self.block(pixels, labels, idx)
 
 
-def make_strategy(sampler, margin: float, net, backend, uint8: bool) -> Strategy:
-    """The strategy for config section ``sampler`` (a ``SamplerConfig``).
+class MemoryMined(GlobalMined):
+    """:class:`GlobalMined` with a cross-batch memory of the last ``sampler.memory``
+    global batches (XBM; ``model.MemoryMinedTripletStep``): anchors of the global batch
+    are mined against the batch and the memory. ``losses`` is a collective under Horovod."""
+
+    step_class = MemoryMinedTripletStep
+
+
+def make_strategy(sampler, margin: float, net, backend, uint8: bool,
+                  augment=None) -> Strategy:
+    """The strategy for config section ``sampler`` (a ``SamplerConfig``); ``augment``: an
+    ``augment.Augment`` for image rows, or None.
 
     Raises:
         ValueError: an unknown ``sampler.kind`` or ``sampler.scope`` (names the value).
     """
     if sampler.kind == "offline":
-        return Offline(net, backend, margin=margin, uint8=uint8)
+        return Offline(net, backend, margin=margin, uint8=uint8, augment=augment)
     if sampler.kind != "pk":
         raise ValueError(f"sampler.kind={sampler.kind!r}: expected 'offline' or 'pk'")
     kinds = {"local": LocalMined, "global": GlobalMined}
     if sampler.scope not in kinds:
         raise ValueError(f"sampler.scope={sampler.scope!r}: expected 'local' or 'global'")
-    return kinds[sampler.scope](net, backend, margin=margin, uint8=uint8, miner=sampler.miner,
-                                k=sampler.k)
+    memory = sampler.memory  # config.py ensures scope 'global'
+    kind = MemoryMined if memory else kinds[sampler.scope]
+    return kind(net, backend, margin=margin, uint8=uint8, miner=sampler.miner, k=sampler.k,
+                augment=augment, memory=memory)

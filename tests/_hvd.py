@@ -48,3 +48,12 @@ def run_two_rank_worker(script: str, out_dir) -> list:
         cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [np.load(os.path.join(str(out_dir), f"rank{r}.npz")) for r in range(2)]
+
+
+def store_steps(arrays: dict, prefix: str, per_step) -> None:
+    """``arrays[f"{prefix}{step}:{name}"] = value`` for every ``{name: value}`` of
+    ``per_step`` (one mapping per step): how the 2-rank workers save a run's parameters
+    into their npz, and how the tests find them again."""
+    for step, values in enumerate(per_step):
+        for name, value in values.items():
+            arrays[f"{prefix}{step}:{name}"] = value

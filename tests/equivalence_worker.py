@@ -73,16 +73,87 @@ def run(backend, opt: str, steps: int = STEPS, rank: int = 0, world_size: int = 
     return out
 
 
+CONV_SHAPE = (6, 6, 1)  # the 40 x 36 rows of problem_conv as images
+CONV_STEPS = 10
+
+
+def conv_net(backend):
+    """convnet [4, 8] (Conv-BN-ReLU, pool, Conv-BN-ReLU, global pool) -> Dense 4 -> L2,
+    He-initialised from seed 1 on every context (backbone.initialize_network)."""
+    from dist_triplet.backbone import build_network, initialize_network
+    from dist_triplet.config import load_config
+    cfg = load_config(None, ["model.backbone=convnet", "model.channels=[4, 8]",
+                             "model.hidden=[4]", "model.final_relu=false",
+                             "model.normalize=true"]).model
+    units = int(np.prod(CONV_SHAPE))
+    net = build_network(cfg, units, CONV_SHAPE)
+    initialize_network(net, cfg, backend.contexts, 1, units)
+    return net
+
+
+def run_conv(backend, opt: str, rank: int = 0, world_size: int = 1, ghost: int = 1) -> dict:
+    """:func:`run` with the small convolutional network on 6x6 images (the same values,
+    problem's (40, 16) rows padded to 36 by a fixed random map), ``CONV_STEPS`` steps.
+
+    BatchNorm normalises each worker's own rows, so one process equals W workers only
+    when it normalises each worker's share separately: ``ghost`` = W runs the one
+    process's step as W forward passes (one per share) in one backward and one update.
+
+    Returns ``{"params": [step][name] -> (contexts, ...)}`` for the trainable parameters
+    and ``{"aux": ...}`` for BatchNorm's running statistics (no gradient), step 0 first.
+    """
+    import mxnet as mx
+    from dist_triplet.config import load_config
+    from dist_triplet.engine import build_step
+
+    pixels, labels, batches = problem()
+    pixels = pixels @ np.random.default_rng(1).random((16, 36), dtype=np.float32) / 4
+    name, hyper = OPTIMIZERS[opt]
+    cfg = load_config(None, [f"optim.optimizer={name}", f"optim.lr={hyper['lr']}",
+                             f"optim.momentum={hyper['momentum']}"])
+    net = conv_net(backend)
+    backend.broadcast_parameters(net.collect_params())
+    stepper = build_step(cfg, backend, net, pixels.astype(np.float32), labels, CONV_SHAPE)
+    share = BATCH // world_size
+    params = net._collect_params_with_prefix()   # structural names: equal in every process
+    trainable = [n for n, p in params.items() if p.grad_req != "null"]
+
+    def snapshot(names):
+        return {n: np.stack([params[n].data(c).asnumpy() for c in backend.contexts])
+                for n in names}
+
+    aux = [n for n in params if n not in trainable]
+    out = {"params": [snapshot(trainable)], "aux": [snapshot(aux)]}
+    for s in range(CONV_STEPS):
+        batch = batches[s][rank * share:(rank + 1) * share]
+        if ghost == 1:
+            stepper.step(batch)
+        else:
+            parts = np.split(batch, ghost)
+            with mx.autograd.record():
+                losses = [stepper.strategy.losses(stepper.pixels, stepper.labels,
+                                                  stepper.device_batches(part))[0]
+                          for part in parts]
+            mx.autograd.backward(losses)
+            stepper.trainer.step(len(batch))
+        out["params"].append(snapshot(trainable))
+        out["aux"].append(snapshot(aux))
+    return out
+
+
 def main(out_dir: str) -> None:
+    from _hvd import store_steps
     from dist_triplet import dist
     backend = dist.make_backend("horovod", device="cpu")
     arrays = {}
     for opt in OPTIMIZERS:
+        res = run_conv(backend, opt, rank=backend.rank, world_size=backend.world_size)
+        for key in ("params", "aux"):
+            store_steps(arrays, f"conv:{opt}:{key}:", res[key])
+    for opt in OPTIMIZERS:
         res = run(backend, opt, rank=backend.rank, world_size=backend.world_size)
         arrays[f"{opt}:num_update"] = np.asarray(res["num_update"])
-        for step, params in enumerate(res["params"]):
-            for name, value in params.items():
-                arrays[f"{opt}:{step}:{name}"] = value
+        store_steps(arrays, f"{opt}:", res["params"])
     np.savez(os.path.join(out_dir, f"rank{backend.rank}.npz"), **arrays)
 
 

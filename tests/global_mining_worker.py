@@ -54,16 +54,21 @@ def global_batches(labels) -> np.ndarray:
     return np.concatenate(epochs)[:STEPS]
 
 
-def config(opt: str, miner: str, scope: str, k: int = 0):
-    """The test's config; ``k`` 0: K per worker (global), or the reference's W K (local:
-    it mines the concatenation as one P x (W K) batch)."""
+MEMORY = 2  # global batches in the cross-batch memory of the memory runs (24 rows)
+
+
+def config(opt: str, miner: str, scope: str, k: int = 0, memory: int = 0,
+           workers: int = WORKERS):
+    """The test's config; ``k`` 0: K per worker (global), or the reference's W K (local,
+    or a one-worker memory run: it mines the concatenation as one P x (W K) batch).
+    ``memory``: the cross-batch memory's global batches (scope 'global')."""
     from dist_triplet.config import load_config
     name, hyper = OPTIMIZERS[opt]
-    k = k or (K if scope == "global" else K * WORKERS)
+    k = k or (K if scope == "global" and workers > 1 else K * WORKERS)
     return load_config(None, [
         f"optim.optimizer={name}", f"optim.lr={hyper['lr']}", f"optim.momentum={hyper['momentum']}",
         "sampler.kind=pk", f"sampler.p={P}", f"sampler.miner={miner}", f"sampler.scope={scope}",
-        f"sampler.k={k}", f"loss.margin={MARGIN}"])
+        f"sampler.k={k}", f"loss.margin={MARGIN}", f"sampler.memory={memory}"])
 
 
 def mined(emb, labels, miner: str, rows) -> list:
@@ -83,7 +88,7 @@ def mined(emb, labels, miner: str, rows) -> list:
     return sorted(map(tuple, trip.tolist()))
 
 
-def run(backend, opt: str, miner: str, scope: str, steps: int = STEPS) -> dict:
+def run(backend, opt: str, miner: str, scope: str, steps: int = STEPS, memory: int = 0) -> dict:
     """Train from seed-1 parameters for ``steps`` steps on :func:`global_batches`.
 
     ``scope='global'``: this process's workers (``backend.rank`` x devices onwards) take
@@ -92,6 +97,10 @@ def run(backend, opt: str, miner: str, scope: str, steps: int = STEPS) -> dict:
     "loss": [step] float, "triplets": [step] sorted triplet list, "emb": [step] (G, D) the
     global batch's embeddings in worker order}``; params step 0 is the initial state; loss,
     triplets and emb are those of step s's forward pass (before its update).
+
+    ``memory`` > 0: the cross-batch memory (scope 'global'); a one-worker backend is then
+    the reference, stepping on the concatenated batch with the same memory. Triplets and
+    embeddings are not recorded (the memory's rows take part in the mining).
     """
     import mxnet as mx
     from dist_triplet.model import build_embedding_net, initialize
@@ -99,7 +108,8 @@ def run(backend, opt: str, miner: str, scope: str, steps: int = STEPS) -> dict:
 
     pixels, labels = problem()
     batches = global_batches(labels)
-    cfg = config(opt, miner, scope)
+    reference = memory and backend.num_workers == 1
+    cfg = config(opt, miner, scope, memory, workers=backend.num_workers)
     net = build_embedding_net(pixels.shape[1], [8, 4], final_relu=False, normalize=True)
     initialize(net, 0.5, backend.contexts, seed=1)
     backend.broadcast_parameters(net.collect_params())
@@ -114,12 +124,14 @@ def run(backend, opt: str, miner: str, scope: str, steps: int = STEPS) -> dict:
     out = {"params": [snapshot()], "loss": [], "triplets": [], "emb": []}
     for s in range(steps):
         everyone = batches[s].reshape(-1)                              # (G,) worker order
-        if scope == "global":
+        if memory:
+            rows = everyone[None, :] if reference else batches[s][first:first + devices]
+        elif scope == "global":
             rows = batches[s][first:first + devices]                   # (devices, P*K)
             gs = stepper.strategy.block
             idx = stepper.device_batches(rows)
-            own = [gs.embed(x, i) for x, i in zip(stepper.pixels, idx)]
-            emb, lab = gs.gather(own, stepper.labels, idx)             # collective
+            own, at, noise = gs.forward_own(stepper.pixels, idx)
+            emb, lab, _ = gs.gather(own, stepper.labels, at, noise)    # collective
             out["triplets"].append(mined(emb[0], lab[0], miner, everyone))
             out["emb"].append(emb[0].asnumpy())
         else:
@@ -134,6 +146,7 @@ def run(backend, opt: str, miner: str, scope: str, steps: int = STEPS) -> dict:
 
 
 def main(out_dir: str) -> None:
+    from _hvd import store_steps
     from dist_triplet import dist
     backend = dist.make_backend("horovod", device="cpu")
     arrays = {}
@@ -144,9 +157,10 @@ def main(out_dir: str) -> None:
             arrays[f"{opt}:{miner}:emb"] = np.asarray(res["emb"])
             # (steps, T, 3): a full P x K batch gives every step the same triplet count.
             arrays[f"{opt}:{miner}:triplets"] = np.asarray(res["triplets"], dtype=np.int64)
-            for step, params in enumerate(res["params"]):
-                for name, value in params.items():
-                    arrays[f"{opt}:{miner}:{step}:{name}"] = value
+            store_steps(arrays, f"{opt}:{miner}:", res["params"])
+            res = run(backend, opt, miner, "global", memory=MEMORY)
+            arrays[f"mem:{opt}:{miner}:loss"] = np.asarray(res["loss"])
+            store_steps(arrays, f"mem:{opt}:{miner}:", res["params"])
     np.savez(os.path.join(out_dir, f"rank{backend.rank}.npz"), **arrays)
 
 

@@ -31,6 +31,15 @@ def test_flops_per_triplet_by_hand():
         assert total == batch * flops_per_triplet([784, 256, 128])
 
 
+def test_conv_flops_by_hand():
+    from benchmarks.conv_step import conv_flops, conv_layers
+    assert conv_layers([32, 64, 128]) == [(28, 28, 1, 32), (14, 14, 32, 64), (7, 7, 64, 128)]
+    fwd = 2 * 9 * (28 * 28 * 1 * 32 + 14 * 14 * 32 * 64 + 7 * 7 * 64 * 128) + 2 * 128 * 128
+    assert fwd == 14_935_040
+    # Backward: input and weight gradients, but no input gradient for the first layer.
+    assert conv_flops([32, 64, 128], [128]) == 3 * fwd - 2 * 9 * 28 * 28 * 32 == 44_353_536
+
+
 def test_target_rows_and_table():
     assert target_row("s", "m", 0.8, 0.8, "{:.0%}").status == "met"        # the bound counts
     assert target_row("s", "m", 0.79, 0.8, "{:.0%}").status == "missed"

@@ -63,8 +63,13 @@ def _old_run_in_output(root, out):
     (_file_as_output, []),
     (_old_run_in_output, []),
     (_old_run_in_output, ["checkpoint.resume=auto"]),
+    (None, ["model.backbone=convnet", "model.channels=[4,4,4,4]"]),
+    (None, ["model.backbone=alexnet"]),
+    (None, ["model.backbone=resnet19"]),
+    (None, ["augment.pad=4"]),
 ], ids=["bad_value", "bad_type", "batch_too_big", "pk_p_too_big", "one_class",
-        "truncated_idx", "output_is_a_file", "fresh_run_over_a_run", "resume_other_model"])
+        "truncated_idx", "output_is_a_file", "fresh_run_over_a_run", "resume_other_model",
+        "convnet_too_deep", "zoo_input_too_small", "unknown_backbone", "crop_pad_too_big"])
 def test_check_fails_like_train_and_writes_nothing(breaks, extra, data, tmp_path, capsys):
     from dist_triplet.train import main as train_main
     out = str(tmp_path / "run")
@@ -74,6 +79,27 @@ def test_check_fails_like_train_and_writes_nothing(breaks, extra, data, tmp_path
     args = run_args(data, out, *extra)
     line = error_line(capsys, check_main, args)
     assert sorted(os.walk(tmp_path)) == before  # nothing written, nothing removed
+    assert line == error_line(capsys, train_main, args)
+
+
+def test_weights_that_do_not_fit_fail_before_training(data, tmp_path, capsys):
+    """A weights file of a 3-channel network on 1-channel images: check and train both
+    refuse it in one line naming the parameter and both shapes, before writing anything."""
+    import mxnet as mx
+    from dist_triplet.backbone import build_network, initialize_network
+    from dist_triplet.config import load_config
+    from dist_triplet.train import main as train_main
+    net_args = ["model.backbone=convnet", "model.channels=[4,8]"]
+    model = load_config(None, net_args).model
+    net = build_network(model, 48, (4, 4, 3))
+    initialize_network(net, model, mx.cpu(), 0, 48)
+    weights = str(tmp_path / "rgb.params")
+    net.save_parameters(weights)
+    args = run_args(data, str(tmp_path / "run"), *net_args, f"model.weights={weights}")
+    before = sorted(os.walk(tmp_path))
+    line = error_line(capsys, check_main, args)
+    assert "parameter 'features.0.weight' has shape (4, 3, 3, 3) in the file but (4, 1, 3, 3)" in line
+    assert sorted(os.walk(tmp_path)) == before
     assert line == error_line(capsys, train_main, args)
 
 

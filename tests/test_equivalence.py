@@ -154,3 +154,55 @@ def test_pk_mining_kvstore_step_is_mean_of_device_steps():
     mean = {k: (alone[0][k] + alone[1][k]) / 2 for k in kv}
     assert max_diff(kv, mean) < 1e-6
     assert max_diff(alone[0], alone[1]) > 1e-4  # the two batches give different updates
+
+
+# ----------------------------------------------------------------------------- convnet
+
+@pytest.fixture(scope="module")
+def conv_local():
+    """One process normalising each worker's share separately (ghost batches of 4
+    triplets), and one normalising all 8 together."""
+    backend = dist.make_backend("local", "cpu")
+    return {(opt, g): worker.run_conv(backend, opt, ghost=g) for opt in OPTS for g in (1, 2)}
+
+
+@pytest.fixture(scope="module")
+def conv_kvstore():
+    return {opt: worker.run_conv(dist.make_backend("kvstore", "cpu", "cpu:2"), opt)
+            for opt in OPTS}
+
+
+def hvd_conv(npz, opt: str, key: str, step: int) -> dict:
+    prefix = f"conv:{opt}:{key}:{step}:"
+    return {k[len(prefix):]: npz[k][0] for k in npz.files if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("opt", OPTS)
+def test_conv_kvstore_and_horovod_equal_one_process_with_per_worker_batchnorm(
+        conv_local, conv_kvstore, horovod, opt):
+    """What must be equal with BatchNorm: the trainable parameters, between W workers and
+    one process whose BatchNorm normalises each worker's share on its own (ghost
+    batches); each worker's running statistics, between kvstore device d and Horovod rank
+    d (they see the same rows). What differs: the workers' running statistics (each from
+    its own batches), and one process normalising the whole batch at once."""
+    ref = conv_local[opt, 2]["params"]
+    kv = conv_kvstore[opt]
+    steps = worker.CONV_STEPS
+    assert max_diff(first_context(kv["params"][0]), first_context(ref[0])) == 0.0
+    assert max_diff(first_context(ref[1]), first_context(ref[0])) > 1e-3
+    assert max_diff(first_context(kv["params"][1]), first_context(ref[1])) < 1e-5
+    assert max_diff(first_context(kv["params"][steps]), first_context(ref[steps])) < 1e-4
+    for params in kv["params"]:              # the devices' trainable copies stay identical
+        assert all(np.array_equal(v[0], v[1]) for v in params.values())
+    whole = conv_local[opt, 1]["params"]     # BatchNorm over all 8 triplets: another update
+    assert max_diff(first_context(whole[1]), first_context(ref[1])) > 1e-4
+    aux = kv["aux"][steps]
+    assert max(float(np.abs(v[0] - v[1]).max()) for v in aux.values()) > 1e-3
+    for r, npz in enumerate(horovod):
+        assert max_diff(hvd_conv(npz, opt, "params", 1), first_context(ref[1])) < 1e-5, r
+        assert max_diff(hvd_conv(npz, opt, "params", steps), first_context(ref[steps])) < 1e-4
+        mine = hvd_conv(npz, opt, "aux", steps)
+        assert max(float(np.abs(mine[k] - aux[k][r]).max()) for k in mine) < 1e-5, r
+    for step in range(steps + 1):            # allreduce: identical trainable parameters
+        assert max_diff(hvd_conv(horovod[0], opt, "params", step),
+                        hvd_conv(horovod[1], opt, "params", step)) == 0.0
