@@ -1,14 +1,12 @@
 """The one neighbour engine: the k nearest gallery items by squared L2, ties to the lower index.
 
-Everything in the package that ranks neighbours calls :func:`knn`: the evaluation's
-metrics (:mod:`.metrics`), the saved index and search (:mod:`.index`), calibrate and the
-run report. As pytorch-metric-learning's ``utils/inference.py`` (``FaissKNN``), faiss
-proposes the candidates (``IndexFlatL2``: exact; ``hnsw`` / ``ivf``: approximate,
-:func:`build_faiss`); unlike it, the order is defined to the last bit.
+Everything that ranks neighbours calls :func:`knn`: the metrics, the saved index and
+search, calibrate and the run report. Exact search is NumPy (float32 GEMM, float64 where
+the order is uncertain); faiss ``hnsw`` / ``ivf`` indexes (:func:`build_faiss`) propose
+approximate candidates, as pytorch-metric-learning's ``FaissKNN``, re-ranked alike.
 
 The ranking key of a query q and a gallery item x (both taken as float32) is
-``key = sum_d (q_d - x_d)^2`` in float64 (the differences are exact; the squares and the
-sum round by at most (D + 1) 2^-53 relative), set to exactly 0 when it is at most
+``key = sum_d (q_d - x_d)^2`` in float64, set to exactly 0 when it is at most
 ``SNAP (||q||^2 + ||x||^2)``: below what a float expansion can tell from 0, so the rows of
 a collapsed network, equal up to a few ulps, tie. Equal keys go to the lower gallery index.
 """
@@ -77,7 +75,7 @@ def _exact_rows(q: np.ndarray, g: np.ndarray, g_sq: np.ndarray, k: int,
     step = max(1, _BLOCK // max(len(g), 1))
     for s in range(0, len(q), step):
         qb = q[s:s + step].astype(np.float64)
-        q_sq = np.einsum("ij,ij->i", qb, qb)
+        q_sq = _sq(qb)
         scale = q_sq[:, None] + g_sq[None, :]
         approx = scale - 2.0 * (qb @ g64.T)
         err = 2 * (g.shape[1] + 8) * _U64 * scale
@@ -99,25 +97,20 @@ def knn(query, gallery, k: int, *, exclude: Optional[np.ndarray] = None, index=N
         ) -> Tuple[Optional[np.ndarray], np.ndarray]:
     """The k nearest gallery items of each query: squared L2, ties to the lower index.
 
-    Exact search (``index`` None or flat): q and x are centred on the gallery's mean
-    (same distances, smaller norms) and one float32 GEMM per tile of
-    ``[-2q, ||q||^2, 1] . [x, 1, ||x||^2]`` gives every key f within
-    ``tol = 2 (D + 8) 2^-24 (||q||^2 + max ||x||^2) + SNAP (...)``: a (D + 2)-term dot
-    product errs by at most gamma_{D+2} sum |terms| <= gamma_{D+2} 2 (||q||^2 + ||x||^2)
-    (Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed., 3.1); the extra
-    u's cover the centring's rounding, the snap to 0 moves a key by at most SNAP (...).
-    For k = 1 a row minimum and the runner-up settle a query when the runner-up's f is
-    above the minimum's + 2 tol (no other key can then reach the minimum's); when the
-    queries are the gallery left out one by one the GEMM is symmetric and only its upper
-    half is computed. Otherwise the candidates are the items with f within 2 tol of the
-    k-th smallest; sorted by f, where two consecutive values differ by more than 2 tol
-    every key before the gap is below every key after it, so only runs linked by gaps
-    <= 2 tol get exact float64 keys and are sorted by (key, index). A query with more
-    than 4 k + 64 candidates (a near-collapse, many exact ties) is searched again by a
-    float64 GEMM, which bounds every key within 2 (D + 8) 2^-53 (||q||^2 + ||x||^2):
-    pairs that bound puts below the snap are 0, the others that could reach the top k
-    get their exact key. An approximate ``index`` (hnsw, ivf) gets the same re-ranking
-    of the candidates it returns (tol from the uncentred norms), but may miss items.
+    Exact (``index`` None or flat): q and x centred on the gallery's mean (same keys,
+    smaller norms), one float32 GEMM per tile of ``[-2q, ||q||^2, 1] . [x, 1, ||x||^2]``
+    gives each key within ``tol = 2 (D + 8) 2^-24 (||q||^2 + max ||x||^2) + SNAP (...)``
+    (a (D + 2)-term dot product errs by at most gamma_{D+2} sum |terms|, Higham,
+    "Accuracy and Stability of Numerical Algorithms", 2nd ed., 3.1; the spare u's cover
+    the centring's rounding). k = 1: the row minimum stands when the runner-up is more
+    than 2 tol above it (symmetric upper half only, when the queries are the gallery left
+    out one by one). Else the candidates are the items within 2 tol of the k-th smallest;
+    sorted, where two neighbours differ by more than 2 tol the order across the gap is
+    certain, so only runs linked by gaps <= 2 tol get exact keys, sorted by (key, index).
+    A query with more than 4 k + 64 candidates (near-collapse, many ties) goes to a
+    float64 GEMM, within 2 (D + 8) 2^-53 (...): pairs it puts below the snap are 0, the
+    others that may reach the top k get exact keys. An approximate ``index`` has its
+    candidates re-ranked alike (tol from the uncentred norms) but may miss items.
 
     Args:
         query: (Q, D) float (taken as float32, as faiss takes it), finite.
@@ -126,8 +119,8 @@ def knn(query, gallery, k: int, *, exclude: Optional[np.ndarray] = None, index=N
         exclude: (Q,) int, a gallery index each query never gets (-1: none); leave-one-out
             over a set passes ``np.arange(Q)`` with ``query`` the gallery.
         index: a faiss index over ``gallery`` (:func:`build_faiss`), or None (exact).
-        distances: also return the keys (skipped when only the order is needed).
-        progress: a tqdm bar with this title over the search (shown on a terminal only).
+        distances: also return the keys.
+        progress: a tqdm bar with this title over the search (on a terminal).
 
     Returns:
         (sq_distances (Q, k) float64 keys or None, indices (Q, k) int64), nearest first;
@@ -259,8 +252,8 @@ def _candidates(qa, gb, k, ex, tol):
     count[~ok] = 0
     r, c = np.divmod(np.flatnonzero(within), f.shape[1])    # 2-D nonzero: 17x slower
     pos = np.arange(len(r)) - np.repeat(np.cumsum(count) - count, count)
-    fc, cand = np.full((len(f), max(1, count.max())), np.inf), np.full(
-        (len(f), max(1, count.max())), -1, np.int64)
+    width = (len(f), max(1, int(count.max())))
+    fc, cand = np.full(width, np.inf), np.full(width, -1, np.int64)
     fc[r, pos], cand[r, pos] = f[r, c], c
     return fc, cand, ok
 
