@@ -109,16 +109,11 @@ def _fits(value, hint) -> bool:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Union:
         return any(_fits(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if origin is list:
-        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(isinstance(k, str) and _fits(v, args[1])
-                                               for k, v in value.items())
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    if origin in (list, dict):
+        inner = value.values() if isinstance(value, dict) else value
+        return isinstance(value, origin) and all(_fits(v, args[-1]) for v in inner)
+    hint = (int, float) if hint is float else hint
+    return isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
 
 
 def thumbnails(x: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
