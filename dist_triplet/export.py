@@ -32,22 +32,11 @@ def model_files(directory: str) -> tuple:
 
 
 def export_model(net, directory: str, ctx, in_units: int, *, meta: Optional[dict] = None) -> str:
-    """Write ``net`` as symbol + parameters (+ meta.json) into ``directory``; returns it.
-
-    Rank-0 only; calls no collective. The network is hybridized if it is not yet, and run
-    once on a (1, in_units) zero batch so that its cached graph exists (``export``
-    requires one forward after ``hybridize``).
-
-    Args:
-        net: the embedding network, a ``gluon.HybridBlock``: (B, in_units) float32 ->
-            (B, D) float32.
-        directory: created if missing; existing export files are overwritten.
-        ctx: an MXNet context holding the parameters (the first one, with several).
-        in_units: input width F (784 for 28x28 images).
-        meta: extra entries for meta.json (e.g. the run directory and epoch).
-
-    Raises:
-        ValueError: if ``net`` is not a HybridBlock (it cannot be exported as a graph).
+    """Write ``net`` (a ``gluon.HybridBlock``: (B, in_units) float32 -> (B, D) float32,
+    parameters on ``ctx``) as symbol + parameters + meta.json (``meta``: extra entries,
+    e.g. the run and epoch) into ``directory`` (created; old files overwritten); returns
+    it. Rank-0 only, no collective. The network is hybridized and run once on a zero
+    batch, as ``export`` needs a cached graph. ValueError: ``net`` is not a HybridBlock.
     """
     import mxnet as mx
     from mxnet import gluon

@@ -125,7 +125,7 @@ def _index(args) -> int:
     index.save(args.out, force=args.force)
     print(f"wrote {args.out}: {args.kind} index of {len(emb)} x {emb.shape[1]} embeddings of "
           f"{items.source} (embed {t_embed:.2f} s, build {index.meta.time_build_s:.2f} s, id "
-          f"{index.index_id[:12]})", flush=True)
+          f"{index.meta.index_id[:12]})", flush=True)
     return 0
 
 

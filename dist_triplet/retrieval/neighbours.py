@@ -39,8 +39,7 @@ def check_matrix(values, name: str) -> np.ndarray:
 
 
 def _pair_keys(q, g, q_sq, g_sq, qi: np.ndarray, gi: np.ndarray) -> np.ndarray:
-    """Ranking keys of the pairs (q[qi], g[gi]): (M,) float64, gathered in blocks; q_sq,
-    g_sq: the rows' float64 squared norms, for the snap to 0."""
+    """(M,) float64 keys of the pairs (q[qi], g[gi]); q_sq, g_sq: float64 squared norms."""
     out = np.empty(len(qi))
     step = max(1, _BLOCK // q.shape[1])
     for s in range(0, len(qi), step):
@@ -53,11 +52,9 @@ def _pair_keys(q, g, q_sq, g_sq, qi: np.ndarray, gi: np.ndarray) -> np.ndarray:
 
 
 def _top_k_ties(keys: np.ndarray, k: int) -> np.ndarray:
-    """The k smallest columns of each row of ``keys`` (B, N), ordered by (key, column).
-
-    ``argpartition`` alone picks an arbitrary subset of the columns tied with the k-th
-    value, so the k-th value t is found and the set rebuilt: every column below t, then
-    the lowest columns equal to t until k. Requires k finite values per row."""
+    """The k smallest columns of each row of ``keys`` (B, N), ordered by (key, column):
+    every column below the k-th value t, then the lowest columns equal to t (argpartition
+    alone would pick any of them). Requires k finite values per row."""
     b, _ = keys.shape
     t = np.partition(keys, k - 1, axis=1)[:, k - 1:k]
     below, equal = keys < t, keys == t
@@ -236,11 +233,9 @@ def _fold(f, best, first, runner_up, offset: int) -> None:
 
 
 def _candidates(qa, gb, k, ex, tol):
-    """Exact search's candidates for queries ``qa`` (B, D + 2) against ``gb`` (N, D + 2)
-    (knn): every item whose key f is within 2 tol of the k-th smallest (no other can
-    reach the top k: its key exceeds f - tol > k-th f + tol). Returns (f (B, W) float64
-    and items (B, W), padded with inf / -1; ok (B,) bool: False where more than 4 k + 64
-    items are that close, which the float64 pass then answers)."""
+    """Exact search's candidates (knn) of queries ``qa`` (B, D + 2) in ``gb`` (N, D + 2):
+    (f (B, W) float64 and items (B, W), padded with inf / -1; ok (B,) bool, False where
+    more than 4 k + 64 items are within 2 tol of the k-th smallest f)."""
     f = qa @ gb.T                                   # (B, N) float32
     rows = np.flatnonzero(ex >= 0)
     f[rows, ex[rows]] = np.inf
@@ -283,14 +278,11 @@ def _rerank(q, g, q_sq, g_sq, f, cand, k, tol) -> np.ndarray:
 
 def build_faiss(x, kind: str = "flat", *, hnsw_m: int = 32, ef_search: int = 64,
                 nprobe: int = 16, seed: int = 0) -> tuple:
-    """A faiss index over ``x`` (N, D) float32, squared L2. Returns (index, params dict).
-
-    Following the faiss wiki's "Guidelines to choose an index": ``flat`` =
-    ``IndexFlatL2`` (exact); ``hnsw`` = ``IndexHNSWFlat(D, hnsw_m)`` searched with
-    ``efSearch = ef_search``; ``ivf`` = ``IndexIVFFlat`` with nlist = 4 sqrt(N), capped
-    at N / 39 (faiss wants >= 39 training points a list), k-means seeded by ``seed`` on
-    at most 64 nlist rows, ``nprobe`` lists visited (at most nlist).
-    """
+    """(faiss index over ``x`` (N, D) float32 by squared L2, params dict), as the faiss
+    wiki's "Guidelines to choose an index": ``flat`` = ``IndexFlatL2``; ``hnsw`` =
+    ``IndexHNSWFlat(D, hnsw_m)``, ``efSearch = ef_search``; ``ivf`` = ``IndexIVFFlat``,
+    nlist = 4 sqrt(N) capped at N / 39 (faiss wants >= 39 points a list), k-means seeded
+    by ``seed`` on at most 64 nlist rows, ``nprobe`` (<= nlist) lists visited."""
     import faiss
     x = check_matrix(x, "gallery")
     n, d = x.shape
@@ -316,13 +308,10 @@ def build_faiss(x, kind: str = "flat", *, hnsw_m: int = 32, ef_search: int = 64,
 
 
 def recall_at_k(index, x, k: int = 10, queries: int = 1000, seed: int = 0) -> dict:
-    """Recall@k of an (approximate) ``index`` over ``x`` against exact search.
-
-    On up to ``queries`` gallery rows (seeded sample) as queries: the share of the k
-    items :func:`knn` returns through ``index`` whose key is at most the exact k-th key
-    (so a tie at the k-th place counts whichever member came back), averaged. A flat
-    index gives 1.0. Returns ``{"recall_at_k", "k", "queries"}``.
-    """
+    """``{"recall_at_k", "k", "queries"}`` of ``index`` over ``x``: on up to ``queries``
+    gallery rows (seeded sample), the share of the k items :func:`knn` returns through
+    ``index`` whose key is at most the exact k-th key (a tie at the k-th place counts
+    whichever member came back). A flat index gives 1.0."""
     x = check_matrix(x, "gallery")
     k = min(k, len(x))
     pick = np.sort(np.random.default_rng(seed).choice(len(x), min(queries, len(x)), False))
