@@ -1,18 +1,13 @@
 """A saved nearest-neighbour index over a gallery of embeddings: build, save, load, search.
 
-On disk (``INDEX_DIR``), written under a temporary name, fsynced and renamed:
-
-    index.faiss   the faiss index (squared L2; flat, hnsw or ivf: neighbours.build_faiss)
-    labels.npy    (N,) int64 class ids (-1: unknown)
-    ids.json      {"ids": [N item ids], "class_names": [...] or null}
-    images.npy    (N, h, w) or (N, h, w, 3) uint8 thumbnails, at most THUMB pixels a side
-                  (image data only; ``--no-thumbnails`` skips them)
-    meta.json     :class:`IndexMeta`, checked field by field against its types on load
-
+The directory (docs/search.md, "The index directory"; written under a temporary name,
+fsynced, renamed): ``index.faiss`` (:func:`.neighbours.build_faiss`), ``labels.npy`` (N,)
+int64 class ids (-1 unknown), ``ids.json`` item ids and class names, ``images.npy``
+uint8 thumbnails (at most ``THUMB`` pixels a side; image data only, unless turned off),
+``meta.json`` (:class:`IndexMeta`, each field checked against its type on load).
 ``index_id`` is a sha256 over the content files; a calibrated threshold records it.
 Search is :func:`.neighbours.knn` by squared L2 in embedding units: exact for a flat
-index (leave-one-out over a run's test set gives its Precision@1), approximate for hnsw
-and ivf (recall@10 measured at build time).
+index, approximate for hnsw and ivf (recall@10 measured at build time).
 """
 from __future__ import annotations
 
