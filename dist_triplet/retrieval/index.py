@@ -210,8 +210,7 @@ class Index:
             with open(meta_path) as fh:
                 doc = json.load(fh)
         except FileNotFoundError:
-            raise ValueError(f"{meta_path} is missing: {path} is not an index "
-                             "directory") from None
+            raise ValueError(f"{meta_path} is missing: {path} is not an index directory") from None
         except ValueError as exc:
             raise ValueError(f"{meta_path}: not valid JSON ({exc}): corrupt index") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
