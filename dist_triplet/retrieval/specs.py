@@ -106,8 +106,7 @@ def _check_input(items: Items, model: ModelInput) -> Items:
     both shapes otherwise); flat rows for an image model get the model's image shape."""
     width, kind = int(items.x.shape[1]), items.kind
     mine = _hwc(items.image_shape) if kind == "images" else None
-    found = (f"{'x'.join(map(str, mine))} images ({width} values)" if kind == "images"
-             else f"{width}-D features" if kind == "features" else f"rows of {width} values")
+    found = ModelInput(width, kind, mine).describe()
     bad = width != model.units or (model.kind == kind == "images" and mine != model.image_shape)
     if bad or (model.kind is not None and kind is not None and kind != model.kind):
         raise ValueError(f"{items.source}: the model takes {model.describe()} ({model.where}), "
