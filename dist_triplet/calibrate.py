@@ -1,7 +1,5 @@
 """``python -m dist_triplet.calibrate`` (``dist-triplet-calibrate``): :mod:`dist_triplet.retrieval.cli`."""
-import sys
-
 from .retrieval.cli import calibrate_main as main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -277,7 +277,8 @@ class EvalConfig:
     query_seed: int = free(0, least=0, below=2**32)
     # Largest gallery searched exactly (items); beyond it faiss IVF (approximate, flagged
     # 'approximate' in the results). Default: 10k queries x 250k items ~ 11 s for P@1 on 2
-    # cores, measured (dist_triplet.metrics.EXACT_MAX_GALLERY).
+    # cores, measured with the engine before retrieval/neighbours.py
+    # (dist_triplet.retrieval.metrics.EXACT_MAX_GALLERY).
     exact_max_gallery: int = free(250_000, least=0)
     # faiss IVF cells visited per query (approximate search only): recall@100 = 1.0 on
     # Fashion-MNIST embeddings at 32 of sqrt(60,000) = 244 cells (retrieval.neighbours.recall_at_k).

@@ -1,7 +1,5 @@
 """``python -m dist_triplet.index`` (``dist-triplet-index``): :mod:`dist_triplet.retrieval.cli`."""
-import sys
-
 from .retrieval.cli import index_main as main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

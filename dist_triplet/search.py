@@ -1,7 +1,5 @@
 """``python -m dist_triplet.search`` (``dist-triplet-search``): :mod:`dist_triplet.retrieval.cli`."""
-import sys
-
 from .retrieval.cli import search_main as main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -10,9 +10,10 @@ mx = pytest.importorskip("mxnet", reason="export and embed run on MXNet")
 from dist_triplet import embed as embed_cli  # noqa: E402  (after the importorskip)
 from dist_triplet.config import load_config  # noqa: E402
 from dist_triplet.data import write_idx  # noqa: E402
-from dist_triplet.export import export_model, load_model, model_files, read_meta  # noqa: E402
+from dist_triplet.export import export_model, model_files  # noqa: E402
 from dist_triplet.model import build_embedding_net, embed, initialize  # noqa: E402
 from dist_triplet.loop import train  # noqa: E402
+from dist_triplet.retrieval.model import Model, read_meta  # noqa: E402
 
 CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 4, 12, 5
 
@@ -58,7 +59,7 @@ def test_export_then_load_reproduces_the_network(tmp_path):
         assert os.path.isfile(path)
     meta = read_meta(str(tmp_path / "model"))
     assert meta["input_units"] == 784 and meta["embedding_dim"] == 8 and meta["note"] == "unit test"
-    got = load_model(str(tmp_path / "model"))(mx.nd.array(x)).asnumpy()
+    got = Model(str(tmp_path / "model")).block(mx.nd.array(x)).asnumpy()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 

@@ -68,6 +68,27 @@ def test_separate_gallery_equals_the_loop(name, emb):
     np.testing.assert_allclose(dist, want_d, rtol=1e-12, atol=0)
 
 
+def test_nearest_over_several_tiles_equals_float64_argmin():
+    """k = 1 past one tile (768 rows): the symmetric upper-half pass of leave-one-out and
+    the query-by-gallery pass, with exact ties, equal the float64 keys' first minimum."""
+    rng = np.random.RandomState(5)
+    emb = rng.randint(0, 4, size=(1800, 3)).astype(np.float32)      # ties everywhere
+    emb[::2] += rng.rand(900, 3).astype(np.float32)                 # and unique points
+
+    def first_min(q, g, exclude=None):
+        d = ((q[:, None].astype(np.float64) - g[None]) ** 2).sum(-1)
+        if exclude is not None:
+            d[np.arange(len(q)), exclude] = np.inf
+        return d.argmin(axis=1)                   # the lowest index among equal keys
+
+    _, idx = knn(emb, emb, 1, exclude=np.arange(1800))
+    assert idx[:, 0].tolist() == first_min(emb, emb, np.arange(1800)).tolist()
+    q, g = emb[:1000], emb[500:]
+    _, idx = knn(q, g, 1)
+    assert idx[:, 0].tolist() == first_min(q, g).tolist()
+    assert (idx[500:, 0] < 500).all() and (idx[500:, 0] == np.arange(500)).mean() > 0.5
+
+
 def test_many_ties_beyond_the_candidates_go_to_numpy_and_stay_exact():
     # 300 copies of one point and a few others: the tie at rank 1 holds far more items than
     # faiss's candidate list, so the NumPy pass decides (lowest indices first).

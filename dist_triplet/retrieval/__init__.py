@@ -11,11 +11,9 @@ Python API (the commands of :mod:`.cli` are thin wrappers around it)::
     dist, pos = index.search(model.embed(queries.x), k=5)   # squared L2, ties: lower index
     doc = calibrate(index, model, read_items("RUN:test", model.input))   # a threshold
 
-Modules, lowest first: ``neighbours`` (:func:`knn`, the one neighbour engine, and the
-faiss builders), ``metrics`` (Precision@1, R-Precision, MAP@R from knn's indices),
-``specs`` (data specs), ``model`` (the exported network), ``index``, ``search``,
-``calibrate``, ``cli``. The package imports ``data``, ``config``, ``model`` and ``export``;
-none of them imports it.
+Modules, lowest first: ``neighbours`` (:func:`knn`), ``metrics``, ``specs``, ``model``,
+``index``, ``search``, ``calibrate``, ``cli``. The package imports ``data``, ``config``,
+``model`` and ``export``; none of them imports it.
 """
 from .calibrate import calibrate
 from .index import Index

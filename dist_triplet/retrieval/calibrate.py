@@ -1,22 +1,14 @@
 """Open-set matching: a distance threshold for an index (TensorFlow Similarity's
-``calibrate`` with its ``match_nearest`` strategy).
-
-The decision is "the nearest gallery item is within the threshold => the query has its
-class". Each labelled calibration query gives its nearest squared distance d (embedding
-units) and whether that item has its class (*right*; classes as
-:func:`.search.query_classes`). At threshold t, queries with d <= t are accepted:
-
-    precision(t) = accepted and right / accepted
-    recall(t)    = accepted and right / right
-
-``target_precision`` P picks the largest calibration distance whose precision is >= P
-(the most recall at that precision); ``best_f1`` the one of highest F1 (the smallest on
-ties). The data are split by a seeded permutation into a part that chooses t and a
-held-out part (``holdout_fraction``) where precision and recall at t are reported, or
-separate ``holdout`` data. A query whose id is a gallery item's is searched with that
-item left out. Warnings (in the result and on stderr): t = 0 (copies of gallery items
-under other ids: every accepted query is a duplicate), fewer than ``MIN_ACCEPTED``
-calibration queries accepted, held-out precision below the target.
+``calibrate`` with ``match_nearest``): a query whose nearest gallery item is within the
+threshold t is accepted as of that item's class. Each labelled query gives its nearest
+squared distance d and whether that item has its class (*right*; classes as
+:func:`.search.query_classes`; a query that is a gallery item, by id, is searched with
+itself left out). precision(t) = accepted and right / accepted, recall(t) = accepted and
+right / right. ``target_precision`` P picks the largest distance whose precision is >= P,
+``best_f1`` the one of highest F1 (the smallest on ties), on a seeded part of the data;
+the rest (``holdout_fraction``), or ``holdout`` data, reports precision and recall at t.
+Warnings: t = 0 (copies of gallery items under other ids), fewer than ``MIN_ACCEPTED``
+accepted calibration queries, held-out precision below the target.
 """
 from __future__ import annotations
 
@@ -87,16 +79,11 @@ def nearest_outcomes(index, model, items, batch_size: int = 2048,
 def calibrate(index, model, items, *, target_precision: Optional[float] = 0.9,
               best_f1: bool = False, holdout=None, holdout_fraction: float = 0.5, seed: int = 0,
               batch_size: int = 2048) -> dict:
-    """Choose a threshold for ``index`` on labelled ``items`` (:class:`.specs.Items`),
-    report it on held-out data (module docstring). Returns the threshold.json document:
-    ``index_id``, ``threshold`` (squared L2, embedding units), ``rule``,
-    ``target_precision``, ``data``, ``split``, ``calibration`` and ``holdout`` rates,
-    ``warnings`` (list of lines) and ``notes``.
-
-    Raises:
-        ValueError: no labels, a split that leaves a part empty, no threshold reaching the
-            target precision.
-    """
+    """The threshold.json document of ``index`` calibrated on labelled ``items``
+    (:class:`.specs.Items`; module docstring): ``index_id``, ``threshold`` (squared L2),
+    ``rule``, ``target_precision``, ``data``, ``split``, ``calibration`` and ``holdout``
+    rates, ``warnings`` and ``notes`` (lines). ValueError: no labels, a split that leaves
+    a part empty, no threshold reaching the target precision."""
     dist, right, notes = nearest_outcomes(index, model, items, batch_size)
     if holdout is not None:
         h_dist, h_right, h_notes = nearest_outcomes(index, model, holdout, batch_size,
@@ -126,7 +113,7 @@ def calibrate(index, model, items, *, target_precision: Optional[float] = 0.9,
     if target_precision is not None and not best_f1 and not hold_r["precision"] >= target_precision:
         warnings.append(f"warning: held-out precision {hold_r['precision']:.4f} is below the "
                         f"target {target_precision} ({hold_r['accepted']} accepted)")
-    return {"index_id": index.index_id, "threshold": thr,
+    return {"index_id": index.meta.index_id, "threshold": thr,
             "units": "squared L2 distance in embedding units",
             "rule": "best_f1" if best_f1 else "target_precision",
             "target_precision": None if best_f1 else target_precision, "data": items.source,

@@ -1,16 +1,9 @@
-"""The retrieval commands: ``index``, ``search``, ``calibrate``, ``embed``.
+"""The retrieval commands ``index``, ``search``, ``calibrate``, ``embed`` (docs/search.md).
 
-    python -m dist_triplet.index --model RUN/model --data RUN:train --out IX [--kind flat|hnsw|ivf]
-    python -m dist_triplet.calibrate --index IX --data RUN:test [--target-precision P | --best-f1]
-    python -m dist_triplet.search --index IX --query RUN:test --k 5 [--out r.jsonl] [--grid g.png]
-    python -m dist_triplet.embed --model RUN/model --input RUN:test --out emb.npy
-
-(or ``dist-triplet-index`` ... as console scripts). Every command: data specs as
-:mod:`.specs`; ``--data-format`` the data's format (``--format`` in index, calibrate and
-embed: a deprecated alias), ``--out-format`` search's jsonl / csv; an output that exists
-fails without ``--force``, missing parent directories are made (``embed --output`` and
-``calibrate --out``, default INDEX_DIR/threshold.json, alike); bad input is one line
-``error: ...`` and exit 2, with nothing written.
+Every command: data specs as :mod:`.specs`; ``--data-format`` the data's format
+(``--format``: a deprecated alias, except in search where it was the output's,
+``--out-format``); an output that exists fails without ``--force``, missing parent
+directories are made; bad input is one line ``error: ...`` and exit 2, nothing written.
 """
 from __future__ import annotations
 
@@ -29,14 +22,6 @@ from .specs import DataOptions, read_items
 __all__ = ["index_main", "search_main", "calibrate_main", "embed_main"]
 
 
-def _parser(name: str, description: str) -> argparse.ArgumentParser:
-    """A parser whose usage names the command as it was invoked: ``dist-triplet-NAME``
-    (console script) or ``python -m dist_triplet.NAME``."""
-    script = os.path.basename(sys.argv[0]) if sys.argv else ""
-    prog = script if script == f"dist-triplet-{name}" else f"python -m dist_triplet.{name}"
-    return argparse.ArgumentParser(prog=prog, description=description)
-
-
 class _Deprecated(argparse.Action):
     """An old spelling: stores into the new option's dest and says so once on stderr."""
 
@@ -46,7 +31,16 @@ class _Deprecated(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _data_options(p: argparse.ArgumentParser, old_format: bool = True) -> None:
+def _parser(name: str, description: str, batch_size: int = 2048,
+            old_format: bool = True) -> argparse.ArgumentParser:
+    """A parser whose usage names the command as it was invoked (``dist-triplet-NAME``, a
+    console script, or ``python -m dist_triplet.NAME``), with every command's options:
+    ``--force``, ``--batch-size`` and the data options."""
+    script = os.path.basename(sys.argv[0]) if sys.argv else ""
+    prog = script if script == f"dist-triplet-{name}" else f"python -m dist_triplet.{name}"
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="rows per forward pass")
     g = p.add_argument_group("data path options (data.* keys, as the trainer reads them)")
     formats = ("auto", "idx", "npz", "folder", "csv")
     g.add_argument("--data-format", choices=formats, help="data.format of a data path "
@@ -60,6 +54,7 @@ def _data_options(p: argparse.ArgumentParser, old_format: bool = True) -> None:
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any data.* key, e.g. --set split=classes (repeatable); applies to a "
                         "run's data section too")
+    return p
 
 
 def _options(args) -> DataOptions:
@@ -88,8 +83,6 @@ _SPEC_HELP = ("RUN_DIR[:train|:test|:all] (the run's own data), a config .yaml[:
               "IDX directory)[:split], or an IDX images file / .npy (default split test)")
 
 
-# ----------------------------------------------------------------------------- index
-
 def index_main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m dist_triplet.index``; returns the exit status (0, or 2 on bad input)."""
     p = _parser("index", "Embed a gallery and save a faiss index of it.")
@@ -97,16 +90,13 @@ def index_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--data", required=True, help="gallery: " + _SPEC_HELP)
     p.add_argument("--labels", help="labels for a file --data: IDX labels or integer .npy")
     p.add_argument("--out", required=True, help="index directory to write")
-    p.add_argument("--force", action="store_true", help="replace an existing index at --out")
     p.add_argument("--kind", choices=("flat", "hnsw", "ivf"), default="flat",
                    help="flat = exact (default); hnsw / ivf = approximate")
     p.add_argument("--hnsw-m", type=int, default=32)
     p.add_argument("--ef-search", type=int, default=64, help="hnsw efSearch")
     p.add_argument("--nprobe", type=int, default=16, help="ivf lists probed per query")
-    p.add_argument("--batch-size", type=int, default=2048, help="rows per forward pass")
     p.add_argument("--no-thumbnails", action="store_true",
                    help="store no images.npy (thumbnails for search --grid)")
-    _data_options(p)
     return _run(_index, p.parse_args(argv))
 
 
@@ -135,15 +125,13 @@ def _index(args) -> int:
     index.save(args.out, force=args.force)
     print(f"wrote {args.out}: {args.kind} index of {len(emb)} x {emb.shape[1]} embeddings of "
           f"{items.source} (embed {t_embed:.2f} s, build {index.meta.time_build_s:.2f} s, id "
-          f"{index.index_id[:12]})", flush=True)
+          f"{index.meta.index_id[:12]})", flush=True)
     return 0
 
 
-# ----------------------------------------------------------------------------- search
-
 def search_main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m dist_triplet.search``; returns the exit status (0, or 2 on bad input)."""
-    p = _parser("search", "Top-k neighbours of queries in a saved index.")
+    p = _parser("search", "Top-k neighbours of queries in a saved index.", old_format=False)
     p.add_argument("--index", required=True, help="index directory (python -m dist_triplet.index)")
     p.add_argument("--query", "--data", dest="query", required=True, help="queries: " + _SPEC_HELP)
     p.add_argument("--labels", help="labels for a file --query: IDX labels or integer .npy")
@@ -152,15 +140,12 @@ def search_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--format", dest="out_format", choices=("jsonl", "csv"), action=_Deprecated,
                    metavar="--out-format", help=argparse.SUPPRESS)
     p.add_argument("--out", help="write results here (atomically) instead of stdout")
-    p.add_argument("--force", action="store_true", help="replace an existing --out / --grid")
     p.add_argument("--grid", help="PNG of queries (from every class) beside their neighbours")
     p.add_argument("--grid-rows", type=int, default=8, help="queries in the --grid picture")
     p.add_argument("--model", help="model export (default: the one the index was built with)")
     p.add_argument("--threshold", help="threshold file (default INDEX_DIR/threshold.json if any)")
     p.add_argument("--exclude-self", action="store_true",
                    help="leave out the gallery item with the query's id (gallery vs itself)")
-    p.add_argument("--batch-size", type=int, default=2048, help="rows per forward pass")
-    _data_options(p, old_format=False)                 # --format is the output's here
     return _run(_search, p.parse_args(argv))
 
 
@@ -220,8 +205,6 @@ def _search(args) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- calibrate
-
 def calibrate_main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m dist_triplet.calibrate``; returns the exit status (0, or 2 on bad input)."""
     p = _parser("calibrate", "Choose and store a match threshold for an index.")
@@ -239,9 +222,6 @@ def calibrate_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration/held-out split")
     p.add_argument("--model", help="model export (default: the index's)")
     p.add_argument("--out", help="threshold file to write (default INDEX_DIR/threshold.json)")
-    p.add_argument("--force", action="store_true", help="replace an existing threshold file")
-    p.add_argument("--batch-size", type=int, default=2048)
-    _data_options(p)
     return _run(_calibrate, p.parse_args(argv))
 
 
@@ -278,20 +258,15 @@ def _calibrate(args) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- embed
-
 def embed_main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m dist_triplet.embed``; returns the exit status (0, or 2 on bad input)."""
-    p = _parser("embed", "Embed images with a model exported by dist_triplet training.")
+    p = _parser("embed", "Embed images with a model exported by dist_triplet training.", 1024)
     p.add_argument("--model", required=True, help="export directory (RUN/model) or run dir")
     p.add_argument("--input", required=True, help="rows to embed: " + _SPEC_HELP)
     p.add_argument("--out", help="output .npy, (N, D) float32 (required)")
     p.add_argument("--output", dest="out", action=_Deprecated, metavar="--out",
                    help=argparse.SUPPRESS)
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
-    p.add_argument("--batch-size", type=int, default=1024, help="rows per forward pass")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="cpu, or gpu (GPU 0)")
-    _data_options(p)
     args = p.parse_args(argv)
     if args.out is None:
         p.error("the following arguments are required: --out")

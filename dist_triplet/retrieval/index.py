@@ -1,21 +1,13 @@
-"""A saved nearest-neighbour index over a gallery of embeddings: build, save, load, search
-(the package docstring shows the Python API).
+"""A saved nearest-neighbour index over a gallery of embeddings: build, save, load, search.
 
-On disk (``INDEX_DIR``), written under a temporary name, fsynced and renamed (a reader
-sees no index or a whole one):
-
-    index.faiss   the faiss index (squared L2; flat, hnsw or ivf: neighbours.build_faiss)
-    labels.npy    (N,) int64 class ids (-1: unknown)
-    ids.json      {"ids": [N item ids], "class_names": [...] or null}
-    images.npy    (N, h, w) or (N, h, w, 3) uint8 thumbnails, at most THUMB pixels a side
-                  (image data only; ``--no-thumbnails`` skips them)
-    meta.json     :class:`IndexMeta`, checked field by field against its types on load
-
+The directory (docs/search.md, "The index directory"; written under a temporary name,
+fsynced, renamed): ``index.faiss`` (:func:`.neighbours.build_faiss`), ``labels.npy`` (N,)
+int64 class ids (-1 unknown), ``ids.json`` item ids and class names, ``images.npy``
+uint8 thumbnails (at most ``THUMB`` pixels a side; image data only, unless turned off),
+``meta.json`` (:class:`IndexMeta`, each field checked against its type on load).
 ``index_id`` is a sha256 over the content files; a calibrated threshold records it.
-Distances are squared Euclidean distances in embedding units (the triplet margin's).
-Search is :func:`.neighbours.knn`: exact with ties to the lower gallery position for a
-flat index (so leave-one-out over a run's test set reproduces its Precision@1), the
-re-ranked candidates of faiss for hnsw / ivf (recall@10 measured at build time).
+Search is :func:`.neighbours.knn` by squared L2 in embedding units: exact for a flat
+index, approximate for hnsw and ivf (recall@10 measured at build time).
 """
 from __future__ import annotations
 
@@ -33,16 +25,11 @@ from ..fsutil import atomic_dir, check_can_write
 from .neighbours import build_faiss, knn, recall_at_k
 from .model import sha256_file
 
-__all__ = ["Index", "IndexMeta", "ModelRef", "IndexInputError", "thumbnails", "FORMAT",
-           "THUMB", "check_out"]
+__all__ = ["Index", "IndexMeta", "ModelRef", "thumbnails", "FORMAT", "THUMB", "check_out"]
 
 FORMAT = "dist_triplet.index/2"
 THUMB = 32                      # thumbnails: at most this many pixels a side
 _CONTENT = ("index.faiss", "labels.npy", "ids.json")      # hashed into index_id
-
-
-class IndexInputError(ValueError):
-    """Bad index directory or request (the message names the file and the value)."""
 
 
 @dataclass
@@ -77,7 +64,7 @@ class IndexMeta:
 
     @classmethod
     def from_json(cls, doc, where: str) -> "IndexMeta":
-        """The meta of ``doc``; IndexInputError naming ``where`` and the key when a key is
+        """The meta of ``doc``; ValueError naming ``where`` and the key when a key is
         missing or holds a value of another type (an edited or damaged index)."""
         return _typed(cls, doc, where, "")
 
@@ -85,21 +72,21 @@ class IndexMeta:
 def _typed(cls, doc, where: str, prefix: str):
     """``cls`` (a dataclass) from ``doc``, each field checked against its type hint."""
     if not isinstance(doc, dict):
-        raise IndexInputError(f"{where}: {prefix.rstrip('.') or 'meta.json'} is not a JSON object")
+        raise ValueError(f"{where}: {prefix.rstrip('.') or 'meta.json'} is not a JSON object")
     hints, values = typing.get_type_hints(cls), {}
     for f in dataclasses.fields(cls):
         key = prefix + f.name
         if f.name not in doc:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise IndexInputError(f"{where}: key {key!r} missing: corrupt or edited index; "
-                                      "rebuild it with dist_triplet.index")
+                raise ValueError(f"{where}: key {key!r} missing: corrupt or edited index; "
+                                 "rebuild it with dist_triplet.index")
             continue
         value, hint = doc[f.name], hints[f.name]
         if dataclasses.is_dataclass(hint):
             value = _typed(hint, value, where, key + ".")
         elif not _fits(value, hint):
-            raise IndexInputError(f"{where}: key {key!r} is {value!r}, expected {hint}: corrupt "
-                                  "or edited index; rebuild it with dist_triplet.index")
+            raise ValueError(f"{where}: key {key!r} is {value!r}, expected {hint}: corrupt "
+                             "or edited index; rebuild it with dist_triplet.index")
         values[f.name] = value
     return cls(**values)
 
@@ -109,16 +96,11 @@ def _fits(value, hint) -> bool:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Union:
         return any(_fits(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if origin is list:
-        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(isinstance(k, str) and _fits(v, args[1])
-                                               for k, v in value.items())
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    if origin in (list, dict):
+        inner = value.values() if isinstance(value, dict) else value
+        return isinstance(value, origin) and all(_fits(v, args[-1]) for v in inner)
+    hint = (int, float) if hint is float else hint
+    return isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
 
 
 def thumbnails(x: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
@@ -161,22 +143,15 @@ class Index:
     def dim(self) -> int:
         return int(self.faiss.d)
 
-    @property
-    def index_id(self) -> str:
-        return self.meta.index_id
-
     @classmethod
     def build(cls, embeddings, labels=None, ids=None, class_names=None, *, kind: str = "flat",
               images: Optional[np.ndarray] = None, model: Optional[ModelRef] = None,
               data: str = "", hnsw_m: int = 32, ef_search: int = 64, nprobe: int = 16,
               seed: int = 0) -> "Index":
-        """An index over ``embeddings`` (N, D) float32 (:func:`.neighbours.build_faiss`;
-        an approximate kind measures its recall@10 on 1,000 gallery items).
-
-        ``labels`` (N,) int (-1 / None: unknown), ``ids`` N strings (default row
-        numbers), ``class_names`` per class id, ``images`` (N, h, w[, c]) uint8
-        thumbnails or None, ``model`` the :class:`ModelRef` written to meta.json.
-        """
+        """An index over ``embeddings`` (N, D) float32 (:func:`.neighbours.build_faiss`; an
+        approximate kind measures its recall@10 on 1,000 gallery items); ``labels`` (N,)
+        int (-1 / None: unknown), ``ids`` N strings (default row numbers), ``class_names``
+        per class id, ``images`` (N, h, w[, c]) uint8 thumbnails or None."""
         import time
         t0 = time.perf_counter()
         index, params = build_faiss(embeddings, kind, hnsw_m=hnsw_m, ef_search=ef_search,
@@ -222,38 +197,37 @@ class Index:
 
     @classmethod
     def load(cls, path: str) -> "Index":
-        """Load and verify ``path``. Raises IndexInputError naming the file: a missing
+        """Load and verify ``path``. Raises ValueError naming the file: a missing
         directory or file, meta.json that is not valid or not of :class:`IndexMeta`'s
         types, a file whose sha256 differs (corrupt or edited), a count or width that
         does not match the files."""
         import faiss
         if not os.path.isdir(path):
-            raise IndexInputError(f"index directory {path} does not exist (build one with "
-                                  "python -m dist_triplet.index)")
+            raise ValueError(f"index directory {path} does not exist (build one with "
+                             "python -m dist_triplet.index)")
         meta_path = os.path.join(path, "meta.json")
         try:
             with open(meta_path) as fh:
                 doc = json.load(fh)
         except FileNotFoundError:
-            raise IndexInputError(f"{meta_path} is missing: {path} is not an index "
-                                  "directory") from None
+            raise ValueError(f"{meta_path} is missing: {path} is not an index directory") from None
         except ValueError as exc:
-            raise IndexInputError(f"{meta_path}: not valid JSON ({exc}): corrupt index") from None
+            raise ValueError(f"{meta_path}: not valid JSON ({exc}): corrupt index") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             found = doc.get("format") if isinstance(doc, dict) else doc
-            raise IndexInputError(f"{meta_path}: format {found!r} is not {FORMAT!r}; rebuild "
-                                  "the index with python -m dist_triplet.index")
+            raise ValueError(f"{meta_path}: format {found!r} is not {FORMAT!r}; rebuild "
+                             "the index with python -m dist_triplet.index")
         meta = IndexMeta.from_json(doc, meta_path)
         for name in _CONTENT:
             if name not in meta.files:
-                raise IndexInputError(f"{meta_path}: lists no {name}: corrupt index")
+                raise ValueError(f"{meta_path}: lists no {name}: corrupt index")
         for name, digest in meta.files.items():
             fpath = os.path.join(path, name)
             if not os.path.isfile(fpath):
-                raise IndexInputError(f"{fpath} is missing: incomplete index directory")
+                raise ValueError(f"{fpath} is missing: incomplete index directory")
             if sha256_file(fpath) != digest:
-                raise IndexInputError(f"{fpath}: sha256 differs from meta.json's: the file is "
-                                      "corrupt or was changed after the index was built")
+                raise ValueError(f"{fpath}: sha256 differs from meta.json's: the file is "
+                                 "corrupt or was changed after the index was built")
         try:
             index = faiss.read_index(os.path.join(path, "index.faiss"))
             labels = np.load(os.path.join(path, "labels.npy"), allow_pickle=False)
@@ -262,15 +236,15 @@ class Index:
             images = (np.load(os.path.join(path, "images.npy"), mmap_mode="r")
                       if "images.npy" in meta.files else None)
         except (RuntimeError, ValueError, OSError) as exc:
-            raise IndexInputError(f"{path}: cannot read the index: "
-                                  f"{str(exc).splitlines()[0]}") from None
+            raise ValueError(f"{path}: cannot read the index: "
+                             f"{str(exc).splitlines()[0]}") from None
         n = int(index.ntotal)
         if (meta.count, meta.dim) != (n, int(index.d)) or labels.shape != (n,) \
                 or len(ids.get("ids", [])) != n:
-            raise IndexInputError(f"{meta_path}: count {meta.count} and dim {meta.dim}, but "
-                                  f"index.faiss holds {n} x {index.d}, labels.npy "
-                                  f"{labels.shape[0]}, ids.json {len(ids.get('ids', []))}: "
-                                  "corrupt or edited index; rebuild it")
+            raise ValueError(f"{meta_path}: count {meta.count} and dim {meta.dim}, but "
+                             f"index.faiss holds {n} x {index.d}, labels.npy "
+                             f"{labels.shape[0]}, ids.json {len(ids.get('ids', []))}: "
+                             "corrupt or edited index; rebuild it")
         if meta.kind == "hnsw":
             index.hnsw.efSearch = int(meta.params.get("efSearch", 64))
         elif meta.kind == "ivf":
@@ -292,27 +266,16 @@ class Index:
 
     def search(self, queries, k: int, exclude: Optional[np.ndarray] = None,
                progress: Optional[str] = None) -> tuple:
-        """Top-``k`` gallery items of each query (:func:`.neighbours.knn`).
-
-        Args:
-            queries: (M, D) float32 embeddings of this index's model.
-            k: 1 <= k <= N (N - 1 when excluding).
-            exclude: (M,) int64 gallery position left out per query (-1: none).
-            progress: title of a progress bar over the search (on a terminal).
-
-        Returns:
-            (dist (M, k) float64 squared L2 in embedding units, pos (M, k) int64 gallery
-            positions, -1 / inf where an approximate index found fewer).
-
-        Raises:
-            IndexInputError: another width than D, or k out of range.
-        """
+        """Top-``k`` gallery items of ``queries`` (M, D) float32 by :func:`.neighbours.knn`
+        (``exclude``, ``progress`` as there): (dist (M, k) float64 squared L2, pos (M, k)
+        int64 gallery positions, -1 / inf where an approximate index found fewer).
+        ValueError: another width than D, or k out of range."""
         q = np.asarray(queries)
         if q.ndim != 2 or q.shape[1] != self.dim:
-            raise IndexInputError(f"queries have shape {q.shape}, the index {self.dir} holds "
-                                  f"{self.dim}-wide embeddings")
+            raise ValueError(f"queries have shape {q.shape}, the index {self.dir} holds "
+                             f"{self.dim}-wide embeddings")
         try:
             return knn(q, self.vectors(), k, exclude=exclude, progress=progress,
                        index=None if self.meta.kind == "flat" else self.faiss)
         except ValueError as exc:
-            raise IndexInputError(f"{self.dir}: {exc}") from None
+            raise ValueError(f"{self.dir}: {exc}") from None

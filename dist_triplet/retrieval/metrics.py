@@ -59,30 +59,26 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb=None, gallery_labels=
     """Precision@1, R-Precision and MAP@R of retrieval by squared L2 (module docstring).
 
     Without a gallery: leave-one-out, each query against all *other* queries
-    (AccuracyCalculator with the query set as the reference). With one (e.g. the training
-    set): each query against every gallery item; Precision@1 is then the 1-NN accuracy.
-    Neighbours come from :func:`knn`: exact, ties to the lower gallery index, when the
-    gallery has at most ``exact_max_gallery`` items; beyond, from a faiss IVF index
-    (:func:`build_faiss`, ``nprobe`` lists visited, seeded by ``seed``) and the result
-    carries ``approximate: True``. Precision@1 alone asks for 1 neighbour, the others
-    for max R.
+    (AccuracyCalculator with the query set as the reference); with one (e.g. the training
+    set), Precision@1 is the 1-NN accuracy. Neighbours from :func:`knn`, exact when the
+    gallery has at most ``exact_max_gallery`` items, else from a faiss IVF index
+    (``nprobe`` lists, seeded by ``seed``; the result then has ``approximate: True``).
 
     Args:
-        query_emb: (Q, D) float, finite; units of the embedding.
-        query_labels: (Q,) class labels (any comparable values).
+        query_emb: (Q, D) float, finite; query_labels: (Q,) comparable class labels.
         gallery_emb, gallery_labels: (N, D) and (N,), both or neither.
-        metrics: a non-empty subset of ``RETRIEVAL_METRICS``.
-        max_queries: 0 = every query; else a uniform sample of that many of the queries
-            with R >= 1, ``numpy.random.RandomState(seed).choice``, against the full gallery.
+        metrics: a non-empty subset of ``RETRIEVAL_METRICS`` (Precision@1 alone asks
+            knn for 1 neighbour, the others for max R).
+        max_queries: 0 = every query; else ``numpy.random.RandomState(seed).choice`` of
+            that many of the queries with R >= 1, against the full gallery.
 
     Returns:
-        dict: the requested metrics (float in [0, 1]; NaN when no query counts,
-        written as null by :func:`dist_triplet.fsutil.write_json`),
-        ``queries`` (counted) and ``excluded_queries`` (R == 0); ``approximate: True``
-        when faiss IVF searched.
+        dict: the metrics (float in [0, 1]; NaN when no query counts, null in JSON by
+        :func:`dist_triplet.fsutil.write_json`), ``queries`` (counted) and
+        ``excluded_queries`` (R == 0).
 
     Raises:
-        ValueError: shapes that do not fit, only one of the gallery arguments, a bad
+        ValueError: shapes that do not fit, one gallery argument alone, a bad
             ``max_queries`` or metric name, non-finite embeddings.
     """
     q_lab = np.asarray(query_labels)

@@ -1,21 +1,24 @@
-"""An exported embedding network (:mod:`dist_triplet.export`), loaded for inference.
-
-meta.json (written by the export) records the model's input: ``input_units`` F, and
-``image_shape`` (H, W, C) for images -- C channels, Pillow mode L (1) or RGB (3) -- or
-null for features; :class:`~.specs.ModelInput` reads it and every data spec is checked
-against it. ``embedding_dim`` D is the output width.
+"""An exported embedding network (:mod:`dist_triplet.export`), loaded for inference by
+``gluon.SymbolBlock.imports`` (MXNet 1.9 docs, "Saving and Loading Gluon Models: Export
+Network for Deployment"): neither this package's model code nor the training config is
+needed. meta.json records the input: ``input_units`` F, and ``image_shape`` (H, W, C)
+for images -- C channels, Pillow mode L (1) or RGB (3) -- or null for features
+(:class:`~.specs.ModelInput`; every data spec is checked against it); ``embedding_dim`` D.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
+import warnings
+
 import numpy as np
 
-from ..export import load_model, model_files, mxnet_error_line, read_meta
+from ..export import INPUT_NAME, model_files, mxnet_error_line
 from .specs import ModelInput
 
-__all__ = ["Model", "sha256_file", "MAX_SQ_NORM"]
+__all__ = ["Model", "read_meta", "sha256_file", "MAX_SQ_NORM"]
 
 # faiss and the float32 candidate search compute |q|^2 + |x|^2 - 2 q.x: it must stay
 # below float32's largest value (else inf and no neighbour).
@@ -30,6 +33,61 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def read_meta(directory: str) -> dict:
+    """meta.json of an export ({} if absent: exports by other tools have none).
+    ValueError naming the file: not valid JSON, or not a JSON object."""
+    path = model_files(directory)[2]
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, "rb") as fh:
+            meta = json.loads(fh.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object (export metadata), found a JSON "
+                         f"{type(meta).__name__}")
+    return meta
+
+
+def _load_block(directory: str, ctx):
+    """The export in ``directory`` as a ``gluon.SymbolBlock`` on ``ctx``. FileNotFoundError:
+    the directory or a file is missing; ValueError: a file path, or files MXNet cannot load
+    (one line naming the file and the last line of MXNet's message)."""
+    import mxnet as mx
+    from mxnet import gluon
+
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"model path {directory} is a file, not a directory: pass the export "
+                         "directory a training run writes as <run dir>/model")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"model directory {directory} does not exist; a training run "
+                                "writes it as <run dir>/model")
+    sym, params, _ = model_files(directory)
+    for path in (sym, params):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: {directory} is not a complete export "
+                                    f"(expected {os.path.basename(sym)} and "
+                                    f"{os.path.basename(params)})")
+    errors = (mx.base.MXNetError, AssertionError, ValueError, KeyError, TypeError,
+              UnicodeDecodeError, RuntimeError)
+    # Load each file alone first, so that the error names the file that is broken.
+    for path, loader in ((sym, mx.sym.load), (params, mx.nd.load)):
+        try:
+            loader(path)
+        except errors as exc:
+            raise ValueError(f"{path}: MXNet cannot load it: {mxnet_error_line(exc)}") from None
+    try:
+        with warnings.catch_warnings():
+            # MXNet notes that the graph does not record the input dtype: it is float32.
+            warnings.filterwarnings("ignore", message="Cannot decide type")
+            return gluon.SymbolBlock.imports(sym, [INPUT_NAME], params, ctx=ctx)
+    except errors as exc:
+        raise ValueError(f"cannot load the export in {directory} ({os.path.basename(sym)} and "
+                         f"{os.path.basename(params)} do not match): "
+                         f"{mxnet_error_line(exc)}") from None
+
+
 class Model:
     """An export directory (or a run directory holding ``model/``), loaded on ``ctx``.
 
@@ -37,17 +95,18 @@ class Model:
     (B, D) float32), ``input`` (:class:`ModelInput`), ``dim`` D (or None), ``params_sha256``.
 
     Raises:
-        FileNotFoundError / ValueError: as :func:`dist_triplet.export.load_model`; a
-            meta.json ``input_units`` that is not a positive integer.
+        FileNotFoundError / ValueError: a missing or broken export (:func:`_load_block`,
+            :func:`read_meta`); a meta.json ``input_units`` that is not a positive integer.
     """
 
     def __init__(self, path: str, ctx=None):
+        import mxnet as mx
         if not os.path.isfile(model_files(path)[0]) and os.path.isfile(
                 model_files(os.path.join(path, "model"))[0]):
             path = os.path.join(path, "model")            # a run directory
         self.dir = os.path.abspath(path)
-        self.block = load_model(self.dir, ctx)
-        self.ctx = ctx
+        self.ctx = ctx or mx.cpu()
+        self.block = _load_block(self.dir, self.ctx)
         _, params, meta_path = model_files(self.dir)
         meta = read_meta(self.dir)
         units = meta.get("input_units")
@@ -73,13 +132,13 @@ class Model:
         from ..model import embed
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        ctx = self.ctx if self.ctx is not None else mx.cpu()
         out = []
         with tqdm(total=len(x), desc=desc, unit="item", disable=not sys.stderr.isatty(),
                   leave=False) as bar:
             for start in range(0, len(x), batch_size):
                 try:
-                    out.append(embed(self.block, x[start:start + batch_size], ctx, batch_size))
+                    out.append(embed(self.block, x[start:start + batch_size], self.ctx,
+                                     batch_size))
                 except mx.base.MXNetError as exc:
                     raise ValueError(f"the model in {self.dir} failed on {source}: "
                                      f"{mxnet_error_line(exc)}") from None

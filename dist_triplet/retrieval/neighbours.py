@@ -1,14 +1,12 @@
 """The one neighbour engine: the k nearest gallery items by squared L2, ties to the lower index.
 
-Everything in the package that ranks neighbours calls :func:`knn`: the evaluation's
-metrics (:mod:`.metrics`), the saved index and search (:mod:`.index`), calibrate and the
-run report. As pytorch-metric-learning's ``utils/inference.py`` (``FaissKNN``), faiss
-proposes the candidates (``IndexFlatL2``: exact; ``hnsw`` / ``ivf``: approximate,
-:func:`build_faiss`); unlike it, the order is defined to the last bit.
+Everything that ranks neighbours calls :func:`knn`: the metrics, the saved index and
+search, calibrate and the run report. Exact search is NumPy (float32 GEMM, float64 where
+the order is uncertain); faiss ``hnsw`` / ``ivf`` indexes (:func:`build_faiss`) propose
+approximate candidates, as pytorch-metric-learning's ``FaissKNN``, re-ranked alike.
 
 The ranking key of a query q and a gallery item x (both taken as float32) is
-``key = sum_d (q_d - x_d)^2`` in float64 (the differences are exact; the squares and the
-sum round by at most (D + 1) 2^-53 relative), set to exactly 0 when it is at most
+``key = sum_d (q_d - x_d)^2`` in float64, set to exactly 0 when it is at most
 ``SNAP (||q||^2 + ||x||^2)``: below what a float expansion can tell from 0, so the rows of
 a collapsed network, equal up to a few ulps, tie. Equal keys go to the lower gallery index.
 """
@@ -41,8 +39,7 @@ def check_matrix(values, name: str) -> np.ndarray:
 
 
 def _pair_keys(q, g, q_sq, g_sq, qi: np.ndarray, gi: np.ndarray) -> np.ndarray:
-    """Ranking keys of the pairs (q[qi], g[gi]): (M,) float64, gathered in blocks; q_sq,
-    g_sq: the rows' float64 squared norms, for the snap to 0."""
+    """(M,) float64 keys of the pairs (q[qi], g[gi]); q_sq, g_sq: float64 squared norms."""
     out = np.empty(len(qi))
     step = max(1, _BLOCK // q.shape[1])
     for s in range(0, len(qi), step):
@@ -55,11 +52,9 @@ def _pair_keys(q, g, q_sq, g_sq, qi: np.ndarray, gi: np.ndarray) -> np.ndarray:
 
 
 def _top_k_ties(keys: np.ndarray, k: int) -> np.ndarray:
-    """The k smallest columns of each row of ``keys`` (B, N), ordered by (key, column).
-
-    ``argpartition`` alone picks an arbitrary subset of the columns tied with the k-th
-    value, so the k-th value t is found and the set rebuilt: every column below t, then
-    the lowest columns equal to t until k. Requires k finite values per row."""
+    """The k smallest columns of each row of ``keys`` (B, N), ordered by (key, column):
+    every column below the k-th value t, then the lowest columns equal to t (argpartition
+    alone would pick any of them). Requires k finite values per row."""
     b, _ = keys.shape
     t = np.partition(keys, k - 1, axis=1)[:, k - 1:k]
     below, equal = keys < t, keys == t
@@ -77,7 +72,7 @@ def _exact_rows(q: np.ndarray, g: np.ndarray, g_sq: np.ndarray, k: int,
     step = max(1, _BLOCK // max(len(g), 1))
     for s in range(0, len(q), step):
         qb = q[s:s + step].astype(np.float64)
-        q_sq = np.einsum("ij,ij->i", qb, qb)
+        q_sq = _sq(qb)
         scale = q_sq[:, None] + g_sq[None, :]
         approx = scale - 2.0 * (qb @ g64.T)
         err = 2 * (g.shape[1] + 8) * _U64 * scale
@@ -99,24 +94,20 @@ def knn(query, gallery, k: int, *, exclude: Optional[np.ndarray] = None, index=N
         ) -> Tuple[Optional[np.ndarray], np.ndarray]:
     """The k nearest gallery items of each query: squared L2, ties to the lower index.
 
-    Why re-ranking only the uncertain candidates in float64 is exact: faiss's float32
-    distance ``f = ||q||^2 + ||x||^2 - 2 q.x`` lies within
-    ``tol = 2 (D + 8) 2^-24 (||q||^2 + max ||x||^2) + SNAP (...)`` of the key (exact
-    search: q and x centred on the gallery's mean first, which keeps distances and
-    shrinks the norms, hence the bound; the extra 8 u cover that rounding) (a D-term dot
-    product errs by at most gamma_D sum |q_d x_d| <= gamma_D (||q||^2 + ||x||^2) / 2,
-    Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed., 3.1; the snap to 0
-    moves a key by at most SNAP (...)). Sort the m candidates by f. Where two consecutive
-    values differ by more than 2 tol, every key before the gap is below every key after
-    it, including the keys of the items faiss did not return (their f is at least the
-    last candidate's). So the order is certain except inside runs of candidates linked
-    by gaps <= 2 tol: only those get exact keys and are re-sorted by (key, index). A
-    query whose k-th candidate's run reaches the last candidate (a near-collapse, or
-    many exact ties) is searched again over the whole gallery by NumPy: a float64 GEMM
-    bounds every key within 2 (D + 8) 2^-53 (||q||^2 + ||x||^2), pairs that bound puts
-    below the snap are 0 with no more work, and the others that could reach the top k
-    get their exact key. An approximate ``index`` (hnsw, ivf) gets the same re-ranking
-    of what it returns, but may miss items: its result is not exact.
+    Exact (``index`` None or flat): q and x centred on the gallery's mean (same keys,
+    smaller norms), one float32 GEMM per tile of ``[-2q, ||q||^2, 1] . [x, 1, ||x||^2]``
+    gives each key within ``tol = 2 (D + 8) 2^-24 (||q||^2 + max ||x||^2) + SNAP (...)``
+    (a (D + 2)-term dot product errs by at most gamma_{D+2} sum |terms|, Higham,
+    "Accuracy and Stability of Numerical Algorithms", 2nd ed., 3.1; the spare u's cover
+    the centring's rounding). k = 1: the row minimum stands when the runner-up is more
+    than 2 tol above it (symmetric upper half only, when the queries are the gallery left
+    out one by one). Else the candidates are the items within 2 tol of the k-th smallest;
+    sorted, where two neighbours differ by more than 2 tol the order across the gap is
+    certain, so only runs linked by gaps <= 2 tol get exact keys, sorted by (key, index).
+    A query with more than 4 k + 64 candidates (near-collapse, many ties) goes to a
+    float64 GEMM, within 2 (D + 8) 2^-53 (...): pairs it puts below the snap are 0, the
+    others that may reach the top k get exact keys. An approximate ``index`` has its
+    candidates re-ranked alike (tol from the uncentred norms) but may miss items.
 
     Args:
         query: (Q, D) float (taken as float32, as faiss takes it), finite.
@@ -124,11 +115,9 @@ def knn(query, gallery, k: int, *, exclude: Optional[np.ndarray] = None, index=N
         k: neighbours per query, 1 <= k <= N (N - 1 when anything is excluded).
         exclude: (Q,) int, a gallery index each query never gets (-1: none); leave-one-out
             over a set passes ``np.arange(Q)`` with ``query`` the gallery.
-        index: a faiss index over ``gallery`` (:func:`build_faiss`), or None: an exact
-            ``IndexFlatL2`` made here.
-        distances: also return the keys (exact; skipped when only the order is needed,
-            e.g. for the metrics' R nearest neighbours).
-        progress: a tqdm bar with this title over the search (shown on a terminal only).
+        index: a faiss index over ``gallery`` (:func:`build_faiss`), or None (exact).
+        distances: also return the keys.
+        progress: a tqdm bar with this title over the search (on a terminal).
 
     Returns:
         (sq_distances (Q, k) float64 keys or None, indices (Q, k) int64), nearest first;
@@ -150,107 +139,150 @@ def knn(query, gallery, k: int, *, exclude: Optional[np.ndarray] = None, index=N
     if not 1 <= k <= room:
         raise ValueError(f"k={k} but the gallery has {n} items"
                          f"{' (one left out per query)' if room < n else ''}: use 1 <= k <= {room}")
-    approximate = index is not None and not isinstance(index, faiss.IndexFlat)
-    g_sq = np.einsum("ij,ij->i", g.astype(np.float64), g.astype(np.float64))
-    q_sq = np.einsum("ij,ij->i", q.astype(np.float64), q.astype(np.float64))
+    exact = index is None or isinstance(index, faiss.IndexFlat)
+    g_sq, q_sq = _sq(g), _sq(q)
     snap = SNAP * (q_sq + g_sq.max())
-    if approximate:
-        tol = 2 * (q.shape[1] + 8) * _U32 * (q_sq + g_sq.max()) + snap
-    else:  # centred on the gallery's mean: same distances, smaller norms, tighter bound
+    if exact:
         centre = g.mean(axis=0, dtype=np.float64)
         qc, gc = (q - centre).astype(np.float32), (g - centre).astype(np.float32)
-        qc_sq = np.einsum("ij,ij->i", qc.astype(np.float64), qc.astype(np.float64))
-        gc_sq = np.einsum("ij,ij->i", gc.astype(np.float64), gc.astype(np.float64))
-        tol = 2 * (q.shape[1] + 8) * _U32 * (qc_sq + gc_sq.max()) + snap
-    m = min(n, k + max(8, k // 4) + int(exclude is not None))
-    dist = np.full((len(q), k), np.inf) if distances else None
+        qc_sq, gc_sq = _sq(qc), _sq(gc)
+        one = np.ones((1, 1), np.float32)
+        qa = np.hstack([qc * np.float32(-2), qc_sq[:, None].astype(np.float32),
+                        one.repeat(len(q), 0)])
+        gb = np.hstack([gc, one.repeat(n, 0), gc_sq[:, None].astype(np.float32)])
+    else:
+        qc_sq, gc_sq = q_sq, g_sq
+    tol = 2 * (q.shape[1] + 8) * _U32 * (qc_sq + gc_sq.max()) + snap
     out = np.full((len(q), k), -1, np.int64)
-    redo = []
-    step = max(1, min(4096, _BLOCK // (m if approximate else n)))
+    todo, redo = np.arange(len(q)), []
+    m = min(n, k + max(8, k // 4) + int(exclude is not None))   # approximate: candidates
+    step = max(1, min(4096, _BLOCK // (n if exact else m)))
     with tqdm(total=len(q), desc=progress, unit="query", leave=False,
               disable=progress is None or not sys.stderr.isatty()) as bar:
-        for s in range(0, len(q), step):
-            qb, eb, tb = q[s:s + step], ex[s:s + step], tol[s:s + step]
-            if approximate:
-                f, cand = index.search(qb, m)
-                f = f.astype(np.float64)
-                f[(cand < 0) | (cand == eb[:, None])] = np.inf   # missing or excluded: last
-                ok = np.ones(len(qb), bool)
+        if exact and k == 1:
+            mirror = len(q) == n and np.array_equal(ex, todo) and np.array_equal(q, g)
+            best, out[:, 0], runner_up = _nearest(qa, gb, ex, mirror, bar.update)
+            todo = np.flatnonzero(runner_up <= _up32(best + 2 * tol))
+        for s in range(0, len(todo), step):
+            rows = todo[s:s + step]
+            if exact:
+                f, cand, ok = _candidates(qa[rows], gb, k, ex[rows], tol[rows])
             else:
-                f, cand, ok = _candidates(qc[s:s + step], gc, gc_sq, qc_sq[s:s + step], k,
-                                          eb, tb)
-            _rerank(qb, g, q_sq[s:s + step], g_sq, f, cand, k, tb, out[s:s + step])
-            redo.append(s + np.flatnonzero(~ok))
-            bar.update(len(qb))
+                f, cand = index.search(q[rows], m)
+                f = f.astype(np.float64)
+                f[(cand < 0) | (cand == ex[rows, None])] = np.inf   # missing or excluded: last
+                ok = np.ones(len(rows), bool)
+            out[rows] = _rerank(q[rows], g, q_sq[rows], g_sq, f, cand, k, tol[rows])
+            redo.append(rows[~ok])
+            bar.update(0 if exact and k == 1 else len(rows))
     redo = np.concatenate(redo) if redo else np.zeros(0, np.int64)
     if redo.size:
         out[redo] = _exact_rows(q[redo], g, g_sq, k, ex[redo])
-    if distances:
-        r, c = np.nonzero(out >= 0)
-        dist[r, c] = _pair_keys(q, g, q_sq, g_sq, r, out[r, c])
+    if not distances:
+        return None, out
+    dist = np.full((len(q), k), np.inf)
+    r, c = np.nonzero(out >= 0)
+    dist[r, c] = _pair_keys(q, g, q_sq, g_sq, r, out[r, c])
     return dist, out
 
 
-def _candidates(q, g, g_sq, q_sq, k, ex, tol):
-    """Exact search's candidates for queries ``q`` (B, D): every gallery item whose float32
-    distance f is within 2 tol of the k-th smallest (no other can reach the top k: its
-    key exceeds f - tol > k-th f + tol). Returns (f (B, W) float64 and items (B, W),
-    padded with inf / -1; ok (B,) bool: False where more than 4 k + 64 items are that
-    close -- a near-collapse or many exact ties -- which the NumPy pass then answers)."""
-    f = (q * np.float32(-2)) @ g.T                  # (B, N) float32: the key - ||q||^2
-    f += g_sq.astype(np.float32)
+def _sq(x: np.ndarray) -> np.ndarray:
+    """(N,) float64 squared norms of the rows of ``x``."""
+    x = x.astype(np.float64)
+    return np.einsum("ij,ij->i", x, x)
+
+
+def _up32(x: np.ndarray) -> np.ndarray:
+    """float64 ``x`` rounded up to float32."""
+    y = x.astype(np.float32)
+    return np.where(y < x, np.nextafter(y, np.float32(np.inf)), y)
+
+
+def _nearest(qa, gb, ex, mirror: bool, update, tile: int = 768):
+    """Each query's smallest float32 key f = qa @ gb.T (knn), tile by tile: (best (Q,)
+    float32, its column (Q,) int64, the runner-up (Q,) float32: the smallest of the
+    others). With ``mirror`` (qa, gb from one set, ex = arange) f is symmetric: only the
+    tiles on and above the diagonal are computed, each also folded into its columns'."""
+    best, runner_up = np.full(len(qa), np.inf, np.float32), np.full(len(qa), np.inf, np.float32)
+    first = np.zeros(len(qa), np.int64)
+    for i in range(0, len(qa), tile):
+        rows = slice(i, i + tile)
+        for j in range(i if mirror else 0, len(gb), tile):
+            f = qa[rows] @ gb[j:j + tile].T                  # (tile, tile) float32
+            e = ex[rows] - j
+            hit = np.flatnonzero((e >= 0) & (e < f.shape[1]))
+            f[hit, e[hit]] = np.inf
+            _fold(f, best[rows], first[rows], runner_up[rows], j)
+            for c in range(0, f.shape[1] if mirror and j > i else 0, 256):   # cached strips
+                cols = slice(j + c, j + c + 256)
+                _fold(f[:, c:c + 256].T, best[cols], first[cols], runner_up[cols], i)
+        update(len(best[rows]))
+    return best, first, runner_up
+
+
+def _fold(f, best, first, runner_up, offset: int) -> None:
+    """Fold a block f (B, C) of keys of columns offset.. into its rows' running minimum
+    ``best``, its column ``first`` and ``runner_up`` (views, updated in place)."""
+    r, c = np.arange(len(f)), f.argmin(axis=1)
+    v = f[r, c]
+    f[r, c] = np.inf
+    np.minimum(runner_up, np.minimum(f.min(axis=1), np.maximum(best, v)), out=runner_up)
+    f[r, c] = v
+    better = v < best
+    first[better], best[better] = c[better] + offset, v[better]
+
+
+def _candidates(qa, gb, k, ex, tol):
+    """Exact search's candidates (knn) of queries ``qa`` (B, D + 2) in ``gb`` (N, D + 2):
+    (f (B, W) float64 and items (B, W), padded with inf / -1; ok (B,) bool, False where
+    more than 4 k + 64 items are within 2 tol of the k-th smallest f)."""
+    f = qa @ gb.T                                   # (B, N) float32
     rows = np.flatnonzero(ex >= 0)
     f[rows, ex[rows]] = np.inf
-    t = f.min(axis=1) if k == 1 else np.partition(f, k - 1, axis=1)[:, k - 1]
-    limit = t + 2 * tol
-    limit32 = limit.astype(np.float32)
-    limit32 = np.where(limit32 < limit, np.nextafter(limit32, np.float32(np.inf)), limit32)
-    within = f <= limit32[:, None]
+    limit = _up32(np.partition(f, k - 1, axis=1)[:, k - 1] + 2 * tol)
+    within = f <= limit[:, None]
     count = np.count_nonzero(within, axis=1)
     ok = count <= 4 * k + 64
-    if not ok.all():
-        count[~ok] = 0
-        within &= ok[:, None]
+    within &= ok[:, None]
+    count[~ok] = 0
     r, c = np.divmod(np.flatnonzero(within), f.shape[1])    # 2-D nonzero: 17x slower
     pos = np.arange(len(r)) - np.repeat(np.cumsum(count) - count, count)
-    width = max(1, int(count.max()))
-    fc, cand = np.full((len(q), width), np.inf), np.full((len(q), width), -1, np.int64)
-    fc[r, pos] = f[r, c] + q_sq[r]
-    cand[r, pos] = c
+    width = (len(f), max(1, int(count.max())))
+    fc, cand = np.full(width, np.inf), np.full(width, -1, np.int64)
+    fc[r, pos], cand[r, pos] = f[r, c], c
     return fc, cand, ok
 
 
-def _rerank(q, g, q_sq, g_sq, f, cand, k, tol, out) -> None:
-    """Order one block of candidates (f (B, M) float64 distances within ``tol`` of the
-    keys, inf for none; items (B, M)) exactly into ``out`` (B, k) (knn's docstring)."""
+def _rerank(q, g, q_sq, g_sq, f, cand, k, tol) -> np.ndarray:
+    """The top k (B, k) of one block of candidates (f (B, M) float64 keys within ``tol``,
+    inf for none; items (B, M)), exactly (knn's docstring); -1 past the candidates."""
     order = np.argsort(f, axis=1, kind="stable")
     f, cand = np.take_along_axis(f, order, 1), np.take_along_axis(cand, order, 1)
-    k = min(k, f.shape[1])
     with np.errstate(invalid="ignore"):
         linked = f[:, 1:] - f[:, :-1] <= 2 * tol[:, None]        # inf - inf: not linked
     run = np.concatenate([np.zeros((len(f), 1), np.int64), np.cumsum(~linked, axis=1)], 1)
     no = np.zeros((len(f), 1), bool)
+    top = min(k, f.shape[1])
     shared = (np.concatenate([no, linked], 1) | np.concatenate([linked, no], 1)) \
-        & (run <= run[:, k - 1:k])                    # runs of >= 2 that reach the top k
+        & (run <= run[:, top - 1:top])                # runs of >= 2 that reach the top k
     keys = f.copy()
     r, c = np.nonzero(shared)
     keys[r, c] = _pair_keys(q, g, q_sq, g_sq, r, cand[r, c])
     idx = np.where(np.isfinite(f), cand, np.iinfo(np.int64).max)
-    order = np.lexsort((idx, keys, run), axis=1)[:, :k]
-    out[:, :k] = np.where(np.isfinite(np.take_along_axis(f, order, 1)),
-                          np.take_along_axis(cand, order, 1), -1)
+    order = np.lexsort((idx, keys, run), axis=1)[:, :top]
+    out = np.full((len(f), k), -1, np.int64)
+    out[:, :top] = np.where(np.isfinite(np.take_along_axis(f, order, 1)),
+                            np.take_along_axis(cand, order, 1), -1)
+    return out
 
 
 def build_faiss(x, kind: str = "flat", *, hnsw_m: int = 32, ef_search: int = 64,
                 nprobe: int = 16, seed: int = 0) -> tuple:
-    """A faiss index over ``x`` (N, D) float32, squared L2. Returns (index, params dict).
-
-    Following the faiss wiki's "Guidelines to choose an index": ``flat`` =
-    ``IndexFlatL2`` (exact); ``hnsw`` = ``IndexHNSWFlat(D, hnsw_m)`` searched with
-    ``efSearch = ef_search``; ``ivf`` = ``IndexIVFFlat`` with nlist = 4 sqrt(N), capped
-    at N / 39 (faiss wants >= 39 training points a list), k-means seeded by ``seed`` on
-    at most 64 nlist rows, ``nprobe`` lists visited (at most nlist).
-    """
+    """(faiss index over ``x`` (N, D) float32 by squared L2, params dict), as the faiss
+    wiki's "Guidelines to choose an index": ``flat`` = ``IndexFlatL2``; ``hnsw`` =
+    ``IndexHNSWFlat(D, hnsw_m)``, ``efSearch = ef_search``; ``ivf`` = ``IndexIVFFlat``,
+    nlist = 4 sqrt(N) capped at N / 39 (faiss wants >= 39 points a list), k-means seeded
+    by ``seed`` on at most 64 nlist rows, ``nprobe`` (<= nlist) lists visited."""
     import faiss
     x = check_matrix(x, "gallery")
     n, d = x.shape
@@ -276,13 +308,10 @@ def build_faiss(x, kind: str = "flat", *, hnsw_m: int = 32, ef_search: int = 64,
 
 
 def recall_at_k(index, x, k: int = 10, queries: int = 1000, seed: int = 0) -> dict:
-    """Recall@k of an (approximate) ``index`` over ``x`` against exact search.
-
-    On up to ``queries`` gallery rows (seeded sample) as queries: the share of the k
-    items :func:`knn` returns through ``index`` whose key is at most the exact k-th key
-    (so a tie at the k-th place counts whichever member came back), averaged. A flat
-    index gives 1.0. Returns ``{"recall_at_k", "k", "queries"}``.
-    """
+    """``{"recall_at_k", "k", "queries"}`` of ``index`` over ``x``: on up to ``queries``
+    gallery rows (seeded sample), the share of the k items :func:`knn` returns through
+    ``index`` whose key is at most the exact k-th key (a tie at the k-th place counts
+    whichever member came back). A flat index gives 1.0."""
     x = check_matrix(x, "gallery")
     k = min(k, len(x))
     pick = np.sort(np.random.default_rng(seed).choice(len(x), min(queries, len(x)), False))

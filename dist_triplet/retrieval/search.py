@@ -1,13 +1,10 @@
-"""Search an index with data: embed the queries, find their neighbours, say what they mean.
+"""Search an index with data (what ``search`` and :mod:`.calibrate` share): the model
+check, query classes, leave-one-out by item id, the records, Precision@1, the grid rows.
 
-The pieces :mod:`.cli`'s ``search`` and :mod:`.calibrate` share: the model check, query
-classes in the gallery's class ids, leave-one-out by item id, the records written per
-query, the Precision@1 printed, and the queries the ``--grid`` picture shows.
-
-Classes. Query labels are compared with the gallery's **by class name**. When no query
-class name is a gallery class name but both number their classes alike (the same data
-in two spellings: IDX "9" vs fashion_mnist "Ankle boot"), they are compared **by class
-id**, and a note says so; when neither matches, it is an error.
+Query labels are compared with the gallery's **by class name**; when no query class name
+is a gallery class name but both number their classes alike (the same data in two
+spellings: IDX "9" vs fashion_mnist "Ankle boot"), **by class id**, with a note; when
+neither matches, it is an error.
 """
 from __future__ import annotations
 
@@ -21,7 +18,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from .index import Index, IndexInputError
+from .index import Index
 from .model import Model
 
 __all__ = ["THRESHOLD_FILE", "check_model", "load_threshold", "query_classes",
@@ -31,55 +28,52 @@ THRESHOLD_FILE = "threshold.json"
 
 
 def check_model(index: Index, model_path: Optional[str]) -> Model:
-    """The index's model, or ``model_path`` if it is the same model (IndexInputError
-    naming both otherwise: another embedding width or another parameters file)."""
+    """The index's model, or ``model_path`` if it is the same one (else ValueError
+    naming both: another embedding width or parameters file)."""
     ref = index.meta.model
     model = Model(model_path or ref.dir)
     if model.dim is not None and int(model.dim) != index.dim:
-        raise IndexInputError(f"model {model.dir} gives {model.dim}-wide embeddings, but the "
-                              f"index {index.dir} holds {index.dim}-wide ones: it was built by "
-                              f"another model ({ref.dir})")
+        raise ValueError(f"model {model.dir} gives {model.dim}-wide embeddings, but the "
+                         f"index {index.dir} holds {index.dim}-wide ones: it was built by "
+                         f"another model ({ref.dir})")
     if model.params_sha256 != ref.params_sha256:
-        raise IndexInputError(f"model {model.dir} (params sha256 {model.params_sha256[:12]}) is "
-                              f"not the one {index.dir} was built with ({ref.dir}, sha256 "
-                              f"{ref.params_sha256[:12]}); rebuild the index")
+        raise ValueError(f"model {model.dir} (params sha256 {model.params_sha256[:12]}) is "
+                         f"not the one {index.dir} was built with ({ref.dir}, sha256 "
+                         f"{ref.params_sha256[:12]}); rebuild the index")
     return model
 
 
 def load_threshold(index: Index, path: Optional[str] = None) -> Optional[dict]:
     """The calibrated threshold of ``index``: ``path``, else INDEX_DIR/threshold.json,
-    else None. IndexInputError: invalid JSON, no finite ``threshold`` >= 0, or calibrated
+    else None. ValueError: invalid JSON, no finite ``threshold`` >= 0, or calibrated
     for another index (both ids named)."""
     explicit = path is not None
     path = path if explicit else os.path.join(index.dir, THRESHOLD_FILE)
     if not os.path.isfile(path):
         if explicit:
-            raise IndexInputError(f"threshold file {path} does not exist")
+            raise ValueError(f"threshold file {path} does not exist")
         return None
     try:
         with open(path) as fh:
             doc = json.load(fh)
     except ValueError as exc:
-        raise IndexInputError(f"{path}: not valid JSON ({exc})") from None
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
     thr = doc.get("threshold") if isinstance(doc, dict) else None
     if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not math.isfinite(thr) \
             or thr < 0:
-        raise IndexInputError(f"{path}: 'threshold' is {thr!r}; expected a finite squared "
-                              "distance >= 0 (re-run dist_triplet.calibrate)")
-    if doc.get("index_id") != index.index_id:
-        raise IndexInputError(f"{path}: calibrated for index {str(doc.get('index_id'))[:12]}, "
-                              f"but {index.dir} is index {index.index_id[:12]}; calibrate "
-                              "this index (python -m dist_triplet.calibrate)")
+        raise ValueError(f"{path}: 'threshold' is {thr!r}; expected a finite squared "
+                         "distance >= 0 (re-run dist_triplet.calibrate)")
+    if doc.get("index_id") != index.meta.index_id:
+        raise ValueError(f"{path}: calibrated for index {str(doc.get('index_id'))[:12]}, "
+                         f"but {index.dir} is index {index.meta.index_id[:12]}; calibrate "
+                         "this index (python -m dist_triplet.calibrate)")
     return doc
 
 
 def query_classes(index: Index, items) -> Tuple[Optional[np.ndarray], Optional[str]]:
     """(codes (M,) int64 of the queries in the gallery's class ids, -2 for a class the
-    gallery lacks; a note for stderr or None); (None, None) without query labels.
-
-    Raises:
-        IndexInputError: no query class is a gallery class, by name or by id.
-    """
+    gallery lacks; a note or None); (None, None) without query labels. ValueError:
+    no query class is a gallery class, by name or by id."""
     if items.labels is None:
         return None, None
     g_names, q_names = index.class_names or (), items.class_names or ()
@@ -96,29 +90,26 @@ def query_classes(index: Index, items) -> Tuple[Optional[np.ndarray], Optional[s
             f"gallery class name ({', '.join(map(repr, g_names[:3]))}, ...): both number "
             f"{len(g_names)} classes, so they are compared by class id")
     mine = [q_names[c] for c in np.unique(items.labels)[:5]]
-    raise IndexInputError(f"{items.source}: no query class is in the gallery {index.dir} "
-                          f"(query classes {', '.join(map(repr, mine))}; gallery classes "
-                          f"{', '.join(map(repr, g_names[:5]))}): nothing to compare")
+    raise ValueError(f"{items.source}: no query class is in the gallery {index.dir} "
+                     f"(query classes {', '.join(map(repr, mine))}; gallery classes "
+                     f"{', '.join(map(repr, g_names[:5]))}): nothing to compare")
 
 
 def search_items(index: Index, model: Model, items, k: int, exclude_self: bool = False,
                  batch_size: int = 2048) -> tuple:
     """Embed ``items`` and search ``index``: (dist (M, k) float64 squared L2, pos (M, k)
-    int64, {"embed_s", "search_s"}, notes: lines for stderr).
-
-    ``exclude_self`` leaves out the gallery item whose id is the query's id (leave-one-out);
-    IndexInputError when no query id is a gallery id. Without it, queries that are
-    gallery items (same id, or an exact copy at distance 0) get a note.
-    """
+    int64, {"embed_s", "search_s"}, notes for stderr). ``exclude_self`` leaves out the
+    gallery item with the query's id (ValueError when no query id is a gallery id);
+    without it, queries that are gallery items (same id, or at distance 0) get a note."""
     t0 = time.perf_counter()
     emb = model.embed(items.x, batch_size, desc="embedding queries", source=items.source)
     times = {"embed_s": time.perf_counter() - t0}
     where = {item: i for i, item in enumerate(index.ids)}
     same = np.array([where.get(item, -1) for item in items.ids], np.int64)
     if exclude_self and not (same >= 0).any():
-        raise IndexInputError(f"--exclude-self: no query id of {items.source} is an item id "
-                              f"of {index.dir} (e.g. {items.ids[0]!r} vs {index.ids[0]!r}); "
-                              "index and query the same data spec to leave one out")
+        raise ValueError(f"--exclude-self: no query id of {items.source} is an item id "
+                         f"of {index.dir} (e.g. {items.ids[0]!r} vs {index.ids[0]!r}); "
+                         "index and query the same data spec to leave one out")
     t0 = time.perf_counter()
     dist, pos = index.search(emb, k, same if exclude_self else None, progress="searching")
     times["search_s"] = time.perf_counter() - t0

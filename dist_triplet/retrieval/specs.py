@@ -1,19 +1,9 @@
-"""Data specs: what ``--data``, ``--query`` and ``--input`` accept, read into rows to embed.
-
-A spec is ``BASE[:train|:test|:all]`` (default split ``test``), BASE one of:
-
-* ``RUN_DIR`` (holds ``config.yaml``) or a config ``.yaml``: that config's data section
-  read as the trainer reads it (:func:`dist_triplet.data.load_rows`), so ``RUN:test`` is
-  the run's evaluated test set;
-* ``fashion_mnist`` or ``mnist``: a named data set; a directory of MNIST-format IDX files;
-* a data path as ``data.path`` takes it (image folder, ``.csv``, ``.npz``, a directory
-  with ``train.npz``), with :class:`DataOptions` as ``data.*`` keys; the channel mode of
-  image files is the model's (its meta.json) unless ``--mode`` says otherwise;
-* a file: an IDX images file or a ``.npy`` of (N, F) rows, (N, H, W) or (N, H, W, C)
-  images (uint8 / 255, floats as they are); labels only from ``labels_path``.
-
-``:all`` is every row of a data path or run, without the split or the limits. The
-training class rules do not apply: a gallery may hold one class, or 1-sample classes.
+"""Data specs (docs/search.md, "Data specs"): what ``--data``, ``--query`` and ``--input``
+accept, read into rows to embed. A spec is ``BASE[:train|:test|:all]`` (default ``test``),
+BASE a run directory or config ``.yaml`` (its data section, as the trainer reads it),
+``fashion_mnist`` / ``mnist``, an IDX directory, a data path with :class:`DataOptions`
+as ``data.*`` keys (image mode: the model's by default), or an IDX images / ``.npy``
+file. The training class rules do not apply: a gallery may hold one class.
 """
 from __future__ import annotations
 
@@ -116,8 +106,7 @@ def _check_input(items: Items, model: ModelInput) -> Items:
     both shapes otherwise); flat rows for an image model get the model's image shape."""
     width, kind = int(items.x.shape[1]), items.kind
     mine = _hwc(items.image_shape) if kind == "images" else None
-    found = (f"{'x'.join(map(str, mine))} images ({width} values)" if kind == "images"
-             else f"{width}-D features" if kind == "features" else f"rows of {width} values")
+    found = ModelInput(width, kind, mine).describe()
     bad = width != model.units or (model.kind == kind == "images" and mine != model.image_shape)
     if bad or (model.kind is not None and kind is not None and kind != model.kind):
         raise ValueError(f"{items.source}: the model takes {model.describe()} ({model.where}), "
