@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import Callable, Optional, Sequence
 
 from .config import ConfigError, config_yaml, load_config, parse_devices
@@ -66,6 +67,10 @@ def default_threads(backend: str, devices: str) -> None:
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // share))
 
 
+# Seconds a rank other than 0 waits before exiting on bad input (see main).
+_QUIET_RANK_WAIT_S = 10.0
+
+
 def main(argv: Optional[Sequence[str]] = None, on_step: Optional[StepHook] = None) -> int:
     """Command-line entry point; returns the exit status (tests call it directly).
     ``on_step``: as in ``loop.train`` (tests/_fault_train.py uses it)."""
@@ -74,9 +79,13 @@ def main(argv: Optional[Sequence[str]] = None, on_step: Optional[StepHook] = Non
         cfg = load_config(args.config, args.overrides)
         backend = choose_backend(cfg.distributed.backend)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
-        # Every rank finds the same error; one line is enough (rank 0's).
+        # Every rank finds the same error; one line is enough (rank 0's). horovodrun ends
+        # every rank when the first one exits non-zero, so the others wait (bounded) for
+        # that: exiting first, they could end rank 0 before its line is out.
         if launcher_rank() == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(_QUIET_RANK_WAIT_S)
         return 2
     if args.print_config:
         sys.stdout.write(config_yaml(cfg))
