@@ -1,10 +1,5 @@
-"""Export of the trained embedding network. Rank 0 writes, at the end of a run,
-``<run>/model/``:
-
-    embed-symbol.json   the hybridized graph (``HybridBlock.export``)
-    embed-0000.params   its parameters
-    meta.json           input width, embedding size, input scaling, source run
-
+"""Export of the trained embedding network: rank 0 writes ``<run>/model/`` at the end of a
+run (``embed-symbol.json`` the hybridized graph, ``embed-0000.params``, ``meta.json``);
 :class:`dist_triplet.retrieval.Model` loads it back for inference.
 """
 from __future__ import annotations
@@ -35,9 +30,7 @@ def export_model(net, directory: str, ctx, in_units: int, *, meta: Optional[dict
     """Write ``net`` (a ``gluon.HybridBlock``: (B, in_units) float32 -> (B, D) float32,
     parameters on ``ctx``) as symbol + parameters + meta.json (``meta``: extra entries,
     e.g. the run and epoch) into ``directory`` (created; old files overwritten); returns
-    it. Rank-0 only, no collective. The network is hybridized and run once on a zero
-    batch, as ``export`` needs a cached graph. ValueError: ``net`` is not a HybridBlock.
-    """
+    it. Rank-0 only, no collective. ValueError: ``net`` is not a HybridBlock."""
     import mxnet as mx
     from mxnet import gluon
 
@@ -57,9 +50,8 @@ def export_model(net, directory: str, ctx, in_units: int, *, meta: Optional[dict
 
 
 def mxnet_error_line(exc: BaseException) -> str:
-    """The line of an exception that says what went wrong. MXNet's messages start with a
-    C++ 'Traceback' and numbered stack frames and end with the check that failed; this
-    keeps that last line (used wherever an MXNet file load fails: exports, checkpoints)."""
+    """The last line of an MXNet message (after its C++ traceback and numbered stack
+    frames): the check that failed."""
     text = str(exc).split("Stack trace:")[0]
     lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line and not line.startswith(("Traceback", "File ",

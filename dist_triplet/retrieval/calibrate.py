@@ -1,14 +1,7 @@
-"""Open-set matching: a distance threshold for an index (TensorFlow Similarity's
-``calibrate`` with ``match_nearest``): a query whose nearest gallery item is within the
-threshold t is accepted as of that item's class. Each labelled query gives its nearest
-squared distance d and whether that item has its class (*right*; classes as
-:func:`.search.query_classes`; a query that is a gallery item, by id, is searched with
-itself left out). precision(t) = accepted and right / accepted, recall(t) = accepted and
-right / right. ``target_precision`` P picks the largest distance whose precision is >= P,
-``best_f1`` the one of highest F1 (the smallest on ties), on a seeded part of the data;
-the rest (``holdout_fraction``), or ``holdout`` data, reports precision and recall at t.
-Warnings: t = 0 (copies of gallery items under other ids), fewer than ``MIN_ACCEPTED``
-accepted calibration queries, held-out precision below the target.
+"""Open-set matching: a squared-L2 threshold t for an index, chosen on labelled queries
+(docs/search.md, "Open set: calibrate"): precision(t) = accepted and right / accepted, recall(t) =
+accepted and right / right, *right* = the nearest item has the query's class
+(:func:`.search.query_classes`). ``best_f1`` takes the smallest t on ties.
 """
 from __future__ import annotations
 
@@ -79,11 +72,9 @@ def nearest_outcomes(index, model, items, batch_size: int = 2048,
 def calibrate(index, model, items, *, target_precision: Optional[float] = 0.9,
               best_f1: bool = False, holdout=None, holdout_fraction: float = 0.5, seed: int = 0,
               batch_size: int = 2048) -> dict:
-    """The threshold.json document of ``index`` calibrated on labelled ``items``
-    (:class:`.specs.Items`; module docstring): ``index_id``, ``threshold`` (squared L2),
-    ``rule``, ``target_precision``, ``data``, ``split``, ``calibration`` and ``holdout``
-    rates, ``warnings`` and ``notes`` (lines). ValueError: no labels, a split that leaves
-    a part empty, no threshold reaching the target precision."""
+    """The threshold.json document (``threshold`` in squared L2) of ``index`` calibrated on
+    labelled ``items`` (:class:`.specs.Items`). ValueError: no labels, a split that
+    leaves a part empty, no threshold reaching the target precision."""
     dist, right, notes = nearest_outcomes(index, model, items, batch_size)
     if holdout is not None:
         h_dist, h_right, h_notes = nearest_outcomes(index, model, holdout, batch_size,

@@ -1,9 +1,5 @@
-"""The retrieval commands ``index``, ``search``, ``calibrate``, ``embed`` (docs/search.md).
-
-Every command: data specs as :mod:`.specs`; ``--data-format`` the data's format
-(``--format``: a deprecated alias, except in search where it was the output's,
-``--out-format``); an output that exists fails without ``--force``, missing parent
-directories are made; bad input is one line ``error: ...`` and exit 2, nothing written.
+"""The retrieval commands ``index``, ``search``, ``calibrate``, ``embed`` (docs/search.md):
+bad input is one line ``error: ...`` and exit 2, nothing written.
 """
 from __future__ import annotations
 
@@ -33,9 +29,8 @@ class _Deprecated(argparse.Action):
 
 def _parser(name: str, description: str, batch_size: int = 2048,
             old_format: bool = True) -> argparse.ArgumentParser:
-    """A parser whose usage names the command as it was invoked (``dist-triplet-NAME``, a
-    console script, or ``python -m dist_triplet.NAME``), with every command's options:
-    ``--force``, ``--batch-size`` and the data options."""
+    """A parser with ``--force``, ``--batch-size`` and the data options; its usage names
+    the command as invoked (``dist-triplet-NAME`` or ``python -m dist_triplet.NAME``)."""
     script = os.path.basename(sys.argv[0]) if sys.argv else ""
     prog = script if script == f"dist-triplet-{name}" else f"python -m dist_triplet.{name}"
     p = argparse.ArgumentParser(prog=prog, description=description)
@@ -70,7 +65,6 @@ def _positive(args, *names) -> None:
 
 
 def _run(body, args) -> int:
-    """Run ``body(args)``; bad input is one ``error:`` line and exit 2."""
     try:
         return body(args)
     except (FileNotFoundError, ValueError, OSError) as exc:
@@ -212,7 +206,7 @@ def calibrate_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--data", required=True, help="labelled calibration data: " + _SPEC_HELP)
     p.add_argument("--labels", help="labels for a file --data: IDX labels or integer .npy")
     rule = p.add_mutually_exclusive_group()
-    rule.add_argument("--target-precision", type=float, default=None,
+    rule.add_argument("--target-precision", type=float, default=0.9,
                       help="largest threshold with at least this precision (default 0.9)")
     rule.add_argument("--best-f1", action="store_true", help="threshold of highest F1")
     p.add_argument("--holdout", help="separate held-out data (a data spec)")
@@ -228,8 +222,7 @@ def calibrate_main(argv: Optional[Sequence[str]] = None) -> int:
 def _calibrate(args) -> int:
     from .calibrate import calibrate
     from .search import THRESHOLD_FILE, check_model
-    target = args.target_precision if args.target_precision is not None or args.best_f1 \
-        else 0.9
+    target = None if args.best_f1 else args.target_precision
     if target is not None and not 0.0 < target <= 1.0:
         raise ValueError(f"--target-precision must be in (0, 1], got {target}")
     if args.holdout is None and not 0.0 < args.holdout_fraction < 1.0:

@@ -1,13 +1,8 @@
 """A saved nearest-neighbour index over a gallery of embeddings: build, save, load, search.
 
-The directory (docs/search.md, "The index directory"; written under a temporary name,
-fsynced, renamed): ``index.faiss`` (:func:`.neighbours.build_faiss`), ``labels.npy`` (N,)
-int64 class ids (-1 unknown), ``ids.json`` item ids and class names, ``images.npy``
-uint8 thumbnails (at most ``THUMB`` pixels a side; image data only, unless turned off),
-``meta.json`` (:class:`IndexMeta`, each field checked against its type on load).
-``index_id`` is a sha256 over the content files; a calibrated threshold records it.
-Search is :func:`.neighbours.knn` by squared L2 in embedding units: exact for a flat
-index, approximate for hnsw and ivf (recall@10 measured at build time).
+The directory is docs/search.md's "The index directory" (``meta.json``: :class:`IndexMeta`;
+``index_id``: a sha256 over ``_CONTENT``). Search is :func:`.neighbours.knn` by squared L2
+in embedding units: exact for a flat index, approximate for hnsw and ivf.
 """
 from __future__ import annotations
 
@@ -64,8 +59,7 @@ class IndexMeta:
 
     @classmethod
     def from_json(cls, doc, where: str) -> "IndexMeta":
-        """The meta of ``doc``; ValueError naming ``where`` and the key when a key is
-        missing or holds a value of another type (an edited or damaged index)."""
+        """ValueError naming ``where`` and the key: a key missing or of another type."""
         return _typed(cls, doc, where, "")
 
 
@@ -117,19 +111,17 @@ def thumbnails(x: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
 
 
 def check_out(out: str, force: bool, what: str = "--out") -> None:
-    """The rule of every command's output: refuse an existing ``out`` without ``force``
-    (and, with it, a directory that is not an index), make missing parent directories,
-    and prove they can be written -- before any work."""
+    """Every command's output rule, before any work: refuse an existing ``out`` without
+    ``force``; make missing parent directories and prove they can be written."""
     if os.path.exists(out) and not force:
         raise ValueError(f"{what} {out} already exists; pass --force to replace it")
     check_can_write(out, what)
 
 
 class Index:
-    """A gallery index in memory (module docstring). Attributes: ``meta``
-    (:class:`IndexMeta`), ``faiss``, ``labels`` (N,) int64 (-1 unknown), ``ids`` (N str),
-    ``class_names`` (tuple or None), ``images`` thumbnails or None, ``dir`` once saved or
-    loaded."""
+    """A gallery index in memory: ``meta`` (:class:`IndexMeta`), ``faiss``, ``labels`` (N,)
+    int64 (-1 unknown), ``ids`` (N str), ``class_names`` (tuple or None), ``images``
+    thumbnails or None, ``dir`` once saved or loaded."""
 
     def __init__(self, meta: IndexMeta, index, labels, ids, class_names, images, path=None):
         self.meta, self.faiss, self.labels, self.ids = meta, index, labels, list(ids)
@@ -269,13 +261,9 @@ class Index:
         """Top-``k`` gallery items of ``queries`` (M, D) float32 by :func:`.neighbours.knn`
         (``exclude``, ``progress`` as there): (dist (M, k) float64 squared L2, pos (M, k)
         int64 gallery positions, -1 / inf where an approximate index found fewer).
-        ValueError: another width than D, or k out of range."""
-        q = np.asarray(queries)
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise ValueError(f"queries have shape {q.shape}, the index {self.dir} holds "
-                             f"{self.dim}-wide embeddings")
+        ValueError naming ``dir``: another width than D, or k out of range."""
         try:
-            return knn(q, self.vectors(), k, exclude=exclude, progress=progress,
+            return knn(queries, self.vectors(), k, exclude=exclude, progress=progress,
                        index=None if self.meta.kind == "flat" else self.faiss)
         except ValueError as exc:
             raise ValueError(f"{self.dir}: {exc}") from None

@@ -1,11 +1,8 @@
 """Precision@1, R-Precision and MAP@R from the neighbours :func:`.neighbours.knn` returns.
 
-Musgrave, Belongie, Lim, "A Metric Learning Reality Check", ECCV 2020, Sec. 3.2; the
-same quantities as pytorch-metric-learning's ``AccuracyCalculator``, and built the same
-way: one kNN search, then each metric is a small function of the relevance
-``knn_labels == query_label`` (``knn_labels = gallery_labels[indices]``). For a query with
-R gallery items of its class (leaving one out: the *other* items of its class) and
-rel(k) = 1 if its k-th nearest gallery item has its class:
+Musgrave, Belongie, Lim, "A Metric Learning Reality Check", ECCV 2020, Sec. 3.2, as
+pytorch-metric-learning's ``AccuracyCalculator``: for a query with R gallery items of its
+class (leaving one out: the *other* ones) and rel(k) = 1 if its k-th nearest has its class:
 
 * Precision@1 = rel(1);
 * R-Precision = (1/R) sum_{k<=R} rel(k);
@@ -56,19 +53,15 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb=None, gallery_labels=
                       metrics: Sequence[str] = RETRIEVAL_METRICS, max_queries: int = 0,
                       seed: int = 0, exact_max_gallery: int = EXACT_MAX_GALLERY,
                       nprobe: int = 32) -> dict:
-    """Precision@1, R-Precision and MAP@R of retrieval by squared L2 (module docstring).
-
-    Without a gallery: leave-one-out, each query against all *other* queries
-    (AccuracyCalculator with the query set as the reference); with one (e.g. the training
-    set), Precision@1 is the 1-NN accuracy. Neighbours from :func:`knn`, exact when the
-    gallery has at most ``exact_max_gallery`` items, else from a faiss IVF index
-    (``nprobe`` lists, seeded by ``seed``; the result then has ``approximate: True``).
+    """Precision@1, R-Precision and MAP@R of retrieval by squared L2 (module docstring);
+    without a gallery, leave-one-out over the queries. :func:`knn` is exact up to
+    ``exact_max_gallery`` items, else through a faiss IVF index (``nprobe`` lists, seeded
+    by ``seed``; the result then has ``approximate: True``).
 
     Args:
         query_emb: (Q, D) float, finite; query_labels: (Q,) comparable class labels.
         gallery_emb, gallery_labels: (N, D) and (N,), both or neither.
-        metrics: a non-empty subset of ``RETRIEVAL_METRICS`` (Precision@1 alone asks
-            knn for 1 neighbour, the others for max R).
+        metrics: a non-empty subset of ``RETRIEVAL_METRICS``.
         max_queries: 0 = every query; else ``numpy.random.RandomState(seed).choice`` of
             that many of the queries with R >= 1, against the full gallery.
 

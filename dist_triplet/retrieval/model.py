@@ -1,9 +1,6 @@
 """An exported embedding network (:mod:`dist_triplet.export`), loaded for inference by
 ``gluon.SymbolBlock.imports`` (MXNet 1.9 docs, "Saving and Loading Gluon Models: Export
-Network for Deployment"): neither this package's model code nor the training config is
-needed. meta.json records the input: ``input_units`` F, and ``image_shape`` (H, W, C)
-for images -- C channels, Pillow mode L (1) or RGB (3) -- or null for features
-(:class:`~.specs.ModelInput`; every data spec is checked against it); ``embedding_dim`` D.
+Network for Deployment"); its meta.json's input is a :class:`~.specs.ModelInput`.
 """
 from __future__ import annotations
 
@@ -89,15 +86,11 @@ def _load_block(directory: str, ctx):
 
 
 class Model:
-    """An export directory (or a run directory holding ``model/``), loaded on ``ctx``.
-
-    Attributes: ``dir`` (absolute), ``block`` (``gluon.SymbolBlock``: (B, F) float32 ->
-    (B, D) float32), ``input`` (:class:`ModelInput`), ``dim`` D (or None), ``params_sha256``.
-
-    Raises:
-        FileNotFoundError / ValueError: a missing or broken export (:func:`_load_block`,
-            :func:`read_meta`); a meta.json ``input_units`` that is not a positive integer.
-    """
+    """An export directory (or a run directory holding ``model/``), loaded on ``ctx``:
+    ``dir`` (absolute), ``block`` (``gluon.SymbolBlock``: (B, F) float32 -> (B, D)
+    float32), ``input`` (:class:`ModelInput`), ``dim`` D (or None), ``params_sha256``.
+    FileNotFoundError / ValueError: a missing or broken export (:func:`_load_block`,
+    :func:`read_meta`); a meta.json ``input_units`` that is not a positive integer."""
 
     def __init__(self, path: str, ctx=None):
         import mxnet as mx
@@ -122,10 +115,9 @@ class Model:
 
     def embed(self, x: np.ndarray, batch_size: int = 2048, desc: str = "embedding",
               source: str = "input") -> np.ndarray:
-        """(N, F) float32 -> (N, D) float32 in batches (a tqdm bar on a terminal).
-        ``batch_size`` 2048 = eval.batch_size's default, so the embeddings are the
-        evaluator's. Raises ValueError naming ``source`` when the model fails on the
-        rows or gives non-finite values or squared norms beyond ``MAX_SQ_NORM``."""
+        """(N, F) float32 -> (N, D) float32 in batches (2048 = eval.batch_size's default).
+        ValueError naming ``source``: the model fails on the rows or gives non-finite
+        values or squared norms beyond ``MAX_SQ_NORM``."""
         import mxnet as mx
         from tqdm import tqdm
 

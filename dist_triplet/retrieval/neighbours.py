@@ -1,9 +1,6 @@
-"""The one neighbour engine: the k nearest gallery items by squared L2, ties to the lower index.
-
-Everything that ranks neighbours calls :func:`knn`: the metrics, the saved index and
-search, calibrate and the run report. Exact search is NumPy (float32 GEMM, float64 where
-the order is uncertain); faiss ``hnsw`` / ``ivf`` indexes (:func:`build_faiss`) propose
-approximate candidates, as pytorch-metric-learning's ``FaissKNN``, re-ranked alike.
+"""The one neighbour engine: the k nearest gallery items by squared L2, ties to the lower index
+(docs/search.md, "Ranking, ties and the run's Precision@1"). faiss ``hnsw`` / ``ivf``
+(:func:`build_faiss`) propose candidates, as pytorch-metric-learning's ``FaissKNN``.
 
 The ranking key of a query q and a gallery item x (both taken as float32) is
 ``key = sum_d (q_d - x_d)^2`` in float64, set to exactly 0 when it is at most

@@ -1,10 +1,6 @@
 """Search an index with data (what ``search`` and :mod:`.calibrate` share): the model
-check, query classes, leave-one-out by item id, the records, Precision@1, the grid rows.
-
-Query labels are compared with the gallery's **by class name**; when no query class name
-is a gallery class name but both number their classes alike (the same data in two
-spellings: IDX "9" vs fashion_mnist "Ankle boot"), **by class id**, with a note; when
-neither matches, it is an error.
+check, query classes (by name, else by id: docs/search.md, "Data specs"), leave-one-out
+by item id, the records, Precision@1, the grid rows.
 """
 from __future__ import annotations
 
@@ -99,8 +95,7 @@ def search_items(index: Index, model: Model, items, k: int, exclude_self: bool =
                  batch_size: int = 2048) -> tuple:
     """Embed ``items`` and search ``index``: (dist (M, k) float64 squared L2, pos (M, k)
     int64, {"embed_s", "search_s"}, notes for stderr). ``exclude_self`` leaves out the
-    gallery item with the query's id (ValueError when no query id is a gallery id);
-    without it, queries that are gallery items (same id, or at distance 0) get a note."""
+    gallery item with the query's id (ValueError when no query id is a gallery id)."""
     t0 = time.perf_counter()
     emb = model.embed(items.x, batch_size, desc="embedding queries", source=items.source)
     times = {"embed_s": time.perf_counter() - t0}

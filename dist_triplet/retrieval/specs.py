@@ -1,9 +1,6 @@
-"""Data specs (docs/search.md, "Data specs"): what ``--data``, ``--query`` and ``--input``
-accept, read into rows to embed. A spec is ``BASE[:train|:test|:all]`` (default ``test``),
-BASE a run directory or config ``.yaml`` (its data section, as the trainer reads it),
-``fashion_mnist`` / ``mnist``, an IDX directory, a data path with :class:`DataOptions`
-as ``data.*`` keys (image mode: the model's by default), or an IDX images / ``.npy``
-file. The training class rules do not apply: a gallery may hold one class.
+"""Data specs (docs/search.md, "Data specs"): ``BASE[:train|:test|:all]`` (default
+``test``), read into rows to embed and checked against the model's input. The training
+class rules do not apply: a gallery may hold one class.
 """
 from __future__ import annotations
 
@@ -81,10 +78,8 @@ class ModelInput:
 @dataclass
 class Items:
     """Rows to embed: ``x`` (N, F) float32 network input; ``labels`` (N,) int64 or None;
-    ``class_names`` per class id; ``ids`` N item ids (file paths relative to the data
-    root, ``<split>/<row>``, or ``<file>#<row>``); ``image_shape`` (H, W) or (H, W, C)
-    when rows are images; ``source`` the spec, for messages; ``kind`` images / features
-    / None; ``shape`` the array as read (messages)."""
+    ``class_names`` per class id; ``ids`` N item ids; ``image_shape`` (H, W) or (H, W, C)
+    of image rows; ``kind`` images / features / None; ``source``, ``shape``: messages."""
 
     x: np.ndarray
     labels: Optional[np.ndarray]
@@ -117,7 +112,7 @@ def _check_input(items: Items, model: ModelInput) -> Items:
     return items
 
 
-def load_array(path: str, units: int, where: str = "meta.json", what: str = "input") -> tuple:
+def load_array(path: str, units: int, where: str = "meta.json") -> tuple:
     """An IDX images file or a ``.npy`` (by content) as ((N, units) float32, array shape).
 
     uint8 is divided by 255 (the training input); floats are used as they are (a warning
@@ -126,10 +121,10 @@ def load_array(path: str, units: int, where: str = "meta.json", what: str = "inp
     """
     from ..data import read_idx
     if os.path.isdir(path):
-        raise ValueError(f"{what} {path} is a directory, not a file: pass an IDX images file "
+        raise ValueError(f"input {path} is a directory, not a file: pass an IDX images file "
                          "or a .npy array")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} file {path} does not exist")
+        raise FileNotFoundError(f"input file {path} does not exist")
     with open(path, "rb") as fh:
         npy = fh.read(len(_NPY)) == _NPY
     if npy:
@@ -245,9 +240,6 @@ def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
         name = base if base in ("fashion_mnist", "mnist") else "fashion_mnist" if \
             os.path.realpath(base) == os.path.realpath(FASHION_MNIST_ROOT) else "idx"
         data = load_dataset(name, None if name == base else base, train=split == "train")
-        if data.images.shape[1] != model.units:
-            raise ValueError(f"{data.source}: the model takes {model.units} values per row "
-                             f"({model.where}), the {split} rows have {data.images.shape[1]}")
         where = f"{os.path.abspath(base) if os.path.isdir(base) else base}:{split}"
         return _check_input(_from_split(data, split, None, where, labels_path), model)
     x, shape = load_array(spec, model.units, model.where)
