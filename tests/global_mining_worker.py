@@ -109,7 +109,7 @@ def run(backend, opt: str, miner: str, scope: str, steps: int = STEPS, memory: i
     pixels, labels = problem()
     batches = global_batches(labels)
     reference = memory and backend.num_workers == 1
-    cfg = config(opt, miner, scope, memory, workers=backend.num_workers)
+    cfg = config(opt, miner, scope, memory=memory, workers=backend.num_workers)
     net = build_embedding_net(pixels.shape[1], [8, 4], final_relu=False, normalize=True)
     initialize(net, 0.5, backend.contexts, seed=1)
     backend.broadcast_parameters(net.collect_params())

@@ -153,7 +153,7 @@ def test_conv_run_with_augmentation_exports_a_model_embed_reads(tmp_path):
     network does, from (B, 16) rows; meta.json names the backbone and the image shape."""
     from _ckpt_util import run_args, write_dataset
     from dist_triplet.config import load_config
-    from dist_triplet.export import load_model, read_meta
+    from dist_triplet.retrieval.model import Model, read_meta
     from dist_triplet.loop import train
     from dist_triplet.model import embed
     from dist_triplet.data import load_data
@@ -170,7 +170,7 @@ def test_conv_run_with_augmentation_exports_a_model_embed_reads(tmp_path):
     assert meta["backbone"] == "convnet" and meta["image_shape"] == [4, 4, 1]
     assert meta["input_units"] == 16
     _, test = load_data(cfg.data)
-    exported = load_model(str(out / "model"))
+    exported = Model(str(out / "model")).block
     want = embed(result.net, test.images, mx.cpu())
     np.testing.assert_allclose(embed(exported, test.images, mx.cpu()), want, rtol=1e-5,
                                atol=1e-6)
