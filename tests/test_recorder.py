@@ -50,7 +50,7 @@ def test_rows_are_kept_unchanged_and_copied_into_checkpoints(tmp_path):
     row["loss"] = -1.0                                    # ... and not shared with the history
     assert [r["loss"] for r in rec.history] == [0.5, 0.25]
     rec.save_checkpoint(1, net, trainer, steps_per_epoch=3, processes=2, devices=1)
-    meta = ckpt.read_meta(os.path.join(run_dir, "checkpoints", "epoch-0001"))
+    meta = ckpt.read_meta(os.path.join(run_dir, "checkpoints", "epoch-0002"))  # "epoch 2/N"
     assert (meta.epoch, meta.world_size, meta.processes, meta.devices, meta.steps_per_epoch) \
         == (1, 2, 2, 1, 3)
     assert meta.history == rec.history and meta.history is not rec.history
