@@ -232,6 +232,13 @@ class Backend:
         Every rank must call it with the same shape, or it deadlocks."""
         return x
 
+    def allreduce_sum(self, x: mx.nd.NDArray, name: str = "allreduce_sum") -> mx.nd.NDArray:
+        """The sum of every process's ``x`` (same shape and dtype everywhere), on ``x``'s
+        context; ``x`` itself with one process. Asynchronous (an MXNet engine op under
+        Horovod: no host wait), carries no gradient. Every rank must call it, or it
+        deadlocks."""
+        return x
+
     def barrier(self) -> None:
         """Wait until every rank gets here. Every rank must call it."""
 
@@ -285,6 +292,11 @@ class HorovodBackend(Backend):
         if self.num_processes == 1:
             return x
         return _hvd.allgather(x, name=f"dist_triplet.{name}")  # Horovod
+
+    def allreduce_sum(self, x: mx.nd.NDArray, name: str = "allreduce_sum") -> mx.nd.NDArray:
+        if self.num_processes == 1:
+            return x
+        return _hvd.allreduce(x, op=_hvd.Sum, name=f"dist_triplet.{name}")  # Horovod
 
     def barrier(self) -> None:
         if self.num_processes > 1:

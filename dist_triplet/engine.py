@@ -81,7 +81,7 @@ class DataParallelStep:
                 net, margin, miner, k, self.ctxs,
                 worker_ranks=[backend.worker_rank(d) for d in range(len(self.ctxs))],
                 num_workers=backend.num_workers, allgather=backend.allgather,
-                uint8=self.uint8)
+                allreduce_sum=backend.allreduce_sum, uint8=self.uint8)
         else:
             if self.mining:
                 self.block = MinedTripletStep(net, margin, miner, k=k, uint8=self.uint8)
@@ -151,17 +151,15 @@ class DataParallelStep:
         mx = self.mx
         if idx is None:
             idx = self.device_batches(batch)
-        head_grads = None
         with mx.autograd.record():
             if self.global_step is not None:
-                # Every device's loss is the global batch's mean; seeded with W (see there).
+                # Every device's loss is the global batch's mean (a surrogate, see there).
                 losses = self.global_step(self.pixels, self.labels, idx)
-                head_grads = self.global_step.head_grads
             elif self.mining:
                 losses = [self.block(x, y, i) for x, y, i in zip(self.pixels, self.labels, idx)]
             else:
                 losses = [self.block(x, i) for x, i in zip(self.pixels, idx)]
-        mx.autograd.backward(losses, head_grads=head_grads)
+        mx.autograd.backward(losses)
         # Offline: per-sample losses, normalise by the triplets of this process. Mining: one
         # mean loss per device, normalise by the devices. Horovod then averages over ranks.
         terms = len(self.ctxs) if self.mining else len(batch)

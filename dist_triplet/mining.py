@@ -17,9 +17,10 @@ gradient (``BlockGrad`` on the distance matrix): the indices select rows, and th
 ``gluon.loss.TripletLoss`` on the gathered rows, so gradients flow through the anchor,
 positive and negative embeddings only.
 
-Global mining (``sampler.scope: global``, :class:`GlobalMinedTripletLoss`): every worker
-mines over the whole global batch, in which only its own rows carry a gradient; see
-:func:`splice_own_rows` for why the summed gradients are exactly the single-process ones.
+Mining against a pool (:func:`mine_pool`, :class:`PoolTripletLoss`): some anchors mined
+against every row of a larger set, with the same triplets as mining the whole set. Global
+mining (``sampler.scope: global``) uses it with each worker's own rows as anchors and the
+gathered global batch as the pool (``model.GlobalMinedTripletStep``).
 
 Every function takes ``F`` first and uses only operators that exist in both ``mx.nd`` and
 ``mx.sym``, so it runs eagerly and inside a ``HybridBlock.hybrid_forward``. Indices are
@@ -34,50 +35,77 @@ __all__ = [
     "pairwise_sq_dist",
     "batch_hard",
     "semi_hard",
+    "mine_pool",
+    "pool_sq_dist",
     "mined_triplet_loss",
     "MinedTripletLoss",
-    "splice_own_rows",
-    "GlobalMinedTripletLoss",
+    "PoolTripletLoss",
 ]
 
 MINERS = ("batch_hard", "semi_hard")
 
 
-def _row_index(F, x):
-    """(B,) float32 0..B-1 for the rows of ``x``, without knowing B (works for mx.sym)."""
-    return F.contrib.arange_like(x, axis=0)
+def _row_index(F, x, axis=0):
+    """(n,) float32 0..n-1 along ``axis`` of ``x``, without knowing n (works for mx.sym)."""
+    return F.contrib.arange_like(x, axis=axis)
 
 
-def _label_masks(F, labels, like):
-    """(same, eye) masks, each (B, B) float32 of 0/1, from (B,) labels."""
+def _pool_masks(F, labels, anchor_rows, pool):
+    """(same, own) masks, each (A, M) float32 of 0/1: the anchor shares the pool row's
+    label; the pool row is the anchor itself. ``labels`` (M,) of the pool rows;
+    ``anchor_rows`` (A,) float32 rows of the anchors in the pool, or None for every row."""
     labels = F.cast(labels, dtype="float32")  # int labels would not broadcast with floats
-    same = F.broadcast_equal(F.expand_dims(labels, axis=1), F.expand_dims(labels, axis=0))
-    idx = _row_index(F, like)
-    eye = F.broadcast_equal(F.expand_dims(idx, axis=1), F.expand_dims(idx, axis=0))
-    return same, eye
+    rows = _row_index(F, pool)
+    if anchor_rows is None:
+        anchor_rows, anchor_labels = rows, labels
+    else:
+        anchor_labels = F.take(labels, anchor_rows)
+    same = F.broadcast_equal(F.expand_dims(anchor_labels, axis=1), F.expand_dims(labels, axis=0))
+    own = F.broadcast_equal(F.expand_dims(anchor_rows, axis=1), F.expand_dims(rows, axis=0))
+    return same, own
 
 
-def pairwise_sq_dist(F, emb):
-    """Squared Euclidean distance between all rows of ``emb``.
+def pool_sq_dist(F, anchors, pool, own):
+    """Squared Euclidean distance from each anchor to every row of a pool.
 
-    ``d[i, j] = ||e_i||^2 + ||e_j||^2 - 2 e_i.e_j``, clipped at 0 (the expansion can go
-    slightly negative in float32) and with an exactly-zero diagonal (where rounding would
-    otherwise leave noise). Differentiable; the miners wrap it in ``BlockGrad``.
+    ``d[i, j] = ||a_i||^2 + ||e_j||^2 - 2 a_i.e_j``, clipped at 0 (the expansion can go
+    slightly negative in float32) and exactly 0 where ``own`` is 1 (the anchor's own row,
+    where rounding would otherwise leave noise). Differentiable; the miners wrap it in
+    ``BlockGrad``.
 
     Args:
         F: ``mx.nd`` or ``mx.sym``.
-        emb: (B, D) float32 embeddings.
+        anchors: (A, D) float32; pool: (M, D) float32.
+        own: (A, M) float32 0/1, 1 at each anchor's own row of the pool.
 
     Returns:
-        (B, B) float32, in squared embedding units, as ``gluon.loss.TripletLoss``.
+        (A, M) float32, in squared embedding units, as ``gluon.loss.TripletLoss``.
     """
-    sq = F.sum(F.square(emb), axis=1)  # (B,)
-    dot = F.dot(emb, emb, transpose_b=True)  # (B, B)
-    d = F.broadcast_add(F.expand_dims(sq, axis=1), F.expand_dims(sq, axis=0)) - 2.0 * dot
-    d = F.relu(d)
+    sa = F.sum(F.square(anchors), axis=1)  # (A,)
+    sp = F.sum(F.square(pool), axis=1)  # (M,)
+    dot = F.dot(anchors, pool, transpose_b=True)  # (A, M)
+    d = F.broadcast_add(F.expand_dims(sa, axis=1), F.expand_dims(sp, axis=0)) - 2.0 * dot
+    return F.relu(d) * (1.0 - own)
+
+
+def pairwise_sq_dist(F, emb):
+    """:func:`pool_sq_dist` of a batch with itself: (B, D) -> (B, B), zero diagonal."""
     idx = _row_index(F, emb)
     eye = F.broadcast_equal(F.expand_dims(idx, axis=1), F.expand_dims(idx, axis=0))
-    return d * (1.0 - eye)
+    return pool_sq_dist(F, emb, emb, eye)
+
+
+def _batch_hard(F, d, same, own, anchor_rows):
+    """Batch-hard on an (A, M) distance matrix; see :func:`batch_hard`."""
+    pos = same - own  # same label, not the anchor itself
+    neg = 1.0 - same
+    # d >= 0, so pushing non-positives to -1 keeps them below every positive.
+    p = F.argmax(d * pos + (pos - 1.0), axis=1)
+    # Non-negatives get max(d) + 1, above every negative.
+    big = F.max(d) + 1.0
+    n = F.argmin(d + F.broadcast_mul(1.0 - neg, big), axis=1)
+    weight = (F.sum(pos, axis=1) > 0) * (F.sum(neg, axis=1) > 0)
+    return anchor_rows, p, n, F.BlockGrad(weight)
 
 
 def batch_hard(F, emb, labels):
@@ -95,18 +123,7 @@ def batch_hard(F, emb, labels):
         else 0 (``p``/``n`` are then arbitrary valid indices). Equal distances resolve to
         the lower index (MXNet's ``argmax``/``argmin`` return the first). No gradient.
     """
-    d = F.BlockGrad(pairwise_sq_dist(F, emb))
-    same, eye = _label_masks(F, labels, emb)
-    pos = same - eye  # same label, not the anchor itself
-    neg = 1.0 - same
-    # d >= 0, so pushing non-positives to -1 keeps them below every positive.
-    p = F.argmax(d * pos + (pos - 1.0), axis=1)
-    # Non-negatives get max(d) + 1, above every negative.
-    big = F.max(d) + 1.0
-    n = F.argmin(d + F.broadcast_mul(1.0 - neg, big), axis=1)
-    weight = (F.sum(pos, axis=1) > 0) * (F.sum(neg, axis=1) > 0)
-    a = _row_index(F, emb)
-    return a, p, n, F.BlockGrad(weight)
+    return mine_pool(F, emb, labels, None, 0.0, "batch_hard")
 
 
 def semi_hard(F, emb, labels, margin, positives=None):
@@ -144,108 +161,139 @@ def semi_hard(F, emb, labels, margin, positives=None):
     Raises:
         ValueError: if ``margin < 0`` or ``positives < 1``.
     """
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
-    if positives is not None:
-        if int(positives) < 1:
-            raise ValueError(f"positives must be >= 1, got {positives}")
-        return _semi_hard_pairs(F, emb, labels, int(positives))
-    d = F.BlockGrad(pairwise_sq_dist(F, emb))  # (B, B)
-    same, eye = _label_masks(F, labels, emb)
-    pos = same - eye
+    return mine_pool(F, emb, labels, None, margin, "semi_hard", positives)
+
+
+def _flat(F, x):
+    return F.reshape(x, shape=(-1,))
+
+
+def _semi_hard_all(F, d, same, own, anchor_rows):
+    """:func:`semi_hard` over every (anchor, pool row) pair of an (A, M) matrix: (A*M,)."""
+    pos = same - own
     neg = 1.0 - same
-    d_ap = F.expand_dims(d, axis=2)  # (B, B, 1): [a, p, .]
-    d_an = F.expand_dims(d, axis=1)  # (B, 1, B): [a, ., n]
+    d_ap = F.expand_dims(d, axis=2)  # (A, M, 1): [a, p, .]
+    d_an = F.expand_dims(d, axis=1)  # (A, 1, M): [a, ., n]
     farther = F.broadcast_mul(F.broadcast_greater(d_an, d_ap),
-                              F.expand_dims(neg, axis=1))  # (B, B, B): [a, p, n]
+                              F.expand_dims(neg, axis=1))  # (A, M, M): [a, p, n]
     big = F.max(d) + 1.0
     n_semi = F.argmin(F.broadcast_add(F.broadcast_mul(1.0 - farther, big), d_an), axis=2)
-    has_semi = F.sum(farther, axis=2) > 0  # (B, B)
-    n_far = F.argmax(d * neg + (neg - 1.0), axis=1)  # (B,): farthest negative per anchor
+    has_semi = F.sum(farther, axis=2) > 0  # (A, M)
+    n_far = F.argmax(d * neg + (neg - 1.0), axis=1)  # (A,): farthest negative per anchor
     n = F.where(has_semi, n_semi, F.broadcast_like(F.expand_dims(n_far, axis=1), d))
-    idx = _row_index(F, emb)
-    a = F.broadcast_like(F.expand_dims(idx, axis=1), d)
-    p = F.broadcast_like(F.expand_dims(idx, axis=0), d)
+    a = F.broadcast_like(F.expand_dims(anchor_rows, axis=1), d)
+    p = F.broadcast_like(F.expand_dims(_row_index(F, d, axis=1), axis=0), d)
     weight = F.broadcast_mul(pos, F.expand_dims(F.sum(neg, axis=1) > 0, axis=1))
-    def flat(x):
-        return F.reshape(x, shape=(-1,))
-
-    return flat(a), flat(p), flat(n), F.BlockGrad(flat(weight))
+    return _flat(F, a), _flat(F, p), _flat(F, n), F.BlockGrad(_flat(F, weight))
 
 
-def _semi_hard_pairs(F, emb, labels, m):
-    """:func:`semi_hard` over each anchor's first ``m`` positives: (B*m,) each.
+def _semi_hard_pairs(F, d, same, own, anchor_rows, m):
+    """:func:`semi_hard` over each anchor's first ``m`` positives in an (A, M) distance
+    matrix: (A*m,) each.
 
-    Only one (B, m, B) tensor is reduced (an argmin); sums and look-ups go through flat
+    Only one (A, m, M) tensor is reduced (an argmin); sums and look-ups go through flat
     ``take``: MXNet's CPU reductions cost ~15 ns per element, so they decide the speed.
     """
-    d = F.BlockGrad(pairwise_sq_dist(F, emb))  # (B, B)
-    same, eye = _label_masks(F, labels, emb)
-    pos = same - eye
+    pos = same - own
     neg = 1.0 - same
-    idx = _row_index(F, emb)                                        # (B,) 0..B-1
-    b = F.max(idx) + 1.0                                            # (1,) B
-    # Positives score B - j (> 0, larger for lower j), others 0: topk gives the first m.
-    score = F.broadcast_mul(pos, F.expand_dims(F.broadcast_sub(b, idx), axis=0))
-    p = F.topk(score, axis=1, k=m, ret_typ="indices", dtype="float32")  # (B, m)
-    a = F.broadcast_like(F.expand_dims(idx, axis=1), p)             # (B, m)
+    row = _row_index(F, d)                                          # (A,) 0..A-1
+    col = _row_index(F, d, axis=1)                                  # (M,) 0..M-1
+    width = F.max(col) + 1.0                                        # (1,) M
+    # Positives score M - j (> 0, larger for lower j), others 0: topk gives the first m.
+    score = F.broadcast_mul(pos, F.expand_dims(F.broadcast_sub(width, col), axis=0))
+    p = F.topk(score, axis=1, k=m, ret_typ="indices", dtype="float32")  # (A, m)
+    r = F.broadcast_like(F.expand_dims(row, axis=1), p)             # (A, m)
 
     def at(mat, rows, cols):  # mat[rows, cols] elementwise, through the flat matrix
-        return F.take(F.reshape(mat, shape=(-1,)), F.broadcast_add(F.broadcast_mul(rows, b), cols))
+        return F.take(_flat(F, mat), F.broadcast_add(F.broadcast_mul(rows, width), cols))
 
-    d_ap = at(d, a, p)                                              # (B, m)
-    is_pos = at(pos, a, p)                                          # (B, m): 0 if padding
-    d_an = F.expand_dims(d, axis=1)                                 # (B, 1, B): [a, ., n]
+    d_ap = at(d, r, p)                                              # (A, m)
+    is_pos = at(pos, r, p)                                          # (A, m): 0 if padding
+    d_an = F.expand_dims(d, axis=1)                                 # (A, 1, M): [a, ., n]
     farther = F.broadcast_mul(F.broadcast_greater(d_an, F.expand_dims(d_ap, axis=2)),
-                              F.expand_dims(neg, axis=1))           # (B, m, B): [a, j, n]
+                              F.expand_dims(neg, axis=1))           # (A, m, M): [a, j, n]
     big = F.max(d) + 1.0
     n_semi = F.argmin(F.broadcast_add(F.broadcast_mul(1.0 - farther, big), d_an), axis=2)
     # The argmin is semi-hard iff it is a negative farther than the positive; if none is,
     # it lands on a non-candidate and the farthest negative is taken instead.
-    has_semi = at(neg, a, n_semi) * (at(d, a, n_semi) > d_ap)       # (B, m)
-    n_far = F.argmax(d * neg + (neg - 1.0), axis=1)                 # (B,): farthest negative
+    has_semi = at(neg, r, n_semi) * (at(d, r, n_semi) > d_ap)       # (A, m)
+    n_far = F.argmax(d * neg + (neg - 1.0), axis=1)                 # (A,): farthest negative
     n = F.where(has_semi, n_semi, F.broadcast_like(F.expand_dims(n_far, axis=1), d_ap))
-    has_neg = F.expand_dims(F.sum(neg, axis=1) > 0, axis=1)         # (B, 1)
+    has_neg = F.expand_dims(F.sum(neg, axis=1) > 0, axis=1)         # (A, 1)
     weight = F.broadcast_mul(is_pos, has_neg)
-
-    def flat(x):
-        return F.reshape(x, shape=(-1,))
-
-    return flat(a), flat(p), flat(n), F.BlockGrad(flat(weight))
+    a = F.broadcast_like(F.expand_dims(anchor_rows, axis=1), p)     # (A, m) pool rows
+    return _flat(F, a), _flat(F, p), _flat(F, n), F.BlockGrad(_flat(F, weight))
 
 
-def _mine(F, emb, labels, margin, miner, positives=None):
+def mine_pool(F, pool, labels, anchor_rows, margin, miner, positives=None):
+    """Mine triplets for some anchors of a pool of embeddings against every pool row.
+
+    The pool is what the anchors are mined against: one batch (local mining), the
+    gathered global batch of every worker (global mining: each worker mines only its
+    own rows as anchors), or that plus a memory of past batches (cross-batch memory).
+    With ``anchor_rows=None`` every row is an anchor, and the result is exactly
+    :func:`batch_hard` / :func:`semi_hard` of the pool; with a subset, it is exactly
+    those functions' triplets of those anchors (the same distances, masks and tie rule:
+    equal distances resolve to the lower pool row).
+
+    Args:
+        F: ``mx.nd`` or ``mx.sym``.
+        pool: (M, D) float32 embeddings; labels: (M,) class labels, float32.
+        anchor_rows: (A,) float32 pool rows of the anchors, or None for all M rows.
+        margin, miner, positives: as :func:`semi_hard` (``margin`` and ``positives`` are
+            ignored by batch-hard).
+
+    Returns:
+        ``(a, p, n, weight)`` pool rows (float32) and 0/1 weights without gradient:
+        (A,) each for batch-hard; (A*m,) for semi-hard with ``positives=m``, (A*M,)
+        without, ordered anchor-major as in :func:`semi_hard`.
+
+    Raises:
+        ValueError: on an unknown ``miner``, ``margin < 0`` or ``positives < 1``.
+    """
+    if miner not in MINERS:
+        raise ValueError(f"miner must be one of {MINERS}, got {miner!r}")
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    if positives is not None and int(positives) < 1:
+        raise ValueError(f"positives must be >= 1, got {positives}")
+    same, own = _pool_masks(F, labels, anchor_rows, pool)
+    anchors = pool if anchor_rows is None else F.take(pool, anchor_rows)
+    d = F.BlockGrad(pool_sq_dist(F, anchors, pool, own))           # (A, M)
+    rows = _row_index(F, pool) if anchor_rows is None else anchor_rows
     if miner == "batch_hard":
-        return batch_hard(F, emb, labels)
-    if miner == "semi_hard":
-        return semi_hard(F, emb, labels, margin, positives)
-    raise ValueError(f"miner must be one of {MINERS}, got {miner!r}")
+        return _batch_hard(F, d, same, own, rows)
+    if positives is None:
+        return _semi_hard_all(F, d, same, own, rows)
+    return _semi_hard_pairs(F, d, same, own, rows, int(positives))
 
 
-def mined_triplet_loss(F, emb, labels, margin, miner, loss_fn=None, positives=None):
+def mined_triplet_loss(F, emb, labels, margin, miner, loss_fn=None, positives=None,
+                       anchor_rows=None):
     """Per-triplet ``gluon.loss.TripletLoss`` over the triplets one miner selects.
 
     Args:
         F: ``mx.nd`` or ``mx.sym``.
-        emb: (B, D) float32 embeddings.
-        labels: (B,) class labels, float32.
+        emb: (M, D) float32 embeddings: the batch, or the pool of :func:`mine_pool`.
+        labels: (M,) class labels, float32.
         margin: float >= 0, squared-L2 units (``gluon.loss.TripletLoss``).
         miner: ``"batch_hard"`` or ``"semi_hard"``.
         loss_fn: a ``gluon.loss.TripletLoss`` to reuse (a block's child); a new one with
             ``margin`` if None.
         positives: semi-hard only: positives per anchor (see :func:`semi_hard`).
+        anchor_rows: (A,) float32 rows of ``emb`` that are anchors (see
+            :func:`mine_pool`); None: every row.
 
     Returns:
-        ``(loss, weight)``: (T,) float32 each, T = B for batch-hard and B*B (or
-        B*positives) for semi-hard; ``loss`` is differentiable with respect to ``emb``;
+        ``(loss, weight)``: (T,) float32 each, T = A for batch-hard and A*M (or
+        A*positives) for semi-hard, A the anchors; ``loss`` is differentiable with
+        respect to every row of ``emb`` it uses (as anchor, positive or negative);
         ``weight`` is 0/1 without gradient.
 
     Raises:
         ValueError: on an unknown ``miner`` or ``margin < 0``.
     """
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
-    a, p, n, weight = _mine(F, emb, labels, margin, miner, positives)
+    a, p, n, weight = mine_pool(F, emb, labels, anchor_rows, margin, miner, positives)
     if loss_fn is None:
         loss_fn = gluon.loss.TripletLoss(margin=margin)
     loss = loss_fn(F.take(emb, a), F.take(emb, p), F.take(emb, n))
@@ -285,59 +333,35 @@ class MinedTripletLoss(gluon.HybridBlock):
         with self.name_scope():
             self.triplet = gluon.loss.TripletLoss(margin=self._margin)
 
-    def hybrid_forward(self, F, emb, labels):
+    def sums(self, F, emb, labels, anchor_rows=None):
+        """``(sum(loss * w), sum(w))``, (1,) float32 each, of the mined triplets."""
         loss, weight = mined_triplet_loss(F, emb, labels, self._margin, self._miner,
-                                          loss_fn=self.triplet, positives=self._positives)
-        return F.sum(loss * weight) / F.maximum(F.sum(weight), 1.0)
+                                          loss_fn=self.triplet, positives=self._positives,
+                                          anchor_rows=anchor_rows)
+        return F.sum(loss * weight), F.sum(weight)
+
+    def hybrid_forward(self, F, emb, labels):
+        total, count = self.sums(F, emb, labels)
+        return total / F.maximum(count, 1.0)
 
 
-def splice_own_rows(F, own, gathered, slot):
-    """The global batch ``gathered`` with this worker's rows replaced by ``own``, whose
-    gradient they carry; every other row is a constant (no gradient).
+class PoolTripletLoss(MinedTripletLoss):
+    """The mined loss of some anchors of a pool, as sums: the part of a pool's mean
+    loss that one worker computes.
 
-    The values are exactly those of ``gathered`` (``own - BlockGrad(own)`` is exactly 0,
-    and ``x + 0 == x`` in IEEE arithmetic), so every worker mines the same triplets from
-    the same matrix, bit for bit. The gradient of a loss ``L(E)`` of the spliced matrix
-    reaches ``own[j]`` as ``dL/dE[g]`` for the global row ``g`` whose ``slot`` is
-    ``j + 1``. Summed over workers, whose own rows partition the global batch, those are
-    ``dL/dE`` for every row: the gradient one process gets on the whole batch. This is
-    pytorch-metric-learning's ``DistributedLossWrapper(efficient=False)`` construction:
-    the loss over all anchors on every worker, only local rows differentiable.
+    ``forward(pool, labels, anchor_rows)`` with pool (M, D) float32, labels (M,) float32
+    and anchor_rows (A,) float32 (see :func:`mine_pool`) returns ``(total, count)``,
+    (1,) float32 each: the summed loss of the triplets mined for those anchors against
+    the whole pool, and how many there are. ``total`` is differentiable with respect to
+    every pool row (anchor, positive and negative roles). Anchor sets that partition the
+    pool's anchors add up to the whole pool's ``(total, count)``, whose ratio is
+    :class:`MinedTripletLoss` of the pool, the mined triplets being the same
+    (:func:`mine_pool`); so do the gradients of ``total``. This is how global mining
+    costs each worker 1/W of the mining (``model.GlobalMinedTripletStep``), and what a
+    cross-batch memory reuses with a pool of [global batch; past batches].
 
-    Args:
-        F: ``mx.nd`` or ``mx.sym``.
-        own: (B, D) float32, this worker's embeddings (differentiable).
-        gathered: (G, D) float32, every worker's embeddings in worker order, this
-            worker's included (values equal to ``own`` at its rows); treated as constant.
-        slot: (G,) float32, ``1 + j`` where global row g is ``own[j]``, else 0.
-
-    Returns:
-        (G, D) float32, equal in value to ``gathered``.
-    """
-    delta = own - F.BlockGrad(own)                                   # (B, D), exactly 0
-    pad = F.zeros_like(F.slice_axis(own, axis=0, begin=0, end=1))    # (1, D): row for slot 0
-    return F.BlockGrad(gathered) + F.take(F.concat(pad, delta, dim=0), slot)
-
-
-class GlobalMinedTripletLoss(MinedTripletLoss):
-    """:class:`MinedTripletLoss` over the global batch, as one worker computes it.
-
-    ``forward(own, gathered, labels, slot)`` with own (B, D), gathered (G, D), labels (G,)
-    and slot (G,) float32 (see :func:`splice_own_rows`) returns the (1,) float32 mean
-    loss of the triplets mined over all G rows (all anchors), with a gradient only
-    towards ``own``. Its value is the same on every worker. With W workers each applying
-    this loss, the sum of the W gradients is the gradient of the mean loss of one process
-    given the G rows; the training step multiplies by W to undo the averaging of the
-    workers' gradients (Horovod's mean, the kvstore sum divided by the devices), as
-    pytorch-metric-learning's ``DistributedLossWrapper`` returns ``loss * world_size``.
-
-    Args:
-        margin, miner: as :class:`MinedTripletLoss`.
-        k: samples per class in the *global* batch (workers x sampler.k when all workers
-            draw the same classes), or None; semi-hard then pairs each anchor with its
-            k - 1 positives in the global batch.
+    Args: as :class:`MinedTripletLoss`; ``k`` counts the samples per class in the pool.
     """
 
-    def hybrid_forward(self, F, own, gathered, labels, slot):
-        emb = splice_own_rows(F, own, gathered, slot)                # (G, D)
-        return super().hybrid_forward(F, emb, labels)
+    def hybrid_forward(self, F, pool, labels, anchor_rows):
+        return self.sums(F, pool, labels, anchor_rows)
