@@ -23,71 +23,53 @@ def optimizer_params(optim) -> dict:
 
 
 class DataParallelStep:
-    """The distributed training step, identical in structure for every backend.
+    """The distributed training step, identical in structure for every backend and
+    sampler; what differs by sampler kind is the ``strategy`` (strategies.py).
 
     The training rows are put on every device once (shared, not copied, on cpu(0)) in
     their own dtype: uint8 images stay uint8 there (a quarter of float32's bytes) and are
     scaled to float32 / 255 inside the step, batch by batch; float32 features are used as
     they are. An epoch's indices are copied once (``epoch_indices``), a step takes a view
     of its rows.
-    ``step(batch)`` takes this process's share of the global batch:
-
-    * offline sampler: ``batch`` (Bp, 3) int64 (anchor, positive, negative) rows, Bp =
-      devices x ``train.batch_size``; each device gets a contiguous (B, 3) slice.
-    * P x K sampler: ``batch`` (devices, P*K) int64; each device mines within its own batch
-      (scope 'local') or over every worker's batch (scope 'global').
+    ``step(batch)`` takes this process's share of the global batch: (devices x B, 3)
+    int64 (anchor, positive, negative) rows for the offline sampler, (devices, P*K) for
+    P x K; each device gets an equal contiguous slice, laid out by ``strategy.layout``.
 
     Args:
         backend: the ``dist.Backend`` (its ``contexts`` are the devices).
-        net: the embedding network, initialised on every context.
         trainer: the Trainer from ``backend.make_trainer`` (the step does not build one).
         pixels: (N, F) training rows: uint8 image bytes or float32 features (a read-only
             memory map is fine: it is not copied on cpu(0)); labels: (N,) integer labels.
-        margin: triplet margin in squared-L2 units (``loss.margin``).
-        miner: ``None`` for offline triplets, else the online miner of P x K batches
-            (``'batch_hard'`` / ``'semi_hard'``); k: samples per class in those batches.
-        scope: ``'local'``: each device mines within its own batch; ``'global'``: over
-            the global batch of all workers (``model.GlobalMinedTripletStep``; the batches
-            must come from ``EpochSampler(scope='global')``).
+        strategy: the sampler kind's ``strategies.Strategy`` (its ``net`` is trained;
+            its ``uint8`` must match ``pixels``).
 
     It returns the per-device loss sums (NDArrays, no host synchronisation) and the
     number of loss terms they sum over.
+
+    Raises:
+        ValueError: 2**24 training rows or more (indices travel as float32), or
+            ``pixels`` of another dtype than the strategy expects.
     """
 
-    def __init__(self, backend, net, trainer, pixels: np.ndarray, labels: np.ndarray, *,
-                 margin: float, miner: Optional[str] = None, k: int = 0,
-                 scope: str = "local"):
+    def __init__(self, backend, trainer, pixels: np.ndarray, labels: np.ndarray, strategy):
         import mxnet as mx
-        from .model import GlobalMinedTripletStep, MinedTripletStep, OfflineTripletStep
 
         self.mx = mx
         self.backend = backend
         self.ctxs = backend.contexts
-        self.net = net
+        self.strategy = strategy
+        self.net = strategy.net
         self.trainer = trainer
-        self.mining = miner is not None
         # Indices travel as float32 (what F.take wants); exact for row ids below 2**24.
         if len(pixels) >= 2 ** 24:
             raise ValueError(f"{len(pixels)} training rows: indices above 2**24 are not exact "
                              "in float32; use data.limit_train")
-        self.uint8 = np.asarray(pixels[:0]).dtype == np.uint8
+        self.uint8 = is_uint8(pixels)
+        if self.uint8 != strategy.uint8:
+            raise ValueError(f"training rows are {np.asarray(pixels[:0]).dtype} but the "
+                             f"strategy expects {'uint8' if strategy.uint8 else 'float32'}")
         self.pixels = [self._resident(pixels, c) for c in self.ctxs]               # (N, F) per device
         self.labels = [mx.nd.array(labels.astype(np.float32), ctx=c) for c in self.ctxs]
-        if scope not in ("local", "global"):
-            raise ValueError(f"sampler.scope={scope!r}: expected 'local' or 'global'")
-        self.global_step = None
-        if self.mining and scope == "global":
-            self.global_step = GlobalMinedTripletStep(
-                net, margin, miner, k, self.ctxs,
-                worker_ranks=[backend.worker_rank(d) for d in range(len(self.ctxs))],
-                num_workers=backend.num_workers, allgather=backend.allgather,
-                allreduce_sum=backend.allreduce_sum, uint8=self.uint8)
-        else:
-            if self.mining:
-                self.block = MinedTripletStep(net, margin, miner, k=k, uint8=self.uint8)
-            else:
-                self.block = OfflineTripletStep(net, margin, uint8=self.uint8)
-            self.block.hybridize(static_alloc=True, static_shape=True)
 
     def _resident(self, pixels: np.ndarray, ctx):
         """``pixels`` as an NDArray on ``ctx``, uint8 kept uint8, anything else float32. On
@@ -102,45 +84,30 @@ class DataParallelStep:
             return mx.nd.from_numpy(host.view(), zero_copy=True)  # marks only the view read-only
         return mx.nd.array(pixels, ctx=ctx, dtype=dtype)
 
-    def device_batches(self, batch: np.ndarray) -> list:
-        """Split this process's batch over its devices and move the indices there."""
-        mx = self.mx
-        n = len(self.ctxs)
-        if len(batch) % n:
-            # EpochSampler always gives devices x batch_size rows; this guards direct callers.
-            raise ValueError(f"a batch of {len(batch)} rows does not split evenly over {n} "
-                             "devices; every device must get the same number so that each "
-                             "step's gradient is the mean over the global batch")
-        parts = np.split(batch, n) if n > 1 else [batch]
-        out = []
-        for part, ctx in zip(parts, self.ctxs):
-            if self.mining:
-                flat = part.reshape(-1)               # (P*K,)
-            else:
-                flat = part.T.reshape(-1)             # (3B,) = [anchors; positives; negatives]
-            out.append(mx.nd.array(flat, ctx=ctx, dtype="float32"))
-        return out
-
     def epoch_indices(self, batches: np.ndarray) -> list:
-        """A whole epoch's indices on the devices in one copy: per device a (steps, 3B)
-        (offline) or (steps, P*K) float32 NDArray whose row s equals
-        ``device_batches(batches[s])`` for that device.
+        """Indices of ``steps`` batches on the devices in one copy: per device a
+        (steps, L) float32 NDArray (``strategy.layout`` of the device's share).
 
         ``mx.nd.array`` from host memory waits until MXNet's queue is empty, so copying
         indices every step stalls the host once per step (measured: benchmark section 2);
         one copy per epoch and a row view per step keeps the queue full.
+
+        Raises:
+            ValueError: a batch does not split evenly over the devices.
         """
-        mx = self.mx
-        steps, n = len(batches), len(self.ctxs)
+        n = len(self.ctxs)
+        if batches.shape[1] % n:
+            # EpochSampler always gives devices x batch_size rows; this guards direct callers.
+            raise ValueError(f"a batch of {batches.shape[1]} rows does not split evenly over "
+                             f"{n} devices; every device must get the same number so that "
+                             "each step's gradient is the mean over the global batch")
         parts = np.split(batches, n, axis=1) if n > 1 else [batches]
-        out = []
-        for part, ctx in zip(parts, self.ctxs):
-            if self.mining:
-                flat = part.reshape(steps, -1)                     # (steps, P*K)
-            else:
-                flat = part.transpose(0, 2, 1).reshape(steps, -1)  # (steps, 3B) [a; p; n]
-            out.append(mx.nd.array(flat, ctx=ctx, dtype="float32"))
-        return out
+        return [self.mx.nd.array(self.strategy.layout(part), ctx=ctx, dtype="float32")
+                for part, ctx in zip(parts, self.ctxs)]
+
+    def device_batches(self, batch: np.ndarray) -> list:
+        """One batch's indices on the devices: per device the (L,) float32 NDArray."""
+        return [d[0] for d in self.epoch_indices(batch[None])]
 
     def step(self, batch: np.ndarray, idx: Optional[list] = None):
         """One optimizer update from ``batch``; returns (loss sums per device, terms).
@@ -152,19 +119,16 @@ class DataParallelStep:
         if idx is None:
             idx = self.device_batches(batch)
         with mx.autograd.record():
-            if self.global_step is not None:
-                # Every device's loss is the global batch's mean (a surrogate, see there).
-                losses = self.global_step(self.pixels, self.labels, idx)
-            elif self.mining:
-                losses = [self.block(x, y, i) for x, y, i in zip(self.pixels, self.labels, idx)]
-            else:
-                losses = [self.block(x, i) for x, i in zip(self.pixels, idx)]
-        mx.autograd.backward(losses)
-        # Offline: per-sample losses, normalise by the triplets of this process. Mining: one
-        # mean loss per device, normalise by the devices. Horovod then averages over ranks.
-        terms = len(self.ctxs) if self.mining else len(batch)
+            losses = self.strategy.losses(self.pixels, self.labels, idx)
+        mx.autograd.backward(losses, head_grads=self.strategy.head_grads)
+        terms = self.strategy.terms(len(batch))
         self.trainer.step(terms)
         return [l.sum() for l in losses], terms
+
+
+def is_uint8(pixels) -> bool:
+    """True when the training rows are uint8 image bytes (a memory map counts)."""
+    return np.asarray(pixels[:0]).dtype == np.uint8
 
 
 def run_epoch(stepper: DataParallelStep, batches: np.ndarray, epoch: int, *,

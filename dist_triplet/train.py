@@ -153,14 +153,15 @@ def build_sampler(cfg: Config, backend, labels: np.ndarray) -> EpochSampler:
 
 
 def build_step(cfg: Config, backend, net, pixels: np.ndarray, labels: np.ndarray):
-    """The ``engine.DataParallelStep`` for ``cfg``, with the trainer ``backend`` makes
+    """The ``engine.DataParallelStep`` for ``cfg``: the sampler kind's strategy
+    (``strategies.make_strategy``) and the trainer ``backend`` makes
     (``Backend.make_trainer``, optimizer arguments from ``engine.optimizer_params``)."""
-    from .engine import DataParallelStep, optimizer_params
+    from .engine import DataParallelStep, is_uint8, optimizer_params
+    from .strategies import make_strategy
     trainer = backend.make_trainer(net.collect_params(), cfg.optim.optimizer,
                                    optimizer_params(cfg.optim))
-    s = cfg.sampler
-    return DataParallelStep(backend, net, trainer, pixels, labels, margin=cfg.loss.margin,
-                            miner=s.miner if s.kind == "pk" else None, k=s.k, scope=s.scope)
+    strategy = make_strategy(cfg.sampler, cfg.loss.margin, net, backend, is_uint8(pixels))
+    return DataParallelStep(backend, trainer, pixels, labels, strategy)
 
 
 def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:

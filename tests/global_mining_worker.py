@@ -117,7 +117,7 @@ def run(backend, opt: str, miner: str, scope: str, steps: int = STEPS) -> dict:
         everyone = batches[s].reshape(-1)                              # (G,) worker order
         if scope == "global":
             rows = batches[s][first:first + devices]                   # (devices, P*K)
-            gs = stepper.global_step
+            gs = stepper.strategy.block
             idx = stepper.device_batches(rows)
             own = [gs.embed(x, i) for x, i in zip(stepper.pixels, idx)]
             emb, lab = gs.gather(own, stepper.labels, idx)             # collective
