@@ -75,6 +75,45 @@ def test_pool_mining_of_a_subset_picks_the_full_batch_triplets_of_those_anchors(
         np.testing.assert_array_equal(got, full[w * B * per_anchor:(w + 1) * B * per_anchor])
 
 
+@pytest.mark.parametrize("anchors", [None, (8, 40)])
+def test_sorted_semi_hard_picks_the_compared_triplets_ties_included(monkeypatch, anchors):
+    """The two semi-hard searches (mining.SORT_FROM chooses) pick the same triplets,
+    including exact ties: duplicated rows put negatives at exactly the positive's
+    distance (not farther) and several negatives at one distance (the lower row wins),
+    as a plain loop over the float32 distance matrix says."""
+    from dist_triplet import mining
+    rng = np.random.RandomState(3)
+    emb = rng.randn(80, 16).astype(np.float32)
+    emb[5] = emb[3]           # a positive twice (class 0)
+    emb[17] = emb[3]          # and a negative at the same place (class 2)
+    emb[40] = emb[41] = emb[2]
+    emb = mx.nd.L2Normalization(mx.nd.array(emb))
+    labels = np.repeat(np.arange(10), 8).astype(np.float32)
+    rows = None if anchors is None else mx.nd.arange(*anchors, dtype="float32")
+    got = {}
+    for sort_from in (1, 10 ** 9):
+        monkeypatch.setattr(mining, "SORT_FROM", sort_from)
+        got[sort_from] = [x.asnumpy() for x in mine_pool(
+            mx.nd, emb, mx.nd.array(labels), rows, MARGIN, "semi_hard", 7)]
+    for x, y in zip(got[1], got[10 ** 9]):
+        np.testing.assert_array_equal(x, y)
+    # The float32 matrix the miner reads: GEMMs of other shapes may round differently.
+    first, last = (0, 80) if anchors is None else anchors
+    own = (np.arange(first, last)[:, None] == np.arange(80)[None, :]).astype(np.float32)
+    d = mining.pool_sq_dist(mx.nd, emb[first:last], emb, mx.nd.array(own)).asnumpy()
+    a, p, n, w = (x.astype(int) for x in got[1])
+    ties = 0
+    for i in np.flatnonzero(w):
+        row = d[a[i] - first]
+        negs = [j for j in range(80) if labels[j] != labels[a[i]]]
+        far = [j for j in negs if row[j] > row[p[i]]]
+        want = (min(far, key=lambda j: (row[j], j)) if far else
+                max(negs, key=lambda j: (row[j], -j)))
+        assert n[i] == want
+        ties += sum(row[j] == row[p[i]] for j in negs)
+    assert ties > 0           # the data did put negatives at a positive's distance
+
+
 @pytest.mark.parametrize("miner, k", CASES)
 @pytest.mark.parametrize("hybridize", [False, True])
 def test_simulated_workers_sum_to_single_process_gradient(miner, k, hybridize):
