@@ -230,6 +230,10 @@ class DistributedConfig:
     device: str = field(default="auto", metadata=FREE)
     # kvstore only: 'all' (every GPU), a list of GPU ids like '0,1', or 'cpu:N' for N CPU contexts.
     devices: str = field(default="all", metadata=FREE)
+    # Horovod only: 'none', or 'fp16' to send the gradients between ranks as float16
+    # (half the bytes; each rank's gradient is rounded to float16 before the average, so
+    # the update is no longer exactly one process's: an option, see docs/benchmark.md).
+    compression: str = field(default="none", metadata=FREE)
 
 
 @dataclass
@@ -356,6 +360,7 @@ _CHOICES = {
     "optim.optimizer": ("sgd", "adam"),
     "optim.schedule": ("constant", "cosine"),
     "distributed.backend": ("local", "horovod", "kvstore"),
+    "distributed.compression": ("none", "fp16"),
     "distributed.device": ("auto", "cpu", "gpu"),
     "eval.gallery": ("test", "train"),
 }

@@ -159,7 +159,7 @@ def build_step(cfg: Config, backend, net, pixels: np.ndarray, labels: np.ndarray
     from .engine import DataParallelStep, is_uint8, optimizer_params
     from .strategies import make_strategy
     trainer = backend.make_trainer(net.collect_params(), cfg.optim.optimizer,
-                                   optimizer_params(cfg.optim))
+                                   optimizer_params(cfg.optim), cfg.distributed.compression)
     strategy = make_strategy(cfg.sampler, cfg.loss.margin, net, backend, is_uint8(pixels))
     return DataParallelStep(backend, trainer, pixels, labels, strategy)
 
