@@ -15,28 +15,15 @@ windows) and CPU microseconds per image.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
-import time
 
-from torch_seed import load
+from torch_seed import emit, setup
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser()
-    for flag, default in (("--threads", 2), ("--p", 10), ("--k", 8), ("--warmup", 20),
-                          ("--windows", 7), ("--window-steps", 40), ("--train-size", 0)):
-        p.add_argument(flag, type=int, default=default)
-    p.add_argument("--synthetic", action="store_true")
-    args = p.parse_args(argv)
-    import torch
+    args, torch, images, labels = setup(argv, p=10, k=8)
     from pytorch_metric_learning import distances, losses, miners, samplers
     import pytorch_metric_learning
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    images, labels = load(args.synthetic, args.train_size)
     pixels, targets = torch.from_numpy(images), torch.from_numpy(labels)
     net = torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(),
                               torch.nn.Linear(256, 128))
@@ -68,21 +55,8 @@ def main(argv=None) -> int:
             loss.backward()
             opt.step()
 
-    run(args.warmup)
-    rates, cpu, wall = [], 0.0, 0.0
-    for _ in range(args.windows):
-        c0, t0 = time.process_time(), time.perf_counter()
-        run(args.window_steps)
-        dt = time.perf_counter() - t0
-        cpu += time.process_time() - c0
-        wall += dt
-        rates.append(args.window_steps * batch / dt)
-    items = args.windows * args.window_steps * batch
-    print("BENCH_JSON " + json.dumps({
-        "torch": torch.__version__, "pml": pytorch_metric_learning.__version__,
-        "threads": args.threads, "p": args.p, "k": args.k,
-        "median": statistics.median(rates), "windows": rates, "cores": cpu / wall,
-        "cpu_us_per_item": 1e6 * cpu / items}), flush=True)
+    emit(run, batch, args, torch=torch.__version__, pml=pytorch_metric_learning.__version__,
+         p=args.p, k=args.k)
     return 0
 
 

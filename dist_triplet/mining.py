@@ -189,12 +189,21 @@ def _semi_hard_all(F, d, same, own, anchor_rows):
     return _flat(F, r), _flat(F, a), _flat(F, p), _flat(F, n), F.BlockGrad(_flat(F, weight))
 
 
+SORT_FROM = 16   # positives per anchor from which semi-hard mining sorts (_semi_hard_pairs)
+
+
 def _semi_hard_pairs(F, d, same, own, anchor_rows, m):
     """:func:`semi_hard` over each anchor's first ``m`` positives in an (A, M) distance
     matrix: (A*m,) each.
 
-    Only one (A, m, M) tensor is reduced (an argmin); sums and look-ups go through flat
-    ``take``: MXNet's CPU reductions cost ~15 ns per element, so they decide the speed.
+    Each pair's negative -- the closest negative farther than the positive -- is found by
+    one of two searches with the same result: comparing every pair with every pool row
+    (:func:`_farther_by_comparing`, O(A m M)) or sorting each anchor's row once and
+    searching it (:func:`_farther_by_sorting`, O(A M log M)). Sums and look-ups go through
+    flat ``take``: MXNet's CPU reductions cost ~15 ns per element, so they decide the
+    speed. At A = 80 anchors and m = 7 comparing is faster (2.9 against 4.2 ms CPU a step
+    with its gradient, 1 thread), at m = 31 against M = 320 rows sorting (9.5 against
+    17 ms): ``SORT_FROM`` sits between.
     """
     pos = same - own
     neg = 1.0 - same
@@ -205,48 +214,6 @@ def _semi_hard_pairs(F, d, same, own, anchor_rows, m):
     score = F.broadcast_mul(pos, F.expand_dims(F.broadcast_sub(width, col), axis=0))
     p = F.topk(score, axis=1, k=m, ret_typ="indices", dtype="float32")  # (A, m)
     r = F.broadcast_like(F.expand_dims(row, axis=1), p)             # (A, m)
-
-    def at(mat, rows, cols):  # mat[rows, cols] elementwise, through the flat matrix
-        return F.take(_flat(F, mat), F.broadcast_add(F.broadcast_mul(rows, width), cols))
-
-    d_ap = at(d, r, p)                                              # (A, m)
-    is_pos = at(pos, r, p)                                          # (A, m): 0 if padding
-    d_an = F.expand_dims(d, axis=1)                                 # (A, 1, M): [a, ., n]
-    farther = F.broadcast_mul(F.broadcast_greater(d_an, F.expand_dims(d_ap, axis=2)),
-                              F.expand_dims(neg, axis=1))           # (A, m, M): [a, j, n]
-    big = F.max(d) + 1.0
-    n_semi = F.argmin(F.broadcast_add(F.broadcast_mul(1.0 - farther, big), d_an), axis=2)
-    # The argmin is semi-hard iff it is a negative farther than the positive; if none is,
-    # it lands on a non-candidate and the farthest negative is taken instead.
-    has_semi = at(neg, r, n_semi) * (at(d, r, n_semi) > d_ap)       # (A, m)
-    n_far = F.argmax(d * neg + (neg - 1.0), axis=1)                 # (A,): farthest negative
-    n = F.where(has_semi, n_semi, F.broadcast_like(F.expand_dims(n_far, axis=1), d_ap))
-    has_neg = F.expand_dims(F.sum(neg, axis=1) > 0, axis=1)         # (A, 1)
-    weight = F.broadcast_mul(is_pos, has_neg)
-    a = F.broadcast_like(F.expand_dims(anchor_rows, axis=1), p)     # (A, m) pool rows
-    return _flat(F, r), _flat(F, a), _flat(F, p), _flat(F, n), F.BlockGrad(_flat(F, weight))
-
-
-def _semi_hard_sorted(F, d, same, own, anchor_rows, m):
-    """:func:`_semi_hard_pairs` by sorting instead of comparing: each anchor's negatives
-    are sorted once (O(A M log M)), and each pair's negative is found by a binary search
-    of that order (O(A m log M)), instead of comparing every pair with every pool row
-    (O(A m M)). The same triplets, ties included: the sort keys are the float32 distances
-    widened to float64 and scaled by ``1 + j 2^-48`` for pool row j, which orders equal
-    distances by row (lower first, as ``argmin``) and keeps every strict order of
-    distinct float32 values (their relative gap is >= 2^-24, the scale < M 2^-48 for
-    M < 2^24 rows); the search key of a pair is its positive's distance scaled by
-    ``1 + M 2^-48``, above the keys of negatives at that same distance, which are not
-    farther. Non-negatives are pushed past every negative and the pair's key.
-    """
-    pos = same - own
-    neg = 1.0 - same
-    row = _row_index(F, d)                                          # (A,) 0..A-1
-    col = _row_index(F, d, axis=1)                                  # (M,) 0..M-1
-    width = F.max(col) + 1.0                                        # (1,) M
-    score = F.broadcast_mul(pos, F.expand_dims(F.broadcast_sub(width, col), axis=0))
-    p = F.topk(score, axis=1, k=m, ret_typ="indices", dtype="float32")  # (A, m)
-    r = F.broadcast_like(F.expand_dims(row, axis=1), p)             # (A, m)
     base = F.broadcast_mul(r, width)                                # (A, m): row starts
 
     def at(mat, cols):  # mat[r, cols] elementwise, through the flat matrix
@@ -254,6 +221,40 @@ def _semi_hard_sorted(F, d, same, own, anchor_rows, m):
 
     d_ap = at(d, p)                                                 # (A, m)
     is_pos = at(pos, p)                                             # (A, m): 0 if padding
+    search = _farther_by_sorting if m >= SORT_FROM else _farther_by_comparing
+    n_semi, has_semi = search(F, d, neg, d_ap, col, width, at)
+    n_far = F.argmax(d * neg + (neg - 1.0), axis=1)                 # (A,): farthest negative
+    n = F.where(has_semi, n_semi, F.broadcast_like(F.expand_dims(n_far, axis=1), d_ap))
+    has_neg = F.sum(neg, axis=1, keepdims=True) > 0                 # (A, 1)
+    weight = F.broadcast_mul(is_pos, has_neg)
+    a = F.broadcast_like(F.expand_dims(anchor_rows, axis=1), p)     # (A, m) pool rows
+    return _flat(F, r), _flat(F, a), _flat(F, p), _flat(F, n), F.BlockGrad(_flat(F, weight))
+
+
+def _farther_by_comparing(F, d, neg, d_ap, col, width, at):
+    """Per pair the closest negative farther than ``d_ap`` (A, m), by an argmin over an
+    (A, m, M) mask: ``(n_semi, has_semi)``, (A, m) float32 each."""
+    d_an = F.expand_dims(d, axis=1)                                 # (A, 1, M): [a, ., n]
+    farther = F.broadcast_mul(F.broadcast_greater(d_an, F.expand_dims(d_ap, axis=2)),
+                              F.expand_dims(neg, axis=1))           # (A, m, M): [a, j, n]
+    big = F.max(d) + 1.0
+    n_semi = F.argmin(F.broadcast_add(F.broadcast_mul(1.0 - farther, big), d_an), axis=2)
+    # The argmin is semi-hard iff it is a negative farther than the positive; if none is,
+    # it lands on a non-candidate and the farthest negative is taken instead.
+    return n_semi, at(neg, n_semi) * (at(d, n_semi) > d_ap)
+
+
+def _farther_by_sorting(F, d, neg, d_ap, col, width, at):
+    """:func:`_farther_by_comparing` by sorting: each anchor's negatives are sorted once,
+    and each pair's negative is found by a binary search of that order. The same
+    triplets, ties included: the sort keys are the float32 distances widened to float64
+    and scaled by ``1 + j 2^-48`` for pool row j, which orders equal distances by row
+    (lower first, as ``argmin``) and keeps every strict order of distinct float32 values
+    (their relative gap is >= 2^-24, the scale < M 2^-48 for M < 2^24 rows); the search
+    key of a pair is its positive's distance scaled by ``1 + M 2^-48``, above the keys of
+    negatives at that same distance, which are not farther. Non-negatives are pushed past
+    every negative and the pair's key.
+    """
     big = F.max(d) + 1.0
     ulp = 2.0 ** -48
     tie = F.cast(col, dtype="float64") * ulp + 1.0                  # (M,)
@@ -267,20 +268,10 @@ def _semi_hard_sorted(F, d, same, own, anchor_rows, m):
     c = F.zeros_like(d_ap)
     for bit in range(23, -1, -1):
         step = float(2 ** bit)
-        probe = F.broadcast_minimum(c + (step - 1.0), last)
-        below = F.take(_flat(F, skey), base + probe) <= q            # float64 0/1
+        below = at(skey, F.broadcast_minimum(c + (step - 1.0), last)) <= q  # float64 0/1
         c = c + step * F.cast(below, dtype="float32")
     n_neg = F.sum(neg, axis=1, keepdims=True)                       # (A, 1)
-    has_semi = F.broadcast_lesser(c, n_neg)                         # (A, m)
-    n_semi = F.take(_flat(F, order), base + F.broadcast_minimum(c, last))
-    n_far = F.argmax(d * neg + (neg - 1.0), axis=1)                 # (A,): farthest negative
-    n = F.where(has_semi, n_semi, F.broadcast_like(F.expand_dims(n_far, axis=1), d_ap))
-    weight = F.broadcast_mul(is_pos, n_neg > 0)
-    a = F.broadcast_like(F.expand_dims(anchor_rows, axis=1), p)     # (A, m) pool rows
-    return _flat(F, r), _flat(F, a), _flat(F, p), _flat(F, n), F.BlockGrad(_flat(F, weight))
-
-
-SORT_FROM = 16   # positives per anchor from which semi-hard mining sorts (see _mine)
+    return at(order, F.broadcast_minimum(c, last)), F.broadcast_lesser(c, n_neg)
 
 
 def mine_pool(F, pool, labels, anchor_rows, margin, miner, positives=None):
@@ -336,12 +327,7 @@ def _mine(F, pool, labels, anchor_rows, miner, positives):
     elif positives is None:
         found = _semi_hard_all(F, d, same, own, rows)
     else:
-        m = int(positives)
-        # Comparing every pair with every row costs O(A m M), sorting O(A M log M): at
-        # A = 80 anchors, m = 7 the comparison is faster (2.9 vs 4.2 ms CPU per step with
-        # its gradient, 1 thread), at m = 31 against M = 320 rows the sort (9.5 vs 17 ms).
-        found = (_semi_hard_sorted if m >= SORT_FROM else _semi_hard_pairs)(
-            F, d, same, own, rows, m)
+        found = _semi_hard_pairs(F, d, same, own, rows, int(positives))
     return (dist,) + tuple(found)
 
 
@@ -405,10 +391,7 @@ class MinedTripletLoss(gluon.HybridBlock):
 
     def __init__(self, margin: float, miner: str = "batch_hard", k=None, **kwargs):
         super().__init__(**kwargs)
-        if miner not in MINERS:
-            raise ValueError(f"miner must be one of {MINERS}, got {miner!r}")
-        if margin < 0:
-            raise ValueError(f"margin must be >= 0, got {margin}")
+        _check(margin, miner, None)
         if k is not None and int(k) < 2:
             raise ValueError(f"k must be >= 2 (a positive per anchor), got {k}")
         self._margin = float(margin)
