@@ -192,7 +192,7 @@ def _semi_hard_all(F, d, same, own, anchor_rows):
 SORT_FROM = 16   # positives per anchor from which semi-hard mining sorts (_semi_hard_pairs)
 
 
-def _semi_hard_pairs(F, d, same, own, anchor_rows, m):
+def _semi_hard_pairs(F, d, same, own, anchor_rows, m, rows=None):
     """:func:`semi_hard` over each anchor's first ``m`` positives in an (A, M) distance
     matrix: (A*m,) each.
 
@@ -222,7 +222,7 @@ def _semi_hard_pairs(F, d, same, own, anchor_rows, m):
     d_ap = at(d, p)                                                 # (A, m)
     is_pos = at(pos, p)                                             # (A, m): 0 if padding
     search = _farther_by_sorting if m >= SORT_FROM else _farther_by_comparing
-    n_semi, has_semi = search(F, d, neg, d_ap, col, width, at)
+    n_semi, has_semi = search(F, d, neg, d_ap, col, width, at, rows)
     n_far = F.argmax(d * neg + (neg - 1.0), axis=1)                 # (A,): farthest negative
     n = F.where(has_semi, n_semi, F.broadcast_like(F.expand_dims(n_far, axis=1), d_ap))
     has_neg = F.sum(neg, axis=1, keepdims=True) > 0                 # (A, 1)
@@ -231,7 +231,7 @@ def _semi_hard_pairs(F, d, same, own, anchor_rows, m):
     return _flat(F, r), _flat(F, a), _flat(F, p), _flat(F, n), F.BlockGrad(_flat(F, weight))
 
 
-def _farther_by_comparing(F, d, neg, d_ap, col, width, at):
+def _farther_by_comparing(F, d, neg, d_ap, col, width, at, rows=None):
     """Per pair the closest negative farther than ``d_ap`` (A, m), by an argmin over an
     (A, m, M) mask: ``(n_semi, has_semi)``, (A, m) float32 each."""
     d_an = F.expand_dims(d, axis=1)                                 # (A, 1, M): [a, ., n]
@@ -244,7 +244,7 @@ def _farther_by_comparing(F, d, neg, d_ap, col, width, at):
     return n_semi, at(neg, n_semi) * (at(d, n_semi) > d_ap)
 
 
-def _farther_by_sorting(F, d, neg, d_ap, col, width, at):
+def _farther_by_sorting(F, d, neg, d_ap, col, width, at, rows=None):
     """:func:`_farther_by_comparing` by sorting: each anchor's negatives are sorted once,
     and each pair's negative is found by a binary search of that order. The same
     triplets, ties included: the sort keys are the float32 distances widened to float64
@@ -253,7 +253,8 @@ def _farther_by_sorting(F, d, neg, d_ap, col, width, at):
     (their relative gap is >= 2^-24, the scale < M 2^-48 for M < 2^24 rows); the search
     key of a pair is its positive's distance scaled by ``1 + M 2^-48``, above the keys of
     negatives at that same distance, which are not farther. Non-negatives are pushed past
-    every negative and the pair's key.
+    every negative and the pair's key. The search takes ``rows.bit_length()`` steps when
+    the pool's row count ``rows`` is known (9 at 320 rows), else 24 (any M < 2^24).
     """
     big = F.max(d) + 1.0
     ulp = 2.0 ** -48
@@ -263,10 +264,11 @@ def _farther_by_sorting(F, d, neg, d_ap, col, width, at):
     # k=0: a full sort of each row, values and their pool rows.
     skey, order = F.topk(key, axis=1, k=0, ret_typ="both", is_ascend=True, dtype="float32")
     q = F.broadcast_mul(F.cast(d_ap, dtype="float64"), F.cast(width, dtype="float64") * ulp + 1.0)
-    # c = #{negatives with key <= q}, by a branchless binary search over 2^24 > M rows.
+    # c = #{negatives with key <= q}, by a branchless binary search over 2^bits > M rows.
     last = width - 1.0
     c = F.zeros_like(d_ap)
-    for bit in range(23, -1, -1):
+    bits = int(rows).bit_length() if rows else 24
+    for bit in range(bits - 1, -1, -1):
         step = float(2 ** bit)
         below = at(skey, F.broadcast_minimum(c + (step - 1.0), last)) <= q  # float64 0/1
         c = c + step * F.cast(below, dtype="float32")
@@ -274,7 +276,7 @@ def _farther_by_sorting(F, d, neg, d_ap, col, width, at):
     return at(order, F.broadcast_minimum(c, last)), F.broadcast_lesser(c, n_neg)
 
 
-def mine_pool(F, pool, labels, anchor_rows, margin, miner, positives=None):
+def mine_pool(F, pool, labels, anchor_rows, margin, miner, positives=None, rows=None):
     """Mine triplets for some anchors of a pool of embeddings against every pool row.
 
     The pool is what the anchors are mined against: one batch (local mining), the
@@ -291,6 +293,8 @@ def mine_pool(F, pool, labels, anchor_rows, margin, miner, positives=None):
         anchor_rows: (A,) float32 pool rows of the anchors, or None for all M rows.
         margin, miner, positives: as :func:`semi_hard` (``margin`` and ``positives`` are
             ignored by batch-hard).
+        rows: None, or M, when the caller knows it (a graph traced with symbols does not):
+            fewer steps for the sorted semi-hard search (:func:`_farther_by_sorting`).
 
     Returns:
         ``(a, p, n, weight)`` pool rows (float32) and 0/1 weights without gradient:
@@ -301,7 +305,7 @@ def mine_pool(F, pool, labels, anchor_rows, margin, miner, positives=None):
         ValueError: on an unknown ``miner``, ``margin < 0`` or ``positives < 1``.
     """
     _check(margin, miner, positives)
-    return _mine(F, pool, labels, anchor_rows, miner, positives)[2:]
+    return _mine(F, pool, labels, anchor_rows, miner, positives, rows)[2:]
 
 
 def _check(margin, miner, positives) -> None:
@@ -313,7 +317,7 @@ def _check(margin, miner, positives) -> None:
         raise ValueError(f"positives must be >= 1, got {positives}")
 
 
-def _mine(F, pool, labels, anchor_rows, miner, positives):
+def _mine(F, pool, labels, anchor_rows, miner, positives, rows=None):
     """:func:`mine_pool` (arguments checked there), also returning the (A, M)
     differentiable distance matrix and each triplet's anchor row in it:
     ``(dist, r, a, p, n, weight)``."""
@@ -321,17 +325,18 @@ def _mine(F, pool, labels, anchor_rows, miner, positives):
     anchors = pool if anchor_rows is None else F.take(pool, anchor_rows)
     dist = pool_sq_dist(F, anchors, pool, own)                      # (A, M)
     d = F.BlockGrad(dist)
-    rows = _row_index(F, pool) if anchor_rows is None else anchor_rows
+    anchors_at = _row_index(F, pool) if anchor_rows is None else anchor_rows
     if miner == "batch_hard":
-        found = _batch_hard(F, d, same, own, rows)
+        found = _batch_hard(F, d, same, own, anchors_at)
     elif positives is None:
-        found = _semi_hard_all(F, d, same, own, rows)
+        found = _semi_hard_all(F, d, same, own, anchors_at)
     else:
-        found = _semi_hard_pairs(F, d, same, own, rows, int(positives))
+        found = _semi_hard_pairs(F, d, same, own, anchors_at, int(positives), rows)
     return (dist,) + tuple(found)
 
 
-def mined_triplet_loss(F, emb, labels, margin, miner, positives=None, anchor_rows=None):
+def mined_triplet_loss(F, emb, labels, margin, miner, positives=None, anchor_rows=None,
+                       rows=None):
     """Per-triplet triplet loss over the triplets one miner selects.
 
     The loss is ``gluon.loss.TripletLoss``'s, ``max(0, d(a, p) - d(a, n) + margin)``, with
@@ -351,6 +356,7 @@ def mined_triplet_loss(F, emb, labels, margin, miner, positives=None, anchor_row
         positives: semi-hard only: positives per anchor (see :func:`semi_hard`).
         anchor_rows: (A,) float32 rows of ``emb`` that are anchors (see
             :func:`mine_pool`); None: every row.
+        rows: M, when known (see :func:`mine_pool`).
 
     Returns:
         ``(loss, weight)``: (T,) float32 each, T = A for batch-hard and A*M (or
@@ -362,7 +368,7 @@ def mined_triplet_loss(F, emb, labels, margin, miner, positives=None, anchor_row
         ValueError: on an unknown ``miner`` or ``margin < 0``.
     """
     _check(margin, miner, positives)
-    dist, r, _, p, n, weight = _mine(F, emb, labels, anchor_rows, miner, positives)
+    dist, r, _, p, n, weight = _mine(F, emb, labels, anchor_rows, miner, positives, rows)
     flat = _flat(F, dist)
     width = F.max(_row_index(F, dist, axis=1)) + 1.0                # (1,) M
     base = F.broadcast_mul(r, width)                                # (T,) row starts
@@ -384,12 +390,15 @@ class MinedTripletLoss(gluon.HybridBlock):
         k: samples per class of the P x K batches, or None. With ``k``, semi-hard pairs
             each anchor with its K - 1 positives only (the same triplets as all pairs,
             O(B^2 K) instead of O(B^3); see :func:`semi_hard`). Ignored by batch-hard.
+        rows: None, or the rows of every batch (pool) it will see: a shorter semi-hard
+            search (:func:`mine_pool`); a batch with more rows than this would be mined
+            wrongly, so give it only when the batch size is fixed.
 
     Raises:
         ValueError: on an unknown ``miner``, ``margin < 0`` or ``k < 2``.
     """
 
-    def __init__(self, margin: float, miner: str = "batch_hard", k=None, **kwargs):
+    def __init__(self, margin: float, miner: str = "batch_hard", k=None, rows=None, **kwargs):
         super().__init__(**kwargs)
         _check(margin, miner, None)
         if k is not None and int(k) < 2:
@@ -397,11 +406,13 @@ class MinedTripletLoss(gluon.HybridBlock):
         self._margin = float(margin)
         self._miner = miner
         self._positives = int(k) - 1 if k is not None and miner == "semi_hard" else None
+        self._rows = rows
 
     def sums(self, F, emb, labels, anchor_rows=None):
         """``(sum(loss * w), sum(w))``, (1,) float32 each, of the mined triplets."""
         loss, weight = mined_triplet_loss(F, emb, labels, self._margin, self._miner,
-                                          positives=self._positives, anchor_rows=anchor_rows)
+                                          positives=self._positives, anchor_rows=anchor_rows,
+                                          rows=self._rows)
         return F.sum(loss * weight), F.sum(weight)
 
     def hybrid_forward(self, F, emb, labels):

@@ -189,8 +189,8 @@ class GlobalMinedTripletStep:
         self.allreduce_sum = allreduce_sum
         self.embed = EmbedRows(net, uint8=uint8)
         self.embed.hybridize(static_alloc=True, static_shape=True)
-        self.loss = PoolTripletLoss(margin=margin, miner=miner, k=int(k) * self.num_workers)
-        self.loss.hybridize(static_alloc=True, static_shape=True)
+        self._loss_args = dict(margin=margin, miner=miner, k=int(k) * self.num_workers)
+        self._losses = {}
         self._rows = {}
 
     def anchor_rows(self, rows: int) -> list:
@@ -226,13 +226,22 @@ class GlobalMinedTripletStep:
         here = [a.as_in_context(ctx0) for a in arrays]
         return mx.nd.concat(*here, dim=dim) if dim is not None else mx.nd.add_n(*here)
 
+    def loss(self, rows: int) -> PoolTripletLoss:
+        """The (hybridized) pool loss for a global batch of ``rows`` rows (it uses the
+        row count for a shorter search, so one block per batch size)."""
+        if rows not in self._losses:
+            block = PoolTripletLoss(rows=rows, **self._loss_args)
+            block.hybridize(static_alloc=True, static_shape=True)
+            self._losses[rows] = block
+        return self._losses[rows]
+
     def pool_gradient(self, pool, labels, anchors):
         """The summed mined loss of ``anchors`` (A,) against ``pool`` (G, D) and its gradient
         with respect to the pool, packed as ``[gradient (G*D); total; count]`` float32."""
         pool = pool.copy()
         pool.attach_grad()
         with mx.autograd.record():
-            total, count = self.loss(pool, labels, anchors)
+            total, count = self.loss(pool.shape[0])(pool, labels, anchors)
         grad = mx.autograd.grad(total, [pool])[0]                    # (G, D)
         return mx.nd.concat(grad.reshape((-1,)), total, count, dim=0)
 

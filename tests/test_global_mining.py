@@ -91,12 +91,14 @@ def test_sorted_semi_hard_picks_the_compared_triplets_ties_included(monkeypatch,
     labels = np.repeat(np.arange(10), 8).astype(np.float32)
     rows = None if anchors is None else mx.nd.arange(*anchors, dtype="float32")
     got = {}
-    for sort_from in (1, 10 ** 9):
+    for sort_from, pool_rows in ((1, None), (1, 80), (10 ** 9, None)):
         monkeypatch.setattr(mining, "SORT_FROM", sort_from)
-        got[sort_from] = [x.asnumpy() for x in mine_pool(
-            mx.nd, emb, mx.nd.array(labels), rows, MARGIN, "semi_hard", 7)]
-    for x, y in zip(got[1], got[10 ** 9]):
-        np.testing.assert_array_equal(x, y)
+        got[sort_from, pool_rows] = [x.asnumpy() for x in mine_pool(
+            mx.nd, emb, mx.nd.array(labels), rows, MARGIN, "semi_hard", 7, rows=pool_rows)]
+    for key in ((1, 80), (10 ** 9, None)):   # a 7-step search (80 rows) or 24 steps
+        for x, y in zip(got[1, None], got[key]):
+            np.testing.assert_array_equal(x, y)
+    got[1] = got[1, None]
     # The float32 matrix the miner reads: GEMMs of other shapes may round differently.
     first, last = (0, 80) if anchors is None else anchors
     own = (np.arange(first, last)[:, None] == np.arange(80)[None, :]).astype(np.float32)
