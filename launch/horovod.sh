@@ -55,10 +55,11 @@ if [ "$PER_HOST" -gt "$CORES" ]; then
   export HOROVOD_CYCLE_TIME="${HOROVOD_CYCLE_TIME:-2}"
   CHOSE="more ranks than cores, so they take turns on the cores and Horovod polls every $HOROVOD_CYCLE_TIME ms"
 fi
-echo "[horovod.sh] $NP rank(s), $PER_HOST per host on $CORES core(s) here: $OMP_NUM_THREADS thread(s) per rank (cores / ranks per host, at least 1); $CHOSE" >&2
 # No cd: relative --config, data.root and output.dir mean what they say from the caller's directory.
 # Pre-flight: config and data checked once, before any rank starts: bad input is one line, exit 2.
 python -m dist_triplet.check --processes "$NP" "$@" distributed.backend=horovod || exit $?
+# What was chosen, once the pre-flight has passed (bad input stays one line).
+echo "[horovod.sh] $NP rank(s), $PER_HOST per host on $CORES core(s) here: $OMP_NUM_THREADS thread(s) per rank (cores / ranks per host, at least 1); $CHOSE" >&2
 # horovodrun itself, without its per-start import of every framework to ask what
 # launch/setup.sh has checked already (launch/_horovodrun.py says why).
 exec python "$ROOT/launch/_horovodrun.py" --gloo -np "$NP" -H "$HOSTS" \
