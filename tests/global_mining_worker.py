@@ -109,7 +109,7 @@ def run(backend, opt: str, miner: str, scope: str, steps: int = STEPS, memory: i
     pixels, labels = problem()
     batches = global_batches(labels)
     reference = memory and backend.num_workers == 1
-    cfg = config(opt, miner, scope, memory, workers=backend.num_workers)
+    cfg = config(opt, miner, scope, memory=memory, workers=backend.num_workers)
     net = build_embedding_net(pixels.shape[1], [8, 4], final_relu=False, normalize=True)
     initialize(net, 0.5, backend.contexts, seed=1)
     backend.broadcast_parameters(net.collect_params())
@@ -131,7 +131,7 @@ def run(backend, opt: str, miner: str, scope: str, steps: int = STEPS, memory: i
             gs = stepper.strategy.block
             idx = stepper.device_batches(rows)
             own, at, noise = gs.forward_own(stepper.pixels, idx)
-            emb, lab, _ = gs.gather(own, stepper.labels, at, noise)    # collective
+            emb, lab = gs.gather(own, stepper.labels, at)             # collective
             out["triplets"].append(mined(emb[0], lab[0], miner, everyone))
             out["emb"].append(emb[0].asnumpy())
         else:
