@@ -10,7 +10,7 @@ import pytest
 mx = pytest.importorskip("mxnet", reason="training runs on MXNet")
 
 from _ckpt_util import local_run_config  # noqa: E402
-from dist_triplet import loop as loop_mod  # noqa: E402  (after the importorskip)
+from dist_triplet import model as model_mod  # noqa: E402  (after the importorskip)
 from dist_triplet.data import write_idx  # noqa: E402
 from dist_triplet.loop import train  # noqa: E402
 
@@ -36,7 +36,8 @@ def zero_initialize(net, init_scale, ctx, seed):
 
 def test_forced_collapse_is_flagged_in_metrics_log_and_metrics_json(idx_dir, tmp_path,
                                                                    monkeypatch, capsys):
-    monkeypatch.setattr(loop_mod, "initialize", zero_initialize)
+    # backbone.initialize_network calls model.initialize for the MLP at run time.
+    monkeypatch.setattr(model_mod, "initialize", zero_initialize)
     run_dir = tmp_path / "run"
     cfg = local_run_config(idx_dir, run_dir, epochs=2)
     result = train(cfg)
