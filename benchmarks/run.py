@@ -7,9 +7,15 @@ Sections, each also runnable alone as ``python -m benchmarks.<section>``:
     triplets     the seed's create_pairs loop vs the vectorised sampler
     step         one process: product step, GEMM roofline, PyTorch
     scaling      Horovod 1 vs 2 ranks vs two independent processes
+    main_job     the main job's training (4 ranks) against one process of the step
     end_to_end   set-up check, main job vs the seed article's program, training share,
                  per-epoch evaluation, end-of-run work
-    mining       the P x K mining recipe on 4 ranks
+    mining       the P x K mining recipes on 4 ranks: local vs global mining, vs
+                 PyTorch + pytorch-metric-learning
+
+The peers (PyTorch's seed recipe in ``step``, pytorch-metric-learning's semi-hard recipe
+in ``mining``) run from their own venv (``benchmarks/peer.py``, made on first use) inside
+the section whose ratio they divide, minutes from the product's number.
 
 Every section records how many cores *other* processes used while it ran (/proc/stat
 minus this process tree's CPU): the machines here are shared, and a number measured
@@ -24,11 +30,11 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from . import common, end_to_end, mining, scaling, step, triplets
+from . import common, end_to_end, main_job, mining, peer, scaling, step, triplets
 
-SECTIONS = {"triplets": triplets, "step": step, "scaling": scaling,
+SECTIONS = {"triplets": triplets, "step": step, "scaling": scaling, "main_job": main_job,
             "end_to_end": end_to_end, "mining": mining}
-NEEDS_IDX = ("end_to_end", "mining")   # run the real programs, which read IDX files
+NEEDS_IDX = ("main_job", "end_to_end", "mining")   # run the real programs, which read IDX files
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -46,14 +52,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--train-size", type=int, default=0, help="first N training rows (0 = all)")
     p.add_argument("--data-root", help="Fashion-MNIST-format IDX directory for the programs "
                                        "that end_to_end and mining run")
-    p.add_argument("--torch-python", default=step.DEFAULT_TORCH_PYTHON,
-                   help="a Python with torch for the PyTorch row ('' to skip)")
+    peer.add_args(p)
+    p.add_argument("--np", type=int, default=4, help="ranks of the main job (main_job)")
     p.add_argument("--timeline", help="also record a Horovod timeline of 2 ranks here")
     p.add_argument("--cycle-times", default="",
                    help="extra 2-rank runs at these HOROVOD_CYCLE_TIME values (ms)")
-    p.add_argument("--epochs", type=int, default=3, help="mining epochs")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of the mining recipes and of the main job (main_job)")
     p.add_argument("--rounds", type=int, default=3, help="scaling rounds (median round)")
-    p.add_argument("--workdir", help="where end_to_end and mining write their runs")
+    p.add_argument("--workdir", help="where main_job, end_to_end and mining write their runs")
     args = p.parse_args(argv)
     args.threads = args.threads or os.cpu_count() or 1
     args.sections = [s.strip() for s in args.only.split(",") if s.strip()]

@@ -20,12 +20,10 @@ and NumPy load):
    faster kernel counts, at its fastest sample (a peak); roofline triplets/s = B / (sum of
    those GEMM times). Target: the
    product step >= 70% of it at the same thread count.
-3. **PyTorch** (optional): ``benchmarks/torch_seed.py``, the seed's recipe as a minimal
-   PyTorch loop, when a Python with torch is given (``--torch-python``, default
-   ``/work/torchvenv/bin/python`` if it exists; torch is no dependency of dist_triplet).
-   Target: the product step >= 1.5 x the PyTorch seed-recipe figure of issue 12
-   (49,000 triplets/s at 2 threads), a fixed number, so the target does not move with
-   this run's PyTorch row.
+3. **PyTorch**: ``benchmarks/torch_seed.py``, the seed's recipe as a minimal PyTorch loop,
+   from the peers' venv (``benchmarks/peer.py``, made on first use; ``--no-peer`` skips
+   it), right after the product in the same section. Target: the product step >= 1.5 x
+   that figure, measured minutes apart on the same machine.
 
 FLOPs per triplet for the MLP ``in -> w1 -> ... -> wL``::
 
@@ -47,11 +45,9 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from . import common
+from . import common, peer
 
-PYTORCH_SEED_RECIPE = 49000.0     # triplets/s, issue 12 (PyTorch, seed recipe, 2 threads)
-TARGETS = {"roofline_fraction": 0.70, "vs_pytorch": 1.5}
-DEFAULT_TORCH_PYTHON = "/work/torchvenv/bin/python"
+TARGETS = {"roofline_fraction": 0.80, "vs_pytorch": 1.5}     # issue 18
 
 
 def sizes(quick: bool) -> dict:
@@ -220,20 +216,12 @@ def measure(args) -> dict:
            "roofline_gflops": fpt * args.batch_size / gemm_s / 1e9,
            "roofline_triplets_per_s": roof,
            "product_gflops": product["median"] * fpt / 1e9,
-           "roofline_fraction": product["median"] / roof,
-           "pytorch_seed_recipe_issue": PYTORCH_SEED_RECIPE,
-           "vs_pytorch": product["median"] / PYTORCH_SEED_RECIPE}
-    torch_py = args.torch_python
-    if torch_py and os.path.exists(torch_py):
-        tcmd = [torch_py, os.path.join(common.ROOT, "benchmarks", "torch_seed.py"),
-                "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-                "--warmup", str(sz["warmup"]), "--windows", str(sz["windows"]),
-                "--window-steps", str(sz["window_steps"]), "--train-size", str(args.train_size)]
-        if args.synthetic:
-            tcmd.append("--synthetic")
+           "roofline_fraction": product["median"] / roof}
+    if not args.no_peer:
         try:
-            out["pytorch"] = common.run_worker(tcmd, common.child_env(args.threads),
-                                               timeout=600)[0]
+            out["pytorch"] = peer.seed_recipe(peer.peer_python(args.peer_venv), args,
+                                              args.batch_size, args.threads)
+            out["vs_pytorch"] = product["median"] / out["pytorch"]["median"]
         except RuntimeError as exc:
             out["pytorch_error"] = str(exc)[-500:]
     return out
@@ -252,11 +240,14 @@ def rows(doc: dict) -> List[common.Row]:
     if "pytorch" in st:
         t = st["pytorch"]
         out.append(R("step", f"PyTorch {t['torch']} seed recipe (benchmarks/torch_seed.py), "
-                             f"{t['threads']} threads", f"{k(t['median'])} triplets/s "
+                             f"{t['threads']} threads, same run", f"{k(t['median'])} triplets/s "
                              f"({t['cpu_us_per_item']:.1f} CPU us/triplet)"))
-    out.append(common.target_row("step", "product step / PyTorch seed recipe, reference figure "
-                                 f"({k(st['pytorch_seed_recipe_issue'])} triplets/s)",
-                                 st["vs_pytorch"], TARGETS["vs_pytorch"], "{:.2f}x"))
+        out.append(common.target_row("step", "product step / PyTorch seed recipe (same run)",
+                                     st["vs_pytorch"], TARGETS["vs_pytorch"], "{:.2f}x",
+                                     detail=f"CPU per triplet {t['cpu_us_per_item'] / p['cpu_us_per_item']:.2f}x"))
+    elif "pytorch_error" in st:
+        out.append(R("step", "PyTorch seed recipe", "not measured: " +
+                     st["pytorch_error"].strip().splitlines()[-1][:120]))
     out.append(R("roofline", "FLOPs per triplet", f"{st['flops_per_triplet'] / 1e6:.3f} MFLOP"))
     for name in ("mxnet", "numpy"):
         g = st["gemm"][name]
@@ -283,8 +274,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="default: the number of cores")
     p.add_argument("--synthetic", action="store_true", help="synthetic data of Fashion-MNIST's shape")
     p.add_argument("--train-size", type=int, default=0, help="first N training rows (0 = all)")
-    p.add_argument("--torch-python", default=DEFAULT_TORCH_PYTHON,
-                   help="a Python with torch for the PyTorch row ('' to skip)")
+    peer.add_args(p)
     args = p.parse_args(argv)
     args.threads = args.threads or os.cpu_count() or 1
     return args

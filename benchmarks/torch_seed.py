@@ -59,17 +59,43 @@ def triplets(labels: np.ndarray, rng) -> np.ndarray:
     return trip[rng.permutation(len(trip))]
 
 
-def main(argv=None) -> int:
+def emit(run, per_step: int, args, **extra) -> None:
+    """Time ``run(n)`` (n steps of ``per_step`` items): ``args.warmup`` steps, then
+    ``args.windows`` windows of ``args.window_steps``; print the one ``BENCH_JSON`` line
+    (items/s median of windows, cores busy, CPU microseconds per item, and ``extra``)."""
+    run(args.warmup)
+    rates, cpu, wall = [], 0.0, 0.0
+    for _ in range(args.windows):
+        c0, t0 = time.process_time(), time.perf_counter()
+        run(args.window_steps)
+        dt = time.perf_counter() - t0
+        cpu += time.process_time() - c0
+        wall += dt
+        rates.append(args.window_steps * per_step / dt)
+    items = args.windows * args.window_steps * per_step
+    print("BENCH_JSON " + json.dumps(dict(
+        extra, threads=args.threads, median=statistics.median(rates), windows=rates,
+        cores=cpu / wall, cpu_us_per_item=1e6 * cpu / items)), flush=True)
+
+
+def setup(argv, **flags):
+    """Parse the integer ``flags`` (name -> default; with the timing flags every peer
+    takes) and ``--synthetic``; set torch's threads and seed. Returns (args, torch,
+    images, labels)."""
     p = argparse.ArgumentParser()
-    for flag, default in (("--batch-size", 256), ("--threads", 2), ("--warmup", 20),
-                          ("--windows", 7), ("--window-steps", 40), ("--train-size", 0)):
-        p.add_argument(flag, type=int, default=default)
+    for flag, default in dict(flags, threads=2, warmup=20, windows=7, window_steps=40,
+                              train_size=0).items():
+        p.add_argument("--" + flag.replace("_", "-"), type=int, default=default)
     p.add_argument("--synthetic", action="store_true")
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    images, labels = load(args.synthetic, args.train_size)
+    return (args, torch) + load(args.synthetic, args.train_size)
+
+
+def main(argv=None) -> int:
+    args, torch, images, labels = setup(argv, batch_size=256)
     pixels = torch.from_numpy(images)
     trip = torch.from_numpy(triplets(labels, np.random.default_rng(0)))
     net = torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(),
@@ -94,19 +120,7 @@ def main(argv=None) -> int:
             loss.backward()
             opt.step()
 
-    run(args.warmup)
-    rates, cpu, wall = [], 0.0, 0.0
-    for _ in range(args.windows):
-        c0, t0 = time.process_time(), time.perf_counter()
-        run(args.window_steps)
-        dt = time.perf_counter() - t0
-        cpu += time.process_time() - c0
-        wall += dt
-        rates.append(args.window_steps * B / dt)
-    items = args.windows * args.window_steps * B
-    print("BENCH_JSON " + json.dumps({
-        "torch": torch.__version__, "threads": args.threads, "median": statistics.median(rates),
-        "windows": rates, "cores": cpu / wall, "cpu_us_per_item": 1e6 * cpu / items}), flush=True)
+    emit(run, B, args, torch=torch.__version__)
     return 0
 
 

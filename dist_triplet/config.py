@@ -18,9 +18,9 @@ Batch-size and learning-rate semantics (the same for every backend):
   scaling rule (Goyal et al. 2017, "Accurate, Large Minibatch SGD"):
   ``lr = optim.lr * global_batch / optim.base_batch``.
 * P x K mining: each worker's loss is the mean over its mined triplets and the step
-  averages the workers. With ``sampler.scope: global`` every worker's loss is the mean
-  over the triplets mined in the *global* batch, its backward seeded with the world size,
-  so the averaged update is one process's on the global batch (mining.py).
+  averages the workers. With ``sampler.scope: global`` the workers mine their anchors in
+  the *global* batch and share the exact gradient of its mean loss, so the averaged
+  update is one process's on the global batch (model.GlobalMinedTripletStep).
 
 Resume policy: every field declares in its metadata what a resumed run may do with it
 (``checkpoint.check_compatible`` reads it through :func:`resume_policies`; a test checks
@@ -49,8 +49,7 @@ train.epochs must be an integer, got 'two'``; the line for an unknown or mistype
 YAML file, the key and value alone for a range or choice error), duplicate YAML keys refused (OmegaConf, like PyYAML,
 keeps the last one), range and choice checks with the key in the message, and the typed
 per-field resume policy above (dataclass metadata, which OmegaConf would carry too but
-not use). Dotted overrides are the one feature both have. Revisit if the config grows
-nested sections or interpolation.
+not use). Dotted overrides are the one feature both have.
 """
 from __future__ import annotations
 
@@ -181,9 +180,8 @@ class SamplerConfig:
     # P x K batches per epoch per worker; 0 = as many as cover the training set once.
     steps_per_epoch: int = fixed(0, least=0)
     # What the miner sees (kind 'pk'). 'local': each worker mines inside its own P x K
-    # batch. 'global': all workers draw the same p classes (k images each), the embeddings
-    # of every worker are gathered, and triplets are mined over the whole global batch of
-    # workers x p x k; the update equals one process's on that batch (issue 13).
+    # batch. 'global': all workers draw the same p classes (k images each) and mine their
+    # anchors over the gathered global batch; the update is one process's on it (issue 13).
     scope: str = fixed("local", choices=("local", "global"))
     # Cross-batch memory (XBM, Wang 2020): mine negatives in the last N global batches too.
     memory: int = fixed(0, least=0)
@@ -246,6 +244,8 @@ class DistributedConfig:
     device: str = free("auto", choices=("auto", "cpu", "gpu"))
     # kvstore only: 'all' (every GPU), a list of GPU ids like '0,1', or 'cpu:N' for N CPU contexts.
     devices: str = free("all")
+    # Horovod only: 'fp16' sends gradients as float16 (half the bytes, inexact: docs/benchmark.md).
+    compression: str = free("none", choices=("none", "fp16"))
 
 
 @dataclass(frozen=True)

@@ -203,13 +203,18 @@ class Backend:
         it deadlocks. Parameters must be initialised with known shapes first (the model
         gives ``in_units`` so nothing is deferred)."""
 
-    def make_trainer(self, params, optimizer: str, optimizer_params: dict) -> mx.gluon.Trainer:
+    def make_trainer(self, params, optimizer: str, optimizer_params: dict,
+                     compression: str = "none") -> mx.gluon.Trainer:
         """A Trainer whose ``step(n)`` applies the mean gradient of the global batch.
 
         ``n`` must be the number of samples this *process* summed its loss over (all its
         devices); Horovod averages across ranks, kvstore sums across devices.
+        ``compression``: 'none', or 'fp16' to send the gradients between processes as
+        float16 (Horovod only: halves the bytes, rounds each gradient to float16 before
+        the average, so the update is no longer exactly one process's; an option).
         """
         # kvstore=None: Gluon's default is 'device'; one device needs no gradient sum.
+        # compression: nothing is sent between processes here.
         return mx.gluon.Trainer(params, optimizer, optimizer_params, kvstore=None)
 
     def allreduce_mean(self, values: Sequence[float]) -> np.ndarray:
@@ -232,6 +237,13 @@ class Backend:
         Every rank must call it with the same shape, or it deadlocks."""
         return x
 
+    def allreduce_sum(self, x: mx.nd.NDArray, name: str = "allreduce_sum") -> mx.nd.NDArray:
+        """The sum of every process's ``x`` (same shape and dtype everywhere), on ``x``'s
+        context; ``x`` itself with one process. Asynchronous (an MXNet engine op under
+        Horovod: no host wait), carries no gradient. Every rank must call it, or it
+        deadlocks."""
+        return x
+
     def barrier(self) -> None:
         """Wait until every rank gets here. Every rank must call it."""
 
@@ -245,7 +257,8 @@ class KVStoreBackend(Backend):
     """One process, several devices; ``gluon.Trainer(kvstore='device')`` sums gradients."""
     name = "kvstore"
 
-    def make_trainer(self, params, optimizer: str, optimizer_params: dict) -> mx.gluon.Trainer:
+    def make_trainer(self, params, optimizer: str, optimizer_params: dict,
+                     compression: str = "none") -> mx.gluon.Trainer:
         # update_on_kvstore=False: the update runs on each device after the gradient sum,
         # so every device applies exactly one identical update per step and the devices'
         # parameter copies stay bit-identical.
@@ -260,8 +273,10 @@ class HorovodBackend(Backend):
     def broadcast_parameters(self, params) -> None:
         _hvd.broadcast_parameters(params, root_rank=0)  # Horovod: same start everywhere
 
-    def make_trainer(self, params, optimizer: str, optimizer_params: dict) -> mx.gluon.Trainer:
-        return _hvd.DistributedTrainer(params, optimizer, optimizer_params)  # Horovod
+    def make_trainer(self, params, optimizer: str, optimizer_params: dict,
+                     compression: str = "none") -> mx.gluon.Trainer:
+        return _flat_trainer_class()(params, optimizer, optimizer_params,  # Horovod
+                                     compression=compression)
 
     def allreduce_mean(self, values: Sequence[float]) -> np.ndarray:
         arr = np.asarray(values, dtype=np.float64)
@@ -286,9 +301,96 @@ class HorovodBackend(Backend):
             return x
         return _hvd.allgather(x, name=f"dist_triplet.{name}")  # Horovod
 
+    def allreduce_sum(self, x: mx.nd.NDArray, name: str = "allreduce_sum") -> mx.nd.NDArray:
+        if self.num_processes == 1:
+            return x
+        return _hvd.allreduce(x, op=_hvd.Sum, name=f"dist_triplet.{name}")  # Horovod
+
     def barrier(self) -> None:
         if self.num_processes > 1:
             _hvd.allreduce(mx.nd.zeros(1), name="dist_triplet.barrier").wait_to_read()
+
+
+_FLAT_TRAINER = None
+
+
+def _flat_trainer_class():
+    """``FlatGradientTrainer``, a ``horovod.mxnet.DistributedTrainer`` whose gradients
+    live in one flat buffer, built on first use (it subclasses a Horovod class)."""
+    global _FLAT_TRAINER
+    if _FLAT_TRAINER is not None:
+        return _FLAT_TRAINER
+
+    class FlatGradientTrainer(_hvd.DistributedTrainer):
+        """Horovod's trainer with every gradient a view into one flat float32 buffer,
+        averaged by one in-place allreduce per step.
+
+        ``DistributedTrainer`` enqueues one allreduce per parameter; Horovod then copies
+        them into its fusion buffer and back (MEMCPY_IN/OUT_FUSION_BUFFER in its timeline)
+        and negotiates each tensor. Here the backward pass writes the gradients straight
+        into the buffer (the parameters' grad arrays are views of it, marked for autograd
+        as ``Parameter._init_grad`` marks its own), so there is one tensor to negotiate and
+        nothing to copy. The update is the same: the same sums, the same average.
+
+        Args: as ``DistributedTrainer``, and ``compression`` 'none' or 'fp16'
+        (``horovod.mxnet.Compression``: the buffer is sent as float16 and cast back).
+
+        Raises:
+            ValueError: an unknown ``compression``.
+            RuntimeError (at ``step``): a parameter's gradient array was replaced after
+                the trainer was made (``initialize(force_reinit=True)``, ``reset_ctx``),
+                so it would not be averaged.
+        """
+
+        def __init__(self, params, optimizer, optimizer_params=None, compression="none"):
+            kinds = {"none": _hvd.Compression.none, "fp16": _hvd.Compression.fp16}
+            if compression not in kinds:
+                raise ValueError(f"distributed.compression={compression!r}: expected "
+                                 f"{' or '.join(kinds)}")
+            super().__init__(params, optimizer, optimizer_params,
+                             compression=kinds[compression])
+            self._views = []
+            self._flat = None
+            self._make_flat()
+
+        def _make_flat(self):
+            import numpy as np_
+            live = [p for p in self._params if p.grad_req != "null"]
+            if not live or any(p.dtype not in (np_.float32, "float32") or
+                               p._grad_stype != "default" or len(p.list_ctx()) != 1
+                               for p in live):
+                return  # not one dense float32 device: Horovod's per-tensor path
+            ctx = live[0].list_ctx()[0]
+            sizes = [int(np_.prod(p.shape)) for p in live]
+            self._flat = mx.nd.zeros((sum(sizes),), ctx=ctx, dtype="float32")
+            start = 0
+            for p, n in zip(live, sizes):
+                view = self._flat[start:start + n].reshape(p.shape)
+                start += n
+                p._grad = [view]
+                mx.autograd.mark_variables(p.list_data(), p._grad, p.grad_req)
+                self._views.append((p, view))
+
+        def _allreduce_grads(self):
+            if self._flat is None:
+                return super()._allreduce_grads()
+            if _hvd.size() == 1:
+                return None
+            for p, view in self._views:
+                if p._grad[0] is not view:
+                    raise RuntimeError(f"the gradient array of {p.name} was replaced after "
+                                       "the trainer was made; make the trainer again")
+            sent, ctx = self._compression.compress(self._flat)
+            _hvd.allreduce_(sent, average=not self._average_in_framework,  # Horovod
+                            name="dist_triplet.gradients",
+                            prescale_factor=1.0 / self._gradient_predivide_factor,
+                            postscale_factor=self._postscale_factor)
+            if sent is not self._flat:
+                self._flat[:] = self._compression.decompress(sent, ctx)
+            return None
+
+    _FLAT_TRAINER = FlatGradientTrainer
+    return _FLAT_TRAINER
 
 
 def decide_on_rank0(backend: Backend, fn: Callable[[], Any], name: str) -> Any:

@@ -140,7 +140,7 @@ class DataParallelStep:
             idx = self.device_batches(batch)
         with mx.autograd.record():
             losses = self.strategy.losses(self.pixels, self.labels, idx)
-        mx.autograd.backward(losses, head_grads=self.strategy.head_grads)
+        mx.autograd.backward(losses)
         terms = self.strategy.terms(len(batch))
         self.trainer.step(terms)
         return [l.sum() for l in losses], terms
@@ -160,7 +160,8 @@ def build_step(cfg, backend, net, pixels: np.ndarray, labels: np.ndarray,
     # Only parameters with a gradient: a kvstore Trainer would otherwise broadcast device 0's
     # BatchNorm running statistics over the other devices' at its first step.
     trainable = {n: p for n, p in net.collect_params().items() if p.grad_req != "null"}
-    trainer = backend.make_trainer(trainable, cfg.optim.optimizer, optimizer_params(cfg.optim))
+    trainer = backend.make_trainer(trainable, cfg.optim.optimizer, optimizer_params(cfg.optim),
+                                   cfg.distributed.compression)
     strategy = make_strategy(cfg.sampler, cfg.loss.margin, net, backend, is_uint8(pixels),
                              augment=augmentation(cfg.augment, image_shape))
     return DataParallelStep(backend, trainer, pixels, labels, strategy, seed=cfg.train.seed)

@@ -16,7 +16,7 @@ from mxnet import gluon
 from mxnet.gluon import nn
 
 from .augment import AUG_COLUMNS, crop_flip
-from .mining import GlobalMinedTripletLoss, MemoryMinedTripletLoss, MinedTripletLoss
+from .mining import MinedTripletLoss, PoolTripletLoss
 
 
 class L2Normalize(nn.HybridBlock):
@@ -205,17 +205,32 @@ class GlobalMinedTripletStep:
     Each device (a worker) embeds its own P x K batch; the embeddings and labels of all
     workers are gathered without gradient (the process's devices in order, then
     ``allgather`` across processes in rank order: the global batch in worker order, the
-    same matrix on every worker); each worker then computes the mean mined loss over
-    the *whole* global batch with only its own rows differentiable
-    (:class:`mining.GlobalMinedTripletLoss`). The W workers' gradients sum to the
-    gradient one process gets on the global batch; the step averages them (Horovod's
-    mean over processes, ``Trainer.step(devices)`` over devices), so the backward pass
-    must be seeded with ``head_grads`` = W, as pytorch-metric-learning's
-    ``DistributedLossWrapper`` multiplies its loss by the world size.
+    same (G, D) matrix on every worker). Each worker then mines only its own rows as
+    anchors against the pool: the whole global batch (:class:`mining.PoolTripletLoss`:
+    the same triplets as mining all G anchors, 1/W of the work), followed by the
+    cross-batch memory's constant rows in :class:`MemoryMinedTripletStep`. It takes the
+    gradient of its anchors' summed loss with respect to the whole (G, D) batch, since
+    their positives and negatives are mostly other workers' rows. One ``allreduce`` sums
+    these gradients (with the loss sums and triplet counts) over the workers: the
+    gradient of the global batch's summed loss, every anchor's contribution to every
+    row; divided by the global triplet count it is exactly the gradient one process gets
+    on the whole batch. Each worker backpropagates its own rows' slice of it through the
+    network. Distance-weighted mining draws with each anchor's own uniforms, which
+    therefore stay on their worker.
 
-    Cost: every worker mines the whole global batch (G = W x P x K rows): O(G^2) for
-    batch-hard, O(G^2 W K) for semi-hard (~34 ms at G = 320, W K = 32 on this 2-core
-    machine), and one allgather of (P K, D + 1) float32 per process and step.
+    The step averages the workers' parameter gradients (Horovod's mean over processes,
+    ``Trainer.step(devices)`` over devices), whereas the global batch's gradient is
+    their sum, so the slice is multiplied by W, as pytorch-metric-learning's
+    ``DistributedLossWrapper`` multiplies its loss by the world size. The returned loss is
+    a surrogate: its value is the global batch's mean mined loss (the same on every
+    worker) and its gradient with respect to the worker's embeddings is that slice, so the
+    caller runs the ordinary ``autograd.backward(losses)``. No host synchronisation:
+    gather, mining, allreduce and backward are all queued MXNet operations.
+
+    Cost per worker and step: one allgather of (P K, D + 1) float32 per process, mining of
+    P K anchors against M pool rows (G = W P K, plus the memory's; batch-hard O(P K M);
+    semi-hard O(P K M W K)), one allreduce of G D + 2 float32, then the usual allreduce
+    of the parameter gradients.
 
     Args:
         net: the embedding network (shared with the caller).
@@ -227,69 +242,60 @@ class GlobalMinedTripletStep:
         num_workers: W, all workers of the job (processes x devices).
         allgather: ``f((n, C) NDArray) -> (processes * n, C) NDArray``, every process's
             array in rank order (``dist.Backend.allgather``); a collective.
+        allreduce_sum: ``f((n,) NDArray) -> (n,) NDArray``, the sum over processes
+            (``dist.Backend.allreduce_sum``); a collective.
         uint8: the resident training set holds uint8 image bytes (scaled on the device).
+        augment: an ``augment.Augment`` or None (:class:`StepInput`).
     """
 
+    memory = 0  # past global batches in the pool (MemoryMinedTripletStep)
+
     def __init__(self, net, margin: float, miner: str, k: int, contexts, worker_ranks,
-                 num_workers: int, allgather, uint8: bool = False, augment=None):
+                 num_workers: int, allgather, allreduce_sum, uint8: bool = False,
+                 augment=None):
         self.contexts = list(contexts)
         self.worker_ranks = [int(w) for w in worker_ranks]
         first = self.worker_ranks[0]
         if self.worker_ranks != list(range(first, first + len(self.contexts))):
-            raise ValueError(f"worker ranks {self.worker_ranks} of this process's devices must "
+            raise ValueError(f"worker_ranks {self.worker_ranks} of this process's devices must "
                              "be consecutive: the gathered global batch is in worker order")
         self.num_workers = int(num_workers)
         self.allgather = allgather
-        self.loss = self.make_loss(margin, miner, int(k) * self.num_workers)
-        self.loss.hybridize(static_alloc=True, static_shape=True)
-        self.embed = EmbedRows(net, uint8=uint8, augment=augment, noise=self.loss.noise_columns)
+        self.allreduce_sum = allreduce_sum
+        self._loss_args = dict(margin=margin, miner=miner, k=int(k) * self.num_workers,
+                               memory=self.memory > 0)
+        self._losses = {}
+        self._rows = {}
+        noise = PoolTripletLoss(**self._loss_args).noise_columns
+        self.embed = EmbedRows(net, uint8=uint8, augment=augment, noise=noise)
         self.embed.hybridize(static_alloc=True, static_shape=True)
         self.input = self.embed.input
-        # Undo the mean over workers: the workers' gradients must be summed (see above).
-        self.head_grads = [mx.nd.full((1,), self.num_workers, ctx=c) for c in self.contexts]
-        self._slots = {}
 
-    def make_loss(self, margin, miner, k):
-        """The loss block over the global batch (k: samples per class in it)."""
-        return GlobalMinedTripletLoss(margin=margin, miner=miner, k=k)
+    def anchor_rows(self, rows: int) -> list:
+        """Per device the (rows,) float32 global rows of its worker's batch: the anchors
+        it mines, and its slice of the global batch's gradient."""
+        if rows not in self._rows:
+            self._rows[rows] = [mx.nd.arange(w * rows, (w + 1) * rows, ctx=c, dtype="float32")
+                                for w, c in zip(self.worker_ranks, self.contexts)]
+        return self._rows[rows]
 
-    def slots(self, rows: int) -> list:
-        """Per device the (G,) float32 ``slot`` of :func:`mining.splice_own_rows` for
-        ``rows`` rows per worker: ``1 + j`` at the worker's j-th global row, else 0."""
-        if rows not in self._slots:
-            import numpy as np
-            out = []
-            for w, ctx in zip(self.worker_ranks, self.contexts):
-                slot = np.zeros(self.num_workers * rows, np.float32)
-                slot[w * rows:(w + 1) * rows] = np.arange(1, rows + 1)
-                out.append(mx.nd.array(slot, ctx=ctx))
-            self._slots[rows] = out
-        return self._slots[rows]
-
-    def gather(self, own, labels, rows, noise=None) -> tuple:
-        """Every worker's embeddings, labels and miner uniforms, on every device of this
-        process, without gradient: ``([(G, D)], [(G,)], [(G, m)] or None)``, one per
-        device. ``own``, ``rows`` (and ``noise``): per device the worker's (B, D)
-        embeddings, (B,) row indices (and (B, m) uniforms). A collective under Horovod."""
+    def gather(self, own, labels, rows) -> tuple:
+        """Every worker's embeddings and labels, on every device of this process, without
+        gradient: ``([(G, D)] per device, [(G,)] per device)``; ``own``, ``rows``: per
+        device the worker's (B, D) embeddings and (B,) row indices. A collective under
+        Horovod."""
         with mx.autograd.pause():
-            parts = [[o.detach(), mx.nd.take(y, r).expand_dims(axis=1)]
-                     + ([u] if noise else []) for o, y, r, u in
-                     zip(own, labels, rows, noise or [None] * len(own))]
-            mine = [mx.nd.concat(*p, dim=1) for p in parts]            # (B, D + 1 [+ m])
-            ctx0 = self.contexts[0]
-            mine = mine[0] if len(mine) == 1 else mx.nd.concat(
-                *[r.as_in_context(ctx0) for r in mine], dim=0)        # (devices * B, ...)
-            everyone = self.allgather(mine)                          # (G, ...), worker order
+            mine = [mx.nd.concat(o.detach(), mx.nd.take(y, r).expand_dims(axis=1), dim=1)
+                    for o, y, r in zip(own, labels, rows)]             # (B, D + 1) each
+            everyone = self.allgather(self._on_first(mine, dim=0))   # (G, D + 1), worker order
             dim = own[0].shape[1]
-            out_emb, out_lab, out_u = [], [], []
+            out_emb, out_lab = [], []
             for ctx in self.contexts:
                 here = everyone.as_in_context(ctx)
                 out_emb.append(mx.nd.slice_axis(here, axis=1, begin=0, end=dim))
                 out_lab.append(mx.nd.slice_axis(here, axis=1, begin=dim, end=dim + 1)
                                .reshape((-1,)))
-                if noise:
-                    out_u.append(mx.nd.slice_axis(here, axis=1, begin=dim + 1, end=None))
-        return out_emb, out_lab, (out_u if noise else None)
+        return out_emb, out_lab
 
     def forward_own(self, pixels, idx) -> tuple:
         """Per device ``(own, rows, noise)``: the worker's (B, D) embeddings (with
@@ -298,21 +304,77 @@ class GlobalMinedTripletStep:
         own, rows = [o[0] for o in out], [o[1] for o in out]
         return own, rows, ([o[2] for o in out] if self.input.noise else None)
 
+    def _on_first(self, arrays, dim: int):
+        """The devices' arrays on the first device: concatenated along ``dim`` (dim=0), or
+        summed (dim=None); the array itself with one device."""
+        if len(arrays) == 1:
+            return arrays[0]
+        ctx0 = self.contexts[0]
+        here = [a.as_in_context(ctx0) for a in arrays]
+        return mx.nd.concat(*here, dim=dim) if dim is not None else mx.nd.add_n(*here)
+
+    def loss(self, rows: int) -> PoolTripletLoss:
+        """The (hybridized) pool loss for a pool of ``rows`` rows (it uses the row count
+        for a shorter search, so one block per pool size)."""
+        if rows not in self._losses:
+            block = PoolTripletLoss(rows=rows, **self._loss_args)
+            block.hybridize(static_alloc=True, static_shape=True)
+            self._losses[rows] = block
+        return self._losses[rows]
+
+    def pool_inputs(self, emb, lab) -> tuple:
+        """``(extra, rows)``: per device the pool's inputs after the batch (none here; the
+        memory's in :class:`MemoryMinedTripletStep`) and the pool's row count."""
+        return [[] for _ in emb], emb[0].shape[0]
+
+    def pool_gradient(self, pool, labels, anchors, extra, rows):
+        """The summed mined loss of ``anchors`` (A,) against ``pool`` (G, D) (and
+        ``extra``: the memory's arrays, the anchors' uniforms) and its gradient with
+        respect to the batch rows, packed as ``[gradient (G*D); total; count]`` float32."""
+        pool = pool.copy()
+        pool.attach_grad()
+        with mx.autograd.record():
+            total, count = self.loss(rows)(pool, labels, anchors, *extra)
+        grad = mx.autograd.grad(total, [pool])[0]                    # (G, D)
+        return mx.nd.concat(grad.reshape((-1,)), total, count, dim=0)
+
     def __call__(self, pixels, labels, idx) -> list:
-        """Per device the (1,) float32 mean mined loss of the global batch (the same
-        value on every worker). Call inside ``autograd.record()``, then
-        ``autograd.backward(losses, head_grads=self.head_grads)``.
+        """Per device the (1,) float32 surrogate loss (see the class): its value is the
+        global batch's mean mined loss. Call inside ``autograd.record()``, then
+        ``autograd.backward(losses)``.
 
         pixels, labels: per device (N, F) resident training set (float32, or uint8 with
             ``uint8``) and (N,) float32 labels.
         idx: per device the worker's index vector (:class:`StepInput`: its P*K row
             indices, then augmentation and miner columns if any).
         """
-        own, rows, noise = self.forward_own(pixels, idx)               # (B, D) each
-        emb, lab, u = self.gather(own, labels, rows, noise)
-        slots = self.slots(own[0].shape[0])
-        extra = [[x] for x in u] if u else [[]] * len(own)
-        return [self.loss(o, e, y, s, *x) for o, e, y, s, x in zip(own, emb, lab, slots, extra)]
+        own, at_rows, noise = self.forward_own(pixels, idx)           # (B, D) each
+        emb, lab = self.gather(own, labels, at_rows)
+        extra, rows = self.pool_inputs(emb, lab)
+        if noise:
+            extra = [x + [u.detach()] for x, u in zip(extra, noise)]   # own anchors' uniforms
+        b, dim = own[0].shape
+        at = emb[0].shape[0] * dim                                     # G*D: total, count
+        anchors = self.anchor_rows(b)
+        with mx.autograd.pause():
+            packets = [self.pool_gradient(e, y, a, x, rows)
+                       for e, y, a, x in zip(emb, lab, anchors, extra)]
+            summed = self.allreduce_sum(self._on_first(packets, dim=None))  # (G*D + 2,)
+        self.after_mining(emb, lab)
+        losses = []
+        for o, w, ctx in zip(own, self.worker_ranks, self.contexts):
+            with mx.autograd.pause():
+                here = summed.as_in_context(ctx)
+                total, count = here[at:at + 1], mx.nd.maximum(here[at + 1:at + 2], 1.0)
+                loss = total / count                                       # (1,)
+                grad = (mx.nd.slice_axis(here, axis=0, begin=w * b * dim, end=(w + 1) * b * dim)
+                        .reshape((b, dim)) * (self.num_workers / count))  # (B, D), times W
+            dot = (o * grad).sum()
+            losses.append(dot - dot.detach() + loss)
+        return losses
+
+    def after_mining(self, emb, lab) -> None:
+        """Called with the gathered global batch once it is mined (the memory's enqueue)."""
 
 
 class MemoryMinedTripletStep(GlobalMinedTripletStep):
@@ -321,12 +383,12 @@ class MemoryMinedTripletStep(GlobalMinedTripletStep):
 
     Every device keeps the same queue of the last ``memory`` global batches'
     embeddings and labels (``memory x G`` rows, filled in step order from the gathered
-    global batch, so all workers hold the same matrix). Each anchor of the global batch
-    is mined against the global batch and the memory (:class:`mining.MemoryMinedTripletLoss`:
-    positives from the batch, negatives from both); gradients flow only through the
-    current batch (the memory holds constants). After the forward, the global batch is
-    enqueued, replacing the oldest. As the global batch, the memory does not depend on
-    how the batch is split, so W workers equal one process on the concatenated batch.
+    global batch, so all workers hold the same matrix). The pool each worker mines its
+    anchors against is the global batch followed by the memory (positives from the
+    batch, negatives from both: ``mining.mine_pool``); gradients flow only through the
+    batch (the memory holds constants). After the mining, the global batch is enqueued,
+    replacing the oldest. As the global batch, the memory does not depend on how the
+    batch is split, so W workers equal one process on the concatenated batch.
 
     The queue is not checkpointed: a resumed run starts with it empty, as the run did at
     its first step (it is full again after ``memory`` steps).
@@ -335,22 +397,20 @@ class MemoryMinedTripletStep(GlobalMinedTripletStep):
     """
 
     def __init__(self, *args, memory: int, **kwargs):
-        super().__init__(*args, **kwargs)
         self.memory = int(memory)
+        super().__init__(*args, **kwargs)
         self.filled = 0                  # global batches enqueued so far
-        self.queue = None                # per device [emb (M, D), labels (M,), valid (M,)]
+        self.queue = None                # per device [emb (R, D), labels (R,), valid (R,)]
 
-    def make_loss(self, margin, miner, k):
-        return MemoryMinedTripletLoss(margin=margin, miner=miner, k=k)
+    def pool_inputs(self, emb, lab) -> tuple:
+        if self.queue is None:
+            rows, dim = emb[0].shape
+            r = self.memory * rows
+            self.queue = [[mx.nd.zeros((r, dim), ctx=c), mx.nd.zeros((r,), ctx=c),
+                           mx.nd.zeros((r,), ctx=c)] for c in self.contexts]
+        return [list(q) for q in self.queue], emb[0].shape[0] * (1 + self.memory)
 
-    def allocate(self, rows: int, dim: int) -> None:
-        """An empty queue for global batches of ``rows`` x ``dim`` on every device."""
-        m = self.memory * rows
-        self.queue = [[mx.nd.zeros((m, dim), ctx=c), mx.nd.zeros((m,), ctx=c),
-                       mx.nd.zeros((m,), ctx=c)] for c in self.contexts]
-        self.filled = 0
-
-    def enqueue(self, emb: list, lab: list) -> None:
+    def after_mining(self, emb, lab) -> None:
         """Write the gathered global batch (per device (G, D), (G,)) over the oldest."""
         g = emb[0].shape[0]
         at = (self.filled % self.memory) * g
@@ -360,18 +420,6 @@ class MemoryMinedTripletStep(GlobalMinedTripletStep):
                 m_lab[at:at + g] = y
                 m_valid[at:at + g] = 1.0
         self.filled += 1
-
-    def __call__(self, pixels, labels, idx) -> list:
-        own, rows, noise = self.forward_own(pixels, idx)
-        emb, lab, u = self.gather(own, labels, rows, noise)
-        if self.queue is None:
-            self.allocate(*emb[0].shape)
-        slots = self.slots(own[0].shape[0])
-        extra = [[x] for x in u] if u else [[]] * len(own)
-        losses = [self.loss(o, e, y, s, *q, *x) for o, e, y, s, q, x in
-                  zip(own, emb, lab, slots, self.queue, extra)]
-        self.enqueue(emb, lab)           # after the reads above (MXNet orders them)
-        return losses
 
 
 def embed(net: nn.Block, pixels, ctx, batch_size: int = 2048):

@@ -6,7 +6,6 @@ differs is owned by one strategy object per sampler kind:
 * :meth:`Strategy.layout`: how a device's share of a batch becomes the (L,) row indices
   the device gathers (for a whole epoch at once);
 * :meth:`Strategy.losses`: the forward loss on each device (inside ``autograd.record``);
-* :attr:`Strategy.head_grads`: the seeds of the backward pass (None = ones);
 * :meth:`Strategy.terms`: the number ``trainer.step(n)`` divides the summed gradient by.
 
 Three kinds, chosen by :func:`make_strategy` from the ``sampler`` config section:
@@ -24,8 +23,6 @@ The network ``net`` is any Gluon block mapping (B, F) float32 rows to (B, D) flo
 embeddings; strategies gather its input rows on the device (``model.gather_rows``).
 """
 from __future__ import annotations
-
-from typing import List, Optional
 
 import numpy as np
 
@@ -51,9 +48,6 @@ class Strategy:
     follow the row indices in each step's index vector (augmentation, miner uniforms);
     ``engine.DataParallelStep.epoch_indices`` draws and appends them.
     """
-
-    #: Seeds of ``autograd.backward`` per device, or None for ones.
-    head_grads: Optional[list] = None
 
     def __init__(self, net, backend, *, margin: float, uint8: bool, augment=None):
         self.net = net
@@ -136,10 +130,12 @@ class LocalMined(Strategy):
 
 
 class GlobalMined(LocalMined):
-    """P x K batches mined over every worker's batch (``scope: global``): each device's
-    loss is the global batch's mean with only its own rows differentiable, seeded with
-    the world size W (``model.GlobalMinedTripletStep`` says why). The batches must come
-    from ``EpochSampler(scope='global')``. ``losses`` is a collective under Horovod."""
+    """P x K batches mined over every worker's batch (``scope: global``): each device
+    mines its own anchors against the gathered global batch and gets its rows' share of
+    the global batch's exact gradient through one allreduce; its loss is a surrogate
+    whose value is the global batch's mean (``model.GlobalMinedTripletStep`` says how).
+    The batches must come from ``EpochSampler(scope='global')``. ``losses`` is a
+    collective under Horovod."""
 
     step_class = GlobalMinedTripletStep
 
@@ -149,12 +145,9 @@ class GlobalMined(LocalMined):
         return self.step_class(
             self.net, self.margin, self.miner, self.k, self.ctxs,
             worker_ranks=[backend.worker_rank(d) for d in range(len(self.ctxs))],
-            num_workers=backend.num_workers, allgather=backend.allgather, uint8=self.uint8,
-            augment=self.augment, **extra)
-
-    @property
-    def head_grads(self) -> List:
-        return self.block.head_grads
+            num_workers=backend.num_workers, allgather=backend.allgather,
+            allreduce_sum=backend.allreduce_sum, uint8=self.uint8, augment=self.augment,
+            **extra)
 
     def losses(self, pixels, labels, idx):
         return self.block(pixels, labels, idx)
@@ -162,8 +155,9 @@ class GlobalMined(LocalMined):
 
 class MemoryMined(GlobalMined):
     """:class:`GlobalMined` with a cross-batch memory of the last ``sampler.memory``
-    global batches (XBM; ``model.MemoryMinedTripletStep``): anchors of the global batch
-    are mined against the batch and the memory. ``losses`` is a collective under Horovod."""
+    global batches (XBM; ``model.MemoryMinedTripletStep``): each worker's anchors are
+    mined against the pool of the global batch and the memory. ``losses`` is a collective
+    under Horovod."""
 
     step_class = MemoryMinedTripletStep
 

@@ -5,7 +5,8 @@
 #   launch/horovod.sh 4 -- --config configs/fashion_mnist.yaml
 #   launch/horovod.sh 8 host1:4,host2:4 -- --config configs/fashion_mnist.yaml
 # Gloo controller (no MPI needed). Each rank gets OMP_NUM_THREADS = cores / processes per
-# host (cores of this host; horovodrun passes the variable to every rank), unless set.
+# host (cores of this host; horovodrun passes the variable to every rank), unless set;
+# the choice is printed as one [horovod.sh] line.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 usage="usage: launch/horovod.sh NP [HOSTS] [-- train args...]"
@@ -38,9 +39,28 @@ if [ $# -gt 0 ]; then
 fi
 NHOSTS=$(( $(tr -cd , <<<"$HOSTS" | wc -c) + 1 ))
 PER_HOST=$(( (NP + NHOSTS - 1) / NHOSTS ))
+CORES=$(nproc)
+# Threads per rank: this host's cores divided among its ranks, at least 1 (MXNet's own
+# default, half the cores in every rank, would oversubscribe them).
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(threads_per_proc "$PER_HOST")}"
+# One MXNet engine worker per rank runs the operators (MXNet's default, stated here: the
+# operators' own threads are OMP_NUM_THREADS).
+export MXNET_CPU_WORKER_NTHREADS="${MXNET_CPU_WORKER_NTHREADS:-1}"
+# Horovod's background thread coordinates the ranks once per cycle even when idle (7-8% of
+# a core per rank at its default 1 ms, 3% at 5 ms, measured idle), and an allreduce waits
+# about a cycle. With more ranks than cores the cores are the bottleneck: poll every 2 ms
+# (the 4-rank main job used 14% less CPU than at 1 ms, docs/benchmark.md).
+CHOSE="Horovod cycle ${HOROVOD_CYCLE_TIME:-1} ms"
+if [ "$PER_HOST" -gt "$CORES" ]; then
+  export HOROVOD_CYCLE_TIME="${HOROVOD_CYCLE_TIME:-2}"
+  CHOSE="more ranks than cores, so they take turns on the cores and Horovod polls every $HOROVOD_CYCLE_TIME ms"
+fi
 # No cd: relative --config, data.root and output.dir mean what they say from the caller's directory.
 # Pre-flight: config and data checked once, before any rank starts: bad input is one line, exit 2.
 python -m dist_triplet.check --processes "$NP" "$@" distributed.backend=horovod || exit $?
-exec horovodrun --gloo -np "$NP" -H "$HOSTS" \
+# What was chosen, once the pre-flight has passed (bad input stays one line).
+echo "[horovod.sh] $NP rank(s), $PER_HOST per host on $CORES core(s) here: $OMP_NUM_THREADS thread(s) per rank (cores / ranks per host, at least 1); $CHOSE" >&2
+# horovodrun itself, without its per-start import of every framework to ask what
+# launch/setup.sh has checked already (launch/_horovodrun.py says why).
+exec python "$ROOT/launch/_horovodrun.py" --gloo -np "$NP" -H "$HOSTS" \
   python -m dist_triplet.train "$@" distributed.backend=horovod

@@ -131,7 +131,7 @@ def run(backend, opt: str, miner: str, scope: str, steps: int = STEPS, memory: i
             gs = stepper.strategy.block
             idx = stepper.device_batches(rows)
             own, at, noise = gs.forward_own(stepper.pixels, idx)
-            emb, lab, _ = gs.gather(own, stepper.labels, at, noise)    # collective
+            emb, lab = gs.gather(own, stepper.labels, at)             # collective
             out["triplets"].append(mined(emb[0], lab[0], miner, everyone))
             out["emb"].append(emb[0].asnumpy())
         else:

@@ -9,10 +9,12 @@ it writes, so it needs Horovod like tests/test_horovod_run.py.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from _hvd import ROOT, child_env, require_horovod
 from benchmarks.common import Row, table, target_row, time_windows
@@ -93,16 +95,17 @@ def _tiny_fashion_mnist(root):
 SECTIONS = {
     "triplets": ("seed_loop_s", "vectorised_s", "speedup", "shard_w4_fraction"),
     "step": ("flops_per_triplet", "roofline_gflops", "roofline_triplets_per_s",
-             "roofline_fraction", "vs_pytorch"),
+             "roofline_fraction"),
     "scaling": ("efficiency", "reference_efficiency", "efficiency_vs_reference"),
     "end_to_end": ("setup_check_s", "main_wall_s", "main_train_s", "seed_wall_s",
                    "main_vs_seed", "train_share", "main_end_of_run_s"),
-    "mining": ("images_per_s", "vs_pytorch_pml"),
+    "main_job": ("main_triplets_per_s", "main_vs_one"),
+    "mining": ("global_vs_local",),
 }
-TARGET_ROWS = ("speed-up", "product step / PyTorch seed recipe", "product step, 1 threads",
-               "2-rank efficiency / reference efficiency", "main job / seed program",
-               "training share", "per-epoch evaluation", "set-up check", "end-of-run work",
-               "recipe / PyTorch + pytorch-metric-learning")
+TARGET_ROWS = ("speed-up", "product step, 1 threads",
+               "2-rank efficiency / reference efficiency", "main job training / one process",
+               "main job / seed program", "training share", "per-epoch evaluation",
+               "set-up check", "end-of-run work", "global / local mining")
 
 
 def test_quick_benchmark_reports_every_section_and_target(tmp_path):
@@ -112,7 +115,7 @@ def test_quick_benchmark_reports_every_section_and_target(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--synthetic", "--train-size", "600",
-         "--batch-size", "16", "--threads", "1", "--torch-python", "", "--data-root", str(data),
+         "--batch-size", "16", "--threads", "1", "--no-peer", "--data-root", str(data),
          "--workdir", str(tmp_path / "data"), "--out", str(out)],
         cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -134,3 +137,23 @@ def test_quick_benchmark_reports_every_section_and_target(tmp_path):
         row = [line for line in lines if name in line]
         assert len(row) == 1, f"table lacks the target row {name!r}:\n" + "\n".join(lines)
         assert row[0].endswith(("| met |", "| missed |")), row[0]
+
+
+def test_peer_recipes_run_from_their_own_venv(tmp_path):
+    """benchmarks/peer.py runs both peers (PyTorch's seed recipe, pytorch-metric-learning's
+    semi-hard P x K) from the peers' venv when one is there; it never installs here."""
+    from benchmarks import peer
+    py = os.path.join(peer.default_venv(), "bin", "python")
+    if not os.path.exists(py) or subprocess.run([py, "-c", peer.CHECK],
+                                                capture_output=True).returncode != 0:
+        pytest.skip(f"no peers' venv at {peer.default_venv()} (python -m benchmarks.peer "
+                    "makes it; DIST_TRIPLET_PEER_VENV points elsewhere)")
+    out = tmp_path / "peer.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.peer", "--quick", "--synthetic", "--train-size",
+         "600", "--threads", "1", "--batch-size", "16", "--out", str(out)],
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())["peer"]
+    assert doc["seed"]["median"] > 0 and doc["pml"]["median"] > 0
+    assert doc["seed"]["torch"].endswith("+cpu") and doc["pml"]["p"] == 10

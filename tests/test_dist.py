@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 import mxnet as mx
+import numpy as np
 import pytest
 
 from dist_triplet import dist
@@ -175,3 +176,27 @@ def test_importing_the_trainer_does_not_start_mxnet():
     code = ("import sys, dist_triplet.train, dist_triplet.config; "
             "sys.exit(1 if 'mxnet' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_horovod_flat_gradient_buffer_averages_exactly_and_fp16_approximately(tmp_path):
+    """HorovodBackend's trainer: the backward pass writes every gradient into one flat
+    buffer, one allreduce averages it, and SGD applies the mean of the two ranks'
+    gradients (to float32 rounding); with compression='fp16' the mean of the float16
+    roundings: close, and not the same update."""
+    from _hvd import run_two_rank_worker
+    ranks = run_two_rank_worker("flat_trainer_worker.py", tmp_path)
+    names = [k[len("grad:"):] for k in ranks[0].files if k.startswith("grad:")]
+    assert len(names) == 4
+    moved, fp16_off = 0.0, 0.0
+    for r in ranks:
+        assert r["flat_matches:none"] and r["flat_matches:fp16"]
+        for name in names:
+            mean = (ranks[0][f"grad:{name}"] + ranks[1][f"grad:{name}"]) / 2
+            want = r[f"before:{name}"] - 0.5 * mean
+            np.testing.assert_allclose(r[f"none:{name}"], want, rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(r[f"fp16:{name}"], want, rtol=0, atol=2e-3)
+            moved = max(moved, float(np.abs(want - r[f"before:{name}"]).max()))
+            fp16_off = max(fp16_off, float(np.abs(r[f"fp16:{name}"] - r[f"none:{name}"]).max()))
+    assert moved > 1e-2 and fp16_off > 0      # a real step; float16 did round something
+    for name in names:                          # the ranks stay identical
+        assert np.array_equal(ranks[0][f"none:{name}"], ranks[1][f"none:{name}"])

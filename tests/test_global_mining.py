@@ -1,8 +1,9 @@
 """Global mining (sampler.scope: global, issue 13) is exact.
 
-Single-process checks of the construction (mining.splice_own_rows): W simulated workers,
-each with only its own rows differentiable, sum to the gradient of one process on the
-whole batch; computing only the own anchors' loss does not. Then the real step: kvstore
+Single-process checks of the construction (mining.mine_pool, mining.PoolTripletLoss): W
+simulated workers, each mining its own anchors against the whole batch, pick the whole
+batch's triplets, and their gradients with respect to the whole batch sum to the gradient
+of one process; each worker's own rows' gradient alone does not. Then the real step: kvstore
 on 2 CPU devices and Horovod with 2 Gloo ranks (tests/global_mining_worker.py) mine the
 same triplets, report the same loss and make the same parameter updates (1e-5 after one
 step, 1e-4 after 20) as one process stepping on the concatenated global batch.
@@ -19,12 +20,7 @@ from _hvd import run_two_rank_worker  # noqa: E402
 import global_mining_worker as worker  # noqa: E402
 from dist_triplet import dist  # noqa: E402
 from dist_triplet.config import ConfigError, load_config  # noqa: E402
-from dist_triplet.mining import (  # noqa: E402
-    GlobalMinedTripletLoss,
-    MinedTripletLoss,
-    mined_triplet_loss,
-    splice_own_rows,
-)
+from dist_triplet.mining import MinedTripletLoss, PoolTripletLoss, mine_pool  # noqa: E402
 from dist_triplet.triplets import pk_batches, pk_global_batches  # noqa: E402
 
 W, B, DIM, MARGIN = 3, 8, 4, 0.5
@@ -39,10 +35,9 @@ def global_batch(seed=0):
     return emb, labels
 
 
-def slot(w, workers=W, rows=B):
-    s = np.zeros(workers * rows, np.float32)
-    s[w * rows:(w + 1) * rows] = np.arange(1, rows + 1)
-    return mx.nd.array(s)
+def own_rows(w, rows=B):
+    """(rows,) float32 global rows of worker ``w``: its anchors."""
+    return mx.nd.arange(w * rows, (w + 1) * rows, dtype="float32")
 
 
 def full_gradient(block, emb, labels):
@@ -55,63 +50,102 @@ def full_gradient(block, emb, labels):
     return loss.asscalar(), x.grad.asnumpy()
 
 
-def test_splice_keeps_values_and_sends_gradient_to_own_rows_only():
-    emb, _ = global_batch()
-    own = mx.nd.array(emb[B:2 * B] * 1.0)
-    own.attach_grad()
-    gathered = mx.nd.array(emb)
-    gathered.attach_grad()
-    weights = mx.nd.array(np.arange(W * B * DIM, dtype=np.float32).reshape(W * B, DIM))
+def worker_sums(block, emb, labels, w):
+    """(total, count, d total / d pool) of worker ``w``'s anchors against the pool."""
+    pool = mx.nd.array(emb)
+    pool.attach_grad()
     with mx.autograd.record():
-        spliced = splice_own_rows(mx.nd, own, gathered, slot(1))
-        total = (spliced * weights).sum()
+        total, count = block(pool, mx.nd.array(labels), own_rows(w))
     total.backward()
-    assert np.array_equal(spliced.asnumpy(), emb)  # bit-identical: every worker mines alike
-    np.testing.assert_array_equal(own.grad.asnumpy(), weights.asnumpy()[B:2 * B])
-    assert np.all(gathered.grad.asnumpy() == 0)    # gathered copies carry no gradient
+    return total.asscalar(), count.asscalar(), pool.grad.asnumpy()
+
+
+@pytest.mark.parametrize("miner, k", CASES)
+def test_pool_mining_of_a_subset_picks_the_full_batch_triplets_of_those_anchors(miner, k):
+    emb, labels = global_batch()
+    positives = None if miner == "batch_hard" or k is None else k - 1
+    full = mine_pool(mx.nd, mx.nd.array(emb), mx.nd.array(labels), None, MARGIN, miner,
+                     positives)
+    full = np.stack([x.asnumpy() for x in full], axis=1)           # (T, 4): a, p, n, weight
+    per_anchor = len(full) // (W * B)
+    for w in range(W):
+        got = mine_pool(mx.nd, mx.nd.array(emb), mx.nd.array(labels), own_rows(w), MARGIN,
+                        miner, positives)
+        got = np.stack([x.asnumpy() for x in got], axis=1)
+        np.testing.assert_array_equal(got, full[w * B * per_anchor:(w + 1) * B * per_anchor])
+
+
+@pytest.mark.parametrize("anchors", [None, (8, 40)])
+def test_sorted_semi_hard_picks_the_compared_triplets_ties_included(monkeypatch, anchors):
+    """The two semi-hard searches (mining.SORT_FROM chooses) pick the same triplets,
+    including exact ties: duplicated rows put negatives at exactly the positive's
+    distance (not farther) and several negatives at one distance (the lower row wins),
+    as a plain loop over the float32 distance matrix says."""
+    from dist_triplet import mining
+    rng = np.random.RandomState(3)
+    emb = rng.randn(80, 16).astype(np.float32)
+    emb[5] = emb[3]           # a positive twice (class 0)
+    emb[17] = emb[3]          # and a negative at the same place (class 2)
+    emb[40] = emb[41] = emb[2]
+    emb = mx.nd.L2Normalization(mx.nd.array(emb))
+    labels = np.repeat(np.arange(10), 8).astype(np.float32)
+    rows = None if anchors is None else mx.nd.arange(*anchors, dtype="float32")
+    got = {}
+    for sort_from, pool_rows in ((1, None), (1, 80), (10 ** 9, None)):
+        monkeypatch.setattr(mining, "SORT_FROM", sort_from)
+        got[sort_from, pool_rows] = [x.asnumpy() for x in mine_pool(
+            mx.nd, emb, mx.nd.array(labels), rows, MARGIN, "semi_hard", 7, rows=pool_rows)]
+    for key in ((1, 80), (10 ** 9, None)):   # a 7-step search (80 rows) or 24 steps
+        for x, y in zip(got[1, None], got[key]):
+            np.testing.assert_array_equal(x, y)
+    got[1] = got[1, None]
+    # The float32 matrix the miner reads: GEMMs of other shapes may round differently.
+    first, last = (0, 80) if anchors is None else anchors
+    own = (np.arange(first, last)[:, None] == np.arange(80)[None, :]).astype(np.float32)
+    d = mining.pool_sq_dist(mx.nd, emb[first:last], emb, mx.nd.array(own)).asnumpy()
+    a, p, n, w = (x.astype(int) for x in got[1])
+    ties = 0
+    for i in np.flatnonzero(w):
+        row = d[a[i] - first]
+        negs = [j for j in range(80) if labels[j] != labels[a[i]]]
+        far = [j for j in negs if row[j] > row[p[i]]]
+        want = (min(far, key=lambda j: (row[j], j)) if far else
+                max(negs, key=lambda j: (row[j], -j)))
+        assert n[i] == want
+        ties += sum(row[j] == row[p[i]] for j in negs)
+    assert ties > 0           # the data did put negatives at a positive's distance
 
 
 @pytest.mark.parametrize("miner, k", CASES)
 @pytest.mark.parametrize("hybridize", [False, True])
 def test_simulated_workers_sum_to_single_process_gradient(miner, k, hybridize):
+    """Each worker: its own anchors against the whole batch, the gradient with respect to
+    the whole batch; summed over workers and divided by the summed triplet count, the
+    loss and gradient of one process on the whole batch."""
     emb, labels = global_batch()
     want_loss, want_grad = full_gradient(MinedTripletLoss(MARGIN, miner, k=k), emb, labels)
     assert want_loss > 0 and np.abs(want_grad).max() > 1e-2
-    block = GlobalMinedTripletLoss(MARGIN, miner, k=k)
+    block = PoolTripletLoss(MARGIN, miner, k=k)
     if hybridize:
         block.hybridize(static_alloc=True, static_shape=True)
-    grads = []
-    for w in range(W):
-        own = mx.nd.array(emb[w * B:(w + 1) * B])
-        own.attach_grad()
-        with mx.autograd.record():
-            loss = block(own, mx.nd.array(emb), mx.nd.array(labels), slot(w))
-        loss.backward()
-        assert loss.asscalar() == want_loss  # the same value on every worker
-        grads.append(own.grad.asnumpy())
-    np.testing.assert_allclose(np.concatenate(grads), want_grad, rtol=1e-6, atol=1e-7)
+    sums = [worker_sums(block, emb, labels, w) for w in range(W)]
+    count = sum(c for _, c, _ in sums)
+    np.testing.assert_allclose(sum(t for t, _, _ in sums) / count, want_loss, rtol=1e-6)
+    np.testing.assert_allclose(sum(g for _, _, g in sums) / count, want_grad, rtol=1e-6,
+                               atol=1e-7)
 
 
-def test_own_anchors_only_loses_the_gradient_through_other_workers_rows():
-    """Why every worker computes the loss over all anchors: if worker w took only its
-    own anchors' triplets, the gradient that reaches its rows as the positive or negative
-    of another worker's anchor would be lost, and the update would not be the
-    single-process one."""
+def test_own_rows_gradient_alone_is_not_the_single_process_one():
+    """Why the (G, D) gradients are summed over workers before each backpropagates its
+    own rows: a worker's own rows also get gradient as the positives and negatives of
+    other workers' anchors, which only those workers compute."""
     emb, labels = global_batch()
     _, want = full_gradient(MinedTripletLoss(MARGIN, "batch_hard"), emb, labels)
-    grads = []
-    for w in range(W):
-        own = mx.nd.array(emb[w * B:(w + 1) * B])
-        own.attach_grad()
-        with mx.autograd.record():
-            full = splice_own_rows(mx.nd, own, mx.nd.array(emb), slot(w))
-            loss, weight = mined_triplet_loss(mx.nd, full, mx.nd.array(labels), MARGIN,
-                                              "batch_hard")
-            mine = mx.nd.array((np.arange(W * B) // B == w).astype(np.float32))
-            mean = (loss * weight * mine).sum() / weight.sum()
-        mean.backward()
-        grads.append(own.grad.asnumpy())
-    assert np.abs(np.concatenate(grads) - want).max() > 1e-2
+    block = PoolTripletLoss(MARGIN, "batch_hard")
+    sums = [worker_sums(block, emb, labels, w) for w in range(W)]
+    count = sum(c for _, c, _ in sums)
+    alone = np.concatenate([g[w * B:(w + 1) * B] for w, (_, _, g) in enumerate(sums)]) / count
+    assert np.abs(alone - want).max() > 1e-2
 
 
 # ----------------------------------------------------------------------------- sampler

@@ -57,8 +57,8 @@ def test_memory_mining_matches_loop_and_loss(miner):
     want, cand, _ = ref_memory(emb, labels, mem, mem_labels, valid, miner)
     nd = mx.nd
     memory = (nd.array(mem), nd.array(mem_labels), nd.array(valid))
-    a, p, n, w, _ = mining._mine(nd, nd.array(emb), nd.array(labels), MARGIN, miner,
-                                 positives=K - 1, memory=memory)
+    a, p, n, w = mining.mine_pool(nd, nd.array(emb), nd.array(labels), None, MARGIN, miner,
+                                  positives=K - 1, memory=memory)
     keep = w.asnumpy() > 0
     got = sorted(zip(*(x.asnumpy()[keep].astype(int).tolist() for x in (a, p, n))))
     assert got == want
