@@ -236,9 +236,8 @@ class DistributedConfig:
 
     # 'auto': 'horovod' when horovodrun or mpirun started this process as one of several
     # (HOROVOD_SIZE, OMPI_COMM_WORLD_SIZE or PMI_SIZE > 1), else 'local' (launcher.py).
-    # 'local': one process, one device (the single-GPU debug mode; no Horovod import).
-    # 'horovod': one process per device under horovodrun. 'kvstore': one process, several
-    # devices, gluon.Trainer(kvstore='device'). The configs in configs/ leave it 'auto'.
+    # 'local': one process, one device (debug mode; no Horovod import). 'horovod': one process
+    # per device. 'kvstore' (by name only): one process, gluon.Trainer(kvstore='device').
     backend: str = free("auto", choices=("auto", "local", "horovod", "kvstore"))
     # 'auto': GPU when MXNet sees one, else CPU (logged). 'gpu': GPU or fail. 'cpu': CPU.
     device: str = free("auto", choices=("auto", "cpu", "gpu"))
