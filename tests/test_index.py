@@ -187,3 +187,18 @@ def test_one_class_gallery_is_allowed(tmp_path, capsys):
                            "--mode", "L", "--out", str(tmp_path / "ix")]) == 0
     ix = Index.load(str(tmp_path / "ix"))
     assert len(ix) == 5 and ix.class_names == ("shoe",)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "bogus"])
+def test_hand_edited_kind_is_refused(setup, capsys, kind):
+    """meta.json's kind must name the index index.faiss holds (an edited 'hnsw' on a flat
+    index raised AttributeError; 'bogus' was searched as if valid)."""
+    tmp, model, data, index_dir = setup
+    meta_path = os.path.join(index_dir, "meta.json")
+    meta = json.load(open(meta_path))
+    json.dump(dict(meta, kind=kind), open(meta_path, "w"))
+    capsys.readouterr()
+    assert search_cli.main(["--index", index_dir, "--query", f"{data}:test", "--k", "1",
+                            "--out", str(tmp / "r.jsonl")]) == 2
+    line = error_line(capsys)
+    assert meta_path in line and f"kind {kind!r}" in line and "IndexFlat" in line

@@ -308,3 +308,25 @@ def test_usage_names_the_command_as_invoked(name, monkeypatch, capsys):
         got = subprocess.run([sys.executable, "-m", f"dist_triplet.{name}", "--help"],
                              capture_output=True, text=True, check=True).stdout
         assert got.startswith(f"usage: python -m dist_triplet.{name} ")
+
+
+def test_limited_run_rows_do_not_pass_for_the_full_datas_ids(setup, capsys):
+    """data.limit_train keeps a seeded sample: its row i is not row i of the full split.
+    Its ids say so, so --exclude-self against the full data matches nothing (exit 2)
+    instead of leaving out other images and keeping the real copies (exit 0)."""
+    tmp, model, data, _ = setup
+    cfg = tmp / "limited.yaml"
+    cfg.write_text(f"data:\n  path: {data}\n  format: idx\n  limit_train: 3\n")
+    from dist_triplet.retrieval import Model, read_items
+    items = read_items(f"{cfg}:train", Model(model).input)
+    assert items.ids == [f"train[limit 3, seed 0]/{i}" for i in range(3)]
+    ix = tmp / "limited_ix"
+    assert index_cli.main(["--model", model, "--data", f"{cfg}:train", "--out", str(ix)]) == 0
+    capsys.readouterr()
+    assert search_cli.main(["--index", str(ix), "--query", f"{data}:train", "--exclude-self",
+                            "--k", "1", "--out", str(tmp / "x.jsonl")]) == 2
+    assert "exclude-self" in error_line(capsys)
+    # The same spelling on both sides still leaves each query out.
+    assert search_cli.main(["--index", str(ix), "--query", f"{cfg}:train", "--exclude-self",
+                            "--k", "1", "--out", str(tmp / "y.jsonl")]) == 0
+    assert all(r["neighbours"][0]["id"] != r["query"] for r in read_jsonl(tmp / "y.jsonl"))

@@ -237,6 +237,10 @@ class Index:
                              f"index.faiss holds {n} x {index.d}, labels.npy "
                              f"{labels.shape[0]}, ids.json {len(ids.get('ids', []))}: "
                              "corrupt or edited index; rebuild it")
+        want = {"flat": faiss.IndexFlat, "hnsw": faiss.IndexHNSW, "ivf": faiss.IndexIVF}
+        if not isinstance(index, want.get(meta.kind, ())):
+            raise ValueError(f"{meta_path}: kind {meta.kind!r}, but index.faiss holds a "
+                             f"{type(index).__name__}: corrupt or edited index; rebuild it")
         if meta.kind == "hnsw":
             index.hnsw.efSearch = int(meta.params.get("efSearch", 64))
         elif meta.kind == "ivf":

@@ -229,7 +229,12 @@ def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
                 raise
             raise type(exc)(f"{config}: {exc}") from None   # the run's data moved
         where = f"{os.path.abspath(base)}:{split}"
-        return _check_input(_from_split(data, split, files, where, labels_path), model)
+        limit = {"train": cfg.data.limit_train, "test": cfg.data.limit_test}.get(split, 0)
+        # data.limit_* keeps a sample: its row i is not row i of the full split, so its ids
+        # must not read as the full data's (--exclude-self would leave out other items).
+        tag = f"{split}[limit {limit}, seed {cfg.data.split_seed}]" if limit and \
+            files is None else split
+        return _check_input(_from_split(data, tag, files, where, labels_path), model)
     if options:
         raise ValueError(f"data {spec}: --data-format/--mode/--image-size/--set describe a "
                          "data path or a run's data; this spec is a named data set or a file")
