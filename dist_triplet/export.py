@@ -44,8 +44,7 @@ def export_model(net, directory: str, ctx, in_units: int, *, meta: Optional[dict
     info = {"input_units": int(in_units), "embedding_dim": dim, "input_name": INPUT_NAME,
             "input_scaling": INPUT_SCALING, "dtype": "float32"}
     info.update(meta or {})
-    _, _, meta_path = model_files(directory)
-    write_json(meta_path, info)
+    write_json(model_files(directory)[2], info)
     return directory
 
 
@@ -54,9 +53,6 @@ def mxnet_error_line(exc: BaseException) -> str:
     frames): the check that failed."""
     text = str(exc).split("Stack trace:")[0]
     lines = [line.strip() for line in text.splitlines()]
-    lines = [line for line in lines if line and not line.startswith(("Traceback", "File ",
-                                                                   "[bt]"))
+    lines = [line for line in lines if line and not line.startswith(("Traceback", "File ", "[bt]"))
              and not re.match(r"^\d+:", line)]
-    if not lines:
-        return type(exc).__name__
-    return re.sub(r"^MXNetError:\s*", "", lines[-1])
+    return re.sub(r"^MXNetError:\s*", "", lines[-1]) if lines else type(exc).__name__

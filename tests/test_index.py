@@ -202,3 +202,97 @@ def test_hand_edited_kind_is_refused(setup, capsys, kind):
                             "--out", str(tmp / "r.jsonl")]) == 2
     line = error_line(capsys)
     assert meta_path in line and f"kind {kind!r}" in line and "IndexFlat" in line
+
+
+def _edit_meta(index_dir, **changes):
+    meta_path = os.path.join(index_dir, "meta.json")
+    meta = json.load(open(meta_path))
+    json.dump(dict(meta, **changes), open(meta_path, "w"))
+    return meta_path, meta
+
+
+def _search_and_calibrate_fail(tmp, data, index_dir, capsys, *needles):
+    """search and calibrate both exit 2 with one line holding every needle; nothing written."""
+    capsys.readouterr()
+    assert search_cli.main(["--index", index_dir, "--query", f"{data}:test", "--k", "1",
+                            "--out", str(tmp / "r.jsonl")]) == 2
+    line = error_line(capsys)
+    assert all(n in line for n in needles), line
+    assert calibrate_cli.main(["--index", index_dir, "--data", f"{data}:test",
+                               "--target-precision", "0.5"]) == 2
+    line = error_line(capsys)
+    assert all(n in line for n in needles), line
+    assert not (tmp / "r.jsonl").exists()
+    assert not os.path.exists(os.path.join(index_dir, "threshold.json"))
+
+
+def test_another_model_swapped_into_meta_json_is_refused(setup, capsys):
+    """meta.json's model.dir and params_sha256 both swapped to another export: search
+    embedded the queries with that model and answered, exit 0. index_id covers the model."""
+    from dist_triplet.model import build_embedding_net, initialize
+    from dist_triplet.export import export_model
+    from dist_triplet.retrieval.model import sha256_file
+    tmp, model, data, index_dir = setup
+    net = build_embedding_net(4, [4], final_relu=False)
+    initialize(net, 0.1, mx.cpu(), seed=5)
+    other = export_model(net, str(tmp / "other"), mx.cpu(), 4)
+    meta_path, meta = _edit_meta(index_dir)
+    _edit_meta(index_dir, model=dict(meta["model"], dir=other, params_sha256=sha256_file(
+        os.path.join(other, "embed-0000.params"))))
+    _search_and_calibrate_fail(tmp, data, index_dir, capsys, meta_path, "'index_id'",
+                               "'model.params_sha256'")
+    _edit_meta(index_dir, model=meta["model"], index_id="0" * 64)      # index_id alone
+    _search_and_calibrate_fail(tmp, data, index_dir, capsys, meta_path, "'index_id'")
+    _edit_meta(index_dir, index_id=meta["index_id"])                    # as built: works
+    assert search_cli.main(["--index", index_dir, "--query", f"{data}:test", "--k", "1",
+                            "--out", str(tmp / "r.jsonl")]) == 0
+
+
+@pytest.mark.parametrize("key, value, needles", [
+    ("input", "features", ["key 'input' is 'features'", "[2, 2]"]),
+    ("input", "pictures", ["key 'input' is 'pictures'"]),
+    ("image_shape", None, ["key 'input' is 'images'", "'image_shape' is None"]),
+    ("image_shape", [1, 4], ["'image_shape' [1, 4]", "2x2x1 images"]),
+    ("model.input_units", 5, ["'model.input_units' 5", "(2x2x1 images (4 values))"]),
+])
+def test_hand_edited_input_and_image_shape_are_refused(setup, capsys, key, value, needles):
+    """input, image_shape and model.input_units were not checked on load: an edit was
+    accepted. They are checked against image_shape and against the loaded model."""
+    tmp, model, data, index_dir = setup
+    _edit_meta(model, image_shape=[2, 2, 1])           # as a training run's export says
+    meta_path, meta = _edit_meta(index_dir)
+    assert (meta["input"], meta["image_shape"], meta["model"]["input_units"]) == \
+        ("images", [2, 2], 4)
+    assert search_cli.main(["--index", index_dir, "--query", f"{data}:test", "--k", "1"]) == 0
+    if key.startswith("model."):
+        meta_path, _ = _edit_meta(index_dir, model=dict(meta["model"], input_units=value))
+    else:
+        meta_path, _ = _edit_meta(index_dir, **{key: value})
+    _search_and_calibrate_fail(tmp, data, index_dir, capsys, meta_path, *needles)
+
+
+@pytest.mark.parametrize("command", ["search --out", "search --grid", "calibrate --out"])
+def test_out_that_is_a_directory_is_one_line_naming_the_option(setup, capsys, command):
+    """search --out/--grid and calibrate --out naming an existing directory gave raw errno
+    text with --force ("[Errno 21] Is a directory: '.d.tmp-123' -> 'd'")."""
+    tmp, model, data, index_dir = setup
+    (tmp / "d").mkdir()
+    name, option = command.split()
+    args = (["--query", f"{data}:test", "--k", "1"] if name == "search" else
+            ["--data", f"{data}:test", "--target-precision", "0.5"])
+    main = search_cli.main if name == "search" else calibrate_cli.main
+    if option == "--grid":
+        args += ["--out", str(tmp / "r.jsonl")]
+    for force in ([], ["--force"]):
+        capsys.readouterr()
+        assert main(["--index", index_dir] + args + [option, str(tmp / "d")] + force) == 2
+        assert error_line(capsys) == f"error: {option} {tmp / 'd'} is a directory: pass a file name"
+        assert sorted(os.listdir(tmp / "d")) == [] and not (tmp / "r.jsonl").exists()
+        assert not os.path.exists(os.path.join(index_dir, "threshold.json"))
+    # index --out names a directory: an empty one is taken with --force, a file is not.
+    assert index_cli.main(["--model", model, "--data", f"{data}:train", "--out",
+                           str(tmp / "d"), "--force"]) == 0
+    (tmp / "f").write_text("x")
+    assert index_cli.main(["--model", model, "--data", f"{data}:train", "--out",
+                           str(tmp / "f"), "--force"]) == 2
+    assert "is not an index directory" in error_line(capsys)

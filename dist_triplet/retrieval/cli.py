@@ -97,15 +97,14 @@ def index_main(argv: Optional[Sequence[str]] = None) -> int:
 def _index(args) -> int:
     from .model import Model
     _positive(args, "batch_size", "hnsw_m", "ef_search", "nprobe")
-    check_out(args.out, args.force)                               # before any work
+    check_out(args.out, args.force, file=False)                   # before any work
     t0 = time.perf_counter()
     model = Model(args.model)
     items = read_items(args.data, model.input, args.labels, _options(args))
     emb = model.embed(items.x, args.batch_size, source=items.source)
     t_embed = time.perf_counter() - t0
-    images = None
-    if items.image_shape is not None and not args.no_thumbnails:
-        images = thumbnails(items.x, items.image_shape)
+    images = None if items.image_shape is None or args.no_thumbnails else \
+        thumbnails(items.x, items.image_shape)
     index = Index.build(emb, items.labels, items.ids, items.class_names, kind=args.kind,
                         images=images, data=items.source, hnsw_m=args.hnsw_m,
                         ef_search=args.ef_search, nprobe=args.nprobe,
@@ -160,8 +159,7 @@ def _search(args) -> int:
     dist, pos, times, notes = s.search_items(index, model, items, args.k, args.exclude_self,
                                              args.batch_size)
     recs = s.records(index, items, dist, pos, codes, thr["threshold"] if thr else None)
-    short = sum(len(r["neighbours"]) < args.k for r in recs)
-    if short:
+    if short := sum(len(r["neighbours"]) < args.k for r in recs):
         notes.append(f"warning: {short} of {len(recs)} queries got fewer than --k {args.k} "
                      f"neighbours: the {index.meta.kind} index returned fewer candidates "
                      "(raise efSearch / nprobe when building it)")
@@ -272,8 +270,6 @@ def _embed(args) -> int:
     from .model import Model
     from .specs import load_array
     _positive(args, "batch_size")
-    if os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out} is a directory: pass a file name")
     check_out(args.out, args.force)
     if args.device == "gpu" and mx.context.num_gpus() == 0:
         raise ValueError("--device gpu, but MXNet sees no GPU")

@@ -1,18 +1,16 @@
 """A saved nearest-neighbour index over a gallery of embeddings: build, save, load, search.
 
 The directory is docs/search.md's "The index directory" (``meta.json``: :class:`IndexMeta`;
-``index_id``: a sha256 over ``_CONTENT``). Search is :func:`.neighbours.knn` by squared L2
+``index_id``: :meth:`IndexMeta.content_id`). Search is :func:`.neighbours.knn` by squared L2
 in embedding units: exact for a flat index, approximate for hnsw and ivf.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
-import typing
-from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from typing import Dict, List, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 
@@ -22,7 +20,7 @@ from .model import sha256_file
 
 __all__ = ["Index", "IndexMeta", "ModelRef", "thumbnails", "FORMAT", "THUMB", "check_out"]
 
-FORMAT = "dist_triplet.index/2"
+FORMAT = "dist_triplet.index/3"   # /3: index_id covers the model's parameters
 THUMB = 32                      # thumbnails: at most this many pixels a side
 _CONTENT = ("index.faiss", "labels.npy", "ids.json")      # hashed into index_id
 
@@ -62,21 +60,26 @@ class IndexMeta:
         """ValueError naming ``where`` and the key: a key missing or of another type."""
         return _typed(cls, doc, where, "")
 
+    def content_id(self) -> str:
+        """``index_id``: sha256 over the sha256s of ``_CONTENT`` and the model's parameters."""
+        return hashlib.sha256("".join([self.files.get(f, "") for f in _CONTENT] + [
+            self.model.params_sha256]).encode()).hexdigest()
+
 
 def _typed(cls, doc, where: str, prefix: str):
     """``cls`` (a dataclass) from ``doc``, each field checked against its type hint."""
     if not isinstance(doc, dict):
         raise ValueError(f"{where}: {prefix.rstrip('.') or 'meta.json'} is not a JSON object")
-    hints, values = typing.get_type_hints(cls), {}
-    for f in dataclasses.fields(cls):
+    hints, values = get_type_hints(cls), {}
+    for f in fields(cls):
         key = prefix + f.name
         if f.name not in doc:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if f.default is MISSING and f.default_factory is MISSING:
                 raise ValueError(f"{where}: key {key!r} missing: corrupt or edited index; "
                                  "rebuild it with dist_triplet.index")
             continue
         value, hint = doc[f.name], hints[f.name]
-        if dataclasses.is_dataclass(hint):
+        if is_dataclass(hint):
             value = _typed(hint, value, where, key + ".")
         elif not _fits(value, hint):
             raise ValueError(f"{where}: key {key!r} is {value!r}, expected {hint}: corrupt "
@@ -87,8 +90,8 @@ def _typed(cls, doc, where: str, prefix: str):
 
 def _fits(value, hint) -> bool:
     """Whether a JSON value fits a type hint (int/float/str/bool, Optional, List, Dict)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Union:
         return any(_fits(value, a) for a in args)
     if origin in (list, dict):
         inner = value.values() if isinstance(value, dict) else value
@@ -110,9 +113,12 @@ def thumbnails(x: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
     return out[..., 0] if out.shape[3] == 1 else out
 
 
-def check_out(out: str, force: bool, what: str = "--out") -> None:
-    """Every command's output rule, before any work: refuse an existing ``out`` without
-    ``force``; make missing parent directories and prove they can be written."""
+def check_out(out: str, force: bool, what: str = "--out", file: bool = True) -> None:
+    """Every command's output rule, before any work: refuse a directory as a ``file``, an
+    existing ``out`` without ``force``; make missing parent directories and prove they
+    can be written. ValueError (one line naming ``what`` and ``out``)."""
+    if file and os.path.isdir(out):
+        raise ValueError(f"{what} {out} is a directory: pass a file name")
     if os.path.exists(out) and not force:
         raise ValueError(f"{what} {out} already exists; pass --force to replace it")
     check_can_write(out, what)
@@ -169,7 +175,7 @@ class Index:
                 os.listdir(out) and not os.path.isfile(os.path.join(out, "index.faiss")))):
             raise ValueError(f"--out {out} exists and is not an index directory; "
                              "--force replaces only an index")
-        check_out(out, force)
+        check_out(out, force, file=False)
         with atomic_dir(out) as tmp:
             faiss.write_index(self.faiss, os.path.join(tmp, "index.faiss"))
             np.save(os.path.join(tmp, "labels.npy"), self.labels)
@@ -180,8 +186,7 @@ class Index:
                 np.save(os.path.join(tmp, "images.npy"), self.images)
             files = {f: sha256_file(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
             self.meta.files = files
-            self.meta.index_id = hashlib.sha256("".join(files[f] for f in _CONTENT)
-                                                .encode()).hexdigest()
+            self.meta.index_id = self.meta.content_id()
             with open(os.path.join(tmp, "meta.json"), "w") as fh:
                 json.dump(asdict(self.meta), fh, indent=1)
         self.dir = os.path.abspath(out)
@@ -191,8 +196,9 @@ class Index:
     def load(cls, path: str) -> "Index":
         """Load and verify ``path``. Raises ValueError naming the file: a missing
         directory or file, meta.json that is not valid or not of :class:`IndexMeta`'s
-        types, a file whose sha256 differs (corrupt or edited), a count or width that
-        does not match the files."""
+        types, a file whose sha256 differs (corrupt or edited), an ``index_id`` other than
+        :meth:`IndexMeta.content_id` (the files or the model edited), a count, width, kind
+        or input that does not match the files."""
         import faiss
         if not os.path.isdir(path):
             raise ValueError(f"index directory {path} does not exist (build one with "
@@ -210,9 +216,6 @@ class Index:
             raise ValueError(f"{meta_path}: format {found!r} is not {FORMAT!r}; rebuild "
                              "the index with python -m dist_triplet.index")
         meta = IndexMeta.from_json(doc, meta_path)
-        for name in _CONTENT:
-            if name not in meta.files:
-                raise ValueError(f"{meta_path}: lists no {name}: corrupt index")
         for name, digest in meta.files.items():
             fpath = os.path.join(path, name)
             if not os.path.isfile(fpath):
@@ -220,6 +223,10 @@ class Index:
             if sha256_file(fpath) != digest:
                 raise ValueError(f"{fpath}: sha256 differs from meta.json's: the file is "
                                  "corrupt or was changed after the index was built")
+        if meta.index_id != meta.content_id():    # the model: search embeds queries with it
+            raise ValueError(f"{meta_path}: key 'index_id' is not the sha256 of "
+                             f"{', '.join(_CONTENT)} and key 'model.params_sha256': edited "
+                             "index; rebuild it with python -m dist_triplet.index")
         try:
             index = faiss.read_index(os.path.join(path, "index.faiss"))
             labels = np.load(os.path.join(path, "labels.npy"), allow_pickle=False)
@@ -241,6 +248,9 @@ class Index:
         if not isinstance(index, want.get(meta.kind, ())):
             raise ValueError(f"{meta_path}: kind {meta.kind!r}, but index.faiss holds a "
                              f"{type(index).__name__}: corrupt or edited index; rebuild it")
+        if meta.input not in (None, "features" if meta.image_shape is None else "images"):
+            raise ValueError(f"{meta_path}: key 'input' is {meta.input!r} but key 'image_shape' "
+                             f"is {meta.image_shape}: corrupt or edited index; rebuild it")
         if meta.kind == "hnsw":
             index.hnsw.efSearch = int(meta.params.get("efSearch", 64))
         elif meta.kind == "ivf":

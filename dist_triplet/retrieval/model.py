@@ -137,8 +137,7 @@ class Model:
                 bar.update(len(out[-1]))
         emb = np.concatenate(out).astype(np.float32, copy=False) if out else \
             np.zeros((0, self.dim or 0), np.float32)
-        bad = int(np.count_nonzero(~np.isfinite(emb)))
-        if bad:
+        if bad := int(np.count_nonzero(~np.isfinite(emb))):
             raise ValueError(f"{source}: the model in {self.dir} gave {bad} non-finite "
                              "embedding values (NaN or infinite): are the inputs scaled as in "
                              "training (pixels / 255 in [0, 1])?")

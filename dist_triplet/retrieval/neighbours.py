@@ -29,8 +29,7 @@ def check_matrix(values, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be a 2-D numeric array (N, D), got shape {arr.shape} "
                          f"dtype {arr.dtype}")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
-    bad = int(np.count_nonzero(~np.isfinite(arr)))
-    if bad:
+    if bad := int(np.count_nonzero(~np.isfinite(arr))):
         raise ValueError(f"{name} hold {bad} non-finite values (NaN or infinite)")
     return arr
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from .index import Index
 from .model import Model
+from .specs import _hwc
 
 __all__ = ["THRESHOLD_FILE", "check_model", "load_threshold", "query_classes",
            "search_items", "records", "format_records", "precision_at_1", "grid_queries"]
@@ -25,17 +26,20 @@ THRESHOLD_FILE = "threshold.json"
 
 def check_model(index: Index, model_path: Optional[str]) -> Model:
     """The index's model, or ``model_path`` if it is the same one (else ValueError
-    naming both: another embedding width or parameters file)."""
+    naming both, their widths and parameters files); ValueError naming meta.json:
+    its input width or image shape is not the model's (an edited index)."""
     ref = index.meta.model
     model = Model(model_path or ref.dir)
-    if model.dim is not None and int(model.dim) != index.dim:
-        raise ValueError(f"model {model.dir} gives {model.dim}-wide embeddings, but the "
-                         f"index {index.dir} holds {index.dim}-wide ones: it was built by "
-                         f"another model ({ref.dir})")
     if model.params_sha256 != ref.params_sha256:
-        raise ValueError(f"model {model.dir} (params sha256 {model.params_sha256[:12]}) is "
-                         f"not the one {index.dir} was built with ({ref.dir}, sha256 "
-                         f"{ref.params_sha256[:12]}); rebuild the index")
+        raise ValueError(f"model {model.dir} ({model.dim or '?'}-wide embeddings, params sha256 "
+                         f"{model.params_sha256[:12]}) is not the one {index.dir} was built "
+                         f"with ({ref.dir}, {index.dim}-wide, sha256 {ref.params_sha256[:12]})")
+    shape = index.meta.image_shape
+    if ref.input_units != model.input.units or (
+            model.input.kind is not None and _hwc(shape) != model.input.image_shape):
+        raise ValueError(f"{os.path.join(index.dir, 'meta.json')}: keys 'model.input_units' "
+                         f"{ref.input_units} and 'image_shape' {shape} do not fit the model "
+                         f"{model.dir} ({model.input.describe()}): edited index; rebuild it")
     return model
 
 
@@ -110,8 +114,7 @@ def search_items(index: Index, model: Model, items, k: int, exclude_self: bool =
     times["search_s"] = time.perf_counter() - t0
     notes = []
     if not exclude_self:
-        selves = int(np.count_nonzero((same >= 0) | (dist[:, 0] == 0)))
-        if selves:
+        if selves := int(np.count_nonzero((same >= 0) | (dist[:, 0] == 0))):
             notes.append(f"note: {selves} of {len(emb)} queries are gallery items or exact "
                          "copies of one (distance 0): each finds itself; pass --exclude-self "
                          "to leave it out")

@@ -151,8 +151,7 @@ def load_array(path: str, units: int, where: str = "meta.json") -> tuple:
     if arr.dtype == np.uint8:
         flat /= np.float32(255)              # the same float32 division as data.load_split
     else:
-        bad = int(np.count_nonzero(~np.isfinite(flat)))
-        if bad:
+        if bad := int(np.count_nonzero(~np.isfinite(flat))):
             raise ValueError(f"{path}: {bad} of {flat.size} values are NaN or infinite; "
                              "expected finite pixels")
         if flat.max() > 1.0:
