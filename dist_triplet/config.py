@@ -44,9 +44,9 @@ of its value (choices, bounds), in one place::
 
 Why not OmegaConf structured configs: OmegaConf is not installed in the project's
 environment (it would be a new dependency), and what this module does by hand is small
-and specific: error messages that name the file, line, key and value (``cfg.yaml: line 7:
-train.epochs must be an integer, got 'two'``; the line for an unknown or mistyped key of a
-YAML file, the key and value alone for a range or choice error), duplicate YAML keys refused (OmegaConf, like PyYAML,
+and specific: error messages that name where a value was given, the key and the value
+(``cfg.yaml: line 7: train.epochs must be an integer, got 'two'``; ``command line:
+train.epochs=-1 must be > 0`` for an override), duplicate YAML keys refused (OmegaConf, like PyYAML,
 keeps the last one), range and choice checks with the key in the message, and the typed
 per-field resume policy above (dataclass metadata, which OmegaConf would carry too but
 not use). Dotted overrides are the one feature both have.
@@ -368,13 +368,10 @@ def flat_dict(config: dict) -> dict:
             for k, v in sub.items()}
 
 
-def _field_types(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
 def _set(values: dict, key: str, value: Any, where: str) -> None:
     """Parse ``value`` for ``key`` (``section.name``) and store it in ``values``
-    (``{section: {name: value}}``, what :func:`_build` makes the frozen Config from)."""
+    (``{section: {name: value}}``, what :func:`_build` makes the frozen Config from) and
+    ``where`` (file and line, or "command line") in ``values["where"][key]``, for errors."""
     parts = key.split(".")
     sections = {f.name: f.type for f in dataclasses.fields(Config)}
     if len(parts) != 2:
@@ -384,7 +381,7 @@ def _set(values: dict, key: str, value: Any, where: str) -> None:
     if section not in sections:
         raise ConfigError(f"{where}: unknown section {section!r} in key {key!r}; "
                           f"known sections: {', '.join(sorted(sections))}")
-    types = _field_types(_SECTIONS[section])
+    types = typing.get_type_hints(_SECTIONS[section])
     if name not in types:
         raise ConfigError(f"{where}: unknown key {key!r}; keys of {section}: "
                           f"{', '.join(sorted(types))}")
@@ -397,6 +394,7 @@ def _set(values: dict, key: str, value: Any, where: str) -> None:
         if isinstance(probe, int) and not isinstance(probe, bool):
             value = [probe, probe]
     values.setdefault(section, {})[name] = parse_value(value, types[name], key, where)
+    values.setdefault("where", {})[key] = where                  # not a section: not built
 
 
 def _build(values: dict) -> Config:
@@ -575,8 +573,9 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
     cfg = _build(values)
     try:
         _validate(cfg)
-    except ConfigError as exc:
-        raise ConfigError(f"{path or 'config'}: {exc}") from None
+    except ConfigError as exc:      # its message starts with the key: "section.name=..."
+        where = values.get("where", {}).get(str(exc).split("=", 1)[0], path or "config")
+        raise ConfigError(f"{where}: {exc}") from None
     return cfg
 
 

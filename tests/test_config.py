@@ -130,6 +130,26 @@ def test_choices_and_bounds_come_from_the_fields(override, needle):
         load_config(None, [override])
 
 
+def test_range_errors_name_the_command_line_or_the_file_and_line(tmp_path):
+    """A value out of range named the config file even when it came from an override
+    (``--config f.yaml train.epochs=-1`` said "f.yaml: ..."); a file's value gets its line."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  batch_size: 4\n  epochs: -2\nsampler:\n  kind: pk\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == f"{path}: line 3: train.epochs=-2 must be > 0"
+    for override, want in (("train.epochs=-1", "train.epochs=-1 must be > 0"),
+                           ("sampler.p=1", "sampler.p=1 must be >= 2"),
+                           ("sampler.kind=foo", "sampler.kind='foo' is not one of offline, pk")):
+        with pytest.raises(ConfigError) as info:
+            load_config(str(path), ["train.epochs=3", override])
+        assert str(info.value).startswith(f"command line: {want}")
+    path.write_text("sampler:\n  kind: pk\n  p: 1\n")
+    with pytest.raises(ConfigError) as info:       # relations: where the first key was given
+        load_config(str(path), ["sampler.k=3"])
+    assert str(info.value).startswith(f"{path}: line 3: sampler.p=1 must be >= 2")
+
+
 def test_every_choice_and_bound_is_declared_on_its_field():
     fields = dict(_flat_fields())
     assert fields["sampler.kind"].metadata["choices"] == ("offline", "pk")
