@@ -230,9 +230,16 @@ def initialize_network(net, model_cfg, ctx, seed: int, in_units: int) -> None:
 
 
 def _read_params(path: str) -> dict:
-    """A Gluon ``.params`` file as {structural name: NDArray} (an export's ``arg:`` /
-    ``aux:`` prefixes dropped). Raises ValueError (one line) when MXNet cannot read it."""
+    """A Gluon ``.params`` file as {structural name: NDArray}. Raises ValueError (one line)
+    when MXNet cannot read it, or for a directory or an exported model's parameters
+    (``HybridBlock.export``: ``arg:`` / ``aux:`` names; the export is for inference)."""
     import os
+    use = ("model.weights takes a Gluon .params file of the backbone (Block.save_parameters: "
+           "names such as features.0.weight); an exported model (<run>/model) is for "
+           "dist_triplet.embed / index / search; to start from a run's weights pass its "
+           "checkpoint's parameters, <run>/checkpoints/epoch-NNNN/params")
+    if os.path.isdir(path):
+        raise ValueError(f"model.weights={path!r} is a directory: {use}")
     if not os.path.isfile(path):
         raise ValueError(f"model.weights={path!r}: no such file")
     try:
@@ -244,8 +251,10 @@ def _read_params(path: str) -> dict:
     if not isinstance(loaded, dict):
         raise ValueError(f"model.weights={path!r}: holds unnamed arrays, not a Gluon .params "
                          "file (Block.save_parameters)")
-    return {k.split(":", 1)[1] if k.startswith(("arg:", "aux:")) else k: v
-            for k, v in loaded.items()}
+    if any(k.startswith(("arg:", "aux:")) for k in loaded):
+        raise ValueError(f"model.weights={path!r} holds an exported model's parameters "
+                         f"(HybridBlock.export: arg:/aux: names): {use}")
+    return loaded
 
 
 def load_weights(net, path: str, backbone: str, *, apply: bool = True) -> list:

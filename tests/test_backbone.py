@@ -1,6 +1,8 @@
 """Backbones (backbone.py): every model-zoo name builds offline, convolutional networks
 take the flat training rows, weights load from a .params file with one-line errors, and
 inputs that cannot work are refused."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -127,6 +129,28 @@ def test_weights_of_another_architecture_and_unreadable_file(tmp_path):
         built(model_cfg("convnet", channels=[4, 8], weights=str(bad)), (8, 8, 1))
     with pytest.raises(ValueError, match="no such file"):
         built(model_cfg("convnet", channels=[4, 8], weights=str(tmp_path / "none")), (8, 8, 1))
+
+
+def test_exported_model_as_weights_says_what_weights_takes(tmp_path):
+    """An export (<run>/model) or its embed-0000.params as model.weights said "no such
+    file" or "parameter '0.weight' ... is missing": say what model.weights takes and where
+    a run's own parameters are (a checkpoint's params: net.save_parameters, which loads)."""
+    from dist_triplet.export import export_model, model_files
+    net, units = built(Config().model, (28, 28, 1))
+    export_model(net, str(tmp_path / "model"), mx.cpu(), units)
+    for path, what in ((tmp_path / "model", "is a directory"),
+                       (model_files(str(tmp_path / "model"))[1], "holds an exported model's")):
+        with pytest.raises(ValueError) as info:
+            built(dataclasses.replace(Config().model, weights=str(path)), (28, 28, 1))
+        msg = str(info.value)
+        assert msg.startswith(f"model.weights={str(path)!r} {what}") and "\n" not in msg
+        assert "Gluon .params file of the backbone" in msg
+        assert "<run>/checkpoints/epoch-NNNN/params" in msg
+    net.save_parameters(str(tmp_path / "params"))              # what a checkpoint holds
+    again, _ = built(dataclasses.replace(Config().model, weights=str(tmp_path / "params")),
+                     (28, 28, 1), seed=7)
+    np.testing.assert_array_equal(again[0].weight.data().asnumpy(),
+                                  net[0].weight.data().asnumpy())
 
 
 @pytest.mark.parametrize("backbone, shape, match", [
