@@ -174,14 +174,15 @@ def _plot_distances(path: str, same: np.ndarray, other: np.ndarray,
 
 
 def _plot_confusion(path: str, matrix: np.ndarray, class_names: Sequence[str]) -> None:
-    """Row-normalised (C, C) matrix: row = query class, column = class of its nearest
-    other test item; percentages in the cells up to 15 classes, names up to 40."""
+    """Row-normalised (C, C) matrix in percent of the row (colours, colour bar and cells
+    alike): row = query class, column = class of its nearest other test item; the
+    numbers in the cells up to 15 classes, names up to 40."""
     plt = _pyplot()
     c = matrix.shape[0]
-    share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    pct = 100 * matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     side = min(9.0, 3.0 + 0.45 * c)
     fig, ax = plt.subplots(figsize=(side + 1.5, side))
-    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    im = ax.imshow(pct, cmap="Blues", vmin=0, vmax=100)
     if c <= 40:
         names = [str(n) for n in class_names[:c]]
         ax.set_xticks(range(c), names, rotation=60, ha="right", fontsize=7)
@@ -190,15 +191,14 @@ def _plot_confusion(path: str, matrix: np.ndarray, class_names: Sequence[str]) -
         for i in range(c):
             for j in range(c):
                 if matrix[i, j]:
-                    pct = 100 * share[i, j]
-                    ax.text(j, i, f"{pct:.0f}" if pct >= 0.5 else "<1",
+                    ax.text(j, i, f"{pct[i, j]:.0f}" if pct[i, j] >= 0.5 else "<1",
                             ha="center", va="center", fontsize=6.5,
-                            color="white" if share[i, j] > 0.6 else "black")
+                            color="white" if pct[i, j] > 60 else "black")
     ax.set_xlabel("class of the nearest other test item", fontsize=8)
     ax.set_ylabel("query class", fontsize=8)
     ax.set_title("where each class's nearest neighbour comes from (% of the row)",
                  fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02).set_label("% of the row", fontsize=8)
     fig.savefig(path, dpi=80, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
 
@@ -215,20 +215,45 @@ def _fmt(v, key: str = "") -> str:
     return html.escape(str(v))
 
 
-def worse_than_raw(doc: dict, raw_name: str = "raw pixels") -> str:
+def worse_than_raw(doc: dict, raw_name: str = "raw pixels",
+                   config: Optional[dict] = None) -> str:
     """The sentence saying that the learned embedding retrieves worse than the raw inputs
-    (final Precision@1 below metrics.json's ``raw_pixels`` one), or "" when it does not."""
+    (final Precision@1 below metrics.json's ``raw_pixels`` one), or "" when it does not;
+    what to try next follows from the run's ``config`` (its config.yaml; None: all of it):
+    online mining unless the run mined, more epochs, a convolutional backbone on images
+    unless it had one (the recipes and their numbers: docs/results.md)."""
     learned = (doc.get("final") or {}).get("precision_at_1")
     raw = (doc.get("raw_pixels") or {}).get("precision_at_1")
     if not all(isinstance(v, float) and math.isfinite(v) for v in (learned, raw)) \
             or learned >= raw:
         return ""
+    sampler, train, model = ((config or {}).get(k) or {} for k in ("sampler", "train", "model"))
+    epochs = train.get("epochs")
+    tips = [] if sampler.get("kind") == "pk" else [
+        "online mining, the recipe of configs/fashion_mnist_mining.yaml (sampler.kind: pk, "
+        "semi-hard negatives, normalised embeddings), which beats the raw pixels there"]
+    tips.append(f"more epochs (train.epochs={2 * epochs}; this run had {epochs})"
+                if isinstance(epochs, int) else "more epochs (train.epochs)")
+    if raw_name == "raw pixels" and model.get("backbone", "mlp") == "mlp":
+        tips.append("a convolutional backbone (model.backbone: convnet, as in "
+                    "configs/fashion_mnist_conv.yaml)")
     return (f"The learned embedding retrieves worse than the {raw_name}: Precision@1 "
             f"{learned:.4f} against {raw:.4f} for a nearest-neighbour search on the "
             f"{raw_name} themselves, so for finding an item of the same class this model "
             "is not yet better than no model. Other metrics (R-Precision, MAP@R, the seed "
-            "triplet accuracy) can still be higher; train longer or with online mining "
-            "(sampler.kind: pk, e.g. configs/fashion_mnist_mining.yaml).")
+            "triplet accuracy) can still be higher. Try " + "; ".join(tips)
+            + " (docs/results.md).")
+
+
+def _run_config(run_dir: str) -> Optional[dict]:
+    """``run_dir/config.yaml`` as a dict, or None when it is missing or unreadable."""
+    import yaml
+    try:
+        with open(os.path.join(run_dir, "config.yaml")) as fh:
+            doc = yaml.safe_load(fh)
+    except (OSError, yaml.YAMLError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _class_table(rows: Sequence, class_names: Sequence[str], shown: int = 20) -> str:
@@ -415,7 +440,8 @@ def write_report(run_dir: str, metrics_doc: dict, raw_inputs: np.ndarray, embedd
                       "final.collapsed), so nearest neighbours are ties.</p>")
         with open(os.path.join(tmp, "report.html"), "w") as fh:
             fh.write(_html(metrics_doc, figs, note=note,
-                           warning=worse_than_raw(metrics_doc, raw_name),
+                           warning=worse_than_raw(metrics_doc, raw_name,
+                                                  _run_config(run_dir)),
                            classes=_class_table(table, class_names), search=search))
     return out
 

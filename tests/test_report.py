@@ -145,6 +145,43 @@ def test_report_says_when_the_embedding_retrieves_worse_than_raw_pixels(tmp_path
     assert report_mod.worse_than_raw({"final": {"precision_at_1": 0.5}}) == ""   # no raw
 
 
+def test_worse_than_raw_names_what_to_try_from_the_runs_config(tmp_path):
+    """The advice was generic ("train longer or with online mining"): it names the mining
+    recipe unless the run mined, train.epochs doubled, and convnet unless the run had one."""
+    labels, raw, emb, doc = _confusable_run(tmp_path, 0.7934, raw_p1=0.8092)
+    every = report_mod.worse_than_raw(doc)
+    assert every.endswith(
+        "Try online mining, the recipe of configs/fashion_mnist_mining.yaml (sampler.kind: "
+        "pk, semi-hard negatives, normalised embeddings), which beats the raw pixels there; "
+        "more epochs (train.epochs); a convolutional backbone (model.backbone: convnet, as "
+        "in configs/fashion_mnist_conv.yaml) (docs/results.md).")
+    seed = {"sampler": {"kind": "offline"}, "train": {"epochs": 10}, "model": {"backbone": "mlp"}}
+    assert "more epochs (train.epochs=20; this run had 10)" in report_mod.worse_than_raw(
+        doc, config=seed)
+    conv = report_mod.worse_than_raw(doc, "raw features", {
+        "sampler": {"kind": "pk"}, "train": {"epochs": 7}, "model": {"backbone": "mlp"}})
+    assert conv.endswith("Try more epochs (train.epochs=14; this run had 7) (docs/results.md).")
+    # write_report reads the run's config.yaml.
+    (tmp_path / "config.yaml").write_text(
+        "sampler: {kind: pk}\ntrain: {epochs: 3}\nmodel: {backbone: convnet}\n")
+    out = write_report(str(tmp_path), doc, raw, emb, labels, CLASSES, (2, 2))
+    page = open(os.path.join(out, "report.html")).read()
+    assert "Try more epochs (train.epochs=6; this run had 3) (docs/results.md)." in page
+
+
+def test_confusion_colour_bar_is_in_percent_as_the_cells(tmp_path, monkeypatch):
+    """The cells showed percent of the row but the colour bar ran 0-1."""
+    import matplotlib.figure
+    figures, real = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (figures.append(fig), real(fig, *a, **k)))
+    report_mod._plot_confusion(str(tmp_path / "c.png"), np.array([[3, 1], [0, 4]]), ["a", "b"])
+    ax, bar = figures[0].axes
+    assert bar.get_ylim() == (0.0, 100.0) and bar.get_ylabel() == "% of the row"
+    assert sorted(t.get_text() for t in ax.texts) == ["100", "25", "75"]
+    assert ax.images[0].get_array()[0].tolist() == [75.0, 25.0]
+
+
 def test_report_names_no_absolute_path_and_reads_after_a_move(tmp_path):
     labels, raw, emb, doc = small_run(tmp_path / "run")
     os.makedirs(tmp_path / "run")
