@@ -11,11 +11,12 @@ path, the training steps, the export (``embed-symbol.json`` still takes (B, F) r
 * ``mlp`` (default): the seed article's network, unchanged (``model.build_embedding_net``:
   Dense ``model.hidden``, Uniform(``model.init_scale``) init).
 * ``convnet``: ``model.channels`` blocks of Conv3x3 -> BatchNorm -> ReLU -> MaxPool 2x2
-  (the last block without the pool), global average pooling, then the Dense head.
+  (the last block without the pool), global average pooling (``model.pool=avg``) or the
+  feature map flattened as it is (``flatten``), then the Dense head.
 * any name of ``mxnet.gluon.model_zoo.vision.get_model`` (``resnet18_v1``,
   ``mobilenetv2_1.0``, ...: :data:`ZOO`): the architecture's ``features`` (built with
-  ``pretrained=False``: nothing is downloaded), global average pooling where its features
-  keep a spatial map, then the Dense head; its classifier (``output``) is dropped.
+  ``pretrained=False``: nothing is downloaded), ``model.pool`` where its features keep a
+  spatial map, then the Dense head; its classifier (``output``) is dropped.
 
 The head of a convolutional backbone is ``model.hidden``'s Dense layers (the last width
 is the embedding size D, as for the MLP), with ``model.final_relu`` and
@@ -78,15 +79,16 @@ def _conv_blocks(channels: Sequence[int]):
 
 class ConvEmbedding(gluon.HybridBlock):
     """(B, H*W*C) float32 rows -> (B, D) float32: reshape to (B, C, H, W), ``features`` (a
-    convolutional feature extractor), global average pooling when a spatial map is left,
-    flatten, ``head`` (Dense ``hidden``, optional L2 normalisation).
+    convolutional feature extractor), global average pooling when a spatial map is left
+    and ``pool``, flatten, ``head`` (Dense ``hidden``, optional L2 normalisation).
 
     Args:
         features: the feature extractor, (B, C, H, W) -> (B, C', h, w) or (B, C').
         image_shape: (H, W, C) of the rows.
         hidden: Dense widths of the head; the last is D.
         final_relu, normalize: as ``model.final_relu`` / ``model.normalize``.
-        pool: global average pooling after ``features`` (False when they end in a vector).
+        pool: global average pooling after ``features`` (False when they end in a vector,
+            or to keep the map: ``model.pool=flatten``).
     """
 
     def __init__(self, features, image_shape, hidden, *, final_relu: bool, normalize: bool,
@@ -135,11 +137,11 @@ def build_network(model_cfg, in_units: int, image_shape: Optional[Tuple[int, int
 
 def _conv_network(model_cfg, image_shape):
     if model_cfg.backbone == "convnet":
-        features, pool = _conv_blocks(model_cfg.channels), True
+        features, pool = _conv_blocks(model_cfg.channels), model_cfg.pool == "avg"
     else:
         from mxnet.gluon.model_zoo import vision
         features = vision.get_model(model_cfg.backbone, pretrained=False).features
-        pool = len(_feature_shape(features, image_shape)) == 4
+        pool = model_cfg.pool == "avg" and len(_feature_shape(features, image_shape)) == 4
     return ConvEmbedding(features, image_shape, model_cfg.hidden,
                          final_relu=model_cfg.final_relu, normalize=model_cfg.normalize,
                          pool=pool)

@@ -30,26 +30,26 @@ of its value (choices, bounds), in one place::
     name: int = fixed(0, least=0)            # or scheduled(...), free(...)
     kind: str = fixed("a", choices=("a", "b"))
 
-* ``fixed``: must equal the checkpoint's value. The key changes
-  the parameters' shapes, what a step computes, the optimizer state's meaning (momentum
-  and wd are pickled with the optimizer in trainer.states, so a new value would be
-  silently ignored), or which triplets each worker draws.
+* ``fixed``: must equal the checkpoint's value. The key changes the parameters' shapes,
+  what a step computes, the optimizer state's meaning (momentum and wd are pickled with the
+  optimizer in trainer.states, so a new value would be silently ignored), or which triplets
+  each worker draws.
 * ``scheduled`` (policy "schedule"): may change. The learning rate of every step
   is recomputed from the current config (``schedule.learning_rate``), so lowering optim.lr
   after a divergence, or extending train.epochs, works. An info line names the changed
   keys; a warning (the run then differs from an uninterrupted one with the old values)
   follows only when a remaining step's learning rate differs (``plan.read_resume_meta``).
-* ``free``: may change silently (evaluation, output, progress,
-  devices: the world size itself is checked from the checkpoint's processes x devices).
+* ``free``: may change silently (evaluation, output, progress, devices: the world size
+  itself is checked from the checkpoint's processes x devices).
 
 Why not OmegaConf structured configs: OmegaConf is not installed in the project's
-environment (it would be a new dependency), and what this module does by hand is small
-and specific: error messages that name where a value was given, the key and the value
+environment (it would be a new dependency), and what this module does by hand is small and
+specific: error messages that name where a value was given, the key and the value
 (``cfg.yaml: line 7: train.epochs must be an integer, got 'two'``; ``command line:
-train.epochs=-1 must be > 0`` for an override), duplicate YAML keys refused (OmegaConf, like PyYAML,
-keeps the last one), range and choice checks with the key in the message, and the typed
-per-field resume policy above (dataclass metadata, which OmegaConf would carry too but
-not use). Dotted overrides are the one feature both have.
+train.epochs=-1 must be > 0`` for an override), duplicate YAML keys refused (OmegaConf,
+like PyYAML, keeps the last one), range and choice checks with the key in the message, and
+the typed per-field resume policy above (dataclass metadata, which OmegaConf would carry
+too but not use). Dotted overrides are the one feature both have.
 """
 from __future__ import annotations
 
@@ -146,6 +146,9 @@ class ModelConfig:
     # embedding size D. Seed article: Dense(256, relu) -> Dense(128, relu).
     hidden: List[int] = fixed(factory=lambda: [256, 128])
     channels: List[int] = fixed(factory=lambda: [32, 64, 128])  # convnet: Conv3x3 widths
+    # Convolutional backbones: 'avg' pools the last feature map globally (any input size);
+    # 'flatten' keeps where each feature is (a Dense over C x h x w; fixed input size).
+    pool: str = fixed("avg", choices=("avg", "flatten"))
     weights: Optional[str] = fixed(None)  # .params to start from (backbone.load_weights)
     # ReLU after the last layer too, as the seed. Set false with normalize: true, so the
     # embedding can point anywhere on the sphere rather than in the positive orthant.
@@ -258,10 +261,9 @@ class EvalConfig:
     # Evaluate every N epochs (and always after the last).
     every: int = free(1, above=0)
     # R-Precision and MAP@R (the R nearest neighbours of every query) every N epochs; 0 =
-    # only after the last epoch. Other evaluations compute Precision@1 (exact, one GEMM),
-    # the triplet accuracy and the collapse check. Default 0: at 10k test items, 128-D, the
-    # full set takes 1-3 s against ~0.15 s for P@1 alone, and an epoch of the main job
-    # trains in ~1.45 s (issue 12: evaluation <= 15% of it).
+    # only after the last epoch. Other evaluations compute Precision@1, the triplet accuracy
+    # and the collapse check. Default 0: at 10k test items, 128-D, the full set takes 1-3 s
+    # against ~0.15 s for P@1 alone, and an epoch of the main job trains in ~1.5-3 s.
     full_every: int = free(0, least=0)
     # Items searched for each test query: 'test' = the other test items (leave-one-out, as
     # pytorch-metric-learning's AccuracyCalculator); 'train' = the training set, which
@@ -274,10 +276,8 @@ class EvalConfig:
     # query_seed, the same every epoch) against the full gallery, for large test sets.
     max_queries: int = free(0, least=0)
     query_seed: int = free(0, least=0, below=2**32)
-    # Largest gallery searched exactly (items); beyond it faiss IVF (approximate, flagged
-    # 'approximate' in the results). Default: 10k queries x 250k items ~ 11 s for P@1 on 2
-    # cores, measured with the engine before retrieval/neighbours.py
-    # (dist_triplet.retrieval.metrics.EXACT_MAX_GALLERY).
+    # Largest gallery searched exactly (items); beyond it faiss IVF (approximate, flagged so
+    # in the results). Default: 10k queries x 250k items ~ 11 s for P@1 on 2 cores.
     exact_max_gallery: int = free(250_000, least=0)
     # faiss IVF cells visited per query (approximate search only): recall@100 = 1.0 on
     # Fashion-MNIST embeddings at 32 of sqrt(60,000) = 244 cells (retrieval.neighbours.recall_at_k).

@@ -56,6 +56,22 @@ def test_conv_backbone_embeds_flat_rows_as_images(backbone, shape):
     np.testing.assert_allclose(net.head(feats.flatten()).asnumpy(), out, rtol=1e-4, atol=1e-5)
 
 
+def test_flatten_pool_keeps_positions():
+    """model.pool=flatten: the head's Dense reads C x h x w features (2 blocks of 8 on 8x8:
+    8 x 4 x 4 = 128 inputs, against 8 with global average pooling), so two images whose
+    feature maps differ only by where a feature sits embed differently."""
+    avg, _ = built(model_cfg("convnet", channels=[4, 8]), (8, 8, 1))
+    flat, units = built(model_cfg("convnet", channels=[4, 8], pool="flatten"), (8, 8, 1))
+    assert avg.head[0].weight.shape == (8, 8) and flat.head[0].weight.shape == (8, 128)
+    img = np.zeros((8, 8), np.float32)
+    img[1:3, 1:3] = 1.0                      # a blob top left, and the same blob bottom right
+    x = np.stack([img.ravel(), img[::-1, ::-1].ravel()])
+    ref = flat.head(flat.features(mx.nd.array(x).reshape((-1, 1, 8, 8))).flatten()).asnumpy()
+    out = flat(mx.nd.array(x)).asnumpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    assert np.abs(out[0] - out[1]).max() > 1e-3
+
+
 def test_mlp_backbone_is_the_seed_network():
     from dist_triplet.model import build_embedding_net, initialize
     cfg = Config().model
