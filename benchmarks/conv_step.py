@@ -44,13 +44,20 @@ def conv_layers(channels: Sequence[int], shape=SHAPE) -> List[tuple]:
     return out
 
 
-def conv_flops(channels: Sequence[int], hidden: Sequence[int], shape=SHAPE) -> int:
+def head_widths(model_cfg, shape=SHAPE) -> List[int]:
+    """The Dense head's widths, its input first: the last block's channels after global
+    average pooling (``model.pool=avg``), channels x h x w flattened (``flatten``)."""
+    h, w, _, c = conv_layers(model_cfg.channels, shape)[-1]
+    return [c * (h * w if model_cfg.pool == "flatten" else 1)] + list(model_cfg.hidden)
+
+
+def conv_flops(model_cfg, shape=SHAPE) -> int:
     """FLOPs of one training image: forward 2 * H W Cin Cout 9 per Conv3x3 and 2 * in *
     out per Dense; backward twice that (input and weight gradients), except the first
     layer's input gradient, which is not needed. [32, 64, 128] + Dense 128 on 28x28x1:
-    forward 14.9 MFLOP, training 44.3 MFLOP."""
-    convs = [2 * h * w * ci * co * 9 for h, w, ci, co in conv_layers(channels, shape)]
-    widths = [channels[-1]] + list(hidden)
+    forward 14.9 MFLOP, training 44.3 MFLOP (pool avg); 16.5 and 49.1 (flatten)."""
+    convs = [2 * h * w * ci * co * 9 for h, w, ci, co in conv_layers(model_cfg.channels, shape)]
+    widths = head_widths(model_cfg, shape)
     dense = [2 * a * b for a, b in zip(widths, widths[1:])]
     fwd = sum(convs) + sum(dense)
     return 3 * fwd - convs[0]
@@ -65,7 +72,8 @@ def worker_product(args) -> None:
                               product.per_step, args.warmup, args.windows,
                               args.window_steps)["product"]
     common.emit(dict(res, data=source, threads=args.threads, net=args.net,
-                     channels=list(cfg.model.channels), hidden=list(cfg.model.hidden)))
+                     channels=list(cfg.model.channels), hidden=list(cfg.model.hidden),
+                     pool=cfg.model.pool))
 
 
 def worker_layers(args) -> None:
@@ -86,7 +94,7 @@ def worker_layers(args) -> None:
             y.backward()
             wt.grad.wait_to_read()
         rows.append({"name": f"conv {ci}->{co} @ {h}x{w}", "s": _best_time(run, args.reps)})
-    widths = [cfg.model.channels[-1]] + list(cfg.model.hidden)
+    widths = head_widths(cfg.model)
     for a, n in zip(widths, widths[1:]):
         x, wt = mx.nd.random.uniform(shape=(b, a)), mx.nd.random.uniform(shape=(n, a))
         for t in (x, wt):
@@ -99,7 +107,7 @@ def worker_layers(args) -> None:
             wt.grad.wait_to_read()
         rows.append({"name": f"dense {a}->{n}", "s": _best_time(run, args.reps)})
     common.emit({"layers": rows, "batch": b, "threads": args.threads,
-                 "flops_per_image": conv_flops(cfg.model.channels, cfg.model.hidden)})
+                 "flops_per_image": conv_flops(cfg.model)})
 
 
 def measure(args) -> dict:
@@ -129,8 +137,10 @@ def measure(args) -> dict:
 def rows(doc: dict) -> List[common.Row]:
     R, k = common.Row, (lambda x: f"{x:,.0f}")
     out = []
-    for net, what in (("mlp", "MLP 784-256-128 (global-mining recipe)"),
-                      ("conv", "convnet 32-64-128 + Dense 128 (conv recipe)")):
+    c = doc["conv"]
+    conv = (f"convnet {'-'.join(map(str, c['channels']))}, pool {c.get('pool', 'avg')}, "
+            f"Dense {'-'.join(map(str, c['hidden']))} (conv recipe)")
+    for net, what in (("mlp", "MLP 784-256-128 (global-mining recipe)"), ("conv", conv)):
         p = doc[net]
         out.append(R("conv", f"{what}, semi-hard P x K 10 x 32, 1 process, {doc['threads']} "
                              "threads", f"{k(p['median'])} images/s ({p['cores']:.2f} cores "

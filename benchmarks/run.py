@@ -12,6 +12,8 @@ Sections, each also runnable alone as ``python -m benchmarks.<section>``:
                  per-epoch evaluation, end-of-run work
     mining       the P x K mining recipes on 4 ranks: local vs global mining, vs
                  PyTorch + pytorch-metric-learning
+    conv_step    one process: the convolutional recipe's step beside the MLP's, against
+                 the convolutional layers' roofline
 
 The peers (PyTorch's seed recipe in ``step``, pytorch-metric-learning's semi-hard recipe
 in ``mining``) run from their own venv (``benchmarks/peer.py``, made on first use) inside
@@ -30,10 +32,10 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from . import common, end_to_end, main_job, mining, peer, scaling, step, triplets
+from . import common, conv_step, end_to_end, main_job, mining, peer, scaling, step, triplets
 
 SECTIONS = {"triplets": triplets, "step": step, "scaling": scaling, "main_job": main_job,
-            "end_to_end": end_to_end, "mining": mining}
+            "end_to_end": end_to_end, "mining": mining, "conv_step": conv_step}
 NEEDS_IDX = ("main_job", "end_to_end", "mining")   # run the real programs, which read IDX files
 
 

@@ -20,6 +20,7 @@ from _hvd import ROOT, child_env, require_horovod
 from benchmarks.common import Row, table, target_row, time_windows
 from benchmarks.scaling import summarise_timeline
 from benchmarks.step import flops_per_triplet, gemm_shapes
+from dist_triplet.config import Config
 from dist_triplet.data import write_idx
 
 
@@ -39,7 +40,12 @@ def test_conv_flops_by_hand():
     fwd = 2 * 9 * (28 * 28 * 1 * 32 + 14 * 14 * 32 * 64 + 7 * 7 * 64 * 128) + 2 * 128 * 128
     assert fwd == 14_935_040
     # Backward: input and weight gradients, but no input gradient for the first layer.
-    assert conv_flops([32, 64, 128], [128]) == 3 * fwd - 2 * 9 * 28 * 28 * 32 == 44_353_536
+    import dataclasses
+    avg = dataclasses.replace(Config().model, backbone="convnet", hidden=[128])
+    assert conv_flops(avg) == 3 * fwd - 2 * 9 * 28 * 28 * 32 == 44_353_536
+    # model.pool=flatten: the head reads 128 x 7 x 7 = 6,272 features instead of 128.
+    flat = dataclasses.replace(avg, pool="flatten")
+    assert conv_flops(flat) == 44_353_536 + 3 * 2 * (6272 - 128) * 128
 
 
 def test_target_rows_and_table():
