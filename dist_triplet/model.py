@@ -286,8 +286,9 @@ class GlobalMinedTripletStep:
         contexts: this process's devices.
         worker_ranks: the global worker index of each device (``Backend.worker_rank``).
         num_workers: W, all workers of the job (processes x devices).
-        allreduce_sum: ``f((n, ...) NDArray) -> NDArray``, the sum over processes
-            (``dist.Backend.allreduce_sum``); a collective.
+        allreduce_sum: ``f((n, ...) NDArray, name=str) -> NDArray``, the sum over
+            processes (``dist.Backend.allreduce_sum``); a collective. Its two calls per
+            step have names of their own: Horovod refuses a name still in flight.
         uint8: the resident training set holds uint8 image bytes (scaled on the device).
         augment: an ``augment.Augment`` or None (:class:`StepInput`).
     """
@@ -342,7 +343,7 @@ class GlobalMinedTripletStep:
         under Horovod."""
         with mx.autograd.pause():
             here = [s.detach() for s in spread]
-            everyone = self.allreduce_sum(self._on_first(here))
+            everyone = self.allreduce_sum(self._on_first(here), name="global_batch")
             return [everyone.as_in_context(c) for c in self.contexts]
 
     def _on_first(self, arrays):
@@ -383,7 +384,7 @@ class GlobalMinedTripletStep:
             grads = mx.autograd.grad([t for t, _ in sums], pools)       # (G, D) each
             packets = [mx.nd.concat(g.reshape((-1,)), t, n, dim=0)
                        for g, (t, n) in zip(grads, sums)]
-            summed = self.allreduce_sum(self._on_first(packets))       # (G D + 2,)
+            summed = self.allreduce_sum(self._on_first(packets), name="global_gradient")
         self.after_mining(pools, lab)
         return [self._block(("loss", w, b, dim),
                             lambda: PoolGradientLoss(w, b, dim, self.num_workers))(
