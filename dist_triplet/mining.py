@@ -279,7 +279,8 @@ def _semi_hard_by_sorting(F, d, pos, neg, n_neg, m, rows=None):
     """Each anchor's first ``m`` positives and their closest farther negatives, from one
     sort of each anchor's row: ``(r, p, at, n_semi, has_semi)`` as
     :func:`_first_positives` and :func:`_farther_by_comparing` give them, the same
-    triplets, ties included.
+    triplets, ties included. ``d``, ``pos``, ``neg``: (A, M) distances and 0/1 masks;
+    ``n_neg``: (A, 1) negatives per anchor.
 
     The sort keys are the negatives' float32 distances widened to float64 and scaled by
     ``1 + j 2^-48`` for pool row j, which orders equal distances by row (lower first, as
