@@ -368,6 +368,7 @@ class GlobalMinedTripletStep:
             indices, then augmentation and miner columns if any).
         """
         out = self.forward_own(pixels, labels, idx)
+        # Labels detached: autograd.grad below would otherwise free the embedding's graph.
         own, lab = [o[0] for o in out], [o[2].detach() for o in out]
         pools = self.gather([o[1] for o in out])                       # (G, D) each
         extra, rows = self.pool_inputs(pools, lab)
