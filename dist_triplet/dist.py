@@ -230,13 +230,6 @@ class Backend:
         """Every rank's ``obj``, in rank order. Every rank must call it."""
         return [obj]
 
-    def allgather(self, x: mx.nd.NDArray, name: str = "allgather") -> mx.nd.NDArray:
-        """Every process's ``x`` concatenated along axis 0 in rank order: (n, ...) ->
-        (processes * n, ...), same dtype, on ``x``'s context; ``x`` itself with one
-        process. Asynchronous (an MXNet engine op under Horovod), carries no gradient.
-        Every rank must call it with the same shape, or it deadlocks."""
-        return x
-
     def allreduce_sum(self, x: mx.nd.NDArray, name: str = "allreduce_sum") -> mx.nd.NDArray:
         """The sum of every process's ``x`` (same shape and dtype everywhere), on ``x``'s
         context; ``x`` itself with one process. Asynchronous (an MXNet engine op under
@@ -295,11 +288,6 @@ class HorovodBackend(Backend):
         if self.num_processes == 1:
             return [obj]
         return _hvd.allgather_object(obj, name=f"dist_triplet.{name}")  # Horovod
-
-    def allgather(self, x: mx.nd.NDArray, name: str = "allgather") -> mx.nd.NDArray:
-        if self.num_processes == 1:
-            return x
-        return _hvd.allgather(x, name=f"dist_triplet.{name}")  # Horovod
 
     def allreduce_sum(self, x: mx.nd.NDArray, name: str = "allreduce_sum") -> mx.nd.NDArray:
         if self.num_processes == 1:

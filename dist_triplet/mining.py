@@ -236,34 +236,35 @@ def _semi_hard_pairs(F, d, pos, neg, anchor_rows, m, rows=None):
     Each pair's negative -- the closest negative farther than the positive -- is found by
     one of two searches with the same result: comparing every pair with every pool row
     (:func:`_farther_by_comparing`, O(A m M)) or sorting each anchor's row once and
-    searching it (:func:`_farther_by_sorting`, O(A M log M)). Sums and look-ups go through
-    flat ``take``: MXNet's CPU reductions cost ~15 ns per element, so they decide the
-    speed. At A = 80 anchors and m = 7 comparing is faster (2.9 against 4.2 ms CPU a step
-    with its gradient, 1 thread), at m = 31 against M = 320 rows sorting (9.5 against
-    17 ms): ``SORT_FROM`` sits between.
+    searching it (:func:`_semi_hard_by_sorting`, O(A M log M)). Sums and look-ups go
+    through flat ``take``: MXNet's CPU reductions cost ~15 ns per element, so they decide
+    the speed. At A = 80 anchors and m = 7 comparing is faster (2.9 against 4.2 ms CPU a
+    step with its gradient, 1 thread), at m = 31 against M = 320 rows sorting (9.5
+    against 17 ms): ``SORT_FROM`` sits between.
     """
-    r, p, col, width, at = _first_positives(F, pos, m)              # (A, m)
-    d_ap = at(d, p)                                                 # (A, m)
-    is_pos = at(pos, p)                                             # (A, m): 0 if padding
-    search = _farther_by_sorting if m >= SORT_FROM else _farther_by_comparing
-    n_semi, has_semi = search(F, d, neg, d_ap, col, width, at, rows)
+    n_neg = F.sum(neg, axis=1, keepdims=True)                       # (A, 1)
+    if m >= SORT_FROM:
+        r, p, at, n_semi, has_semi = _semi_hard_by_sorting(F, d, pos, neg, n_neg, m, rows)
+    else:
+        r, p, _, _, at = _first_positives(F, pos, m)                # (A, m)
+        n_semi, has_semi = _farther_by_comparing(F, d, neg, at(d, p), at)
     n_far = F.argmax(d * neg + (neg - 1.0), axis=1)                 # (A,): farthest negative
-    n = F.where(has_semi, n_semi, F.broadcast_like(F.expand_dims(n_far, axis=1), d_ap))
-    return _pairs(F, r, p, n, is_pos, neg, anchor_rows)
+    n = F.where(has_semi, n_semi, F.broadcast_like(F.expand_dims(n_far, axis=1), n_semi))
+    return _pairs(F, r, p, n, at(pos, p), n_neg, anchor_rows)       # at(pos, p): 0 if padding
 
 
-def _pairs(F, r, p, n, is_pos, neg, anchor_rows):
+def _pairs(F, r, p, n, is_pos, n_neg, anchor_rows):
     """The (A*m,) ``(r, a, p, n, weight)`` of (A, m) pairs: weight 1 for a true pair of an
-    anchor with at least one negative."""
-    has_neg = F.sum(neg, axis=1, keepdims=True) > 0                 # (A, 1)
-    weight = F.broadcast_mul(is_pos, has_neg)
+    anchor with at least one negative (``n_neg``: (A, 1) negatives per anchor)."""
+    weight = F.broadcast_mul(is_pos, n_neg > 0)
     a = F.broadcast_like(F.expand_dims(anchor_rows, axis=1), p)     # (A, m) pool rows
     return _flat(F, r), _flat(F, a), _flat(F, p), _flat(F, n), F.BlockGrad(_flat(F, weight))
 
 
-def _farther_by_comparing(F, d, neg, d_ap, col, width, at, rows=None):
+def _farther_by_comparing(F, d, neg, d_ap, at):
     """Per pair the closest negative farther than ``d_ap`` (A, m), by an argmin over an
-    (A, m, M) mask: ``(n_semi, has_semi)``, (A, m) float32 each."""
+    (A, m, M) mask: ``(n_semi, has_semi)``, (A, m) float32 each; ``at`` as
+    :func:`_first_positives` gives it."""
     d_an = F.expand_dims(d, axis=1)                                 # (A, 1, M): [a, ., n]
     farther = F.broadcast_mul(F.broadcast_greater(d_an, F.expand_dims(d_ap, axis=2)),
                               F.expand_dims(neg, axis=1))           # (A, m, M): [a, j, n]
@@ -274,36 +275,55 @@ def _farther_by_comparing(F, d, neg, d_ap, col, width, at, rows=None):
     return n_semi, at(neg, n_semi) * (at(d, n_semi) > d_ap)
 
 
-def _farther_by_sorting(F, d, neg, d_ap, col, width, at, rows=None):
-    """:func:`_farther_by_comparing` by sorting: each anchor's negatives are sorted once,
-    and each pair's negative is found by a binary search of that order. The same
-    triplets, ties included: the sort keys are the float32 distances widened to float64
-    and scaled by ``1 + j 2^-48`` for pool row j, which orders equal distances by row
-    (lower first, as ``argmin``) and keeps every strict order of distinct float32 values
-    (their relative gap is >= 2^-24, the scale < M 2^-48 for M < 2^24 rows); the search
-    key of a pair is its positive's distance scaled by ``1 + M 2^-48``, above the keys of
-    negatives at that same distance, which are not farther. Non-negatives are pushed past
-    every negative and the pair's key. The search takes ``rows.bit_length()`` steps when
-    the pool's row count ``rows`` is known (9 at 320 rows), else 24 (any M < 2^24).
+def _semi_hard_by_sorting(F, d, pos, neg, n_neg, m, rows=None):
+    """Each anchor's first ``m`` positives and their closest farther negatives, from one
+    sort of each anchor's row: ``(r, p, at, n_semi, has_semi)`` as
+    :func:`_first_positives` and :func:`_farther_by_comparing` give them, the same
+    triplets, ties included. ``d``, ``pos``, ``neg``: (A, M) distances and 0/1 masks;
+    ``n_neg``: (A, 1) negatives per anchor.
+
+    The sort keys are the negatives' float32 distances widened to float64 and scaled by
+    ``1 + j 2^-48`` for pool row j, which orders equal distances by row (lower first, as
+    ``argmin``) and keeps every strict order of distinct float32 values (their relative
+    gap is >= 2^-24, the scale < M 2^-48 for M < 2^24 rows); after every negative come
+    the positives, in pool order (so the anchor's first m positives sit right after its
+    negatives: no second sort), then the other rows (the anchor itself, unused memory
+    rows). A pair's search key is its positive's distance scaled by ``1 + M 2^-48``,
+    above the keys of negatives at that same distance, which are not farther, and below
+    every non-negative; a branchless binary search counts the negatives at or below it
+    in ``rows.bit_length()`` steps when the pool's row count ``rows`` is known (9 at 320
+    rows), else 24 (any M < 2^24).
     """
-    big = F.max(d) + 1.0
+    row = _row_index(F, d)                                          # (A,) 0..A-1
+    col = _row_index(F, d, axis=1)                                  # (M,) 0..M-1
+    width = F.max(col) + 1.0                                        # (1,) M
     ulp = 2.0 ** -48
+    after = F.expand_dims(F.broadcast_add(col, F.max(d) + 1.0), axis=0)  # (1, M) > every d
+    key = (d * neg + F.broadcast_mul(pos, after)
+           + F.broadcast_mul(1.0 - pos - neg, F.broadcast_add(after, width)))
     tie = F.cast(col, dtype="float64") * ulp + 1.0                  # (M,)
-    key = F.broadcast_mul(F.cast(F.broadcast_add(d, F.broadcast_mul(1.0 - neg, big)),
-                                 dtype="float64"), F.expand_dims(tie, axis=0))  # (A, M)
+    key = F.broadcast_mul(F.cast(key, dtype="float64"), F.expand_dims(tie, axis=0))  # (A, M)
     # k=0: a full sort of each row, values and their pool rows.
     skey, order = F.topk(key, axis=1, k=0, ret_typ="both", is_ascend=True, dtype="float32")
-    q = F.broadcast_mul(F.cast(d_ap, dtype="float64"), F.cast(width, dtype="float64") * ulp + 1.0)
-    # c = #{negatives with key <= q}, by a branchless binary search over 2^bits > M rows.
+    base = F.broadcast_mul(F.expand_dims(row, axis=1), width)       # (A, 1): row starts
     last = width - 1.0
-    c = F.zeros_like(d_ap)
+
+    def at(mat, cols):
+        return F.take(_flat(F, mat), F.broadcast_add(base, cols))
+
+    j = F.expand_dims(F.arange(0, m), axis=0)                       # (1, m)
+    p = at(order, F.broadcast_minimum(F.broadcast_add(n_neg, j), last))  # (A, m)
+    q = F.broadcast_mul(F.cast(at(d, p), dtype="float64"),
+                        F.cast(width, dtype="float64") * ulp + 1.0)
+    # c = #{negatives with key <= q}, by a branchless binary search over 2^bits > M rows.
+    c = F.zeros_like(p)
     bits = int(rows).bit_length() if rows else 24
     for bit in range(bits - 1, -1, -1):
         step = float(2 ** bit)
         below = at(skey, F.broadcast_minimum(c + (step - 1.0), last)) <= q  # float64 0/1
         c = c + step * F.cast(below, dtype="float32")
-    n_neg = F.sum(neg, axis=1, keepdims=True)                       # (A, 1)
-    return at(order, F.broadcast_minimum(c, last)), F.broadcast_lesser(c, n_neg)
+    r = F.broadcast_like(F.expand_dims(row, axis=1), p)             # (A, m)
+    return r, p, at, at(order, F.broadcast_minimum(c, last)), F.broadcast_lesser(c, n_neg)
 
 
 def _distance_weighted(F, d, pos, neg, anchor_rows, m, u, dim_like):
@@ -329,7 +349,7 @@ def _distance_weighted(F, d, pos, neg, anchor_rows, m, u, dim_like):
     # The first column whose running sum reaches the target: a weighted draw.
     n = F.sum(F.broadcast_lesser(F.expand_dims(cdf, axis=1), F.expand_dims(target, axis=2)),
               axis=2)                                               # (A, m)
-    return _pairs(F, r, p, n, at(pos, p), neg, anchor_rows)
+    return _pairs(F, r, p, n, at(pos, p), F.sum(neg, axis=1, keepdims=True), anchor_rows)
 
 
 def distance_weighted(F, emb, labels, positives, u):
@@ -381,7 +401,7 @@ def mine_pool(F, pool, labels, anchor_rows, margin, miner, positives=None, rows=
             ignored by batch-hard; distance-weighted needs ``positives``).
         rows: None, or the pool's row count (G plus the memory's rows), when the caller
             knows it (a graph traced with symbols does not): fewer steps for the sorted
-            semi-hard search (:func:`_farther_by_sorting`).
+            semi-hard search (:func:`_semi_hard_by_sorting`).
         u: distance-weighted only: (A, positives) float32 uniforms in (0, 1).
         memory: None, or the cross-batch memory ``(emb (R, D), labels (R,), valid (R,))``
             float32, appended to the pool as constants: its rows are negatives where

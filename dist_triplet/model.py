@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import mxnet as mx
+import numpy as np
 from mxnet import gluon
 from mxnet.gluon import nn
 
@@ -96,7 +97,6 @@ class StepInput:
         """The (steps, columns - 1, L) float32 values after the row indices, from
         uniforms ``u`` of that shape (``augment.draw``): augmentation columns, then the
         miner's uniforms moved into [1e-7, 1) (0 would select a zero-weight column)."""
-        import numpy as np
         out = []
         if self.augment:
             cells = u.shape[2] * int(np.prod(self.augment.image_shape))
@@ -182,41 +182,87 @@ class MinedTripletStep(nn.HybridBlock):
 
 
 class EmbedRows(nn.HybridBlock):
-    """forward(pixels, idx) -> (net(x), rows, u): the (B, D) embeddings of the rows
-    ``idx`` names (laid out as :class:`StepInput` ``input`` says; float32 features or
-    uint8 image bytes scaled as in :func:`gather_rows`), with the (B,) row indices and
-    the (B, noise) miner uniforms (omitted without noise)."""
+    """One worker's share of global mining's forward pass.
+
+    forward(pixels, labels, idx, slot) -> (emb, spread, batch_labels[, u])
+        pixels, labels: the resident (N, F) training rows (float32, or uint8 scaled as in
+            :func:`gather_rows`) and (N,) float32 labels; idx: the worker's index vector
+            (:class:`StepInput`); slot: (W B, 1) float32, 1 on the worker's rows of the
+            global batch, else 0.
+        emb: (B, D) the worker's embeddings; spread: (W B, D) them at their rows of the
+            global batch and 0 elsewhere, without gradient (summed over the workers it is
+            the global batch, exactly: adding zeros rounds nothing); batch_labels: (W B,)
+            the global batch's labels; u: (B, noise) the miner's uniforms (omitted
+            without noise).
+
+    The global batch's labels are the worker's own repeated W times
+    (``triplets.pk_global_batches`` deals every worker the same classes in the same order,
+    k images each), so they need no communication.
+    """
 
     def __init__(self, net: nn.Block, uint8: bool = False, augment=None, noise: int = 0,
-                 **kwargs):
+                 workers: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.net = net
         self.input = StepInput(uint8, augment, noise)
+        self._workers = int(workers)
 
-    def hybrid_forward(self, F, pixels, idx):
+    def hybrid_forward(self, F, pixels, labels, idx, slot):
         rows, x, u = self.input.read(F, pixels, idx)
         emb = self.net(x)
-        return (emb, rows) if u is None else (emb, rows, u)
+        spread = F.broadcast_mul(F.tile(F.BlockGrad(emb), reps=(self._workers, 1)), slot)
+        lab = F.tile(F.take(labels, rows), reps=(self._workers,))
+        return (emb, spread, lab) if u is None else (emb, spread, lab, u)
+
+
+class PoolGradientLoss(nn.HybridBlock):
+    """forward(own (B, D), summed (G D + 2,)) -> (1,) float32: one worker's surrogate loss
+    in global mining (:class:`GlobalMinedTripletStep`).
+
+    ``summed`` is ``[gradient (G, D) flat; total; count]`` summed over the workers (no
+    gradient flows into it). The value returned is ``total / max(count, 1)``, the global
+    batch's mean mined loss; its gradient with respect to ``own`` is the worker's rows
+    ``worker B .. (worker + 1) B - 1`` of that gradient times ``workers / max(count, 1)``.
+
+    Args: worker: the worker's index; rows: B; dim: D; workers: W (G = W B).
+    """
+
+    def __init__(self, worker: int, rows: int, dim: int, workers: int, **kwargs):
+        super().__init__(**kwargs)
+        self._span = (worker * rows * dim, (worker + 1) * rows * dim)
+        self._at = workers * rows * dim
+        self._dim = dim
+        self._workers = float(workers)
+
+    def hybrid_forward(self, F, own, summed):
+        summed = F.BlockGrad(summed)
+        grad = F.reshape(F.slice(summed, begin=(self._span[0],), end=(self._span[1],)),
+                         shape=(-1, self._dim))                              # (B, D)
+        total = F.slice(summed, begin=(self._at,), end=(self._at + 1,))      # (1,)
+        count = F.maximum(F.slice(summed, begin=(self._at + 1,), end=(self._at + 2,)), 1.0)
+        dot = F.broadcast_div(F.reshape(F.sum(own * grad), shape=(1,)), count) * self._workers
+        return dot - F.BlockGrad(dot) + total / count
 
 
 class GlobalMinedTripletStep:
     """The forward of ``sampler.scope: global`` for the devices of one process.
 
-    Each device (a worker) embeds its own P x K batch; the embeddings and labels of all
-    workers are gathered without gradient (the process's devices in order, then
-    ``allgather`` across processes in rank order: the global batch in worker order, the
-    same (G, D) matrix on every worker). Each worker then mines only its own rows as
-    anchors against the pool: the whole global batch (:class:`mining.PoolTripletLoss`:
-    the same triplets as mining all G anchors, 1/W of the work), followed by the
-    cross-batch memory's constant rows in :class:`MemoryMinedTripletStep`. It takes the
-    gradient of its anchors' summed loss with respect to the whole (G, D) batch, since
-    their positives and negatives are mostly other workers' rows. One ``allreduce`` sums
-    these gradients (with the loss sums and triplet counts) over the workers: the
-    gradient of the global batch's summed loss, every anchor's contribution to every
-    row; divided by the global triplet count it is exactly the gradient one process gets
-    on the whole batch. Each worker backpropagates its own rows' slice of it through the
-    network. Distance-weighted mining draws with each anchor's own uniforms, which
-    therefore stay on their worker.
+    Each device (a worker) embeds its own P x K batch; the embeddings of all workers are
+    gathered without gradient by one ``allreduce`` sum of each worker's rows placed in a
+    zero (G, D) matrix (:class:`EmbedRows`; Horovod's ``allgather`` would block the host
+    every step): the global batch in worker order, the same on every worker. Its labels
+    need no communication. Each worker then mines only its own rows as anchors against
+    the pool: the whole global batch (:class:`mining.PoolTripletLoss`: the same triplets
+    as mining all G anchors, 1/W of the work), followed by the cross-batch memory's
+    constant rows in :class:`MemoryMinedTripletStep`. It takes the gradient of its
+    anchors' summed loss with respect to the whole (G, D) batch, since their positives
+    and negatives are mostly other workers' rows. A second ``allreduce`` sums these
+    gradients (with the loss sums and triplet counts) over the workers: the gradient of
+    the global batch's summed loss, every anchor's contribution to every row; divided by
+    the global triplet count it is exactly the gradient one process gets on the whole
+    batch. Each worker backpropagates its own rows' slice of it through the network
+    (:class:`PoolGradientLoss`). Distance-weighted mining draws with each anchor's own
+    uniforms, which therefore stay on their worker.
 
     The step averages the workers' parameter gradients (Horovod's mean over processes,
     ``Trainer.step(devices)`` over devices), whereas the global batch's gradient is
@@ -224,26 +270,25 @@ class GlobalMinedTripletStep:
     ``DistributedLossWrapper`` multiplies its loss by the world size. The returned loss is
     a surrogate: its value is the global batch's mean mined loss (the same on every
     worker) and its gradient with respect to the worker's embeddings is that slice, so the
-    caller runs the ordinary ``autograd.backward(losses)``. No host synchronisation:
-    gather, mining, allreduce and backward are all queued MXNet operations.
+    caller runs the ordinary ``autograd.backward(losses)``. No host synchronisation: three
+    hybridized blocks, one gradient and two collectives per device and step, all queued
+    MXNet operations.
 
-    Cost per worker and step: one allgather of (P K, D + 1) float32 per process, mining of
-    P K anchors against M pool rows (G = W P K, plus the memory's; batch-hard O(P K M);
-    semi-hard O(P K M W K)), one allreduce of G D + 2 float32, then the usual allreduce
-    of the parameter gradients.
+    Cost per worker and step: an allreduce of G D float32, mining of P K anchors against
+    M pool rows (G = W P K, plus the memory's; batch-hard O(P K M); semi-hard
+    O(P K M log M)), an allreduce of G D + 2 float32, then the usual allreduce of the
+    parameter gradients.
 
     Args:
         net: the embedding network (shared with the caller).
         margin, miner: as :class:`mining.MinedTripletLoss`.
         k: samples per class per worker (sampler.k); the global batch has ``W * k``.
         contexts: this process's devices.
-        worker_ranks: the global worker index of each device (``Backend.worker_rank``):
-            consecutive, as the gather concatenates the devices, then the processes.
+        worker_ranks: the global worker index of each device (``Backend.worker_rank``).
         num_workers: W, all workers of the job (processes x devices).
-        allgather: ``f((n, C) NDArray) -> (processes * n, C) NDArray``, every process's
-            array in rank order (``dist.Backend.allgather``); a collective.
-        allreduce_sum: ``f((n,) NDArray) -> (n,) NDArray``, the sum over processes
-            (``dist.Backend.allreduce_sum``); a collective.
+        allreduce_sum: ``f((n, ...) NDArray, name=str) -> NDArray``, the sum over
+            processes (``dist.Backend.allreduce_sum``); a collective. Its two calls per
+            step have names of their own: Horovod refuses a name still in flight.
         uint8: the resident training set holds uint8 image bytes (scaled on the device).
         augment: an ``augment.Augment`` or None (:class:`StepInput`).
     """
@@ -251,92 +296,66 @@ class GlobalMinedTripletStep:
     memory = 0  # past global batches in the pool (MemoryMinedTripletStep)
 
     def __init__(self, net, margin: float, miner: str, k: int, contexts, worker_ranks,
-                 num_workers: int, allgather, allreduce_sum, uint8: bool = False,
-                 augment=None):
+                 num_workers: int, allreduce_sum, uint8: bool = False, augment=None):
         self.contexts = list(contexts)
         self.worker_ranks = [int(w) for w in worker_ranks]
-        first = self.worker_ranks[0]
-        if self.worker_ranks != list(range(first, first + len(self.contexts))):
-            raise ValueError(f"worker_ranks {self.worker_ranks} of this process's devices must "
-                             "be consecutive: the gathered global batch is in worker order")
         self.num_workers = int(num_workers)
-        self.allgather = allgather
         self.allreduce_sum = allreduce_sum
         self._loss_args = dict(margin=margin, miner=miner, k=int(k) * self.num_workers,
                                memory=self.memory > 0)
-        self._losses = {}
-        self._rows = {}
+        self._blocks = {}
+        self._consts = {}
         noise = PoolTripletLoss(**self._loss_args).noise_columns
-        self.embed = EmbedRows(net, uint8=uint8, augment=augment, noise=noise)
+        self.embed = EmbedRows(net, uint8=uint8, augment=augment, noise=noise,
+                               workers=self.num_workers)
         self.embed.hybridize(static_alloc=True, static_shape=True)
         self.input = self.embed.input
 
-    def anchor_rows(self, rows: int) -> list:
-        """Per device the (rows,) float32 global rows of its worker's batch: the anchors
-        it mines, and its slice of the global batch's gradient."""
-        if rows not in self._rows:
-            self._rows[rows] = [mx.nd.arange(w * rows, (w + 1) * rows, ctx=c, dtype="float32")
-                                for w, c in zip(self.worker_ranks, self.contexts)]
-        return self._rows[rows]
+    def _block(self, key, make):
+        """The hybridized block ``make()`` for ``key`` (a shape), made once."""
+        if key not in self._blocks:
+            self._blocks[key] = make()
+            self._blocks[key].hybridize(static_alloc=True, static_shape=True)
+        return self._blocks[key]
 
-    def gather(self, own, labels, rows) -> tuple:
-        """Every worker's embeddings and labels, on every device of this process, without
-        gradient: ``([(G, D)] per device, [(G,)] per device)``; ``own``, ``rows``: per
-        device the worker's (B, D) embeddings and (B,) row indices. A collective under
-        Horovod."""
+    def _rows(self, rows: int) -> list:
+        """Per device ``(slot, anchors)`` for workers of ``rows`` rows: the (G, 1) 0/1
+        float32 mask of the worker's rows of the global batch (:class:`EmbedRows`) and
+        their (rows,) float32 indices there (the anchors it mines)."""
+        if rows not in self._consts:
+            g = self.num_workers * rows
+            self._consts[rows] = [
+                (mx.nd.array((np.arange(g) // rows == w)[:, None], ctx=c, dtype="float32"),
+                 mx.nd.arange(w * rows, (w + 1) * rows, ctx=c, dtype="float32"))
+                for w, c in zip(self.worker_ranks, self.contexts)]
+        return self._consts[rows]
+
+    def forward_own(self, pixels, labels, idx) -> list:
+        """Per device :class:`EmbedRows`'s ``(emb, spread, batch_labels[, u])``, ``emb``
+        with gradient."""
+        rows = idx[0].shape[0] // self.input.columns
+        return [self.embed(x, y, i, slot)
+                for x, y, i, (slot, _) in zip(pixels, labels, idx, self._rows(rows))]
+
+    def gather(self, spread) -> list:
+        """Per device the (G, D) global batch, an array of its own without gradient: the
+        sum of every worker's ``spread`` (per device, :class:`EmbedRows`). A collective
+        under Horovod."""
         with mx.autograd.pause():
-            mine = [mx.nd.concat(o.detach(), mx.nd.take(y, r).expand_dims(axis=1), dim=1)
-                    for o, y, r in zip(own, labels, rows)]             # (B, D + 1) each
-            everyone = self.allgather(self._on_first(mine, dim=0))   # (G, D + 1), worker order
-            dim = own[0].shape[1]
-            out_emb, out_lab = [], []
-            for ctx in self.contexts:
-                here = everyone.as_in_context(ctx)
-                out_emb.append(mx.nd.slice_axis(here, axis=1, begin=0, end=dim))
-                out_lab.append(mx.nd.slice_axis(here, axis=1, begin=dim, end=dim + 1)
-                               .reshape((-1,)))
-        return out_emb, out_lab
+            here = [s.detach() for s in spread]
+            everyone = self.allreduce_sum(self._on_first(here), name="global_batch")
+            return [everyone.as_in_context(c) for c in self.contexts]
 
-    def forward_own(self, pixels, idx) -> tuple:
-        """Per device ``(own, rows, noise)``: the worker's (B, D) embeddings (with
-        gradient), (B,) row indices and (B, m) miner uniforms (None without)."""
-        out = [self.embed(x, i) for x, i in zip(pixels, idx)]
-        own, rows = [o[0] for o in out], [o[1] for o in out]
-        return own, rows, ([o[2] for o in out] if self.input.noise else None)
-
-    def _on_first(self, arrays, dim: int):
-        """The devices' arrays on the first device: concatenated along ``dim`` (dim=0), or
-        summed (dim=None); the array itself with one device."""
+    def _on_first(self, arrays):
+        """The devices' arrays summed on the first device; the array itself with one."""
         if len(arrays) == 1:
             return arrays[0]
-        ctx0 = self.contexts[0]
-        here = [a.as_in_context(ctx0) for a in arrays]
-        return mx.nd.concat(*here, dim=dim) if dim is not None else mx.nd.add_n(*here)
+        return mx.nd.add_n(*[a.as_in_context(self.contexts[0]) for a in arrays])
 
-    def loss(self, rows: int) -> PoolTripletLoss:
-        """The (hybridized) pool loss for a pool of ``rows`` rows (it uses the row count
-        for a shorter search, so one block per pool size)."""
-        if rows not in self._losses:
-            block = PoolTripletLoss(rows=rows, **self._loss_args)
-            block.hybridize(static_alloc=True, static_shape=True)
-            self._losses[rows] = block
-        return self._losses[rows]
-
-    def pool_inputs(self, emb, lab) -> tuple:
+    def pool_inputs(self, pools, labels) -> tuple:
         """``(extra, rows)``: per device the pool's inputs after the batch (none here; the
         memory's in :class:`MemoryMinedTripletStep`) and the pool's row count."""
-        return [[] for _ in emb], emb[0].shape[0]
-
-    def pool_gradient(self, pool, labels, anchors, extra, rows):
-        """The summed mined loss of ``anchors`` (A,) against ``pool`` (G, D) (and
-        ``extra``: the memory's arrays, the anchors' uniforms) and its gradient with
-        respect to the batch rows, packed as ``[gradient (G*D); total; count]`` float32."""
-        pool = pool.copy()
-        pool.attach_grad()
-        with mx.autograd.record():
-            total, count = self.loss(rows)(pool, labels, anchors, *extra)
-        grad = mx.autograd.grad(total, [pool])[0]                    # (G, D)
-        return mx.nd.concat(grad.reshape((-1,)), total, count, dim=0)
+        return [[] for _ in pools], pools[0].shape[0]
 
     def __call__(self, pixels, labels, idx) -> list:
         """Per device the (1,) float32 surrogate loss (see the class): its value is the
@@ -348,32 +367,32 @@ class GlobalMinedTripletStep:
         idx: per device the worker's index vector (:class:`StepInput`: its P*K row
             indices, then augmentation and miner columns if any).
         """
-        own, at_rows, noise = self.forward_own(pixels, idx)           # (B, D) each
-        emb, lab = self.gather(own, labels, at_rows)
-        extra, rows = self.pool_inputs(emb, lab)
-        if noise:
-            extra = [x + [u.detach()] for x, u in zip(extra, noise)]   # own anchors' uniforms
+        out = self.forward_own(pixels, labels, idx)
+        # Labels detached: autograd.grad below would otherwise free the embedding's graph.
+        own, lab = [o[0] for o in out], [o[2].detach() for o in out]
+        pools = self.gather([o[1] for o in out])                       # (G, D) each
+        extra, rows = self.pool_inputs(pools, lab)
+        if self.input.noise:
+            extra = [x + [o[3].detach()] for x, o in zip(extra, out)]  # own anchors' uniforms
         b, dim = own[0].shape
-        at = emb[0].shape[0] * dim                                     # G*D: total, count
-        anchors = self.anchor_rows(b)
+        mine = self._block(("mine", rows), lambda: PoolTripletLoss(rows=rows, **self._loss_args))
         with mx.autograd.pause():
-            packets = [self.pool_gradient(e, y, a, x, rows)
-                       for e, y, a, x in zip(emb, lab, anchors, extra)]
-            summed = self.allreduce_sum(self._on_first(packets, dim=None))  # (G*D + 2,)
-        self.after_mining(emb, lab)
-        losses = []
-        for o, w, ctx in zip(own, self.worker_ranks, self.contexts):
-            with mx.autograd.pause():
-                here = summed.as_in_context(ctx)
-                total, count = here[at:at + 1], mx.nd.maximum(here[at + 1:at + 2], 1.0)
-                loss = total / count                                       # (1,)
-                grad = (mx.nd.slice_axis(here, axis=0, begin=w * b * dim, end=(w + 1) * b * dim)
-                        .reshape((b, dim)) * (self.num_workers / count))  # (B, D), times W
-            dot = (o * grad).sum()
-            losses.append(dot - dot.detach() + loss)
-        return losses
+            sums = []
+            for pool, y, (_, anchors), x in zip(pools, lab, self._rows(b), extra):
+                pool.attach_grad()
+                with mx.autograd.record():
+                    sums.append(mine(pool, y, anchors, *x))             # (total, count)
+            grads = mx.autograd.grad([t for t, _ in sums], pools)       # (G, D) each
+            packets = [mx.nd.concat(g.reshape((-1,)), t, n, dim=0)
+                       for g, (t, n) in zip(grads, sums)]
+            summed = self.allreduce_sum(self._on_first(packets), name="global_gradient")
+        self.after_mining(pools, lab)
+        return [self._block(("loss", w, b, dim),
+                            lambda: PoolGradientLoss(w, b, dim, self.num_workers))(
+                                o, summed.as_in_context(c))
+                for o, w, c in zip(own, self.worker_ranks, self.contexts)]
 
-    def after_mining(self, emb, lab) -> None:
+    def after_mining(self, pools, labels) -> None:
         """Called with the gathered global batch once it is mined (the memory's enqueue)."""
 
 
@@ -402,20 +421,20 @@ class MemoryMinedTripletStep(GlobalMinedTripletStep):
         self.filled = 0                  # global batches enqueued so far
         self.queue = None                # per device [emb (R, D), labels (R,), valid (R,)]
 
-    def pool_inputs(self, emb, lab) -> tuple:
+    def pool_inputs(self, pools, labels) -> tuple:
         if self.queue is None:
-            rows, dim = emb[0].shape
+            rows, dim = pools[0].shape
             r = self.memory * rows
             self.queue = [[mx.nd.zeros((r, dim), ctx=c), mx.nd.zeros((r,), ctx=c),
                            mx.nd.zeros((r,), ctx=c)] for c in self.contexts]
-        return [list(q) for q in self.queue], emb[0].shape[0] * (1 + self.memory)
+        return [list(q) for q in self.queue], pools[0].shape[0] * (1 + self.memory)
 
-    def after_mining(self, emb, lab) -> None:
+    def after_mining(self, pools, labels) -> None:
         """Write the gathered global batch (per device (G, D), (G,)) over the oldest."""
-        g = emb[0].shape[0]
+        g = pools[0].shape[0]
         at = (self.filled % self.memory) * g
         with mx.autograd.pause():
-            for (m_emb, m_lab, m_valid), e, y in zip(self.queue, emb, lab):
+            for (m_emb, m_lab, m_valid), e, y in zip(self.queue, pools, labels):
                 m_emb[at:at + g] = e
                 m_lab[at:at + g] = y
                 m_valid[at:at + g] = 1.0
@@ -431,7 +450,6 @@ def embed(net: nn.Block, pixels, ctx, batch_size: int = 2048):
     ``python -m dist_triplet.embed``; ``net`` may be the training network or an exported
     ``SymbolBlock``. The last batch may be smaller.
     """
-    import numpy as np
     out = []
     for start in range(0, len(pixels), batch_size):
         rows = np.asarray(pixels[start:start + batch_size])

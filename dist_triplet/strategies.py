@@ -145,9 +145,8 @@ class GlobalMined(LocalMined):
         return self.step_class(
             self.net, self.margin, self.miner, self.k, self.ctxs,
             worker_ranks=[backend.worker_rank(d) for d in range(len(self.ctxs))],
-            num_workers=backend.num_workers, allgather=backend.allgather,
-            allreduce_sum=backend.allreduce_sum, uint8=self.uint8, augment=self.augment,
-            **extra)
+            num_workers=backend.num_workers, allreduce_sum=backend.allreduce_sum,
+            uint8=self.uint8, augment=self.augment, **extra)
 
     def losses(self, pixels, labels, idx):
         return self.block(pixels, labels, idx)

@@ -130,9 +130,9 @@ def run(backend, opt: str, miner: str, scope: str, steps: int = STEPS, memory: i
             rows = batches[s][first:first + devices]                   # (devices, P*K)
             gs = stepper.strategy.block
             idx = stepper.device_batches(rows)
-            own, at, noise = gs.forward_own(stepper.pixels, idx)
-            emb, lab = gs.gather(own, stepper.labels, at)             # collective
-            out["triplets"].append(mined(emb[0], lab[0], miner, everyone))
+            own = gs.forward_own(stepper.pixels, stepper.labels, idx)
+            emb = gs.gather([o[1] for o in own])                      # collective
+            out["triplets"].append(mined(emb[0], own[0][2], miner, everyone))
             out["emb"].append(emb[0].asnumpy())
         else:
             rows = everyone[None, :]                                   # (1, G)
