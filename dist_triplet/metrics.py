@@ -54,13 +54,13 @@ def triplet_accuracy(anchor, positive, negative) -> dict:
     Raises:
         ValueError: if the arrays are not 2-D or their shapes differ.
     """
-    a = _check_embeddings(anchor, "anchor").astype(np.float64)
-    p = _check_embeddings(positive, "positive").astype(np.float64)
-    n = _check_embeddings(negative, "negative").astype(np.float64)
+    a = _check_embeddings(anchor, "anchor")
+    p = _check_embeddings(positive, "positive")
+    n = _check_embeddings(negative, "negative")
     if not a.shape == p.shape == n.shape:
         raise ValueError(f"anchor, positive, negative shapes differ: {a.shape}, {p.shape}, {n.shape}")
-    d_ap = np.square(a - p).sum(axis=1)
-    d_an = np.square(a - n).sum(axis=1)
+    d_ap = np.square(np.subtract(a, p, dtype=np.float64)).sum(axis=1)   # no float64 copies
+    d_an = np.square(np.subtract(a, n, dtype=np.float64)).sum(axis=1)
     total = int(a.shape[0])
     correct = int((d_ap - d_an <= 0).sum())
     strict = int((d_ap < d_an).sum())

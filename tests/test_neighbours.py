@@ -89,6 +89,36 @@ def test_nearest_over_several_tiles_equals_float64_argmin():
     assert (idx[500:, 0] < 500).all() and (idx[500:, 0] == np.arange(500)).mean() > 0.5
 
 
+@pytest.mark.parametrize("name", ["bytes", "collapsed"])
+def test_long_lists_in_float64_equal_the_loop(name):
+    """k > 128 takes float64 keys (neighbours._WIDE); duplicates and near-collapse tie."""
+    rng = np.random.RandomState(8)
+    v = (rng.randint(0, 256, size=(220, 30)) * (rng.rand(220, 30) < 0.4)).astype(np.uint8)
+    v[rng.randint(0, 220, 40)] = v[rng.randint(0, 220, 40)]
+    emb = v.astype(np.float32) / np.float32(255)
+    if name == "collapsed":                          # rows a few ulps apart: every key 0
+        emb = np.full((220, 3), 0.3, np.float32)
+        emb[::3] = np.nextafter(emb[::3], np.float32(1))
+    rows = np.arange(0, 220, 9)
+    dist, idx = knn(emb[rows], emb, 150, exclude=rows)
+    want_d, want_i = loop_knn(emb[rows], emb, 150, rows)
+    assert idx.tolist() == want_i.tolist()
+    np.testing.assert_allclose(dist, want_d, rtol=1e-12, atol=0)
+
+
+def test_long_lists_need_exact_keys_only_where_float64_cannot_order(monkeypatch):
+    """The raw-pixel R-Precision (R ~ 1000) took ~60 s: float32's bound linked ~910 of a
+    query's 999 neighbours, each then keyed pair by pair. k > 128 ranks by float64 keys:
+    distinct 8-bit rows need no exact key, and the order is the loop's."""
+    import dist_triplet.retrieval.neighbours as nb
+    emb = np.random.RandomState(9).randint(0, 256, (400, 256)).astype(np.float32) / 255
+    rows, pairs, real = np.arange(0, 400, 10), [], nb._pair_keys
+    monkeypatch.setattr(nb, "_pair_keys", lambda *a: pairs.append(len(a[4])) or real(*a))
+    _, idx = knn(emb[rows], emb, 150, exclude=rows, distances=False)
+    assert sum(pairs) == 0                                   # 1,046 before
+    assert idx.tolist() == loop_knn(emb[rows], emb, 150, rows)[1].tolist()
+
+
 def test_many_ties_beyond_the_candidates_go_to_numpy_and_stay_exact():
     # 300 copies of one point and a few others: the tie at rank 1 holds far more items than
     # faiss's candidate list, so the NumPy pass decides (lowest indices first).

@@ -18,7 +18,8 @@ __all__ = ["KINDS", "SNAP", "knn", "build_faiss", "recall_at_k", "check_matrix"]
 
 KINDS = ("flat", "hnsw", "ivf")
 SNAP = 1e-10           # keys at or below SNAP (||q||^2 + ||x||^2) are 0 (module docstring)
-_U32, _U64 = 2.0 ** -24, 2.0 ** -53
+_U64 = 2.0 ** -53
+_WIDE = 128            # k above it: float64 keys (knn's docstring)
 _BLOCK = 1 << 22       # values per block of the NumPy pass and of the re-ranking gathers
 
 
@@ -51,11 +52,10 @@ def _top_k_ties(keys: np.ndarray, k: int) -> np.ndarray:
     """The k smallest columns of each row of ``keys`` (B, N), ordered by (key, column):
     every column below the k-th value t, then the lowest columns equal to t (argpartition
     alone would pick any of them). Requires k finite values per row."""
-    b, _ = keys.shape
     t = np.partition(keys, k - 1, axis=1)[:, k - 1:k]
     below, equal = keys < t, keys == t
     need = k - below.sum(axis=1, keepdims=True)
-    cols = np.nonzero(below | (equal & (np.cumsum(equal, axis=1) <= need)))[1].reshape(b, k)
+    cols = np.nonzero(below | (equal & (np.cumsum(equal, axis=1) <= need)))[1].reshape(-1, k)
     order = np.argsort(np.take_along_axis(keys, cols, axis=1), axis=1, kind="stable")
     return np.take_along_axis(cols, order, axis=1)
 
@@ -73,8 +73,7 @@ def _exact_rows(q: np.ndarray, g: np.ndarray, g_sq: np.ndarray, k: int,
         approx = scale - 2.0 * (qb @ g64.T)
         err = 2 * (g.shape[1] + 8) * _U64 * scale
         zero = approx + err <= SNAP * (1 - 1e-9) * scale          # key certainly 0
-        lo = np.where(zero, 0.0, approx - err)
-        hi = np.where(zero, 0.0, approx + err)
+        lo, hi = np.where(zero, 0.0, [approx - err, approx + err])
         rows, ex = np.flatnonzero(exclude[s:s + step] >= 0), exclude[s:s + step]
         lo[rows, ex[rows]] = hi[rows, ex[rows]] = np.inf
         cand = lo <= np.partition(hi, k - 1, axis=1)[:, k - 1:k]  # may reach the top k
@@ -92,18 +91,20 @@ def knn(query, gallery, k: int, *, exclude: Optional[np.ndarray] = None, index=N
 
     Exact (``index`` None or flat): q and x centred on the gallery's mean (same keys,
     smaller norms), one float32 GEMM per tile of ``[-2q, ||q||^2, 1] . [x, 1, ||x||^2]``
-    gives each key within ``tol = 2 (D + 8) 2^-24 (||q||^2 + max ||x||^2) + SNAP (...)``
-    (a (D + 2)-term dot product errs by at most gamma_{D+2} sum |terms|, Higham,
-    "Accuracy and Stability of Numerical Algorithms", 2nd ed., 3.1; the spare u's cover
-    the centring's rounding). k = 1: the row minimum stands when the runner-up is more
-    than 2 tol above it (symmetric upper half only, when the queries are the gallery left
-    out one by one). Else the candidates are the items within 2 tol of the k-th smallest;
-    sorted, where two neighbours differ by more than 2 tol the order across the gap is
-    certain, so only runs linked by gaps <= 2 tol get exact keys, sorted by (key, index).
-    A query with more than 4 k + 64 candidates (near-collapse, many ties) goes to a
-    float64 GEMM, within 2 (D + 8) 2^-53 (...): pairs it puts below the snap are 0, the
-    others that may reach the top k get exact keys. An approximate ``index`` has its
-    candidates re-ranked alike (tol from the uncentred norms) but may miss items.
+    (float64 for k > 128, where float32's bound links most of a long list: 910 of a
+    raw-pixel query's 999) gives each key within ``tol = 2 (D + 8) u (||q||^2 + max
+    ||x||^2) + SNAP (...)``, u = 2^-24 (2^-53) (a (D + 2)-term dot product errs by at most
+    gamma_{D+2} sum |terms|, Higham, "Accuracy and Stability of Numerical Algorithms",
+    2nd ed., 3.1; the spare u's cover the centring's rounding). k = 1: the row minimum
+    stands when the runner-up is more than 2 tol above it (symmetric upper half only,
+    when the queries are the gallery left out one by one). Else the candidates are the
+    items within 2 tol of the k-th smallest; sorted, where two neighbours differ by more
+    than 2 tol the order across the gap is certain, so only runs linked by gaps <= 2 tol
+    get exact keys, sorted by (key, index). A query with more than 4 k + 64 candidates
+    (near-collapse, many ties) goes to a float64 GEMM, within 2 (D + 8) 2^-53 (...):
+    pairs it puts below the snap are 0, the others that may reach the top k get exact
+    keys. An approximate ``index`` has its candidates re-ranked alike (tol from the
+    uncentred norms) but may miss items.
 
     Args:
         query: (Q, D) float (taken as float32, as faiss takes it), finite.
@@ -138,17 +139,16 @@ def knn(query, gallery, k: int, *, exclude: Optional[np.ndarray] = None, index=N
     exact = index is None or isinstance(index, faiss.IndexFlat)
     g_sq, q_sq = _sq(g), _sq(q)
     snap = SNAP * (q_sq + g_sq.max())
+    t = np.float64 if exact and k > _WIDE else np.float32
     if exact:
         centre = g.mean(axis=0, dtype=np.float64)
-        qc, gc = (q - centre).astype(np.float32), (g - centre).astype(np.float32)
+        qc, gc = (q - centre).astype(t, copy=False), (g - centre).astype(t, copy=False)
         qc_sq, gc_sq = _sq(qc), _sq(gc)
-        one = np.ones((1, 1), np.float32)
-        qa = np.hstack([qc * np.float32(-2), qc_sq[:, None].astype(np.float32),
-                        one.repeat(len(q), 0)])
-        gb = np.hstack([gc, one.repeat(n, 0), gc_sq[:, None].astype(np.float32)])
+        qa = np.hstack([qc * t(-2), qc_sq[:, None].astype(t), np.ones((len(q), 1), t)])
+        gb = np.hstack([gc, np.ones((n, 1), t), gc_sq[:, None].astype(t)])
     else:
         qc_sq, gc_sq = q_sq, g_sq
-    tol = 2 * (q.shape[1] + 8) * _U32 * (qc_sq + gc_sq.max()) + snap
+    tol = (q.shape[1] + 8) * np.finfo(t).eps * (qc_sq + gc_sq.max()) + snap   # eps = 2 u
     out = np.full((len(q), k), -1, np.int64)
     todo, redo = np.arange(len(q)), []
     m = min(n, k + max(8, k // 4) + int(exclude is not None))   # approximate: candidates
@@ -171,8 +171,7 @@ def knn(query, gallery, k: int, *, exclude: Optional[np.ndarray] = None, index=N
             out[rows] = _rerank(q[rows], g, q_sq[rows], g_sq, f, cand, k, tol[rows])
             redo.append(rows[~ok])
             bar.update(0 if exact and k == 1 else len(rows))
-    redo = np.concatenate(redo) if redo else np.zeros(0, np.int64)
-    if redo.size:
+    if (redo := np.concatenate([np.zeros(0, np.int64)] + redo)).size:
         out[redo] = _exact_rows(q[redo], g, g_sq, k, ex[redo])
     if not distances:
         return None, out
@@ -184,7 +183,7 @@ def knn(query, gallery, k: int, *, exclude: Optional[np.ndarray] = None, index=N
 
 def _sq(x: np.ndarray) -> np.ndarray:
     """(N,) float64 squared norms of the rows of ``x``."""
-    x = x.astype(np.float64)
+    x = x.astype(np.float64, copy=False)
     return np.einsum("ij,ij->i", x, x)
 
 
@@ -199,31 +198,34 @@ def _nearest(qa, gb, ex, mirror: bool, update, tile: int = 768):
     float32, its column (Q,) int64, the runner-up (Q,) float32: the smallest of the
     others). With ``mirror`` (qa, gb from one set, ex = arange) f is symmetric: only the
     tiles on and above the diagonal are computed, each also folded into its columns'."""
-    best, runner_up = np.full(len(qa), np.inf, np.float32), np.full(len(qa), np.inf, np.float32)
-    first = np.zeros(len(qa), np.int64)
+    (best, runner_up), first = np.full((2, len(qa)), np.inf, np.float32), np.zeros_like(ex)
     for i in range(0, len(qa), tile):
         rows = slice(i, i + tile)
         for j in range(i if mirror else 0, len(gb), tile):
             f = qa[rows] @ gb[j:j + tile].T                  # (tile, tile) float32
-            e = ex[rows] - j
-            hit = np.flatnonzero((e >= 0) & (e < f.shape[1]))
-            f[hit, e[hit]] = np.inf
-            _fold(f, best[rows], first[rows], runner_up[rows], j)
-            for c in range(0, f.shape[1] if mirror and j > i else 0, 256):   # cached strips
-                cols = slice(j + c, j + c + 256)
-                _fold(f[:, c:c + 256].T, best[cols], first[cols], runner_up[cols], i)
+            hit = np.flatnonzero((ex[rows] >= j) & (ex[rows] < j + f.shape[1]))
+            f[hit, ex[rows][hit] - j] = np.inf
+            _fold(f, 1, best[rows], first[rows], runner_up[rows], j)
+            if mirror and j > i:
+                _fold(f, 0, best[j:j + tile], first[j:j + tile], runner_up[j:j + tile], i)
         update(len(best[rows]))
     return best, first, runner_up
 
 
-def _fold(f, best, first, runner_up, offset: int) -> None:
-    """Fold a block f (B, C) of keys of columns offset.. into its rows' running minimum
-    ``best``, its column ``first`` and ``runner_up`` (views, updated in place)."""
-    r, c = np.arange(len(f)), f.argmin(axis=1)
-    v = f[r, c]
-    f[r, c] = np.inf
-    np.minimum(runner_up, np.minimum(f.min(axis=1), np.maximum(best, v)), out=runner_up)
-    f[r, c] = v
+def _fold(f, axis: int, best, first, runner_up, offset: int) -> None:
+    """Fold a block f (B, C) of keys of rows (columns) offset.. into its columns' (axis 0)
+    or rows' (axis 1) running minimum ``best``, its index ``first`` and ``runner_up``
+    (views, updated in place); a tied minimum takes any of its places (runner-up = it)."""
+    line = np.arange(f.shape[1 - axis])
+    c = f.argmin(axis=1) if axis else np.empty_like(line)
+    if not axis:                            # argmin down the columns is 3x slower than this
+        at = np.flatnonzero(f == f.min(axis=0))
+        c[at % len(line)] = at // len(line)
+    at = (line, c) if axis else (c, line)
+    v = f[at]
+    f[at] = np.inf
+    np.minimum(runner_up, np.minimum(f.min(axis=axis), np.maximum(best, v)), out=runner_up)
+    f[at] = v
     better = v < best
     first[better], best[better] = c[better] + offset, v[better]
 
@@ -232,7 +234,7 @@ def _candidates(qa, gb, k, ex, tol):
     """Exact search's candidates (knn) of queries ``qa`` (B, D + 2) in ``gb`` (N, D + 2):
     (f (B, W) float64 and items (B, W), padded with inf / -1; ok (B,) bool, False where
     more than 4 k + 64 items are within 2 tol of the k-th smallest f)."""
-    f = qa @ gb.T                                   # (B, N) float32
+    f = qa @ gb.T                                   # (B, N) float32 (float64: knn)
     rows = np.flatnonzero(ex >= 0)
     f[rows, ex[rows]] = np.inf
     limit = _up32(np.partition(f, k - 1, axis=1)[:, k - 1] + 2 * tol)
@@ -256,19 +258,15 @@ def _rerank(q, g, q_sq, g_sq, f, cand, k, tol) -> np.ndarray:
     f, cand = np.take_along_axis(f, order, 1), np.take_along_axis(cand, order, 1)
     with np.errstate(invalid="ignore"):
         linked = f[:, 1:] - f[:, :-1] <= 2 * tol[:, None]        # inf - inf: not linked
-    run = np.concatenate([np.zeros((len(f), 1), np.int64), np.cumsum(~linked, axis=1)], 1)
-    no = np.zeros((len(f), 1), bool)
-    top = min(k, f.shape[1])
-    shared = (np.concatenate([no, linked], 1) | np.concatenate([linked, no], 1)) \
-        & (run <= run[:, top - 1:top])                # runs of >= 2 that reach the top k
-    keys = f.copy()
-    r, c = np.nonzero(shared)
-    keys[r, c] = _pair_keys(q, g, q_sq, g_sq, r, cand[r, c])
-    idx = np.where(np.isfinite(f), cand, np.iinfo(np.int64).max)
-    order = np.lexsort((idx, keys, run), axis=1)[:, :top]
+    pad = np.pad(linked, ((0, 0), (1, 1)))           # pad[:, p]: p linked to p - 1
+    run, top = np.cumsum(~pad[:, :-1], axis=1), min(k, f.shape[1])
+    shared = (pad[:, :-1] | pad[:, 1:]) & (run <= run[:, top - 1:top])   # runs >= 2 in top k
+    r, c = np.nonzero(shared)                         # row-major: each run's places in order
+    items = cand[r, c]
+    keys = _pair_keys(q, g, q_sq, g_sq, r, items)
+    cand[r, c] = items[np.lexsort((items, keys, run[r, c], r))]     # each run by (key, index)
     out = np.full((len(f), k), -1, np.int64)
-    out[:, :top] = np.where(np.isfinite(np.take_along_axis(f, order, 1)),
-                            np.take_along_axis(cand, order, 1), -1)
+    out[:, :top] = np.where(np.isfinite(f[:, :top]), cand[:, :top], -1)
     return out
 
 
