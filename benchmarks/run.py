@@ -7,7 +7,7 @@ Sections, each also runnable alone as ``python -m benchmarks.<section>``:
     triplets     the seed's create_pairs loop vs the vectorised sampler
     step         one process: product step, GEMM roofline, PyTorch
     scaling      Horovod 1 vs 2 ranks vs two independent processes
-    main_job     the main job's training (4 ranks) against one process of the step
+    main_job     the main job's training (launch/run.sh) against one process of the step
     end_to_end   set-up check, main job vs the seed article's program, training share,
                  per-epoch evaluation, end-of-run work
     mining       the P x K mining recipes on 4 ranks: local vs global mining, vs
@@ -55,7 +55,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--data-root", help="Fashion-MNIST-format IDX directory for the programs "
                                        "that end_to_end and mining run")
     peer.add_args(p)
-    p.add_argument("--np", type=int, default=4, help="ranks of the main job (main_job)")
+    p.add_argument("--np", type=int, default=0, help="NP for launch/run.sh in main_job and "
+                   "end_to_end (default 0: the ranks run.sh chooses from the host)")
     p.add_argument("--timeline", help="also record a Horovod timeline of 2 ranks here")
     p.add_argument("--cycle-times", default="",
                    help="extra 2-rank runs at these HOROVOD_CYCLE_TIME values (ms)")

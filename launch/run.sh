@@ -1,8 +1,36 @@
 #!/usr/bin/env bash
-# The main job: set up what is missing, then train on Fashion-MNIST with 4 Horovod ranks
-# (Gloo, CPU here; one GPU per rank where MXNet sees GPUs). Extra args are config overrides,
-# e.g. launch/run.sh train.epochs=2
+# The main job: set up what is missing, then train the seed recipe on Fashion-MNIST
+# (configs/fashion_mnist.yaml: 4 workers x 256 triplets = global batch 1024, SGD lr 0.05).
+# Extra args are config overrides, e.g. launch/run.sh train.epochs=2
+#   launch/run.sh        ranks chosen from this host: one per GPU where MXNet sees GPUs,
+#                        else one per CPU socket with its cores as threads (here: 1 process,
+#                        no horovodrun); the per-worker batch keeps the recipe's global
+#                        batch, 4 x train.batch_size (4: the design card's world size)
+#   NP=N launch/run.sh   N Horovod ranks of train.batch_size each (NP=4: the design card's job)
+# One [run.sh] line says what was chosen and why.
 set -euo pipefail
 HERE="$(dirname "${BASH_SOURCE[0]}")"
+CONFIG="$HERE/../configs/fashion_mnist.yaml"
 bash "$HERE/setup.sh"
-exec bash "$HERE/horovod.sh" "${NP:-4}" -- --config "$HERE/../configs/fashion_mnist.yaml" "$@"
+[ -z "${NP:-}" ] || exec bash "$HERE/horovod.sh" "$NP" -- --config "$CONFIG" "$@"
+source "$HERE/_env.sh"
+RECIPE_WORKERS=4
+read -r RANKS WHY <<<"$(main_job_ranks "$(host_gpus)" "$(host_sockets)" "$(nproc)")"
+# The recipe's per-worker batch and sampler, as training will resolve them (config file and
+# overrides; no MXNet; bad input is training's own one line and exit 2).
+RESOLVED=$(python -m dist_triplet.train --config "$CONFIG" "$@" --print-config)
+section_key() { awk -v s="$1:" -v k="$2:" '$0 ~ /^[^ ]/ {in_s = ($1 == s)} in_s && $1 == k {print $2}' <<<"$RESOLVED"; }
+B=$(section_key train batch_size)
+if [ "$(section_key sampler kind)" = offline ]; then
+  GLOBAL=$((RECIPE_WORKERS * B)); PER=$((GLOBAL / RANKS > 0 ? GLOBAL / RANKS : 1))
+  BATCH="global batch $((RANKS * PER)) = $RANKS x $PER (the recipe: $RECIPE_WORKERS workers x $B)"
+  set -- "$@" "train.batch_size=$PER"
+else
+  BATCH="P x K batches per rank, not rescaled (global batch: ranks x sampler.p x sampler.k)"
+fi
+THREADS=${OMP_NUM_THREADS:-$(threads_per_proc "$RANKS")}
+echo "[run.sh] $RANKS process(es) x $THREADS thread(s)${OMP_NUM_THREADS:+ (OMP_NUM_THREADS given)} ($WHY; NP=4 for the design card's 4 Horovod ranks); $BATCH" >&2
+[ "$RANKS" -eq 1 ] || exec bash "$HERE/horovod.sh" "$RANKS" -- --config "$CONFIG" "$@"
+# One process: no horovodrun (its start-up and Horovod's threads buy nothing here).
+export OMP_NUM_THREADS="$THREADS" MXNET_CPU_WORKER_NTHREADS="${MXNET_CPU_WORKER_NTHREADS:-1}"
+exec python -m dist_triplet.train --config "$CONFIG" "$@" distributed.backend=local

@@ -1,8 +1,8 @@
 """Every shell command in README.md and docs/*.md pastes as is: the test runs them.
 
 A fresh-clone-like copy of the project (the files git tracks or would track, no runs/, no
-.venv) gets a tiny main job first -- ``NP=2 launch/run.sh`` with overrides that make it take
-seconds -- and then the shell blocks (```bash / ```sh) of each document run in one bash
+.venv) gets a tiny main job first -- ``launch/run.sh`` as the quick start runs it (the ranks
+it chooses from the host), with overrides that make it take seconds -- and then the shell blocks (```bash / ```sh) of each document run in one bash
 process per document, in order, with ``set -euo pipefail``, from the copy's top directory,
 so a block may use what an earlier block of the same document set (``$RUN``); each
 document starts from its own copy of the state right after the main job.
@@ -34,7 +34,7 @@ from _hvd import ROOT, require_horovod
 
 SHELLS = ("bash", "sh", "shell")
 MARK = re.compile(r"<!--\s*docs-test:\s*skip\s*(?:\((?P<reason>[^)]*)\))?\s*-->")
-# The tiny main job: the main config on a slice of Fashion-MNIST, 1 epoch, 2 ranks.
+# The tiny main job: the main config on a slice of Fashion-MNIST, 1 epoch.
 TINY = ["data.limit_train=2000", "data.limit_test=1000", "train.epochs=1",
         "train.progress=false", "eval.projector_points=200"]
 
@@ -114,13 +114,15 @@ def test_every_docs_shell_block_runs_on_a_fresh_copy(tmp_path, capsys):
         pytest.skip("not a git checkout: cannot tell which files a clone holds")
     clone = str(tmp_path / "clone")
     fresh_copy(clone)
-    env = dict(os.environ, DIST_TRIPLET_VENV=sys.prefix, OMP_NUM_THREADS="1", NP="2",
+    env = dict(os.environ, DIST_TRIPLET_VENV=sys.prefix, OMP_NUM_THREADS="1",
                PYTHONPATH=clone, PATH=os.path.join(sys.prefix, "bin") + os.pathsep
                + os.environ.get("PATH", ""))
     env.pop("DIST_TRIPLET_FAULT", None)
+    env.pop("NP", None)
     job = subprocess.run(["bash", "launch/run.sh", *TINY], cwd=clone, env=env,
                          capture_output=True, text=True, timeout=600)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "[run.sh] " in job.stderr, job.stderr[-3000:]   # what it chose, and why
     assert glob.glob(os.path.join(clone, "runs", "fashion_mnist-*", "model"))
 
     ran, skipped, failures = [], [], []

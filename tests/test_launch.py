@@ -73,3 +73,144 @@ def test_horovod_sh_good_np_gets_past_the_check():
     because python is not on this test's PATH), so the refusal above is the NP check's."""
     proc = run_script("horovod.sh", "2", "--", "train.epochs=1")
     assert "usage:" not in proc.stderr
+
+
+# --- launch/run.sh: the main job's ranks and threads, chosen from the host (issue 18)
+
+def env_fn(call: str, path: str = "/usr/bin:/bin") -> str:
+    """stdout of ``source launch/_env.sh; CALL`` in bash."""
+    if shutil.which("bash") is None:
+        pytest.skip("bash is not available")
+    proc = subprocess.run(["bash", "-c", f"source {LAUNCH}/_env.sh; {call}"],
+                          env=child_env(DIST_TRIPLET_VENV="/nonexistent", PATH=path),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+@pytest.mark.parametrize("gpus, sockets, cores, ranks, why", [
+    (0, 1, 2, 1, "CPU host, 1 socket(s), 2 core(s): one rank per socket"),   # this machine
+    (0, 2, 16, 2, "CPU host, 2 socket(s), 16 core(s): one rank per socket"),
+    (4, 1, 2, 4, "4 GPU(s): one rank per GPU"),                              # the design card
+    (1, 2, 16, 1, "1 GPU(s): one rank per GPU"),
+])
+def test_main_job_ranks_one_per_gpu_else_one_per_socket(gpus, sockets, cores, ranks, why):
+    out = env_fn(f"main_job_ranks {gpus} {sockets} {cores}")
+    assert out.split(" ", 1)[0] == str(ranks) and why in out, out
+
+
+def fake_bin(tmp_path, lscpu_out=None):
+    """A directory with an ``lscpu`` printing ``lscpu_out`` (None: one that fails)."""
+    d = tmp_path / "bin"
+    d.mkdir(exist_ok=True)
+    body = f"cat <<'X'\n{lscpu_out}\nX" if lscpu_out is not None else "exit 1"
+    (d / "lscpu").write_text(f"#!/bin/bash\n{body}\n")
+    (d / "lscpu").chmod(0o755)
+    return d
+
+
+@pytest.mark.parametrize("lscpu_out, sockets", [
+    ("Architecture: x86_64\nCore(s) per socket:  8\nSocket(s):           2\nNUMA node(s): 2", 2),
+    ("Socket(s):  1", 1), ("Socket(s):           -", 1), ("Architecture: aarch64", 1), (None, 1)])
+def test_host_sockets_reads_lscpu(tmp_path, lscpu_out, sockets):
+    path = f"{fake_bin(tmp_path, lscpu_out)}:/usr/bin:/bin"
+    assert env_fn("host_sockets", path) == str(sockets)
+
+
+def test_host_gpus_is_0_without_nvidia_devices_and_without_mxnet():
+    """No /dev/nvidia<N>: no GPU, answered without importing MXNet (no python on PATH)."""
+    import glob
+    if glob.glob("/dev/nvidia[0-9]*"):
+        pytest.skip("this host has NVIDIA devices")
+    assert env_fn("host_gpus") == "0"
+
+
+FAKE_PYTHON = """#!/bin/bash
+# --print-config is run.sh's own question: the real one answers. Anything else is recorded.
+case " $* " in *" --print-config "*) exec {real} "$@" ;; esac
+echo "OMP=$OMP_NUM_THREADS $*" >> {log}
+"""
+
+
+def run_main_job(tmp_path, args=(), sockets=1, np_=None):
+    """launch/run.sh ARGS with a fake venv (its python records every command but
+    ``--print-config``) and an lscpu saying ``sockets``: (process, recorded commands)."""
+    import sys
+    if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
+        pytest.skip("Fashion-MNIST is not installed (launch/setup.sh would install it)")
+    venv = tmp_path / "venv"
+    shutil.rmtree(venv, ignore_errors=True)
+    (venv / "bin").mkdir(parents=True)
+    log = tmp_path / "calls.log"
+    log.write_text("")
+    (venv / "bin" / "python").write_text(FAKE_PYTHON.format(real=sys.executable, log=log))
+    (venv / "bin" / "python").chmod(0o755)
+    shutil.copy(fake_bin(tmp_path, f"Socket(s): {sockets}") / "lscpu", venv / "bin" / "lscpu")
+    key = subprocess.run(["bash", "-c", f"cat {ROOT}/setup.py | cksum"], capture_output=True,
+                         text=True, check=True).stdout   # setup.sh's venv_key: no packages
+    (venv / ".dist_triplet_setup_ok").write_text(key)
+    env = child_env(DIST_TRIPLET_VENV=str(venv))
+    env.pop("OMP_NUM_THREADS")
+    env.pop("NP", None)
+    if np_ is not None:
+        env["NP"] = str(np_)
+    proc = subprocess.run(["bash", os.path.join(LAUNCH, "run.sh"), *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+    return proc, log.read_text().splitlines()
+
+
+def chose_line(proc):
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("[run.sh]")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_run_sh_one_socket_is_one_local_process_with_the_recipes_global_batch(tmp_path):
+    proc, calls = run_main_job(tmp_path, ["train.epochs=1"])
+    assert proc.returncode == 0, proc.stderr
+    cores = os.cpu_count()
+    assert f"[run.sh] 1 process(es) x {cores} thread(s) (CPU host, 1 socket(s)" in chose_line(proc)
+    assert "global batch 1024 = 1 x 1024 (the recipe: 4 workers x 256)" in chose_line(proc)
+    assert calls == [f"OMP={cores} -m dist_triplet.train --config {LAUNCH}/../configs/"
+                     "fashion_mnist.yaml train.epochs=1 train.batch_size=1024 "
+                     "distributed.backend=local"]
+
+
+def test_run_sh_keeps_the_users_per_worker_batch_as_the_recipes(tmp_path):
+    """train.batch_size given: the recipe is 4 workers of it; one process takes all four."""
+    proc, calls = run_main_job(tmp_path, ["train.batch_size=64"])
+    assert proc.returncode == 0, proc.stderr
+    assert "global batch 256 = 1 x 256 (the recipe: 4 workers x 64)" in chose_line(proc)
+    assert calls[0].endswith("train.batch_size=64 train.batch_size=256 distributed.backend=local")
+
+
+@pytest.mark.parametrize("sockets, per, text", [(2, 512, "global batch 1024 = 2 x 512"),
+                                                (3, 341, "global batch 1023 = 3 x 341")])
+def test_run_sh_several_sockets_are_horovod_ranks_of_the_same_global_batch(tmp_path, sockets,
+                                                                            per, text):
+    proc, calls = run_main_job(tmp_path, sockets=sockets)
+    assert proc.returncode == 0, proc.stderr
+    assert f"[run.sh] {sockets} process(es)" in chose_line(proc) and text in chose_line(proc)
+    assert f"[horovod.sh] {sockets} rank(s)" in proc.stderr
+    check, run = calls
+    assert check.split()[1:5] == ["-m", "dist_triplet.check", "--processes", str(sockets)]
+    assert check.endswith(f"train.batch_size={per} distributed.backend=horovod")
+    assert f"_horovodrun.py --gloo -np {sockets} " in run
+    assert run.endswith(f"train.batch_size={per} distributed.backend=horovod")
+
+
+def test_run_sh_np_is_todays_job_exactly(tmp_path):
+    """NP=4: the design card's 4 ranks of train.batch_size each; run.sh adds nothing."""
+    proc, calls = run_main_job(tmp_path, ["train.epochs=2"], np_=4)
+    assert proc.returncode == 0, proc.stderr
+    assert "[run.sh]" not in proc.stderr and "[horovod.sh] 4 rank(s)" in proc.stderr
+    assert calls[1].endswith(f"-np 4 -H localhost:4 python -m dist_triplet.train --config "
+                             f"{LAUNCH}/../configs/fashion_mnist.yaml train.epochs=2 "
+                             "distributed.backend=horovod")
+
+
+def test_run_sh_bad_override_is_one_line_and_exit_2(tmp_path):
+    proc, calls = run_main_job(tmp_path, ["train.epochs=two"])
+    assert proc.returncode == 2 and calls == []
+    assert proc.stderr.strip().splitlines()[-1] == \
+        "error: command line: train.epochs must be an integer, got 'two'"
