@@ -16,7 +16,8 @@ path, the training steps, the export (``embed-symbol.json`` still takes (B, F) r
 * any name of ``mxnet.gluon.model_zoo.vision.get_model`` (``resnet18_v1``,
   ``mobilenetv2_1.0``, ...: :data:`ZOO`): the architecture's ``features`` (built with
   ``pretrained=False``: nothing is downloaded), ``model.pool`` where its features keep a
-  spatial map, then the Dense head; its classifier (``output``) is dropped.
+  spatial map (``model.pool=flatten`` is refused: their features end in a global pool),
+  then the Dense head; its classifier (``output``) is dropped.
 
 The head of a convolutional backbone is ``model.hidden``'s Dense layers (the last width
 is the embedding size D, as for the MLP), with ``model.final_relu`` and
@@ -161,7 +162,8 @@ def check_backbone(model_cfg, image_shape) -> None:
     starts, ``dist_triplet.check`` call it).
 
     Raises:
-        ValueError (one line, naming the key and value): ``model.backbone`` unknown; a
+        ValueError (one line, naming the key and value): ``model.backbone`` unknown;
+            ``model.pool=flatten`` on another backbone than ``convnet``; a
             convolutional backbone on feature rows (``image_shape`` None); an image too
             small for the backbone's downsampling (``convnet``: each pool halves, so H and
             W must be >= 2 ** (blocks - 1); a model-zoo net: MXNet's shape inference
@@ -172,6 +174,9 @@ def check_backbone(model_cfg, image_shape) -> None:
         raise ValueError(f"model.backbone={name!r} is not known; choose mlp, convnet or a "
                          f"mxnet.gluon.model_zoo.vision name ({', '.join(ZOO[:2])}, ...: "
                          f"{', '.join(ZOO)})")
+    if model_cfg.pool == "flatten" and name != "convnet":
+        raise ValueError(f"model.pool=flatten is for model.backbone=convnet; {name!r} ends in "
+                         "a vector (mlp) or a global pool (model zoo): leave model.pool unset")
     if name == "mlp":
         return
     if image_shape is None:

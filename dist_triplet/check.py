@@ -50,9 +50,9 @@ def preflight(cfg, processes: int = 1) -> str:
     plan = make_plan(cfg, processes=processes)
     image_shape = plan.train.image_shape
     augmentation(cfg.augment, image_shape)
-    if cfg.model.backbone != "mlp" or cfg.model.weights:
+    if cfg.model.backbone != "mlp" or cfg.model.weights or cfg.model.pool != "avg":
         # The network's own checks need MXNet (shape inference, the weights file): imported
-        # for convolutional backbones and weight files only.
+        # for convolutional backbones, weight files and model.pool only.
         from .backbone import check_network
         check_network(cfg.model, plan.train.width, image_shape)
     if plan.run_dir is None:

@@ -146,8 +146,8 @@ class ModelConfig:
     # embedding size D. Seed article: Dense(256, relu) -> Dense(128, relu).
     hidden: List[int] = fixed(factory=lambda: [256, 128])
     channels: List[int] = fixed(factory=lambda: [32, 64, 128])  # convnet: Conv3x3 widths
-    # Convolutional backbones: 'avg' pools the last feature map globally (any input size);
-    # 'flatten' keeps where each feature is (a Dense over C x h x w; fixed input size).
+    # convnet: 'avg' pools the last feature map globally (any input size); 'flatten' keeps
+    # where each feature is (a Dense over C x h x w; fixed input size; convnet only).
     pool: str = fixed("avg", choices=("avg", "flatten"))
     weights: Optional[str] = fixed(None)  # .params to start from (backbone.load_weights)
     # ReLU after the last layer too, as the seed. Set false with normalize: true, so the

@@ -11,6 +11,14 @@
 set -euo pipefail
 HERE="$(dirname "${BASH_SOURCE[0]}")"
 CONFIG="$HERE/../configs/fashion_mnist.yaml"
+# The main job is this recipe; another config is launch/horovod.sh's (a --config here would
+# silently replace it, and its batch would be rescaled as if it were the recipe's).
+for a in "$@"; do
+  case "$a" in --config|--config=*)
+    echo "launch/run.sh: the main job runs configs/fashion_mnist.yaml and takes overrides only; for $a use launch/horovod.sh NP -- --config FILE" >&2
+    exit 2 ;;
+  esac
+done
 bash "$HERE/setup.sh"
 [ -z "${NP:-}" ] || exec bash "$HERE/horovod.sh" "$NP" -- --config "$CONFIG" "$@"
 source "$HERE/_env.sh"

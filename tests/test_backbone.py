@@ -72,6 +72,16 @@ def test_flatten_pool_keeps_positions():
     assert np.abs(out[0] - out[1]).max() > 1e-3
 
 
+@pytest.mark.parametrize("backbone", ["mlp", "resnet18_v1"])
+def test_flatten_pool_refused_where_nothing_is_left_to_flatten(backbone):
+    """A model-zoo network's features end in a global pool and the MLP has no map: flatten
+    would silently change nothing (and a resume would then refuse the unchanged network)."""
+    with pytest.raises(ValueError, match=r"model\.pool=flatten is for model\.backbone=convnet; "
+                                         f"'{backbone}'"):
+        check_backbone(model_cfg(backbone, pool="flatten"), (32, 32, 3))
+    check_backbone(model_cfg(backbone, pool="avg"), (32, 32, 3))
+
+
 def test_mlp_backbone_is_the_seed_network():
     from dist_triplet.model import build_embedding_net, initialize
     cfg = Config().model

@@ -214,3 +214,13 @@ def test_run_sh_bad_override_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2 and calls == []
     assert proc.stderr.strip().splitlines()[-1] == \
         "error: command line: train.epochs must be an integer, got 'two'"
+
+
+@pytest.mark.parametrize("args", [["--config", "configs/debug.yaml"], ["--config=x.yaml"]])
+def test_run_sh_refuses_another_config(tmp_path, args):
+    """A --config of the user's would replace the recipe and have its batch rescaled as the
+    recipe's: one line naming launch/horovod.sh instead, exit 2, nothing run."""
+    proc, calls = run_main_job(tmp_path, ["train.epochs=1", *args], np_=None)
+    assert proc.returncode == 2 and calls == []
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "launch/run.sh: the main job runs configs/fashion_mnist.yaml and takes overrides only")
