@@ -24,8 +24,9 @@ from .triplets import create_pairs
 log = logging.getLogger("dist_triplet")
 
 _P1 = ("precision_at_1",)
-# Part of the raw-pixel cache key: change it when the metrics' definition or search changes.
-_RAW_CACHE_VERSION = "raw-v2"
+# Part of the raw-pixel cache key: change it when the metrics' definition or search changes
+# (v3: the cache holds all three metrics, computed together).
+_RAW_CACHE_VERSION = "raw-v3"
 
 
 def raw_cache_path(cfg: Config, test: Split, gallery: Optional[Split]) -> str:
@@ -63,12 +64,12 @@ class Evaluator:
     ``test.images`` may be uint8 images (scaled / 255 batch by batch when embedded) or
     float32 features.
 
-    The raw-pixel baseline (the same retrieval on pixels / 255) is ``raw``: Precision@1
-    at construction, for the epoch log line; the first full evaluation adds R-Precision
-    and MAP@R to that same dict, which the run's Recorder writes to metrics.json at the
-    end (``raw_pixels``). With ``eval.raw_cache`` both come from :func:`raw_cache_path`
-    when an earlier run stored them; a cache that cannot be read or written only logs a
-    warning.
+    The raw-pixel baseline (the same retrieval on pixels / 255) is ``raw``: Precision@1,
+    R-Precision and MAP@R from one search at construction (the R nearest hold the
+    nearest: one search of k = R costs about what the two, k = 1 then k = R, cost
+    apart, less the k = 1 one), for the epoch log line and metrics.json (``raw_pixels``).
+    With ``eval.raw_cache`` they come from :func:`raw_cache_path` when an earlier run
+    stored them; a cache that cannot be read or written only logs a warning.
 
     Args:
         cfg: the run's config (section ``eval``).
@@ -95,25 +96,25 @@ class Evaluator:
         self.raw = self._read_cache()
         if self.raw is None:
             self.raw = retrieval_metrics(as_float(test.images), test.labels,
-                                         *self._gallery_pixels(),
-                                         metrics=_P1, **self._search_options())
+                                         *self._gallery_pixels(), **self._search_options())
             self._write_cache()
-            how = "R-Prec and MAP@R at the first full evaluation"
+            how = f"{time.perf_counter() - t0:.2f} s"
         else:
             how = f"cached in {self._cache}"
-        log.info("raw pixels: P@1 %.4f (%d queries%s, %.2f s; %s)",
-                 self.raw["precision_at_1"], self.raw["queries"],
-                 ", gallery: training set" if self.gallery is not None else "",
-                 time.perf_counter() - t0, how)
+        log.info("raw pixels: P@1 %.4f  R-Prec %.4f  MAP@R %.4f  (%d queries%s; %s)",
+                 self.raw["precision_at_1"], self.raw["r_precision"], self.raw["map_at_r"],
+                 self.raw["queries"],
+                 ", gallery: training set" if self.gallery is not None else "", how)
 
     def _read_cache(self) -> Optional[dict]:
         if self._cache is None or not os.path.exists(self._cache):
             return None
+        from .retrieval.metrics import RETRIEVAL_METRICS
         try:
             with open(self._cache) as fh:
                 doc = json.load(fh)
-            if not isinstance(doc.get("precision_at_1"), float):
-                raise ValueError("no precision_at_1")
+            if not all(isinstance(doc.get(m), float) for m in RETRIEVAL_METRICS):
+                raise ValueError("not every metric")
             return doc
         except (OSError, ValueError) as exc:
             log.warning("raw-pixel cache %s unreadable (%s): computing it again", self._cache,
@@ -151,8 +152,8 @@ class Evaluator:
         :func:`dist_triplet.metrics.evaluate_embeddings` (``r_precision`` and ``map_at_r``
         only when full; ``full``: bool) and the (N, D) float32 test embeddings."""
         from .metrics import evaluate_embeddings
-        from .retrieval.metrics import RETRIEVAL_METRICS, retrieval_metrics
         from .model import embed
+        from .retrieval.metrics import RETRIEVAL_METRICS
         full = self.is_full(epoch)
         metrics = RETRIEVAL_METRICS if full else _P1
         emb = embed(net, self.test.images, ctx, self.cfg.eval.batch_size)
@@ -165,14 +166,6 @@ class Evaluator:
                                   gallery_emb=g_emb, gallery_labels=g_lab,
                                   **self._search_options())
         res["full"] = full
-        if full and "r_precision" not in self.raw:
-            t0 = time.perf_counter()
-            self.raw.update(retrieval_metrics(as_float(self.test.images), self.test.labels,
-                                              *self._gallery_pixels(), **self._search_options()))
-            self._write_cache()
-            log.info("raw pixels: P@1 %.4f  R-Prec %.4f  MAP@R %.4f  (%d queries, %.2f s)",
-                     self.raw["precision_at_1"], self.raw["r_precision"], self.raw["map_at_r"],
-                     self.raw["queries"], time.perf_counter() - t0)
         if res["collapsed"]:
             log.warning("embeddings collapsed (spread %.3g <= eval.collapse_eps %.3g): the "
                         "metrics below are not meaningful", res["spread"],

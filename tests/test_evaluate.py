@@ -43,7 +43,7 @@ def test_full_evaluations_follow_full_every_and_the_last_epoch():
     assert [e + 1 for e in range(10) if ev0.is_full(e)] == [10]
 
 
-def test_partial_evaluation_has_precision_at_1_only_and_raw_grows_at_the_first_full():
+def test_partial_evaluation_has_precision_at_1_only_and_raw_has_all_three_at_once():
     # 1-D points: class 0 at 0, 1, 5; class 1 at 4, 9, 10.
     #   nearest other: 0->1 (c0), 1->0 (c0), 5->4 (c1, wrong), 4->5 (c0, wrong),
     #   9->10 (c1), 10->9 (c1): P@1 4/6.
@@ -51,16 +51,15 @@ def test_partial_evaluation_has_precision_at_1_only_and_raw_grows_at_the_first_f
     test = split(pixels, [0, 0, 0, 1, 1, 1])
     ev = Evaluator(config(), test)
     assert ev.raw["precision_at_1"] == pytest.approx(4 / 6, abs=1e-15)
-    assert "r_precision" not in ev.raw
+    want = retrieval_metrics(test.images, test.labels)     # all three, before any epoch
+    assert set(want) >= {"precision_at_1", "r_precision", "map_at_r"} and ev.raw == want
     res, emb = ev(identity_net(), mx.cpu(), epoch=0)
     assert res["full"] is False and "r_precision" not in res and "map_at_r" not in res
     assert res["precision_at_1"] == pytest.approx(4 / 6, abs=1e-15)
     np.testing.assert_array_equal(emb, test.images)
-    res, _ = ev(identity_net(), mx.cpu(), epoch=9)
-    want = retrieval_metrics(test.images, test.labels)
+    res, _ = ev(identity_net(), mx.cpu(), epoch=9)           # identity: the raw numbers
     assert res["full"] is True
     assert {k: res[k] for k in want} == want
-    assert {k: ev.raw[k] for k in want} == want  # the baseline now has all three
 
 
 def test_training_set_gallery_gives_nearest_neighbour_accuracy():
@@ -91,7 +90,6 @@ def test_raw_pixel_baseline_is_cached_beside_the_run_directories(tmp_path, monke
     test = split(pixels, [0, 0, 0, 1, 1, 1])
     cfg = config("eval.raw_cache=true", f"output.dir={tmp_path / 'runs' / 'a'}")
     ev = Evaluator(cfg, test)
-    ev(identity_net(), mx.cpu())                      # full: adds R-Prec and MAP@R
     want = retrieval_metrics(test.images, test.labels)
     (path,) = (tmp_path / "runs" / ".cache").iterdir()
     assert json.loads(path.read_text()) == want
