@@ -16,8 +16,9 @@ path, the training steps, the export (``embed-symbol.json`` still takes (B, F) r
 * any name of ``mxnet.gluon.model_zoo.vision.get_model`` (``resnet18_v1``,
   ``mobilenetv2_1.0``, ...: :data:`ZOO`): the architecture's ``features`` (built with
   ``pretrained=False``: nothing is downloaded), ``model.pool`` where its features keep a
-  spatial map (``model.pool=flatten`` is refused: their features end in a global pool),
-  then the Dense head; its classifier (``output``) is dropped.
+  spatial map (``model.pool=flatten`` is refused: their features end in a global pool;
+  so is ``model.channels``, which only ``convnet`` reads), then the Dense head; its
+  classifier (``output``) is dropped.
 
 The head of a convolutional backbone is ``model.hidden``'s Dense layers (the last width
 is the embedding size D, as for the MLP), with ``model.final_relu`` and
@@ -48,6 +49,7 @@ import mxnet as mx
 from mxnet import gluon
 from mxnet.gluon import nn
 
+from .config import ModelConfig
 from .model import L2Normalize, build_embedding_net
 from .zoo import BACKBONES, ZOO
 
@@ -163,7 +165,8 @@ def check_backbone(model_cfg, image_shape) -> None:
 
     Raises:
         ValueError (one line, naming the key and value): ``model.backbone`` unknown;
-            ``model.pool=flatten`` on another backbone than ``convnet``; a
+            ``model.pool=flatten`` or ``model.channels`` (other than the default) on
+            another backbone than ``convnet``; a
             convolutional backbone on feature rows (``image_shape`` None); an image too
             small for the backbone's downsampling (``convnet``: each pool halves, so H and
             W must be >= 2 ** (blocks - 1); a model-zoo net: MXNet's shape inference
@@ -177,6 +180,10 @@ def check_backbone(model_cfg, image_shape) -> None:
     if model_cfg.pool == "flatten" and name != "convnet":
         raise ValueError(f"model.pool=flatten is for model.backbone=convnet; {name!r} ends in "
                          "a vector (mlp) or a global pool (model zoo): leave model.pool unset")
+    if list(model_cfg.channels) != ModelConfig().channels and name != "convnet":
+        raise ValueError(f"model.channels={list(model_cfg.channels)} is for "
+                         f"model.backbone=convnet; {name!r} has no such blocks (mlp: "
+                         "model.hidden; model zoo: its own layers): leave model.channels unset")
     if name == "mlp":
         return
     if image_shape is None:

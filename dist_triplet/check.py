@@ -27,7 +27,7 @@ import sys
 from typing import Optional, Sequence
 
 from .augment import augmentation
-from .config import ConfigError, load_config
+from .config import ConfigError, ModelConfig, load_config
 from .plan import make_plan, read_resume_meta
 from .rundir import check_dir_path, resume_for
 
@@ -50,9 +50,10 @@ def preflight(cfg, processes: int = 1) -> str:
     plan = make_plan(cfg, processes=processes)
     image_shape = plan.train.image_shape
     augmentation(cfg.augment, image_shape)
-    if cfg.model.backbone != "mlp" or cfg.model.weights or cfg.model.pool != "avg":
+    if (cfg.model.backbone != "mlp" or cfg.model.weights or cfg.model.pool != "avg"
+            or list(cfg.model.channels) != ModelConfig().channels):
         # The network's own checks need MXNet (shape inference, the weights file): imported
-        # for convolutional backbones, weight files and model.pool only.
+        # for convolutional backbones, weight files, model.pool and model.channels only.
         from .backbone import check_network
         check_network(cfg.model, plan.train.width, image_shape)
     if plan.run_dir is None:

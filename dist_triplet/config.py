@@ -145,7 +145,8 @@ class ModelConfig:
     # Dense widths after the backbone (mlp: on the raw rows); the last one is the
     # embedding size D. Seed article: Dense(256, relu) -> Dense(128, relu).
     hidden: List[int] = fixed(factory=lambda: [256, 128])
-    channels: List[int] = fixed(factory=lambda: [32, 64, 128])  # convnet: Conv3x3 widths
+    # convnet only (refused elsewhere): the Conv3x3 widths, one block each
+    channels: List[int] = fixed(factory=lambda: [32, 64, 128])
     # convnet: 'avg' pools the last feature map globally (any input size); 'flatten' keeps
     # where each feature is (a Dense over C x h x w; fixed input size; convnet only).
     pool: str = fixed("avg", choices=("avg", "flatten"))

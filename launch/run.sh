@@ -7,7 +7,7 @@
 #                        no horovodrun); the per-worker batch keeps the recipe's global
 #                        batch, 4 x train.batch_size (4: the design card's world size)
 #   NP=N launch/run.sh   N Horovod ranks of train.batch_size each (NP=4: the design card's job)
-# One [run.sh] line says what was chosen and why.
+# One [run.sh] line says what was chosen and why (with NP too).
 set -euo pipefail
 HERE="$(dirname "${BASH_SOURCE[0]}")"
 CONFIG="$HERE/../configs/fashion_mnist.yaml"
@@ -20,21 +20,33 @@ for a in "$@"; do
   esac
 done
 bash "$HERE/setup.sh"
-[ -z "${NP:-}" ] || exec bash "$HERE/horovod.sh" "$NP" -- --config "$CONFIG" "$@"
 source "$HERE/_env.sh"
 RECIPE_WORKERS=4
-read -r RANKS WHY <<<"$(main_job_ranks "$(host_gpus)" "$(host_sockets)" "$(nproc)")"
 # The recipe's per-worker batch and sampler, as training will resolve them (config file and
 # overrides; no MXNet; bad input is training's own one line and exit 2).
 RESOLVED=$(python -m dist_triplet.train --config "$CONFIG" "$@" --print-config)
 section_key() { awk -v s="$1:" -v k="$2:" '$0 ~ /^[^ ]/ {in_s = ($1 == s)} in_s && $1 == k {print $2}' <<<"$RESOLVED"; }
 B=$(section_key train batch_size)
-if [ "$(section_key sampler kind)" = offline ]; then
+KIND=$(section_key sampler kind)
+PK="P x K batches per rank, not rescaled (global batch: ranks x sampler.p x sampler.k)"
+if [ -n "${NP:-}" ]; then
+  # NP given: N ranks of train.batch_size each, as given. horovod.sh checks NP itself (its
+  # one usage line, exit 2), so the line below is for a valid NP only.
+  if [[ "$NP" =~ ^[0-9]+$ ]] && [ "$((10#$NP))" -ge 1 ]; then
+    N=$((10#$NP))
+    BATCH="global batch $((N * B)) = $N x $B (train.batch_size per rank, not rescaled)"
+    [ "$KIND" = offline ] || BATCH="$PK"
+    echo "[run.sh] $N Horovod rank(s) (NP=$NP given); $BATCH" >&2
+  fi
+  exec bash "$HERE/horovod.sh" "$NP" -- --config "$CONFIG" "$@"
+fi
+read -r RANKS WHY <<<"$(main_job_ranks "$(host_gpus)" "$(host_sockets)" "$(nproc)")"
+if [ "$KIND" = offline ]; then
   GLOBAL=$((RECIPE_WORKERS * B)); PER=$((GLOBAL / RANKS > 0 ? GLOBAL / RANKS : 1))
   BATCH="global batch $((RANKS * PER)) = $RANKS x $PER (the recipe: $RECIPE_WORKERS workers x $B)"
   set -- "$@" "train.batch_size=$PER"
 else
-  BATCH="P x K batches per rank, not rescaled (global batch: ranks x sampler.p x sampler.k)"
+  BATCH="$PK"
 fi
 THREADS=${OMP_NUM_THREADS:-$(threads_per_proc "$RANKS")}
 echo "[run.sh] $RANKS process(es) x $THREADS thread(s)${OMP_NUM_THREADS:+ (OMP_NUM_THREADS given)} ($WHY; NP=4 for the design card's 4 Horovod ranks); $BATCH" >&2

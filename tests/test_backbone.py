@@ -41,7 +41,7 @@ def test_conv_backbone_embeds_flat_rows_as_images(backbone, shape):
     """(B, H*W*C) rows stored (H, W, C) -> (B, 8) unit rows; the network sees the image:
     its output changes when two pixels of one image swap places across rows of the
     image, which a network on a shuffled layout would not reproduce from the rows."""
-    cfg = model_cfg(backbone, channels=[4, 8])
+    cfg = model_cfg(backbone, **({"channels": [4, 8]} if backbone == "convnet" else {}))
     net, units = built(cfg, shape)
     net.hybridize(static_alloc=True, static_shape=True)
     x = np.random.RandomState(0).rand(3, units).astype(np.float32)
@@ -80,6 +80,16 @@ def test_flatten_pool_refused_where_nothing_is_left_to_flatten(backbone):
                                          f"'{backbone}'"):
         check_backbone(model_cfg(backbone, pool="flatten"), (32, 32, 3))
     check_backbone(model_cfg(backbone, pool="avg"), (32, 32, 3))
+
+
+@pytest.mark.parametrize("backbone", ["mlp", "resnet18_v1"])
+def test_channels_refused_where_there_are_no_conv_blocks(backbone):
+    """model.channels builds convnet's blocks only: on the MLP or a model-zoo net it would
+    silently change nothing."""
+    with pytest.raises(ValueError, match=r"model\.channels=\[4, 8\] is for "
+                                         rf"model\.backbone=convnet; '{backbone}'"):
+        check_backbone(model_cfg(backbone, channels=[4, 8]), (32, 32, 3))
+    check_backbone(model_cfg(backbone), (32, 32, 3))  # the default is no choice
 
 
 def test_mlp_backbone_is_the_seed_network():
@@ -187,7 +197,8 @@ def test_exported_model_as_weights_says_what_weights_takes(tmp_path):
 ])
 def test_inputs_that_cannot_work_are_refused(backbone, shape, match):
     with pytest.raises(ValueError, match=match) as err:
-        check_backbone(model_cfg(backbone, channels=[4, 8, 16]), shape)
+        check_backbone(model_cfg(backbone, **({"channels": [4, 8, 16]}
+                                               if backbone == "convnet" else {})), shape)
     assert "\n" not in str(err.value)
 
 

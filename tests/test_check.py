@@ -68,10 +68,11 @@ def _old_run_in_output(root, out):
     (None, ["model.backbone=resnet19"]),
     (None, ["augment.pad=4"]),
     (None, ["model.pool=flatten"]),
+    (None, ["model.channels=[4,8]"]),
 ], ids=["bad_value", "bad_type", "batch_too_big", "pk_p_too_big", "one_class",
         "truncated_idx", "output_is_a_file", "fresh_run_over_a_run", "resume_other_model",
         "convnet_too_deep", "zoo_input_too_small", "unknown_backbone", "crop_pad_too_big",
-        "flatten_on_mlp"])
+        "flatten_on_mlp", "channels_on_mlp"])
 def test_check_fails_like_train_and_writes_nothing(breaks, extra, data, tmp_path, capsys):
     from dist_triplet.train import main as train_main
     out = str(tmp_path / "run")

@@ -189,6 +189,41 @@ def test_one_class_gallery_is_allowed(tmp_path, capsys):
     assert len(ix) == 5 and ix.class_names == ("shoe",)
 
 
+def test_image_folder_of_mixed_sizes_takes_the_models_image_size(tmp_path, capsys):
+    """Adversarial trial: a folder of 2x2 and 4x4 images was refused, naming the trainer's
+    data.image_size, though the model's meta.json says 2x2x1. Now they are read at the
+    model's size (as at its mode); a model without an image shape still needs a size,
+    and the message names this command's --image-size."""
+    pytest.importorskip("PIL", reason="image folders are read with Pillow")
+    from _data_util import write_png
+    from dist_triplet.data.images import read_image
+    rng = np.random.default_rng(0)
+    for i, side in enumerate([2, 4, 4, 2]):
+        os.makedirs(tmp_path / "shots" / f"c{i % 2}", exist_ok=True)
+        write_png(tmp_path / "shots" / f"c{i % 2}" / f"{i}.png",
+                  rng.integers(0, 256, size=(side, side), dtype=np.uint8))
+    shots = f"{tmp_path / 'shots'}:all"
+    bare = export_identity(tmp_path / "bare")          # meta.json: no image shape
+    sized = export_identity(tmp_path / "sized")
+    meta_path = os.path.join(sized, "meta.json")
+    meta = json.load(open(meta_path))
+    json.dump(dict(meta, image_shape=[2, 2, 1]), open(meta_path, "w"))
+    assert index_cli.main(["--model", sized, "--data", shots, "--out", str(tmp_path / "ix")]) == 0
+    assert len(Index.load(str(tmp_path / "ix"))) == 4
+    out = tmp_path / "e.npy"
+    assert embed_cli.main(["--model", sized, "--input", shots, "--out", str(out)]) == 0
+    files = sorted((tmp_path / "shots").glob("*/*.png"))   # class folders, then names
+    want = [read_image(str(f), "L", (2, 2)).ravel() / np.float32(255) for f in files]
+    np.testing.assert_allclose(np.load(out), want, rtol=1e-6)   # identity model: the pixels
+    assert index_cli.main(["--model", bare, "--data", shots, "--mode", "L",
+                           "--out", str(tmp_path / "ix2")]) == 2
+    line = error_line(capsys)
+    assert "images of mixed sizes need --image-size H,W (or one int)" in line, line
+    assert "data.image_size" not in line and not (tmp_path / "ix2").exists()
+    assert index_cli.main(["--model", bare, "--data", shots, "--mode", "L", "--image-size",
+                           "2", "--out", str(tmp_path / "ix2")]) == 0
+
+
 @pytest.mark.parametrize("kind", ["hnsw", "ivf", "bogus"])
 def test_hand_edited_kind_is_refused(setup, capsys, kind):
     """meta.json's kind must name the index index.faiss holds (an edited 'hnsw' on a flat

@@ -200,13 +200,34 @@ def test_run_sh_several_sockets_are_horovod_ranks_of_the_same_global_batch(tmp_p
 
 
 def test_run_sh_np_is_todays_job_exactly(tmp_path):
-    """NP=4: the design card's 4 ranks of train.batch_size each; run.sh adds nothing."""
+    """NP=4: the design card's 4 ranks of train.batch_size each; run.sh adds no argument
+    but says, as without NP, what was chosen and why (before: only the horovod.sh line)."""
     proc, calls = run_main_job(tmp_path, ["train.epochs=2"], np_=4)
     assert proc.returncode == 0, proc.stderr
-    assert "[run.sh]" not in proc.stderr and "[horovod.sh] 4 rank(s)" in proc.stderr
+    assert chose_line(proc) == ("[run.sh] 4 Horovod rank(s) (NP=4 given); global batch 1024 "
+                                "= 4 x 256 (train.batch_size per rank, not rescaled)")
+    assert "[horovod.sh] 4 rank(s)" in proc.stderr
     assert calls[1].endswith(f"-np 4 -H localhost:4 python -m dist_triplet.train --config "
                              f"{LAUNCH}/../configs/fashion_mnist.yaml train.epochs=2 "
                              "distributed.backend=horovod")
+
+
+def test_run_sh_np_says_the_batch_it_runs(tmp_path):
+    """NP=2 with the user's per-rank batch: 2 ranks of 64, global batch 128."""
+    proc, calls = run_main_job(tmp_path, ["train.batch_size=64"], np_=2)
+    assert proc.returncode == 0, proc.stderr
+    assert chose_line(proc) == ("[run.sh] 2 Horovod rank(s) (NP=2 given); global batch 128 "
+                                "= 2 x 64 (train.batch_size per rank, not rescaled)")
+    assert calls[1].endswith("train.batch_size=64 distributed.backend=horovod")
+
+
+@pytest.mark.parametrize("np_", ["0", "abc"])
+def test_run_sh_bad_np_is_horovod_sh_usage_alone(tmp_path, np_):
+    """A bad NP gets horovod.sh's one usage line, exit 2, and no [run.sh] line before it."""
+    proc, calls = run_main_job(tmp_path, np_=np_)
+    assert proc.returncode == 2 and calls == []
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("usage: launch/horovod.sh "), proc.stderr
 
 
 def test_run_sh_bad_override_is_one_line_and_exit_2(tmp_path):

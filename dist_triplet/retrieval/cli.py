@@ -45,7 +45,8 @@ def _parser(name: str, description: str, batch_size: int = 2048,
                        metavar="--data-format", help=argparse.SUPPRESS)
     g.add_argument("--mode", choices=("L", "RGB"),
                    help="data.mode of image files (default: the model's channels)")
-    g.add_argument("--image-size", help="data.image_size of image files: H,W or one int")
+    g.add_argument("--image-size", help="data.image_size of image files: H,W or one int "
+                   "(default: the model's image size)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any data.* key, e.g. --set split=classes (repeatable); applies to a "
                         "run's data section too")

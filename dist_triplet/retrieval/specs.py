@@ -191,6 +191,8 @@ def _from_split(data, split: str, files, where: str, labels_path) -> Items:
 def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
                options: Optional[DataOptions] = None) -> Items:
     """The rows of data ``spec`` (module docstring), checked against ``model``'s input.
+    Image files of a data path are read in the model's mode and image size (its
+    meta.json) unless ``options`` set ``data.mode`` / ``data.image_size``.
 
     Raises:
         FileNotFoundError / ValueError: missing or invalid files, an unknown split, a row
@@ -199,6 +201,7 @@ def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
     """
     from ..config import load_config
     from ..data import FASHION_MNIST_ROOT, is_idx_dir, load_dataset, load_rows
+    from ..data.images import SIZE_KEY
 
     options = options or DataOptions()
     base, split = spec, "test"
@@ -218,15 +221,25 @@ def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
         (".npz", ".csv"))) or (os.path.exists(base) and bool(options.format))
     if config is not None or (data_path and (options or not is_idx_dir(base))):
         overrides = options.overrides()
-        if config is None and options.mode is None and model.mode is not None:
-            overrides.append(f"data.mode={model.mode}")    # the model's channels
+        given = {o.partition("=")[0] for o in overrides}
+        if config is None and model.kind == "images":
+            # Image files as the model takes them unless the user said otherwise: its
+            # channels and its size (images of mixed or other sizes are resized to it).
+            h, w, _ = model.image_shape
+            for key, value in (("data.mode", model.mode), ("data.image_size", f"[{h}, {w}]")):
+                if key not in given and value is not None:
+                    overrides.append(f"{key}={value}")
         try:
             cfg = load_config(config, overrides if config else [f"data.path={base}"] + overrides)
             data, files = load_rows(cfg.data, split)
         except (FileNotFoundError, ValueError) as exc:
-            if config is None or config in str(exc):
+            # Here the image size is this command's flag, not a config key.
+            msg = str(exc).replace(SIZE_KEY, "--image-size H,W (or one int)")
+            if config is not None and config not in msg:
+                msg = f"{config}: {msg}"                   # the run's data moved
+            if msg == str(exc):
                 raise
-            raise type(exc)(f"{config}: {exc}") from None   # the run's data moved
+            raise type(exc)(msg) from None
         where = f"{os.path.abspath(base)}:{split}"
         limit = {"train": cfg.data.limit_train, "test": cfg.data.limit_test}.get(split, 0)
         # data.limit_* keeps a sample: its row i is not row i of the full split, so its ids
