@@ -137,3 +137,14 @@ def check_can_write(path: str, what: str) -> None:
     except OSError as exc:
         raise ValueError(f"{what} {path}: cannot write there: "
                          f"{exc.strerror or exc}") from None
+
+
+def check_out(out: str, force: bool, what: str = "--out", file: bool = True) -> None:
+    """The output rule of every retrieval command, before any work: refuse a directory as a ``file``, an
+    existing ``out`` without ``force``; make missing parent directories and prove they
+    can be written. ValueError (one line naming ``what`` and ``out``)."""
+    if file and os.path.isdir(out):
+        raise ValueError(f"{what} {out} is a directory: pass a file name")
+    if os.path.exists(out) and not force:
+        raise ValueError(f"{what} {out} already exists; pass --force to replace it")
+    check_can_write(out, what)

@@ -25,14 +25,10 @@ import numpy as np
 
 from .source import CHUNK_BYTES, Part, Source, scatter_rows
 
-__all__ = ["IMAGE_EXTENSIONS", "MODES", "SIZE_KEY", "folder_source", "csv_source",
-           "read_image", "pillow"]
+__all__ = ["IMAGE_EXTENSIONS", "MODES", "folder_source", "csv_source", "read_image", "pillow"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 MODES = {"L": 1, "RGB": 3}
-# How the mixed-sizes error names the setting; the retrieval commands put their flag in
-# its place (dist_triplet.retrieval.specs), where data.image_size is not what one types.
-SIZE_KEY = "data.image_size=[H, W] (or one int)"
 
 
 def pillow():
@@ -139,7 +135,8 @@ def _image_part(files: Sequence[str], labels: np.ndarray, mode: str,
                     raise ValueError(
                         f"{files[r]}: image is {arr.shape[0]}x{arr.shape[1]} but {files[0]} is "
                         f"{row_shape[0]}x{row_shape[1]}: images of mixed sizes need "
-                        f"{SIZE_KEY} to resize them to")
+                        "data.image_size=[H, W] or one int (index / search / embed: "
+                        "--image-size H,W) to resize them to")
                 chunk[r - lo] = arr.reshape(-1)
             scatter_rows(chunk, lo, targets, cursors)
     return Part(labels=np.asarray(labels, np.int64), row_shape=row_shape,

@@ -11,8 +11,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..fsutil import atomic_write, write_json
-from .index import Index, ModelRef, check_out, thumbnails
+from ..fsutil import atomic_write, check_out, write_json
+from .index import Index, ModelRef, thumbnails
 from .specs import DataOptions, read_items
 
 __all__ = ["index_main", "search_main", "calibrate_main", "embed_main"]

@@ -14,11 +14,11 @@ from typing import Dict, List, Optional, Sequence, Union, get_args, get_origin, 
 
 import numpy as np
 
-from ..fsutil import atomic_dir, check_can_write
+from ..fsutil import atomic_dir, check_out
 from .neighbours import build_faiss, knn, recall_at_k
 from .model import sha256_file
 
-__all__ = ["Index", "IndexMeta", "ModelRef", "thumbnails", "FORMAT", "THUMB", "check_out"]
+__all__ = ["Index", "IndexMeta", "ModelRef", "thumbnails", "FORMAT", "THUMB"]
 
 FORMAT = "dist_triplet.index/3"   # /3: index_id covers the model's parameters
 THUMB = 32                      # thumbnails: at most this many pixels a side
@@ -111,17 +111,6 @@ def thumbnails(x: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
     img = img[:, :h * f, :w * f].reshape(len(x), h, f, w, f, img.shape[3]).mean(axis=(2, 4))
     out = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
     return out[..., 0] if out.shape[3] == 1 else out
-
-
-def check_out(out: str, force: bool, what: str = "--out", file: bool = True) -> None:
-    """Every command's output rule, before any work: refuse a directory as a ``file``, an
-    existing ``out`` without ``force``; make missing parent directories and prove they
-    can be written. ValueError (one line naming ``what`` and ``out``)."""
-    if file and os.path.isdir(out):
-        raise ValueError(f"{what} {out} is a directory: pass a file name")
-    if os.path.exists(out) and not force:
-        raise ValueError(f"{what} {out} already exists; pass --force to replace it")
-    check_can_write(out, what)
 
 
 class Index:

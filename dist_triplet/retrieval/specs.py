@@ -201,7 +201,6 @@ def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
     """
     from ..config import load_config
     from ..data import FASHION_MNIST_ROOT, is_idx_dir, load_dataset, load_rows
-    from ..data.images import SIZE_KEY
 
     options = options or DataOptions()
     base, split = spec, "test"
@@ -221,25 +220,17 @@ def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
         (".npz", ".csv"))) or (os.path.exists(base) and bool(options.format))
     if config is not None or (data_path and (options or not is_idx_dir(base))):
         overrides = options.overrides()
-        given = {o.partition("=")[0] for o in overrides}
-        if config is None and model.kind == "images":
-            # Image files as the model takes them unless the user said otherwise: its
-            # channels and its size (images of mixed or other sizes are resized to it).
-            h, w, _ = model.image_shape
-            for key, value in (("data.mode", model.mode), ("data.image_size", f"[{h}, {w}]")):
-                if key not in given and value is not None:
-                    overrides.append(f"{key}={value}")
+        if config is None and model.kind == "images":    # read as the model takes images
+            given, (h, w, _) = {o.partition("=")[0] for o in overrides}, model.image_shape
+            wanted = (("data.mode", model.mode), ("data.image_size", f"[{h}, {w}]"))
+            overrides += [f"{k}={v}" for k, v in wanted if k not in given and v is not None]
         try:
             cfg = load_config(config, overrides if config else [f"data.path={base}"] + overrides)
             data, files = load_rows(cfg.data, split)
         except (FileNotFoundError, ValueError) as exc:
-            # Here the image size is this command's flag, not a config key.
-            msg = str(exc).replace(SIZE_KEY, "--image-size H,W (or one int)")
-            if config is not None and config not in msg:
-                msg = f"{config}: {msg}"                   # the run's data moved
-            if msg == str(exc):
+            if config is None or config in str(exc):
                 raise
-            raise type(exc)(msg) from None
+            raise type(exc)(f"{config}: {exc}") from None   # the run's data moved
         where = f"{os.path.abspath(base)}:{split}"
         limit = {"train": cfg.data.limit_train, "test": cfg.data.limit_test}.get(split, 0)
         # data.limit_* keeps a sample: its row i is not row i of the full split, so its ids
