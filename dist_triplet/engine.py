@@ -187,7 +187,9 @@ def run_epoch(stepper: DataParallelStep, batches: np.ndarray, epoch: int, *,
         and the seconds the host sat blocked on the device.
 
     The host waits for the device once every ``sync_every`` steps (to bound MXNet's
-    asynchronous queue and refresh the progress bar), never per step. Per-step loss sums
+    asynchronous queue and refresh the progress bar), never per step, and at the end for
+    all of the epoch's work (its last backward and update are the epoch's time, not the
+    evaluation's that follows). Per-step loss sums
     stay on the device as a list and are fetched once: a small op per step costs ~0.2 ms
     of a ~5 ms CPU step (docs/benchmark.md).
     """
@@ -216,4 +218,5 @@ def run_epoch(stepper: DataParallelStep, batches: np.ndarray, epoch: int, *,
             bar.update(1)
     t_w = time.perf_counter()
     losses = mx.nd.concat(*step_sums, dim=0).asnumpy() / terms
+    mx.nd.waitall()   # the last backward and update too: the epoch's time, not the next phase's
     return losses, wait + time.perf_counter() - t_w
