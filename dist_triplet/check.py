@@ -70,6 +70,7 @@ def preflight(cfg, processes: int = 1) -> str:
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,      # launch/run.sh refuses --config; --conf would slip past it
         prog="python -m dist_triplet.check",
         description="Validate a training config and its data once, before starting ranks.")
     parser.add_argument("--processes", type=int, default=1, metavar="N",

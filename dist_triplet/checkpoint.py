@@ -276,6 +276,8 @@ def check_compatible(meta: CheckpointMeta, config: dict, path: str, *, processes
     new = flat_dict(config)
     policies = resume_policies()
     for key in (k for k, p in policies.items() if p == "fixed"):
+        if key == "model.channels" and new["model.backbone"] != "convnet":
+            continue    # no conv blocks: runs from before it was refused there set it freely
         if saved.get(key) != new[key]:
             raise ValueError(f"cannot resume from {path}: {key} was {saved.get(key)!r} there, "
                              f"is {new[key]!r} now; use the same value or start a fresh run "

@@ -112,9 +112,15 @@ class Evaluator:
         from .retrieval.metrics import RETRIEVAL_METRICS
         try:
             with open(self._cache) as fh:
-                doc = json.load(fh)
-            if not all(isinstance(doc.get(m), float) for m in RETRIEVAL_METRICS):
-                raise ValueError("not every metric")
+                doc = json.load(fh, parse_constant=lambda c: None)   # bare NaN: not ours
+            counts = ("queries", "excluded_queries")
+            if not (isinstance(doc, dict) and all(type(doc.get(k)) is int for k in counts)):
+                raise ValueError("not a dict with integer queries and excluded_queries")
+            for m in RETRIEVAL_METRICS:     # in [0, 1]; null (undefined) only with no query
+                v = doc.get(m)
+                if not (type(v) is float and 0 <= v <= 1 or v is None and doc["queries"] == 0):
+                    raise ValueError(f"{m} is {v!r}")
+                doc[m] = float("nan") if v is None else v
             return doc
         except (OSError, ValueError) as exc:
             log.warning("raw-pixel cache %s unreadable (%s): computing it again", self._cache,

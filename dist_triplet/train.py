@@ -35,6 +35,7 @@ KEY_REFERENCE = ("Every config key, with its meaning, units and default, is docu
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,      # launch/run.sh refuses --config; --conf would slip past it
         prog="python -m dist_triplet.train",
         description="Train a triplet-loss embedding (MXNet Gluon; local, Horovod or kvstore).",
         epilog=KEY_REFERENCE)

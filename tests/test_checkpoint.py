@@ -529,6 +529,23 @@ def test_key_added_after_the_checkpoint_counts_as_its_default():
         ckpt.check_compatible(meta, glob, "ck", processes=1, devices=1, steps=10)
 
 
+def test_channels_saved_by_an_mlp_run_do_not_block_its_resume():
+    """Adversarial trial: an mlp run saved before model.channels was refused outside the
+    convnet (it set channels, which did nothing) could be resumed neither with the saved
+    value (refused as an mlp key) nor without it (refused as a changed fixed key)."""
+    cfg = load_config(None, ["data.dataset=idx", "data.root=/x"]).to_dict()
+    old = {s: dict(v) for s, v in cfg.items()}
+    old["model"]["channels"] = [16]
+    meta = ckpt.CheckpointMeta.from_json(
+        {"config": old, "world_size": 1, "processes": 1, "devices": 1, "steps": 10, "epoch": 0},
+        "ck")
+    assert ckpt.check_compatible(meta, cfg, "ck", processes=1, devices=1, steps=10) == []
+    conv = {s: dict(v) for s, v in cfg.items()}        # on the convnet they are its blocks
+    conv["model"]["backbone"] = old["model"]["backbone"] = "convnet"
+    with pytest.raises(ValueError, match=r"model.channels was \[16\] there, is \[32, 64, "):
+        ckpt.check_compatible(meta, conv, "ck", processes=1, devices=1, steps=10)
+
+
 def test_runs_with_0_based_checkpoint_names_still_resume(two_epoch_run, data_root, tmp_path):
     """Checkpoints written before the names matched the log (epoch-0000 after "epoch 1/N")
     resume as before: the epoch comes from meta.json, and the next save is named as the log

@@ -175,3 +175,45 @@ def test_run_rows_log_line_and_metrics_json(idx_dir, tmp_path, capsys):
     assert {k: result.metrics[k] for k in want} == want
     assert set(doc["raw_pixels"]) >= {"precision_at_1", "r_precision", "map_at_r"}
     assert doc["raw_pixels"] == {**retrieval_metrics(test.images, test.labels)}
+
+
+def test_an_undefined_baseline_is_read_back_from_the_cache(tmp_path, caplog):
+    """Adversarial trial: null metrics (no query has a partner) were 'unreadable' on every
+    later run, which warned and searched again."""
+    test = split([[0.0], [0.1], [0.5], [0.6]], [0, 0, 1, 1])
+    train = split([[0.0], [0.5], [1.0]], [2, 3, 3])
+    cfg = config("eval.raw_cache=true", "eval.gallery=train",
+                 f"output.dir={tmp_path / 'runs' / 'a'}")
+    Evaluator(cfg, test, train)
+    import dist_triplet.retrieval.metrics as metrics_mod
+    caplog.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(metrics_mod, "retrieval_metrics", None)       # would fail if called
+        again = Evaluator(cfg, test, train)
+    assert math.isnan(again.raw["map_at_r"]) and again.raw["queries"] == 0
+    assert "unreadable" not in caplog.text
+
+
+def _without_queries(doc):
+    return json.dumps({k: v for k, v in doc.items() if k != "queries"})
+
+
+@pytest.mark.parametrize("bad", [
+    lambda doc: "[]", lambda doc: "null", lambda doc: "3",
+    lambda doc: json.dumps({"precision_at_1": doc["precision_at_1"]}),
+    _without_queries,
+    lambda doc: json.dumps(dict(doc, precision_at_1=7.0)),
+    lambda doc: json.dumps(dict(doc, precision_at_1=float("nan"))),   # a bare NaN
+], ids=["list", "null", "number", "p1-only", "no-queries", "p1-7", "bare-nan"])
+def test_a_cache_entry_that_is_not_the_baseline_is_recomputed(bad, tmp_path, caplog):
+    """Adversarial trial: a list crashed training (AttributeError), an entry without
+    'queries' crashed at the log line, and P@1 7.0 or a bare NaN were taken as results."""
+    pixels = np.array([[0.0], [1.0], [5.0], [4.0], [9.0], [10.0]]) / 10
+    test = split(pixels, [0, 0, 0, 1, 1, 1])
+    cfg = config("eval.raw_cache=true", f"output.dir={tmp_path / 'runs' / 'a'}")
+    want = Evaluator(cfg, test).raw
+    (path,) = (tmp_path / "runs" / ".cache").iterdir()
+    path.write_text(bad(json.loads(path.read_text())))
+    caplog.clear()
+    again = Evaluator(cfg, test)
+    assert again.raw == want and "unreadable" in caplog.text

@@ -33,7 +33,8 @@ def assert_usage(proc, script):
 
 
 @pytest.mark.parametrize("args", [[], ["0"], ["0", "--", "train.epochs=1"], ["abc"], ["-1"],
-                                  ["1.5"], ["--config", "x.yaml"], ["", "--"], ["2x"]])
+                                  ["1.5"], ["--config", "x.yaml"], ["", "--"], ["2x"],
+                                  ["18446744073709551617"], ["1234567"]])   # would wrap round
 def test_horovod_sh_bad_np_is_usage_and_exit_2(args):
     assert_usage(run_script("horovod.sh", *args), "horovod.sh")
 
@@ -221,7 +222,7 @@ def test_run_sh_np_says_the_batch_it_runs(tmp_path):
     assert calls[1].endswith("train.batch_size=64 distributed.backend=horovod")
 
 
-@pytest.mark.parametrize("np_", ["0", "abc"])
+@pytest.mark.parametrize("np_", ["0", "abc", "18446744073709551617"])
 def test_run_sh_bad_np_is_horovod_sh_usage_alone(tmp_path, np_):
     """A bad NP gets horovod.sh's one usage line, exit 2, and no [run.sh] line before it."""
     proc, calls = run_main_job(tmp_path, np_=np_)
@@ -235,6 +236,17 @@ def test_run_sh_bad_override_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2 and calls == []
     assert proc.stderr.strip().splitlines()[-1] == \
         "error: command line: train.epochs must be an integer, got 'two'"
+
+
+@pytest.mark.parametrize("flag", ["--conf", "--con=configs/debug.yaml"])
+def test_run_sh_abbreviated_config_is_not_read_as_config(tmp_path, flag):
+    """Adversarial trial: argparse took --conf for --config, so a user's config slipped past
+    run.sh's refusal and had its batch rescaled as the recipe's. Now it is an unknown
+    argument: training's one usage error, exit 2, nothing run."""
+    args = [flag] + ([] if "=" in flag else ["configs/debug.yaml"])
+    proc, calls = run_main_job(tmp_path, ["train.epochs=1", *args])
+    assert proc.returncode == 2 and calls == [] and "[run.sh]" not in proc.stderr
+    assert "unrecognized arguments: " + flag in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("args", [["--config", "configs/debug.yaml"], ["--config=x.yaml"]])

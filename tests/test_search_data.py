@@ -18,6 +18,7 @@ pytest.importorskip("faiss", reason="the index is a faiss index")
 pytest.importorskip("PIL", reason="image folders are read with Pillow")
 
 from _data_util import make_images, write_csv, write_folder  # noqa: E402
+from _search_util import error_line  # noqa: E402
 
 from dist_triplet import embed as embed_cli  # noqa: E402
 from dist_triplet import index as index_cli  # noqa: E402
@@ -177,6 +178,32 @@ def test_explicit_folder_and_csv_specs(folder_run, tmp_path, capsys):
                             "--out", str(tmp_path / "r2.jsonl")]) == 2
     line = error_line(capsys)
     assert "--exclude-self" in line and repr(rows[0][0]) in line
+    assert not (tmp_path / "r2.jsonl").exists()
+
+
+def test_namesakes_in_another_folder_are_not_left_out(folder_run, tmp_path, capsys):
+    """Adversarial trial: two folders of one layout give their images the same ids, so
+    searching one against an index of the other said every query 'finds itself' (not so:
+    nearest distances > 0), and --exclude-self left out a different image of each query's
+    name, changing Precision@1 with exit 0. A query is its gallery item only when its
+    embedding is that item's too."""
+    tmp, run, paths = folder_run
+    model = str(run / "model")
+    images, labels = make_images(PER_CLASS, CLASSES, SIDE, SIDE, 3, seed=7)   # other images
+    write_folder(tmp_path / "other", images, labels, NAMES)
+    assert index_cli.main(["--model", model, "--data", f"{tmp / 'shots'}:all",
+                           "--out", str(tmp_path / "ix")]) == 0
+    capsys.readouterr()
+    args = ["--index", str(tmp_path / "ix"), "--query", f"{tmp_path / 'other'}:all", "--k", "2"]
+    assert search_cli.main(args + ["--out", str(tmp_path / "r.jsonl")]) == 0
+    err = capsys.readouterr().err
+    assert "30 of 30 queries have the id of a gallery item" in err, err
+    assert "finds itself" not in err
+    recs = read_jsonl(tmp_path / "r.jsonl")
+    assert min(r["neighbours"][0]["sq_l2"] for r in recs) > 0
+    # --exclude-self would leave out nothing that is the query: an error, nothing written.
+    assert search_cli.main(args + ["--exclude-self", "--out", str(tmp_path / "r2.jsonl")]) == 2
+    assert "--exclude-self: no query of" in error_line(capsys)
     assert not (tmp_path / "r2.jsonl").exists()
 
 

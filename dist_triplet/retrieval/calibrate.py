@@ -64,9 +64,8 @@ def nearest_outcomes(index, model, items, batch_size: int = 2048,
     if items.labels is None:
         raise ValueError(f"calibration data {items.source} carry no labels (pass {labels_flag})")
     codes, note = query_classes(index, items)
-    self_ids = bool(set(items.ids) & set(index.ids))
-    dist, pos, _, _ = search_items(index, model, items, 1, self_ids, batch_size)
-    return dist[:, 0], index.labels[pos[:, 0]] == codes, [note] if note else []
+    dist, pos, _, notes, _ = search_items(index, model, items, 1, None, batch_size)
+    return dist[:, 0], index.labels[pos[:, 0]] == codes, ([note] if note else []) + notes
 
 
 def calibrate(index, model, items, *, target_precision: Optional[float] = 0.9,

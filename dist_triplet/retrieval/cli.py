@@ -157,8 +157,8 @@ def _search(args) -> int:
     model = s.check_model(index, args.model)
     items = read_items(args.query, model.input, args.labels, _options(args))
     codes, note = s.query_classes(index, items)
-    dist, pos, times, notes = s.search_items(index, model, items, args.k, args.exclude_self,
-                                             args.batch_size)
+    dist, pos, times, notes, left = s.search_items(index, model, items, args.k,
+                                                   args.exclude_self, args.batch_size)
     recs = s.records(index, items, dist, pos, codes, thr["threshold"] if thr else None)
     if short := sum(len(r["neighbours"]) < args.k for r in recs):
         notes.append(f"warning: {short} of {len(recs)} queries got fewer than --k {args.k} "
@@ -189,7 +189,7 @@ def _search(args) -> int:
           f"embed {times['embed_s']:.2f} s, search {times['search_s']:.2f} s",
           file=sys.stderr, flush=True)
     if codes is not None:
-        p1, counted = s.precision_at_1(index, items, codes, pos[:, 0], args.exclude_self)
+        p1, counted = s.precision_at_1(index, codes, pos[:, 0], left)
         rejected = sum(r["no_match"] for r in recs)
         print(f"precision@1 {p1:.4f} (nearest neighbour's label, {counted} queries with a "
               "same-class gallery item)" + (f"; {rejected} no match beyond sq_l2 "
@@ -230,7 +230,7 @@ def _calibrate(args) -> int:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     index = Index.load(args.index)
     out = args.out or os.path.join(index.dir, THRESHOLD_FILE)
-    check_out(out, args.force)
+    check_out(out, args.force, "--out" if args.out else "threshold file")
     model = check_model(index, args.model)
     items = read_items(args.data, model.input, args.labels, _options(args))
     held = None if args.holdout is None else read_items(

@@ -256,9 +256,6 @@ class Index:
             self._vectors = self.faiss.reconstruct_n(0, len(self))
         return self._vectors
 
-    def label_name(self, label: int) -> Optional[str]:
-        return None if label < 0 or self.class_names is None else self.class_names[label]
-
     def search(self, queries, k: int, exclude: Optional[np.ndarray] = None,
                progress: Optional[str] = None) -> tuple:
         """Top-``k`` gallery items of ``queries`` (M, D) float32 by :func:`.neighbours.knn`

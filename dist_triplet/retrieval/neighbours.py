@@ -106,8 +106,7 @@ def knn(query, gallery, k: int, *, exclude: Optional[np.ndarray] = None, index=N
     (near-collapse, many ties) goes to a float64 GEMM, within 2 (D + 8) 2^-53 (...):
     pairs it puts below the snap are 0, the others that may reach the top k get exact
     keys. An approximate ``index`` has its candidates re-ranked alike (tol from the
-    uncentred norms) but may miss items. Blocks of queries run on up to 4 threads (NumPy's
-    sorts release the GIL: k = R on 10,000 128-D points 3.1 -> 2.1 s on 2 cores).
+    uncentred norms) but may miss items. Query blocks run on up to 4 threads.
 
     Args:
         query: (Q, D) float (taken as float32, as faiss takes it), finite.

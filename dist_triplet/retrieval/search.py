@@ -95,39 +95,50 @@ def query_classes(index: Index, items) -> Tuple[Optional[np.ndarray], Optional[s
                      f"{', '.join(map(repr, g_names[:5]))}): nothing to compare")
 
 
-def search_items(index: Index, model: Model, items, k: int, exclude_self: bool = False,
-                 batch_size: int = 2048) -> tuple:
-    """Embed ``items`` and search ``index``: (dist (M, k) float64 squared L2, pos (M, k)
-    int64, {"embed_s", "search_s"}, notes for stderr). ``exclude_self`` leaves out the
-    gallery item with the query's id (ValueError when no query id is a gallery id)."""
+def search_items(index: Index, model: Model, items, k: int,
+                 exclude_self: Optional[bool] = False, batch_size: int = 2048) -> tuple:
+    """Embed ``items``, search ``index``: (dist (M, k) float64 squared L2, pos (M, k) int64,
+    {"embed_s", "search_s"}, notes for stderr, left (M,) int64 gallery item left out or -1).
+    ``exclude_self`` leaves out the query's own item, by id (True: ValueError if none; None:
+    where any), unless its embedding differs by over 1e-6 of the squared norms (a namesake:
+    other data under the same names, e.g. two folders of one layout; a note says so)."""
     t0 = time.perf_counter()
     emb = model.embed(items.x, batch_size, desc="embedding queries", source=items.source)
     times = {"embed_s": time.perf_counter() - t0}
     where = {item: i for i, item in enumerate(index.ids)}
     same = np.array([where.get(item, -1) for item in items.ids], np.int64)
+    hit = np.flatnonzero(same >= 0)
+    q, g = emb[hit].astype(np.float64), index.vectors()[same[hit]].astype(np.float64)
+    alias = hit[((q - g) ** 2).sum(1) > 1e-6 * ((q ** 2).sum(1) + (g ** 2).sum(1))]
+    same[alias] = -1
+    notes = [f"note: {alias.size} of {len(emb)} queries have the id of a gallery item of "
+             f"{index.dir} but not its embedding (e.g. {items.ids[alias[0]]!r}): other data "
+             "under the same names, searched as new items"] if alias.size else []
     if exclude_self and not (same >= 0).any():
-        raise ValueError(f"--exclude-self: no query id of {items.source} is an item id "
-                         f"of {index.dir} (e.g. {items.ids[0]!r} vs {index.ids[0]!r}); "
-                         "index and query the same data spec to leave one out")
+        raise ValueError(f"--exclude-self: no query of {items.source} is an item of "
+                         f"{index.dir} by id and embedding (e.g. {items.ids[0]!r} vs "
+                         f"{index.ids[0]!r}); index and query the same data spec to leave "
+                         "one out")
     t0 = time.perf_counter()
-    dist, pos = index.search(emb, k, same if exclude_self else None, progress="searching")
+    left = same if exclude_self is not False else np.full_like(same, -1)
+    dist, pos = index.search(emb, k, left if (left >= 0).any() else None, progress="searching")
     times["search_s"] = time.perf_counter() - t0
-    notes = []
-    if not exclude_self:
+    if exclude_self is False:
         if selves := int(np.count_nonzero((same >= 0) | (dist[:, 0] == 0))):
             notes.append(f"note: {selves} of {len(emb)} queries are gallery items or exact "
                          "copies of one (distance 0): each finds itself; pass --exclude-self "
                          "to leave it out")
-    return dist, pos, times, notes
+    return dist, pos, times, notes, left
 
 
 def records(index: Index, items, dist, pos, codes, threshold: Optional[float]) -> List[dict]:
     """One dict per query: ``{"query", "query_label", "prediction", "no_match",
     "correct", "neighbours": [{"rank", "id", "label", "sq_l2"}, ...]}``."""
-    out = []
+    out, names = [], index.class_names
     for i in range(len(dist)):
-        nb = [{"rank": r + 1, "id": index.ids[p], "label": index.label_name(int(index.labels[p])),
-               "sq_l2": float(d)} for r, (d, p) in enumerate(zip(dist[i], pos[i])) if p >= 0]
+        nb = [{"rank": r + 1, "id": index.ids[p], "label": None if index.labels[p] < 0 or
+               names is None else names[index.labels[p]], "sq_l2": float(d)}
+              for r, (d, p) in enumerate(zip(dist[i], pos[i])) if p >= 0]
         no_match = threshold is not None and not dist[i, 0] <= threshold
         correct = None if codes is None else bool(
             not no_match and pos[i, 0] >= 0 and codes[i] == index.labels[pos[i, 0]])
@@ -153,16 +164,13 @@ def format_records(recs: List[dict], fmt: str) -> str:
     return buf.getvalue()
 
 
-def precision_at_1(index: Index, items, codes: np.ndarray, nearest: np.ndarray,
-                   exclude_self: bool) -> Tuple[float, int]:
-    """(share of queries whose nearest item has their class, queries counted): over the
-    queries with another gallery item of their class, as the run's metric counts them."""
+def precision_at_1(index: Index, codes: np.ndarray, nearest: np.ndarray,
+                   left: np.ndarray) -> Tuple[float, int]:
+    """(share of queries whose nearest item has their class, queries counted) over the
+    queries with another gallery item of their class than ``left`` (:func:`search_items`)."""
     counts = np.bincount(index.labels[index.labels >= 0], minlength=int(codes.max(initial=0)) + 1)
     have = np.where(codes >= 0, counts[np.maximum(codes, 0)], 0)
-    if exclude_self:
-        where = {item: i for i, item in enumerate(index.ids)}
-        g = np.array([where.get(item, -1) for item in items.ids])
-        have -= (g >= 0) & (index.labels[np.maximum(g, 0)] == codes)
+    have -= (left >= 0) & (index.labels[np.maximum(left, 0)] == codes)
     counted = have > 0
     if not counted.any():
         return float("nan"), 0

@@ -40,9 +40,6 @@ class DataOptions:
             out.append(f"{key if key.startswith('data.') else 'data.' + key}={value}")
         return out
 
-    def __bool__(self) -> bool:
-        return bool(self.format or self.mode or self.image_size or self.sets)
-
 
 @dataclass
 class ModelInput:
@@ -190,9 +187,8 @@ def _from_split(data, split: str, files, where: str, labels_path) -> Items:
 
 def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
                options: Optional[DataOptions] = None) -> Items:
-    """The rows of data ``spec`` (module docstring), checked against ``model``'s input.
-    Image files of a data path are read in the model's mode and image size (its
-    meta.json) unless ``options`` set ``data.mode`` / ``data.image_size``.
+    """The rows of data ``spec`` (module docstring), checked against ``model``'s input;
+    image files at the model's mode and size unless ``options`` set them.
 
     Raises:
         FileNotFoundError / ValueError: missing or invalid files, an unknown split, a row
@@ -203,6 +199,7 @@ def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
     from ..data import FASHION_MNIST_ROOT, is_idx_dir, load_dataset, load_rows
 
     options = options or DataOptions()
+    given = bool(options.overrides())           # any data option at all
     base, split = spec, "test"
     head, sep, tail = spec.rpartition(":")
     if sep and tail in SPLITS:
@@ -218,12 +215,12 @@ def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
         config = base
     data_path = os.path.isdir(base) or (os.path.isfile(base) and base.lower().endswith(
         (".npz", ".csv"))) or (os.path.exists(base) and bool(options.format))
-    if config is not None or (data_path and (options or not is_idx_dir(base))):
+    if config is not None or (data_path and (given or not is_idx_dir(base))):
         overrides = options.overrides()
         if config is None and model.kind == "images":    # read as the model takes images
-            given, (h, w, _) = {o.partition("=")[0] for o in overrides}, model.image_shape
+            keys, (h, w, _) = {o.partition("=")[0] for o in overrides}, model.image_shape
             wanted = (("data.mode", model.mode), ("data.image_size", f"[{h}, {w}]"))
-            overrides += [f"{k}={v}" for k, v in wanted if k not in given and v is not None]
+            overrides += [f"{k}={v}" for k, v in wanted if k not in keys and v is not None]
         try:
             cfg = load_config(config, overrides if config else [f"data.path={base}"] + overrides)
             data, files = load_rows(cfg.data, split)
@@ -238,7 +235,7 @@ def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
         tag = f"{split}[limit {limit}, seed {cfg.data.split_seed}]" if limit and \
             files is None else split
         return _check_input(_from_split(data, tag, files, where, labels_path), model)
-    if options:
+    if given:
         raise ValueError(f"data {spec}: --data-format/--mode/--image-size/--set describe a "
                          "data path or a run's data; this spec is a named data set or a file")
     if base in ("fashion_mnist", "mnist") or os.path.isdir(base):
