@@ -140,9 +140,9 @@ def check_can_write(path: str, what: str) -> None:
 
 
 def check_out(out: str, force: bool, what: str = "--out", file: bool = True) -> None:
-    """The output rule of every retrieval command, before any work: refuse a directory as a ``file``, an
-    existing ``out`` without ``force``; make missing parent directories and prove they
-    can be written. ValueError (one line naming ``what`` and ``out``)."""
+    """The output rule of every retrieval command, before any work: refuse a directory as
+    a ``file``, an existing ``out`` without ``force``; make missing parent directories and
+    prove they can be written. ValueError (one line naming ``what`` and ``out``)."""
     if file and os.path.isdir(out):
         raise ValueError(f"{what} {out} is a directory: pass a file name")
     if os.path.exists(out) and not force:
