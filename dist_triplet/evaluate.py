@@ -110,19 +110,24 @@ class Evaluator:
         if self._cache is None or not os.path.exists(self._cache):
             return None
         from .retrieval.metrics import RETRIEVAL_METRICS
+        n, most = len(self.test.labels), self.cfg.eval.max_queries or len(self.test.labels)
         try:
             with open(self._cache) as fh:
                 doc = json.load(fh, parse_constant=lambda c: None)   # bare NaN: not ours
-            counts = ("queries", "excluded_queries")
-            if not (isinstance(doc, dict) and all(type(doc.get(k)) is int for k in counts)):
-                raise ValueError("not a dict with integer queries and excluded_queries")
-            for m in RETRIEVAL_METRICS:     # in [0, 1]; null (undefined) only with no query
+            q, ex = (doc.get(k) if isinstance(doc, dict) else None
+                     for k in ("queries", "excluded_queries"))
+            if not (type(q) is int and type(ex) is int and 0 <= ex <= n
+                    and 0 <= q <= min(n - ex, most)):
+                raise ValueError(f"queries {q!r} and excluded_queries {ex!r} do not fit the "
+                                 f"{n} test items")
+            for m in RETRIEVAL_METRICS:     # in [0, 1] with queries; null (undefined) without
                 v = doc.get(m)
-                if not (type(v) is float and 0 <= v <= 1 or v is None and doc["queries"] == 0):
-                    raise ValueError(f"{m} is {v!r}")
-                doc[m] = float("nan") if v is None else v
-            return doc
-        except (OSError, ValueError) as exc:
+                if not (type(v) is float and 0 <= v <= 1 and q > 0 or v is None and q == 0):
+                    raise ValueError(f"{m} is {v!r} with {q} queries")
+            out = {k: float("nan") if doc[k] is None else doc[k]
+                   for k in RETRIEVAL_METRICS + ("queries", "excluded_queries")}
+            return dict(out, approximate=True) if doc.get("approximate") is True else out
+        except (OSError, ValueError, RecursionError) as exc:
             log.warning("raw-pixel cache %s unreadable (%s): computing it again", self._cache,
                         exc)
             return None

@@ -32,6 +32,18 @@ def test_threshold_choice_by_hand():
         choose_threshold(d, np.zeros(7, bool) | (d == 10), 1.01)
 
 
+def test_a_query_without_a_neighbour_never_makes_the_threshold_infinite():
+    """Adversarial trial: on an ivf index a query could get no neighbour (position -1,
+    distance inf); it was read as right (the last gallery item's label) and best F1 chose
+    the infinite threshold, written as null and refused by search."""
+    d = np.array([10, 40, 20, 50, 30, 60, 45], float)
+    right = np.array([1, 0, 1, 0, 1, 0, 1], bool)
+    assert choose_threshold(np.r_[d, np.inf], np.r_[right, False], best_f1=True) == 45
+    assert choose_threshold(np.r_[d, np.inf], np.r_[right, True], best_f1=True) == 45
+    with pytest.raises(ValueError, match="no calibration query has a neighbour"):
+        choose_threshold(np.full(3, np.inf), np.ones(3, bool), best_f1=True)
+
+
 def test_calibrate_finds_the_known_threshold_and_search_rejects_beyond_it(setup, capsys):
     tmp, model, data, index_dir = setup
     hold = tmp / "hold"

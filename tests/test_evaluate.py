@@ -204,7 +204,13 @@ def _without_queries(doc):
     _without_queries,
     lambda doc: json.dumps(dict(doc, precision_at_1=7.0)),
     lambda doc: json.dumps(dict(doc, precision_at_1=float("nan"))),   # a bare NaN
-], ids=["list", "null", "number", "p1-only", "no-queries", "p1-7", "bare-nan"])
+    lambda doc: json.dumps(dict(doc, queries=-6, excluded_queries=-3)),
+    lambda doc: json.dumps(dict(doc, queries=10 ** 32)),
+    lambda doc: json.dumps(dict(doc, excluded_queries=1000)),          # 6 test items
+    lambda doc: json.dumps(dict(doc, queries=0)),                      # metrics of nothing
+    lambda doc: "[" * 100_000 + "]" * 100_000,                         # RecursionError
+], ids=["list", "null", "number", "p1-only", "no-queries", "p1-7", "bare-nan", "negative",
+        "huge", "excluded-beyond", "zero-queries", "deep"])
 def test_a_cache_entry_that_is_not_the_baseline_is_recomputed(bad, tmp_path, caplog):
     """Adversarial trial: a list crashed training (AttributeError), an entry without
     'queries' crashed at the log line, and P@1 7.0 or a bare NaN were taken as results."""
@@ -217,3 +223,15 @@ def test_a_cache_entry_that_is_not_the_baseline_is_recomputed(bad, tmp_path, cap
     caplog.clear()
     again = Evaluator(cfg, test)
     assert again.raw == want and "unreadable" in caplog.text
+
+
+def test_a_cache_entry_gives_only_the_baselines_keys(tmp_path):
+    """Adversarial trial: extra keys in a cache file were copied into metrics.json."""
+    pixels = np.array([[0.0], [1.0], [5.0], [4.0], [9.0], [10.0]]) / 10
+    test = split(pixels, [0, 0, 0, 1, 1, 1])
+    cfg = config("eval.raw_cache=true", f"output.dir={tmp_path / 'runs' / 'a'}")
+    want = Evaluator(cfg, test).raw
+    (path,) = (tmp_path / "runs" / ".cache").iterdir()
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), note="injected",
+                                    final={"precision_at_1": 1.0})))
+    assert Evaluator(cfg, test).raw == want

@@ -330,3 +330,15 @@ def test_limited_run_rows_do_not_pass_for_the_full_datas_ids(setup, capsys):
     assert search_cli.main(["--index", str(ix), "--query", f"{cfg}:train", "--exclude-self",
                             "--k", "1", "--out", str(tmp / "y.jsonl")]) == 0
     assert all(r["neighbours"][0]["id"] != r["query"] for r in read_jsonl(tmp / "y.jsonl"))
+
+
+def test_precision_at_1_counts_a_query_without_a_neighbour_as_a_miss():
+    """Adversarial trial: position -1 (an approximate index found nothing) read the last
+    gallery item's label, so such a query counted as right: P@1 1.0000 while the jsonl
+    said 99 of 100."""
+    from dist_triplet.retrieval.index import Index
+    from dist_triplet.retrieval.search import precision_at_1
+    ix = Index.build(np.eye(3, dtype=np.float32), labels=[0, 0, 1])
+    p1, counted = precision_at_1(ix, np.array([0, 1, 1]), np.array([1, -1, 2]),
+                                 np.full(3, -1))
+    assert (p1, counted) == (2 / 3, 3)

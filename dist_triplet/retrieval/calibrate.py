@@ -38,6 +38,9 @@ def choose_threshold(dist, right, target_precision: Optional[float] = None,
     if len(dist) == 0:
         raise ValueError("no calibration queries")
     t, precision, _, f1 = curve(dist, right)
+    t, precision, f1 = t[np.isfinite(t)], precision[np.isfinite(t)], f1[np.isfinite(t)]
+    if not t.size:
+        raise ValueError("no calibration query has a neighbour at a finite distance")
     if best_f1:
         return float(t[int(np.argmax(f1))])
     ok = np.flatnonzero(precision >= target_precision)
@@ -65,7 +68,8 @@ def nearest_outcomes(index, model, items, batch_size: int = 2048,
         raise ValueError(f"calibration data {items.source} carry no labels (pass {labels_flag})")
     codes, note = query_classes(index, items)
     dist, pos, _, notes, _ = search_items(index, model, items, 1, None, batch_size)
-    return dist[:, 0], index.labels[pos[:, 0]] == codes, ([note] if note else []) + notes
+    right = (pos[:, 0] >= 0) & (index.labels[pos[:, 0]] == codes)    # -1: no neighbour
+    return dist[:, 0], right, ([note] if note else []) + notes
 
 
 def calibrate(index, model, items, *, target_precision: Optional[float] = 0.9,

@@ -47,12 +47,10 @@ def load_threshold(index: Index, path: Optional[str] = None) -> Optional[dict]:
     """The calibrated threshold of ``index``: ``path``, else INDEX_DIR/threshold.json,
     else None. ValueError: invalid JSON, no finite ``threshold`` >= 0, or calibrated
     for another index (both ids named)."""
-    explicit = path is not None
-    path = path if explicit else os.path.join(index.dir, THRESHOLD_FILE)
-    if not os.path.isfile(path):
-        if explicit:
-            raise ValueError(f"threshold file {path} does not exist")
+    if path is None and not os.path.isfile(path := os.path.join(index.dir, THRESHOLD_FILE)):
         return None
+    if not os.path.isfile(path):
+        raise ValueError(f"threshold file {path} does not exist")
     try:
         with open(path) as fh:
             doc = json.load(fh)
@@ -115,10 +113,11 @@ def search_items(index: Index, model: Model, items, k: int,
              f"{index.dir} but not its embedding (e.g. {items.ids[alias[0]]!r}): other data "
              "under the same names, searched as new items"] if alias.size else []
     if exclude_self and not (same >= 0).any():
-        raise ValueError(f"--exclude-self: no query of {items.source} is an item of "
-                         f"{index.dir} by id and embedding (e.g. {items.ids[0]!r} vs "
-                         f"{index.ids[0]!r}); index and query the same data spec to leave "
-                         "one out")
+        raise ValueError(f"--exclude-self: no query of {items.source} is an item of {index.dir} "
+                         + (f"(the {alias.size} ids they share name other embeddings, e.g. "
+                            f"{items.ids[alias[0]]!r})" if alias.size else f"by id (e.g. "
+                            f"{items.ids[0]!r} vs {index.ids[0]!r})") + "; index and query "
+                         "the same data spec to leave one out")
     t0 = time.perf_counter()
     left = same if exclude_self is not False else np.full_like(same, -1)
     dist, pos = index.search(emb, k, left if (left >= 0).any() else None, progress="searching")
@@ -142,9 +141,8 @@ def records(index: Index, items, dist, pos, codes, threshold: Optional[float]) -
         no_match = threshold is not None and not dist[i, 0] <= threshold
         correct = None if codes is None else bool(
             not no_match and pos[i, 0] >= 0 and codes[i] == index.labels[pos[i, 0]])
-        out.append({"query": items.ids[i],
-                    "query_label": None if items.labels is None else
-                    items.class_names[items.labels[i]],
+        out.append({"query": items.ids[i], "query_label": None if items.labels is None
+                    else items.class_names[items.labels[i]],
                     "prediction": None if no_match or not nb else nb[0]["label"],
                     "no_match": bool(no_match), "correct": correct, "neighbours": nb})
     return out
@@ -171,10 +169,8 @@ def precision_at_1(index: Index, codes: np.ndarray, nearest: np.ndarray,
     counts = np.bincount(index.labels[index.labels >= 0], minlength=int(codes.max(initial=0)) + 1)
     have = np.where(codes >= 0, counts[np.maximum(codes, 0)], 0)
     have -= (left >= 0) & (index.labels[np.maximum(left, 0)] == codes)
-    counted = have > 0
-    if not counted.any():
-        return float("nan"), 0
-    return float(np.mean(index.labels[nearest[counted]] == codes[counted])), int(counted.sum())
+    counted, hit = have > 0, (nearest >= 0) & (index.labels[nearest] == codes)   # -1: a miss
+    return float(np.mean(hit[counted])) if counted.any() else float("nan"), int(counted.sum())
 
 
 def grid_queries(codes: Optional[np.ndarray], n: int, rows: int) -> np.ndarray:
