@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 from .augment import augmentation
 from .config import ConfigError, ModelConfig, load_config
+from .configfile import CommandLine
 from .plan import make_plan, read_resume_meta
 from .rundir import check_dir_path, resume_for
 
@@ -69,8 +70,7 @@ def preflight(cfg, processes: int = 1) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,      # launch/run.sh refuses --config; --conf would slip past it
+    parser = CommandLine(
         prog="python -m dist_triplet.check",
         description="Validate a training config and its data once, before starting ranks.")
     parser.add_argument("--processes", type=int, default=1, metavar="N",

@@ -1,5 +1,6 @@
 """Reading a YAML config file: one mapping, duplicate keys refused, and every error one
-line naming the file (and the line) -- what config.py builds the run's config from.
+line naming the file (and the line) -- what config.py builds the run's config from; and
+the trainer's and the pre-flight check's command line (:class:`CommandLine`).
 
 PyYAML keeps the last of two equal keys silently, so :class:`UniqueKeyLoader` refuses
 them; :func:`read_yaml` returns the document with the line of each key, so that config.py
@@ -7,6 +8,7 @@ can name the line of a bad value.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import typing
@@ -14,12 +16,23 @@ from typing import Any, List
 
 import yaml
 
-__all__ = ["ConfigError", "UniqueKeyLoader", "yaml_problem", "key_lines", "read_yaml",
-           "parse_value"]
+__all__ = ["ConfigError", "CommandLine", "UniqueKeyLoader", "yaml_problem", "key_lines",
+           "read_yaml", "parse_value"]
 
 
 class ConfigError(ValueError):
     """A config file, key or value is invalid; the message names it."""
+
+
+class CommandLine(argparse.ArgumentParser):
+    """argparse without abbreviations (``--conf`` is not ``--config``: launch/run.sh refuses
+    the one and would miss the other), whose errors are one line and exit status 2."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (--help lists the options)\n")
 
 
 class UniqueKeyLoader(yaml.SafeLoader):

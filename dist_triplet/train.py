@@ -23,6 +23,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 from .config import ConfigError, config_yaml, load_config, parse_devices
+from .configfile import CommandLine
 from .launcher import choose_backend, launcher_rank, local_size
 
 StepHook = Callable[[int, int], None]
@@ -34,8 +35,7 @@ KEY_REFERENCE = ("Every config key, with its meaning, units and default, is docu
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,      # launch/run.sh refuses --config; --conf would slip past it
+    parser = CommandLine(
         prog="python -m dist_triplet.train",
         description="Train a triplet-loss embedding (MXNet Gluon; local, Horovod or kvstore).",
         epilog=KEY_REFERENCE)
