@@ -5,6 +5,8 @@ export PATH="$VENV/bin:$PATH"
 # threads_per_proc N: cores of this host divided among N processes (at least 1), so CPU
 # ranks do not oversubscribe the cores. Users can still set OMP_NUM_THREADS themselves.
 threads_per_proc() { local n=$(( $(nproc) / $1 )); echo $(( n > 0 ? n : 1 )); }
+# count N: N is a whole number from 1 to 999999 (ranks, slots; more digits overflow bash).
+count() { [[ "$1" =~ ^[0-9]{1,6}$ ]] && [ "$((10#$1))" -ge 1 ]; }
 # host_gpus: GPUs MXNet sees here. Without an NVIDIA device node there are none, and the
 # answer costs nothing; with one, MXNet is asked (mx.context.num_gpus(), a 2 s import).
 host_gpus() {

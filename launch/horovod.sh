@@ -12,8 +12,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 usage="usage: launch/horovod.sh NP [HOSTS] [-- train args...]"
 [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
 NP="$1"; shift
-# NP: a whole number from 1 to 999999 (0 would start nothing and exit 0; more digits overflow).
-[[ "$NP" =~ ^[0-9]{1,6}$ ]] && [ "$((10#$NP))" -ge 1 ] || {
+# NP: a count (_env.sh; 0 would start nothing and exit 0).
+count "$NP" || {
   echo "$usage (NP must be an integer from 1 to 999999, got '$NP')" >&2; exit 2; }
 NP=$((10#$NP))
 HOSTS="localhost:$NP"
@@ -27,7 +27,7 @@ esac
 IFS=, read -r -a _entries <<<"$HOSTS"
 [[ "$HOSTS" != *, && "$HOSTS" != ,* && "$HOSTS" != *,,* && ${#_entries[@]} -ge 1 ]] || _bad=1
 for _e in "${_entries[@]}"; do
-  if [[ "$_e" =~ ^[A-Za-z0-9._-]+:([0-9]{1,6})$ ]] && [ "$((10#${BASH_REMATCH[1]}))" -ge 1 ]; then :
+  if [[ "$_e" =~ ^[A-Za-z0-9._-]+:([0-9]+)$ ]] && count "${BASH_REMATCH[1]}"; then :
   else _bad=1; fi
 done
 [ -z "${_bad:-}" ] || {

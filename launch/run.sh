@@ -32,7 +32,7 @@ PK="P x K batches per rank, not rescaled (global batch: ranks x sampler.p x samp
 if [ -n "${NP:-}" ]; then
   # NP given: N ranks of train.batch_size each, as given. horovod.sh checks NP itself (its
   # one usage line, exit 2), so the line below is for a valid NP only.
-  if [[ "$NP" =~ ^[0-9]{1,6}$ ]] && [ "$((10#$NP))" -ge 1 ]; then
+  if count "$NP"; then
     N=$((10#$NP))
     BATCH="global batch $((N * B)) = $N x $B (train.batch_size per rank, not rescaled)"
     [ "$KIND" = offline ] || BATCH="$PK"
