@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 from contextlib import contextmanager
-from typing import IO, Iterator
+from typing import IO, Iterator, Optional
 
 
 def temp_name(path: str) -> str:
@@ -139,10 +139,13 @@ def check_can_write(path: str, what: str) -> None:
                          f"{exc.strerror or exc}") from None
 
 
-def check_out(out: str, force: bool, what: str = "--out", file: bool = True) -> None:
+def check_out(out: Optional[str], force: bool, what: str = "--out", file: bool = True) -> None:
     """The output rule of every retrieval command, before any work: refuse a directory as
     a ``file``, an existing ``out`` without ``force``; make missing parent directories and
-    prove they can be written. ValueError (one line naming ``what`` and ``out``)."""
+    prove they can be written. ValueError (one line naming ``what`` and ``out``). ``out``
+    None (an option not given): nothing to check."""
+    if out is None:
+        return
     if file and os.path.isdir(out):
         raise ValueError(f"{what} {out} is a directory: pass a file name")
     if os.path.exists(out) and not force:

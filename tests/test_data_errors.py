@@ -124,19 +124,29 @@ def test_not_an_npz(tmp_path):
 # ----------------------------------------------------------------------------- csv
 
 def test_csv_errors(tmp_path):
-    write_png(tmp_path / "a.png", np.zeros((2, 2, 3), np.uint8))
+    for name in ("a.png", "b.png"):
+        write_png(tmp_path / name, np.zeros((2, 2, 3), np.uint8))
     write_csv(tmp_path / "no_label.csv", [("a.png",)], "path")
     fails(data_cfg(path=str(tmp_path / "no_label.csv")), ValueError, "no_label.csv",
           "missing column(s) label", "found columns path")
     write_csv(tmp_path / "bad_label.csv", [("a.png", 0), ("a.png", "cat")])
     fails(data_cfg(path=str(tmp_path / "bad_label.csv")), ValueError, "bad_label.csv",
           "line 3", "'cat'", "not an integer")
-    write_csv(tmp_path / "bad_split.csv", [("a.png", 0, "train"), ("a.png", 1, "dev")],
+    write_csv(tmp_path / "bad_split.csv", [("a.png", 0, "train"), ("b.png", 1, "dev")],
               "path,label,split")
     fails(data_cfg(path=str(tmp_path / "bad_split.csv")), ValueError, "line 3", "'dev'")
-    write_csv(tmp_path / "missing.csv", [("a.png", 0), ("b.png", 1)])
+    write_csv(tmp_path / "missing.csv", [("a.png", 0), ("c.png", 1)])
     fails(data_cfg(path=str(tmp_path / "missing.csv")), FileNotFoundError, "line 3",
-          str(tmp_path / "b.png"))
+          str(tmp_path / "c.png"))
+    # One image on two rows (here spelt two ways) would be one id twice, and could sit in
+    # both splits.
+    write_csv(tmp_path / "twice.csv", [("a.png", 0), ("b.png", 1), ("./sub/../a.png", 1)])
+    fails(data_cfg(path=str(tmp_path / "twice.csv")), ValueError, "twice.csv", "line 4",
+          str(tmp_path / "a.png"), "first on line 2")
+    # One label: the reader takes it (a gallery); training data need two classes.
+    write_csv(tmp_path / "one.csv", [("a.png", 3), ("b.png", 3)])
+    fails(data_cfg(path=str(tmp_path / "one.csv")), ValueError, "one.csv",
+          "fewer than 2 classes")
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -187,6 +187,14 @@ def test_one_class_gallery_is_allowed(tmp_path, capsys):
                            "--mode", "L", "--out", str(tmp_path / "ix")]) == 0
     ix = Index.load(str(tmp_path / "ix"))
     assert len(ix) == 5 and ix.class_names == ("shoe",)
+    # The same for a CSV of one label (its reader refused it: "triplets need 2 classes").
+    from _data_util import write_csv
+    write_csv(tmp_path / "shots.csv", [(f"shots/shoe/{f}", 7) for f in
+                                       sorted(os.listdir(tmp_path / "shots" / "shoe"))])
+    assert index_cli.main(["--model", model, "--data", f"{tmp_path / 'shots.csv'}:all",
+                           "--mode", "L", "--out", str(tmp_path / "ix_csv")]) == 0
+    ix = Index.load(str(tmp_path / "ix_csv"))
+    assert len(ix) == 5 and ix.class_names == ("7",)
 
 
 def test_image_folder_of_mixed_sizes_takes_the_models_image_size(tmp_path, capsys):

@@ -141,6 +141,11 @@ def test_order_only_without_distances_and_k_bounds():
         knn(np.full((1, 3), np.nan, np.float32), emb, 1)
     with pytest.raises(ValueError, match="gallery rows 3"):
         knn(np.zeros((1, 4), np.float32), emb, 1)
+    # An exclusion past the gallery, and an index over other rows, were IndexErrors.
+    with pytest.raises(ValueError, match=r"in \[-1, 20\).*values 0\.\.20"):
+        knn(emb, emb, 1, exclude=np.r_[np.arange(19), 20])
+    with pytest.raises(ValueError, match="holds 20 items, the gallery 19 rows"):
+        knn(emb[:19], emb[:19], 1, index=build_faiss(emb, "hnsw")[0])
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])

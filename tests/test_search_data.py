@@ -331,3 +331,14 @@ def test_data_options_need_a_data_path_and_a_moved_run_names_its_config(folder_r
     assert index_cli.main(["--model", model, "--data", f"{moved}:all",
                            "--set", f"path={tmp / 'shots'}", "--out", str(tmp_path / "ix")]) == 0
     assert len(Index.load(str(tmp_path / "ix"))) == CLASSES * PER_CLASS
+
+
+def test_set_and_its_own_option_for_one_key_is_an_error(folder_run, tmp_path, capsys):
+    # --set image_size=8 used to win silently over --image-size 12 (it came later).
+    tmp, run, _ = folder_run
+    assert index_cli.main(["--model", str(run / "model"), "--data", f"{tmp / 'shots'}:all",
+                           "--image-size", "12", "--set", "image_size=8",
+                           "--out", str(tmp_path / "ix")]) == 2
+    line = error_line(capsys)
+    assert "--image-size 12" in line and "data.image_size" in line and "image_size=8" in line
+    assert not (tmp_path / "ix").exists()

@@ -214,12 +214,15 @@ def csv_source(path: str, mode: str = "RGB",
         FileNotFoundError: the CSV or an image it names is missing (line number given).
         ValueError: no ``path`` / ``label`` column (the message lists the columns found);
             a label that is not an integer or a split value not train/validation/test
-            (line and value named); fewer than 2 classes; no rows.
+            (line and value named); an image listed twice (both lines named); no rows.
+            One class is fine here (a gallery); training needs two
+            (:func:`.split.check_training`).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: CSV file does not exist")
     base = os.path.dirname(os.path.abspath(path))
     rows: List[Tuple[str, int, Optional[str]]] = []
+    seen: dict = {}                         # image file -> the line that first listed it
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         cols = [c.strip() for c in (reader.fieldnames or [])]
@@ -239,9 +242,12 @@ def csv_source(path: str, mode: str = "RGB",
             file = (rec.get("path") or "").strip()
             if not file:
                 raise ValueError(f"{path}: line {line}: empty path")
-            file = file if os.path.isabs(file) else os.path.join(base, file)
+            file = os.path.normpath(file if os.path.isabs(file) else os.path.join(base, file))
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"{path}: line {line}: image {file} does not exist")
+            if (first := seen.setdefault(file, line)) != line:   # one id, two rows
+                raise ValueError(f"{path}: line {line}: image {file} is listed again (first "
+                                 f"on line {first}); list each image once")
             split = None
             if has_split:
                 raw = (rec.get("split") or "").strip()
@@ -252,10 +258,7 @@ def csv_source(path: str, mode: str = "RGB",
             rows.append((file, label, split))
     if not rows:
         raise ValueError(f"{path}: holds no rows after its header")
-    values = np.unique([r[1] for r in rows])
-    if values.size < 2:
-        raise ValueError(f"{path}: every row has label {int(values[0])}; triplets need at "
-                         "least 2 classes")
+    values = np.unique([r[1] for r in rows])    # one class: a gallery (as folder_source)
     names = tuple(str(int(v)) for v in values)
     groups = {"train": [], "test": []} if has_split else {"all": []}
     for file, label, split in rows:

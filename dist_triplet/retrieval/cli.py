@@ -146,9 +146,8 @@ def search_main(argv: Optional[Sequence[str]] = None) -> int:
 def _search(args) -> int:
     from . import search as s
     _positive(args, "k", "grid_rows", "batch_size")
-    for path in (args.out, args.grid):
-        if path is not None:
-            check_out(path, args.force, "--out" if path == args.out else "--grid")
+    check_out(args.out, args.force)
+    check_out(args.grid, args.force, "--grid")
     index = Index.load(args.index)
     if args.k > len(index) - args.exclude_self:
         raise ValueError(f"--k {args.k} is larger than the gallery of {args.index} ({len(index)} "

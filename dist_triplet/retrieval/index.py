@@ -173,8 +173,7 @@ class Index:
                            else list(self.class_names)}, fh)
             if self.images is not None:
                 np.save(os.path.join(tmp, "images.npy"), self.images)
-            files = {f: sha256_file(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
-            self.meta.files = files
+            self.meta.files = {f: sha256_file(f"{tmp}/{f}") for f in sorted(os.listdir(tmp))}
             self.meta.index_id = self.meta.content_id()
             with open(os.path.join(tmp, "meta.json"), "w") as fh:
                 json.dump(asdict(self.meta), fh, indent=1)
@@ -240,10 +239,7 @@ class Index:
         if meta.input not in (None, "features" if meta.image_shape is None else "images"):
             raise ValueError(f"{meta_path}: key 'input' is {meta.input!r} but key 'image_shape' "
                              f"is {meta.image_shape}: corrupt or edited index; rebuild it")
-        if meta.kind == "hnsw":
-            index.hnsw.efSearch = int(meta.params.get("efSearch", 64))
-        elif meta.kind == "ivf":
-            index.nprobe = int(meta.params.get("nprobe", 16))
+        # efSearch and nprobe come with index.faiss (faiss.write_index stores them).
         names = ids.get("class_names")
         return cls(meta, index, labels, ids["ids"], None if names is None else tuple(names),
                    images, os.path.abspath(path))

@@ -142,8 +142,7 @@ class Model:
                              "embedding values (NaN or infinite): are the inputs scaled as in "
                              "training (pixels / 255 in [0, 1])?")
         sq = np.einsum("ij,ij->i", emb.astype(np.float64), emb.astype(np.float64))
-        big = ~(sq <= MAX_SQ_NORM)
-        if big.any():
+        if (big := ~(sq <= MAX_SQ_NORM)).any():
             raise ValueError(f"{source}: {int(big.sum())} of {len(sq)} embeddings have squared "
                              f"norm up to {float(sq.max()):.3g}, beyond {MAX_SQ_NORM:.3g}, where "
                              "squared distances overflow float32: are the inputs scaled as in "

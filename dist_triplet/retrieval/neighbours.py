@@ -123,7 +123,8 @@ def knn(query, gallery, k: int, *, exclude: Optional[np.ndarray] = None, index=N
         index -1 and distance inf where an approximate index found fewer than k.
 
     Raises:
-        ValueError: shapes or widths do not fit, non-finite values, k out of range.
+        ValueError: shapes or widths do not fit (``exclude``, ``index`` included),
+            non-finite values, k out of range.
     """
     import faiss
     from tqdm import tqdm
@@ -132,9 +133,12 @@ def knn(query, gallery, k: int, *, exclude: Optional[np.ndarray] = None, index=N
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"query rows have {q.shape[1]} columns, gallery rows {g.shape[1]}")
     ex = np.full(len(q), -1, np.int64) if exclude is None else np.asarray(exclude, np.int64)
-    if ex.shape != (len(q),):
-        raise ValueError(f"exclude must have shape ({len(q)},), got {ex.shape}")
     n, room = len(g), len(g) - int((ex >= 0).any())
+    if ex.shape != (len(q),) or ((ex < -1) | (ex >= n)).any():
+        raise ValueError(f"exclude must be ({len(q)},) indices in [-1, {n}), got shape "
+                         f"{ex.shape}, values {ex.min(initial=0)}..{ex.max(initial=0)}")
+    if index is not None and index.ntotal != n:
+        raise ValueError(f"the index holds {index.ntotal} items, the gallery {n} rows")
     if not 1 <= k <= room:
         raise ValueError(f"k={k} but the gallery has {n} items"
                          f"{' (one left out per query)' if room < n else ''}: use 1 <= k <= {room}")

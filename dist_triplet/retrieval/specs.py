@@ -28,8 +28,9 @@ class DataOptions:
 
     def overrides(self) -> List[str]:
         """``data.key=value`` strings for :func:`dist_triplet.config.load_config`."""
-        out = [f"data.{k}={v}" for k, v in (("format", self.format), ("mode", self.mode),
-                                            ("image_size", self.image_size)) if v is not None]
+        given = {f"data.{k}": v for k, v in (("format", self.format), ("mode", self.mode),
+                                             ("image_size", self.image_size)) if v is not None}
+        out = [f"{k}={v}" for k, v in given.items()]
         for item in self.sets:
             key, sep, value = item.partition("=")
             key = key.strip()
@@ -37,7 +38,10 @@ class DataOptions:
                 raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. image_size=32")
             if "." in key and not key.startswith("data."):
                 raise ValueError(f"--set {item!r}: only data.* keys describe the data")
-            out.append(f"{key if key.startswith('data.') else 'data.' + key}={value}")
+            if (key := key if key.startswith("data.") else "data." + key) in given:
+                raise ValueError(f"--set {item!r} and --{key[5:].replace('_', '-')} "
+                                 f"{given[key]} both set {key}: give one")
+            out.append(f"{key}={value}")
         return out
 
 
@@ -57,8 +61,7 @@ class ModelInput:
         if "image_shape" not in meta:
             return cls(units, None, None, where)
         shape = meta["image_shape"]
-        return cls(units, "features" if shape is None else "images",
-                   None if shape is None else _hwc(shape), where)
+        return cls(units, "features" if shape is None else "images", _hwc(shape), where)
 
     @property
     def mode(self) -> Optional[str]:
@@ -175,8 +178,7 @@ def _read_labels(path: str, n: int) -> np.ndarray:
 
 
 def _from_split(data, split: str, files, where: str, labels_path) -> Items:
-    x = data.images
-    x = x.astype(np.float32) / np.float32(255) if x.dtype == np.uint8 else np.asarray(x, np.float32)
+    x = np.asarray(data.images, np.float32) / np.float32(255 if data.images.dtype == "uint8" else 1)
     shape = data.image_shape
     shape = None if shape is None else tuple(shape[:2] if shape[2] == 1 else shape)
     labels = data.labels if labels_path is None else _read_labels(labels_path, len(data.labels))
