@@ -10,6 +10,7 @@ report) are outputs.py's.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -77,7 +78,12 @@ class Recorder:
         self.history: List[dict] = [dict(r) for r in history]
         self.baseline = baseline or {}
         os.makedirs(run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+        # Data paths absolute: RUN:test (index, search) reads the same files from any cwd.
+        d = cfg.data
+        paths = {k: os.path.abspath(getattr(d, k)) for k in ("path", "root", "cache_dir")
+                 if getattr(d, k)}
+        save_config(dataclasses.replace(cfg, data=dataclasses.replace(d, **paths)),
+                    os.path.join(run_dir, "config.yaml"))
         self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
     def scalars(self, epoch: int, values: dict) -> None:

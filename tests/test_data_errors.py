@@ -116,6 +116,25 @@ def test_npz_train_and_test_of_different_widths(tmp_path):
           "width 6")
 
 
+def test_npz_classes_naming_one_class_twice(tmp_path):
+    # Two ids under one name: search compared queries by name and counted hits wrongly.
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 2), np.float32), y=np.array([0, 0, 1, 1]),
+             classes=np.array(["a", "a"]))
+    fails(data_cfg(path=str(tmp_path / "d.npz")), ValueError, "d.npz", "'classes'",
+          "'a' twice")
+
+
+def test_sixteen_bit_image_is_refused_not_clipped(tmp_path):
+    from PIL import Image
+    images, labels = make_images(4, 2, 4, 4, 1)
+    paths = write_folder(tmp_path, images, labels)
+    Image.fromarray(np.full((4, 4), 40000, np.uint16)).save(paths[3])    # mode I;16
+    with Image.open(paths[3]) as im:
+        assert im.mode.startswith("I") and np.asarray(im.convert("L")).max() == 255
+    fails(data_cfg(path=str(tmp_path), mode="L", test_fraction=0.5), ValueError, paths[3],
+          "16-bit")
+
+
 def test_not_an_npz(tmp_path):
     (tmp_path / "d.npz").write_text("hello")
     fails(data_cfg(path=str(tmp_path / "d.npz")), ValueError, "d.npz", "not a NumPy .npz")
@@ -132,6 +151,10 @@ def test_csv_errors(tmp_path):
     write_csv(tmp_path / "bad_label.csv", [("a.png", 0), ("a.png", "cat")])
     fails(data_cfg(path=str(tmp_path / "bad_label.csv")), ValueError, "bad_label.csv",
           "line 3", "'cat'", "not an integer")
+    for odd in ("1_0", "\uff12", "1.0"):            # int() reads the first two as 10 and 2
+        write_csv(tmp_path / "odd.csv", [("a.png", 0), ("b.png", odd)])
+        fails(data_cfg(path=str(tmp_path / "odd.csv")), ValueError, "line 3", repr(odd),
+              "not an integer")
     write_csv(tmp_path / "bad_split.csv", [("a.png", 0, "train"), ("b.png", 1, "dev")],
               "path,label,split")
     fails(data_cfg(path=str(tmp_path / "bad_split.csv")), ValueError, "line 3", "'dev'")

@@ -141,6 +141,20 @@ def test_folder_rgb_non_square(tmp_path):
     assert np.bincount(test.labels).tolist() == [2, 2, 2]
 
 
+def test_bmp_and_csv_with_a_bom(tmp_path):
+    # .bmp (torchvision's list) was skipped without a word; Excel's UTF-8 BOM hid the
+    # 'path' column ("found columns \ufeffpath").
+    images, labels = make_images(4, 2, 4, 4, 3)
+    paths = write_folder(tmp_path / "d", images, labels, ext=".bmp")
+    train, test = load_data(data_cfg(path=str(tmp_path / "d"), test_fraction=0.5))
+    assert len(train) + len(test) == 8
+    rows = "".join(f"{p},{lab}\n" for p, lab in zip(paths, labels))
+    (tmp_path / "d.csv").write_text("\ufeffpath,label\n" + rows, encoding="utf-8")
+    train, test = load_data(data_cfg(path=str(tmp_path / "d.csv"), test_fraction=0.5))
+    assert len(train) + len(test) == 8 and sorted(np.r_[train.labels, test.labels]) == \
+        sorted(labels)
+
+
 def test_folder_mode_l_and_resize(tmp_path):
     from PIL import Image
     images, labels = make_images(4, 2, 8, 8, 3)

@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 import pytest
+import yaml
 
 mx = pytest.importorskip("mxnet", reason="training and embedding run on MXNet")
 pytest.importorskip("faiss", reason="the index is a faiss index")
@@ -342,3 +343,24 @@ def test_set_and_its_own_option_for_one_key_is_an_error(folder_run, tmp_path, ca
     line = error_line(capsys)
     assert "--image-size 12" in line and "data.image_size" in line and "image_size=8" in line
     assert not (tmp_path / "ix").exists()
+
+
+def test_runs_relative_data_path_is_read_from_any_directory(tmp_path, monkeypatch, capsys):
+    # Adversarial trial: a run trained with data.path=feats.npz (relative) read, as
+    # RUN:test, whatever feats.npz the current directory held, with exit 0.
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.arange(CLASSES), PER_CLASS)
+    mine, other = (rng.normal(size=(len(labels), 8)).astype(np.float32) for _ in range(2))
+    (tmp_path / "other").mkdir()
+    np.savez(tmp_path / "feats.npz", x=mine, y=labels)
+    np.savez(tmp_path / "other" / "feats.npz", x=other, y=labels)
+    monkeypatch.chdir(tmp_path)
+    run = _train(tmp_path, "run", "data.path=feats.npz")
+    saved = yaml.safe_load((run / "config.yaml").read_text())["data"]["path"]
+    assert saved == str(tmp_path / "feats.npz")
+    monkeypatch.chdir(tmp_path / "other")
+    assert index_cli.main(["--model", str(run / "model"), "--data", f"{run}:all",
+                           "--out", str(tmp_path / "ix")]) == 0
+    from dist_triplet.retrieval.model import Model
+    want = Model(str(run / "model")).embed(mine)
+    np.testing.assert_allclose(Index.load(str(tmp_path / "ix")).vectors(), want, rtol=1e-6)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import sys
 from typing import List, Optional, Sequence, Tuple
 
@@ -27,7 +28,8 @@ from .source import CHUNK_BYTES, Part, Source, scatter_rows
 
 __all__ = ["IMAGE_EXTENSIONS", "MODES", "folder_source", "csv_source", "read_image", "pillow"]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# torchvision's ImageFolder list (torchvision.datasets.folder.IMG_EXTENSIONS).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MODES = {"L": 1, "RGB": 3}
 
 
@@ -79,16 +81,19 @@ def read_image(path: str, mode: str, size: Optional[Tuple[int, int]]) -> np.ndar
 
     Raises:
         ValueError: naming ``path`` when Pillow cannot identify or fully decode it
-            (truncated, corrupt, not an image).
+            (truncated, corrupt, not an image), or its pixels are 16-bit or float
+            (converting them to ``mode`` would clip every value above 255).
     """
     Image = pillow()
     try:
         with Image.open(path) as im:
             im.load()  # decode now: a truncated file fails here, named
-            im = im.convert(mode)
-            if size is not None and im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+            wide = im.mode in ("I", "F") or im.mode.startswith("I;16")   # convert() clips
+            if not wide:
+                im = im.convert(mode)
+                if size is not None and im.size != (size[1], size[0]):
+                    im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         # Pillow raises UnidentifiedImageError (an OSError) for non-images, OSError
         # ("image file is truncated") or SyntaxError (broken PNG chunks) for bad data.
@@ -98,6 +103,9 @@ def read_image(path: str, mode: str, size: Optional[Tuple[int, int]]) -> np.ndar
                 "after horovod.mxnet and bound to MXNet's libjpeg; load images through "
                 "dist_triplet.data (or import PIL.Image) before importing Horovod") from None
         raise ValueError(f"{path}: unreadable or truncated image: {exc}") from None
+    if wide:
+        raise ValueError(f"{path}: {im.mode} image (16-bit or float pixels), read as 8-bit "
+                         "images only: convert it to 8 bits first")
     return arr.reshape(arr.shape[0], arr.shape[1], MODES[mode])
 
 
@@ -223,7 +231,7 @@ def csv_source(path: str, mode: str = "RGB",
     base = os.path.dirname(os.path.abspath(path))
     rows: List[Tuple[str, int, Optional[str]]] = []
     seen: dict = {}                         # image file -> the line that first listed it
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:    # -sig: Excel's BOM
         reader = csv.DictReader(fh)
         cols = [c.strip() for c in (reader.fieldnames or [])]
         reader.fieldnames = cols
@@ -234,11 +242,9 @@ def csv_source(path: str, mode: str = "RGB",
         has_split = "split" in cols
         for line, rec in enumerate(reader, start=2):
             value = (rec.get("label") or "").strip()
-            try:
-                label = int(value)
-            except ValueError:
-                raise ValueError(f"{path}: line {line}: label {value!r} is not an integer") \
-                    from None
+            if not re.fullmatch(r"-?[0-9]+", value):         # int() also takes 1_0 and \uff12
+                raise ValueError(f"{path}: line {line}: label {value!r} is not an integer")
+            label = int(value)
             file = (rec.get("path") or "").strip()
             if not file:
                 raise ValueError(f"{path}: line {line}: empty path")

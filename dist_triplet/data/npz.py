@@ -139,6 +139,10 @@ def _open_part(path: str):
             raise ValueError(f"{path}: key 'classes' must be a 1-D array of names, found "
                              f"shape {raw.shape} dtype {raw.dtype}")
         classes = tuple(str(c) for c in raw)
+        if len(set(classes)) < len(classes):
+            twice = next(c for i, c in enumerate(classes) if c in classes[:i])
+            raise ValueError(f"{path}: key 'classes' names {twice!r} twice; each class id "
+                             "needs its own name")
     return shape, fortran, dtype, features, y, classes
 
 
