@@ -148,6 +148,14 @@ def test_unlabelled_holdout_file_names_holdout_labels(setup, capsys):
                                "--holdout", str(hold)]) == 2
     line = error_line(capsys)
     assert str(hold) in line and "--holdout-labels" in line
+    # Options that would do nothing were ignored: --holdout-labels without --holdout, and
+    # --holdout-fraction with it.
+    np.save(tmp / "hold_labels.npy", np.zeros(3, np.int64))
+    for extra in (["--holdout-labels", str(tmp / "hold_labels.npy")],
+                  ["--holdout", str(hold), "--holdout-labels", str(tmp / "hold_labels.npy"),
+                   "--holdout-fraction", "0.3"]):
+        assert calibrate_cli.main(["--index", index_dir, "--data", f"{data}:test"] + extra) == 2
+        assert "--holdout-labels goes with --holdout" in error_line(capsys)
 
 
 # ----------------------------------------------------------------------------- issue 17

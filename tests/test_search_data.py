@@ -364,3 +364,45 @@ def test_runs_relative_data_path_is_read_from_any_directory(tmp_path, monkeypatc
     from dist_triplet.retrieval.model import Model
     want = Model(str(run / "model")).embed(mine)
     np.testing.assert_allclose(Index.load(str(tmp_path / "ix")).vectors(), want, rtol=1e-6)
+
+
+def test_inputs_that_do_not_fit_together_are_refused(folder_run, features_run, tmp_path,
+                                                     capsys):
+    """Adversarial trial: each of these ran with exit 0 and a wrong or misleading answer."""
+    tmp, run, _ = folder_run
+    model, out = str(run / "model"), str(tmp_path / "o")
+    # --labels on a run's data replaced its labels but kept its class names.
+    np.save(tmp_path / "lab.npy", np.arange(CLASSES * PER_CLASS) % 2)
+    assert index_cli.main(["--model", model, "--data", f"{run}:all", "--labels",
+                           str(tmp_path / "lab.npy"), "--out", out]) == 2
+    assert "--labels" in error_line(capsys) and not os.path.exists(out)
+    # --set path= beside a data path: the path read was the --set one, the one named the spec.
+    assert index_cli.main(["--model", model, "--data", f"{tmp / 'shots'}:all", "--set",
+                           f"path={tmp_path}", "--out", out]) == 2
+    assert "--set path=" in error_line(capsys) and not os.path.exists(out)
+    # A features model and uint8 rows: they were divided by 255 as if pixels.
+    _, frun, x = features_run
+    np.save(tmp_path / "u8.npy", np.clip(np.rint(x), 0, 255).astype(np.uint8))
+    assert embed_cli.main(["--model", str(frun / "model"), "--input",
+                           str(tmp_path / "u8.npy"), "--out", out]) == 2
+    line = error_line(capsys)
+    assert "u8.npy" in line and "uint8" in line and "float features" in line
+    assert not os.path.exists(out)
+    # Float features above 1 are features: no warning about pixels / 255.
+    np.save(tmp_path / "f.npy", x * 10)
+    assert embed_cli.main(["--model", str(frun / "model"), "--input",
+                           str(tmp_path / "f.npy"), "--out", out]) == 0
+    assert "255" not in capsys.readouterr().err
+    # A 5-D array is not an image batch.
+    np.save(tmp_path / "q5.npy", np.zeros((2, SIDE, SIDE, 3, 1), np.uint8))
+    assert embed_cli.main(["--model", model, "--input", str(tmp_path / "q5.npy"), "--out",
+                           str(tmp_path / "e5.npy")]) == 2
+    assert "(2, 16, 16, 3, 1)" in error_line(capsys)
+    # search --out and --grid on one file: the picture was overwritten by the records.
+    assert index_cli.main(["--model", model, "--data", f"{run}:all", "--out",
+                           str(tmp_path / "ix")]) == 0
+    capsys.readouterr()
+    same = str(tmp_path / "r.png")
+    assert search_cli.main(["--index", str(tmp_path / "ix"), "--query", f"{run}:test",
+                            "--out", same, "--grid", same]) == 2
+    assert "--out and --grid" in error_line(capsys) and not os.path.exists(same)

@@ -148,6 +148,8 @@ def _search(args) -> int:
     _positive(args, "k", "grid_rows", "batch_size")
     check_out(args.out, args.force)
     check_out(args.grid, args.force, "--grid")
+    if args.out and args.grid and os.path.abspath(args.out) == os.path.abspath(args.grid):
+        raise ValueError(f"--out and --grid are both {args.out}: give two files")
     index = Index.load(args.index)
     if args.k > len(index) - args.exclude_self:
         raise ValueError(f"--k {args.k} is larger than the gallery of {args.index} ({len(index)} "
@@ -209,7 +211,7 @@ def calibrate_main(argv: Optional[Sequence[str]] = None) -> int:
     rule.add_argument("--best-f1", action="store_true", help="threshold of highest F1")
     p.add_argument("--holdout", help="separate held-out data (a data spec)")
     p.add_argument("--holdout-labels", help="labels for a file --holdout")
-    p.add_argument("--holdout-fraction", type=float, default=0.5,
+    p.add_argument("--holdout-fraction", type=float,
                    help="share of --data held out when --holdout is not given (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration/held-out split")
     p.add_argument("--model", help="model export (default: the index's)")
@@ -223,8 +225,11 @@ def _calibrate(args) -> int:
     target = None if args.best_f1 else args.target_precision
     if target is not None and not 0.0 < target <= 1.0:
         raise ValueError(f"--target-precision must be in (0, 1], got {target}")
-    if args.holdout is None and not 0.0 < args.holdout_fraction < 1.0:
-        raise ValueError(f"--holdout-fraction must be in (0, 1), got {args.holdout_fraction}")
+    if args.holdout is None and args.holdout_labels is not None \
+            or args.holdout is not None and args.holdout_fraction is not None:
+        raise ValueError("--holdout-labels goes with --holdout; --holdout-fraction without it")
+    if not 0.0 < (frac := 0.5 if args.holdout_fraction is None else args.holdout_fraction) < 1:
+        raise ValueError(f"--holdout-fraction must be in (0, 1), got {frac}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     index = Index.load(args.index)
@@ -235,7 +240,7 @@ def _calibrate(args) -> int:
     held = None if args.holdout is None else read_items(
         args.holdout, model.input, args.holdout_labels, _options(args))
     doc = calibrate(index, model, items, target_precision=target, best_f1=args.best_f1,
-                    holdout=held, holdout_fraction=args.holdout_fraction, seed=args.seed,
+                    holdout=held, holdout_fraction=frac, seed=args.seed,
                     batch_size=args.batch_size)
     write_json(out, doc)
     for line in doc["notes"] + doc["warnings"]:
@@ -275,7 +280,7 @@ def _embed(args) -> int:
         raise ValueError("--device gpu, but MXNet sees no GPU")
     model = Model(args.model, mx.gpu(0) if args.device == "gpu" else mx.cpu())
     if os.path.isdir(args.input) and not os.listdir(args.input):
-        load_array(args.input, model.input.units)      # an empty directory: say so
+        load_array(args.input, model.input)      # an empty directory: say so
     items = read_items(args.input, model.input, None, _options(args))
     emb = model.embed(items.x, args.batch_size, source=args.input)
     with atomic_write(args.out, "wb") as fh:

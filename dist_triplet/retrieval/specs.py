@@ -14,7 +14,6 @@ import numpy as np
 __all__ = ["DataOptions", "ModelInput", "Items", "read_items", "load_array", "SPLITS"]
 
 SPLITS = ("train", "test", "all")
-_NPY = b"\x93NUMPY"
 
 
 @dataclass
@@ -112,35 +111,24 @@ def _check_input(items: Items, model: ModelInput) -> Items:
     return items
 
 
-def load_array(path: str, units: int, where: str = "meta.json") -> tuple:
-    """An IDX images file or a ``.npy`` (by content) as ((N, units) float32, array shape).
+def load_array(path: str, model: ModelInput) -> tuple:
+    """An IDX images file or a ``.npy`` (by content) as ((N, F) float32, array shape), F =
+    ``model.units``.
 
-    uint8 is divided by 255 (the training input); floats are used as they are (a warning
-    when they exceed 1). Raises FileNotFoundError / ValueError naming ``path`` and, for
-    a width other than ``units``, the model's meta.json (``where``) and the shape found.
+    uint8 is divided by 255 (the training input of images; a model of features, trained on
+    floats, refuses it); floats are used as they are (a warning when an image model gets
+    values above 1). Raises FileNotFoundError / ValueError naming ``path`` and, for a
+    width other than F, the model's meta.json and the shape found.
     """
-    from ..data import read_idx
-    if os.path.isdir(path):
-        raise ValueError(f"input {path} is a directory, not a file: pass an IDX images file "
-                         "or a .npy array")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"input file {path} does not exist")
-    with open(path, "rb") as fh:
-        npy = fh.read(len(_NPY)) == _NPY
-    if npy:
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise ValueError(f"{path}: not a numeric .npy array: {exc}") from None
-        if arr.dtype != np.uint8 and not np.issubdtype(arr.dtype, np.floating):
-            raise ValueError(f"{path}: expected uint8 pixels (divided by 255) or floats "
-                             f"(used as they are), found dtype {arr.dtype}")
-    else:
-        arr = read_idx(path)
-        if arr.ndim != 3:
-            raise ValueError(f"{path}: expected an IDX images file (3 dims, magic 2051), "
-                             f"found {arr.ndim} dim(s): a labels file?")
-    if arr.ndim < 2 or arr.shape[0] == 0:
+    from ..data.arrays import read_array
+    (arr, kind), units, where = read_array(path), model.units, model.where
+    if kind == "npy" and arr.dtype != np.uint8 and not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"{path}: expected uint8 pixels (divided by 255) or floats "
+                         f"(used as they are), found dtype {arr.dtype}")
+    if kind == "idx" and arr.ndim != 3:
+        raise ValueError(f"{path}: expected an IDX images file (3 dims, magic 2051), "
+                         f"found {arr.ndim} dim(s): a labels file?")
+    if not 2 <= arr.ndim <= 4 or arr.shape[0] == 0:
         raise ValueError(f"{path}: expected (N, {units}) or (N, rows, cols) images with "
                          f"N >= 1, found shape {arr.shape}")
     width = int(np.prod(arr.shape[1:]))
@@ -148,42 +136,30 @@ def load_array(path: str, units: int, where: str = "meta.json") -> tuple:
         raise ValueError(f"{path}: the model takes {units} values per row ({where}), found "
                          f"shape {arr.shape} ({width} per row)")
     flat = arr.reshape(len(arr), width).astype(np.float32)
+    if arr.dtype == np.uint8 and arr.ndim == 2 and model.kind == "features":
+        raise ValueError(f"{path}: uint8 values, but the model takes float features ({where})")
     if arr.dtype == np.uint8:
         flat /= np.float32(255)              # the same float32 division as data.load_split
     else:
         if bad := int(np.count_nonzero(~np.isfinite(flat))):
             raise ValueError(f"{path}: {bad} of {flat.size} values are NaN or infinite; "
                              "expected finite pixels")
-        if flat.max() > 1.0:
+        if flat.max() > 1.0 and model.kind != "features":
             print(f"warning: {path}: float values go up to {float(flat.max()):g}, but the "
                   "model was trained on pixels / 255 in [0, 1]; divide by 255 (or pass uint8 "
                   "pixels) unless this is intended", file=sys.stderr, flush=True)
     return flat, tuple(arr.shape)
 
 
-def _read_labels(path: str, n: int) -> np.ndarray:
-    """(n,) int64 labels from an IDX labels file or an integer .npy."""
-    from ..data import read_idx
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"labels file {path} does not exist")
-    with open(path, "rb") as fh:
-        npy = fh.read(len(_NPY)) == _NPY
-    lab = np.load(path, allow_pickle=False) if npy else read_idx(path)
-    if lab.ndim != 1 or not np.issubdtype(lab.dtype, np.integer) or (lab.size and lab.min() < 0):
-        raise ValueError(f"{path}: expected (N,) non-negative integer labels, found shape "
-                         f"{lab.shape} dtype {lab.dtype}")
-    if lab.shape[0] != n:
-        raise ValueError(f"{path}: holds {lab.shape[0]} labels for {n} images")
-    return lab.astype(np.int64)
-
-
 def _from_split(data, split: str, files, where: str, labels_path) -> Items:
     x = np.asarray(data.images, np.float32) / np.float32(255 if data.images.dtype == "uint8" else 1)
     shape = data.image_shape
     shape = None if shape is None else tuple(shape[:2] if shape[2] == 1 else shape)
-    labels = data.labels if labels_path is None else _read_labels(labels_path, len(data.labels))
-    ids = files if files is not None else [f"{split}/{i}" for i in range(len(labels))]
-    return Items(x, labels, tuple(data.class_names), list(ids), shape, where,
+    if labels_path is not None:      # they would replace the labels, not the class names
+        raise ValueError(f"--labels {labels_path}: {where} carries its own labels; --labels "
+                         "is for an IDX images file or a .npy")
+    ids = files if files is not None else [f"{split}/{i}" for i in range(len(data.labels))]
+    return Items(x, data.labels, tuple(data.class_names), list(ids), shape, where,
                  "features" if data.image_shape is None else "images")
 
 
@@ -219,6 +195,9 @@ def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
         (".npz", ".csv"))) or (os.path.exists(base) and bool(options.format))
     if config is not None or (data_path and (given or not is_idx_dir(base))):
         overrides = options.overrides()
+        if config is None and any(o.startswith("data.path=") for o in overrides):
+            raise ValueError(f"data {spec}: --set path=... replaces the data path itself; "
+                             "give the other path as the spec (or a run with --set path=)")
         if config is None and model.kind == "images":    # read as the model takes images
             keys, (h, w, _) = {o.partition("=")[0] for o in overrides}, model.image_shape
             wanted = (("data.mode", model.mode), ("data.image_size", f"[{h}, {w}]"))
@@ -249,7 +228,7 @@ def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
         data = load_dataset(name, None if name == base else base, train=split == "train")
         where = f"{os.path.abspath(base) if os.path.isdir(base) else base}:{split}"
         return _check_input(_from_split(data, split, None, where, labels_path), model)
-    x, shape = load_array(spec, model.units, model.where)
+    x, shape = load_array(spec, model)
     image_shape, kind = None, None
     if len(shape) in (3, 4):
         image_shape, kind = shape[1:], "images"
@@ -258,7 +237,8 @@ def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
         image_shape = (side, side) if side * side == x.shape[1] else None
     labels = class_names = None
     if labels_path is not None:
-        labels = _read_labels(labels_path, len(x))
+        from ..data.arrays import read_labels
+        labels = read_labels(labels_path, len(x))
         class_names = tuple(str(i) for i in range(int(labels.max()) + 1))
     name = os.path.basename(spec)
     items = Items(x, labels, class_names, [f"{name}#{i}" for i in range(len(x))], image_shape,
