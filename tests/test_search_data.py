@@ -393,6 +393,13 @@ def test_inputs_that_do_not_fit_together_are_refused(folder_run, features_run, t
     assert embed_cli.main(["--model", str(frun / "model"), "--input",
                            str(tmp_path / "f.npy"), "--out", out]) == 0
     assert "255" not in capsys.readouterr().err
+    # embed --out into the model's own directory (with --force) replaced its files.
+    params = next(f for f in os.listdir(run / "model") if f.endswith(".params"))
+    before = (run / "model" / params).read_bytes()
+    assert embed_cli.main(["--model", model, "--input", f"{run}:test", "--force",
+                           "--out", str(run / "model" / params)]) == 2
+    assert "model's directory" in error_line(capsys)
+    assert (run / "model" / params).read_bytes() == before
     # A 5-D array is not an image batch.
     np.save(tmp_path / "q5.npy", np.zeros((2, SIDE, SIDE, 3, 1), np.uint8))
     assert embed_cli.main(["--model", model, "--input", str(tmp_path / "q5.npy"), "--out",

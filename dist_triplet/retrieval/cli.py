@@ -279,6 +279,9 @@ def _embed(args) -> int:
     if args.device == "gpu" and mx.context.num_gpus() == 0:
         raise ValueError("--device gpu, but MXNet sees no GPU")
     model = Model(args.model, mx.gpu(0) if args.device == "gpu" else mx.cpu())
+    if os.path.dirname(os.path.abspath(args.out)) == model.dir:      # even with --force
+        raise ValueError(f"--out {args.out} is in the model's directory {model.dir}: write "
+                         "the embeddings elsewhere")
     if os.path.isdir(args.input) and not os.listdir(args.input):
         load_array(args.input, model.input)      # an empty directory: say so
     items = read_items(args.input, model.input, None, _options(args))
