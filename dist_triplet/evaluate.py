@@ -177,6 +177,8 @@ class Evaluator:
                                   gallery_emb=g_emb, gallery_labels=g_lab,
                                   **self._search_options())
         res["full"] = full
+        if not np.isfinite(res["spread"]):     # diverged, not collapsed: loop.train stops
+            return res, emb
         if res["collapsed"]:
             log.warning("embeddings collapsed (spread %.3g <= eval.collapse_eps %.3g): the "
                         "metrics below are not meaningful", res["spread"],

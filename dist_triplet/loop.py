@@ -76,29 +76,36 @@ def log_data(train_split: Split, test_split: Split, cache_dir: Optional[str]) ->
                     local, train_split.images.nbytes / 2 ** 30)
 
 
+def eval_due(cfg: Config, epoch: int) -> bool:
+    """Whether 0-based ``epoch`` ends with an evaluation: every ``eval.every``, and the last."""
+    return (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.train.epochs
+
+
 def evaluate_if_due(evaluator, cfg: Config, epoch: int, net, ctx, force: bool = False):
-    """``(results, embeddings)`` every ``eval.every`` epochs, after the last, or when
-    ``force``; ``({}, None)`` otherwise and off rank 0 (``evaluator`` None). The results
-    include ``time_eval_s``."""
-    due = force or (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.train.epochs
-    if evaluator is None or not due:
+    """``(results, embeddings)`` when :func:`eval_due` or ``force``; ``({}, None)``
+    otherwise and off rank 0 (``evaluator`` None). The results include ``time_eval_s``."""
+    if evaluator is None or not (force or eval_due(cfg, epoch)):
         return {}, None
     t_eval = time.perf_counter()
     res, emb = evaluator(net, ctx, epoch)
     return dict(res, time_eval_s=time.perf_counter() - t_eval), emb
 
 
-def non_finite_error(cfg: Config, losses: np.ndarray, epoch: int, good_epoch) -> TrainingError:
-    """The error for a non-finite epoch loss: where it happened and which checkpoint is
+def non_finite_error(cfg: Config, losses: np.ndarray, epoch: int, good_epoch,
+                     embeddings: int = 0) -> TrainingError:
+    """The error for a non-finite epoch loss, or (``embeddings`` > 0) that many non-finite
+    test embedding values after a finite loss: where it happened and which checkpoint is
     the last good one (1-based ``good_epoch``; None if none was written)."""
     bad = np.flatnonzero(~np.isfinite(losses))
     where = f"step {int(bad[0]) + 1} of {len(losses)}" if len(bad) else "a step on another rank"
+    what = (f"non-finite loss in epoch {epoch + 1}, {where}" if not embeddings else
+            f"{embeddings:,} non-finite test embedding values after epoch {epoch + 1}, whose "
+            "loss was finite: the network diverged (e.g. BatchNorm's running statistics)")
     kept = (f"The last good checkpoint (epoch {good_epoch}) is intact"
             if good_epoch is not None else
             "No checkpoint was written before it" + (" (checkpoint.keep=0)" if
                                                       cfg.checkpoint.keep == 0 else ""))
-    return TrainingError(f"non-finite loss in epoch {epoch + 1}, {where}; stopping. "
-                         f"{kept}; lower optim.lr or check the data")
+    return TrainingError(f"{what}; stopping. {kept}; lower optim.lr or check the data")
 
 
 def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
@@ -185,6 +192,10 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
                "time_train_s": train_time, "time_wait_s": t_wait,
                "time_allreduce_s": t_allreduce}
         res, new_emb = evaluate_if_due(evaluator, cfg, epoch, net, ctx0)
+        if eval_due(cfg, epoch) and (bad := backend.broadcast_object(   # collective: all ranks
+                0 if new_emb is None else int(np.count_nonzero(~np.isfinite(new_emb))),
+                "non_finite_embeddings")):
+            raise non_finite_error(cfg, losses, epoch, good_epoch, embeddings=bad)
         row.update(res)
         emb = new_emb if new_emb is not None else emb
         # Where the epoch went, without per-step syncs: sampling, training (incl. the

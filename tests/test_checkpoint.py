@@ -567,3 +567,30 @@ def test_runs_with_0_based_checkpoint_names_still_resume(two_epoch_run, data_roo
     assert [os.path.basename(p) for _, p in ckpt.list_checkpoints(d)] == [
         "epoch-0000", "epoch-0001", "epoch-0003"]
     assert ckpt.read_meta(os.path.join(d, "epoch-0003")).epoch == 2
+
+
+def test_non_finite_embeddings_after_a_finite_loss_stop_the_run(data_root, tmp_path,
+                                                                 monkeypatch, capsys):
+    """New-user trial: resnet18_v1 on 32x32 images kept a finite loss while its evaluation
+    (BatchNorm's running statistics) gave NaN embeddings; the run called that a collapse,
+    wrote its checkpoint and model, and crashed in the report."""
+    import dist_triplet.model as model_mod
+    real = model_mod.embed
+    calls = []
+
+    def embed(net, x, ctx, batch_size):   # the second evaluation diverges
+        out = real(net, x, ctx, batch_size)
+        calls.append(1)
+        return out * np.float32(np.nan) if len(calls) >= 2 else out
+
+    monkeypatch.setattr(model_mod, "embed", embed)
+    run_dir = str(tmp_path / "run")
+    code = train_mod.main(run_args(data_root, run_dir, "train.epochs=3"))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "non-finite test embedding values after epoch 2, whose loss was finite" in err
+    assert "The last good checkpoint (epoch 1) is intact" in err and "collapsed" not in err
+    ck_dir = os.path.join(run_dir, "checkpoints")
+    assert os.path.basename(ckpt.latest_checkpoint(ck_dir)) == "epoch-0001"
+    assert [r["epoch"] for r in _history(run_dir)] == [1]
+    assert not os.path.exists(os.path.join(run_dir, "model"))

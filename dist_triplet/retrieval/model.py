@@ -139,8 +139,8 @@ class Model:
             np.zeros((0, self.dim or 0), np.float32)
         if bad := int(np.count_nonzero(~np.isfinite(emb))):
             raise ValueError(f"{source}: the model in {self.dir} gave {bad} non-finite "
-                             "embedding values (NaN or infinite): are the inputs scaled as in "
-                             "training (pixels / 255 in [0, 1])?")
+                             "embedding values (NaN or infinite): a diverged model, or inputs "
+                             "not scaled as in training (pixels / 255 in [0, 1])")
         sq = np.einsum("ij,ij->i", emb.astype(np.float64), emb.astype(np.float64))
         if (big := ~(sq <= MAX_SQ_NORM)).any():
             raise ValueError(f"{source}: {int(big.sum())} of {len(sq)} embeddings have squared "
