@@ -23,6 +23,8 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
+
 from . import checkpoint as ckpt
 from . import schedule
 from .config import Config, config_from_dict, parse_devices
@@ -76,6 +78,11 @@ def load_splits(cfg: Config) -> tuple:
     waiting in a collective."""
     train_split, test_split = load_data(cfg.data)
     check_sampler_classes(train_split, cfg.sampler.kind, cfg.sampler.p)
+    seen = np.intersect1d(train_split.labels, test_split.labels)
+    if cfg.data.split == "classes" and seen.size:   # the data brought a test split
+        log.warning("data.split=classes, but %d of the %d test classes are training classes: "
+                    "the data bring their own test split, used as it is (data.split then "
+                    "sets only the test rules)", seen.size, np.unique(test_split.labels).size)
     return train_split, test_split
 
 

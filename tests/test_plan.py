@@ -74,3 +74,25 @@ def test_planning_imports_neither_mxnet_nor_horovod(data, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_by_class_split_over_a_given_test_split_with_seen_classes_warns(tmp_path, caplog):
+    """New-user trial: data.split=classes on a CSV with a split column trained on its own
+    rows, test classes seen in training, without a word."""
+    pytest.importorskip("PIL")
+    from _data_util import make_images, write_folder
+    from dist_triplet.plan import load_splits
+    images, labels = make_images(6, 4, 4, 4, 3)
+    paths = write_folder(tmp_path / "d", images, labels)
+    rows = [f"{p},{lab},{'test' if i % 3 == 0 else 'train'}"
+            for i, (p, lab) in enumerate(zip(paths, labels))]
+    (tmp_path / "d.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    cfg = load_config(None, [f"data.path={tmp_path / 'd.csv'}", "data.split=classes"])
+    with caplog.at_level("WARNING", logger="dist_triplet"):
+        load_splits(cfg)
+    assert "data.split=classes, but 4 of the 4 test classes are training classes" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dist_triplet"):
+        load_splits(load_config(None, [f"data.path={tmp_path / 'd'}", "data.split=classes",
+                                       "data.test_fraction=0.5"]))
+    assert "data.split=classes" not in caplog.text     # split by class here: nothing seen
