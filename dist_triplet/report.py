@@ -299,7 +299,8 @@ table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padd
 td:first-child{{text-align:left}}figure{{display:inline-block;margin:.5em;vertical-align:top}}
 img{{max-width:100%}}.warn{{background:#fde0dc;padding:.5em;border-left:4px solid #d73027}}</style></head>
 <body><h1>dist_triplet run report</h1>
-<p>Written {when} at the end of the run, in the run directory's <code>report/</code>
+<p>Written {when} (at the end of the run, or again by
+<code>python -m dist_triplet.report</code>), in the run directory's <code>report/</code>
 folder: <a href="../metrics.json">metrics.json</a> holds these numbers and every epoch's,
 <a href="../config.yaml">config.yaml</a> the run's settings. Every metric is defined in
 the project's docs/metrics.md.</p>
