@@ -180,3 +180,19 @@ def test_progress_bar_covers_the_search(monkeypatch, capsys):
     assert "searching" in err and "0/30 " in err           # a bar over the 30 queries
     knn(emb, emb, 2)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("big", [1e19, 3e38])
+def test_rows_whose_float32_keys_overflow_are_searched_in_float64(big):
+    # Adversarial trial: one row of 1e20-sized features made every query's nearest item
+    # row 0 (float32 keys inf), so training's evaluation printed P@1 0.0 with exit 0.
+    rng = np.random.RandomState(4)
+    emb = (rng.randn(20, 8) + 3 * np.repeat(np.arange(4), 5)[:, None]).astype(np.float32)
+    emb[3] = big
+    for k in (1, 3):
+        dist, idx = knn(emb, emb, k, exclude=np.arange(20))
+        want_d, want = loop_knn(emb, emb, k, np.arange(20))
+        assert idx.tolist() == want.tolist()
+        np.testing.assert_allclose(dist, want_d, rtol=1e-12)
+    with pytest.raises(ValueError, match="overflow the approximate index's float32"):
+        knn(emb, emb, 1, index=build_faiss(emb, "hnsw")[0])

@@ -13,14 +13,10 @@ import warnings
 import numpy as np
 
 from ..export import INPUT_NAME, model_files, mxnet_error_line
+from .neighbours import MAX_SQ_NORM
 from .specs import ModelInput
 
 __all__ = ["Model", "read_meta", "sha256_file", "MAX_SQ_NORM"]
-
-# faiss and the float32 candidate search compute |q|^2 + |x|^2 - 2 q.x: it must stay
-# below float32's largest value (else inf and no neighbour).
-MAX_SQ_NORM = float(np.finfo(np.float32).max) / 8
-
 
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()

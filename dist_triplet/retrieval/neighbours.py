@@ -16,12 +16,14 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-__all__ = ["KINDS", "SNAP", "knn", "build_faiss", "recall_at_k", "check_matrix"]
+__all__ = ["KINDS", "SNAP", "MAX_SQ_NORM", "knn", "build_faiss", "recall_at_k", "check_matrix"]
 
 KINDS = ("flat", "hnsw", "ivf")
 SNAP = 1e-10           # keys at or below SNAP (||q||^2 + ||x||^2) are 0 (module docstring)
 _U64 = 2.0 ** -53
 _WIDE = 128            # k above it: float64 keys (knn's docstring)
+# Squared norms whose float32 keys |q|^2 + |x|^2 - 2 q.x could overflow (also float64 keys).
+MAX_SQ_NORM = float(np.finfo(np.float32).max) / 8
 _BLOCK = 1 << 22       # values per block of the NumPy pass and of the re-ranking gathers
 
 
@@ -94,7 +96,7 @@ def knn(query, gallery, k: int, *, exclude: Optional[np.ndarray] = None, index=N
     Exact (``index`` None or flat): q and x centred on the gallery's mean (same keys,
     smaller norms), one float32 GEMM per tile of ``[-2q, ||q||^2, 1] . [x, 1, ||x||^2]``
     (float64 for k > 128, where float32's bound links most of a long list: 910 of a
-    raw-pixel query's 999) gives each key within ``tol = 2 (D + 8) u (||q||^2 + max
+    raw-pixel query's 999, and for squared norms beyond ``MAX_SQ_NORM``) gives each key within ``tol = 2 (D + 8) u (||q||^2 + max
     ||x||^2) + SNAP (...)``, u = 2^-24 (2^-53) (a (D + 2)-term dot product errs by at most
     gamma_{D+2} sum |terms|, Higham, "Accuracy and Stability of Numerical Algorithms",
     2nd ed., 3.1; the spare u's cover the centring's rounding). k = 1: the row minimum
@@ -145,15 +147,20 @@ def knn(query, gallery, k: int, *, exclude: Optional[np.ndarray] = None, index=N
     exact = index is None or isinstance(index, faiss.IndexFlat)
     g_sq, q_sq = _sq(g), _sq(q)
     snap = SNAP * (q_sq + g_sq.max())
-    t = np.float64 if exact and k > _WIDE else np.float32
     if exact:
         centre = g.mean(axis=0, dtype=np.float64)
-        qc, gc = (q - centre).astype(t, copy=False), (g - centre).astype(t, copy=False)
+        qc, gc = q - centre, g - centre
+        big = _sq(qc).max(initial=0) + _sq(gc).max() > MAX_SQ_NORM    # float32 keys overflow
+        t = np.float64 if k > _WIDE or big else np.float32
+        qc, gc = qc.astype(t, copy=False), gc.astype(t, copy=False)
         qc_sq, gc_sq = _sq(qc), _sq(gc)
         qa = np.hstack([qc * t(-2), qc_sq[:, None].astype(t), np.ones((len(q), 1), t)])
         gb = np.hstack([gc, np.ones((n, 1), t), gc_sq[:, None].astype(t)])
+    elif q_sq.max(initial=0) + g_sq.max() > MAX_SQ_NORM:
+        raise ValueError(f"squared norms up to {g_sq.max():.3g} overflow the approximate "
+                         "index's float32 distances: search exactly (flat)")
     else:
-        qc_sq, gc_sq = q_sq, g_sq
+        t, qc_sq, gc_sq = np.float32, q_sq, g_sq
     tol = (q.shape[1] + 8) * np.finfo(t).eps * (qc_sq + gc_sq.max()) + snap   # eps = 2 u
     out = np.full((len(q), k), -1, np.int64)
     todo, redo = np.arange(len(q)), []
@@ -199,17 +206,18 @@ def _sq(x: np.ndarray) -> np.ndarray:
 
 
 def _up32(x: np.ndarray) -> np.ndarray:
-    """float64 ``x`` rounded up to float32."""
-    y = x.astype(np.float32)
+    """float64 ``x`` rounded up to float32 (inf beyond its range: every key within)."""
+    with np.errstate(over="ignore"):
+        y = x.astype(np.float32)
     return np.where(y < x, np.nextafter(y, np.float32(np.inf)), y)
 
 
 def _nearest(qa, gb, ex, mirror: bool, update, tile: int = 768):
-    """Each query's smallest float32 key f = qa @ gb.T (knn), tile by tile: (best (Q,)
-    float32, its column (Q,) int64, the runner-up (Q,) float32: the smallest of the
-    others). With ``mirror`` (qa, gb from one set, ex = arange) f is symmetric: only the
+    """Each query's smallest key f = qa @ gb.T (knn; float32, or float64 for huge norms),
+    tile by tile: (best (Q,), its column (Q,) int64, the runner-up (Q,): the smallest of
+    the others, both of qa's dtype). With ``mirror`` (qa, gb from one set, ex = arange) f is symmetric: only the
     tiles on and above the diagonal are computed, each also folded into its columns'."""
-    (best, runner_up), first = np.full((2, len(qa)), np.inf, np.float32), np.zeros_like(ex)
+    (best, runner_up), first = np.full((2, len(qa)), np.inf, qa.dtype), np.zeros_like(ex)
     for i in range(0, len(qa), tile):
         rows = slice(i, i + tile)
         for j in range(i if mirror else 0, len(gb), tile):
