@@ -398,8 +398,27 @@ def test_inputs_that_do_not_fit_together_are_refused(folder_run, features_run, t
     before = (run / "model" / params).read_bytes()
     assert embed_cli.main(["--model", model, "--input", f"{run}:test", "--force",
                            "--out", str(run / "model" / params)]) == 2
-    assert "model's directory" in error_line(capsys)
+    assert "which this command reads" in error_line(capsys)
+    # ... also through a symlink to the model, and search / calibrate into the model or index.
+    os.symlink(run / "model", tmp_path / "mlink")
+    assert embed_cli.main(["--model", str(tmp_path / "mlink"), "--input", f"{run}:test",
+                           "--force", "--out", str(run / "model" / params)]) == 2
+    assert "which this command reads" in error_line(capsys)
+    assert index_cli.main(["--model", model, "--data", f"{run}:all", "--out",
+                           str(tmp_path / "ix1")]) == 0
+    capsys.readouterr()
+    ix1 = tmp_path / "ix1"
+    for argv in (["--out", str(run / "model" / params)], ["--out", str(ix1 / "labels.npy")],
+                 ["--grid", str(ix1 / "index.faiss")]):
+        assert search_cli.main(["--index", str(ix1), "--query", f"{run}:test", "--force"]
+                               + argv) == 2
+        assert "which this command reads" in error_line(capsys)
+    from dist_triplet import calibrate as calibrate_cli
+    assert calibrate_cli.main(["--index", str(ix1), "--data", f"{run}:test", "--force",
+                               "--out", str(ix1 / "meta.json")]) == 2
+    assert "which this command reads" in error_line(capsys)
     assert (run / "model" / params).read_bytes() == before
+    assert Index.load(str(ix1)) is not None
     # A 5-D array is not an image batch.
     np.save(tmp_path / "q5.npy", np.zeros((2, SIDE, SIDE, 3, 1), np.uint8))
     assert embed_cli.main(["--model", model, "--input", str(tmp_path / "q5.npy"), "--out",

@@ -59,10 +59,17 @@ def _options(args) -> DataOptions:
                        f"[{size}]" if size is not None and "," in size else size, tuple(args.set))
 
 
-def _positive(args, *names) -> None:
+def _at_least(low: int, args, *names) -> None:
     for name in names:
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if (value := getattr(args, name)) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+def _not_in(path: Optional[str], flag: str, *dirs: str) -> None:
+    """ValueError if ``path`` (symlinks resolved) lies in a directory the command reads."""
+    for d in dirs:
+        if path and os.path.dirname(os.path.realpath(path)) == os.path.realpath(d):
+            raise ValueError(f"{flag} {path} is in {d}, which this command reads: write elsewhere")
 
 
 def _run(body, args) -> int:
@@ -97,7 +104,7 @@ def index_main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _index(args) -> int:
     from .model import Model
-    _positive(args, "batch_size", "hnsw_m", "ef_search", "nprobe")
+    _at_least(1, args, "batch_size", "hnsw_m", "ef_search", "nprobe")
     check_out(args.out, args.force, file=False)                   # before any work
     t0 = time.perf_counter()
     model = Model(args.model)
@@ -145,7 +152,7 @@ def search_main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _search(args) -> int:
     from . import search as s
-    _positive(args, "k", "grid_rows", "batch_size")
+    _at_least(1, args, "k", "grid_rows", "batch_size")
     check_out(args.out, args.force)
     check_out(args.grid, args.force, "--grid")
     if args.out and args.grid and os.path.abspath(args.out) == os.path.abspath(args.grid):
@@ -156,6 +163,8 @@ def _search(args) -> int:
                          f"items{', one left out' if args.exclude_self else ''})")
     thr = s.load_threshold(index, args.threshold)
     model = s.check_model(index, args.model)
+    _not_in(args.out, "--out", index.dir, model.dir)
+    _not_in(args.grid, "--grid", index.dir, model.dir)
     items = read_items(args.query, model.input, args.labels, _options(args))
     codes, note = s.query_classes(index, items)
     dist, pos, times, notes, left = s.search_items(index, model, items, args.k,
@@ -230,12 +239,13 @@ def _calibrate(args) -> int:
         raise ValueError("--holdout-labels goes with --holdout; --holdout-fraction without it")
     if not 0.0 < (frac := 0.5 if args.holdout_fraction is None else args.holdout_fraction) < 1:
         raise ValueError(f"--holdout-fraction must be in (0, 1), got {frac}")
-    if args.seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    _at_least(0, args, "seed")
     index = Index.load(args.index)
     out = args.out or os.path.join(index.dir, THRESHOLD_FILE)
     check_out(out, args.force, "--out" if args.out else "threshold file")
     model = check_model(index, args.model)
+    _not_in(None if os.path.basename(out) == THRESHOLD_FILE else out, "--out", index.dir,
+            model.dir)
     items = read_items(args.data, model.input, args.labels, _options(args))
     held = None if args.holdout is None else read_items(
         args.holdout, model.input, args.holdout_labels, _options(args))
@@ -274,14 +284,12 @@ def _embed(args) -> int:
 
     from .model import Model
     from .specs import load_array
-    _positive(args, "batch_size")
+    _at_least(1, args, "batch_size")
     check_out(args.out, args.force)
     if args.device == "gpu" and mx.context.num_gpus() == 0:
         raise ValueError("--device gpu, but MXNet sees no GPU")
     model = Model(args.model, mx.gpu(0) if args.device == "gpu" else mx.cpu())
-    if os.path.dirname(os.path.abspath(args.out)) == model.dir:      # even with --force
-        raise ValueError(f"--out {args.out} is in the model's directory {model.dir}: write "
-                         "the embeddings elsewhere")
+    _not_in(args.out, "--out", model.dir)                            # even with --force
     if os.path.isdir(args.input) and not os.listdir(args.input):
         load_array(args.input, model.input)      # an empty directory: say so
     items = read_items(args.input, model.input, None, _options(args))
