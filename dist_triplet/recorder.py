@@ -78,12 +78,15 @@ class Recorder:
         self.history: List[dict] = [dict(r) for r in history]
         self.baseline = baseline or {}
         os.makedirs(run_dir, exist_ok=True)
-        # Data paths absolute: RUN:test (index, search) reads the same files from any cwd.
+        # Paths absolute (output.dir: this run): RUN:test (index, search) reads the same
+        # files, and --config RUN/config.yaml checkpoint.resume=auto resumes it, from any cwd.
         d = cfg.data
         paths = {k: os.path.abspath(getattr(d, k)) for k in ("path", "root", "cache_dir")
                  if getattr(d, k)}
-        save_config(dataclasses.replace(cfg, data=dataclasses.replace(d, **paths)),
-                    os.path.join(run_dir, "config.yaml"))
+        save_config(dataclasses.replace(
+            cfg, data=dataclasses.replace(d, **paths),
+            output=dataclasses.replace(cfg.output, dir=os.path.abspath(run_dir))),
+            os.path.join(run_dir, "config.yaml"))
         self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
     def scalars(self, epoch: int, values: dict) -> None:

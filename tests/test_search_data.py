@@ -356,8 +356,9 @@ def test_runs_relative_data_path_is_read_from_any_directory(tmp_path, monkeypatc
     np.savez(tmp_path / "other" / "feats.npz", x=other, y=labels)
     monkeypatch.chdir(tmp_path)
     run = _train(tmp_path, "run", "data.path=feats.npz")
-    saved = yaml.safe_load((run / "config.yaml").read_text())["data"]["path"]
-    assert saved == str(tmp_path / "feats.npz")
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["path"] == str(tmp_path / "feats.npz")
+    assert saved["output"]["dir"] == str(run)           # --config RUN/config.yaml resumes it
     monkeypatch.chdir(tmp_path / "other")
     assert index_cli.main(["--model", str(run / "model"), "--data", f"{run}:all",
                            "--out", str(tmp_path / "ix")]) == 0
