@@ -61,8 +61,11 @@ def test_empty_class_folder(tmp_path):
 def test_folder_with_one_class(tmp_path):
     images, labels = make_images(4, 1, 4, 4, 3)
     write_folder(tmp_path, images, labels, ["only"])
-    # The folder itself may hold one class (a gallery); training data may not.
-    fails(data_cfg(path=str(tmp_path)), ValueError, str(tmp_path), "fewer than 2 classes")
+    # The folder itself may hold one class (a gallery); training data may not, and no
+    # data.test_fraction helps (the message said to raise it).
+    msg = fails(data_cfg(path=str(tmp_path)), ValueError, str(tmp_path),
+                "triplets need at least 2 classes", "found 1: 0 ('only')")
+    assert "test_fraction" not in msg
 
 
 def test_folder_without_class_folders(tmp_path):
@@ -135,6 +138,24 @@ def test_sixteen_bit_image_is_refused_not_clipped(tmp_path):
           "16-bit")
 
 
+def test_npz_bytes_names_unsigned_labels_and_a_corrupt_member(tmp_path):
+    x = np.zeros((8, 2), np.float32)
+    np.savez(tmp_path / "b.npz", x=x, y=np.repeat([0, 1], 4), classes=np.array([b"cat", b"dog"]))
+    train, test = load_data(data_cfg(path=str(tmp_path / "b.npz"), test_fraction=0.5))
+    assert train.class_names == ("cat", "dog")                 # not "b'cat'"
+    np.savez(tmp_path / "u.npz", x=x, y=np.repeat(np.array([0, 2 ** 63], np.uint64), 4))
+    fails(data_cfg(path=str(tmp_path / "u.npz")), ValueError, "u.npz", "key 'y'", "int64")
+    # A damaged member: its CRC (stored) or its deflate stream (compressed) fails.
+    for save, off in ((np.savez, 300), (np.savez_compressed, 60)):
+        save(tmp_path / "c.npz", x=np.arange(4000, dtype=np.float32).reshape(2000, 2),
+             y=np.repeat([0, 1], 1000))
+        data = bytearray((tmp_path / "c.npz").read_bytes())
+        at = data.index(b"x.npy") + off
+        data[at:at + 16] = bytes(16)
+        (tmp_path / "c.npz").write_bytes(bytes(data))
+        fails(data_cfg(path=str(tmp_path / "c.npz")), ValueError, "c.npz", "key 'x'")
+
+
 def test_not_an_npz(tmp_path):
     (tmp_path / "d.npz").write_text("hello")
     fails(data_cfg(path=str(tmp_path / "d.npz")), ValueError, "d.npz", "not a NumPy .npz")
@@ -166,10 +187,19 @@ def test_csv_errors(tmp_path):
     write_csv(tmp_path / "twice.csv", [("a.png", 0), ("b.png", 1), ("./sub/../a.png", 1)])
     fails(data_cfg(path=str(tmp_path / "twice.csv")), ValueError, "twice.csv", "line 4",
           str(tmp_path / "a.png"), "first on line 2")
+    # Blank lines count (DictReader skips them: the error named line 4 for line 6); a
+    # symlinked folder does not hide a second row of one image; not UTF-8 is one line.
+    (tmp_path / "blank.csv").write_text("path,label\na.png,0\n\n\nb.png,x\n")
+    fails(data_cfg(path=str(tmp_path / "blank.csv")), ValueError, "line 5", "'x'")
+    os.symlink(tmp_path, tmp_path / "link")
+    write_csv(tmp_path / "linked.csv", [("a.png", 0), ("b.png", 1), ("link/a.png", 1)])
+    fails(data_cfg(path=str(tmp_path / "linked.csv")), ValueError, "line 4", "first on line 2")
+    (tmp_path / "latin.csv").write_bytes("path,label\ncaf\xe9.png,0\n".encode("latin-1"))
+    fails(data_cfg(path=str(tmp_path / "latin.csv")), ValueError, "latin.csv", "not UTF-8")
     # One label: the reader takes it (a gallery); training data need two classes.
     write_csv(tmp_path / "one.csv", [("a.png", 3), ("b.png", 3)])
     fails(data_cfg(path=str(tmp_path / "one.csv")), ValueError, "one.csv",
-          "fewer than 2 classes")
+          "triplets need at least 2 classes")
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -98,4 +98,6 @@ def open_source(cfg) -> Source:
         prefix = f"data.format={fmt}: " if not msg.startswith("data.") else ""
         if cfg.path not in msg:
             msg = f"{cfg.path}: {msg}"
-        raise type(exc)(prefix + msg) from None
+        # A ValueError subclass (UnicodeDecodeError) takes other arguments: a ValueError.
+        raise (FileNotFoundError if isinstance(exc, FileNotFoundError) else ValueError)(
+            prefix + msg) from None

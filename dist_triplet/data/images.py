@@ -1,7 +1,7 @@
 """Image files: a folder per class, or a CSV of ``path,label[,split]``; read with Pillow.
 
-* **Folder** (``data.format: folder``): ``ROOT/<class>/*.{png,jpg,jpeg}`` (any case), class
-  names from the folder names, class ids in sorted name order (as torchvision's
+* **Folder** (``data.format: folder``): ``ROOT/<class>/*`` with an ``IMAGE_EXTENSIONS``
+  suffix (any case), class names from the folder names, class ids in sorted name order (as torchvision's
   ``ImageFolder``). When ``ROOT`` holds exactly the folders ``train`` and ``test`` (each
   with class folders), those are the splits; class ids then cover both.
 * **CSV** (``data.format: csv``): the open-metric-learning convention
@@ -164,15 +164,15 @@ def _scan_classes(root: str) -> dict:
     classes = _subdirs(root)
     if not classes:
         raise ValueError(f"{root}: image folder holds no class folders; expected "
-                         f"ROOT/<class>/*.{{png,jpg,jpeg}}")
+                         f"ROOT/<class>/*.{{{','.join(e[1:] for e in IMAGE_EXTENSIONS)}}}")
     out = {}
     for name in classes:
         folder = os.path.join(root, name)
         files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if _is_image(f)
                        and os.path.isfile(os.path.join(folder, f)))
         if not files:
-            raise ValueError(f"{folder}: empty class folder (no .png, .jpg or .jpeg files); "
-                             "remove it or add images")
+            raise ValueError(f"{folder}: empty class folder (no {', '.join(IMAGE_EXTENSIONS)} "
+                             "files); remove it or add images")
         out[name] = files
     return out
 
@@ -222,12 +222,22 @@ def csv_source(path: str, mode: str = "RGB",
         FileNotFoundError: the CSV or an image it names is missing (line number given).
         ValueError: no ``path`` / ``label`` column (the message lists the columns found);
             a label that is not an integer or a split value not train/validation/test
-            (line and value named); an image listed twice (both lines named); no rows.
+            (line and value named); an image listed twice (both lines named); no rows;
+            a file that is not UTF-8.
             One class is fine here (a gallery); training needs two
             (:func:`.split.check_training`).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: CSV file does not exist")
+    try:
+        return _csv_source(path, mode, image_size)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}): save "
+                         "it as UTF-8") from None
+
+
+def _csv_source(path: str, mode: str, image_size) -> Source:
+    """csv_source's reading (UnicodeDecodeError passes through)."""
     base = os.path.dirname(os.path.abspath(path))
     rows: List[Tuple[str, int, Optional[str]]] = []
     seen: dict = {}                         # image file -> the line that first listed it
@@ -240,7 +250,8 @@ def csv_source(path: str, mode: str = "RGB",
             raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; found columns "
                              f"{', '.join(cols) or 'none'}; expected a header path,label[,split]")
         has_split = "split" in cols
-        for line, rec in enumerate(reader, start=2):
+        for rec in reader:
+            line = reader.line_num                # the file's line (blank lines counted)
             value = (rec.get("label") or "").strip()
             if not re.fullmatch(r"-?[0-9]+", value):         # int() also takes 1_0 and \uff12
                 raise ValueError(f"{path}: line {line}: label {value!r} is not an integer")
@@ -251,7 +262,7 @@ def csv_source(path: str, mode: str = "RGB",
             file = os.path.normpath(file if os.path.isabs(file) else os.path.join(base, file))
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"{path}: line {line}: image {file} does not exist")
-            if (first := seen.setdefault(file, line)) != line:   # one id, two rows
+            if (first := seen.setdefault(os.path.realpath(file), line)) != line:  # 1 id, 2 rows
                 raise ValueError(f"{path}: line {line}: image {file} is listed again (first "
                                  f"on line {first}); list each image once")
             split = None

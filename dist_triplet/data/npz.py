@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from typing import Optional
 
 import numpy as np
@@ -32,14 +33,14 @@ def _keys(zf: zipfile.ZipFile) -> list:
 
 def _header(zf: zipfile.ZipFile, key: str, path: str):
     """(shape, fortran_order, dtype) of member ``key`` without reading its data."""
-    with zf.open(f"{key}.npy") as fh:
-        try:
+    try:
+        with zf.open(f"{key}.npy") as fh:
             version = np.lib.format.read_magic(fh)
             if version == (1, 0):
                 return np.lib.format.read_array_header_1_0(fh)
             return np.lib.format.read_array_header_2_0(fh)
-        except ValueError as exc:
-            raise ValueError(f"{path}: key {key!r} is not a valid .npy array: {exc}") from None
+    except (ValueError, zipfile.BadZipFile, EOFError, zlib.error) as exc:  # BadZipFile: CRC
+        raise ValueError(f"{path}: key {key!r} is not a valid .npy array: {exc}") from None
 
 
 def _load_member(path: str, key: str) -> np.ndarray:
@@ -49,6 +50,8 @@ def _load_member(path: str, key: str) -> np.ndarray:
     except ValueError as exc:  # object arrays need pickle: refuse them, say which key
         raise ValueError(f"{path}: key {key!r} could not be read without pickle "
                          f"(object array?): {exc}") from None
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+        raise ValueError(f"{path}: key {key!r} is corrupt: {exc}") from None
 
 
 def _fill(path: str, shape: tuple, fortran: bool, dtype: np.dtype, features: bool):
@@ -82,7 +85,7 @@ def _fill(path: str, shape: tuple, fortran: bool, dtype: np.dtype, features: boo
                 want = min(per_chunk, n - start) * row_bytes
                 try:
                     buf = fh.read(want)
-                except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
                     raise ValueError(f"{path}: key 'x' is corrupt: {exc}") from None
                 if len(buf) != want:
                     raise ValueError(f"{path}: key 'x' is truncated: expected "
@@ -129,7 +132,10 @@ def _open_part(path: str):
     if len(y_shape) != 1 or y_shape[0] != shape[0]:
         raise ValueError(f"{path}: key 'y' has shape {y_shape} but key 'x' has {shape[0]} "
                          f"rows; expected y of shape ({shape[0]},)")
-    y = _load_member(path, "y").astype(np.int64)
+    y = _load_member(path, "y")
+    if y.dtype == np.uint64 and y.size and y.max() > np.uint64(np.iinfo(np.int64).max):
+        raise ValueError(f"{path}: key 'y' holds labels up to {y.max()}, beyond int64")
+    y = y.astype(np.int64)
     classes = None
     with zipfile.ZipFile(path) as zf:
         has_classes = "classes" in _keys(zf)
@@ -138,7 +144,10 @@ def _open_part(path: str):
         if raw.ndim != 1 or raw.dtype.kind not in "USiu":
             raise ValueError(f"{path}: key 'classes' must be a 1-D array of names, found "
                              f"shape {raw.shape} dtype {raw.dtype}")
-        classes = tuple(str(c) for c in raw)
+        try:                                        # bytes names: UTF-8, not "b'cat'"
+            classes = tuple(c.decode() if isinstance(c, bytes) else str(c) for c in raw.tolist())
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: key 'classes' holds names that are not UTF-8") from None
         if len(set(classes)) < len(classes):
             twice = next(c for i, c in enumerate(classes) if c in classes[:i])
             raise ValueError(f"{path}: key 'classes' names {twice!r} twice; each class id "

@@ -174,6 +174,10 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int,
     _check_fraction(test_fraction)
     labels = np.asarray(labels)
     classes, inv, counts = _class_table(labels)
+    if classes.size < 2:        # no test fraction helps (the message below would say so)
+        raise ValueError(f"{source}: triplets need at least 2 classes (a negative must come "
+                         f"from another class); found 1: {_name(int(classes[0]), class_names)}"
+                         if classes.size else f"{source}: no samples")
     lone = _lone_class(classes, counts, class_names)
     if lone:
         raise ValueError(
