@@ -176,8 +176,9 @@ def evaluate_embeddings(embeddings, labels, triplets, *, collapse_eps: float = 1
                                 exact_max_gallery=exact_max_gallery, nprobe=nprobe)
     else:  # a diverged network: no distances to rank (flagged collapsed below)
         out = dict({m: float("nan") for m in metrics}, queries=0, excluded_queries=len(emb))
-    out.update(triplet_accuracy(emb[trip[:, 0]], emb[trip[:, 1]], emb[trip[:, 2]]))
-    out["spread"] = embedding_spread(emb)
+    with np.errstate(invalid="ignore", over="ignore"):     # non-finite: NaN, flagged below
+        out.update(triplet_accuracy(emb[trip[:, 0]], emb[trip[:, 1]], emb[trip[:, 2]]))
+        out["spread"] = embedding_spread(emb)
     total = max(out["total"], 1)
     out["tie_share"] = (out["correct"] - out["strict_correct"]) / total
     # is_collapsed(emb, collapse_eps), without computing the spread twice

@@ -152,3 +152,32 @@ def test_conflicting_backend_under_horovodrun_is_one_error_line(tmp_path):
     assert "Process 1 exit with status code 2" not in text
     assert "dist_triplet" not in text.split(errors[0])[1]   # no traceback of ours follows
     assert not run_dir.exists()
+
+
+def test_non_finite_embeddings_stop_both_ranks_without_a_traceback(tmp_path):
+    """Adversarial trial: the stop for non-finite test embeddings (rank 0 evaluates) used
+    Horovod's broadcast_object, which returns on rank 0 before rank 1 has received it; rank
+    0 then left Horovod and rank 1 died in a traceback, exit 1."""
+    require_horovod()
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 8)
+    x = (rng.normal(size=(32, 64)) + 2 * y[:, None]).astype(np.float32)
+    np.savez(tmp_path / "train.npz", x=x, y=y)
+    xt = x.copy()          # finite inputs whose first layer overflows: inf, NaN embeddings
+    xt[3], xt[4] = np.float32(3.4e38), np.float32(-3.4e38)
+    np.savez(tmp_path / "test.npz", x=xt, y=y)
+    proc = subprocess.run(
+        HOROVODRUN_2 + [sys.executable, "-m", "dist_triplet.train", "distributed.backend=horovod",
+                        f"data.path={tmp_path}", "sampler.kind=pk", "sampler.p=4", "sampler.k=4",
+                        "sampler.steps_per_epoch=2", "model.hidden=[32,16]", "train.epochs=2",
+                        "train.progress=false", "eval.projector=false", "eval.report=false",
+                        f"output.dir={tmp_path / 'run'}"],
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert "Process 0 exit with status code 2" in text, text[-3000:]
+    assert "Process 1 exit with status code 2" in text, text[-3000:]
+    errors = [line for line in text.splitlines() if "error: " in line]
+    assert len(errors) == 2 and all("non-finite test embedding values after epoch 1" in e
+                                    for e in errors), errors
+    assert "MXNetError" not in text and "dist_triplet/" not in text
+    assert not (tmp_path / "run" / "checkpoints" / "epoch-0001").exists()
