@@ -343,6 +343,10 @@ def test_set_and_its_own_option_for_one_key_is_an_error(folder_run, tmp_path, ca
     line = error_line(capsys)
     assert "--image-size 12" in line and "data.image_size" in line and "image_size=8" in line
     assert not (tmp_path / "ix").exists()
+    assert index_cli.main(["--model", str(run / "model"), "--data", f"{tmp / 'shots'}:all",
+                           "--data-format", "folder", "--set", "format=folder",
+                           "--out", str(tmp_path / "ix")]) == 2
+    assert "and --data-format folder both set data.format" in error_line(capsys)
 
 
 def test_runs_relative_data_path_is_read_from_any_directory(tmp_path, monkeypatch, capsys):
@@ -376,7 +380,7 @@ def test_inputs_that_do_not_fit_together_are_refused(folder_run, features_run, t
     np.save(tmp_path / "lab.npy", np.arange(CLASSES * PER_CLASS) % 2)
     assert index_cli.main(["--model", model, "--data", f"{run}:all", "--labels",
                            str(tmp_path / "lab.npy"), "--out", out]) == 2
-    assert "--labels" in error_line(capsys) and not os.path.exists(out)
+    assert "carries its own labels" in error_line(capsys) and not os.path.exists(out)
     # --set path= beside a data path: the path read was the --set one, the one named the spec.
     assert index_cli.main(["--model", model, "--data", f"{tmp / 'shots'}:all", "--set",
                            f"path={tmp_path}", "--out", out]) == 2

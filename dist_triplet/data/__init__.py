@@ -18,9 +18,10 @@ features stay float32. Without a test split the data are split by ``data.split``
 docs/data.md is the user's guide.
 
 Modules: :mod:`.formats` (which reader), :mod:`.idx`, :mod:`.npz`, :mod:`.images` (one
-reader per format; :mod:`.arrays`: a bare ``.npy`` or IDX file, for the retrieval commands), :mod:`.source` (the one pass over the pixels), :mod:`.split` (split
-protocols, limits and class rules), :mod:`.cache` (the shared cache), :mod:`.load`
-(:func:`load_data`, :func:`load_rows`). This file only names the public API.
+reader per format; :mod:`.arrays`: a bare ``.npy`` or IDX file, for the retrieval
+commands), :mod:`.source` (the one pass over the pixels), :mod:`.split` (split protocols,
+limits and class rules), :mod:`.cache` (the shared cache), :mod:`.load` (:func:`load_data`,
+:func:`load_rows`). This file only names the public API.
 
 Needs NumPy (and Pillow for image files); no MXNet.
 """

@@ -1,8 +1,8 @@
 """Image files: a folder per class, or a CSV of ``path,label[,split]``; read with Pillow.
 
 * **Folder** (``data.format: folder``): ``ROOT/<class>/*`` with an ``IMAGE_EXTENSIONS``
-  suffix (any case), class names from the folder names, class ids in sorted name order (as torchvision's
-  ``ImageFolder``). When ``ROOT`` holds exactly the folders ``train`` and ``test`` (each
+  suffix (any case), class names from the folder names, class ids in sorted name order
+  (as torchvision's ``ImageFolder``). When ``ROOT`` holds exactly the folders ``train`` and ``test`` (each
   with class folders), those are the splits; class ids then cover both.
 * **CSV** (``data.format: csv``): the open-metric-learning convention
   (https://open-metric-learning.readthedocs.io, "Dataset format"): a header with columns

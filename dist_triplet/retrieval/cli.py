@@ -244,8 +244,7 @@ def _calibrate(args) -> int:
     out = args.out or os.path.join(index.dir, THRESHOLD_FILE)
     check_out(out, args.force, "--out" if args.out else "threshold file")
     model = check_model(index, args.model)
-    _not_in(None if os.path.basename(out) == THRESHOLD_FILE else out, "--out", index.dir,
-            model.dir)
+    _not_in(out if os.path.basename(out) != THRESHOLD_FILE else None, "--out", index.dir, model.dir)
     items = read_items(args.data, model.input, args.labels, _options(args))
     held = None if args.holdout is None else read_items(
         args.holdout, model.input, args.holdout_labels, _options(args))

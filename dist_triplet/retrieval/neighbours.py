@@ -95,8 +95,8 @@ def knn(query, gallery, k: int, *, exclude: Optional[np.ndarray] = None, index=N
 
     Exact (``index`` None or flat): q and x centred on the gallery's mean (same keys,
     smaller norms), one float32 GEMM per tile of ``[-2q, ||q||^2, 1] . [x, 1, ||x||^2]``
-    (float64 for k > 128, where float32's bound links most of a long list: 910 of a
-    raw-pixel query's 999, and for squared norms beyond ``MAX_SQ_NORM``) gives each key within ``tol = 2 (D + 8) u (||q||^2 + max
+    (float64 for k > 128, where float32's bound links 910 of a raw-pixel query's 999, or
+    norms beyond ``MAX_SQ_NORM``) gives each key within ``tol = 2 (D + 8) u (||q||^2 + max
     ||x||^2) + SNAP (...)``, u = 2^-24 (2^-53) (a (D + 2)-term dot product errs by at most
     gamma_{D+2} sum |terms|, Higham, "Accuracy and Stability of Numerical Algorithms",
     2nd ed., 3.1; the spare u's cover the centring's rounding). k = 1: the row minimum
@@ -213,10 +213,10 @@ def _up32(x: np.ndarray) -> np.ndarray:
 
 
 def _nearest(qa, gb, ex, mirror: bool, update, tile: int = 768):
-    """Each query's smallest key f = qa @ gb.T (knn; float32, or float64 for huge norms),
-    tile by tile: (best (Q,), its column (Q,) int64, the runner-up (Q,): the smallest of
-    the others, both of qa's dtype). With ``mirror`` (qa, gb from one set, ex = arange) f is symmetric: only the
-    tiles on and above the diagonal are computed, each also folded into its columns'."""
+    """Each query's smallest key f = qa @ gb.T (knn), tile by tile, in qa's dtype: (best
+    (Q,), its column (Q,) int64, the runner-up (Q,): the smallest of the others). With
+    ``mirror`` (qa, gb from one set, ex = arange) f is symmetric: only the tiles on and
+    above the diagonal are computed, each also folded into its columns'."""
     (best, runner_up), first = np.full((2, len(qa)), np.inf, qa.dtype), np.zeros_like(ex)
     for i in range(0, len(qa), tile):
         rows = slice(i, i + tile)

@@ -27,9 +27,10 @@ class DataOptions:
 
     def overrides(self) -> List[str]:
         """``data.key=value`` strings for :func:`dist_triplet.config.load_config`."""
-        given = {f"data.{k}": v for k, v in (("format", self.format), ("mode", self.mode),
-                                             ("image_size", self.image_size)) if v is not None}
-        out = [f"{k}={v}" for k, v in given.items()]
+        given = {f"data.{k}": (flag, v) for k, flag, v in (
+            ("format", "--data-format", self.format), ("mode", "--mode", self.mode),
+            ("image_size", "--image-size", self.image_size)) if v is not None}
+        out = [f"{k}={v}" for k, (_, v) in given.items()]
         for item in self.sets:
             key, sep, value = item.partition("=")
             key = key.strip()
@@ -38,8 +39,8 @@ class DataOptions:
             if "." in key and not key.startswith("data."):
                 raise ValueError(f"--set {item!r}: only data.* keys describe the data")
             if (key := key if key.startswith("data.") else "data." + key) in given:
-                raise ValueError(f"--set {item!r} and --{key[5:].replace('_', '-')} "
-                                 f"{given[key]} both set {key}: give one")
+                raise ValueError(f"--set {item!r} and {' '.join(given[key])} both set {key}: "
+                                 "give one")
             out.append(f"{key}={value}")
         return out
 
@@ -156,8 +157,8 @@ def _from_split(data, split: str, files, where: str, labels_path) -> Items:
     shape = data.image_shape
     shape = None if shape is None else tuple(shape[:2] if shape[2] == 1 else shape)
     if labels_path is not None:      # they would replace the labels, not the class names
-        raise ValueError(f"--labels {labels_path}: {where} carries its own labels; --labels "
-                         "is for an IDX images file or a .npy")
+        raise ValueError(f"labels file {labels_path}: {where} carries its own labels; a "
+                         "labels file is for an IDX images file or a .npy")
     ids = files if files is not None else [f"{split}/{i}" for i in range(len(data.labels))]
     return Items(x, data.labels, tuple(data.class_names), list(ids), shape, where,
                  "features" if data.image_shape is None else "images")
