@@ -2,8 +2,8 @@
 
 * **Folder** (``data.format: folder``): ``ROOT/<class>/*`` with an ``IMAGE_EXTENSIONS``
   suffix (any case), class names from the folder names, class ids in sorted name order
-  (as torchvision's ``ImageFolder``). When ``ROOT`` holds exactly the folders ``train`` and ``test`` (each
-  with class folders), those are the splits; class ids then cover both.
+  (as torchvision's ``ImageFolder``). When ``ROOT`` holds exactly the folders ``train``
+  and ``test`` (each with class folders), those are the splits; class ids then cover both.
 * **CSV** (``data.format: csv``): the open-metric-learning convention
   (https://open-metric-learning.readthedocs.io, "Dataset format"): a header with columns
   ``path`` and ``label`` (integer), optional ``split`` (``train``, or ``validation`` /
