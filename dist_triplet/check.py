@@ -30,7 +30,7 @@ from .augment import augmentation
 from .config import ConfigError, ModelConfig, load_config
 from .configfile import CommandLine
 from .plan import make_plan, read_resume_meta
-from .rundir import check_dir_path, resume_for
+from .rundir import check_dir_path, check_run_config, resume_for
 
 
 def preflight(cfg, processes: int = 1) -> str:
@@ -85,7 +85,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status (0 ok, 2 bad input)."""
     args = parse_args(argv)
     try:
-        summary = preflight(load_config(args.config, args.overrides), args.processes)
+        cfg = load_config(args.config, args.overrides)
+        check_run_config(args.config, cfg, args.overrides)
+        summary = preflight(cfg, args.processes)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -22,6 +22,21 @@ from .config import Config, flat_dict, resume_policies
 
 # ----------------------------------------------------------------------------- run directory
 
+def check_run_config(path: Optional[str], cfg: Config, overrides=()) -> None:
+    """ValueError when ``--config`` is a run's own config.yaml (beside its ``checkpoints/``)
+    whose ``output.dir`` names another directory and no override sets one: the run was
+    copied or moved, and it would continue at its old place (or start afresh there)."""
+    home = os.path.dirname(os.path.abspath(path or ""))
+    if (path is None or os.path.basename(path) != "config.yaml" or cfg.output.dir is None
+            or not os.path.isdir(os.path.join(home, "checkpoints"))
+            or any(o.strip().startswith("output.dir=") for o in overrides)
+            or os.path.realpath(cfg.output.dir) == os.path.realpath(home)):
+        return
+    raise ValueError(f"{path} is the config of the run in {home}, but its output.dir is "
+                     f"{cfg.output.dir} (the run was copied or moved): pass output.dir={home} "
+                     "to continue it here")
+
+
 def check_dir_path(run_dir: str) -> None:
     """Raise ValueError naming output.dir when ``run_dir`` or one of its parents exists
     but is not a directory (the run directory could not be made there)."""

@@ -25,6 +25,7 @@ from typing import Callable, Optional, Sequence
 from .config import ConfigError, config_yaml, load_config, parse_devices
 from .configfile import CommandLine
 from .launcher import choose_backend, launcher_rank, local_size
+from .rundir import check_run_config
 
 StepHook = Callable[[int, int], None]
 
@@ -78,6 +79,7 @@ def main(argv: Optional[Sequence[str]] = None, on_step: Optional[StepHook] = Non
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_run_config(args.config, cfg, args.overrides)
         backend = choose_backend(cfg.distributed.backend)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         # Every rank finds the same error; one line is enough (rank 0's). horovodrun ends

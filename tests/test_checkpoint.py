@@ -594,3 +594,22 @@ def test_non_finite_embeddings_after_a_finite_loss_stop_the_run(data_root, tmp_p
     assert os.path.basename(ckpt.latest_checkpoint(ck_dir)) == "epoch-0001"
     assert [r["epoch"] for r in _history(run_dir)] == [1]
     assert not os.path.exists(os.path.join(run_dir, "model"))
+
+
+def test_a_copied_runs_config_does_not_continue_the_original(two_epoch_run, tmp_path, capsys):
+    """Verification trial: config.yaml records output.dir absolute, so resuming a copy with
+    --config COPY/config.yaml wrote the next epoch into the original run, exit 0."""
+    from dist_triplet import check as check_mod
+    copy = str(tmp_path / "copy")
+    shutil.copytree(two_epoch_run, copy)
+    before = digest_tree(two_epoch_run)
+    conf = os.path.join(copy, "config.yaml")
+    for main in (train_mod.main, check_mod.main):
+        assert main(["--config", conf, "checkpoint.resume=auto", "train.epochs=3"]) == 2
+        err = capsys.readouterr().err
+        assert f"but its output.dir is {two_epoch_run}" in err and f"output.dir={copy}" in err
+    # As the line says: the copy continues where it is; the original is untouched.
+    assert train_mod.main(["--config", conf, "checkpoint.resume=auto", "train.epochs=3",
+                           f"output.dir={copy}"]) == 0
+    assert [r["epoch"] for r in _history(copy)] == [1, 2, 3]
+    assert digest_tree(two_epoch_run) == before
