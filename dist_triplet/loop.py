@@ -194,8 +194,8 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
         res, new_emb = evaluate_if_due(evaluator, cfg, epoch, net, ctx0)
         if eval_due(cfg, epoch):  # rank 0's count, on all ranks (an allreduce waits on each:
             # Horovod's broadcast_object returns on the root at once, which then shut down)
-            bad = 0 if new_emb is None else int(np.count_nonzero(~np.isfinite(new_emb)))
-            if bad := round(backend.allreduce_mean([bad])[0] * backend.num_processes):
+            mine = 0 if new_emb is None else int(np.count_nonzero(~np.isfinite(new_emb)))
+            if bad := round(backend.allreduce_mean([mine])[0] * backend.num_processes):
                 raise non_finite_error(cfg, losses, epoch, good_epoch, embeddings=bad)
         row.update(res)
         emb = new_emb if new_emb is not None else emb
