@@ -98,8 +98,12 @@ def neighbour_grid(path: str, query_images: Optional[np.ndarray],
         ax.text(x, y, text, ha="center", va="top", fontsize=5.5, linespacing=1.0)
     fig.suptitle(title or "queries (left) and nearest neighbours; squared L2 distance under each",
                  fontsize=7, y=0.998, va="top")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    from .fsutil import atomic_write
+    try:                                  # a failed write leaves no half picture at path
+        with atomic_write(path, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=100)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -414,7 +414,7 @@ def test_inputs_that_do_not_fit_together_are_refused(folder_run, features_run, t
     capsys.readouterr()
     ix1 = tmp_path / "ix1"
     for argv in (["--out", str(run / "model" / params)], ["--out", str(ix1 / "labels.npy")],
-                 ["--grid", str(ix1 / "index.faiss")]):
+                 ["--grid", str(ix1 / "grid.png")]):
         assert search_cli.main(["--index", str(ix1), "--query", f"{run}:test", "--force"]
                                + argv) == 2
         assert "which this command reads" in error_line(capsys)
@@ -437,3 +437,10 @@ def test_inputs_that_do_not_fit_together_are_refused(folder_run, features_run, t
     assert search_cli.main(["--index", str(tmp_path / "ix"), "--query", f"{run}:test",
                             "--out", same, "--grid", same]) == 2
     assert "--out and --grid" in error_line(capsys) and not os.path.exists(same)
+    # A grid named .jpg used to fail in matplotlib after the whole search; .pdf was written
+    # as a PDF: refused before any work, nothing written.
+    for name in ("g.jpgx", "g.pdf"):
+        assert search_cli.main(["--index", str(tmp_path / "ix"), "--query", f"{run}:test",
+                                "--grid", str(tmp_path / name)]) == 2
+        assert f"{name}: the grid is a PNG" in error_line(capsys)
+        assert not os.path.exists(tmp_path / name)

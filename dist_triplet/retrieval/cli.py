@@ -157,6 +157,8 @@ def _search(args) -> int:
     check_out(args.grid, args.force, "--grid")
     if args.out and args.grid and os.path.abspath(args.out) == os.path.abspath(args.grid):
         raise ValueError(f"--out and --grid are both {args.out}: give two files")
+    if args.grid and not args.grid.lower().endswith(".png"):
+        raise ValueError(f"--grid {args.grid}: the grid is a PNG; name a .png file")
     index = Index.load(args.index)
     if args.k > len(index) - args.exclude_self:
         raise ValueError(f"--k {args.k} is larger than the gallery of {args.index} ({len(index)} "

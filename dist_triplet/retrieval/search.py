@@ -57,8 +57,7 @@ def load_threshold(index: Index, path: Optional[str] = None) -> Optional[dict]:
     except ValueError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
     thr = doc.get("threshold") if isinstance(doc, dict) else None
-    if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not math.isfinite(thr) \
-            or thr < 0:
+    if type(thr) not in (int, float) or not math.isfinite(thr) or thr < 0:     # bool: no
         raise ValueError(f"{path}: 'threshold' is {thr!r}; expected a finite squared "
                          "distance >= 0 (re-run dist_triplet.calibrate)")
     if doc.get("index_id") != index.meta.index_id:
@@ -122,11 +121,10 @@ def search_items(index: Index, model: Model, items, k: int,
     left = same if exclude_self is not False else np.full_like(same, -1)
     dist, pos = index.search(emb, k, left if (left >= 0).any() else None, progress="searching")
     times["search_s"] = time.perf_counter() - t0
-    if exclude_self is False:
-        if selves := int(np.count_nonzero((same >= 0) | (dist[:, 0] == 0))):
-            notes.append(f"note: {selves} of {len(emb)} queries are gallery items or exact "
-                         "copies of one (distance 0): each finds itself; pass --exclude-self "
-                         "to leave it out")
+    if exclude_self is False and (selves := int(np.count_nonzero((same >= 0) | (dist[:, 0] == 0)))):
+        notes.append(f"note: {selves} of {len(emb)} queries are gallery items or exact "
+                     "copies of one (distance 0): each finds itself; pass --exclude-self "
+                     "to leave it out")
     return dist, pos, times, notes, left
 
 
