@@ -347,6 +347,13 @@ def test_set_and_its_own_option_for_one_key_is_an_error(folder_run, tmp_path, ca
                            "--data-format", "folder", "--set", "format=folder",
                            "--out", str(tmp_path / "ix")]) == 2
     assert "and --data-format folder both set data.format" in error_line(capsys)
+    # A key given twice by --set: the last one used to win silently.
+    assert index_cli.main(["--model", str(run / "model"), "--data", f"{tmp / 'shots'}:all",
+                           "--set", "split=classes", "--set", "data.split=random",
+                           "--out", str(tmp_path / "ix")]) == 2
+    assert ("'data.split=random' and --set split=classes both set data.split"
+            in error_line(capsys))
+    assert not (tmp_path / "ix").exists()
 
 
 def test_runs_relative_data_path_is_read_from_any_directory(tmp_path, monkeypatch, capsys):

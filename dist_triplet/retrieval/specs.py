@@ -27,10 +27,9 @@ class DataOptions:
 
     def overrides(self) -> List[str]:
         """``data.key=value`` strings for :func:`dist_triplet.config.load_config`."""
-        given = {f"data.{k}": (flag, v) for k, flag, v in (
+        given = {f"data.{k}": (f"{flag} {v}", v) for k, flag, v in (
             ("format", "--data-format", self.format), ("mode", "--mode", self.mode),
             ("image_size", "--image-size", self.image_size)) if v is not None}
-        out = [f"{k}={v}" for k, (_, v) in given.items()]
         for item in self.sets:
             key, sep, value = item.partition("=")
             key = key.strip()
@@ -39,10 +38,9 @@ class DataOptions:
             if "." in key and not key.startswith("data."):
                 raise ValueError(f"--set {item!r}: only data.* keys describe the data")
             if (key := key if key.startswith("data.") else "data." + key) in given:
-                raise ValueError(f"--set {item!r} and {' '.join(given[key])} both set {key}: "
-                                 "give one")
-            out.append(f"{key}={value}")
-        return out
+                raise ValueError(f"--set {item!r} and {given[key][0]} both set {key}: give one")
+            given[key] = (f"--set {item}", value)
+        return [f"{k}={v}" for k, (_, v) in given.items()]
 
 
 @dataclass
