@@ -100,7 +100,7 @@ def test_training_run_exports_a_model_that_embed_reproduces(idx_dir, tmp_path):
     ("bad_batch", "--batch-size"),
     ("nan_input", "3 of 1568 values are NaN or infinite"),
     ("model_is_file", "is a file, not a directory"),
-    ("input_is_dir", "is a directory, not a file"),
+    ("input_is_dir", "directory holds neither train.npz, IDX files nor class folders"),
     ("meta_bad_json", "meta.json: not valid JSON"),
     ("meta_list", "meta.json: expected a JSON object"),
     ("meta_bad_units", "meta.json: expected input_units a positive integer"),

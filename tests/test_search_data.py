@@ -451,3 +451,32 @@ def test_inputs_that_do_not_fit_together_are_refused(folder_run, features_run, t
                                 "--grid", str(tmp_path / name)]) == 2
         assert f"{name}: the grid is a PNG" in error_line(capsys)
         assert not os.path.exists(tmp_path / name)
+
+
+def test_no_output_replaces_an_input_even_with_force(features_run, tmp_path, capsys):
+    """Adversarial trial: with --force, an output naming the very file the command read
+    (the queries, their labels, the calibration data) replaced it with the results."""
+    from dist_triplet import calibrate as calibrate_cli
+    _, run, x = features_run
+    model, ix = str(run / "model"), str(tmp_path / "ix")
+    assert index_cli.main(["--model", model, "--data", f"{run}:all", "--out", ix]) == 0
+    q, lab = tmp_path / "q.npy", tmp_path / "lab.npy"
+    np.save(q, x)
+    np.save(lab, np.repeat(np.arange(CLASSES), PER_CLASS) * 10 + 5)
+    os.symlink(lab, tmp_path / "lablink.npy")
+    before = q.read_bytes(), lab.read_bytes()
+    for main, argv in (
+            (embed_cli.main, ["--model", model, "--input", str(q), "--out", str(q)]),
+            (search_cli.main, ["--index", ix, "--query", str(q), "--out", str(q)]),
+            (search_cli.main, ["--index", ix, "--query", str(q), "--labels", str(lab),
+                               "--out", str(tmp_path / "lablink.npy")]),
+            (calibrate_cli.main, ["--index", ix, "--data", str(q), "--labels", str(lab),
+                                  "--out", str(lab)])):
+        capsys.readouterr()
+        assert main(argv + ["--force"]) == 2
+        line = error_line(capsys)
+        assert "which this command reads" in line and str(tmp_path) in line, argv
+    assert (q.read_bytes(), lab.read_bytes()) == before
+    # Outputs beside the inputs are fine: the same search writes results.jsonl.
+    assert search_cli.main(["--index", ix, "--query", str(q), "--labels", str(lab),
+                            "--out", str(tmp_path / "results.jsonl")]) == 0

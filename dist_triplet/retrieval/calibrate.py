@@ -54,8 +54,7 @@ def rates(dist, right, threshold: float) -> dict:
     """Counts, precision, recall and F1 of accepting ``dist <= threshold`` (NaN: undefined)."""
     acc, right = np.asarray(dist) <= threshold, np.asarray(right, bool)
     tp, n_acc, n_right = int(np.count_nonzero(acc & right)), int(acc.sum()), int(right.sum())
-    p = tp / n_acc if n_acc else float("nan")
-    r = tp / n_right if n_right else float("nan")
+    p, r = (tp / n if n else float("nan") for n in (n_acc, n_right))
     return {"queries": int(len(acc)), "accepted": n_acc, "right": n_right, "true_positives": tp,
             "precision": p, "recall": r, "f1": 2 * p * r / (p + r) if tp else 0.0}
 

@@ -65,11 +65,15 @@ def _at_least(low: int, args, *names) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
-def _not_in(path: Optional[str], flag: str, *dirs: str) -> None:
-    """ValueError if ``path`` (symlinks resolved) lies in a directory the command reads."""
-    for d in dirs:
-        if path and os.path.dirname(os.path.realpath(path)) == os.path.realpath(d):
-            raise ValueError(f"{flag} {path} is in {d}, which this command reads: write elsewhere")
+def _not_in(path: Optional[str], flag: str, *dirs: str, files: Sequence = ()) -> None:
+    """ValueError if ``path`` (symlinks resolved) lies in one of ``dirs`` or is one of the
+    ``files`` (data specs: also without their ``:split``) the command reads, --force or not."""
+    real = path and os.path.realpath(path)
+    names = [n for f in files if f for n in (f, f.rpartition(":")[0] or f)]
+    bad = [f"in {d}" for d in dirs if real and os.path.dirname(real) == os.path.realpath(d)]
+    bad += [n for n in names if real == os.path.realpath(n)]
+    if bad:
+        raise ValueError(f"{flag} {path} is {bad[0]}, which this command reads: write elsewhere")
 
 
 def _run(body, args) -> int:
@@ -165,8 +169,8 @@ def _search(args) -> int:
                          f"items{', one left out' if args.exclude_self else ''})")
     thr = s.load_threshold(index, args.threshold)
     model = s.check_model(index, args.model)
-    _not_in(args.out, "--out", index.dir, model.dir)
-    _not_in(args.grid, "--grid", index.dir, model.dir)
+    for out, flag in ((args.out, "--out"), (args.grid, "--grid")):
+        _not_in(out, flag, index.dir, model.dir, files=(args.query, args.labels, args.threshold))
     items = read_items(args.query, model.input, args.labels, _options(args))
     codes, note = s.query_classes(index, items)
     dist, pos, times, notes, left = s.search_items(index, model, items, args.k,
@@ -246,7 +250,8 @@ def _calibrate(args) -> int:
     out = args.out or os.path.join(index.dir, THRESHOLD_FILE)
     check_out(out, args.force, "--out" if args.out else "threshold file")
     model = check_model(index, args.model)
-    _not_in(out if os.path.basename(out) != THRESHOLD_FILE else None, "--out", index.dir, model.dir)
+    dirs = () if os.path.basename(out) == THRESHOLD_FILE else (index.dir, model.dir)
+    _not_in(out, "--out", *dirs, files=(args.data, args.labels, args.holdout, args.holdout_labels))
     items = read_items(args.data, model.input, args.labels, _options(args))
     held = None if args.holdout is None else read_items(
         args.holdout, model.input, args.holdout_labels, _options(args))
@@ -284,15 +289,12 @@ def _embed(args) -> int:
     import mxnet as mx
 
     from .model import Model
-    from .specs import load_array
     _at_least(1, args, "batch_size")
     check_out(args.out, args.force)
     if args.device == "gpu" and mx.context.num_gpus() == 0:
         raise ValueError("--device gpu, but MXNet sees no GPU")
     model = Model(args.model, mx.gpu(0) if args.device == "gpu" else mx.cpu())
-    _not_in(args.out, "--out", model.dir)                            # even with --force
-    if os.path.isdir(args.input) and not os.listdir(args.input):
-        load_array(args.input, model.input)      # an empty directory: say so
+    _not_in(args.out, "--out", model.dir, files=(args.input,))
     items = read_items(args.input, model.input, None, _options(args))
     emb = model.embed(items.x, args.batch_size, source=args.input)
     with atomic_write(args.out, "wb") as fh:
