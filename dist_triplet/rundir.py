@@ -12,12 +12,15 @@ outputs.py's (model export, projector, report). No MXNet, no collective.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import time
 from typing import IO, Dict, Optional, Tuple
 
 from . import checkpoint as ckpt
 from .config import Config, flat_dict, resume_policies
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -190,11 +193,13 @@ def find_resume(resume: Optional[str], ckpt_dir: str,
     holds a run: checkpoints (the new run's saves and the last-K retention would mix with
     the old run's: an old epoch-0009 outlives a new epoch-0002), or a ``config.yaml`` /
     ``metrics.json`` that the new run would overwrite. ``'auto'`` gives the newest complete
-    checkpoint, or None (a fresh start) unless the directory holds another run's
-    ``config.yaml`` whose "fixed" keys (config.py's resume policies) differ from ``config``. A path is returned as
-    given (``read_meta`` checks it), unless ``ckpt_dir`` holds checkpoints and the path is
-    not one of them: saving into ``ckpt_dir`` would then prune that other run's later
-    epochs. Rank 0 decides; it calls no collective.
+    checkpoint, or None (a fresh start, with a warning when the directory holds a run's
+    files) unless the directory holds another run's ``config.yaml`` whose "fixed" keys
+    (config.py's resume policies) differ from ``config``. A path is returned as given
+    (``read_meta`` checks it), unless the run directory holds a run (checkpoints, or its
+    ``RUN_FILES``) and the path is not one of its checkpoints: continuing there would
+    replace that run's files and prune its later epochs. Rank 0 decides; it calls no
+    collective.
 
     Raises:
         ValueError: any refusal above (names the directory, the file or key, and the ways
@@ -202,17 +207,23 @@ def find_resume(resume: Optional[str], ckpt_dir: str,
     """
     run_dir = os.path.dirname(os.path.abspath(ckpt_dir))
     latest = ckpt.latest_checkpoint(ckpt_dir)
+    present = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
     if resume == "auto":
         if latest is None and config is not None:
             _check_same_run(run_dir, config)
+            if present:         # e.g. checkpoint.keep=0, or checkpoints/ deleted
+                log.warning("checkpoint.resume=auto: output.dir %r holds a run (%s) but no "
+                            "checkpoint: starting it again from epoch 1; its files will be "
+                            "replaced", run_dir, ", ".join(present))
         return latest
     if resume:
-        if latest is not None and not _inside(resume, ckpt_dir):
+        held = f"checkpoints up to {latest}" if latest else ", ".join(present)
+        if held and not _inside(resume, ckpt_dir):
             raise ValueError(
                 f"checkpoint.resume={resume!r} is not a checkpoint of output.dir {run_dir!r}, "
-                f"which holds another run's checkpoints (latest {latest}); saving there would "
-                "remove them. Choose another output.dir (or output.dir=null to continue in "
-                "the checkpoint's own run directory)")
+                f"which holds another run ({held}); continuing there would replace it. "
+                "Choose another output.dir (or output.dir=null to continue in the "
+                "checkpoint's own run directory)")
         return resume
     if latest is not None:
         raise ValueError(
