@@ -163,6 +163,10 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
              global_batch, run_dir,
              f"; resuming after epoch {start_epoch} from {resume_path}" if resume_path else "")
 
+    if resume_path and cfg.sampler.memory:
+        log.warning("sampler.memory=%d: the cross-batch memory is not checkpointed; it starts "
+                    "empty again, so this run will not end with the parameters of an "
+                    "uninterrupted one", cfg.sampler.memory)
     ctx0 = backend.contexts[0]
     # The epoch (1-based) whose checkpoint is the last good one, for the non-finite message.
     good_epoch = start_epoch if resume_path else None

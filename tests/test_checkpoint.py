@@ -635,3 +635,18 @@ def test_a_copied_runs_config_does_not_continue_the_original(two_epoch_run, tmp_
                            f"output.dir={copy}"]) == 0
     assert [r["epoch"] for r in _history(copy)] == [1, 2, 3]
     assert digest_tree(two_epoch_run) == before
+
+
+def test_resumed_xbm_run_says_it_differs(data_root, tmp_path, capsys):
+    """Adversarial trial: the cross-batch memory is not checkpointed, so a resumed XBM run
+    ends elsewhere than an uninterrupted one (0.0099 in the trial) while the docs promised
+    the same parameters; the run said nothing."""
+    run = str(tmp_path / "xbm")
+    xbm = ("sampler.kind=pk", "sampler.scope=global", "sampler.memory=2", "sampler.p=3",
+           "sampler.k=2", "sampler.steps_per_epoch=3")
+    assert train_mod.main(run_args(data_root, run, "train.epochs=1", *xbm)) == 0
+    assert "not checkpointed" not in capsys.readouterr().err
+    assert train_mod.main(run_args(data_root, run, "train.epochs=2", "checkpoint.resume=auto",
+                                   *xbm)) == 0
+    assert "sampler.memory=2: the cross-batch memory is not checkpointed" in \
+        capsys.readouterr().err
