@@ -526,9 +526,9 @@ def _apply_file(values: dict, path: str, chain: Tuple[str, ...] = ()) -> None:
                               "remove one base")
         _apply_file(values, base_path, chain)
     for section, items in doc.items():
-        if not isinstance(items, dict):
+        if not isinstance(items, dict) and items is not None:    # None: keys commented out
             raise ConfigError(f"{at(section)}: section {section!r} must be a mapping of keys")
-        for name, value in items.items():
+        for name, value in (items or {}).items():
             _set(values, f"{section}.{name}", value, at(section, name))
 
 

@@ -42,6 +42,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":   # <<: *anchor; its keys yield
+                continue
             key = self.construct_object(key_node, deep=True)
             try:
                 first = seen.get(key)
@@ -151,7 +153,11 @@ def parse_value(value: Any, tp: Any, key: str, where: str) -> Any:
             raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
-        return str(value)
+        # A number in a file is YAML's reading of the text (2024.10 -> 2024.1, 010 -> 8):
+        # str() of it would not be what was written.
+        if not isinstance(value, str):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            raise ConfigError(f"{where}: {key} must be a string, got {value!r}" + (
+                " (YAML read the text as a number: put it in quotes)" if number else ""))
+        return value
     raise ConfigError(f"{where}: {key} has unsupported type {tp}")  # pragma: no cover

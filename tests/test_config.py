@@ -29,6 +29,10 @@ def test_duplicate_yaml_keys_name_file_key_and_line(text, key, line, first, tmp_
     ("model:\n  hidden: [8]\ntrain:\n  epochs: two\n", 4,
      "train.epochs must be an integer, got 'two'"),
     ("train: 3\n", 1, "section 'train' must be a mapping"),
+    # Adversarial trial: a number in a file for a string key was str() of YAML's reading.
+    ("output:\n  dir: 2024.10\n", 2,
+     "output.dir must be a string, got 2024.1 (YAML read the text as a number: put it in"),
+    ("distributed:\n  devices: 010\n", 2, "distributed.devices must be a string, got 8"),
 ])
 def test_yaml_key_errors_name_file_and_line(text, line, needle, tmp_path):
     path = tmp_path / "bad.yaml"
@@ -218,3 +222,17 @@ def test_shipped_configs_hold_only_what_differs_from_their_base():
             section, name = key.split(".")
             assert below[section][name] != value, (path, key, value)
         load_config(path)
+
+
+def test_commented_out_section_and_yaml_merge_keys(tmp_path):
+    """Adversarial trial: a section whose keys are all commented out was "not a mapping";
+    a YAML merge key (<<: *anchor) failed in the duplicate-key check."""
+    path = tmp_path / "c.yaml"
+    path.write_text("eval:\n  # every: 5\ntrain:\n  epochs: 3\n")
+    assert load_config(str(path)).train.epochs == 3
+    path.write_text("optim:\n  <<: {momentum: 0.5, lr: 0.2}\n  lr: 0.01\n")
+    cfg = load_config(str(path))
+    assert (cfg.optim.momentum, cfg.optim.lr) == (0.5, 0.01)    # the explicit key wins
+    path.write_text("optim:\n  <<: {momentum: 0.5}\n  lr: 0.01\n  lr: 0.02\n")
+    with pytest.raises(ConfigError, match="line 4: duplicate key 'lr'"):
+        load_config(str(path))
