@@ -66,7 +66,9 @@ def preflight(cfg, processes: int = 1) -> str:
             read_resume_meta(cfg, resume, plan.job, plan.steps, plan.global_batch)
     return (f"check: config and data ok ({len(plan.train)} train / {len(plan.test)} test "
             f"images, {processes} process(es)"
-            + (f", {plan.steps} steps per epoch" if plan.steps is not None else "") + ")")
+            + (f", {plan.steps} steps per epoch" if plan.steps is not None else "") + ")"
+            + (f"; warning: keys this run does not read: {'; '.join(plan.unused)}"
+               if plan.unused else ""))
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

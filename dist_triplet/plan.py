@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 
 from . import checkpoint as ckpt
 from . import schedule
-from .config import Config, config_from_dict, parse_devices
+from .config import Config, config_from_dict, flat_dict, parse_devices
 from .data import Split, check_sampler_classes, load_data
 from .launcher import choose_backend
 from .rundir import requested_run_dir
@@ -101,6 +101,19 @@ def build_sampler(cfg: Config, job, labels) -> EpochSampler:
                         num_workers=job.num_workers, scope=s.scope)
 
 
+# Keys read only by some jobs: (key, used(cfg, backend), when); set elsewhere they did
+# nothing, silently (adversarial trial).
+_USED_WHEN = (
+    *((f"sampler.{k}", lambda c, b: c.sampler.kind == "pk", "sampler.kind=pk")
+      for k in ("p", "k", "miner", "steps_per_epoch")),
+    ("train.batch_size", lambda c, b: c.sampler.kind == "offline",
+     "sampler.kind=offline; a P x K batch is sampler.p x sampler.k"),
+    ("optim.momentum", lambda c, b: c.optim.optimizer == "sgd", "optim.optimizer=sgd"),
+    ("distributed.devices", lambda c, b: b == "kvstore", "the kvstore backend"),
+    ("distributed.compression", lambda c, b: b == "horovod", "the horovod backend"),
+)
+
+
 @dataclass(frozen=True)
 class Plan:
     """A checked job: what :func:`make_plan` returns.
@@ -120,6 +133,14 @@ class Plan:
     job: Optional[object]
     sampler: Optional[EpochSampler]
     run_dir: Optional[str]
+
+    @property
+    def unused(self) -> List[str]:
+        """``key=value (...)`` of each key set away from its default that this job does not
+        read (:data:`_USED_WHEN`): a warning line on rank 0 and in the pre-flight check."""
+        now, default = flat_dict(self.cfg.to_dict()), flat_dict(Config().to_dict())
+        return [f"{k}={now[k]!r} (read only with {when})" for k, used, when in _USED_WHEN
+                if now[k] != default[k] and not used(self.cfg, self.backend)]
 
     @property
     def steps(self) -> Optional[int]:

@@ -174,3 +174,25 @@ def test_horovod_sh_good_input_trains(data, tmp_path):
     assert text.count("check: config and data ok (84 train / 40 test images, 2 process(es), "
                       "5 steps per epoch)") == 1
     assert (out / "checkpoints" / "epoch-0001" / "meta.json").is_file()
+
+
+def test_keys_the_job_does_not_read_are_named(data, tmp_path, capsys):
+    """Adversarial trial: these were accepted and did nothing, silently (the epoch kept
+    its 18 steps with sampler.steps_per_epoch=3, adam ignored optim.momentum, ...)."""
+    unused = ["sampler.steps_per_epoch=3", "sampler.miner=batch_hard", "optim.optimizer=adam",
+              "optim.momentum=0.9", "distributed.devices=cpu:4", "distributed.compression=fp16"]
+    capsys.readouterr()
+    assert check_main(run_args(data, tmp_path / "run", *unused)) == 0
+    out = capsys.readouterr().err
+    for needle in ("sampler.steps_per_epoch=3 (read only with sampler.kind=pk)",
+                   "sampler.miner='batch_hard' (read only with sampler.kind=pk)",
+                   "optim.momentum=0.9 (read only with optim.optimizer=sgd)",
+                   "distributed.devices='cpu:4' (read only with the kvstore backend)",
+                   "distributed.compression='fp16' (read only with the horovod backend)"):
+        assert needle in out, out
+    # A P x K job does not read train.batch_size; every key it sets, it reads.
+    pk = ["sampler.kind=pk", "sampler.p=3", "sampler.k=2", "sampler.steps_per_epoch=3"]
+    assert check_main(run_args(data, tmp_path / "run", *pk)) == 0
+    out = capsys.readouterr().err
+    assert "does not read: train.batch_size=8 (read only with sampler.kind=offline" in out
+    assert not any(f"sampler.{k}=" in out for k in ("p", "k", "steps_per_epoch")), out
