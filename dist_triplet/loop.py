@@ -28,7 +28,7 @@ from .data import Split, describe
 from .dist import decide_on_rank0, make_backend
 from .engine import build_step, run_epoch
 from .evaluate import Evaluator
-from .launcher import local_size
+from .launcher import launcher_rank, local_size
 from .backbone import build_network, initialize_network
 from .plan import batch_note, make_plan, read_resume_meta
 from .outputs import finish_run
@@ -237,6 +237,12 @@ def run(cfg: Config, on_step: Optional[StepHook] = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:       # Ctrl-C (horovodrun passes it to every rank)
+        if launcher_rank() == 0:
+            print("interrupted: the run directory keeps its last complete checkpoint; the "
+                  "same command with checkpoint.resume=auto and that output.dir continues "
+                  "it", file=sys.stderr, flush=True)
+        return 130
     finally:
         rundir.release_run_dir()  # the run directory's lock (rank 0)
         # Horovod: leave it here, not in its atexit hook, which complains after an error.

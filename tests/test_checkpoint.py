@@ -650,3 +650,21 @@ def test_resumed_xbm_run_says_it_differs(data_root, tmp_path, capsys):
                                    *xbm)) == 0
     assert "sampler.memory=2: the cross-batch memory is not checkpointed" in \
         capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_the_run_resumes(data_root, tmp_path, capsys):
+    """Adversarial trial: Ctrl-C printed a 20-line KeyboardInterrupt traceback."""
+    run = str(tmp_path / "run")
+
+    def interrupt(epoch, step):
+        if (epoch, step) == (1, 3):
+            raise KeyboardInterrupt
+    capsys.readouterr()
+    assert train_mod.main(run_args(data_root, run), on_step=interrupt) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: the run directory keeps its last complete checkpoint" in err
+    assert "Traceback" not in err
+    assert os.path.basename(ckpt.latest_checkpoint(os.path.join(run, "checkpoints"))) == \
+        "epoch-0001"
+    assert train_mod.main(run_args(data_root, run, "checkpoint.resume=auto")) == 0
+    assert [r["epoch"] for r in _history(run)] == [1, 2, 3, 4]
