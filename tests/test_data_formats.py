@@ -300,6 +300,19 @@ def test_cache_key_follows_files_and_settings(tmp_path):
     _rows_match(train, x2, np.arange(40) % 4)
 
 
+def test_a_damaged_cache_entry_is_named(tmp_path):
+    """Adversarial trial: a truncated cache file gave "mmap length is greater than file
+    size", naming no file."""
+    _npz(tmp_path)
+    cache = tmp_path / "cache"
+    load_data(data_cfg(path=str(tmp_path / "d.npz"), cache_dir=str(cache)))
+    entry = cache / os.listdir(cache)[0]
+    with open(entry / "train_x.npy", "r+b") as fh:
+        fh.truncate(200)
+    with pytest.raises(ValueError, match=f"data.cache_dir entry {entry} is damaged .*; delete "):
+        load_data(data_cfg(path=str(tmp_path / "d.npz"), cache_dir=str(cache)))
+
+
 def _load_in_child(args):
     path, cache = args
     train, test = load_data(data_cfg(path=path, cache_dir=cache))

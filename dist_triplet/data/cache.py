@@ -60,15 +60,21 @@ def entry_path(cache_dir: str, source: Source, settings: dict) -> str:
 
 
 def _open_entry(entry: str) -> Tuple[Split, Split]:
-    with open(os.path.join(entry, _META)) as fh:
-        meta = json.load(fh)
-    shape = tuple(meta["image_shape"]) if meta["image_shape"] is not None else None
-    return tuple(Split(images=np.load(os.path.join(entry, f"{s}_x.npy"), mmap_mode="r"),
-                       labels=np.load(os.path.join(entry, f"{s}_y.npy")),
-                       class_names=tuple(meta["class_names"]),
-                       source=f"{meta['source'][s]} (cached in {entry})",
-                       image_shape=shape)
-                 for s in ("train", "test"))
+    """The entry's splits; ValueError naming the entry to delete when a file of it is
+    damaged (truncated, edited)."""
+    try:
+        with open(os.path.join(entry, _META)) as fh:
+            meta = json.load(fh)
+        shape = tuple(meta["image_shape"]) if meta["image_shape"] is not None else None
+        return tuple(Split(images=np.load(os.path.join(entry, f"{s}_x.npy"), mmap_mode="r"),
+                           labels=np.load(os.path.join(entry, f"{s}_y.npy")),
+                           class_names=tuple(meta["class_names"]),
+                           source=f"{meta['source'][s]} (cached in {entry})",
+                           image_shape=shape)
+                     for s in ("train", "test"))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"data.cache_dir entry {entry} is damaged ({exc}); delete that "
+                         "directory and it is written again") from None
 
 
 def load_cached(source: Source, cache_dir: str, protocol: str, test_fraction: float,
