@@ -61,7 +61,8 @@ class Recorder:
     * ``P@1``, ``R-Prec``, ``MAP@R``: leave-one-out retrieval on the test set (squared L2);
       ``raw``: P@1 of the raw pixels. R-Prec/MAP@R come with full evaluations only
       (``eval.full_every``; always the last epoch), else the line says when they come.
-    * ``triplets/s``: training throughput of the whole job (global batch x steps / train s).
+    * ``triplets/s`` (``images/s`` for P x K): training throughput of the whole job
+      (global batch x steps / train s).
     * ``sample``: drawing the epoch's triplets; ``train``: the optimizer steps (with the
       epoch's index copy); ``host-wait``: of ``train``, the time the host sat waiting for the
       device (near ``train``: device-bound; near 0: host-bound); ``allreduce``: the
@@ -75,6 +76,8 @@ class Recorder:
                  baseline: Optional[dict] = None):
         self.run_dir = run_dir
         self.cfg = cfg
+        # What a row of the global batch is: a triplet (offline) or an image (P x K).
+        self.unit = "triplets" if cfg.sampler.kind == "offline" else "images"
         self.history: List[dict] = [dict(r) for r in history]
         self.baseline = baseline or {}
         os.makedirs(run_dir, exist_ok=True)
@@ -119,16 +122,18 @@ class Recorder:
                       "R-Prec/MAP@R: last epoch" + (f" and every {self.cfg.eval.full_every}"
                                                     if self.cfg.eval.full_every else ""))
             log.info("epoch %d/%d  loss %.4f  seed-acc %.4f (%d/%d triplets%s)  P@1 %.4f "
-                     "(raw %.4f)  %s%s  %s triplets/s  %s eval %.2fs]",
+                     "(raw %.4f)%s  %s%s  %s %s/s  %s eval %.2fs]",
                      epoch + 1, epochs, row["loss"], row["seed_accuracy"],
                      row["correct"], row["total"],
                      ", COLLAPSED: not a success" if row["collapsed"] else "",
-                     row["precision_at_1"], self.baseline["precision_at_1"], ranked,
+                     row["precision_at_1"], self.baseline["precision_at_1"],
+                     " (approximate: faiss IVF, eval.exact_max_gallery)"
+                     if row.get("approximate") else "", ranked,
                      "  COLLAPSED" if row["collapsed"] else "",
-                     f"{row['triplets_per_s']:,.0f}", timing, row["time_eval_s"])
+                     f"{row['triplets_per_s']:,.0f}", self.unit, timing, row["time_eval_s"])
         else:
-            log.info("epoch %d/%d  loss %.4f  %s triplets/s  %s]", epoch + 1, epochs,
-                     row["loss"], f"{row['triplets_per_s']:,.0f}", timing)
+            log.info("epoch %d/%d  loss %.4f  %s %s/s  %s]", epoch + 1, epochs,
+                     row["loss"], f"{row['triplets_per_s']:,.0f}", self.unit, timing)
         self.history.append(dict(row))
         self.write_metrics(final=None)
         self.scalars(epoch, {f"train/{k}": row[k] for k in ("loss", "triplets_per_s", "lr")})

@@ -78,3 +78,12 @@ def test_epoch_log_line_names_its_fields(tmp_path, caplog):
         "(host-wait 3.39s) allreduce 0.01s eval 0.52s]",
         "epoch 4/10  loss 0.1250  1,234,568 triplets/s  [sample 0.00s train 1.00s "
         "(host-wait 0.50s) allreduce 0.00s]"]
+    # Adversarial trial: a P x K run's rows are images, and an approximate search (beyond
+    # eval.exact_max_gallery) was said in metrics.json only.
+    caplog.clear()
+    cfg = load_config(None, ["train.epochs=10", "sampler.kind=pk"])
+    rec = Recorder(str(tmp_path / "run2"), cfg, baseline={"precision_at_1": 0.8092})
+    rec.record_epoch(2, dict(row, approximate=True), timing_text(0.104, 3.5, 3.391, 0.0149))
+    rec.close()
+    assert "P@1 0.7960 (raw 0.8092) (approximate: faiss IVF, eval.exact_max_gallery)  " \
+        "R-Prec/MAP@R: last epoch  24,665 images/s" in caplog.records[0].getMessage()
