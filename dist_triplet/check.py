@@ -67,8 +67,7 @@ def preflight(cfg, processes: int = 1) -> str:
     return (f"check: config and data ok ({len(plan.train)} train / {len(plan.test)} test "
             f"images, {processes} process(es)"
             + (f", {plan.steps} steps per epoch" if plan.steps is not None else "") + ")"
-            + (f"; warning: keys this run does not read: {'; '.join(plan.unused)}"
-               if plan.unused else ""))
+            + "".join(f"\nwarning: {line}" for line in plan.warnings))
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

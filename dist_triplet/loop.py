@@ -123,8 +123,8 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
 
     # --- data and sampling: validated on every rank before anything is written
     plan = make_plan(cfg, backend)
-    if backend.is_main and plan.unused:
-        log.warning("keys this run does not read: %s", "; ".join(plan.unused))
+    for line in plan.warnings if backend.is_main else ():
+        log.warning(line)
     train_split, test_split, sampler = plan.train, plan.test, plan.sampler
     log_data(train_split, test_split, cfg.data.cache_dir)
     steps, global_batch = plan.steps, plan.global_batch

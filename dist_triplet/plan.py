@@ -135,12 +135,25 @@ class Plan:
     run_dir: Optional[str]
 
     @property
-    def unused(self) -> List[str]:
-        """``key=value (...)`` of each key set away from its default that this job does not
-        read (:data:`_USED_WHEN`): a warning line on rank 0 and in the pre-flight check."""
+    def warnings(self) -> List[str]:
+        """Lines for rank 0's log and the pre-flight check: the keys set away from their
+        default that this job does not read (:data:`_USED_WHEN`), and an offline epoch that
+        covers under half of the training rows (one small class bounds it: the seed's
+        create_pairs makes C x (smallest class - 1) triplets an epoch)."""
         now, default = flat_dict(self.cfg.to_dict()), flat_dict(Config().to_dict())
-        return [f"{k}={now[k]!r} (read only with {when})" for k, used, when in _USED_WHEN
-                if now[k] != default[k] and not used(self.cfg, self.backend)]
+        unused = [f"{k}={now[k]!r} (read only with {when})" for k, used, when in _USED_WHEN
+                  if now[k] != default[k] and not used(self.cfg, self.backend)]
+        out = [f"keys this run does not read: {'; '.join(unused)}"] if unused else []
+        per_class = np.bincount(self.train.labels)
+        small = int(np.argmin(np.where(per_class > 0, per_class, per_class.max())))
+        made = int(np.count_nonzero(per_class)) * (int(per_class[small]) - 1)
+        if self.cfg.sampler.kind == "offline" and made < len(self.train) / 2:
+            out.append(f"an epoch makes {made:,} triplets from {len(self.train):,} training "
+                       f"rows: the offline sampler (the seed's create_pairs) takes "
+                       f"{np.count_nonzero(per_class)} classes x (smallest class - 1), and "
+                       f"class {self.train.class_names[small]!r} has {per_class[small]} rows; "
+                       "sampler.kind=pk draws from every row")
+        return out
 
     @property
     def steps(self) -> Optional[int]:

@@ -194,5 +194,26 @@ def test_keys_the_job_does_not_read_are_named(data, tmp_path, capsys):
     pk = ["sampler.kind=pk", "sampler.p=3", "sampler.k=2", "sampler.steps_per_epoch=3"]
     assert check_main(run_args(data, tmp_path / "run", *pk)) == 0
     out = capsys.readouterr().err
-    assert "does not read: train.batch_size=8 (read only with sampler.kind=offline" in out
+    assert "warning: keys this run does not read: train.batch_size=8 (read only with sampler.kind=offline" in out
     assert not any(f"sampler.{k}=" in out for k in ("p", "k", "steps_per_epoch")), out
+
+
+def test_an_offline_epoch_bounded_by_one_small_class_is_named(tmp_path, capsys):
+    """Adversarial trial: with one class of 5 among 3,203 rows an epoch was 2 steps of 4
+    triplets, and nothing said so."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], [60, 60, 4])
+    np.savez(tmp_path / "imb.npz", x=rng.normal(size=(len(y), 6)).astype(np.float32), y=y,
+             classes=np.array(["a", "b", "rare"]))
+    args = [f"data.path={tmp_path / 'imb.npz'}", "data.test_fraction=0.25",
+            f"output.dir={tmp_path / 'run'}", "train.batch_size=2"]
+    capsys.readouterr()
+    assert check_main(args) == 0
+    line = capsys.readouterr().err.splitlines()[-1]
+    # 'rare' keeps 2 of its 4 rows for training (the split's per-class rounding): an epoch
+    # is 3 classes x (2 - 1) = 3 triplets of the 92 training rows.
+    assert line.startswith("warning: an epoch makes 3 triplets from 92 training rows"), line
+    assert "class 'rare' has 2 rows" in line
+    assert check_main(args[:-1] + ["sampler.kind=pk", "sampler.p=2", "sampler.k=2"]) == 0
+    assert "warning" not in capsys.readouterr().err
