@@ -30,7 +30,7 @@ from .augment import augmentation
 from .config import ConfigError, ModelConfig, load_config
 from .configfile import CommandLine
 from .plan import make_plan, read_resume_meta
-from .rundir import check_dir_path, check_run_config, resume_for
+from .rundir import check_dir_path, check_run_config, check_unlocked, resume_for
 
 
 def preflight(cfg, processes: int = 1) -> str:
@@ -61,6 +61,7 @@ def preflight(cfg, processes: int = 1) -> str:
         check_dir_path(cfg.output.root)  # a new timestamped directory under it
     else:
         check_dir_path(plan.run_dir)
+        check_unlocked(plan.run_dir)
         resume = resume_for(cfg, plan.run_dir)
         if resume and plan.job:
             read_resume_meta(cfg, resume, plan.job, plan.steps, plan.global_batch)

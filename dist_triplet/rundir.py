@@ -104,14 +104,8 @@ def lock_run_dir(run_dir: str, created: bool = False) -> None:
         return
     fh = open(os.path.join(run_dir, LOCK_FILE), "a+")
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        pid = fh.read().strip() or "unknown"
-        fh.close()
-        raise ValueError(f"output.dir={run_dir!r}: another run (pid {pid}) is using it; "
-                         "wait for it to finish or choose another output.dir") from None
-    except OSError:
+        _try_lock(fh, run_dir)
+    except (OSError, ValueError):
         fh.close()
         raise
     fh.seek(0)
@@ -119,6 +113,27 @@ def lock_run_dir(run_dir: str, created: bool = False) -> None:
     fh.write(f"{os.getpid()}\n")
     fh.flush()
     _locks[key] = (fh, created)
+
+
+def _try_lock(fh: IO, run_dir: str) -> None:
+    """flock ``fh`` (``run_dir``'s lock file) exclusively without waiting; ValueError
+    naming output.dir and the holder's pid when another process holds it."""
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        raise ValueError(f"output.dir={run_dir!r}: another run (pid "
+                         f"{fh.read().strip() or 'unknown'}) is using it; wait for it to "
+                         "finish or choose another output.dir") from None
+
+
+def check_unlocked(run_dir: str) -> None:
+    """The pre-flight form of :func:`lock_run_dir`: the same ValueError when another
+    process holds ``run_dir``'s lock; takes no lock (closing the file releases a probe's)
+    and writes nothing."""
+    if os.path.isfile(path := os.path.join(run_dir, LOCK_FILE)):
+        with open(path) as fh:
+            _try_lock(fh, run_dir)
 
 
 def release_run_dir(run_dir: Optional[str] = None) -> None:

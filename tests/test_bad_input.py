@@ -26,10 +26,11 @@ TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"
 
 
-def fails(capsys, args, *needles, out_dir=None):
-    """main(args) returns 2, its error names every needle, and out_dir was not created."""
+def fails(capsys, args, *needles, out_dir=None, fn=None):
+    """(fn or train's) main(args) returns 2, its error names every needle, and out_dir
+    was not created."""
     capsys.readouterr()
-    assert main(args) == 2
+    assert (fn or main)(args) == 2
     err = capsys.readouterr().err
     line = [ln for ln in err.splitlines() if ln.startswith("error: ")]
     assert line, err[-2000:]
@@ -326,6 +327,12 @@ def test_run_dir_in_use_by_another_run_is_refused(data, tmp_path, capsys):
         fails(capsys, run_args(data, out, "checkpoint.resume=auto"),
               f"error: output.dir={str(out)!r}: another run (pid 424242) is using it")
         assert os.listdir(out) == [".lock"]
+        # The pre-flight check says so too (it passed, and the ranks then failed).
+        from dist_triplet.check import main as check_main
+        fails(capsys, run_args(data, out, "checkpoint.resume=auto"),
+              f"error: output.dir={str(out)!r}: another run (pid 424242) is using it",
+              fn=check_main)
+        assert os.listdir(out) == [".lock"] and (out / ".lock").read_text() == "424242\n"
     # Released (as when the holder dies): the same run now trains.
     assert main(run_args(data, out, "checkpoint.resume=auto", "train.epochs=1",
                          "eval.report=false")) == 0
