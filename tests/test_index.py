@@ -164,6 +164,9 @@ def test_thumbnails_are_small_or_off(tmp_path, capsys):
     want = x.reshape(3, 70, 40, 3)[0, :3, :3].mean(axis=(0, 1))
     np.testing.assert_array_equal(th[0, 0, 0], np.rint(want * 255).astype(np.uint8))
     assert thumbnails(x[:, :28 * 28], (28, 28)).shape == (3, 28, 28)     # small: as they are
+    # Adversarial trial: 40 x 1 images got (20, 0) thumbnails, and empty grid tiles.
+    np.testing.assert_array_equal(thumbnails(x[:, :40], (40, 1))[..., 0],
+                                  np.rint(x[:, :40] * 255).astype(np.uint8))
     model = export_identity(tmp_path / "model")
     write_split(tmp_path / "d", "train", GALLERY, GALLERY_LABELS)
     write_split(tmp_path / "d", "t10k", CAL, CAL_LABELS)

@@ -103,10 +103,11 @@ def _fits(value, hint) -> bool:
 def thumbnails(x: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
     """uint8 thumbnails of rows ``x`` (N, F) float32 in [0, 1] of images ``image_shape``
     ((H, W) or (H, W, C)): (N, h, w[, C]), each side at most ``THUMB``, by averaging
-    f x f pixel blocks, f = ceil(max(H, W) / THUMB) (the last partial blocks dropped)."""
+    f x f pixel blocks, f = min(ceil(max(H, W) / THUMB), H, W) (the last partial blocks
+    dropped)."""
     shape = tuple(image_shape)
     img = x.reshape((len(x),) + shape + (() if len(shape) == 3 else (1,)))
-    f = -(-max(shape[:2]) // THUMB)
+    f = min(-(-max(shape[:2]) // THUMB), min(shape[:2]))     # a 40 x 1 image keeps 1 column
     h, w = shape[0] // f, shape[1] // f
     img = img[:, :h * f, :w * f].reshape(len(x), h, f, w, f, img.shape[3]).mean(axis=(2, 4))
     out = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
