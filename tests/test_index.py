@@ -342,3 +342,22 @@ def test_out_that_is_a_directory_is_one_line_naming_the_option(setup, capsys, co
     assert index_cli.main(["--model", model, "--data", f"{data}:train", "--out",
                            str(tmp / "f"), "--force"]) == 2
     assert "is not an index directory" in error_line(capsys)
+
+
+def test_file_labels_name_only_the_classes_present(tmp_path, capsys):
+    """Adversarial trial: --labels [3, 5e6] named 5,000,001 classes (a 54 MB ids.json);
+    [3, 2e9] ran out of memory in a traceback."""
+    model = export_identity(tmp_path / "model")
+    np.save(tmp_path / "x.npy", np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 0, 1]])
+    np.save(tmp_path / "y.npy", np.array([3, 2_000_000_000, 3, 7, 3, 7]))
+    out = tmp_path / "ix"
+    assert index_cli.main(["--model", model, "--data", str(tmp_path / "x.npy"), "--labels",
+                           str(tmp_path / "y.npy"), "--out", str(out)]) == 0
+    ix = Index.load(str(out))
+    assert ix.class_names == ("3", "7", "2000000000")
+    assert [ix.class_names[c] for c in ix.labels] == ["3", "2000000000", "3", "7", "3", "7"]
+    # Queries labelled by the same ids find their classes by name.
+    assert search_cli.main(["--index", str(out), "--query", str(tmp_path / "x.npy"),
+                            "--labels", str(tmp_path / "y.npy"), "--k", "1",
+                            "--exclude-self"]) == 0
+    assert "precision@1 " in capsys.readouterr().err

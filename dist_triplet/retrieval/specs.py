@@ -237,8 +237,8 @@ def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
     labels = class_names = None
     if labels_path is not None:
         from ..data.arrays import read_labels
-        labels = read_labels(labels_path, len(x))
-        class_names = tuple(str(i) for i in range(int(labels.max()) + 1))
+        values, labels = np.unique(read_labels(labels_path, len(x)), return_inverse=True)
+        class_names = tuple(str(v) for v in values)   # the labels present (ids like 2e9 too)
     name = os.path.basename(spec)
     items = Items(x, labels, class_names, [f"{name}#{i}" for i in range(len(x))], image_shape,
                   os.path.abspath(spec), kind, shape)
