@@ -97,6 +97,8 @@ def atomic_dir(path: str) -> Iterator[str]:
     earlier ``path`` is left as it was. Used by the search index and the run report.
     """
     import shutil
+    if not path.strip():    # abspath('') is the current directory: never replace it
+        raise ValueError("atomic_dir: empty path")
     path = os.path.abspath(path)
     tmp = temp_name(path)
     old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old-{os.getpid()}")
@@ -146,6 +148,8 @@ def check_out(out: Optional[str], force: bool, what: str = "--out", file: bool =
     None (an option not given): nothing to check."""
     if out is None:
         return
+    if not out.strip():     # an unset shell variable: '' would be the current directory
+        raise ValueError(f"{what} is empty: name the output")
     if file and os.path.isdir(out):
         raise ValueError(f"{what} {out} is a directory: pass a file name")
     if os.path.exists(out) and not force:

@@ -361,3 +361,24 @@ def test_file_labels_name_only_the_classes_present(tmp_path, capsys):
                             "--labels", str(tmp_path / "y.npy"), "--k", "1",
                             "--exclude-self"]) == 0
     assert "precision@1 " in capsys.readouterr().err
+
+
+def test_an_empty_out_never_replaces_the_current_directory(setup, tmp_path, monkeypatch,
+                                                          capsys):
+    """Adversarial trial: index --out "$UNSET" renamed the current directory aside, put the
+    index in its place and deleted the old contents."""
+    tmp, model, data, index_dir = setup
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "precious.txt").write_text("a week of work")
+    monkeypatch.chdir(work)
+    for main, argv in (
+            (index_cli.main, ["--model", model, "--data", f"{data}:train"]),
+            (search_cli.main, ["--index", str(index_dir), "--query", f"{data}:test"]),
+            (calibrate_cli.main, ["--index", str(index_dir), "--data", f"{data}:test"]),
+            (embed_cli.main, ["--model", model, "--input", f"{data}:test"])):
+        for force in ([], ["--force"]):
+            assert main(argv + ["--out", ""] + force) == 2
+            assert "--out is empty" in error_line(capsys)
+    assert os.listdir(work) == ["precious.txt"] and os.getcwd() == str(work)
+    assert (work / "precious.txt").read_text() == "a week of work"

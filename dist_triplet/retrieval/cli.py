@@ -247,8 +247,8 @@ def _calibrate(args) -> int:
         raise ValueError(f"--holdout-fraction must be in (0, 1), got {frac}")
     _at_least(0, args, "seed")
     index = Index.load(args.index)
-    out = args.out or os.path.join(index.dir, THRESHOLD_FILE)
-    check_out(out, args.force, "--out" if args.out else "threshold file")
+    out = os.path.join(index.dir, THRESHOLD_FILE) if args.out is None else args.out
+    check_out(out, args.force, "--out" if args.out is not None else "threshold file")
     model = check_model(index, args.model)
     dirs = () if os.path.basename(out) == THRESHOLD_FILE else (index.dir, model.dir)
     _not_in(out, "--out", *dirs, files=(args.data, args.labels, args.holdout, args.holdout_labels))
