@@ -279,3 +279,19 @@ def test_data_config_keys_and_resume_policies():
                 "data.test_fraction", "data.split_seed"):
         assert policy[key] == "fixed", key
     assert policy["data.path"] == policy["data.root"] == policy["data.cache_dir"] == "free"
+
+
+def test_a_photo_stored_sideways_is_read_upright(tmp_path):
+    """Adversarial trial: a photo stored rotated with EXIF Orientation 6 (as phones save
+    them) was read sideways, far from the same picture saved upright."""
+    from PIL import Image
+    images, labels = make_images(4, 2, 4, 6, 1)               # (N, 4, 6, 1): not square
+    paths = write_folder(tmp_path, images, labels)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                          # "rotate 90 clockwise to view"
+    stored = np.rot90(images[3, :, :, 0])                     # (6, 4): the sensor's layout
+    Image.fromarray(np.ascontiguousarray(stored)).save(paths[3], exif=exif)
+    train, test = load_data(data_cfg(path=str(tmp_path), mode="L", test_fraction=0.5))
+    rows = {tuple(r): True for r in np.concatenate([train.images, test.images]).reshape(8, -1)}
+    assert tuple(images[3].ravel()) in rows                   # upright, as the others
+    assert tuple(stored.ravel()) not in rows

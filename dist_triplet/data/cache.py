@@ -37,7 +37,7 @@ from .split import Split
 
 __all__ = ["cache_key", "entry_path", "load_cached"]
 
-_VERSION = 1
+_VERSION = 2        # 2: images turned upright by their EXIF Orientation
 _META = "meta.json"
 
 

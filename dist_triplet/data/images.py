@@ -10,7 +10,8 @@
   ``test``). Paths are relative to the CSV's directory unless absolute. Other columns are
   ignored.
 
-Every image is converted to ``data.mode`` (``L``: 1 channel, ``RGB``: 3) and, with
+Every image is turned upright by its EXIF Orientation (as a viewer shows it), converted to
+``data.mode`` (``L``: 1 channel, ``RGB``: 3) and, with
 ``data.image_size`` (H, W), resized with Pillow's bilinear filter; without it every image
 must have the first image's size. Rows are uint8 (H, W, C), row-major.
 """
@@ -90,7 +91,7 @@ def read_image(path: str, mode: str, size: Optional[Tuple[int, int]]) -> np.ndar
             im.load()  # decode now: a truncated file fails here, named
             wide = im.mode in ("I", "F") or im.mode.startswith("I;16")   # convert() clips
             if not wide:
-                im = im.convert(mode)
+                im = _upright(im).convert(mode)
                 if size is not None and im.size != (size[1], size[0]):
                     im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
                 arr = np.asarray(im, dtype=np.uint8)
@@ -109,12 +110,20 @@ def read_image(path: str, mode: str, size: Optional[Tuple[int, int]]) -> np.ndar
     return arr.reshape(arr.shape[0], arr.shape[1], MODES[mode])
 
 
+def _upright(im):
+    """``im`` as a viewer shows it: rotated / mirrored by its EXIF Orientation (phones
+    store photos sideways with that tag)."""
+    from PIL import ImageOps
+    return ImageOps.exif_transpose(im)
+
+
 def _first_size(path: str) -> Tuple[int, int]:
-    """(H, W) of ``path`` from its header."""
+    """(H, W) of ``path`` as :func:`read_image` reads it (EXIF Orientation 5-8: turned)."""
     Image = pillow()
     try:
         with Image.open(path) as im:
-            return im.size[1], im.size[0]
+            turned = im.getexif().get(0x0112) in (5, 6, 7, 8)
+            return (im.size[0], im.size[1]) if turned else (im.size[1], im.size[0])
     except (OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"{path}: unreadable or truncated image: {exc}") from None
 
