@@ -474,7 +474,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with open(metrics) as fh:
             doc = json.load(fh)
-        from .retrieval import Model, read_items
+        if not isinstance(doc, dict) or not isinstance(doc.get("epochs", []), list):
+            raise ValueError(f"{metrics}: not a run's metrics (a JSON object with 'epochs')")
+        from .retrieval import Index, Model, read_items
+        if args.index is not None:      # given: a calibrated index of this run's model
+            from .retrieval.search import check_model, load_threshold
+            index = Index.load(args.index)
+            check_model(index, os.path.join(args.run, "model"))
+            if load_threshold(index) is None:
+                raise ValueError(f"{args.index} holds no threshold.json: calibrate it first "
+                                 f"(python -m dist_triplet.calibrate --index {args.index})")
         model = Model(os.path.join(args.run, "model"))
         items = read_items(f"{args.run}:test", model.input)
         emb = model.embed(items.x, source=items.source)

@@ -194,6 +194,12 @@ def test_csv_errors(tmp_path):
     os.symlink(tmp_path, tmp_path / "link")
     write_csv(tmp_path / "linked.csv", [("a.png", 0), ("b.png", 1), ("link/a.png", 1)])
     fails(data_cfg(path=str(tmp_path / "linked.csv")), ValueError, "line 4", "first on line 2")
+    os.link(tmp_path / "a.png", tmp_path / "hard.png")       # a hard link: the same file
+    write_csv(tmp_path / "hard.csv", [("a.png", 0), ("b.png", 1), ("hard.png", 1)])
+    fails(data_cfg(path=str(tmp_path / "hard.csv")), ValueError, "line 4", "first on line 2")
+    (tmp_path / "dup.csv").write_text("path,label,label\na.png,0,1\nb.png,1,0\n")
+    fails(data_cfg(path=str(tmp_path / "dup.csv")), ValueError, "dup.csv",
+          "names column(s) label twice (path,label,label)")
     (tmp_path / "latin.csv").write_bytes("path,label\ncaf\xe9.png,0\n".encode("latin-1"))
     fails(data_cfg(path=str(tmp_path / "latin.csv")), ValueError, "latin.csv", "not UTF-8")
     # One label: the reader takes it (a gallery); training data need two classes.

@@ -480,3 +480,38 @@ def test_no_output_replaces_an_input_even_with_force(features_run, tmp_path, cap
     # Outputs beside the inputs are fine: the same search writes results.jsonl.
     assert search_cli.main(["--index", ix, "--query", str(q), "--labels", str(lab),
                             "--out", str(tmp_path / "results.jsonl")]) == 0
+
+
+def test_report_refuses_an_index_or_metrics_it_cannot_use(folder_run, features_run, tmp_path,
+                                                         capsys):
+    """Adversarial trial: report --index with a typo drew no threshold, exit 0; a
+    calibrated index of another model had its threshold drawn on this run's distances; a
+    metrics.json that is not an object was a traceback."""
+    import shutil
+    from dist_triplet import calibrate as calibrate_cli
+    from dist_triplet import report as report_mod
+    _, frun, _ = features_run
+    _, grun, _ = folder_run
+    run = tmp_path / "run"
+    shutil.copytree(frun, run)
+    assert report_mod.main([str(run), "--index", str(tmp_path / "typo")]) == 2
+    assert "typo" in error_line(capsys)
+    other = str(tmp_path / "other")
+    assert index_cli.main(["--model", str(grun / "model"), "--data", f"{grun}:all",
+                           "--out", other]) == 0
+    assert calibrate_cli.main(["--index", other, "--data", f"{grun}:all", "--best-f1"]) == 0
+    capsys.readouterr()
+    assert report_mod.main([str(run), "--index", other]) == 2
+    assert "is not the one" in error_line(capsys)
+    mine = str(tmp_path / "mine")
+    assert index_cli.main(["--model", str(run / "model"), "--data", f"{run}:all",
+                           "--out", mine]) == 0
+    capsys.readouterr()
+    assert report_mod.main([str(run), "--index", mine]) == 2
+    assert "holds no threshold.json: calibrate it first" in error_line(capsys)
+    assert calibrate_cli.main(["--index", mine, "--data", f"{run}:test", "--best-f1"]) == 0
+    assert report_mod.main([str(run), "--index", mine]) == 0
+    (run / "metrics.json").write_text("[]")
+    capsys.readouterr()
+    assert report_mod.main([str(run)]) == 2
+    assert "not a run's metrics" in error_line(capsys)

@@ -255,6 +255,10 @@ def _csv_source(path: str, mode: str, image_size) -> Source:
         cols = [c.strip() for c in (reader.fieldnames or [])]
         reader.fieldnames = cols
         missing = [c for c in ("path", "label") if c not in cols]
+        if twice := sorted({c for c in cols if cols.count(c) > 1 and c in ("path", "label",
+                                                                        "split")}):
+            raise ValueError(f"{path}: the header names column(s) {', '.join(twice)} twice "
+                             f"({','.join(cols)}): which one holds the data is unclear")
         if missing:
             raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; found columns "
                              f"{', '.join(cols) or 'none'}; expected a header path,label[,split]")
@@ -271,7 +275,8 @@ def _csv_source(path: str, mode: str, image_size) -> Source:
             file = os.path.normpath(file if os.path.isabs(file) else os.path.join(base, file))
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"{path}: line {line}: image {file} does not exist")
-            if (first := seen.setdefault(os.path.realpath(file), line)) != line:  # 1 id, 2 rows
+            st = os.stat(file)                    # one file, however spelt, linked or hard-linked
+            if (first := seen.setdefault((st.st_dev, st.st_ino), line)) != line:  # 1 id, 2 rows
                 raise ValueError(f"{path}: line {line}: image {file} is listed again (first "
                                  f"on line {first}); list each image once")
             split = None
