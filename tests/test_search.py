@@ -342,3 +342,15 @@ def test_precision_at_1_counts_a_query_without_a_neighbour_as_a_miss():
     p1, counted = precision_at_1(ix, np.array([0, 1, 1]), np.array([1, -1, 2]),
                                  np.full(3, -1))
     assert (p1, counted) == (2 / 3, 3)
+
+
+def test_csv_records_keep_a_query_without_neighbours():
+    """Adversarial trial: a query an approximate index returned nothing for had no CSV row
+    (8 of 10,000 queries vanished; jsonl kept them)."""
+    from dist_triplet.retrieval.search import format_records
+    recs = [{"query": "q0", "query_label": None, "no_match": False, "neighbours": []},
+            {"query": "q1", "query_label": "a", "no_match": True,
+             "neighbours": [{"rank": 1, "id": "g7", "label": "a", "sq_l2": 0.1 + 0.2}]}]
+    assert format_records(recs, "csv").splitlines() == [
+        "query,query_label,rank,id,label,sq_l2,no_match", "q0,,,,,,0",
+        "q1,a,1,g7,a,0.30000000000000004,1"]

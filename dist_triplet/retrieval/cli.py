@@ -59,8 +59,8 @@ def _options(args) -> DataOptions:
                        f"[{size}]" if size is not None and "," in size else size, tuple(args.set))
 
 
-def _at_least(low: int, args, *names) -> None:
-    for name in names:
+def _at_least(args, **lows: int) -> None:
+    for name, low in lows.items():
         if (value := getattr(args, name)) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
@@ -108,7 +108,7 @@ def index_main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _index(args) -> int:
     from .model import Model
-    _at_least(1, args, "batch_size", "hnsw_m", "ef_search", "nprobe")
+    _at_least(args, batch_size=1, hnsw_m=2, ef_search=1, nprobe=1)    # faiss HNSW: M >= 2
     check_out(args.out, args.force, file=False)                   # before any work
     t0 = time.perf_counter()
     model = Model(args.model)
@@ -156,7 +156,7 @@ def search_main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _search(args) -> int:
     from . import search as s
-    _at_least(1, args, "k", "grid_rows", "batch_size")
+    _at_least(args, k=1, grid_rows=1, batch_size=1)
     check_out(args.out, args.force)
     check_out(args.grid, args.force, "--grid")
     if args.out and args.grid and os.path.abspath(args.out) == os.path.abspath(args.grid):
@@ -245,7 +245,7 @@ def _calibrate(args) -> int:
         raise ValueError("--holdout-labels goes with --holdout; --holdout-fraction without it")
     if not 0.0 < (frac := 0.5 if args.holdout_fraction is None else args.holdout_fraction) < 1:
         raise ValueError(f"--holdout-fraction must be in (0, 1), got {frac}")
-    _at_least(0, args, "seed")
+    _at_least(args, seed=0)
     index = Index.load(args.index)
     out = os.path.join(index.dir, THRESHOLD_FILE) if args.out is None else args.out
     check_out(out, args.force, "--out" if args.out is not None else "threshold file")
@@ -289,7 +289,7 @@ def _embed(args) -> int:
     import mxnet as mx
 
     from .model import Model
-    _at_least(1, args, "batch_size")
+    _at_least(args, batch_size=1)
     check_out(args.out, args.force)
     if args.device == "gpu" and mx.context.num_gpus() == 0:
         raise ValueError("--device gpu, but MXNet sees no GPU")

@@ -147,16 +147,16 @@ def records(index: Index, items, dist, pos, codes, threshold: Optional[float]) -
 
 
 def format_records(recs: List[dict], fmt: str) -> str:
-    """jsonl (one object a query) or csv (one row a neighbour)."""
+    """jsonl (an object a query) or csv (a row a neighbour; none: one row, those cells empty)."""
     if fmt == "jsonl":
         return "".join(json.dumps(r) + "\n" for r in recs)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["query", "query_label", "rank", "id", "label", "sq_l2", "no_match"])
     for r in recs:
-        for nb in r["neighbours"]:
-            w.writerow([r["query"], r["query_label"] or "", nb["rank"], nb["id"],
-                        nb["label"] or "", repr(nb["sq_l2"]), int(r["no_match"])])
+        for nb in r["neighbours"] or [dict.fromkeys(("rank", "id", "label", "sq_l2"), "")]:
+            w.writerow([r["query"], r["query_label"] or "", nb["rank"], nb["id"],  # str(float):
+                        nb["label"] or "", nb["sq_l2"], int(r["no_match"])])       # repr's digits
     return buf.getvalue()
 
 
