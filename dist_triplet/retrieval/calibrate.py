@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from .search import query_classes, search_items
+from .search import search_items
 
 __all__ = ["curve", "choose_threshold", "rates", "nearest_outcomes", "calibrate",
            "MIN_ACCEPTED"]
@@ -65,10 +65,9 @@ def nearest_outcomes(index, model, items, batch_size: int = 2048,
     queries that are gallery items (by id) are searched with themselves left out."""
     if items.labels is None:
         raise ValueError(f"calibration data {items.source} carry no labels (pass {labels_flag})")
-    codes, note = query_classes(index, items)
-    dist, pos, _, notes, _ = search_items(index, model, items, 1, None, batch_size)
+    dist, pos, _, notes, _, codes = search_items(index, model, items, 1, None, batch_size)
     right = (pos[:, 0] >= 0) & (index.labels[pos[:, 0]] == codes)    # -1: no neighbour
-    return dist[:, 0], right, ([note] if note else []) + notes
+    return dist[:, 0], right, notes
 
 
 def calibrate(index, model, items, *, target_precision: Optional[float] = 0.9,

@@ -123,8 +123,7 @@ def _index(args) -> int:
                         model=ModelRef(model.dir, model.params_sha256, model.input.units))
     index.meta.input, index.meta.time_embed_s = items.kind, round(t_embed, 3)
     index.meta.image_shape = None if items.image_shape is None else list(items.image_shape)
-    if index.meta.recall:
-        r = index.meta.recall
+    if r := index.meta.recall:
         print(f"{args.kind} index: recall@{r['k']} {r['recall_at_k']:.4f} against exact "
               f"search ({r['queries']} gallery items as queries; {index.meta.params})", flush=True)
     index.save(args.out, force=args.force)
@@ -172,9 +171,8 @@ def _search(args) -> int:
     for out, flag in ((args.out, "--out"), (args.grid, "--grid")):
         _not_in(out, flag, index.dir, model.dir, files=(args.query, args.labels, args.threshold))
     items = read_items(args.query, model.input, args.labels, _options(args))
-    codes, note = s.query_classes(index, items)
-    dist, pos, times, notes, left = s.search_items(index, model, items, args.k,
-                                                   args.exclude_self, args.batch_size)
+    dist, pos, times, notes, left, codes = s.search_items(index, model, items, args.k,
+                                                          args.exclude_self, args.batch_size)
     recs = s.records(index, items, dist, pos, codes, thr["threshold"] if thr else None)
     if short := sum(len(r["neighbours"]) < args.k for r in recs):
         notes.append(f"warning: {short} of {len(recs)} queries got fewer than --k {args.k} "
@@ -199,7 +197,7 @@ def _search(args) -> int:
     else:
         sys.stdout.write(text)
         sys.stdout.flush()
-    for line in [note] + notes if note else notes:
+    for line in notes:
         print(line, file=sys.stderr, flush=True)
     print(f"{len(recs)} queries against {len(index)} {index.meta.kind} items, k={args.k}: "
           f"embed {times['embed_s']:.2f} s, search {times['search_s']:.2f} s",

@@ -13,10 +13,9 @@ import warnings
 import numpy as np
 
 from ..export import INPUT_NAME, model_files, mxnet_error_line
-from .neighbours import MAX_SQ_NORM
 from .specs import ModelInput
 
-__all__ = ["Model", "read_meta", "sha256_file", "MAX_SQ_NORM"]
+__all__ = ["Model", "read_meta", "sha256_file"]
 
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
@@ -113,7 +112,7 @@ class Model:
               source: str = "input") -> np.ndarray:
         """(N, F) float32 -> (N, D) float32 in batches (2048 = eval.batch_size's default).
         ValueError naming ``source``: the model fails on the rows or gives non-finite
-        values or squared norms beyond ``MAX_SQ_NORM``."""
+        values."""
         import mxnet as mx
         from tqdm import tqdm
 
@@ -137,10 +136,4 @@ class Model:
             raise ValueError(f"{source}: the model in {self.dir} gave {bad} non-finite "
                              "embedding values (NaN or infinite): a diverged model, or inputs "
                              "not scaled as in training (pixels / 255 in [0, 1])")
-        sq = np.einsum("ij,ij->i", emb.astype(np.float64), emb.astype(np.float64))
-        if (big := ~(sq <= MAX_SQ_NORM)).any():
-            raise ValueError(f"{source}: {int(big.sum())} of {len(sq)} embeddings have squared "
-                             f"norm up to {float(sq.max()):.3g}, beyond {MAX_SQ_NORM:.3g}, where "
-                             "squared distances overflow float32: are the inputs scaled as in "
-                             "training (pixels / 255 in [0, 1])?")
-        return emb
+        return emb      # huge but finite: knn ranks them exactly (float64 keys)

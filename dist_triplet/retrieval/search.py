@@ -22,6 +22,7 @@ __all__ = ["THRESHOLD_FILE", "check_model", "load_threshold", "query_classes",
            "search_items", "records", "format_records", "precision_at_1", "grid_queries"]
 
 THRESHOLD_FILE = "threshold.json"
+BY_ID = "so they are compared by class id"   # query_classes' note when names did not match
 
 
 def check_model(index: Index, model_path: Optional[str]) -> Model:
@@ -85,7 +86,7 @@ def query_classes(index: Index, items) -> Tuple[Optional[np.ndarray], Optional[s
         return items.labels.astype(np.int64), (
             f"note: no query class name ({', '.join(map(repr, q_names[:3]))}, ...) is a "
             f"gallery class name ({', '.join(map(repr, g_names[:3]))}, ...): both number "
-            f"{len(g_names)} classes, so they are compared by class id")
+            f"{len(g_names)} classes, {BY_ID}")
     mine = [q_names[c] for c in np.unique(items.labels)[:5]]
     raise ValueError(f"{items.source}: no query class is in the gallery {index.dir} "
                      f"(query classes {', '.join(map(repr, mine))}; gallery classes "
@@ -95,10 +96,13 @@ def query_classes(index: Index, items) -> Tuple[Optional[np.ndarray], Optional[s
 def search_items(index: Index, model: Model, items, k: int,
                  exclude_self: Optional[bool] = False, batch_size: int = 2048) -> tuple:
     """Embed ``items``, search ``index``: (dist (M, k) float64 squared L2, pos (M, k) int64,
-    {"embed_s", "search_s"}, notes for stderr, left (M,) int64 gallery item left out or -1).
+    {"embed_s", "search_s"}, notes for stderr, left (M,) int64 gallery item left out or -1,
+    codes and note first: :func:`query_classes`, ValueError if compared by id and most
+    queries that are gallery items, by id or at distance 0, have another id there).
     ``exclude_self`` leaves out the query's own item, by id (True: ValueError if none; None:
     where any), unless its embedding differs by over 1e-6 of the squared norms (a namesake:
     other data under the same names, e.g. two folders of one layout; a note says so)."""
+    codes, note = query_classes(index, items)
     t0 = time.perf_counter()
     emb = model.embed(items.x, batch_size, desc="embedding queries", source=items.source)
     times = {"embed_s": time.perf_counter() - t0}
@@ -108,9 +112,9 @@ def search_items(index: Index, model: Model, items, k: int,
     q, g = emb[hit].astype(np.float64), index.vectors()[same[hit]].astype(np.float64)
     alias = hit[((q - g) ** 2).sum(1) > 1e-6 * ((q ** 2).sum(1) + (g ** 2).sum(1))]
     same[alias] = -1
-    notes = [f"note: {alias.size} of {len(emb)} queries have the id of a gallery item of "
-             f"{index.dir} but not its embedding (e.g. {items.ids[alias[0]]!r}): other data "
-             "under the same names, searched as new items"] if alias.size else []
+    notes = [note] * bool(note) + ([f"note: {alias.size} of {len(emb)} queries have the id of "
+             f"a gallery item of {index.dir} but not its embedding (e.g. {items.ids[alias[0]]!r})"
+             ": other data under the same names, searched as new items"] if alias.size else [])
     if exclude_self and not (same >= 0).any():
         raise ValueError(f"--exclude-self: no query of {items.source} is an item of {index.dir} "
                          + (f"(the {alias.size} ids they share name other embeddings, e.g. "
@@ -125,7 +129,13 @@ def search_items(index: Index, model: Model, items, k: int,
         notes.append(f"note: {selves} of {len(emb)} queries are gallery items or exact "
                      "copies of one (distance 0): each finds itself; pass --exclude-self "
                      "to leave it out")
-    return dist, pos, times, notes, left
+    own = np.where(same >= 0, same, np.where(dist[:, 0] == 0, pos[:, 0], -1))  # query's item
+    if note and BY_ID in note and 2 * np.count_nonzero(
+            codes[own >= 0] != index.labels[own[own >= 0]]) > np.count_nonzero(own >= 0):
+        raise ValueError(f"{items.source}: {note[6:]}; but most queries that are gallery items "
+                         "have another class id there: the ids mean other classes (label the "
+                         "queries by the gallery's class names)")
+    return dist, pos, times, notes, left, codes
 
 
 def records(index: Index, items, dist, pos, codes, threshold: Optional[float]) -> List[dict]:

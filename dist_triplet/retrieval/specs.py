@@ -139,14 +139,13 @@ def load_array(path: str, model: ModelInput) -> tuple:
         raise ValueError(f"{path}: uint8 values, but the model takes float features ({where})")
     if arr.dtype == np.uint8:
         flat /= np.float32(255)              # the same float32 division as data.load_split
-    else:
-        if bad := int(np.count_nonzero(~np.isfinite(flat))):
-            raise ValueError(f"{path}: {bad} of {flat.size} values are NaN or infinite; "
-                             "expected finite pixels")
-        if flat.max() > 1.0 and model.kind != "features":
-            print(f"warning: {path}: float values go up to {float(flat.max()):g}, but the "
-                  "model was trained on pixels / 255 in [0, 1]; divide by 255 (or pass uint8 "
-                  "pixels) unless this is intended", file=sys.stderr, flush=True)
+    elif bad := int(np.count_nonzero(~np.isfinite(flat))):
+        raise ValueError(f"{path}: {bad} of {flat.size} values are NaN or infinite; "
+                         "expected finite pixels")
+    elif flat.max() > 1.0 and model.kind != "features":
+        print(f"warning: {path}: float values go up to {float(flat.max()):g}, but the "
+              "model was trained on pixels / 255 in [0, 1]; divide by 255 (or pass uint8 "
+              "pixels) unless this is intended", file=sys.stderr, flush=True)
     return flat, tuple(arr.shape)
 
 
