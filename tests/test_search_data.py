@@ -19,7 +19,7 @@ pytest.importorskip("faiss", reason="the index is a faiss index")
 pytest.importorskip("PIL", reason="image folders are read with Pillow")
 
 from _data_util import make_images, write_csv, write_folder  # noqa: E402
-from _search_util import error_line  # noqa: E402
+from _search_util import error_line, export_identity  # noqa: E402
 
 from dist_triplet import embed as embed_cli  # noqa: E402
 from dist_triplet import index as index_cli  # noqa: E402
@@ -515,3 +515,22 @@ def test_report_refuses_an_index_or_metrics_it_cannot_use(folder_run, features_r
     capsys.readouterr()
     assert report_mod.main([str(run)]) == 2
     assert "not a run's metrics" in error_line(capsys)
+
+
+def test_a_data_set_name_means_the_data_set_even_beside_a_directory_of_that_name(
+        tmp_path, monkeypatch, capsys):
+    """Adversarial trial: with a directory ./fashion_mnist here, 'fashion_mnist:test' read
+    Debian's data set while meta.json named the local directory (an IDX one), or read the
+    directory (an image folder). The bare name is the data set; ./fashion_mnist the folder."""
+    from dist_triplet.data import FASHION_MNIST_ROOT
+    if not os.path.isdir(FASHION_MNIST_ROOT):
+        pytest.skip(f"{FASHION_MNIST_ROOT} absent (launch/setup.sh installs it)")
+    images, labels = make_images(3, 2, SIDE, SIDE, 1)
+    write_folder(tmp_path / "fashion_mnist", images, labels)
+    monkeypatch.chdir(tmp_path)
+    model = export_identity(tmp_path / "model")         # 4 values a row: both are refused,
+    for spec, source in (("fashion_mnist:test", "fashion_mnist:test"),   # each by its name
+                         ("./fashion_mnist:all", f"{tmp_path / 'fashion_mnist'}:all")):
+        assert embed_cli.main(["--model", model, "--input", spec, "--out", "e.npy"]) == 2
+        line = error_line(capsys)
+        assert line.startswith(f"error: {source}: the model takes 4 values"), line

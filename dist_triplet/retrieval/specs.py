@@ -184,13 +184,13 @@ def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
                                                or os.path.exists(head)):
         raise ValueError(f"data {spec}: unknown split {tail!r}; use {head}:train, "
                          f"{head}:test or {head}:all")
-    config = None
-    if os.path.isdir(base) and os.path.isfile(os.path.join(base, "config.yaml")):
+    config, named = None, base in ("fashion_mnist", "mnist")   # ./fashion_mnist: a directory
+    if os.path.isdir(base) and os.path.isfile(os.path.join(base, "config.yaml")) and not named:
         config = os.path.join(base, "config.yaml")
     elif os.path.isfile(base) and base.lower().endswith((".yaml", ".yml")):
         config = base
-    data_path = os.path.isdir(base) or (os.path.isfile(base) and base.lower().endswith(
-        (".npz", ".csv"))) or (os.path.exists(base) and bool(options.format))
+    data_path = not named and (os.path.isdir(base) or (os.path.isfile(base) and base.lower(
+        ).endswith((".npz", ".csv"))) or (os.path.exists(base) and bool(options.format)))
     if config is not None or (data_path and (given or not is_idx_dir(base))):
         overrides = options.overrides()
         if config is None and any(o.startswith("data.path=") for o in overrides):
@@ -217,14 +217,14 @@ def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
     if given:
         raise ValueError(f"data {spec}: --data-format/--mode/--image-size/--set describe a "
                          "data path or a run's data; this spec is a named data set or a file")
-    if base in ("fashion_mnist", "mnist") or os.path.isdir(base):
+    if named or os.path.isdir(base):
         if split == "all":
             raise ValueError(f"data {spec}: :all is for data paths and runs; use "
                              f"{base}:train or {base}:test")
-        name = base if base in ("fashion_mnist", "mnist") else "fashion_mnist" if \
+        name = base if named else "fashion_mnist" if \
             os.path.realpath(base) == os.path.realpath(FASHION_MNIST_ROOT) else "idx"
-        data = load_dataset(name, None if name == base else base, train=split == "train")
-        where = f"{os.path.abspath(base) if os.path.isdir(base) else base}:{split}"
+        data = load_dataset(name, None if named else base, train=split == "train")
+        where = f"{base if named else os.path.abspath(base)}:{split}"
         return _check_input(_from_split(data, split, None, where, labels_path), model)
     x, shape = load_array(spec, model)
     image_shape, kind = None, None
