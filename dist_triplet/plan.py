@@ -28,7 +28,7 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import schedule
 from .config import Config, config_from_dict, flat_dict, parse_devices
-from .data import Split, check_sampler_classes, load_data
+from .data import Split, check_sampler_classes, detect_format, load_data
 from .launcher import choose_backend
 from .rundir import requested_run_dir
 from .triplets import EpochSampler
@@ -111,6 +111,10 @@ _USED_WHEN = (
     ("optim.momentum", lambda c, b: c.optim.optimizer == "sgd", "optim.optimizer=sgd"),
     ("distributed.devices", lambda c, b: b == "kvstore", "the kvstore backend"),
     ("distributed.compression", lambda c, b: b == "horovod", "the horovod backend"),
+    *((f"data.{k}", lambda c, b: bool(c.data.path) and (c.data.format if c.data.format != "auto"
+                                                     else detect_format(c.data.path))
+       in ("folder", "csv"), "image files (data.format folder or csv)")
+      for k in ("mode", "image_size")),
 )
 
 

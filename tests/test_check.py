@@ -180,7 +180,8 @@ def test_keys_the_job_does_not_read_are_named(data, tmp_path, capsys):
     """Adversarial trial: these were accepted and did nothing, silently (the epoch kept
     its 18 steps with sampler.steps_per_epoch=3, adam ignored optim.momentum, ...)."""
     unused = ["sampler.steps_per_epoch=3", "sampler.miner=batch_hard", "optim.optimizer=adam",
-              "optim.momentum=0.9", "distributed.devices=cpu:4", "distributed.compression=fp16"]
+              "optim.momentum=0.9", "distributed.devices=cpu:4", "distributed.compression=fp16",
+              "data.image_size=32"]
     capsys.readouterr()
     assert check_main(run_args(data, tmp_path / "run", *unused)) == 0
     out = capsys.readouterr().err
@@ -188,7 +189,8 @@ def test_keys_the_job_does_not_read_are_named(data, tmp_path, capsys):
                    "sampler.miner='batch_hard' (read only with sampler.kind=pk)",
                    "optim.momentum=0.9 (read only with optim.optimizer=sgd)",
                    "distributed.devices='cpu:4' (read only with the kvstore backend)",
-                   "distributed.compression='fp16' (read only with the horovod backend)"):
+                   "distributed.compression='fp16' (read only with the horovod backend)",
+                   "data.image_size=[32, 32] (read only with image files"):
         assert needle in out, out
     # A P x K job does not read train.batch_size; every key it sets, it reads.
     pk = ["sampler.kind=pk", "sampler.p=3", "sampler.k=2", "sampler.steps_per_epoch=3"]
