@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 from contextlib import contextmanager
-from typing import IO, Iterator, Optional
+from typing import IO, Iterator, List, Optional
 
 
 def temp_name(path: str) -> str:
@@ -119,18 +119,46 @@ def atomic_dir(path: str) -> Iterator[str]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+_made: List[str] = []      # directories check_can_write made, outermost first
+
+
+@contextmanager
+def undo_made_dirs() -> Iterator[None]:
+    """When the block raises, remove the directories :func:`check_can_write` made in it
+    (those still empty): a failed command leaves nothing behind."""
+    start = len(_made)
+    try:
+        yield
+    except BaseException:
+        for d in reversed(_made[start:]):
+            try:
+                os.rmdir(d)
+            except OSError:     # not empty (something else wrote there), or gone
+                pass
+        raise
+    finally:
+        del _made[start:]
+
+
 def check_can_write(path: str, what: str) -> None:
     """Prove, before any work, that ``path`` (a file or directory to be written atomically
     beside itself) can be written: its parent directory is made if missing and a temporary
     file is created and removed there.
+
+    The directories it makes are undone by :func:`undo_made_dirs` around a failed command.
 
     Raises:
         ValueError: ``f"{what} {path}: cannot write there: <reason>"`` (a parent that is a
             file, a read-only file system, no permission, /proc ...).
     """
     parent = os.path.dirname(os.path.abspath(path))
+    missing, d = [], parent
+    while not os.path.exists(d) and d != os.path.dirname(d):
+        missing.append(d)
+        d = os.path.dirname(d)
     try:
         os.makedirs(parent, exist_ok=True)
+        _made.extend(reversed(missing))           # outermost first (undo_made_dirs)
         with tempfile.TemporaryFile(dir=parent):
             pass
     except (FileExistsError, NotADirectoryError):

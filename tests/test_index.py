@@ -382,3 +382,17 @@ def test_an_empty_out_never_replaces_the_current_directory(setup, tmp_path, monk
             assert "--out is empty" in error_line(capsys)
     assert os.listdir(work) == ["precious.txt"] and os.getcwd() == str(work)
     assert (work / "precious.txt").read_text() == "a week of work"
+
+
+def test_a_failed_command_leaves_no_directory_it_made(setup, tmp_path, capsys):
+    """Adversarial trial: the --out parents made before any work stayed after the error."""
+    tmp, model, data, index_dir = setup
+    out = tmp_path / "new" / "a" / "b" / "r.jsonl"
+    assert search_cli.main(["--index", index_dir, "--query", str(tmp_path / "missing.npy"),
+                            "--k", "1", "--out", str(out),
+                            "--grid", str(tmp_path / "g" / "x.png")]) == 2
+    assert "missing.npy" in error_line(capsys)
+    assert not (tmp_path / "new").exists() and not (tmp_path / "g").exists()
+    assert search_cli.main(["--index", index_dir, "--query", f"{data}:test", "--k", "1",
+                            "--out", str(out)]) == 0
+    assert out.is_file()

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..fsutil import atomic_write, check_out, write_json
+from ..fsutil import atomic_write, check_out, undo_made_dirs, write_json
 from .index import Index, ModelRef, thumbnails
 from .specs import DataOptions, read_items
 
@@ -78,7 +78,8 @@ def _not_in(path: Optional[str], flag: str, *dirs: str, files: Sequence = ()) ->
 
 def _run(body, args) -> int:
     try:
-        return body(args)
+        with undo_made_dirs():          # a failed command leaves no directory it made
+            return body(args)
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
