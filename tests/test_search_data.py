@@ -534,3 +534,19 @@ def test_a_data_set_name_means_the_data_set_even_beside_a_directory_of_that_name
         assert embed_cli.main(["--model", model, "--input", spec, "--out", "e.npy"]) == 2
         line = error_line(capsys)
         assert line.startswith(f"error: {source}: the model takes 4 values"), line
+
+
+def test_run_set_path_reads_other_files_as_the_model_takes_them(tmp_path, capsys):
+    """Adversarial trial: an npz run's config.yaml holds data.mode: RGB (the default; npz
+    ignores it) while its model takes grey images, so RUN:all --set path=<grey folder>
+    read RGB and was refused; the same folder as a plain spec was read fine."""
+    images, labels = make_images(PER_CLASS, CLASSES, 12, 12, 1, seed=5)
+    np.savez(tmp_path / "grey.npz", x=images[..., 0], y=labels)
+    run = _train(tmp_path, "run", f"data.path={tmp_path / 'grey.npz'}")
+    write_folder(tmp_path / "other", images, labels, NAMES)
+    model = str(run / "model")
+    assert embed_cli.main(["--model", model, "--input", f"{run}:all", "--set",
+                           f"path={tmp_path / 'other'}", "--out", str(tmp_path / "a.npy")]) == 0
+    assert embed_cli.main(["--model", model, "--input", f"{tmp_path / 'other'}:all",
+                           "--out", str(tmp_path / "b.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))

@@ -193,12 +193,12 @@ def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
         ).endswith((".npz", ".csv"))) or (os.path.exists(base) and bool(options.format)))
     if config is not None or (data_path and (given or not is_idx_dir(base))):
         overrides = options.overrides()
-        if config is None and any(o.startswith("data.path=") for o in overrides):
+        keys, shape = {o.partition("=")[0] for o in overrides}, model.image_shape
+        if config is None and "data.path" in keys:
             raise ValueError(f"data {spec}: --set path=... replaces the data path itself; "
                              "give the other path as the spec (or a run with --set path=)")
-        if config is None and model.kind == "images":    # read as the model takes images
-            keys, (h, w, _) = {o.partition("=")[0] for o in overrides}, model.image_shape
-            wanted = (("data.mode", model.mode), ("data.image_size", f"[{h}, {w}]"))
+        if model.kind == "images" and (config is None or "data.path" in keys):  # as it takes
+            wanted = (("data.mode", model.mode), ("data.image_size", f"{list(shape[:2])}"))
             overrides += [f"{k}={v}" for k, v in wanted if k not in keys and v is not None]
         try:
             cfg = load_config(config, overrides if config else [f"data.path={base}"] + overrides)
