@@ -492,8 +492,9 @@ class EpochSampler:
                 raise ValueError(f"sampler.p={p} but the training set has only "
                                  f"{len(self.index.classes)} classes: a P x K batch takes "
                                  "sampler.p distinct classes; lower sampler.p")
-            if num_workers > self.index.min_count:
-                # pk_batches gives each worker a disjoint part of every class.
+            if scope == "local" and num_workers > self.index.min_count:
+                # pk_batches gives each worker a disjoint part of every class (the global
+                # scope draws from the whole data set: pk_global_batches).
                 raise ValueError(
                     f"sampler.kind=pk with world size {num_processes} x {devices} device(s) = "
                     f"{num_workers} workers, but the smallest training class has only "

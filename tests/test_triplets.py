@@ -288,3 +288,26 @@ def test_pk_small_runs_keep_the_sorted_key_stream():
     rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
     got = triplets._distinct_classes(rng_a, 40, 10, 4)
     np.testing.assert_array_equal(got, np.argsort(rng_b.random((40, 10)), axis=1)[:, :4])
+
+
+def test_global_pk_serves_more_workers_than_the_smallest_class():
+    """Adversarial trial: 5 workers over a smallest class of 3 were refused for global
+    mining ("each worker needs its own member of every class"), though the global batch is
+    drawn from the whole data set and one process with k = 5 x 2 was accepted. Local P x K
+    still needs the disjoint parts."""
+    from dist_triplet.triplets import EpochSampler
+    labels = np.repeat([0, 1, 2], [3, 20, 20])
+    common = dict(kind="pk", batch_size=0, p=3, k=2, steps_per_epoch=4, seed=1,
+                  num_processes=5, num_workers=5)
+    batches = [EpochSampler(labels, rank=r, worker_ranks=[r], scope="global", **common).epoch(0)
+               for r in range(5)]
+    whole = np.concatenate([b[:, 0] for b in batches], axis=1)       # (steps, 5 x p x k)
+    one = EpochSampler(labels, rank=0, worker_ranks=[0], scope="global",
+                       **dict(common, num_processes=1, num_workers=1, k=10)).epoch(0)
+    assert whole.shape == (4, 30)
+    # Every step: 3 classes x 10 images, the same rows one process with k = 10 draws.
+    for s in range(4):
+        assert sorted(np.bincount(labels[whole[s]], minlength=3)) == [10, 10, 10]
+        assert sorted(whole[s]) == sorted(one[s, 0])
+    with pytest.raises(ValueError, match="each worker needs its own member of every class"):
+        EpochSampler(labels, rank=0, worker_ranks=[0], scope="local", **common)
