@@ -180,9 +180,11 @@ class Evaluator:
         if not np.isfinite(res["spread"]):     # diverged, not collapsed: loop.train stops
             return res, emb
         if res["collapsed"]:
-            log.warning("embeddings collapsed (spread %.3g <= eval.collapse_eps %.3g): the "
-                        "metrics below are not meaningful", res["spread"],
-                        self.cfg.eval.collapse_eps)
+            eps = self.cfg.eval.collapse_eps
+            why = (f"spread {res['spread']:.3g} <= eval.collapse_eps {eps:.3g}"
+                   if res["spread"] <= eps else f"{res['tie_share']:.1%} of the test triplets "
+                   "tie, d(a,p) == d(a,n): many inputs share one point")
+            log.warning("embeddings collapsed (%s): the metrics below are not meaningful", why)
         elif not res["valid"]:
             log.warning("no test query has an item of its class in the gallery: the "
                         "retrieval metrics are undefined (NaN)")

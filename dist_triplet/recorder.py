@@ -68,8 +68,9 @@ class Recorder:
       device (near ``train``: device-bound; near 0: host-bound); ``allreduce``: the
       end-of-epoch loss allreduce, which also waits for the slowest rank; ``eval``: the
       evaluation on rank 0 (seconds of wall time).
-    * ``COLLAPSED``: the embedding's spread is at or below ``eval.collapse_eps``; a
-      collapsed embedding's seed-acc counts ties as correct, so it is not a success.
+    * ``COLLAPSED``: the embedding's spread is at or below ``eval.collapse_eps``, or half
+      of the test triplets tie (``metrics.evaluate_embeddings``); a collapsed embedding's
+      seed-acc counts ties as correct, so it is not a success.
     """
 
     def __init__(self, run_dir: str, cfg: Config, history: Sequence[dict] = (),

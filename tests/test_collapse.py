@@ -59,3 +59,20 @@ def test_forced_collapse_is_flagged_in_metrics_log_and_metrics_json(idx_dir, tmp
     assert all(row["collapsed"] is True and row["valid"] is False for row in doc["epochs"])
     # Raw pixels are not collapsed: the baseline stays beside the flagged numbers.
     assert 0.0 <= doc["raw_pixels"]["precision_at_1"] <= 1.0
+
+
+def test_a_collapse_by_ties_is_named_as_ties(idx_dir, tmp_path, monkeypatch, capsys):
+    """New-user trial: a partial collapse (most test triplets tie, spread 0.0134) warned
+    "spread 0.0134 <= eval.collapse_eps 0.0001", which its own numbers contradict."""
+    import dist_triplet.metrics as metrics_mod
+    real = metrics_mod.evaluate_embeddings
+
+    def tied(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.update(collapsed=True, valid=False, tie_share=0.9966)
+        return out
+    monkeypatch.setattr(metrics_mod, "evaluate_embeddings", tied)
+    train(local_run_config(idx_dir, tmp_path / "run", epochs=1))
+    err = capsys.readouterr().err
+    assert "embeddings collapsed (99.7% of the test triplets tie, d(a,p) == d(a,n)" in err
+    assert "<= eval.collapse_eps" not in err
