@@ -396,3 +396,4 @@ def test_a_failed_command_leaves_no_directory_it_made(setup, tmp_path, capsys):
     assert search_cli.main(["--index", index_dir, "--query", f"{data}:test", "--k", "1",
                             "--out", str(out)]) == 0
     assert out.is_file()
+

@@ -550,3 +550,22 @@ def test_run_set_path_reads_other_files_as_the_model_takes_them(tmp_path, capsys
     assert embed_cli.main(["--model", model, "--input", f"{tmp_path / 'other'}:all",
                            "--out", str(tmp_path / "b.npy")]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+
+
+def test_an_index_built_by_the_python_api_serves_the_commands(folder_run, tmp_path, capsys):
+    """New-user trial: docs/search.md's API snippet saved an index of an image model that
+    search refused as "edited" (no image_shape in its meta.json)."""
+    from dist_triplet.retrieval import Model, read_items
+    from dist_triplet.retrieval.index import ModelRef
+    _, run, _ = folder_run
+    model = Model(str(run / "model"))
+    gallery = read_items(f"{run}:train", model.input)
+    ix = Index.build(model.embed(gallery.x), gallery.labels, gallery.ids, gallery.class_names,
+                     model=ModelRef(model.dir, model.params_sha256, model.input.units))
+    ix.save(str(tmp_path / "api"))
+    assert index_cli.main(["--model", str(run / "model"), "--data", f"{run}:train",
+                           "--out", str(tmp_path / "cli")]) == 0
+    args = ["--query", f"{run}:test", "--k", "1", "--out"]
+    assert search_cli.main(["--index", str(tmp_path / "api")] + args + [str(tmp_path / "a")]) == 0
+    assert search_cli.main(["--index", str(tmp_path / "cli")] + args + [str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a").read_text() == (tmp_path / "b").read_text()

@@ -36,8 +36,8 @@ def check_model(index: Index, model_path: Optional[str]) -> Model:
                          f"{model.params_sha256[:12]}) is not the one {index.dir} was built "
                          f"with ({ref.dir}, {index.dim}-wide, sha256 {ref.params_sha256[:12]})")
     shape = index.meta.image_shape
-    if ref.input_units != model.input.units or (
-            model.input.kind is not None and _hwc(shape) != model.input.image_shape):
+    if ref.input_units != model.input.units or (   # shape None: built by the Python API
+            model.input.kind is not None and shape and _hwc(shape) != model.input.image_shape):
         raise ValueError(f"{os.path.join(index.dir, 'meta.json')}: keys 'model.input_units' "
                          f"{ref.input_units} and 'image_shape' {shape} do not fit the model "
                          f"{model.dir} ({model.input.describe()}): edited index; rebuild it")
