@@ -126,16 +126,22 @@ def per_class(matrix: np.ndarray) -> list:
 
 def pair_distances(emb: np.ndarray, labels: np.ndarray, pairs: int = PAIRS,
                    seed: int = 0) -> tuple:
-    """Squared L2 of a seeded sample of same-class and other-class test pairs.
+    """Squared L2 of a seeded sample of same-class and other-class test pairs, or of every
+    pair once when the test set has no more than ``pairs`` of them (a sample with repeats
+    would count pairs that are not there).
 
-    Each pair: a uniformly drawn item with another item of its class (same) or an item of
-    another class (other), and a partner drawn uniformly among those, never itself.
+    Each sampled pair: a uniformly drawn item with another item of its class (same) or an
+    item of another class (other), and a partner drawn uniformly among those, never itself.
 
     Returns:
-        (same (pairs,) float64, other (pairs,) float64); an array is empty when no such
-        pair exists (every class a single item; a single class).
+        (same (M,) float64, other (M',) float64), M = M' = ``pairs`` when sampled; an
+        array is empty when no such pair exists (every class a single item; a single class).
     """
     labels = np.asarray(labels)
+    if len(labels) * (len(labels) - 1) // 2 <= pairs:
+        i, j = np.triu_indices(len(labels), 1)
+        d, same = sq_dist(emb, i, j), labels[i] == labels[j]
+        return d[same], d[~same]
     rng = np.random.default_rng(seed)
     order = np.argsort(labels, kind="stable")       # rows grouped by class: one block each
     place = np.empty_like(order)

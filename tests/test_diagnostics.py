@@ -74,8 +74,8 @@ def test_pair_distances_draw_same_and_other_class_pairs():
     rng.shuffle(labels)
     # Row i sits at (i, 0): a pair's squared distance tells which two rows it joined.
     emb = np.stack([np.arange(len(labels)), np.zeros(len(labels))], 1).astype(np.float32)
-    same, other = dg.pair_distances(emb, labels, pairs=4000, seed=3)
-    assert same.shape == other.shape == (4000,)
+    same, other = dg.pair_distances(emb, labels, pairs=100, seed=3)   # of 120 pairs: drawn
+    assert same.shape == other.shape == (100,)
     assert (same > 0).all() and (other > 0).all()            # never an item with itself
     gaps = np.sqrt(same).round().astype(int)
     possible_same = {abs(i - j) for i in range(16) for j in range(16)
@@ -84,7 +84,7 @@ def test_pair_distances_draw_same_and_other_class_pairs():
                       if labels[i] != labels[j]}
     assert set(gaps.tolist()) <= possible_same
     assert set(np.sqrt(other).round().astype(int).tolist()) <= possible_other
-    again = dg.pair_distances(emb, labels, pairs=4000, seed=3)
+    again = dg.pair_distances(emb, labels, pairs=100, seed=3)
     np.testing.assert_array_equal(again[0], same)
     one_class = dg.pair_distances(emb, np.zeros(16, int), pairs=10)
     assert len(one_class[0]) == 10 and len(one_class[1]) == 0
@@ -95,7 +95,12 @@ def test_pair_distances_cover_every_partner():
     appear, and the anchor never does."""
     labels = np.array([0, 1, 0, 1, 0, 0, 1])
     emb = (2.0 ** np.arange(7))[:, None].astype(np.float32)   # distinct pair distances
-    same, other = dg.pair_distances(emb, labels, pairs=3000, seed=0)
+    same, other = dg.pair_distances(emb, labels, pairs=20, seed=0)   # 20 of the 21: drawn
+    same, other = (np.concatenate([a, b]) for a, b in zip(
+        (same, other), dg.pair_distances(emb, labels, pairs=20, seed=1)))
+    for s in range(2, 300):
+        more = dg.pair_distances(emb, labels, pairs=20, seed=s)
+        same, other = np.concatenate([same, more[0]]), np.concatenate([other, more[1]])
     pairs = {(i, j) for i in range(7) for j in range(7) if i != j}
     dist = {(i, j): float((emb[i, 0] - emb[j, 0]) ** 2) for i, j in pairs}
     seen_same = {p for p, d in dist.items() if d in set(same.tolist())}
@@ -103,3 +108,14 @@ def test_pair_distances_cover_every_partner():
                                                  if labels[p[0]] == labels[p[1]]}
     seen_other = {frozenset(p) for p, d in dist.items() if d in set(other.tolist())}
     assert seen_other == {frozenset(p) for p in pairs if labels[p[0]] != labels[p[1]]}
+
+
+def test_a_small_test_set_gives_every_pair_once():
+    """New-user trial: 40 test items drew "20,000 pairs" (with repeats) of the 780 there are."""
+    labels = np.repeat([0, 1, 2, 3], 10)
+    emb = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
+    same, other = dg.pair_distances(emb, labels)                      # PAIRS = 20,000
+    assert (len(same), len(other)) == (4 * 45, 780 - 4 * 45)
+    i, j = np.triu_indices(40, 1)
+    want = ((emb[i].astype(np.float64) - emb[j]) ** 2).sum(1)
+    np.testing.assert_allclose(np.sort(np.concatenate([same, other])), np.sort(want))

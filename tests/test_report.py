@@ -210,7 +210,8 @@ def test_report_draws_the_index_threshold_when_the_run_has_one(tmp_path, monkeyp
     os.makedirs(tmp_path / "index")
     (tmp_path / "index" / "threshold.json").write_text('{"threshold": 1.25, "rule": "best-f1"}')
     write_report(str(tmp_path), doc, raw, emb, labels, CLASSES, (8, 8))
-    assert seen == [(None, "", 20000, 20000), (1.25, "index/threshold.json", 20000, 20000)]
+    # 60 test items: every one of the 1,770 pairs once (570 same-class, 1,200 other-class).
+    assert seen == [(None, "", 570, 1200), (1.25, "index/threshold.json", 570, 1200)]
     assert report_mod.known_threshold(str(tmp_path / "nowhere")) == (None, "")
     (tmp_path / "ix").mkdir()
     (tmp_path / "ix" / "threshold.json").write_text('{"threshold": "x"}')   # unreadable
