@@ -63,6 +63,7 @@ def setup_logging(is_main: bool) -> None:
     """INFO on rank 0, WARNING elsewhere, so only rank 0 prints progress."""
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", force=True)
+    logging.getLogger("faiss").setLevel(logging.WARNING)   # "Loading faiss with AVX2 support"
 
 
 def log_data(train_split: Split, test_split: Split, cache_dir: Optional[str]) -> None:

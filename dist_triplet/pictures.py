@@ -90,14 +90,20 @@ def neighbour_grid(path: str, query_images: Optional[np.ndarray],
             put(r, j + 1, None if gallery_images is None else gallery_images[p], colour, text)
     # One image and a text per tile: 10x faster than an axes per tile (subplots).
     scale = 2.2                           # output pixels per mosaic pixel at dpi 100
-    fig = plt.figure(figsize=(mosaic.shape[1] * scale / 100, (mosaic.shape[0] + 14) * scale / 100))
-    ax = fig.add_axes((0, 0, 1, mosaic.shape[0] / (mosaic.shape[0] + 14)))
+    # The title wrapped to the picture's width (~5.5 px a character at 7 pt; a narrow grid
+    # cut it off), 6 mosaic pixels a line, at least 14 above the tiles.
+    import textwrap
+    lines = textwrap.wrap(title or "queries (left) and nearest neighbours; squared L2 "
+                          "distance under each", max(16, int(mosaic.shape[1] * scale / 5.5)))
+    head = max(14, 6 * len(lines) + 2)
+    fig = plt.figure(figsize=(mosaic.shape[1] * scale / 100,
+                              (mosaic.shape[0] + head) * scale / 100))
+    ax = fig.add_axes((0, 0, 1, mosaic.shape[0] / (mosaic.shape[0] + head)))
     ax.imshow(mosaic, interpolation="nearest")
     ax.axis("off")
     for x, y, text in labels_at:
         ax.text(x, y, text, ha="center", va="top", fontsize=5.5, linespacing=1.0)
-    fig.suptitle(title or "queries (left) and nearest neighbours; squared L2 distance under each",
-                 fontsize=7, y=0.998, va="top")
+    fig.suptitle("\n".join(lines), fontsize=7, y=0.998, va="top")
     from .fsutil import atomic_write
     try:                                  # a failed write leaves no half picture at path
         with atomic_write(path, "wb") as fh:
