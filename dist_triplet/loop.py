@@ -166,6 +166,10 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
              global_batch, run_dir,
              f"; resuming after epoch {start_epoch} from {resume_path}" if resume_path else "")
 
+    if start_epoch >= cfg.train.epochs:
+        log.info("the run has done all %d epochs: nothing to train (raise train.epochs to "
+                 "continue it); its model, projector and report are written again",
+                 cfg.train.epochs)
     if resume_path and cfg.sampler.memory:
         log.warning("sampler.memory=%d: the cross-batch memory is not checkpointed; it starts "
                     "empty again, so this run will not end with the parameters of an "

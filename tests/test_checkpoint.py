@@ -668,3 +668,8 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(data_root, tmp_path, capsys):
         "epoch-0001"
     assert train_mod.main(run_args(data_root, run, "checkpoint.resume=auto")) == 0
     assert [r["epoch"] for r in _history(run)] == [1, 2, 3, 4]
+    # Resuming the finished run trains nothing, and says so (new-user trial).
+    capsys.readouterr()
+    assert train_mod.main(run_args(data_root, run, "checkpoint.resume=auto")) == 0
+    assert "the run has done all 4 epochs: nothing to train" in capsys.readouterr().err
+    assert [r["epoch"] for r in _history(run)] == [1, 2, 3, 4]
