@@ -442,6 +442,10 @@ def write_report(run_dir: str, metrics_doc: dict, raw_inputs: np.ndarray, embedd
         if collapsed:
             search = ("<p>No per-class statistics: the embedding collapsed (metrics.json "
                       "final.collapsed), so nearest neighbours are ties.</p>")
+        if threshold is not None:
+            search += (f"<p>Calibrated match threshold: squared L2 {threshold:.6g} "
+                       f"({html.escape(source)}; distances.png draws it): a query whose "
+                       "nearest item lies beyond it gets no match.</p>")
         with open(os.path.join(tmp, "report.html"), "w") as fh:
             fh.write(_html(metrics_doc, figs, note=note,
                            warning=worse_than_raw(metrics_doc, raw_name,

@@ -212,6 +212,8 @@ def test_report_draws_the_index_threshold_when_the_run_has_one(tmp_path, monkeyp
     write_report(str(tmp_path), doc, raw, emb, labels, CLASSES, (8, 8))
     # 60 test items: every one of the 1,770 pairs once (570 same-class, 1,200 other-class).
     assert seen == [(None, "", 570, 1200), (1.25, "index/threshold.json", 570, 1200)]
+    page = (tmp_path / "report" / "report.html").read_text()        # said in words too
+    assert "Calibrated match threshold: squared L2 1.25 (index/threshold.json" in page
     assert report_mod.known_threshold(str(tmp_path / "nowhere")) == (None, "")
     (tmp_path / "ix").mkdir()
     (tmp_path / "ix" / "threshold.json").write_text('{"threshold": "x"}')   # unreadable
