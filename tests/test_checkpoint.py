@@ -481,40 +481,28 @@ def test_non_finite_loss_names_epoch_and_step_and_keeps_checkpoint(data_root, tm
 
 # ----------------------------------------------------------------------------- more refusals
 
-def test_resume_of_another_runs_checkpoint_into_a_run_with_checkpoints_is_refused(
-        two_epoch_run, data_root, tmp_path, capsys):
-    """Saving epoch 2 there would prune the other run's later epochs."""
+@pytest.mark.parametrize("kept, held", [
+    ("train.epochs=4", "checkpoints up to"),      # saving epoch 2 there would prune its later
+    ("checkpoint.keep=0", "config.yaml, metrics.json")])  # adversarial trial: replaced, exit 0
+def test_resume_of_another_runs_checkpoint_into_a_run_is_refused(
+        two_epoch_run, data_root, tmp_path, capsys, kept, held):
+    """A run directory that holds another run, with or without checkpoints, is not
+    continued from this run's checkpoint: that run's files would be replaced."""
     other = str(tmp_path / "other")
-    assert train_mod.main(run_args(data_root, other, "train.epochs=4")) == 0
+    assert train_mod.main(run_args(data_root, other, kept)) == 0
     before = digest_tree(other)
     src = os.path.join(two_epoch_run, "checkpoints", "epoch-0001")
     capsys.readouterr()
     assert train_mod.main(run_args(data_root, other, f"checkpoint.resume={src}")) == 2
     err = capsys.readouterr().err
     assert f"checkpoint.resume={src!r} is not a checkpoint of output.dir" in err
+    assert f"holds another run ({held}" in err
     assert digest_tree(other) == before
-
-
-def test_resume_of_another_runs_checkpoint_into_a_run_without_checkpoints_is_refused(
-        two_epoch_run, data_root, tmp_path, capsys):
-    """Adversarial trial: a run kept without checkpoints (checkpoint.keep=0) was replaced
-    by the other run continued there (config.yaml, metrics.json, model), exit 0."""
-    other = str(tmp_path / "other")
-    assert train_mod.main(run_args(data_root, other, "checkpoint.keep=0")) == 0
-    assert not ckpt.latest_checkpoint(os.path.join(other, "checkpoints"))
-    before = digest_tree(other)
-    src = os.path.join(two_epoch_run, "checkpoints", "epoch-0001")
-    capsys.readouterr()
-    assert train_mod.main(run_args(data_root, other, f"checkpoint.resume={src}")) == 2
-    err = capsys.readouterr().err
-    assert f"checkpoint.resume={src!r} is not a checkpoint of output.dir" in err
-    assert "holds another run (config.yaml, metrics.json)" in err
-    assert digest_tree(other) == before
-    # resume=auto there starts that run again (a preempted first epoch needs it), and says so.
-    assert train_mod.main(run_args(data_root, other, "checkpoint.resume=auto",
-                                   "checkpoint.keep=0")) == 0
-    assert "holds a run (config.yaml, metrics.json) but no checkpoint: starting it again" \
-        in capsys.readouterr().err
+    if kept == "checkpoint.keep=0":     # resume=auto starts that run again, and says so
+        assert train_mod.main(run_args(data_root, other, "checkpoint.resume=auto",
+                                       "checkpoint.keep=0")) == 0
+        assert "holds a run (config.yaml, metrics.json) but no checkpoint: starting it " \
+            "again" in capsys.readouterr().err
 
 
 def test_resume_with_fewer_epochs_than_done_is_refused(two_epoch_run, data_root, capsys):
