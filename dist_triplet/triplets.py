@@ -512,7 +512,9 @@ class EpochSampler:
                     f"train.batch_size={batch_size} x {devices} device(s) = "
                     f"{self.per_step} triplets per step, but each of the {num_processes} "
                     f"process(es) gets only {shard} triplets per epoch ({len(labels)} "
-                    "training samples): lower train.batch_size or use more data")
+                    f"training samples; an epoch is {len(self.index.classes)} classes x "
+                    f"(smallest class - 1) and the smallest has {self.index.min_count}): "
+                    "lower train.batch_size or use more data")
 
     def epoch(self, epoch: int) -> np.ndarray:
         """(steps, per_step, 3) offline or (steps, devices, P*K) for P x K; int64."""
