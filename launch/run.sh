@@ -14,9 +14,13 @@ CONFIG="$HERE/../configs/fashion_mnist.yaml"
 # The main job is this recipe; another config is launch/horovod.sh's (a --config here would
 # silently replace it, and its batch would be rescaled as if it were the recipe's).
 for a in "$@"; do
-  case "$a" in --config|--config=*)
-    echo "launch/run.sh: the main job runs configs/fashion_mnist.yaml and takes overrides only; for $a use launch/horovod.sh NP -- --config FILE" >&2
-    exit 2 ;;
+  case "$a" in
+    --config|--config=*)
+      echo "launch/run.sh: the main job runs configs/fashion_mnist.yaml and takes overrides only; for $a use launch/horovod.sh NP -- --config FILE" >&2
+      exit 2 ;;
+    distributed.backend=*)   # run.sh appends its own choice, which would win silently
+      echo "launch/run.sh: the main job's backend follows the host (its [run.sh] line says which); for $a use launch/kvstore.sh, launch/horovod.sh or launch/debug.sh" >&2
+      exit 2 ;;
   esac
 done
 bash "$HERE/setup.sh"

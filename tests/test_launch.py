@@ -177,6 +177,17 @@ def test_run_sh_one_socket_is_one_local_process_with_the_recipes_global_batch(tm
                      "distributed.backend=local"]
 
 
+def test_run_sh_refuses_a_backend_it_would_override(tmp_path):
+    """Second adversarial trial: run.sh appended distributed.backend=local after the user's
+    distributed.backend=kvstore, which was dropped silently."""
+    proc, calls = run_main_job(tmp_path, ["distributed.backend=kvstore"])
+    assert proc.returncode == 2 and calls == []
+    assert proc.stderr.strip() == (
+        "launch/run.sh: the main job's backend follows the host (its [run.sh] line says "
+        "which); for distributed.backend=kvstore use launch/kvstore.sh, launch/horovod.sh "
+        "or launch/debug.sh")
+
+
 def test_run_sh_keeps_the_users_per_worker_batch_as_the_recipes(tmp_path):
     """train.batch_size given: the recipe is 4 workers of it; one process takes all four."""
     proc, calls = run_main_job(tmp_path, ["train.batch_size=64"])
