@@ -337,14 +337,23 @@ def neighbour_queries(labels: np.ndarray, cap: int = MAX_QUERY_ROWS) -> tuple:
                   f"(of {len(classes)})")
 
 
-def known_threshold(index_dir: str) -> tuple:
+def known_threshold(index_dir: str, model_dir: Optional[str] = None) -> tuple:
     """``(threshold, label)`` from ``index_dir/threshold.json`` (written by ``python -m
     dist_triplet.calibrate --index INDEX_DIR``), or ``(None, "")`` when it is absent or
-    unreadable; ``label`` names the file for the picture's legend."""
+    unreadable, or when the index was built with another model than ``model_dir``'s (a
+    run resumed and trained on: the threshold is the old embedding's); ``label`` names
+    the file for the picture's legend."""
     path = os.path.join(index_dir, "threshold.json")
     try:
         with open(path) as fh:
             value = float(json.load(fh)["threshold"])
+        if model_dir is not None:
+            from .export import model_files
+            from .retrieval.model import sha256_file
+            with open(os.path.join(index_dir, "meta.json")) as fh:
+                built_with = json.load(fh)["model"]["params_sha256"]
+            if built_with != sha256_file(model_files(model_dir)[1]):
+                return None, ""
     except (OSError, ValueError, KeyError, TypeError):
         return None, ""
     return value, os.path.join(os.path.basename(os.path.normpath(index_dir)), "threshold.json")
@@ -381,7 +390,8 @@ def write_report(run_dir: str, metrics_doc: dict, raw_inputs: np.ndarray, embedd
     if len(raw_inputs) != n or len(embeddings) != n:
         raise ValueError(f"report: {len(raw_inputs)} inputs, {len(embeddings)} embeddings and "
                          f"{n} labels; expected one per test item")
-    threshold, source = known_threshold(index_dir or os.path.join(run_dir, "index"))
+    threshold, source = known_threshold(index_dir or os.path.join(run_dir, "index"),
+                                        os.path.join(run_dir, "model"))
     raw_name = "raw pixels" if image_shape is not None else "raw features"
     out = os.path.join(run_dir, "report")
     with atomic_dir(out) as tmp:

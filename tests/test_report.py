@@ -206,14 +206,25 @@ def test_report_draws_the_index_threshold_when_the_run_has_one(tmp_path, monkeyp
         return real(path, same, other, threshold, source)
 
     monkeypatch.setattr(report_mod, "_plot_distances", spy)
+    import hashlib
     write_report(str(tmp_path), doc, raw, emb, labels, CLASSES, (8, 8))
     os.makedirs(tmp_path / "index")
+    os.makedirs(tmp_path / "model")
+    (tmp_path / "model" / "embed-0000.params").write_bytes(b"the run's parameters")
+    sha = hashlib.sha256(b"the run's parameters").hexdigest()
+    (tmp_path / "index" / "meta.json").write_text(json.dumps({"model": {"params_sha256": sha}}))
     (tmp_path / "index" / "threshold.json").write_text('{"threshold": 1.25, "rule": "best-f1"}')
     write_report(str(tmp_path), doc, raw, emb, labels, CLASSES, (8, 8))
     # 60 test items: every one of the 1,770 pairs once (570 same-class, 1,200 other-class).
     assert seen == [(None, "", 570, 1200), (1.25, "index/threshold.json", 570, 1200)]
     page = (tmp_path / "report" / "report.html").read_text()        # said in words too
     assert "Calibrated match threshold: squared L2 1.25 (index/threshold.json" in page
+    # Second trial: the run resumed and trained on, its index is the old model's: the old
+    # embedding's threshold was stated and drawn on the new one's distances.
+    (tmp_path / "model" / "embed-0000.params").write_bytes(b"trained on")
+    write_report(str(tmp_path), doc, raw, emb, labels, CLASSES, (8, 8))
+    assert seen[-1][:2] == (None, "")
+    assert "Calibrated match threshold" not in (tmp_path / "report" / "report.html").read_text()
     assert report_mod.known_threshold(str(tmp_path / "nowhere")) == (None, "")
     (tmp_path / "ix").mkdir()
     (tmp_path / "ix" / "threshold.json").write_text('{"threshold": "x"}')   # unreadable
