@@ -173,7 +173,9 @@ def test_degenerate_and_under_supported_thresholds_warn(setup, capsys):
                                "--target-precision", "0.9"]) == 0
     err = capsys.readouterr().err
     doc = json.load(open(os.path.join(index_dir, "threshold.json")))
-    assert doc["threshold"] == 0.0 and "warning: threshold 0" in err
+    assert doc["threshold"] == 0.0
+    assert "warning: 12 of 12 calibration queries copy gallery items (distance 0, other " \
+        "ids): threshold 0 says little" in err
     assert "rests on 6 accepted calibration queries" in err      # 6 of 12 chose, all at 0
     assert doc["warnings"] == [line for line in err.splitlines() if line.startswith("warning")]
     # Held-out precision below the target: the hand-made split of test_calibrate_finds_...
@@ -185,7 +187,15 @@ def test_degenerate_and_under_supported_thresholds_warn(setup, capsys):
                                "--target-precision", "0.9", "--holdout", f"{hold}:test"]) == 0
     err = capsys.readouterr().err
     assert "warning: held-out precision 0.6667 is below the target 0.9" in err
-    assert "threshold 0" not in err
+    assert "copy gallery items" not in err
+    # Second trial: copies are named whatever the threshold (RUN:all against an index of
+    # RUN:train: 80% of the queries were the gallery's rows under other ids, no warning).
+    write_split(copies, "t10k", np.concatenate([GALLERY, CAL]),
+                np.concatenate([GALLERY_LABELS, CAL_LABELS]))
+    assert calibrate_cli.main(["--index", index_dir, "--data", f"{copies}:test", "--force",
+                               "--best-f1"]) == 0
+    assert f"warning: {len(GALLERY)} of {len(GALLERY) + len(CAL)} calibration queries copy " \
+        "gallery items" in capsys.readouterr().err
 
 
 def test_calibrate_compares_two_spellings_by_class_id(tmp_path, capsys):

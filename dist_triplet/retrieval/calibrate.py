@@ -94,10 +94,10 @@ def calibrate(index, model, items, *, target_precision: Optional[float] = 0.9,
     thr = choose_threshold(c_dist, c_right, target_precision, best_f1)
     cal_r, hold_r = rates(c_dist, c_right, thr), rates(h_dist, h_right, thr)
     warnings: List[str] = []
-    if thr == 0.0:
-        warnings.append("warning: threshold 0: the accepted calibration queries are exact "
-                        "copies of gallery items (distance 0, other ids); the threshold says "
-                        "nothing about new data: calibrate on data the gallery does not hold")
+    if (copies := int(np.count_nonzero(dist == 0))) > 0.01 * len(dist) or thr == 0.0:
+        warnings.append(f"warning: {copies} of {len(dist)} calibration queries copy gallery "
+                        f"items (distance 0, other ids): threshold {thr:.6g} says little about "
+                        "new data; calibrate on data the gallery does not hold")
     if cal_r["accepted"] < MIN_ACCEPTED:
         warnings.append(f"warning: the threshold rests on {cal_r['accepted']} accepted "
                         f"calibration queries (< {MIN_ACCEPTED}): its precision is a guess; "
