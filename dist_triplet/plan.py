@@ -109,6 +109,8 @@ _USED_WHEN = (
     ("train.batch_size", lambda c, b: c.sampler.kind == "offline",
      "sampler.kind=offline; a P x K batch is sampler.p x sampler.k"),
     ("optim.momentum", lambda c, b: c.optim.optimizer == "sgd", "optim.optimizer=sgd"),
+    ("optim.base_batch", lambda c, b: c.optim.scale_lr, "optim.scale_lr=true"),
+    ("eval.query_seed", lambda c, b: c.eval.max_queries > 0, "eval.max_queries > 0"),
     ("distributed.devices", lambda c, b: b == "kvstore", "the kvstore backend"),
     ("distributed.compression", lambda c, b: b == "horovod", "the horovod backend"),
     *((f"data.{k}", lambda c, b: bool(c.data.path) and (c.data.format if c.data.format != "auto"

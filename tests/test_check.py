@@ -181,7 +181,7 @@ def test_keys_the_job_does_not_read_are_named(data, tmp_path, capsys):
     its 18 steps with sampler.steps_per_epoch=3, adam ignored optim.momentum, ...)."""
     unused = ["sampler.steps_per_epoch=3", "sampler.miner=batch_hard", "optim.optimizer=adam",
               "optim.momentum=0.9", "distributed.devices=cpu:4", "distributed.compression=fp16",
-              "data.image_size=32"]
+              "data.image_size=32", "optim.base_batch=512", "eval.query_seed=3"]
     capsys.readouterr()
     assert check_main(run_args(data, tmp_path / "run", *unused)) == 0
     out = capsys.readouterr().err
@@ -190,7 +190,9 @@ def test_keys_the_job_does_not_read_are_named(data, tmp_path, capsys):
                    "optim.momentum=0.9 (read only with optim.optimizer=sgd)",
                    "distributed.devices='cpu:4' (read only with the kvstore backend)",
                    "distributed.compression='fp16' (read only with the horovod backend)",
-                   "data.image_size=[32, 32] (read only with image files"):
+                   "data.image_size=[32, 32] (read only with image files",
+                   "optim.base_batch=512 (read only with optim.scale_lr=true)",
+                   "eval.query_seed=3 (read only with eval.max_queries > 0)"):
         assert needle in out, out
     # A P x K job does not read train.batch_size; every key it sets, it reads.
     pk = ["sampler.kind=pk", "sampler.p=3", "sampler.k=2", "sampler.steps_per_epoch=3"]
