@@ -429,6 +429,11 @@ def test_inputs_that_do_not_fit_together_are_refused(folder_run, features_run, t
     assert calibrate_cli.main(["--index", str(ix1), "--data", f"{run}:test", "--force",
                                "--out", str(ix1 / "meta.json")]) == 2
     assert "which this command reads" in error_line(capsys)
+    # threshold.json is the index's own output, not the model's (second trial: it was let in).
+    assert calibrate_cli.main(["--index", str(ix1), "--data", f"{run}:test", "--force",
+                               "--out", str(run / "model" / "threshold.json")]) == 2
+    assert "which this command reads" in error_line(capsys)
+    assert not (run / "model" / "threshold.json").exists()
     assert (run / "model" / params).read_bytes() == before
     assert Index.load(str(ix1)) is not None
     # A 5-D array is not an image batch.

@@ -249,7 +249,7 @@ def _calibrate(args) -> int:
     out = os.path.join(index.dir, THRESHOLD_FILE) if args.out is None else args.out
     check_out(out, args.force, "--out" if args.out is not None else "threshold file")
     model = check_model(index, args.model)
-    dirs = () if os.path.basename(out) == THRESHOLD_FILE else (index.dir, model.dir)
+    dirs = (model.dir,) if os.path.basename(out) == THRESHOLD_FILE else (index.dir, model.dir)
     _not_in(out, "--out", *dirs, files=(args.data, args.labels, args.holdout, args.holdout_labels))
     items = read_items(args.data, model.input, args.labels, _options(args))
     held = None if args.holdout is None else read_items(
