@@ -7,17 +7,33 @@ ranks are about to need. launch/setup.sh has already checked that this venv's Ho
 MXNet and Gloo (``horovod.mxnet.gloo_built()``, remembered in its stamp until the venv
 changes) and launch/horovod.sh always passes --gloo, so the answers are known: Gloo yes,
 MPI no (setup.sh builds with HOROVOD_WITHOUT_MPI). Everything else is horovodrun's own
-``run_commandline``. The pin (horovod==0.28.1) keeps these two names where they are; if a
+``run_commandline``, except that a Ctrl-C (or SIGTERM) ends with one line and exit 130
+instead of its traceback. The pin (horovod==0.28.1) keeps these names where they are; if a
 later Horovod moved them, this raises AttributeError at once rather than misbehaving.
 """
 import sys
 
+import horovod.runner.gloo_run as gloo_run
 import horovod.runner.launch as launch
 
 for name, built in (("gloo_built", True), ("mpi_built", False)):
     getattr(launch, name)  # AttributeError if Horovod moved it: do not patch blindly
     setattr(launch, name, lambda verbose=False, _built=built: _built)
 
+# Ctrl-C: horovodrun's handler sets this event and stops the ranks, then raises its "one or
+# more processes exited with non-zero status" traceback. Keep the event to tell the two apart.
+_stopped = []
+_register = gloo_run.register_shutdown_event
+gloo_run.register_shutdown_event = lambda: _stopped.append(_register()) or _stopped[-1]
+
 if __name__ == "__main__":
     sys.argv[0] = "horovodrun"
-    sys.exit(launch.run_commandline())
+    try:
+        sys.exit(launch.run_commandline())
+    except (RuntimeError, KeyboardInterrupt):
+        if not any(event.is_set() for event in _stopped):
+            raise
+        print("interrupted: the ranks were stopped; the run directory keeps its last complete "
+              "checkpoint, and the same command with checkpoint.resume=auto and that "
+              "output.dir continues it", file=sys.stderr, flush=True)
+        sys.exit(130)
