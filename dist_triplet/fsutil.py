@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 from contextlib import contextmanager
-from typing import IO, Iterator, List, Optional
+from typing import IO, Iterator, List, Optional, Sequence
 
 
 def temp_name(path: str) -> str:
@@ -167,6 +167,23 @@ def check_can_write(path: str, what: str) -> None:
     except OSError as exc:
         raise ValueError(f"{what} {path}: cannot write there: "
                          f"{exc.strerror or exc}") from None
+
+
+def check_not_read(path: Optional[str], what: str, *dirs: str, files: Sequence[str] = ()) -> None:
+    """The other output rule of every retrieval command, --force or not: ValueError if
+    ``path`` (symlinks resolved) lies in one of ``dirs`` (the index or model directory it
+    reads), is one of the ``files`` it reads, or lies under one of them that is a directory
+    (an image folder, an IDX directory). ``path`` None: nothing to check."""
+    real = path and os.path.realpath(path)
+    for d in dirs if path else ():
+        if os.path.dirname(real) == os.path.realpath(d):
+            raise ValueError(f"{what} {path} is in {d}, which this command reads: write "
+                             "elsewhere")
+    for f in filter(None, files if path else ()):
+        r = os.path.realpath(f)
+        if real == r or os.path.isdir(r) and os.path.commonpath([real, r]) == r:
+            raise ValueError(f"{what} {path} is {'' if real == r else 'in '}{f}, which this "
+                             "command reads: write elsewhere")
 
 
 def check_out(out: Optional[str], force: bool, what: str = "--out", file: bool = True) -> None:

@@ -482,6 +482,18 @@ def test_no_output_replaces_an_input_even_with_force(features_run, tmp_path, cap
         line = error_line(capsys)
         assert "which this command reads" in line and str(tmp_path) in line, argv
     assert (q.read_bytes(), lab.read_bytes()) == before
+    # Second trial: what a run spec reads (the run's config.yaml, its data.path) and the
+    # images of a folder spec were replaced too; an index went inside the image folder.
+    run_data = run.parent / "feats.npz"
+    kept = run_data.read_bytes(), (run / "config.yaml").read_bytes()
+    for main, argv in (
+            (embed_cli.main, ["--model", model, "--input", f"{run}:test", "--out", str(run_data)]),
+            (search_cli.main, ["--index", ix, "--query", f"{run}:test",
+                               "--out", str(run / "config.yaml")])):
+        capsys.readouterr()
+        assert main(argv + ["--force"]) == 2
+        assert "which this command reads" in error_line(capsys), argv
+    assert (run_data.read_bytes(), (run / "config.yaml").read_bytes()) == kept
     # Outputs beside the inputs are fine: the same search writes results.jsonl.
     assert search_cli.main(["--index", ix, "--query", str(q), "--labels", str(lab),
                             "--out", str(tmp_path / "results.jsonl")]) == 0
@@ -574,3 +586,26 @@ def test_an_index_built_by_the_python_api_serves_the_commands(folder_run, tmp_pa
     assert search_cli.main(["--index", str(tmp_path / "api")] + args + [str(tmp_path / "a")]) == 0
     assert search_cli.main(["--index", str(tmp_path / "cli")] + args + [str(tmp_path / "b")]) == 0
     assert (tmp_path / "a").read_text() == (tmp_path / "b").read_text()
+
+
+def test_no_output_lands_in_the_image_folder_or_on_an_image_read(folder_run, tmp_path,
+                                                                 capsys):
+    """Second adversarial trial: with --force, --grid / --out replaced an image of the query
+    folder (or one a CSV lists); index --out inside the folder left a class folder without
+    images, and every later read of the folder failed."""
+    tmp, run, paths = folder_run
+    model, shots = str(run / "model"), tmp / "shots"
+    ix = str(tmp_path / "ix")
+    assert index_cli.main(["--model", model, "--data", f"{shots}:all", "--out", ix]) == 0
+    write_csv(tmp_path / "list.csv", [(p, 0) for p in paths[:4]])
+    before = [open(p, "rb").read() for p in paths]
+    for main, argv in (
+            (search_cli.main, ["--index", ix, "--query", f"{shots}:all", "--grid", paths[0]]),
+            (search_cli.main, ["--index", ix, "--query", f"{tmp_path / 'list.csv'}:all",
+                               "--out", paths[1]]),
+            (index_cli.main, ["--model", model, "--data", f"{shots}:all",
+                              "--out", str(shots / "ix")])):
+        capsys.readouterr()
+        assert main(argv + ["--force"]) == 2
+        assert "which this command reads" in error_line(capsys), argv
+    assert [open(p, "rb").read() for p in paths] == before and not (shots / "ix").exists()

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..fsutil import atomic_write, check_out, undo_made_dirs, write_json
+from ..fsutil import atomic_write, check_not_read, check_out, undo_made_dirs, write_json
 from .index import Index, ModelRef, thumbnails
 from .specs import DataOptions, read_items
 
@@ -65,17 +65,6 @@ def _at_least(args, **lows: int) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
-def _not_in(path: Optional[str], flag: str, *dirs: str, files: Sequence = ()) -> None:
-    """ValueError if ``path`` (symlinks resolved) lies in one of ``dirs`` or is one of the
-    ``files`` (data specs: also without their ``:split``) the command reads, --force or not."""
-    real = path and os.path.realpath(path)
-    names = [n for f in files if f for n in (f, f.rpartition(":")[0] or f)]
-    bad = [f"in {d}" for d in dirs if real and os.path.dirname(real) == os.path.realpath(d)]
-    bad += [n for n in names if real == os.path.realpath(n)]
-    if bad:
-        raise ValueError(f"{flag} {path} is {bad[0]}, which this command reads: write elsewhere")
-
-
 def _run(body, args) -> int:
     try:
         with undo_made_dirs():          # a failed command leaves no directory it made
@@ -114,6 +103,7 @@ def _index(args) -> int:
     t0 = time.perf_counter()
     model = Model(args.model)
     items = read_items(args.data, model.input, args.labels, _options(args))
+    check_not_read(args.out, "--out", files=items.reads)      # inside an image folder, ...
     emb = model.embed(items.x, args.batch_size, source=items.source)
     t_embed = time.perf_counter() - t0
     images = None if items.image_shape is None or args.no_thumbnails else \
@@ -169,9 +159,9 @@ def _search(args) -> int:
                          f"items{', one left out' if args.exclude_self else ''})")
     thr = s.load_threshold(index, args.threshold)
     model = s.check_model(index, args.model)
-    for out, flag in ((args.out, "--out"), (args.grid, "--grid")):
-        _not_in(out, flag, index.dir, model.dir, files=(args.query, args.labels, args.threshold))
     items = read_items(args.query, model.input, args.labels, _options(args))
+    for out, flag in ((args.out, "--out"), (args.grid, "--grid")):
+        check_not_read(out, flag, index.dir, model.dir, files=items.reads + (args.threshold,))
     dist, pos, times, notes, left, codes = s.search_items(index, model, items, args.k,
                                                           args.exclude_self, args.batch_size)
     recs = s.records(index, items, dist, pos, codes, thr["threshold"] if thr else None)
@@ -249,11 +239,11 @@ def _calibrate(args) -> int:
     out = os.path.join(index.dir, THRESHOLD_FILE) if args.out is None else args.out
     check_out(out, args.force, "--out" if args.out is not None else "threshold file")
     model = check_model(index, args.model)
-    dirs = (model.dir,) if os.path.basename(out) == THRESHOLD_FILE else (index.dir, model.dir)
-    _not_in(out, "--out", *dirs, files=(args.data, args.labels, args.holdout, args.holdout_labels))
     items = read_items(args.data, model.input, args.labels, _options(args))
     held = None if args.holdout is None else read_items(
         args.holdout, model.input, args.holdout_labels, _options(args))
+    dirs = (model.dir,) if os.path.basename(out) == THRESHOLD_FILE else (index.dir, model.dir)
+    check_not_read(out, "--out", *dirs, files=items.reads + (held.reads if held else ()))
     doc = calibrate(index, model, items, target_precision=target, best_f1=args.best_f1,
                     holdout=held, holdout_fraction=frac, seed=args.seed,
                     batch_size=args.batch_size)
@@ -293,8 +283,8 @@ def _embed(args) -> int:
     if args.device == "gpu" and mx.context.num_gpus() == 0:
         raise ValueError("--device gpu, but MXNet sees no GPU")
     model = Model(args.model, mx.gpu(0) if args.device == "gpu" else mx.cpu())
-    _not_in(args.out, "--out", model.dir, files=(args.input,))
     items = read_items(args.input, model.input, None, _options(args))
+    check_not_read(args.out, "--out", model.dir, files=items.reads)
     emb = model.embed(items.x, args.batch_size, source=args.input)
     with atomic_write(args.out, "wb") as fh:
         np.save(fh, emb)

@@ -87,6 +87,7 @@ class Items:
     source: str
     kind: Optional[str] = None
     shape: Optional[tuple] = None
+    reads: tuple = ()        # the files and data directories read: no output may replace them
 
 
 def _hwc(shape) -> Optional[tuple]:
@@ -149,7 +150,7 @@ def load_array(path: str, model: ModelInput) -> tuple:
     return flat, tuple(arr.shape)
 
 
-def _from_split(data, split: str, files, where: str, labels_path) -> Items:
+def _from_split(data, split: str, files, where: str, labels_path, reads=()) -> Items:
     x = np.asarray(data.images, np.float32) / np.float32(255 if data.images.dtype == "uint8" else 1)
     shape = data.image_shape
     shape = None if shape is None else tuple(shape[:2] if shape[2] == 1 else shape)
@@ -158,7 +159,7 @@ def _from_split(data, split: str, files, where: str, labels_path) -> Items:
                          "labels file is for an IDX images file or a .npy")
     ids = files if files is not None else [f"{split}/{i}" for i in range(len(data.labels))]
     return Items(x, data.labels, tuple(data.class_names), list(ids), shape, where,
-                 "features" if data.image_shape is None else "images")
+                 "features" if data.image_shape is None else "images", reads=tuple(reads))
 
 
 def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
@@ -213,7 +214,8 @@ def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
         # must not read as the full data's (--exclude-self would leave out other items).
         tag = f"{split}[limit {limit}, seed {cfg.data.split_seed}]" if limit and \
             files is None else split
-        return _check_input(_from_split(data, tag, files, where, labels_path), model)
+        reads = [f for f in (config, cfg.data.path) if f] + list(files or ())
+        return _check_input(_from_split(data, tag, files, where, labels_path, reads), model)
     if given:
         raise ValueError(f"data {spec}: --data-format/--mode/--image-size/--set describe a "
                          "data path or a run's data; this spec is a named data set or a file")
@@ -225,7 +227,8 @@ def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
             os.path.realpath(base) == os.path.realpath(FASHION_MNIST_ROOT) else "idx"
         data = load_dataset(name, None if named else base, train=split == "train")
         where = f"{base if named else os.path.abspath(base)}:{split}"
-        return _check_input(_from_split(data, split, None, where, labels_path), model)
+        return _check_input(_from_split(data, split, None, where, labels_path,
+                                        () if named else (base,)), model)
     x, shape = load_array(spec, model)
     image_shape, kind = None, None
     if len(shape) in (3, 4):
@@ -240,5 +243,5 @@ def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
         class_names = tuple(str(v) for v in values)   # the labels present (ids like 2e9 too)
     name = os.path.basename(spec)
     items = Items(x, labels, class_names, [f"{name}#{i}" for i in range(len(x))], image_shape,
-                  os.path.abspath(spec), kind, shape)
+                  os.path.abspath(spec), kind, shape, (spec,) + (labels_path,) * bool(labels_path))
     return _check_input(items, model)
