@@ -609,3 +609,22 @@ def test_no_output_lands_in_the_image_folder_or_on_an_image_read(folder_run, tmp
         assert main(argv + ["--force"]) == 2
         assert "which this command reads" in error_line(capsys), argv
     assert [open(p, "rb").read() for p in paths] == before and not (shots / "ix").exists()
+
+
+def test_image_options_on_data_that_are_not_image_files_are_refused(features_run, tmp_path,
+                                                                    capsys):
+    """Second trial: --image-size / --mode on an npz or IDX data path did nothing, exit 0;
+    --model RUN of an unfinished run (no model/ yet) looked for the export in RUN itself."""
+    tmp, run, _ = features_run
+    for option in (["--image-size", "8"], ["--mode", "L"], ["--set", "image_size=8"]):
+        assert embed_cli.main(["--model", str(run / "model"), "--input",
+                               f"{tmp / 'feats.npz'}:all", "--out", str(tmp_path / "e.npy")]
+                              + option) == 2
+        line = error_line(capsys)
+        assert "--mode / --image-size apply to image files" in line and "feats.npz" in line
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text((run / "config.yaml").read_text())
+    assert embed_cli.main(["--model", str(unfinished), "--input", f"{run}:test",
+                           "--out", str(tmp_path / "e.npy")]) == 2
+    assert f"model directory {unfinished / 'model'} does not exist" in error_line(capsys)

@@ -89,9 +89,9 @@ class Model:
 
     def __init__(self, path: str, ctx=None):
         import mxnet as mx
-        if not os.path.isfile(model_files(path)[0]) and os.path.isfile(
-                model_files(os.path.join(path, "model"))[0]):
-            path = os.path.join(path, "model")            # a run directory
+        if not os.path.isfile(model_files(path)[0]) and (os.path.isfile(model_files(
+                os.path.join(path, "model"))[0]) or os.path.isfile(f"{path}/config.yaml")):
+            path = os.path.join(path, "model")  # a run directory (unfinished: model/ named)
         self.dir = os.path.abspath(path)
         self.ctx = ctx or mx.cpu()
         self.block = _load_block(self.dir, self.ctx)

@@ -208,6 +208,9 @@ def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
             if config is None or config in str(exc):
                 raise
             raise type(exc)(f"{config}: {exc}") from None   # the run's data moved
+        if files is None and keys & {"data.mode", "data.image_size"}:   # not image files
+            raise ValueError(f"data {spec}: --mode / --image-size apply to image files (a "
+                             f"folder or a .csv); {cfg.data.path} is read as stored")
         where = f"{os.path.abspath(base)}:{split}"
         limit = {"train": cfg.data.limit_train, "test": cfg.data.limit_test}.get(split, 0)
         # data.limit_* keeps a sample: its row i is not row i of the full split, so its ids
