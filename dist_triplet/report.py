@@ -275,13 +275,21 @@ def _class_table(rows: Sequence, class_names: Sequence[str], shown: int = 20) ->
 
 
 def _html(doc: dict, images: Sequence[tuple], *, note: str = "", warning: str = "",
-          classes: str = "", search: str = "") -> str:
+          classes: str = "", search: str = "", config: Optional[dict] = None) -> str:
     final = doc.get("final") or {}
     raw = doc.get("raw_pixels") or {}
+    config = config or {}
+    # A P x K run's rows are images; the queries and gallery are the run's eval.* keys.
+    unit = "images" if (config.get("sampler") or {}).get("kind") == "pk" else "triplets"
+    ev, n = config.get("eval") or {}, final.get("queries")
+    queries = (f"{n:,} test items as queries" if isinstance(n, int) else "the test items as "
+               "queries") + (" (a seeded sample)" if ev.get("max_queries") else "") + (
+        ", each searched in the training set" if ev.get("gallery") == "train" else
+        ", each searched among the other test items (leave-one-out)")
     keys = [("seed_accuracy", "seed triplet accuracy"), ("precision_at_1", "Precision@1"),
             ("r_precision", "R-Precision"), ("map_at_r", "MAP@R"), ("loss", "final loss"),
             ("spread", "embedding spread"), ("collapsed", "collapsed"),
-            ("triplets_per_s", "triplets/s (last epoch)")]
+            ("triplets_per_s", f"{unit}/s (last epoch)")]
     rows = "\n".join(
         f"<tr><td>{label}</td><td>{_fmt(final.get(key), key)}</td>"
         f"<td>{_fmt(raw.get(key), key) if key in raw else ''}</td></tr>"
@@ -309,8 +317,8 @@ the project's docs/metrics.md.</p>
 <table><tr><th>metric</th><th>learned embedding</th><th>raw pixels</th></tr>
 {rows}
 </table>
-<p>Precision@1, R-Precision, MAP@R: retrieval by squared L2 (Musgrave et al. 2020), each
-test item a query. Seed triplet accuracy: share of fixed test triplets whose margin-0
+<p>Precision@1, R-Precision, MAP@R: retrieval by squared L2 (Musgrave et al. 2020),
+{queries}. Seed triplet accuracy: share of fixed test triplets whose margin-0
 triplet loss is 0 (the seed article's metric).</p>
 <h2>Which classes fail</h2>
 {search}
@@ -457,10 +465,11 @@ def write_report(run_dir: str, metrics_doc: dict, raw_inputs: np.ndarray, embedd
                        f"({html.escape(source)}; distances.png draws it): a query whose "
                        "nearest item lies beyond it gets no match.</p>")
         with open(os.path.join(tmp, "report.html"), "w") as fh:
+            config = _run_config(run_dir)
             fh.write(_html(metrics_doc, figs, note=note,
-                           warning=worse_than_raw(metrics_doc, raw_name,
-                                                  _run_config(run_dir)),
-                           classes=_class_table(table, class_names), search=search))
+                           warning=worse_than_raw(metrics_doc, raw_name, config),
+                           classes=_class_table(table, class_names), search=search,
+                           config=config))
     return out
 
 

@@ -266,6 +266,17 @@ def test_neighbours_png_has_a_row_per_class_and_the_table_formats_numbers(tmp_pa
     assert "<td>embedding spread</td><td>1.2346</td>" in page
     assert "<td>Precision@1</td><td>0.7000</td><td>0.5500</td>" in page
     assert "first test item of each class and its nearest neighbours" in page
+    assert "the test items as queries, each searched among the other test items" in page
+    # Second trial: a P x K run's throughput is images/s, and a gallery of training items
+    # with sampled queries was reported as "each test item a query".
+    (tmp_path / "config.yaml").write_text("sampler: {kind: pk}\n"
+                                          "eval: {gallery: train, max_queries: 100}\n")
+    page = open(os.path.join(write_report(str(tmp_path), dict(
+        doc, final=dict(doc["final"], queries=100)), imgs, emb, labels, names, (8, 8)),
+        "report.html")).read()
+    assert "<td>images/s (last epoch)</td><td>24,665</td>" in page
+    assert "100 test items as queries (a seeded sample), each searched in the training " \
+        "set" in page
 
 
 def test_feature_runs_get_text_tiles_and_a_note(tmp_path, monkeypatch):
