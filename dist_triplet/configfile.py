@@ -159,5 +159,6 @@ def parse_value(value: Any, tp: Any, key: str, where: str) -> Any:
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             raise ConfigError(f"{where}: {key} must be a string, got {value!r}" + (
                 " (YAML read the text as a number: put it in quotes)" if number else ""))
-        return value
+        # key=~/x: the shell expands no ~ after "key=", so a path would be ./~/x.
+        return os.path.expanduser(value) if value.startswith("~/") else value
     raise ConfigError(f"{where}: {key} has unsupported type {tp}")  # pragma: no cover

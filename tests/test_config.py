@@ -236,3 +236,12 @@ def test_commented_out_section_and_yaml_merge_keys(tmp_path):
     path.write_text("optim:\n  <<: {momentum: 0.5}\n  lr: 0.01\n  lr: 0.02\n")
     with pytest.raises(ConfigError, match="line 4: duplicate key 'lr'"):
         load_config(str(path))
+
+
+def test_a_home_relative_path_is_expanded():
+    """Second trial: output.dir=~/runs/x (the shell expands no ~ after "key=") ran in
+    ./~/runs/x."""
+    cfg = load_config(None, ["output.dir=~/runs/x", "data.path=~/d.npz", "output.name=a~b"])
+    home = os.path.expanduser("~")
+    assert (cfg.output.dir, cfg.data.path) == (f"{home}/runs/x", f"{home}/d.npz")
+    assert cfg.output.name == "a~b"
