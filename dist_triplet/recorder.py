@@ -91,7 +91,10 @@ class Recorder:
             cfg, data=dataclasses.replace(d, **paths),
             output=dataclasses.replace(cfg.output, dir=os.path.abspath(run_dir))),
             os.path.join(run_dir, "config.yaml"))
-        self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        # Resumed: TensorBoard drops the steps after the checkpoint's epochs (a resume from
+        # an older checkpoint abandons them, as metrics.json and the checkpoints do).
+        self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"),
+                                    purge_step=len(self.history) + 1 if self.history else None)
 
     def scalars(self, epoch: int, values: dict) -> None:
         """TensorBoard scalars at step ``epoch + 1``; non-numbers and non-finite skipped."""

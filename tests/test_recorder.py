@@ -6,6 +6,8 @@ import json
 import logging
 import os
 
+import pytest
+
 import mxnet as mx
 
 from dist_triplet import checkpoint as ckpt
@@ -87,3 +89,26 @@ def test_epoch_log_line_names_its_fields(tmp_path, caplog):
     rec.close()
     assert "P@1 0.7960 (raw 0.8092) (approximate: faiss IVF, eval.exact_max_gallery)  " \
         "R-Prec/MAP@R: last epoch  24,665 images/s" in caplog.records[0].getMessage()
+
+
+def test_a_resume_from_an_older_checkpoint_drops_the_abandoned_steps(tmp_path):
+    """Second trial: after a resume from epoch 1 of 3, TensorBoard showed both lines at
+    steps 2 and 3 (metrics.json and the checkpoints had dropped the abandoned ones)."""
+    EventAccumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator").EventAccumulator
+    cfg = load_config(None, ["train.epochs=3"])
+    run = str(tmp_path / "run")
+    rec = Recorder(run, cfg)
+    for e in range(3):
+        rec.scalars(e, {"train/loss": 10.0 + e})
+    rec.close()
+    import time
+    time.sleep(1.1)     # event files are named by the second: the resumed one sorts after
+    rec = Recorder(run, cfg, history=[{"epoch": 1, "loss": 10.0}])   # resumed after epoch 1
+    for e in (1, 2):
+        rec.scalars(e, {"train/loss": 20.0 + e})
+    rec.close()
+    acc = EventAccumulator(os.path.join(run, "tensorboard"))
+    acc.Reload()
+    assert [(s.step, s.value) for s in acc.Scalars("train/loss")] == [
+        (1, 10.0), (2, 21.0), (3, 22.0)]
