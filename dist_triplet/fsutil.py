@@ -172,16 +172,21 @@ def check_can_write(path: str, what: str) -> None:
 def check_not_read(path: Optional[str], what: str, *dirs: str, files: Sequence[str] = ()) -> None:
     """The other output rule of every retrieval command, --force or not: ValueError if
     ``path`` (symlinks resolved) lies in one of ``dirs`` (the index or model directory it
-    reads), is one of the ``files`` it reads, or lies under one of them that is a directory
-    (an image folder, an IDX directory). ``path`` None: nothing to check."""
+    reads), is one of the ``files`` it reads, or lies under one of them that ends in
+    ``os.sep`` (a data directory: an image folder, an IDX directory). ``path`` None:
+    nothing to check. A ``path`` that does not exist yet is compared with the directories
+    only (it replaces no file), so a CSV's 60,000 images cost no realpath each."""
     real = path and os.path.realpath(path)
+    exists = bool(path) and os.path.exists(path)
     for d in dirs if path else ():
         if os.path.dirname(real) == os.path.realpath(d):
             raise ValueError(f"{what} {path} is in {d}, which this command reads: write "
                              "elsewhere")
     for f in filter(None, files if path else ()):
+        if not (exists or f.endswith(os.sep)):
+            continue
         r = os.path.realpath(f)
-        if real == r or os.path.isdir(r) and os.path.commonpath([real, r]) == r:
+        if real == r or f.endswith(os.sep) and os.path.commonpath([real, r]) == r:
             raise ValueError(f"{what} {path} is {'' if real == r else 'in '}{f}, which this "
                              "command reads: write elsewhere")
 

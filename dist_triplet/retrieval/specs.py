@@ -87,7 +87,7 @@ class Items:
     source: str
     kind: Optional[str] = None
     shape: Optional[tuple] = None
-    reads: tuple = ()        # the files and data directories read: no output may replace them
+    reads: tuple = ()   # files read, and data directories (ending in os.sep): fsutil.check_not_read
 
 
 def _hwc(shape) -> Optional[tuple]:
@@ -217,7 +217,9 @@ def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
         # must not read as the full data's (--exclude-self would leave out other items).
         tag = f"{split}[limit {limit}, seed {cfg.data.split_seed}]" if limit and \
             files is None else split
-        reads = [f for f in (config, cfg.data.path) if f] + list(files or ())
+        d = cfg.data.path or ""       # a data directory covers its files: not one by one
+        reads = [f for f in (config,) if f] + ([os.path.join(d, "")] if os.path.isdir(d) else
+                                               [d] * bool(d) + list(files or ()))
         return _check_input(_from_split(data, tag, files, where, labels_path, reads), model)
     if given:
         raise ValueError(f"data {spec}: --data-format/--mode/--image-size/--set describe a "
@@ -231,7 +233,7 @@ def read_items(spec: str, model: ModelInput, labels_path: Optional[str] = None,
         data = load_dataset(name, None if named else base, train=split == "train")
         where = f"{base if named else os.path.abspath(base)}:{split}"
         return _check_input(_from_split(data, split, None, where, labels_path,
-                                        () if named else (base,)), model)
+                                        () if named else (os.path.join(base, ""),)), model)
     x, shape = load_array(spec, model)
     image_shape, kind = None, None
     if len(shape) in (3, 4):
