@@ -226,8 +226,9 @@ def create_pairs(labels_or_index, *, seed: int, epoch: int = 0, rank: int = 0,
     j = np.arange(part_cls.size) - part_start[part_cls]
     pos_in_class = rank + world_size * j
 
-    # Random permutation within each part: sort by class, then by a random key.
-    perm = np.lexsort((rng.random(part_cls.size), part_cls))
+    # Random permutation within each part: sort by class + a random key in [0, 1) (the
+    # order of lexsort((key, class)), but one float sort: 4.9 against 8.6 ms at 60,000).
+    perm = np.argsort(part_cls + rng.random(part_cls.size))
     take = (part_start[:, None] + np.arange(n_r)[None, :]).ravel()  # first n_r per class
     chosen = perm[take]
     a_cls = part_cls[chosen]  # (C * n_r,)
