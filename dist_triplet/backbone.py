@@ -46,6 +46,7 @@ import logging
 from typing import Optional, Sequence, Tuple
 
 import mxnet as mx
+import numpy as np
 from mxnet import gluon
 from mxnet.gluon import nn
 
@@ -276,8 +277,9 @@ def load_weights(net, path: str, backbone: str, *, apply: bool = True) -> list:
 
     Names are structural (``Block.save_parameters``: ``features.0.weight``). Every
     parameter outside the head must be in the file with its exact shape. The head
-    (``head.*``) is loaded when present with its shape, else left as initialised; the
-    file's ``output.*`` (a model-zoo classifier, which the head replaces) is ignored.
+    (``head.*``) is loaded when all of it is present with its shapes, else left as
+    initialised (a shape that differs is warned of); the file's ``output.*`` (a model-zoo
+    classifier, which the head replaces) is ignored.
 
     Args:
         net: the network, initialised (its shapes known).
@@ -290,12 +292,12 @@ def load_weights(net, path: str, backbone: str, *, apply: bool = True) -> list:
 
     Raises:
         ValueError (one line): an unreadable file; a parameter missing from the file; a
-            shape mismatch (names the parameter and both shapes); an entry of the file
-            that is no parameter of the network.
+            shape mismatch (names the parameter and both shapes); NaN or infinite values;
+            an entry of the file that is no parameter of the network.
     """
     saved = _read_params(path)
     ours = net._collect_params_with_prefix()
-    fresh = []
+    fresh, other = [], []
     for name, param in ours.items():
         shape = tuple(param.shape)
         if name not in saved:
@@ -308,10 +310,18 @@ def load_weights(net, path: str, backbone: str, *, apply: bool = True) -> list:
         if got != shape:
             if name.startswith(HEAD):
                 fresh.append(name)
+                other.append(f"{name} is {got} in the file, {shape} here")
                 continue
             raise ValueError(f"model.weights={path!r}: parameter {name!r} has shape {got} in "
                              f"the file but {shape} in model.backbone={backbone} for these "
                              "images (channels, sizes or model.channels differ)")
+        if bad := int(np.count_nonzero(~np.isfinite(saved[name].asnumpy()))):
+            raise ValueError(f"model.weights={path!r}: parameter {name!r} holds {bad} NaN or "
+                             "infinite values (a diverged or damaged file)")
+    if fresh:               # the head is taken whole or not at all: no half-loaded layer
+        fresh = [name for name in ours if name.startswith(HEAD)]
+    if other:
+        log.warning("model.weights=%s: %s: the whole head is initialised", path, "; ".join(other))
     extra = sorted(k for k in saved if k not in ours and not k.startswith(CLASSIFIER))
     if extra:
         raise ValueError(f"model.weights={path!r}: {len(extra)} entries are no parameter of "

@@ -38,13 +38,11 @@ def export_model(net, directory: str, ctx, in_units: int, *, meta: Optional[dict
         raise ValueError(f"only a gluon.HybridBlock can be exported, got {type(net).__name__}")
     os.makedirs(directory, exist_ok=True)
     net.hybridize()  # keeps the flags of an earlier hybridize(static_alloc=...)
-    out = net(mx.nd.zeros((1, in_units), ctx=ctx))          # builds the cached graph
-    dim = int(out.shape[1])
+    dim = int(net(mx.nd.zeros((1, in_units), ctx=ctx)).shape[1])   # builds the cached graph
     net.export(os.path.join(directory, PREFIX), epoch=EPOCH)
-    info = {"input_units": int(in_units), "embedding_dim": dim, "input_name": INPUT_NAME,
-            "input_scaling": INPUT_SCALING, "dtype": "float32"}
-    info.update(meta or {})
-    write_json(model_files(directory)[2], info)
+    write_json(model_files(directory)[2], {
+        "input_units": int(in_units), "embedding_dim": dim, "input_name": INPUT_NAME,
+        "input_scaling": INPUT_SCALING, "dtype": "float32", **(meta or {})})
     return directory
 
 

@@ -235,3 +235,40 @@ def test_conv_run_with_augmentation_exports_a_model_embed_reads(tmp_path):
     want = embed(result.net, test.images, mx.cpu())
     np.testing.assert_allclose(embed(exported, test.images, mx.cpu()), want, rtol=1e-5,
                                atol=1e-6)
+
+
+def test_weights_with_nan_are_refused_naming_the_parameter(tmp_path):
+    """A file with one NaN layer passed check and trained to exit 0 (ReLU turned NaN into
+    0: the loss stayed finite) and the export gave one embedding for every image."""
+    net, _ = built(model_cfg("convnet", channels=[4, 8]), (8, 8, 1))
+    path = str(tmp_path / "w.params")
+    net.save_parameters(path)
+    saved = mx.nd.load(path)
+    saved["features.0.weight"][0, 0, 0, 0] = np.nan
+    saved["features.0.weight"][1, 0, 0, 0] = np.inf
+    mx.nd.save(path, saved)
+    with pytest.raises(ValueError, match=r"parameter 'features\.0\.weight' holds 2 NaN or "
+                                         r"infinite values"):
+        built(model_cfg("convnet", channels=[4, 8], weights=path), (8, 8, 1))
+
+
+def test_a_head_of_another_shape_is_initialised_whole_with_a_warning(tmp_path, caplog):
+    """A flatten head trained at 8x8 loaded at 12x12: its bias (same shape) came from the
+    file and its weight (other shape) stayed random, at INFO. Now the whole head is fresh,
+    with a warning naming both shapes."""
+    cfg = model_cfg("convnet", channels=[4, 8], pool="flatten")
+    net, _ = built(cfg, (8, 8, 1))
+    net.head[0].bias.set_data(mx.nd.ones(8))           # biases start at 0: make it tell
+    path = str(tmp_path / "w.params")
+    net.save_parameters(path)
+    again = build_network(dataclasses.replace(cfg, weights=path), 144, (12, 12, 1))
+    initialize_network(again, cfg, mx.cpu(), 5, 144)
+    bias = again.head[0].bias.data().asnumpy().copy()
+    with caplog.at_level("WARNING"):
+        fresh = load_weights(again, path, "convnet")
+    assert fresh == ["head.0.weight", "head.0.bias"]
+    np.testing.assert_array_equal(again.head[0].bias.data().asnumpy(), bias)   # not the file's
+    assert not np.array_equal(bias, net.head[0].bias.data().asnumpy())
+    assert "head.0.weight is (8, 128) in the file, (8, 288) here: the whole head" in caplog.text
+    np.testing.assert_array_equal(again.features[0].weight.data().asnumpy(),
+                                  net.features[0].weight.data().asnumpy())

@@ -212,3 +212,33 @@ def test_calibrate_compares_two_spellings_by_class_id(tmp_path, capsys):
     err = capsys.readouterr().err
     doc = json.load(open(tmp_path / "ix" / "threshold.json"))
     assert "compared by class id" in err and doc["calibration"]["precision"] == 1.0
+
+
+def test_api_calibrate_and_search_refuse_another_model(setup, tmp_path):
+    """The Python API's calibrate took any model and returned a threshold, exit 0; the
+    command line refused the same pairing. Both now go through the same check, which also
+    says when the index's own model directory was exported again (a resumed run)."""
+    import shutil
+    from dist_triplet.export import export_model
+    from dist_triplet.model import build_embedding_net, initialize
+    from dist_triplet.retrieval import Index, Model, calibrate, read_items
+    from dist_triplet.retrieval.search import search_items
+    tmp, model, data, index_dir = setup
+    net = build_embedding_net(4, [4], final_relu=False)
+    initialize(net, 0.1, mx.cpu(), seed=0)
+    net[0].weight.set_data(mx.nd.array(2 * np.eye(4)))        # another model, same shapes
+    net[0].bias.set_data(mx.nd.zeros(4))
+    other = Model(export_model(net, str(tmp_path / "other"), mx.cpu(), 4))
+    index = Index.load(index_dir)
+    items = read_items(f"{data}:test", other.input)
+    with pytest.raises(ValueError, match=r"is not the one .* was built with \(.*model, 4-wide"):
+        calibrate(index, other, items, best_f1=True)
+    with pytest.raises(ValueError, match="rebuild the index"):
+        search_items(index, other, items, 1)
+    # The index's own model directory with new parameters (a resumed run): said so.
+    shutil.copy(os.path.join(other.dir, "embed-0000.params"),
+                os.path.join(model, "embed-0000.params"))
+    with pytest.raises(ValueError, match="its parameters changed since, e.g. a resumed run"):
+        calibrate(index, Model(model), items, best_f1=True)
+    assert calibrate(index, Model(export_identity(tmp_path / "same")), items,
+                     best_f1=True)["threshold"] >= 0        # the same parameters elsewhere: fine

@@ -92,7 +92,7 @@ def test_training_run_exports_a_model_that_embed_reproduces(idx_dir, tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("no_model", "does not exist"),
     ("labels_file", "labels file"),
-    ("wrong_width", "model/meta.json), found shape (3, 10, 10)"),     # issue 17 (6)
+    ("wrong_width", "model/meta.json), found 10x10x1 images (100 values) (shape (3, 10, 10))"),     # issue 17 (6)
     ("not_idx", "not an IDX file"),
     ("objects", "not a numeric .npy"),
     ("int_npy", "expected uint8 pixels"),
@@ -235,3 +235,47 @@ def test_embed_refuses_non_finite_embeddings_naming_the_input(tmp_path, capsys):
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
     assert len(err) == 1 and str(inp) in err[0] and "12 non-finite" in err[0], err
     assert not out.exists()
+
+
+def test_model_embed_refuses_rows_of_another_width(tmp_path):
+    """A convolutional export regrouped 10 rows of 784 values into one 8x8 image and
+    returned (1, D), exit 0 (an MLP export failed inside MXNet instead): both now refuse,
+    naming the width meta.json records."""
+    import dataclasses
+    from dist_triplet.backbone import build_network, initialize_network
+    from dist_triplet.config import Config
+    cfg = dataclasses.replace(Config().model, backbone="convnet", channels=[4, 8], hidden=[8],
+                              final_relu=False)
+    net = build_network(cfg, 64, (8, 8, 1))
+    initialize_network(net, cfg, mx.cpu(), 0, 64)
+    export_model(net, str(tmp_path / "model"), mx.cpu(), 64)
+    model = Model(str(tmp_path / "model"))
+    assert model.embed(np.zeros((10, 64), np.float32)).shape == (10, 8)
+    with pytest.raises(ValueError, match=r"^queries: the model in .* gave 122 embeddings for "
+                                         r"10 rows of shape \(784,\): it takes 64 values per "
+                                         r"row \(.*meta.json\)"):
+        model.embed(np.zeros((10, 784), np.float32), source="queries")
+    # meta.json edited to 4x4 images: 20 rows of 16 values gave 5 embeddings, exit 0.
+    meta_path = tmp_path / "model" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps(dict(meta, input_units=16, image_shape=[4, 4, 1])))
+    with pytest.raises(ValueError, match=r"gave 5 embeddings for 20 rows of shape \(16,\): "
+                                         r"it takes 16 values per row \(.*meta.json\)"):
+        Model(str(tmp_path / "model")).embed(np.zeros((20, 16), np.float32))
+    # Without meta.json (an export by another tool): a convnet's input width is unknown.
+    meta_path.unlink()
+    with pytest.raises(ValueError, match=r"meta.json: expected input_units a positive integer, "
+                                         r"found None \(else a first Dense"):
+        Model(str(tmp_path / "model"))
+
+
+def test_export_without_meta_json_takes_its_first_dense_layers_width(tmp_path):
+    """The fallback for exports by other tools raised TypeError (a parameter shape None)."""
+    net = build_embedding_net(6, [5, 3])
+    initialize(net, 0.1, mx.cpu(), seed=0)
+    export_model(net, str(tmp_path / "m"), mx.cpu(), 6)
+    (tmp_path / "m" / "meta.json").unlink()
+    model = Model(str(tmp_path / "m"))
+    assert model.input.units == 6 and model.input.kind is None
+    x = np.random.RandomState(0).rand(4, 6).astype(np.float32)
+    np.testing.assert_allclose(model.embed(x), net(mx.nd.array(x)).asnumpy(), rtol=1e-6)

@@ -299,7 +299,7 @@ def test_another_model_swapped_into_meta_json_is_refused(setup, capsys):
     ("input", "pictures", ["key 'input' is 'pictures'"]),
     ("image_shape", None, ["key 'input' is 'images'", "'image_shape' is None"]),
     ("image_shape", [1, 4], ["'image_shape' [1, 4]", "2x2x1 images"]),
-    ("model.input_units", 5, ["'model.input_units' 5", "(2x2x1 images (4 values))"]),
+    ("model.input_units", 5, ["'model.input_units' 5", "(2x2x1 images (4 values), "]),
 ])
 def test_hand_edited_input_and_image_shape_are_refused(setup, capsys, key, value, needles):
     """input, image_shape and model.input_units were not checked on load: an edit was
@@ -397,3 +397,13 @@ def test_a_failed_command_leaves_no_directory_it_made(setup, tmp_path, capsys):
                             "--out", str(out)]) == 0
     assert out.is_file()
 
+
+
+def test_build_refuses_images_that_are_not_thumbnails(setup):
+    """Index.build(images=<the float rows>) saved, and a later search --grid failed with
+    "cannot reshape array of size 5760 into shape (20,24)": refused at build."""
+    emb = np.eye(4, dtype=np.float32)
+    for images in (emb, np.zeros((4, 2, 2), np.float32), np.zeros((3, 2, 2), np.uint8)):
+        with pytest.raises(ValueError, match=r"images must be \(4, h, w\[, c\]\) uint8, found"):
+            Index.build(emb, images=images)
+    assert Index.build(emb, images=np.zeros((4, 2, 2), np.uint8)).images.shape == (4, 2, 2)

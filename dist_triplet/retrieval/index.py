@@ -153,6 +153,9 @@ class Index:
         ids = [str(i) for i in range(n)] if ids is None else list(ids)
         if labels.shape != (n,) or len(ids) != n:
             raise ValueError(f"{n} embeddings but {labels.shape} labels and {len(ids)} ids")
+        if images is not None and (np.ndim(images) not in (3, 4) or len(images) != n or (
+                dt := np.asarray(images).dtype) != np.uint8):            # thumbnails, not rows
+            raise ValueError(f"images must be ({n}, h, w[, c]) uint8, found {np.shape(images)}")
         return cls(meta, index, labels, ids, None if class_names is None else
                    tuple(class_names), images)
 
@@ -240,8 +243,7 @@ class Index:
         if meta.input not in (None, "features" if meta.image_shape is None else "images"):
             raise ValueError(f"{meta_path}: key 'input' is {meta.input!r} but key 'image_shape' "
                              f"is {meta.image_shape}: corrupt or edited index; rebuild it")
-        # efSearch and nprobe come with index.faiss (faiss.write_index stores them).
-        names = ids.get("class_names")
+        names = ids.get("class_names")    # efSearch and nprobe come with index.faiss
         return cls(meta, index, labels, ids["ids"], None if names is None else tuple(names),
                    images, os.path.abspath(path))
 

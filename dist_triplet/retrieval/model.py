@@ -56,11 +56,9 @@ def _load_block(directory: str, ctx):
         raise FileNotFoundError(f"model directory {directory} does not exist; a training run "
                                 "writes it as <run dir>/model")
     sym, params, _ = model_files(directory)
-    for path in (sym, params):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: {directory} is not a complete export "
-                                    f"(expected {os.path.basename(sym)} and "
-                                    f"{os.path.basename(params)})")
+    if missing := [path for path in (sym, params) if not os.path.isfile(path)]:
+        raise FileNotFoundError(f"{missing[0]} is missing: {directory} is not a complete "
+                                f"export ({os.path.basename(sym)} and {os.path.basename(params)})")
     errors = (mx.base.MXNetError, AssertionError, ValueError, KeyError, TypeError,
               UnicodeDecodeError, RuntimeError)
     # Load each file alone first, so that the error names the file that is broken.
@@ -95,15 +93,16 @@ class Model:
         self.dir = os.path.abspath(path)
         self.ctx = ctx or mx.cpu()
         self.block = _load_block(self.dir, self.ctx)
-        _, params, meta_path = model_files(self.dir)
+        sym, params, meta_path = model_files(self.dir)
         meta = read_meta(self.dir)
         units = meta.get("input_units")
-        if units is None:  # exports by other tools: the first 2-D weight's input width
-            units = next((int(p.shape[1]) for p in self.block.collect_params().values()
-                          if p.name.endswith("weight") and len(p.shape) == 2), None)
+        if units is None:    # exports by other tools: the input width of a first Dense layer
+            name = [a for a in mx.sym.load(sym).list_arguments() if a != INPUT_NAME][0]
+            first = mx.nd.load(params).get(f"arg:{name}")
+            units = int(first.shape[1]) if first is not None and first.ndim == 2 else None
         if isinstance(units, bool) or not isinstance(units, int) or units < 1:
-            raise ValueError(f"{meta_path}: expected input_units a positive integer, "
-                             f"found {units!r}")
+            raise ValueError(f"{meta_path}: expected input_units a positive integer, found "
+                             f"{units!r}" + " (else a first Dense layer's width)" * (not meta))
         self.input = ModelInput.from_meta(units, meta, meta_path)
         self.dim = meta.get("embedding_dim")
         self.params_sha256 = sha256_file(params)
@@ -111,8 +110,8 @@ class Model:
     def embed(self, x: np.ndarray, batch_size: int = 2048, desc: str = "embedding",
               source: str = "input") -> np.ndarray:
         """(N, F) float32 -> (N, D) float32 in batches (2048 = eval.batch_size's default).
-        ValueError naming ``source``: the model fails on the rows or gives non-finite
-        values."""
+        ValueError naming ``source``: the model fails on the rows, gives another number of
+        embeddings (rows of another width than F) or non-finite values."""
         import mxnet as mx
         from tqdm import tqdm
 
@@ -132,6 +131,10 @@ class Model:
                 bar.update(len(out[-1]))
         emb = np.concatenate(out).astype(np.float32, copy=False) if out else \
             np.zeros((0, self.dim or 0), np.float32)
+        if len(emb) != len(x):    # a convnet regrouped rows of another width (or meta.json's)
+            raise ValueError(f"{source}: the model in {self.dir} gave {len(emb)} embeddings for "
+                             f"{len(x)} rows of shape {np.shape(x)[1:]}: it takes "
+                             f"{self.input.units} values per row ({self.input.where})")
         if bad := int(np.count_nonzero(~np.isfinite(emb))):
             raise ValueError(f"{source}: the model in {self.dir} gave {bad} non-finite "
                              "embedding values (NaN or infinite): a diverged model, or inputs "

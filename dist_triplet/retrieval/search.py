@@ -25,22 +25,25 @@ THRESHOLD_FILE = "threshold.json"
 BY_ID = "so they are compared by class id"   # query_classes' note when names did not match
 
 
-def check_model(index: Index, model_path: Optional[str]) -> Model:
-    """The index's model, or ``model_path`` if it is the same one (else ValueError
-    naming both, their widths and parameters files); ValueError naming meta.json:
-    its input width or image shape is not the model's (an edited index)."""
-    ref = index.meta.model
-    model = Model(model_path or ref.dir)
-    if model.params_sha256 != ref.params_sha256:
+def check_model(index: Index, model=None) -> Model:
+    """``model`` (a :class:`Model`, an export path, or None: the index's own) if ``index``
+    was built with it (or records no model) and its input is the one meta.json records;
+    else ValueError naming both models (the same directory: a resumed run exported since),
+    or both meta.json files (one was edited)."""
+    ref, shape = index.meta.model, index.meta.image_shape
+    model = model if isinstance(model, Model) else Model(model or ref.dir)
+    if ref.params_sha256 and model.params_sha256 != ref.params_sha256:
         raise ValueError(f"model {model.dir} ({model.dim or '?'}-wide embeddings, params sha256 "
-                         f"{model.params_sha256[:12]}) is not the one {index.dir} was built "
-                         f"with ({ref.dir}, {index.dim}-wide, sha256 {ref.params_sha256[:12]})")
-    shape = index.meta.image_shape
-    if ref.input_units != model.input.units or (   # shape None: built by the Python API
+                         f"{model.params_sha256[:12]}) is not the one {index.dir} was built with ("
+                         + ("its parameters changed since, e.g. a resumed run exported again" if
+                            model.dir == ref.dir else f"{ref.dir}, {index.dim}-wide") +
+                         f"; sha256 {ref.params_sha256[:12]}): rebuild the index")
+    if ref.input_units and ref.input_units != model.input.units or (   # shape None: Python API
             model.input.kind is not None and shape and _hwc(shape) != model.input.image_shape):
         raise ValueError(f"{os.path.join(index.dir, 'meta.json')}: keys 'model.input_units' "
                          f"{ref.input_units} and 'image_shape' {shape} do not fit the model "
-                         f"{model.dir} ({model.input.describe()}): edited index; rebuild it")
+                         f"{model.dir} ({model.input.describe()}, {model.input.where}): one "
+                         "of the two was edited")
     return model
 
 
@@ -97,6 +100,7 @@ def search_items(index: Index, model: Model, items, k: int,
                  exclude_self: Optional[bool] = False, batch_size: int = 2048) -> tuple:
     """Embed ``items``, search ``index``: (dist (M, k) float64 squared L2, pos (M, k) int64,
     {"embed_s", "search_s"}, notes for stderr, left (M,) int64 gallery item left out or -1,
+    ValueError if ``model`` is not the index's (:func:`check_model`),
     codes and note first: :func:`query_classes`, ValueError if compared by id and most
     queries that are gallery items, by id or at distance 0, have another id there).
     ``exclude_self`` leaves out the query's own item, by id (True: ValueError if none; None:
@@ -104,7 +108,8 @@ def search_items(index: Index, model: Model, items, k: int,
     other data under the same names, e.g. two folders of one layout; a note says so)."""
     codes, note = query_classes(index, items)
     t0 = time.perf_counter()
-    emb = model.embed(items.x, batch_size, desc="embedding queries", source=items.source)
+    emb = check_model(index, model).embed(items.x, batch_size, desc="embedding queries",
+                                          source=items.source)
     times = {"embed_s": time.perf_counter() - t0}
     where = {item: i for i, item in enumerate(index.ids)}
     same = np.array([where.get(item, -1) for item in items.ids], np.int64)

@@ -112,13 +112,12 @@ def _check_input(items: Items, model: ModelInput) -> Items:
 
 
 def load_array(path: str, model: ModelInput) -> tuple:
-    """An IDX images file or a ``.npy`` (by content) as ((N, F) float32, array shape), F =
-    ``model.units``.
+    """An IDX images file or a ``.npy`` (by content) as ((N, F) float32, array shape), F
+    values a row (:func:`read_items` checks F against ``model.units``).
 
     uint8 is divided by 255 (the training input of images; a model of features, trained on
     floats, refuses it); floats are used as they are (a warning when an image model gets
-    values above 1). Raises FileNotFoundError / ValueError naming ``path`` and, for a
-    width other than F, the model's meta.json and the shape found.
+    values above 1). Raises FileNotFoundError / ValueError naming ``path``.
     """
     from ..data.arrays import read_array
     (arr, kind), units, where = read_array(path), model.units, model.where
@@ -131,11 +130,7 @@ def load_array(path: str, model: ModelInput) -> tuple:
     if not 2 <= arr.ndim <= 4 or arr.shape[0] == 0:
         raise ValueError(f"{path}: expected (N, {units}) or (N, rows, cols) images with "
                          f"N >= 1, found shape {arr.shape}")
-    width = int(np.prod(arr.shape[1:]))
-    if width != units:
-        raise ValueError(f"{path}: the model takes {units} values per row ({where}), found "
-                         f"shape {arr.shape} ({width} per row)")
-    flat = arr.reshape(len(arr), width).astype(np.float32)
+    flat = arr.reshape(len(arr), -1).astype(np.float32)     # its width: read_items checks it
     if arr.dtype == np.uint8 and arr.ndim == 2 and model.kind == "features":
         raise ValueError(f"{path}: uint8 values, but the model takes float features ({where})")
     if arr.dtype == np.uint8:
