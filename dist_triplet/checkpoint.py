@@ -105,6 +105,7 @@ class CheckpointMeta:
     devices: devices per process; None in an old record (then read as 1).
     steps_per_epoch: optimizer steps per epoch; None when not recorded.
     history: per-epoch metric rows up to ``epoch`` (a copy of the recorder's).
+    data: the training data's digest (``plan.data_digest``); None when not recorded.
     """
     epoch: int
     config: dict
@@ -113,11 +114,12 @@ class CheckpointMeta:
     devices: Optional[int] = None
     steps_per_epoch: Optional[int] = None
     history: List[dict] = field(default_factory=list)
+    data: Optional[str] = None
 
     def to_json(self) -> dict:
         doc = {"epoch": self.epoch, "config": self.config, "world_size": self.world_size}
         for key, value in (("processes", self.processes), ("devices", self.devices),
-                           ("steps", self.steps_per_epoch)):
+                           ("steps", self.steps_per_epoch), ("data", self.data)):
             if value is not None:
                 doc[key] = value
         if self.history:
@@ -144,6 +146,8 @@ class CheckpointMeta:
                    "an integer >= 1")]
         checks += [(k, is_int(meta[k]) and meta[k] >= 1, "an integer >= 1")
                    for k in ("processes", "devices", "steps") if k in meta]
+        if "data" in meta:
+            checks.append(("data", isinstance(meta["data"], str), "a digest string"))
         if "history" in meta:
             checks.append(("history", isinstance(meta["history"], list)
                            and all(isinstance(r, dict) for r in meta["history"]),
@@ -155,7 +159,8 @@ class CheckpointMeta:
                                  "checkpoint")
         return cls(epoch=meta["epoch"], config=meta["config"], world_size=meta["world_size"],
                    processes=meta.get("processes"), devices=meta.get("devices"),
-                   steps_per_epoch=meta.get("steps"), history=list(meta.get("history", [])))
+                   steps_per_epoch=meta.get("steps"), history=list(meta.get("history", [])),
+                   data=meta.get("data"))
 
 
 def save_checkpoint(ckpt_dir: str, net, trainer, meta: CheckpointMeta, keep: int) -> str:
@@ -247,7 +252,8 @@ def read_meta(path: str) -> CheckpointMeta:
 
 
 def check_compatible(meta: CheckpointMeta, config: dict, path: str, *, processes: int,
-                     devices: int, steps: Optional[int] = None) -> List[str]:
+                     devices: int, steps: Optional[int] = None,
+                     data: Optional[str] = None) -> List[str]:
     """Refuse to resume when the run would not continue the same computation.
 
     The keys compared, and how, are the ``resume`` policies declared in config.py.
@@ -259,6 +265,8 @@ def check_compatible(meta: CheckpointMeta, config: dict, path: str, *, processes
         processes: processes taking part in collectives now (Horovod ranks; 1 otherwise).
         devices: devices per process now (kvstore: several; else 1).
         steps: steps per epoch now; compared with the checkpoint's when given.
+        data: the training data's digest now; compared with the checkpoint's when both are
+            known (data.path and data.root may change: the data may move, not differ).
 
     Returns:
         The "schedule" keys that differ, as "key: old -> new" strings (allowed; the caller
@@ -267,7 +275,8 @@ def check_compatible(meta: CheckpointMeta, config: dict, path: str, *, processes
     Raises:
         ValueError: a "fixed" key differs (names the key, both values and the checkpoint);
             or the world size (processes x devices) differs, since each worker's triplet
-            shard depends on it; or the steps per epoch differ (the training data changed).
+            shard depends on it; or the steps per epoch or the data digest differ (the
+            training data changed).
     """
     # A key missing from the checkpoint's config was added to dist_triplet after it was
     # written: keys are added with the default that keeps the old behaviour, so the saved
@@ -298,6 +307,12 @@ def check_compatible(meta: CheckpointMeta, config: dict, path: str, *, processes
         raise ValueError(f"cannot resume from {path}: {meta.steps_per_epoch} steps per epoch "
                          f"there, {steps} now with the same config, so the training data "
                          f"differ (data.root={new.get('data.root')!r})")
+    if data is not None and meta.data not in (None, data):
+        where = "; ".join(f"{k} {saved.get(k)!r} there, {new.get(k)!r} now" for k in (
+            "data.path", "data.root") if saved.get(k) != new.get(k)) or "the same paths"
+        raise ValueError(f"cannot resume from {path}: the training data differ from the ones "
+                         f"it was trained on ({where}; digest {meta.data[:12]} there, "
+                         f"{data[:12]} now); resume on the same data or start a fresh run")
     return [f"{k}: {saved.get(k)!r} -> {new[k]!r}" for k, p in policies.items()
             if p == "schedule" and saved.get(k) != new[k]]
 

@@ -105,7 +105,7 @@ class DataConfig:
     # Directory holding the four IDX files (gzip or raw); null = the data set's default place.
     root: Optional[str] = free(None)
     # Your own data: a file or directory (then data.dataset and data.root are not used).
-    # Free on resume like data.root (the same data may move); which data it is, is yours.
+    # Free on resume like data.root (the same data may move; other data: plan.data_digest).
     path: Optional[str] = free(None)
     # Format of data.path: 'auto' (from the name/content where unambiguous), 'idx' (a
     # directory of the four MNIST-format files, any rows x cols), 'npz' (x, y[, classes];

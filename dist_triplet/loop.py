@@ -30,7 +30,7 @@ from .engine import build_step, run_epoch
 from .evaluate import Evaluator
 from .launcher import launcher_rank, local_size
 from .backbone import build_network, initialize_network
-from .plan import batch_note, make_plan, read_resume_meta
+from .plan import batch_note, data_digest, make_plan, read_resume_meta
 from .outputs import finish_run
 from .recorder import make_recorder, timing_text
 from .rundir import make_run_dir, resume_for
@@ -136,8 +136,9 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
     # still be in a collective.
     run_dir = decide_on_rank0(backend, lambda: make_run_dir(cfg), "run_dir")
     resume_path = decide_on_rank0(backend, lambda: resume_for(cfg, run_dir), "resume")
+    digest = data_digest(train_split) if backend.is_main else None   # checkpoints record it
     meta = (decide_on_rank0(backend, lambda: read_resume_meta(cfg, resume_path, backend, steps,
-                                                              global_batch),
+                                                              global_batch, digest),
                             "resume_meta") if resume_path else None)
 
     # --- model, on every device; rank 0's initial parameters everywhere
@@ -217,7 +218,7 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
         timing = timing_text(t_sample, train_time, t_wait, t_allreduce)
         recorder.record_epoch(epoch, row, timing)
         recorder.save_checkpoint(epoch, net, trainer, steps_per_epoch=steps,
-                                 processes=backend.num_processes, devices=devices)
+                                 processes=backend.num_processes, devices=devices, data=digest)
         if cfg.checkpoint.keep > 0:
             good_epoch = epoch + 1
         final = row

@@ -215,8 +215,23 @@ def batch_note(cfg: Config, world_size: int, global_batch: int) -> Optional[str]
             f"optim.base_batch={cfg.optim.base_batch})")
 
 
-def read_resume_meta(cfg: Config, resume_path: str, job, steps: int, global_batch: int):
-    """The checkpoint's record, checked against this job (``checkpoint.check_compatible``).
+def data_digest(split: Split) -> str:
+    """A digest of the training data a checkpoint records (resume refuses other data): BLAKE2b
+    (128 bits) of the labels, the images' shape and dtype, and up to 1,024 rows evenly
+    spaced (all of the labels; a sample of the pixels, so that it costs milliseconds)."""
+    import hashlib
+    h = hashlib.blake2b(digest_size=16)
+    rows = np.unique(np.linspace(0, len(split.images) - 1, 1024).astype(np.int64))
+    for arr in (split.labels, split.images[rows]):
+        h.update(f"{arr.dtype.str}{arr.shape}{split.images.shape}".encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def read_resume_meta(cfg: Config, resume_path: str, job, steps: int, global_batch: int,
+                     data: Optional[str] = None):
+    """The checkpoint's record, checked against this job (``checkpoint.check_compatible``;
+    ``data``: the training data's :func:`data_digest`).
 
     When "schedule" keys changed, logs an info line naming them, and a warning only when
     the learning rate of some remaining global step (``(meta.epoch + 1) * steps`` up to
@@ -237,7 +252,7 @@ def read_resume_meta(cfg: Config, resume_path: str, job, steps: int, global_batc
                          f"train.epochs > {meta.epoch + 1} to continue)")
     changed = ckpt.check_compatible(meta, cfg.to_dict(), resume_path,
                                     processes=job.num_processes,
-                                    devices=len(job.contexts), steps=steps)
+                                    devices=len(job.contexts), steps=steps, data=data)
     if changed:
         log.info("resuming with changed schedule keys: %s", "; ".join(changed))
         old_cfg = config_from_dict(meta.config)

@@ -146,14 +146,14 @@ class Recorder:
                                       "r_precision", "map_at_r", "spread")})
 
     def save_checkpoint(self, epoch: int, net, trainer, *, steps_per_epoch: int,
-                        processes: int, devices: int) -> None:
+                        processes: int, devices: int, data: Optional[str] = None) -> None:
         """The checkpoint of 0-based ``epoch`` (unless ``checkpoint.keep`` is 0), with a
-        copy of the history so far."""
+        copy of the history so far and the training data's digest ``data``."""
         if self.cfg.checkpoint.keep > 0:
             meta = ckpt.CheckpointMeta(
                 epoch=epoch, config=self.cfg.to_dict(), world_size=processes * devices,
                 processes=processes, devices=devices, steps_per_epoch=steps_per_epoch,
-                history=list(self.history))
+                history=list(self.history), data=data)
             path = ckpt.save_checkpoint(os.path.join(self.run_dir, "checkpoints"), net, trainer,
                                         meta, self.cfg.checkpoint.keep)
             log.info("checkpoint %s", path)
@@ -183,7 +183,7 @@ class NullRecorder:
         pass
 
     def save_checkpoint(self, epoch: int, net, trainer, *, steps_per_epoch: int,
-                        processes: int, devices: int) -> None:
+                        processes: int, devices: int, data: Optional[str] = None) -> None:
         pass
 
     def close(self) -> None:

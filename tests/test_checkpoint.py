@@ -661,3 +661,25 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(data_root, tmp_path, capsys):
     assert train_mod.main(run_args(data_root, run, "checkpoint.resume=auto")) == 0
     assert "the run has done all 4 epochs: nothing to train" in capsys.readouterr().err
     assert [r["epoch"] for r in _history(run)] == [1, 2, 3, 4]
+
+
+def test_resume_on_other_data_of_the_same_shape_is_refused(two_epoch_run, data_root, tmp_path,
+                                                         capsys):
+    """data.root (or data.path) is free on resume, so that data may move; other data of the
+    same size passed the steps-per-epoch check and trained on, exit 0, the history mixing
+    both. The checkpoint's data digest refuses them; the same data moved still resumes."""
+    import shutil
+    other = write_dataset(tmp_path / "other", seed=1)          # same shapes, other pixels
+    before = digest_tree(two_epoch_run)
+    args = run_args(other, two_epoch_run, "checkpoint.resume=auto", "train.epochs=3")
+    assert train_mod.main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot resume from" in err and "the training data differ" in err
+    assert f"data.root {data_root!r} there, {other!r} now" in err and "digest" in err
+    assert digest_tree(two_epoch_run) == before                      # nothing written
+    moved = shutil.copytree(data_root, tmp_path / "moved")           # the same data, moved
+    run = shutil.copytree(two_epoch_run, tmp_path / "run")
+    assert train_mod.main(run_args(moved, str(run), "checkpoint.resume=auto",
+                                   "train.epochs=3")) == 0
+    meta = ckpt.read_meta(ckpt.latest_checkpoint(str(run / "checkpoints")))
+    assert meta.epoch == 2 and len(meta.data) == 32
