@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -234,15 +235,27 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
     return RunResult(final if backend.is_main else {}, net, trainer, backend, run_dir)
 
 
+_LOST_RANK_WAIT_S = 2.0     # seconds a rank whose peer died waits before it exits (run)
+
+
 def run(cfg: Config, on_step: Optional[StepHook] = None) -> int:
     """:func:`train`, with the command line's error handling; returns the exit status:
     0, or 2 after one ``error: ...`` line on bad input or a non-finite loss. Releases the
-    run directory's lock and leaves Horovod in any case."""
+    run directory's lock and leaves Horovod in any case. When another rank died (Horovod
+    shut down under this one), one line and ``os._exit(1)``: MXNet's atexit hook would
+    print a traceback of the same shutdown."""
+    lost = False
     try:
         train(cfg, on_step=on_step)
     except (ConfigError, ValueError, FileNotFoundError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except Exception as exc:        # noqa: BLE001  (MXNetError: only the shutdown is ours)
+        if not any(sign in str(exc) for sign in ("Horovod has been shut down", "by peer")):
+            raise                   # "Connection reset by peer", "... closed by peer": Gloo
+        print("error: another rank stopped, so this one stops too (Horovod shut down); the "
+              "run directory keeps its last complete checkpoint", file=sys.stderr, flush=True)
+        lost = True
     except KeyboardInterrupt:       # Ctrl-C (horovodrun passes it to every rank)
         if launcher_rank() == 0:
             print("interrupted: the run directory keeps its last complete checkpoint; the "
@@ -253,4 +266,8 @@ def run(cfg: Config, on_step: Optional[StepHook] = None) -> int:
         rundir.release_run_dir()  # the run directory's lock (rank 0)
         # Horovod: leave it here, not in its atexit hook, which complains after an error.
         dist.shutdown()
+    if lost:            # after a pause: the launcher is to name the rank that died first
+        sys.stdout.flush()
+        time.sleep(_LOST_RANK_WAIT_S)
+        os._exit(1)
     return 0

@@ -7,10 +7,12 @@ ranks are about to need. launch/setup.sh has already checked that this venv's Ho
 MXNet and Gloo (``horovod.mxnet.gloo_built()``, remembered in its stamp until the venv
 changes) and launch/horovod.sh always passes --gloo, so the answers are known: Gloo yes,
 MPI no (setup.sh builds with HOROVOD_WITHOUT_MPI). Everything else is horovodrun's own
-``run_commandline``, except that a Ctrl-C (or SIGTERM) ends with one line and exit 130
-instead of its traceback. The pin (horovod==0.28.1) keeps these names where they are; if a
+``run_commandline``, except that its traceback on a failed job becomes one line: a Ctrl-C
+(or SIGTERM) exits 130; a rank that exited 2 has printed its ``error:`` line, and the job
+exits 2; any other exit (a killed rank: 137) is named, with how to resume, and exits 1. The pin (horovod==0.28.1) keeps these names where they are; if a
 later Horovod moved them, this raises AttributeError at once rather than misbehaving.
 """
+import re
 import sys
 
 import horovod.runner.gloo_run as gloo_run
@@ -30,10 +32,20 @@ if __name__ == "__main__":
     sys.argv[0] = "horovodrun"
     try:
         sys.exit(launch.run_commandline())
-    except (RuntimeError, KeyboardInterrupt):
-        if not any(event.is_set() for event in _stopped):
+    except (RuntimeError, KeyboardInterrupt) as exc:
+        resume = ("the run directory keeps its last complete checkpoint, and the same command "
+                  "with checkpoint.resume=auto and that output.dir continues it")
+        if any(event.is_set() for event in _stopped):
+            print(f"interrupted: the ranks were stopped; {resume}", file=sys.stderr, flush=True)
+            sys.exit(130)
+        failed = re.search(r"Process name: (\S+)\nExit code: (-?\d+)", str(exc))
+        if failed is None:
             raise
-        print("interrupted: the ranks were stopped; the run directory keeps its last complete "
-              "checkpoint, and the same command with checkpoint.resume=auto and that "
-              "output.dir continues it", file=sys.stderr, flush=True)
-        sys.exit(130)
+        rank, code = failed.group(1), int(failed.group(2))
+        if code == 2:             # dist_triplet's bad-input exit: the rank said why, one line
+            sys.exit(2)
+        signal = code - 128 if code > 128 else -code if code < 0 else 0
+        print(f"error: rank {rank} exited with code {code}"
+              + (f" (killed by signal {signal})" if signal else "") + f"; {resume}",
+              file=sys.stderr, flush=True)
+        sys.exit(1)

@@ -31,15 +31,17 @@ from dist_triplet import checkpoint as ckpt  # noqa: E402
 TIMEOUT = 120  # seconds; a hang fails the test through subprocess.TimeoutExpired
 EPOCHS = "train.epochs=3"
 HVD = ["horovodrun", "-np", "2", "-H", "localhost:2", "--gloo"]
+# launch/horovod.sh's horovodrun: a failed job ends with one line, not horovodrun's traceback.
+OURS = [sys.executable, os.path.join(ROOT, "launch", "_horovodrun.py")] + HVD[1:]
 
 
-def horovodrun(script, data_root, out_dir, *extra, fault=None):
+def horovodrun(script, data_root, out_dir, *extra, fault=None, launcher=HVD):
     """Run a 2-rank job; returns the CompletedProcess (raises TimeoutExpired on a hang)."""
     env = subprocess_env(**({"DIST_TRIPLET_FAULT": fault} if fault else {}))
     # 40 triplets per rank per epoch, batch 4: 10 steps per epoch on each rank.
     args = run_args(data_root, out_dir, EPOCHS, "train.batch_size=4",
                     "distributed.backend=horovod", *extra)
-    return subprocess.run(HVD + [sys.executable, *script, *args], cwd=ROOT, env=env,
+    return subprocess.run(launcher + [sys.executable, *script, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=TIMEOUT)
 
 
@@ -57,17 +59,21 @@ def uninterrupted(data_root, tmp_path_factory):
 
 
 @pytest.mark.parametrize("fault, code", [
-    ("rank=1,epoch=2,step=3,code=17", "Exit code: 17"),
-    ("rank=0,epoch=2,step=3,how=kill", "Exit code: 137"),
+    ("rank=1,epoch=2,step=3,code=17", "error: rank 1 exited with code 17; the run directory "
+     "keeps its last complete checkpoint, and the same command with checkpoint.resume=auto"),
+    ("rank=0,epoch=2,step=3,how=kill", "error: rank 0 exited with code 137 (killed by signal "
+     "9); the run directory keeps its last complete checkpoint"),
 ], ids=["rank1_exits", "rank0_sigkilled"])
 def test_dying_rank_stops_the_job_and_resume_completes(fault, code, data_root, uninterrupted,
                                                        tmp_path):
+    """Through launch/horovod.sh's horovodrun (launch/_horovodrun.py): the job ends with one
+    line naming the rank and how to resume (it was horovodrun's traceback), exit 1."""
     out = str(tmp_path / "run")
     ck_dir = os.path.join(out, "checkpoints")
-    proc = horovodrun([FAULT_TRAIN], data_root, out, fault=fault)
+    proc = horovodrun([FAULT_TRAIN], data_root, out, fault=fault, launcher=OURS)
     log = proc.stdout + proc.stderr
-    assert proc.returncode != 0, log[-3000:]
-    assert code in log, log[-3000:]
+    assert proc.returncode == 1, log[-3000:]
+    assert code in proc.stderr and "Traceback" not in proc.stderr, log[-3000:]
 
     # The last checkpoint is the one of epoch 1, complete and usable; nothing later.
     assert [e for e, _ in ckpt.list_checkpoints(ck_dir)] == [0]
@@ -127,3 +133,20 @@ def test_two_ranks_refusing_a_resume_each_print_one_line(data_root, tmp_path):
     # users get each rank's line and horovodrun's exit 1); the ranks' output has none.
     ranks = "\n".join(ln for ln in text.splitlines() if ln.startswith(("[0]", "[1]")))
     assert "Traceback" not in ranks and "has been shut down" not in text, ranks[-3000:]
+
+
+def test_a_ranks_one_line_error_ends_the_job_with_exit_2_and_no_traceback(data_root, tmp_path):
+    """A refusal after the ranks started (a 1-process checkpoint resumed by 2 ranks) under
+    launch/horovod.sh's horovodrun: each rank's one "error:" line and exit 2, as without
+    Horovod (it was horovodrun's 25-line RuntimeError traceback and exit 1)."""
+    out = str(tmp_path / "run")
+    assert subprocess.run([sys.executable, "-m", "dist_triplet.train",
+                           *run_args(data_root, out, "train.epochs=1", "train.batch_size=4",
+                                     "eval.report=false")], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, timeout=TIMEOUT).returncode == 0
+    proc = horovodrun(["-m", "dist_triplet.train"], data_root, out, "checkpoint.resume=auto",
+                      launcher=OURS)
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if "error: " in ln]
+    assert errors and all("world size was 1 there" in ln for ln in errors), errors
+    assert "Traceback" not in proc.stderr and "RuntimeError" not in proc.stderr
