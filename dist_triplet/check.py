@@ -84,7 +84,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point; returns the exit status (0 ok, 2 bad input)."""
+    """Command-line entry point; returns the exit status (0 ok, 2 bad input, 130 Ctrl-C)."""
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -93,6 +93,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:         # while the data are read: nothing was written
+        print("interrupted: the check stopped; nothing was written", file=sys.stderr, flush=True)
+        return 130
     print(summary, file=sys.stderr, flush=True)
     return 0
 

@@ -7,6 +7,16 @@ export PATH="$VENV/bin:$PATH"
 threads_per_proc() { local n=$(( $(nproc) / $1 )); echo $(( n > 0 ? n : 1 )); }
 # count N: N is a whole number from 1 to 999999 (ranks, slots; more digits overflow bash).
 count() { [[ "$1" =~ ^[0-9]{1,6}$ ]] && [ "$((10#$1))" -ge 1 ]; }
+# refuse_override SCRIPT KEY VALUE ARGS...: the script appends KEY=VALUE after ARGS, so a
+# KEY=other among ARGS would be overridden without a word: one line, exit 2 instead.
+refuse_override() {
+  local script=$1 key=$2 value=$3 a; shift 3
+  for a in "$@"; do
+    case "$a" in "$key="*) [ "$a" = "$key=$value" ] || {
+      echo "launch/$script: $a, but launch/$script sets $key=$value (for another, use the launch script that sets it)" >&2
+      exit 2; } ;; esac
+  done
+}
 # host_gpus: GPUs MXNet sees here. Without an NVIDIA device node there are none, and the
 # answer costs nothing; with one, MXNet is asked (mx.context.num_gpus(), a 2 s import).
 host_gpus() {

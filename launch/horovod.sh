@@ -26,17 +26,22 @@ case "$HOSTS" in
 esac
 IFS=, read -r -a _entries <<<"$HOSTS"
 [[ "$HOSTS" != *, && "$HOSTS" != ,* && "$HOSTS" != *,,* && ${#_entries[@]} -ge 1 ]] || _bad=1
+_slots=0
 for _e in "${_entries[@]}"; do
-  if [[ "$_e" =~ ^[A-Za-z0-9._-]+:([0-9]+)$ ]] && count "${BASH_REMATCH[1]}"; then :
+  if [[ "$_e" =~ ^[A-Za-z0-9._-]+:([0-9]+)$ ]] && _n=${BASH_REMATCH[1]} && count "$_n"; then
+    _slots=$(( _slots + 10#$_n ))
   else _bad=1; fi
 done
 [ -z "${_bad:-}" ] || {
   echo "$usage (HOSTS must be host:slots[,host:slots...] with slots an integer >= 1, got '$HOSTS')" >&2
   exit 2; }
+[ "$_slots" -ge "$NP" ] || {     # horovodrun: "Requested more processes ..." and a traceback
+  echo "$usage (HOSTS '$HOSTS' hold $_slots slot(s), fewer than NP=$NP ranks)" >&2; exit 2; }
 if [ $# -gt 0 ]; then
   [ "$1" = "--" ] || { echo "$usage" >&2; exit 2; }
   shift
 fi
+refuse_override horovod.sh distributed.backend horovod "$@"
 NHOSTS=$(( $(tr -cd , <<<"$HOSTS" | wc -c) + 1 ))
 PER_HOST=$(( (NP + NHOSTS - 1) / NHOSTS ))
 CORES=$(nproc)

@@ -19,5 +19,7 @@ if [ $# -gt 0 ]; then
   [ "$1" = "--" ] || { echo "$usage" >&2; exit 2; }
   shift
 fi
+refuse_override kvstore.sh distributed.backend kvstore "$@"
+refuse_override kvstore.sh distributed.devices "$DEVICES" "$@"
 # No cd: relative --config, data.root and output.dir mean what they say from the caller's directory.
 exec python -m dist_triplet.train "$@" distributed.backend=kvstore "distributed.devices=$DEVICES"

@@ -221,3 +221,17 @@ def test_an_offline_epoch_bounded_by_one_small_class_is_named(tmp_path, capsys):
     assert "class 'rare' has 2 rows" in line
     assert check_main(args[:-1] + ["sampler.kind=pk", "sampler.p=2", "sampler.k=2"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_ctrl_c_during_the_check_is_one_line_and_130(data, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while launch/horovod.sh's pre-flight read the data printed a KeyboardInterrupt
+    traceback (the trainer and the launcher already said one line)."""
+    import dist_triplet.check as check_mod
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(check_mod, "preflight", interrupted)
+    assert check_main(run_args(data, str(tmp_path / "run"))) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["interrupted: the check stopped; nothing was written"]
+    assert not (tmp_path / "run").exists()

@@ -270,3 +270,26 @@ def test_run_sh_refuses_another_config(tmp_path, args):
     assert proc.returncode == 2 and calls == []
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "launch/run.sh: the main job runs configs/fashion_mnist.yaml and takes overrides only")
+
+
+def test_horovod_sh_hosts_with_fewer_slots_than_np_is_usage_and_exit_2():
+    """adv finding: ``horovod.sh 3 localhost:2`` passed the pre-flight, then horovodrun died
+    with "Requested more processes (3) than there are available slots (2)" and a traceback."""
+    proc = run_script("horovod.sh", "3", "localhost:2", "--", "train.epochs=1")
+    assert_usage(proc, "horovod.sh")
+    assert "hold 2 slot(s), fewer than NP=3 ranks" in proc.stderr
+    assert "slot" not in run_script("horovod.sh", "3", "a:2,b:1", "--").stderr  # 3 slots: ok
+
+
+@pytest.mark.parametrize("script, args, key", [
+    ("horovod.sh", ["2", "--", "distributed.backend=kvstore"], "distributed.backend=kvstore"),
+    ("kvstore.sh", ["cpu:2", "--", "distributed.devices=cpu:3"], "distributed.devices=cpu:3"),
+    ("kvstore.sh", ["cpu:2", "--", "distributed.backend=horovod"], "distributed.backend=horovod"),
+])
+def test_launch_scripts_refuse_a_key_they_would_override(script, args, key):
+    """horovod.sh and kvstore.sh append their own backend (and devices) after the user's
+    arguments, so another value trained silently on theirs; refused in one line, exit 2."""
+    proc = run_script(script, *args)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"launch/{script}: {key}, but"), lines
