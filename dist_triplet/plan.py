@@ -145,7 +145,9 @@ class Plan:
         """Lines for rank 0's log and the pre-flight check: the keys set away from their
         default that this job does not read (:data:`_USED_WHEN`), and an offline epoch that
         covers under half of the training rows (one small class bounds it: the seed's
-        create_pairs makes C x (smallest class - 1) triplets an epoch)."""
+        create_pairs makes C x (smallest class - 1) triplets an epoch), and P x K batches
+        whose k rows of a class are drawn with replacement (a worker's share of the
+        smallest class, or the class for global scope, holds fewer than k rows)."""
         now, default = flat_dict(self.cfg.to_dict()), flat_dict(Config().to_dict())
         unused = [f"{k}={now[k]!r} (read only with {when})" for k, used, when in _USED_WHEN
                   if now[k] != default[k] and not used(self.cfg, self.backend)]
@@ -159,6 +161,15 @@ class Plan:
                        f"{np.count_nonzero(per_class)} classes x (smallest class - 1), and "
                        f"class {self.train.class_names[small]!r} has {per_class[small]} rows; "
                        "sampler.kind=pk draws from every row")
+        sp, w = self.cfg.sampler, self.job.num_workers if self.job is not None else 1
+        share, need = (per_class[small], w * sp.k) if sp.scope == "global" else \
+            (per_class[small] // w, sp.k)
+        if sp.kind == "pk" and share < need:
+            out.append(f"sampler.k={sp.k}: class {self.train.class_names[small]!r} has "
+                       f"{per_class[small]} rows, " + (f"fewer than the {need} a global batch "
+                       f"takes" if sp.scope == "global" else f"a worker's share {share} of "
+                       f"{w} workers") + ": its k rows are drawn with replacement, so a "
+                       "positive can be the anchor's own image (lower sampler.k)")
         return out
 
     @property

@@ -235,3 +235,27 @@ def test_ctrl_c_during_the_check_is_one_line_and_130(data, tmp_path, capsys, mon
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["interrupted: the check stopped; nothing was written"]
     assert not (tmp_path / "run").exists()
+
+
+def test_pk_batches_drawn_with_replacement_are_named(tmp_path, capsys):
+    """Adversarial trial: sampler.k=40 on 3 ranks over 32 rows a class drew each worker's
+    k rows with replacement (160 rows, 43 distinct), silently. Named for the smallest
+    class: a worker's share (local) or the class against workers x k (global)."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], [40, 40, 16])        # training: 30, 30, 12 rows
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(len(y), 6)).astype(np.float32), y=y,
+             classes=np.array(["a", "b", "small"]))
+    args = [f"data.path={tmp_path / 'd.npz'}", "data.test_fraction=0.25",
+            f"output.dir={tmp_path / 'run'}", "sampler.kind=pk", "sampler.p=2"]
+    capsys.readouterr()
+    assert check_main(args + ["sampler.k=4", "--processes", "3"]) == 0    # 12 // 3 = 4 >= 4
+    assert "warning" not in capsys.readouterr().err
+    assert check_main(args + ["sampler.k=5", "--processes", "3"]) == 0
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line == ("warning: sampler.k=5: class 'small' has 12 rows, a worker's share 4 of 3 "
+                    "workers: its k rows are drawn with replacement, so a positive can be the "
+                    "anchor's own image (lower sampler.k)"), line
+    assert check_main(args + ["sampler.k=5", "sampler.scope=global", "optim.optimizer=adam",
+                              "--processes", "3"]) == 0
+    assert "has 12 rows, fewer than the 15 a global batch takes" in capsys.readouterr().err
