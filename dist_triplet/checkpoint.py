@@ -24,8 +24,10 @@ save removes stale ``.epoch-*.tmp-*`` leftovers.
 
 RNG state: none is saved because none is needed. Triplets are a function of
 (seed, epoch, rank) (``triplets.create_pairs`` / ``pk_batches``), parameters are
-initialised from the seed and then overwritten by the checkpoint, and no layer draws
-random numbers during training (no dropout). So a run resumed after epoch e draws exactly
+initialised from the seed and then overwritten by the checkpoint, and layers that draw
+random numbers (the Dropout of some model-zoo backbones) draw them from MXNet's generator,
+seeded from (seed, epoch, worker) before every epoch (``loop.seed_layers``). So a run
+resumed after epoch e draws exactly
 the batches an uninterrupted run draws, and ends with the same parameters (to float
 round-off; tests/test_checkpoint.py checks 1e-6).
 

@@ -183,6 +183,7 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
     emb = None  # (N, D) test embeddings of the last evaluation (rank 0)
     for epoch in range(start_epoch, cfg.train.epochs):
         t_epoch = time.perf_counter()
+        seed_layers(backend, cfg.train.seed, epoch)
         batches = sampler.epoch(epoch)                           # (steps, per_step, ...) int64
         t_sample = time.perf_counter() - t_epoch
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step",
@@ -233,6 +234,16 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
                            {"world_size": backend.num_workers, "backend": backend.name})
     backend.barrier()  # Horovod: nobody leaves while rank 0 still writes
     return RunResult(final if backend.is_main else {}, net, trainer, backend, run_dir)
+
+
+def seed_layers(backend, seed: int, epoch: int) -> None:
+    """Seed MXNet's generator on each device from (seed, epoch, worker) before an epoch: the
+    Dropout of the model-zoo backbones (squeezenet, vgg, alexnet, inceptionv3) then draws
+    the same masks in a resumed run as in an uninterrupted one (checkpoint.py)."""
+    import mxnet as mx
+    for device, ctx in enumerate(backend.contexts):
+        state = np.random.SeedSequence([seed, epoch, backend.worker_rank(device), 3])
+        mx.random.seed(int(state.generate_state(1)[0]), ctx=ctx)
 
 
 _LOST_RANK_WAIT_S = 2.0     # seconds a rank whose peer died waits before it exits (run)
