@@ -23,13 +23,14 @@ Exit status: 0 (one line on stderr saying what was checked), 2 on bad input.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Optional, Sequence
 
 from .augment import augmentation
 from .config import ConfigError, ModelConfig, load_config
 from .configfile import CommandLine
-from .plan import make_plan, read_resume_meta
+from .plan import data_digest, make_plan, read_resume_meta
 from .rundir import check_dir_path, check_run_config, check_unlocked, resume_for
 
 
@@ -51,12 +52,7 @@ def preflight(cfg, processes: int = 1) -> str:
     plan = make_plan(cfg, processes=processes)
     image_shape = plan.train.image_shape
     augmentation(cfg.augment, image_shape)
-    if (cfg.model.backbone != "mlp" or cfg.model.weights or cfg.model.pool != "avg"
-            or list(cfg.model.channels) != ModelConfig().channels):
-        # The network's own checks need MXNet (shape inference, the weights file): imported
-        # for convolutional backbones, weight files, model.pool and model.channels only.
-        from .backbone import check_network
-        check_network(cfg.model, plan.train.width, image_shape)
+    resume = None
     if plan.run_dir is None:
         check_dir_path(cfg.output.root)  # a new timestamped directory under it
     else:
@@ -64,7 +60,15 @@ def preflight(cfg, processes: int = 1) -> str:
         check_unlocked(plan.run_dir)
         resume = resume_for(cfg, plan.run_dir)
         if resume and plan.job:
-            read_resume_meta(cfg, resume, plan.job, plan.steps, plan.global_batch)
+            read_resume_meta(cfg, resume, plan.job, plan.steps, plan.global_batch,
+                             data_digest(plan.train))
+    model = dataclasses.replace(cfg.model, weights=None) if resume else cfg.model  # as train
+    if (model.backbone != "mlp" or model.weights or model.pool != "avg"
+            or list(model.channels) != ModelConfig().channels):
+        # The network's own checks need MXNet (shape inference, the weights file): imported
+        # for convolutional backbones, weight files, model.pool and model.channels only.
+        from .backbone import check_network
+        check_network(model, plan.train.width, image_shape)
     return (f"check: config and data ok ({len(plan.train)} train / {len(plan.test)} test "
             f"images, {processes} process(es)"
             + (f", {plan.steps} steps per epoch" if plan.steps is not None else "") + ")"

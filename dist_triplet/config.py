@@ -150,7 +150,7 @@ class ModelConfig:
     # convnet: 'avg' pools the last feature map globally (any input size); 'flatten' keeps
     # where each feature is (a Dense over C x h x w; fixed input size; convnet only).
     pool: str = fixed("avg", choices=("avg", "flatten"))
-    weights: Optional[str] = fixed(None)  # .params to start from (backbone.load_weights)
+    weights: Optional[str] = free(None)  # .params a new run starts from; a resume: its checkpoint
     # ReLU after the last layer too, as the seed. Set false with normalize: true, so the
     # embedding can point anywhere on the sphere rather than in the positive orthant.
     final_relu: bool = fixed(True)

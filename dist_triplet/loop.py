@@ -11,6 +11,7 @@ shards, see ``triplets.create_pairs``).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -145,7 +146,9 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
     # --- model, on every device; rank 0's initial parameters everywhere
     in_units = train_split.images.shape[1]
     net = build_network(cfg.model, in_units, train_split.image_shape)
-    initialize_network(net, cfg.model, backend.contexts, cfg.train.seed, in_units)
+    # A resume loads its checkpoint over every parameter: model.weights is not read.
+    start = dataclasses.replace(cfg.model, weights=None) if resume_path else cfg.model
+    initialize_network(net, start, backend.contexts, cfg.train.seed, in_units)
     backend.broadcast_parameters(net.collect_params())  # Horovod: identical start on all ranks
     stepper = build_step(cfg, backend, net, train_split.images, train_split.labels,
                          train_split.image_shape)

@@ -84,11 +84,12 @@ class Recorder:
         os.makedirs(run_dir, exist_ok=True)
         # Paths absolute (output.dir: this run): RUN:test (index, search) reads the same
         # files, and --config RUN/config.yaml checkpoint.resume=auto resumes it, from any cwd.
-        d = cfg.data
+        d, m = cfg.data, cfg.model
         paths = {k: os.path.abspath(getattr(d, k)) for k in ("path", "root", "cache_dir")
                  if getattr(d, k)}
         save_config(dataclasses.replace(
-            cfg, data=dataclasses.replace(d, **paths),
+            cfg, data=dataclasses.replace(d, **paths), model=dataclasses.replace(
+                m, weights=m.weights and os.path.abspath(m.weights)),
             output=dataclasses.replace(cfg.output, dir=os.path.abspath(run_dir))),
             os.path.join(run_dir, "config.yaml"))
         # Resumed: TensorBoard drops the steps after the checkpoint's epochs (a resume from

@@ -716,3 +716,31 @@ def test_dropout_masks_are_a_function_of_seed_epoch_and_worker():
     assert not np.array_equal(first, mask(42, 4))
     assert not np.array_equal(first, mask(42, 3, worker=1))
     assert not np.array_equal(first, mask(7, 3))
+
+
+def test_a_run_started_from_weights_resumes_without_the_file(data_root, tmp_path, monkeypatch):
+    """adv finding: config.yaml kept model.weights relative (resume from another directory:
+    "no such file"), the absolute path was refused as a changed fixed key, and a moved file
+    stranded the run, though the checkpoint holds every parameter."""
+    import shutil
+    from dist_triplet.config import load_config
+    first = str(tmp_path / "first")
+    assert train_mod.main(run_args(data_root, first, "train.epochs=1")) == 0
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(os.path.join(first, "checkpoints", "epoch-0001", "params"), "w.params")
+    run = str(tmp_path / "run")
+    assert train_mod.main(run_args(data_root, run, "train.epochs=1",
+                                   "model.weights=w.params")) == 0
+    saved = load_config(os.path.join(run, "config.yaml"), [])
+    assert saved.model.weights == str(tmp_path / "w.params")              # absolute
+    os.remove("w.params")                                                 # the file is gone
+    monkeypatch.chdir(data_root)                                          # another directory
+    from dist_triplet.check import main as check_main
+    again = ["--config", os.path.join(run, "config.yaml"), "checkpoint.resume=auto",
+             "train.epochs=2"]
+    assert check_main(again) == 0
+    assert train_mod.main(again) == 0
+    assert ckpt.read_meta(ckpt.latest_checkpoint(os.path.join(run, "checkpoints"))).epoch == 1
+    # A new run still reads it: a missing file is refused there.
+    assert train_mod.main(run_args(data_root, str(tmp_path / "new"), "train.epochs=1",
+                                   "model.weights=w.params")) == 2
