@@ -24,6 +24,10 @@ from .triplets import create_pairs
 log = logging.getLogger("dist_triplet")
 
 _P1 = ("precision_at_1",)
+# Share of all-zero test embeddings (dead final ReLU) that is warned of. Measured: resnet18_v1
+# from a weights file with the seed's final ReLU left 10 of 24 test items at 0 (P@1 0.125,
+# below chance, tie_share 0.15: not collapsed). A trained seed MLP has none.
+ZERO_SHARE = 0.1
 # Part of the raw-pixel cache key: change it when the metrics' definition or search changes
 # (v3: the cache holds all three metrics, computed together).
 _RAW_CACHE_VERSION = "raw-v3"
@@ -188,4 +192,9 @@ class Evaluator:
         elif not res["valid"]:
             log.warning("no test query has an item of its class in the gallery: the "
                         "retrieval metrics are undefined (NaN)")
+        elif (zero := int(np.count_nonzero(~emb.any(axis=1)))) >= ZERO_SHARE * len(emb):
+            log.warning("%d of %d test embeddings are all zero (a ReLU on the embedding, "
+                        "model.final_relu, switched every unit off): they tie with each other "
+                        "at distance 0, so the metrics mix ties with retrieval; "
+                        "model.final_relu=false avoids it", zero, len(emb))
         return res, emb

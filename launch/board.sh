@@ -9,8 +9,10 @@ HERE="$(dirname "${BASH_SOURCE[0]}")"
 source "$HERE/_env.sh"
 RUN="${1:-}"
 if [ -z "$RUN" ]; then
-  # Newest by modification time: run names carry their config's name, not only a time.
-  RUN="$(ls -1dt runs/*/ 2>/dev/null | head -n 1 || true)"
+  # Newest run by modification time (run names carry their config's name, not only a
+  # time); a run is a directory with tensorboard/ (runs/ may hold a data cache too).
+  RUN="$(ls -1dt runs/*/tensorboard/ 2>/dev/null | head -n 1 || true)"
+  RUN="${RUN%tensorboard/}"
   if [ -z "$RUN" ]; then
     echo "error: no run directory under $(pwd)/runs; pass one: launch/board.sh RUN_DIR" >&2
     exit 2

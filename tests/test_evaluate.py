@@ -235,3 +235,23 @@ def test_a_cache_entry_gives_only_the_baselines_keys(tmp_path):
     path.write_text(json.dumps(dict(json.loads(path.read_text()), note="injected",
                                     final={"precision_at_1": 1.0})))
     assert Evaluator(cfg, test).raw == want
+
+
+def test_many_all_zero_embeddings_are_warned_of(caplog):
+    """New-user trial: resnet18_v1 with the seed's final ReLU left 10 of 24 test embeddings
+    all zero (P@1 0.125, below chance) and nothing said so: tie_share 0.15 is no collapse.
+    A ReLU after the identity net zeroes the rows with no positive value."""
+    relu = mx.gluon.nn.HybridLambda(lambda F, x: F.relu(x))
+    relu.initialize()
+    rows = [[1.0, 0.2], [1.1, 0.1], [0.1, 1.0], [0.2, 1.2], [-1.0, -0.5], [-0.3, -2.0],
+            [2.0, 0.3], [0.3, 2.1], [1.5, 0.0], [0.0, 1.7]]
+    test = split(rows, [0, 0, 1, 1, 0, 1, 0, 1, 0, 1])
+    with caplog.at_level("WARNING"):
+        res, emb = Evaluator(config(), test)(relu, mx.cpu())
+    assert res["collapsed"] is False and np.count_nonzero(~emb.any(axis=1)) == 2
+    assert "2 of 10 test embeddings are all zero" in caplog.text
+    assert "model.final_relu=false avoids it" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        Evaluator(config(), split(rows[:4] + rows[6:], [0, 0, 1, 1, 0, 1, 0, 1]))(relu, mx.cpu())
+    assert "all zero" not in caplog.text

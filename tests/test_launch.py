@@ -293,3 +293,26 @@ def test_launch_scripts_refuse_a_key_they_would_override(script, args, key):
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"launch/{script}: {key}, but"), lines
+
+
+def test_board_sh_picks_the_newest_run_not_a_data_cache(tmp_path):
+    """New-user trial: configs/own_images.yaml caches under runs/data-cache, the newest
+    directory there, and board.sh without an argument refused it ("not a run directory")."""
+    import time
+    (tmp_path / "runs" / "old-run" / "tensorboard").mkdir(parents=True)
+    (tmp_path / "runs" / "new-run" / "tensorboard").mkdir(parents=True)
+    old = time.time() - 100
+    os.utime(tmp_path / "runs" / "old-run" / "tensorboard", (old, old))
+    time.sleep(0.01)
+    (tmp_path / "runs" / "data-cache" / "folder-x").mkdir(parents=True)   # newest of all
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text("#!/bin/sh\necho \"python $*\"\n")     # tensorboard stand-in
+    (fake / "python").chmod(0o755)
+    proc = subprocess.run(["bash", os.path.join(LAUNCH, "board.sh")], cwd=tmp_path,
+                          env=child_env(DIST_TRIPLET_VENV="/nonexistent",
+                                        PATH=f"{fake}:/usr/bin:/bin"),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "[board] serving runs/new-run/tensorboard on http://127.0.0.1:6006" in proc.stdout
+    assert "--logdir runs/new-run/tensorboard" in proc.stdout
