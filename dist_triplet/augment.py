@@ -72,6 +72,15 @@ def augmentation(section, image_shape):
     return Augment(tuple(int(v) for v in image_shape), section.pad, section.flip)
 
 
+def check_rows(image_shape, rows: int) -> None:
+    """ValueError when ``rows`` augmented images of ``image_shape`` a step hold 2**24
+    pixels or more: the crop gathers through float32 flat indices, exact below 2**24."""
+    if (cells := rows * int(np.prod(image_shape))) >= 2 ** 24:
+        raise ValueError(f"augmentation of {rows} rows of {tuple(image_shape)} images per "
+                         f"step: {cells} pixels exceed float32's exact integers (2**24); use "
+                         "a smaller batch")
+
+
 def draw(seed: int, epoch: int, worker: int, shape: tuple) -> np.ndarray:
     """Uniforms in [0, 1), float64, of ``shape``, from
     ``default_rng(SeedSequence([seed, epoch, worker, stream]))``: a function of

@@ -16,7 +16,7 @@ import numpy as np
 from mxnet import gluon
 from mxnet.gluon import nn
 
-from .augment import AUG_COLUMNS, crop_flip
+from .augment import AUG_COLUMNS, check_rows, crop_flip
 from .mining import MinedTripletLoss, PoolTripletLoss
 
 
@@ -99,12 +99,7 @@ class StepInput:
         miner's uniforms moved into [1e-7, 1) (0 would select a zero-weight column)."""
         out = []
         if self.augment:
-            cells = u.shape[2] * int(np.prod(self.augment.image_shape))
-            if cells >= 2 ** 24:
-                # crop_flip gathers through float32 flat indices.
-                raise ValueError(f"augmentation of {u.shape[2]} rows of "
-                                 f"{self.augment.image_shape} images per step: {cells} pixels "
-                                 "exceed float32's exact integers (2**24); use a smaller batch")
+            check_rows(self.augment.image_shape, u.shape[2])
             out.append(self.augment.columns(u[:, :AUG_COLUMNS].transpose(0, 2, 1))
                        .transpose(0, 2, 1))
             u = u[:, AUG_COLUMNS:]

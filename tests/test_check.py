@@ -259,3 +259,23 @@ def test_pk_batches_drawn_with_replacement_are_named(tmp_path, capsys):
     assert check_main(args + ["sampler.k=5", "sampler.scope=global", "optim.optimizer=adam",
                               "--processes", "3"]) == 0
     assert "has 12 rows, fewer than the 15 a global batch takes" in capsys.readouterr().err
+
+
+def test_augmentation_beyond_float32s_exact_indices_fails_in_the_check(tmp_path, capsys):
+    """adv finding: 128x128x3 images with augment.pad=2 and train.batch_size=128 passed the
+    check, then training failed after making the run directory, which blocked the corrected
+    command. The limit (a device's rows a step x pixels < 2**24) is the check's too."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 80)              # 70 training rows a class: 138 triplets an epoch
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 255, (160, 128, 128, 3), dtype=np.uint8),
+             y=y)
+    args = [f"data.path={tmp_path / 'd.npz'}", "data.test_fraction=0.125", "augment.pad=2",
+            f"output.dir={tmp_path / 'run'}", "model.backbone=convnet", "train.batch_size=128"]
+    capsys.readouterr()
+    assert check_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: augmentation of 384 rows of (128, 128, 3) images per step: "
+                          "18874368 pixels exceed float32's exact integers (2**24)"), err
+    assert not (tmp_path / "run").exists()
+    assert check_main(args + ["train.batch_size=64"]) == 0              # 9,437,184 pixels
