@@ -301,3 +301,24 @@ def test_a_photo_stored_sideways_is_read_upright(tmp_path):
     rows = {tuple(r): True for r in np.concatenate([train.images, test.images]).reshape(8, -1)}
     assert tuple(images[3].ravel()) in rows                   # upright, as the others
     assert tuple(stored.ravel()) not in rows
+
+
+def test_folder_links_to_one_image_or_to_nothing_are_refused(tmp_path):
+    """adv finding: a class folder linked to another (a-again -> a), or an image linked into
+    another class, gave one image two ids and two labels, and a dangling link was skipped
+    without a word; a CSV already refused an image listed twice."""
+    images, labels = make_images(6, 2, 8, 8, 3, seed=0)
+    write_folder(tmp_path / "f", images, labels, names=["a", "b"])
+    assert load_data(data_cfg(path=str(tmp_path / "f")))            # the folder as made
+    os.symlink(tmp_path / "f" / "a", tmp_path / "f" / "a-again")
+    fails(data_cfg(path=str(tmp_path / "f")), ValueError, str(tmp_path / "f" / "a-again"),
+          "is the same file as", "(a link): one image, two items")
+    os.remove(tmp_path / "f" / "a-again")
+    first = sorted(os.listdir(tmp_path / "f" / "a"))[0]
+    os.symlink(tmp_path / "f" / "a" / first, tmp_path / "f" / "b" / "from-a.png")
+    fails(data_cfg(path=str(tmp_path / "f")), ValueError, "from-a.png", "same file as",
+          str(tmp_path / "f" / "a" / first))
+    os.remove(tmp_path / "f" / "b" / "from-a.png")
+    os.symlink(tmp_path / "nowhere.png", tmp_path / "f" / "b" / "dangling.png")
+    fails(data_cfg(path=str(tmp_path / "f")), ValueError, "dangling.png",
+          "a symbolic link to nothing")

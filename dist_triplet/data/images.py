@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import stat
 import sys
 from typing import List, Optional, Sequence, Tuple
 
@@ -168,17 +169,27 @@ def _subdirs(root: str) -> List[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
-def _scan_classes(root: str) -> dict:
-    """{class name: sorted image paths} of ``root``'s class folders."""
+def _scan_classes(root: str, seen: dict) -> dict:
+    """{class name: sorted image paths} of ``root``'s class folders. ValueError: a link to
+    nothing, or a file met before (``seen``: (device, inode) -> path), as a CSV refuses an
+    image listed twice: one image would be two items, of two classes or in both splits."""
     classes = _subdirs(root)
     if not classes:
         raise ValueError(f"{root}: image folder holds no class folders; expected "
                          f"ROOT/<class>/*.{{{','.join(e[1:] for e in IMAGE_EXTENSIONS)}}}")
     out = {}
     for name in classes:
-        folder = os.path.join(root, name)
-        files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if _is_image(f)
-                       and os.path.isfile(os.path.join(folder, f)))
+        folder, files = os.path.join(root, name), []
+        for path in (os.path.join(folder, f) for f in sorted(os.listdir(folder)) if _is_image(f)):
+            if not os.path.exists(path):
+                raise ValueError(f"{path}: a symbolic link to nothing; remove it or mend it")
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if (first := seen.setdefault((st.st_dev, st.st_ino), path)) != path:
+                raise ValueError(f"{path} is the same file as {first} (a link): one image, two "
+                                 "items; keep one")
+            files.append(path)
         if not files:
             raise ValueError(f"{folder}: empty class folder (no {', '.join(IMAGE_EXTENSIONS)} "
                              "files); remove it or add images")
@@ -207,7 +218,8 @@ def folder_source(root: str, mode: str = "RGB",
         raise FileNotFoundError(f"{root}: image folder does not exist")
     layout = {s: os.path.join(root, s) for s in ("train", "test")} if is_split_folder(
         root) else {"all": root}
-    scanned = {name: _scan_classes(d) for name, d in layout.items()}
+    seen: dict = {}
+    scanned = {name: _scan_classes(d, seen) for name, d in layout.items()}
     names = sorted(set().union(*[set(s) for s in scanned.values()]))
     ids = {n: i for i, n in enumerate(names)}
     parts, files_all = {}, []
