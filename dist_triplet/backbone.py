@@ -263,6 +263,8 @@ def _read_params(path: str) -> dict:
         from .export import mxnet_error_line
         raise ValueError(f"model.weights={path!r}: MXNet cannot read it as a .params file: "
                          f"{mxnet_error_line(exc)}") from None
+    if not loaded:
+        raise ValueError(f"model.weights={path!r}: holds no parameters (an empty .params file)")
     if not isinstance(loaded, dict):
         raise ValueError(f"model.weights={path!r}: holds unnamed arrays, not a Gluon .params "
                          "file (Block.save_parameters)")

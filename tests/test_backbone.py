@@ -272,3 +272,11 @@ def test_a_head_of_another_shape_is_initialised_whole_with_a_warning(tmp_path, c
     assert "head.0.weight is (8, 128) in the file, (8, 288) here: the whole head" in caplog.text
     np.testing.assert_array_equal(again.features[0].weight.data().asnumpy(),
                                   net.features[0].weight.data().asnumpy())
+
+
+def test_an_empty_params_file_says_so(tmp_path):
+    """adv finding: mx.nd.save(path, {}) was "holds unnamed arrays, not a Gluon .params"."""
+    path = str(tmp_path / "empty.params")
+    mx.nd.save(path, {})
+    with pytest.raises(ValueError, match=r"holds no parameters \(an empty \.params file\)"):
+        built(model_cfg("convnet", channels=[4, 8], weights=path), (8, 8, 1))

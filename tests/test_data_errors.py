@@ -322,3 +322,18 @@ def test_folder_links_to_one_image_or_to_nothing_are_refused(tmp_path):
     os.symlink(tmp_path / "nowhere.png", tmp_path / "f" / "b" / "dangling.png")
     fails(data_cfg(path=str(tmp_path / "f")), ValueError, "dangling.png",
           "a symbolic link to nothing")
+
+
+def test_messages_that_named_the_wrong_thing(tmp_path, monkeypatch):
+    """adv finding: a CSV row naming a folder said "does not exist"; an image above
+    Pillow's size guard said "unreadable or truncated"."""
+    images, labels = make_images(2, 2, 8, 8, 3, seed=0)
+    paths = write_folder(tmp_path / "f", images, labels, names=["a", "b"])
+    write_csv(tmp_path / "dir.csv", [(paths[0], 0), (paths[2], 1), (tmp_path / "f" / "a", 0)])
+    fails(data_cfg(path=str(tmp_path / "dir.csv")), ValueError, "line 4",
+          f"{tmp_path / 'f' / 'a'} is a directory, not an image")
+    from PIL import Image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)          # 8 x 8 = 64 > 2 x 20
+    fails(data_cfg(path=str(tmp_path / "f")), ValueError, paths[0],
+          "Image size (64 pixels) exceeds limit of 40 pixels: above Pillow's decompression-"
+          "bomb guard (PIL.Image.MAX_IMAGE_PIXELS)")

@@ -104,7 +104,7 @@ def read_image(path: str, mode: str, size: Optional[Tuple[int, int]]) -> np.ndar
                 f"{path}: Pillow cannot decode any JPEG in this process: its core was loaded "
                 "after horovod.mxnet and bound to MXNet's libjpeg; load images through "
                 "dist_triplet.data (or import PIL.Image) before importing Horovod") from None
-        raise ValueError(f"{path}: unreadable or truncated image: {exc}") from None
+        raise _unreadable(path, exc) from None
     if wide:
         raise ValueError(f"{path}: {im.mode} image (16-bit or float pixels), read as 8-bit "
                          "images only: convert it to 8 bits first")
@@ -125,8 +125,15 @@ def _first_size(path: str) -> Tuple[int, int]:
         with Image.open(path) as im:
             turned = im.getexif().get(0x0112) in (5, 6, 7, 8)
             return (im.size[0], im.size[1]) if turned else (im.size[1], im.size[0])
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"{path}: unreadable or truncated image: {exc}") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: str, exc: BaseException) -> ValueError:
+    if isinstance(exc, pillow().DecompressionBombError):    # a valid image, but huge
+        return ValueError(f"{path}: {str(exc).split(',')[0]}: above Pillow's decompression-"
+                          "bomb guard (PIL.Image.MAX_IMAGE_PIXELS); shrink it first")
+    return ValueError(f"{path}: unreadable or truncated image: {exc}")
 
 
 def _image_part(files: Sequence[str], labels: np.ndarray, mode: str,
@@ -285,6 +292,8 @@ def _csv_source(path: str, mode: str, image_size) -> Source:
             if not file:
                 raise ValueError(f"{path}: line {line}: empty path")
             file = os.path.normpath(file if os.path.isabs(file) else os.path.join(base, file))
+            if os.path.isdir(file):
+                raise ValueError(f"{path}: line {line}: {file} is a directory, not an image")
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"{path}: line {line}: image {file} does not exist")
             st = os.stat(file)                    # one file, however spelt, linked or hard-linked
