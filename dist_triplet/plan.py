@@ -20,6 +20,7 @@ Imports NumPy, PyYAML and the data readers; never MXNet or Horovod.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -264,6 +265,10 @@ def read_resume_meta(cfg: Config, resume_path: str, job, steps: int, global_batc
     changed = ckpt.check_compatible(meta, cfg.to_dict(), resume_path,
                                     processes=job.num_processes,
                                     devices=len(job.contexts), steps=steps, data=data)
+    weights = cfg.model.weights and os.path.abspath(cfg.model.weights)
+    if weights and weights != (meta.config.get("model") or {}).get("weights"):
+        log.warning("model.weights=%s is not read: a resume loads %s, which holds every "
+                    "parameter (model.weights starts a new run)", cfg.model.weights, resume_path)
     if changed:
         log.info("resuming with changed schedule keys: %s", "; ".join(changed))
         old_cfg = config_from_dict(meta.config)

@@ -76,7 +76,6 @@ class Recorder:
     def __init__(self, run_dir: str, cfg: Config, history: Sequence[dict] = (),
                  baseline: Optional[dict] = None):
         self.run_dir = run_dir
-        self.cfg = cfg
         # What a row of the global batch is: a triplet (offline) or an image (P x K).
         self.unit = "triplets" if cfg.sampler.kind == "offline" else "images"
         self.history: List[dict] = [dict(r) for r in history]
@@ -87,11 +86,11 @@ class Recorder:
         d, m = cfg.data, cfg.model
         paths = {k: os.path.abspath(getattr(d, k)) for k in ("path", "root", "cache_dir")
                  if getattr(d, k)}
-        save_config(dataclasses.replace(
+        self.cfg = dataclasses.replace(     # config.yaml and every checkpoint's record
             cfg, data=dataclasses.replace(d, **paths), model=dataclasses.replace(
                 m, weights=m.weights and os.path.abspath(m.weights)),
-            output=dataclasses.replace(cfg.output, dir=os.path.abspath(run_dir))),
-            os.path.join(run_dir, "config.yaml"))
+            output=dataclasses.replace(cfg.output, dir=os.path.abspath(run_dir)))
+        save_config(self.cfg, os.path.join(run_dir, "config.yaml"))
         # Resumed: TensorBoard drops the steps after the checkpoint's epochs (a resume from
         # an older checkpoint abandons them, as metrics.json and the checkpoints do).
         self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"),

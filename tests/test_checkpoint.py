@@ -718,7 +718,8 @@ def test_dropout_masks_are_a_function_of_seed_epoch_and_worker():
     assert not np.array_equal(first, mask(7, 3))
 
 
-def test_a_run_started_from_weights_resumes_without_the_file(data_root, tmp_path, monkeypatch):
+def test_a_run_started_from_weights_resumes_without_the_file(data_root, tmp_path, monkeypatch,
+                                                             capsys):
     """adv finding: config.yaml kept model.weights relative (resume from another directory:
     "no such file"), the absolute path was refused as a changed fixed key, and a moved file
     stranded the run, though the checkpoint holds every parameter."""
@@ -741,6 +742,12 @@ def test_a_run_started_from_weights_resumes_without_the_file(data_root, tmp_path
     assert check_main(again) == 0
     assert train_mod.main(again) == 0
     assert ckpt.read_meta(ckpt.latest_checkpoint(os.path.join(run, "checkpoints"))).epoch == 1
+    # Another weights file on resume is not read, and a warning says so.
+    shutil.copy(os.path.join(first, "checkpoints", "epoch-0001", "params"), "other.params")
+    capsys.readouterr()
+    assert train_mod.main(again[:-1] + ["train.epochs=3", "model.weights=other.params"]) == 0
+    assert "WARNING model.weights=other.params is not read: a resume loads" in \
+        capsys.readouterr().err
     # A new run still reads it: a missing file is refused there.
     assert train_mod.main(run_args(data_root, str(tmp_path / "new"), "train.epochs=1",
                                    "model.weights=w.params")) == 2
