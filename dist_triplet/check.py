@@ -27,7 +27,6 @@ import dataclasses
 import sys
 from typing import Optional, Sequence
 
-from .augment import augmentation, check_rows
 from .config import ConfigError, ModelConfig, load_config
 from .configfile import CommandLine
 from .plan import data_digest, make_plan, read_resume_meta
@@ -51,9 +50,6 @@ def preflight(cfg, processes: int = 1) -> str:
     """
     plan = make_plan(cfg, processes=processes)
     image_shape = plan.train.image_shape
-    if augmentation(cfg.augment, image_shape):        # a device's rows a step, as the step
-        s = cfg.sampler
-        check_rows(image_shape, s.p * s.k if s.kind == "pk" else 3 * cfg.train.batch_size)
     resume = None
     if plan.run_dir is None:
         check_dir_path(cfg.output.root)  # a new timestamped directory under it

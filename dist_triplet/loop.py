@@ -142,6 +142,9 @@ def train(cfg: Config, on_step: Optional[StepHook] = None) -> RunResult:
     meta = (decide_on_rank0(backend, lambda: read_resume_meta(cfg, resume_path, backend, steps,
                                                               global_batch, digest),
                             "resume_meta") if resume_path else None)
+    if meta is not None:    # the run's record keeps the weights it started from (not read now)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, weights=(meta.config.get("model") or {}).get("weights")))
 
     # --- model, on every device; rank 0's initial parameters everywhere
     in_units = train_split.images.shape[1]
@@ -267,8 +270,8 @@ def run(cfg: Config, on_step: Optional[StepHook] = None) -> int:
     except Exception as exc:        # noqa: BLE001  (MXNetError: only the shutdown is ours)
         if not any(sign in str(exc) for sign in ("Horovod has been shut down", "by peer")):
             raise                   # "Connection reset by peer", "... closed by peer": Gloo
-        print("error: another rank stopped, so this one stops too (Horovod shut down); the "
-              "run directory keeps its last complete checkpoint", file=sys.stderr, flush=True)
+        print("error: another rank stopped, so this one stops too (Horovod shut down)",
+              file=sys.stderr, flush=True)
         lost = True
     except KeyboardInterrupt:       # Ctrl-C (horovodrun passes it to every rank)
         if launcher_rank() == 0:

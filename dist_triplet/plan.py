@@ -27,6 +27,7 @@ from typing import List, Optional
 import numpy as np
 
 from . import checkpoint as ckpt
+from .augment import augmentation, check_rows
 from . import schedule
 from .config import Config, config_from_dict, flat_dict, parse_devices
 from .data import Split, check_sampler_classes, detect_format, load_data
@@ -206,6 +207,9 @@ def make_plan(cfg: Config, job=None, processes: int = 1, environ=None) -> Plan:
         environ = {"HOROVOD_SIZE": str(processes)} if environ is None else environ
     backend = choose_backend(cfg.distributed.backend, environ)
     train_split, test_split = load_splits(cfg)
+    if augmentation(cfg.augment, train_split.image_shape):    # a device's rows a step
+        s, batch = cfg.sampler, cfg.train.batch_size
+        check_rows(train_split.image_shape, s.p * s.k if s.kind == "pk" else 3 * batch)
     if job is None:
         devices = devices_per_process(cfg, backend)
         job = JobShape(processes, devices) if devices is not None else None
@@ -268,7 +272,8 @@ def read_resume_meta(cfg: Config, resume_path: str, job, steps: int, global_batc
     weights = cfg.model.weights and os.path.abspath(cfg.model.weights)
     if weights and weights != (meta.config.get("model") or {}).get("weights"):
         log.warning("model.weights=%s is not read: a resume loads %s, which holds every "
-                    "parameter (model.weights starts a new run)", cfg.model.weights, resume_path)
+                    "parameter (model.weights starts a new run; the run keeps its own)",
+                    cfg.model.weights, resume_path)
     if changed:
         log.info("resuming with changed schedule keys: %s", "; ".join(changed))
         old_cfg = config_from_dict(meta.config)

@@ -9,10 +9,13 @@ threads_per_proc() { local n=$(( $(nproc) / $1 )); echo $(( n > 0 ? n : 1 )); }
 count() { [[ "$1" =~ ^[0-9]{1,6}$ ]] && [ "$((10#$1))" -ge 1 ]; }
 # refuse_override SCRIPT KEY VALUE ARGS...: the script appends KEY=VALUE after ARGS, so a
 # KEY=other among ARGS would be overridden without a word: one line, exit 2 instead.
+# Spaces and quotes are dropped first, as the config parser drops them ("key = 'v'" is key=v);
+# a key set in a --config file is overridden all the same (docs/training.md, "Modes").
 refuse_override() {
-  local script=$1 key=$2 value=$3 a; shift 3
+  local script=$1 key=$2 value=$3 a n; shift 3
   for a in "$@"; do
-    case "$a" in "$key="*) [ "$a" = "$key=$value" ] || {
+    n=$(printf '%s' "$a" | tr -d " \t'\"")
+    case "$n" in "$key="*) [ "$n" = "$key=$value" ] || {
       echo "launch/$script: $a, but launch/$script sets $key=$value (for another, use the launch script that sets it)" >&2
       exit 2; } ;; esac
   done

@@ -8,9 +8,10 @@ MXNet and Gloo (``horovod.mxnet.gloo_built()``, remembered in its stamp until th
 changes) and launch/horovod.sh always passes --gloo, so the answers are known: Gloo yes,
 MPI no (setup.sh builds with HOROVOD_WITHOUT_MPI). Everything else is horovodrun's own
 ``run_commandline``, except that its traceback on a failed job becomes one line: a Ctrl-C
-(or SIGTERM) exits 130; a rank that exited 2 has printed its ``error:`` line, and the job
-exits 2; any other exit (a killed rank: 137) is named, with how to resume, and exits 1. The pin (horovod==0.28.1) keeps these names where they are; if a
-later Horovod moved them, this raises AttributeError at once rather than misbehaving.
+(or SIGTERM) exits 130; a rank that exited 2 (or 130) has printed its line, and the job
+exits with its code; any other exit (a killed rank: 137) is named, with how to resume, and
+exits 1. The pin (horovod==0.28.1) keeps these names where they are; if a later Horovod
+moved them, this raises AttributeError at once rather than misbehaving.
 """
 import re
 import sys
@@ -33,8 +34,9 @@ if __name__ == "__main__":
     try:
         sys.exit(launch.run_commandline())
     except (RuntimeError, KeyboardInterrupt) as exc:
-        resume = ("the run directory keeps its last complete checkpoint, and the same command "
-                  "with checkpoint.resume=auto and that output.dir continues it")
+        resume = ("the run directory keeps its last complete checkpoint if one was written, "
+                  "and the same command with checkpoint.resume=auto and that output.dir "
+                  "continues from it")
         if any(event.is_set() for event in _stopped):
             print(f"interrupted: the ranks were stopped; {resume}", file=sys.stderr, flush=True)
             sys.exit(130)
@@ -42,8 +44,8 @@ if __name__ == "__main__":
         if failed is None:
             raise
         rank, code = failed.group(1), int(failed.group(2))
-        if code == 2:             # dist_triplet's bad-input exit: the rank said why, one line
-            sys.exit(2)
+        if code in (2, 130):      # the rank said why in one line: bad input; Ctrl-C
+            sys.exit(code)
         signal = code - 128 if code > 128 else -code if code < 0 else 0
         print(f"error: rank {rank} exited with code {code}"
               + (f" (killed by signal {signal})" if signal else "") + f"; {resume}",

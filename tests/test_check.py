@@ -279,3 +279,6 @@ def test_augmentation_beyond_float32s_exact_indices_fails_in_the_check(tmp_path,
                           "18874368 pixels exceed float32's exact integers (2**24)"), err
     assert not (tmp_path / "run").exists()
     assert check_main(args + ["train.batch_size=64"]) == 0              # 9,437,184 pixels
+    # Training alone (no launcher, no check) refuses it before making the run directory too.
+    from dist_triplet.train import main as train_main
+    assert train_main(args) == 2 and not (tmp_path / "run").exists()

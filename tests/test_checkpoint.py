@@ -748,6 +748,10 @@ def test_a_run_started_from_weights_resumes_without_the_file(data_root, tmp_path
     assert train_mod.main(again[:-1] + ["train.epochs=3", "model.weights=other.params"]) == 0
     assert "WARNING model.weights=other.params is not read: a resume loads" in \
         capsys.readouterr().err
+    for record in (os.path.join(run, "config.yaml"), ckpt.latest_checkpoint(
+            os.path.join(run, "checkpoints")) + "/meta.json"):    # the run keeps its own start
+        assert str(tmp_path / "w.params") in open(record).read()
+        assert "other.params" not in open(record).read()
     # A new run still reads it: a missing file is refused there.
     assert train_mod.main(run_args(data_root, str(tmp_path / "new"), "train.epochs=1",
                                    "model.weights=w.params")) == 2

@@ -196,7 +196,8 @@ def test_csv_errors(tmp_path):
     fails(data_cfg(path=str(tmp_path / "linked.csv")), ValueError, "line 4", "first on line 2")
     os.link(tmp_path / "a.png", tmp_path / "hard.png")       # a hard link: the same file
     write_csv(tmp_path / "hard.csv", [("a.png", 0), ("b.png", 1), ("hard.png", 1)])
-    fails(data_cfg(path=str(tmp_path / "hard.csv")), ValueError, "line 4", "first on line 2")
+    fails(data_cfg(path=str(tmp_path / "hard.csv")), ValueError, "line 4",
+          f"first on line 2 as {tmp_path / 'a.png'}: one file")
     (tmp_path / "dup.csv").write_text("path,label,label\na.png,0,1\nb.png,1,0\n")
     fails(data_cfg(path=str(tmp_path / "dup.csv")), ValueError, "dup.csv",
           "names column(s) label twice (path,label,label)")
@@ -321,6 +322,10 @@ def test_folder_links_to_one_image_or_to_nothing_are_refused(tmp_path):
     os.remove(tmp_path / "f" / "b" / "from-a.png")
     os.symlink(tmp_path / "nowhere.png", tmp_path / "f" / "b" / "dangling.png")
     fails(data_cfg(path=str(tmp_path / "f")), ValueError, "dangling.png",
+          "a symbolic link to nothing")
+    os.remove(tmp_path / "f" / "b" / "dangling.png")
+    os.symlink(tmp_path / "gone", tmp_path / "f" / "c")      # a class folder linked to nothing
+    fails(data_cfg(path=str(tmp_path / "f")), ValueError, str(tmp_path / "f" / "c"),
           "a symbolic link to nothing")
 
 

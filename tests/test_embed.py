@@ -264,8 +264,8 @@ def test_model_embed_refuses_rows_of_another_width(tmp_path):
         Model(str(tmp_path / "model")).embed(np.zeros((20, 16), np.float32))
     # Without meta.json (an export by another tool): a convnet's input width is unknown.
     meta_path.unlink()
-    with pytest.raises(ValueError, match=r"meta.json: expected input_units a positive integer, "
-                                         r"found None \(else a first Dense"):
+    with pytest.raises(ValueError, match=r"meta.json is missing, and the first layer is not a "
+                                         r"Dense: the input width is unknown"):
         Model(str(tmp_path / "model"))
 
 
@@ -279,3 +279,19 @@ def test_export_without_meta_json_takes_its_first_dense_layers_width(tmp_path):
     assert model.input.units == 6 and model.input.kind is None
     x = np.random.RandomState(0).rand(4, 6).astype(np.float32)
     np.testing.assert_allclose(model.embed(x), net(mx.nd.array(x)).asnumpy(), rtol=1e-6)
+
+
+def test_an_export_with_nan_parameters_is_refused(tmp_path):
+    """Re-check finding: a damaged export holding NaN gave all-zero embeddings (a ReLU turns
+    NaN into 0), and embed and index exited 0."""
+    net = build_embedding_net(6, [5, 3])
+    initialize(net, 0.1, mx.cpu(), seed=0)
+    export_model(net, str(tmp_path / "m"), mx.cpu(), 6)
+    params = model_files(str(tmp_path / "m"))[1]
+    saved = mx.nd.load(params)
+    name = sorted(saved)[0]
+    saved[name][0] = np.nan
+    mx.nd.save(params, saved)
+    with pytest.raises(ValueError, match=rf"embed-0000.params: {name} holds NaN or infinite "
+                                         r"values: a damaged export"):
+        Model(str(tmp_path / "m"))

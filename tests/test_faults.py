@@ -60,9 +60,10 @@ def uninterrupted(data_root, tmp_path_factory):
 
 @pytest.mark.parametrize("fault, code", [
     ("rank=1,epoch=2,step=3,code=17", "error: rank 1 exited with code 17; the run directory "
-     "keeps its last complete checkpoint, and the same command with checkpoint.resume=auto"),
+     "keeps its last complete checkpoint if one was written, and the same command with "
+     "checkpoint.resume=auto"),
     ("rank=0,epoch=2,step=3,how=kill", "error: rank 0 exited with code 137 (killed by signal "
-     "9); the run directory keeps its last complete checkpoint"),
+     "9); the run directory keeps its last complete checkpoint if one was written"),
 ], ids=["rank1_exits", "rank0_sigkilled"])
 def test_dying_rank_stops_the_job_and_resume_completes(fault, code, data_root, uninterrupted,
                                                        tmp_path):

@@ -403,7 +403,9 @@ def test_build_refuses_images_that_are_not_thumbnails(setup):
     """Index.build(images=<the float rows>) saved, and a later search --grid failed with
     "cannot reshape array of size 5760 into shape (20,24)": refused at build."""
     emb = np.eye(4, dtype=np.float32)
-    for images in (emb, np.zeros((4, 2, 2), np.float32), np.zeros((3, 2, 2), np.uint8)):
-        with pytest.raises(ValueError, match=r"images must be \(4, h, w\[, c\]\) uint8, found"):
+    for images in (emb, np.zeros((4, 2, 2), np.float32), np.zeros((3, 2, 2), np.uint8),
+                   np.zeros((4, 40, 8), np.uint8), np.zeros((4, 2, 2, 4), np.uint8)):
+        with pytest.raises(ValueError, match=r"images must be \(4, h, w\[, 3\]\) uint8 "
+                                             r"thumbnails \(h, w <= 32\), found"):
             Index.build(emb, images=images)
     assert Index.build(emb, images=np.zeros((4, 2, 2), np.uint8)).images.shape == (4, 2, 2)

@@ -316,3 +316,14 @@ def test_board_sh_picks_the_newest_run_not_a_data_cache(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "[board] serving runs/new-run/tensorboard on http://127.0.0.1:6006" in proc.stdout
     assert "--logdir runs/new-run/tensorboard" in proc.stdout
+
+
+def test_override_refusal_reads_keys_as_the_config_parser_does():
+    """Re-check finding: "distributed.backend =kvstore" (the parser strips the space)
+    trained on Horovod, and "distributed.backend='horovod'" was refused as another value."""
+    proc = run_script("horovod.sh", "2", "--", "distributed.backend =kvstore")
+    assert proc.returncode == 2 and "sets distributed.backend=horovod" in proc.stderr
+    proc = run_script("kvstore.sh", "cpu:2", "--", "distributed.devices = 'cpu:3'")
+    assert proc.returncode == 2 and "sets distributed.devices=cpu:2" in proc.stderr
+    proc = run_script("horovod.sh", "2", "--", "distributed.backend='horovod'")
+    assert "but launch/horovod.sh sets" not in proc.stderr        # the same value: on to the check

@@ -181,6 +181,8 @@ def _scan_classes(root: str, seen: dict) -> dict:
     nothing, or a file met before (``seen``: (device, inode) -> path), as a CSV refuses an
     image listed twice: one image would be two items, of two classes or in both splits."""
     classes = _subdirs(root)
+    if dead := [e.path for e in os.scandir(root) if e.is_symlink() and not os.path.exists(e.path)]:
+        raise ValueError(f"{dead[0]}: a symbolic link to nothing; remove it or mend it")
     if not classes:
         raise ValueError(f"{root}: image folder holds no class folders; expected "
                          f"ROOT/<class>/*.{{{','.join(e[1:] for e in IMAGE_EXTENSIONS)}}}")
@@ -297,9 +299,10 @@ def _csv_source(path: str, mode: str, image_size) -> Source:
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"{path}: line {line}: image {file} does not exist")
             st = os.stat(file)                    # one file, however spelt, linked or hard-linked
-            if (first := seen.setdefault((st.st_dev, st.st_ino), line)) != line:  # 1 id, 2 rows
+            first, was = seen.setdefault((st.st_dev, st.st_ino), (line, file))  # 1 id, 2 rows
+            if first != line:
                 raise ValueError(f"{path}: line {line}: image {file} is listed again (first "
-                                 f"on line {first}); list each image once")
+                                 f"on line {first} as {was}: one file); list each image once")
             split = None
             if has_split:
                 raw = (rec.get("split") or "").strip()

@@ -153,9 +153,10 @@ class Index:
         ids = [str(i) for i in range(n)] if ids is None else list(ids)
         if labels.shape != (n,) or len(ids) != n:
             raise ValueError(f"{n} embeddings but {labels.shape} labels and {len(ids)} ids")
-        if images is not None and (np.ndim(images) not in (3, 4) or len(images) != n or (
-                dt := np.asarray(images).dtype) != np.uint8):            # thumbnails, not rows
-            raise ValueError(f"images must be ({n}, h, w[, c]) uint8, found {np.shape(images)}")
+        if (s := np.shape(images)) and (s[:1] != (n,) or len(s) not in (3, 4) or max(
+                s[1:3]) > THUMB or s[3:] not in ((), (3,)) or np.asarray(images).dtype != np.uint8):
+            raise ValueError(f"images must be ({n}, h, w[, 3]) uint8 thumbnails (h, w <= {THUMB}), "
+                             f"found {s} {np.asarray(images).dtype}")
         return cls(meta, index, labels, ids, None if class_names is None else
                    tuple(class_names), images)
 

@@ -60,17 +60,17 @@ def _load_block(directory: str, ctx):
         raise FileNotFoundError(f"{missing[0]} is missing: {directory} is not a complete "
                                 f"export ({os.path.basename(sym)} and {os.path.basename(params)})")
     errors = (mx.base.MXNetError, AssertionError, ValueError, KeyError, TypeError,
-              UnicodeDecodeError, RuntimeError)
-    # Load each file alone first, so that the error names the file that is broken.
+              UnicodeDecodeError, RuntimeError)     # each file alone first: the error names it
     for path, loader in ((sym, mx.sym.load), (params, mx.nd.load)):
         try:
-            loader(path)
+            loaded = loader(path)
         except errors as exc:
             raise ValueError(f"{path}: MXNet cannot load it: {mxnet_error_line(exc)}") from None
+    if bad := [k for k, v in loaded.items() if not np.isfinite(v.asnumpy()).all()]:
+        raise ValueError(f"{params}: {bad[0]} holds NaN or infinite values: a damaged export")
     try:
-        with warnings.catch_warnings():
-            # MXNet notes that the graph does not record the input dtype: it is float32.
-            warnings.filterwarnings("ignore", message="Cannot decide type")
+        with warnings.catch_warnings():      # MXNet: the graph does not record the input dtype
+            warnings.filterwarnings("ignore", message="Cannot decide type")   # (float32)
             return gluon.SymbolBlock.imports(sym, [INPUT_NAME], params, ctx=ctx)
     except errors as exc:
         raise ValueError(f"cannot load the export in {directory} ({os.path.basename(sym)} and "
@@ -102,7 +102,8 @@ class Model:
             units = int(first.shape[1]) if first is not None and first.ndim == 2 else None
         if isinstance(units, bool) or not isinstance(units, int) or units < 1:
             raise ValueError(f"{meta_path}: expected input_units a positive integer, found "
-                             f"{units!r}" + " (else a first Dense layer's width)" * (not meta))
+                             f"{units!r}" if meta else f"{meta_path} is missing, and the first "
+                             "layer is not a Dense: the input width is unknown")
         self.input = ModelInput.from_meta(units, meta, meta_path)
         self.dim = meta.get("embedding_dim")
         self.params_sha256 = sha256_file(params)
