@@ -176,13 +176,22 @@ def _subdirs(root: str) -> List[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
+def _stat(path: str) -> os.stat_result:
+    """``os.stat(path)``; ValueError naming a symbolic link to nothing."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: a symbolic link to nothing; remove it or mend it") from None
+
+
 def _scan_classes(root: str, seen: dict) -> dict:
     """{class name: sorted image paths} of ``root``'s class folders. ValueError: a link to
     nothing, or a file met before (``seen``: (device, inode) -> path), as a CSV refuses an
     image listed twice: one image would be two items, of two classes or in both splits."""
     classes = _subdirs(root)
-    if dead := [e.path for e in os.scandir(root) if e.is_symlink() and not os.path.exists(e.path)]:
-        raise ValueError(f"{dead[0]}: a symbolic link to nothing; remove it or mend it")
+    for entry in os.scandir(root):
+        if entry.is_symlink():
+            _stat(entry.path)           # a class folder linked to nothing: named, not skipped
     if not classes:
         raise ValueError(f"{root}: image folder holds no class folders; expected "
                          f"ROOT/<class>/*.{{{','.join(e[1:] for e in IMAGE_EXTENSIONS)}}}")
@@ -190,9 +199,7 @@ def _scan_classes(root: str, seen: dict) -> dict:
     for name in classes:
         folder, files = os.path.join(root, name), []
         for path in (os.path.join(folder, f) for f in sorted(os.listdir(folder)) if _is_image(f)):
-            if not os.path.exists(path):
-                raise ValueError(f"{path}: a symbolic link to nothing; remove it or mend it")
-            st = os.stat(path)
+            st = _stat(path)                            # one system call a file
             if not stat.S_ISREG(st.st_mode):
                 continue
             if (first := seen.setdefault((st.st_dev, st.st_ino), path)) != path:
